@@ -1,0 +1,62 @@
+"""``async-component``: one console script, one subcommand per process."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .settings import ConsumerSettings, ControllerSettings, ProducerSettings, SettingsError, SourceSettings, flag_name, load
+
+# subcommand -> (module with run(settings), settings class or None when the module
+# declares its own flags with add_arguments(parser) and run(args), help)
+COMMANDS: dict[str, tuple[str, type | None, str]] = {
+    "producer": ("async_component.producer", ProducerSettings, "accept requests, queue them in Redis, answer 202"),
+    "source": ("async_component.source", SourceSettings, "deliver queued requests to the consumer as CloudEvents"),
+    "consumer": ("async_component.consumer", ConsumerSettings, "replay queued requests to their Service, record the outcome"),
+    "controller": ("async_component.controller", ControllerSettings, "kopf operator for async Knative Ingresses"),
+    "local": ("async_component.local", None, "run the whole stack on 127.0.0.1 (Redis, gateway, sleep app)"),
+    "gateway": ("async_component.gateway", None, "the local stack's stand-in for Kourier or Istio"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="async-component", description="Call any Knative Service asynchronously.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, settings_cls, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text,
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if settings_cls is None:
+            importlib.import_module(module).add_arguments(cmd)
+            continue
+        for field in dataclasses.fields(settings_cls):
+            meta = field.metadata
+            env = meta["env"]
+            alias = f" or {meta['alias']}" if meta["alias"] else ""
+            cmd.add_argument(flag_name(env), dest=env, metavar=env, default=None,
+                             help=f"{meta['help']} (env {env}{alias}; default {meta['raw_default']!r})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module_name, settings_cls, _ = COMMANDS[args.command]
+    module = importlib.import_module(module_name)
+    if settings_cls is None:
+        return int(module.run(args) or 0)
+    try:
+        settings = load(settings_cls, overrides=vars(args))
+        settings = module.validate(settings) if hasattr(module, "validate") else settings
+    except SettingsError as exc:
+        print(f"async-component {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(module.run(settings) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

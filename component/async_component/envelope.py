@@ -1,0 +1,193 @@
+"""The wire format of a queued request: the only place it is built or parsed.
+
+A queued request is one Redis stream entry with a single field ``data`` whose
+value is a JSON document. Knative's RedisStreamSource forwards a stream entry as
+a CloudEvent whose JSON data is the entry's flat field/value list, e.g.
+``["data", "<json>"]``; our own source sends exactly the same event, so the
+consumer cannot tell (and need not care) which source delivered it.
+
+The body is kept as UTF-8 text when it is valid UTF-8 (compact in Redis) and as
+base64 otherwise, so any bytes survive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+VERSION = 1
+STREAM_FIELD = "data"
+
+EVENT_TYPE = "dev.knative.sources.redisstream"
+EVENT_CONTENT_TYPE = "application/json"
+
+_ENCODINGS = ("utf-8", "base64")
+
+
+class EnvelopeError(ValueError):
+    """The document is not a queued request this version understands."""
+
+
+def encode_body(body: bytes) -> tuple[str, str]:
+    """Body as JSON-safe text and its encoding: UTF-8 text when it is valid UTF-8, else base64."""
+    try:
+        return body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(body).decode("ascii"), "base64"
+
+
+def decode_body(text: Any, encoding: Any) -> bytes:
+    if encoding not in _ENCODINGS or not isinstance(text, str):
+        raise EnvelopeError(f"body_encoding must be one of {_ENCODINGS} with a string body")
+    if encoding == "utf-8":
+        return text.encode("utf-8")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise EnvelopeError("body is not valid base64") from None
+
+
+def new_request_id() -> str:
+    """144 random bits, URL-safe: unguessable, so the id alone grants access to the status."""
+    return secrets.token_urlsafe(18)
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    id: str
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    accepted_at: float
+    attempt: int = 0
+    """Attempts already made; the next replay is attempt ``attempt + 1``."""
+
+    @classmethod
+    def new(
+        cls,
+        method: str,
+        url: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        *,
+        request_id: str | None = None,
+        accepted_at: float | None = None,
+    ) -> Envelope:
+        return cls(
+            id=request_id or new_request_id(),
+            method=method,
+            url=url,
+            headers=tuple((str(k), str(v)) for k, v in headers),
+            body=bytes(body),
+            accepted_at=time.time() if accepted_at is None else accepted_at,
+        )
+
+    def next_attempt(self) -> Envelope:
+        return dataclasses.replace(self, attempt=self.attempt + 1)
+
+    # --- encoding
+
+    def to_json(self) -> str:
+        body, encoding = encode_body(self.body)
+        doc = {
+            "v": VERSION,
+            "id": self.id,
+            "method": self.method,
+            "url": self.url,
+            "headers": [list(pair) for pair in self.headers],
+            "body": body,
+            "body_encoding": encoding,
+            "accepted_at": self.accepted_at,
+            "attempt": self.attempt,
+        }
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+    def to_stream_fields(self) -> dict[str, str]:
+        """The fields of the Redis stream entry (XADD)."""
+        return {STREAM_FIELD: self.to_json()}
+
+    # --- decoding
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Envelope:
+        try:
+            doc = json.loads(text)
+        except (ValueError, TypeError) as exc:
+            raise EnvelopeError(f"not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise EnvelopeError("not a JSON object")
+        if doc.get("v") != VERSION:
+            raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r} (this build reads {VERSION})")
+        try:
+            request_id, method, url = doc["id"], doc["method"], doc["url"]
+            headers, body, encoding = doc["headers"], doc["body"], doc["body_encoding"]
+            accepted_at, attempt = doc["accepted_at"], doc["attempt"]
+        except KeyError as exc:
+            raise EnvelopeError(f"missing field {exc.args[0]!r}") from None
+        if not all(isinstance(x, str) and x for x in (request_id, method, url)):
+            raise EnvelopeError("id, method and url must be non-empty strings")
+        if not isinstance(headers, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in headers
+        ):
+            raise EnvelopeError("headers must be a list of [name, value] string pairs")
+        if not isinstance(accepted_at, (int, float)) or isinstance(accepted_at, bool):
+            raise EnvelopeError("accepted_at must be a number")
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+            raise EnvelopeError("attempt must be a non-negative integer")
+        raw = decode_body(body, encoding)
+        return cls(
+            id=request_id,
+            method=method,
+            url=url,
+            headers=tuple((k, v) for k, v in headers),
+            body=raw,
+            accepted_at=float(accepted_at),
+            attempt=attempt,
+        )
+
+    @classmethod
+    def from_stream_fields(cls, fields: Mapping[Any, Any] | Sequence[Any]) -> Envelope:
+        """Decode a stream entry, given as a mapping or as the flat list RedisStreamSource sends."""
+        if isinstance(fields, Mapping):
+            items = {_text(k): v for k, v in fields.items()}
+        elif isinstance(fields, Sequence) and not isinstance(fields, (str, bytes)):
+            if len(fields) % 2:
+                raise EnvelopeError("a stream entry's field/value list has an odd length")
+            items = {_text(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
+        else:
+            raise EnvelopeError("a stream entry must be a field/value list or mapping")
+        if STREAM_FIELD not in items:
+            raise EnvelopeError(f"the stream entry has no field {STREAM_FIELD!r}")
+        return cls.from_json(items[STREAM_FIELD])
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+# --- the CloudEvent that carries a stream entry (RedisStreamSource's shape)
+
+
+def event_attributes(redis_address: str, stream: str, entry_id: str) -> dict[str, str]:
+    """CloudEvent attributes as RedisStreamSource sets them for one stream entry."""
+    return {
+        "type": EVENT_TYPE,
+        "source": f"{redis_address}/{stream}",
+        "id": entry_id,
+        "datacontenttype": EVENT_CONTENT_TYPE,
+    }
+
+
+def event_data(fields: Mapping[Any, Any]) -> list[str]:
+    """The event data: the entry's fields flattened to [field, value, field, value, ...]."""
+    flat: list[str] = []
+    for key, value in fields.items():
+        flat.extend((_text(key), _text(value)))
+    return flat

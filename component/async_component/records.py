@@ -1,0 +1,104 @@
+"""Request records: what the status resource reports, shared by producer and consumer.
+
+One Redis string per request, ``<prefix>:req:<id>``, holding a small JSON
+document that expires after the retention period. The producer writes
+``queued`` in the same round trip as the stream entry; the consumer moves it to
+``running``, ``retrying``, then ``succeeded`` or ``failed`` with the Service's
+recorded response.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from .envelope import EnvelopeError, decode_body, encode_body
+
+QUEUED = "queued"
+RUNNING = "running"
+RETRYING = "retrying"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+PENDING_STATES = (QUEUED, RUNNING, RETRYING)
+FINAL_STATES = (SUCCEEDED, FAILED)
+
+
+def record_key(prefix: str, request_id: str) -> str:
+    return f"{prefix}:req:{request_id}"
+
+
+def retry_key(prefix: str) -> str:
+    """Sorted set of envelopes waiting for their next attempt, scored by due time."""
+    return f"{prefix}:retries"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    state: str
+    host: str
+    """Target host: the status is only shown through the same Service's routes."""
+    attempts: int = 0
+    updated_at: float = 0.0
+    error: str | None = None
+    next_attempt_at: float | None = None
+    response: RecordedResponse | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = {"state": self.state, "host": self.host, "attempts": self.attempts,
+                               "updated_at": self.updated_at or time.time()}
+        if self.error is not None:
+            doc["error"] = self.error
+        if self.next_attempt_at is not None:
+            doc["next_attempt_at"] = self.next_attempt_at
+        if self.response is not None:
+            body, encoding = encode_body(self.response.body)
+            doc["response"] = {"status": self.response.status,
+                               "headers": [list(h) for h in self.response.headers],
+                               "body": body, "body_encoding": encoding}
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Record:
+        try:
+            doc = json.loads(text)
+            response = doc.get("response")
+            return cls(
+                state=doc["state"],
+                host=doc["host"],
+                attempts=int(doc.get("attempts", 0)),
+                updated_at=float(doc.get("updated_at", 0.0)),
+                error=doc.get("error"),
+                next_attempt_at=doc.get("next_attempt_at"),
+                response=None if response is None else RecordedResponse(
+                    status=int(response["status"]),
+                    headers=tuple((str(k), str(v)) for k, v in response["headers"]),
+                    body=decode_body(response["body"], response["body_encoding"]),
+                ),
+            )
+        except (ValueError, KeyError, TypeError, EnvelopeError) as exc:
+            raise ValueError(f"unreadable request record: {exc}") from None
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Headers worth recording: hop-by-hop and framing headers are the transport's business."""
+    return tuple((k, v) for k, v in headers if k.lower() not in HOP_BY_HOP)
+
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "content-length", "host",
+})

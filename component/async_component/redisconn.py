@@ -1,0 +1,29 @@
+"""One Redis client per process, built from the shared Redis settings."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from .settings import RedisSettings
+
+
+def make_redis(settings: RedisSettings, *, socket_timeout: float | None = 5.0, max_connections: int | None = None) -> aioredis.Redis:
+    """A pooled client; short connect timeout so an outage answers 503 instead of hanging."""
+    kwargs: dict = {
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": socket_timeout,
+        "health_check_interval": 30,
+        "max_connections": max_connections,
+    }
+    if settings.redis_ca_file:
+        kwargs["ssl_ca_certs"] = settings.redis_ca_file
+    return aioredis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+def redis_address(settings: RedisSettings) -> str:
+    """The address as RedisStreamSource names it in an event's source (no credentials)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(settings.redis_url)
+    host = parts.hostname or parts.path
+    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"

@@ -1,0 +1,213 @@
+"""Typed settings for each process, read once from the environment (and flags).
+
+Every field names the environment variable a Kubernetes manifest sets; the CLI
+derives a flag from it (``REQUEST_SIZE_LIMIT`` -> ``--request-size-limit``), and
+a flag wins over the environment. A bad value raises :class:`SettingsError`
+with a one-line message, which the CLI prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+DEFAULT_STREAM = "async-requests"
+DEFAULT_GROUP = "async-source"
+DEFAULT_DEAD_LETTER_STREAM = "async-requests-dead"
+DEFAULT_KEY_PREFIX = "async"
+DEFAULT_SYSTEM_NAMESPACE = "knative-serving"
+PRODUCER_SERVICE_NAME = "async-producer"
+
+INGRESS_CLASSES = (
+    "kourier.ingress.networking.knative.dev",
+    "istio.ingress.networking.knative.dev",
+)
+
+
+class SettingsError(ValueError):
+    """A setting has a value the process cannot start with."""
+
+
+# --- parsers: each takes the raw string and returns the typed value or raises ValueError
+
+
+def _number(kind: type, raw: str, message: str):
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(message) from None
+
+
+def positive_int(raw: str) -> int:
+    value = _number(int, raw, "must be a positive integer")
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def non_negative_float(raw: str) -> float:
+    value = _number(float, raw, "must be a non-negative number of seconds")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a non-negative number of seconds")
+    return value
+
+
+def positive_float(raw: str) -> float:
+    value = non_negative_float(raw)
+    if value == 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def port(raw: str) -> int:
+    value = _number(int, raw, "must be a TCP port number (0-65535)")
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port number (0-65535)")
+    return value
+
+
+def redis_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError("must look like redis://host:6379/0 or rediss://host:6380/0")
+    return raw
+
+
+def http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return raw.rstrip("/")
+
+
+def optional(parser: Callable[[str], T]) -> Callable[[str], T | None]:
+    def parse(raw: str) -> T | None:
+        return parser(raw) if raw.strip() else None
+
+    return parse
+
+
+def host_suffixes(raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip().lower() for item in raw.split(",") if item.strip())
+    if not items:
+        raise ValueError("must list at least one host or host suffix")
+    return items
+
+
+def ingress_class(raw: str) -> str:
+    if raw not in INGRESS_CLASSES:
+        raise ValueError("must be one of " + ", ".join(INGRESS_CLASSES))
+    return raw
+
+
+def log_level(raw: str) -> str:
+    value = raw.upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return value
+
+
+def setting(env: str, default: str, parse: Callable[[str], Any], help: str, *, alias: str = "") -> Any:
+    """Declare a field read from ``env`` (or ``alias``), with ``default`` as raw text."""
+    return dataclasses.field(
+        default=parse(default),
+        metadata={"env": env, "alias": alias, "raw_default": default, "parse": parse, "help": help},
+    )
+
+
+def flag_name(env: str) -> str:
+    return "--" + env.lower().replace("_", "-")
+
+
+S = TypeVar("S")
+
+
+def load(cls: type[S], environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None) -> S:
+    """Build ``cls`` from ``overrides`` (flags, by env name), then ``environ``, then defaults."""
+    environ = os.environ if environ is None else environ
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        meta = field.metadata
+        env, alias = meta["env"], meta["alias"]
+        if env in overrides and overrides[env] is not None:
+            raw, origin = overrides[env], flag_name(env)
+        elif env in environ:
+            raw, origin = environ[env], env
+        elif alias and alias in environ:
+            raw, origin = environ[alias], alias
+        else:
+            continue
+        try:
+            values[field.name] = meta["parse"](str(raw))
+        except ValueError as exc:
+            raise SettingsError(f"{origin}={raw!r} is invalid: {exc}") from None
+    return cls(**values)
+
+
+# --- the settings of each process
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisSettings:
+    redis_url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0", redis_url, "Redis URL (redis:// or rediss:// for TLS)")
+    redis_ca_file: str | None = setting("REDIS_CA_FILE", "", optional(str), "PEM file of the CA that signed the Redis server's TLS certificate")
+    stream: str = setting("STREAM_NAME", DEFAULT_STREAM, str, "Redis stream that holds queued requests")
+    key_prefix: str = setting("KEY_PREFIX", DEFAULT_KEY_PREFIX, str, "prefix of the status, retry and dead-letter keys")
+    log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProducerSettings(RedisSettings):
+    port: int = setting("PORT", "8080", port, "port to listen on")
+    host: str = setting("HOST", "0.0.0.0", str, "address to listen on")
+    request_size_limit: int = setting("REQUEST_SIZE_LIMIT", "6000000", positive_int, "largest accepted body in bytes")
+    allowed_hosts: tuple[str, ...] = setting(
+        "ALLOWED_HOSTS", ".svc.cluster.local", host_suffixes,
+        "comma-separated target hosts; an entry starting with '.' allows every host ending with it",
+    )
+    status_retention: float = setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
+    workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerSettings(RedisSettings):
+    port: int = setting("PORT", "8080", port, "port to listen on")
+    host: str = setting("HOST", "0.0.0.0", str, "address to listen on")
+    max_attempts: int = setting("MAX_ATTEMPTS", "3", positive_int, "attempts before a request is dead-lettered")
+    retry_base_delay: float = setting("RETRY_BASE_DELAY", "1", non_negative_float, "first retry delay in seconds (doubled each attempt, with jitter)")
+    retry_max_delay: float = setting("RETRY_MAX_DELAY", "300", non_negative_float, "longest retry delay in seconds")
+    request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
+    dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts")
+    status_retention: float = setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
+    target_gateway_url: str | None = setting(
+        "TARGET_GATEWAY_URL", "", optional(http_url),
+        "send replayed requests to this gateway with the target's Host header instead of resolving the target host",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSettings(RedisSettings):
+    sink_url: str | None = setting("SINK_URL", "", optional(http_url), "URL of the consumer that receives the CloudEvents", alias="K_SINK")
+    group: str = setting("CONSUMER_GROUP", DEFAULT_GROUP, str, "Redis consumer group shared by all source processes")
+    consumer_name: str = setting("CONSUMER_NAME", "", str, "this process's name in the group (default: host name and pid)")
+    concurrency: int = setting("CONCURRENCY", "32", positive_int, "deliveries in flight at once")
+    visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
+    delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event")
+    health_port: int = setting("HEALTH_PORT", "8081", port, "port for /healthz, /readyz and /metrics (0: none)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerSettings:
+    ingress_class: str = setting("INGRESS_CLASS_NAME", INGRESS_CLASSES[0], ingress_class, "class of the child Ingress")
+    system_namespace: str = setting("SYSTEM_NAMESPACE", DEFAULT_SYSTEM_NAMESPACE, str, "namespace where the producer runs")
+    log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
+
+    @property
+    def producer_host(self) -> str:
+        return f"{PRODUCER_SERVICE_NAME}.{self.system_namespace}.svc.cluster.local"
