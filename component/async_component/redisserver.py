@@ -1,7 +1,9 @@
 """A throwaway ``redis-server`` on loopback, for the local stack and the tests.
 
-It runs from PATH in its own temp dir, persists nothing, and is gone (process
-and dir) after :meth:`RedisServer.stop`.
+It runs from PATH in its own temp dir and is gone (process and dir) after
+:meth:`RedisServer.stop`. :meth:`RedisServer.kill` shuts it down with a final
+snapshot in that dir, so :meth:`RedisServer.start` brings it back with its data,
+as a restarted Redis with persistence would.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class RedisServer:
             self.dir = Path(tempfile.mkdtemp(prefix="async-component-redis-"))
         self.process = subprocess.Popen(
             [path, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"],
+             "--save", "3600 1", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout

@@ -13,5 +13,6 @@ def test_server_starts_answers_restarts_and_cleans_up():
     assert not server.ping()
     server.start()
     assert server.ping()
+    assert redis.Redis.from_url(server.url).get("k") == b"v"
     server.stop()
     assert not temp_dir.exists()
