@@ -22,6 +22,8 @@ class Backend(abc.ABC):
     """Where clients send requests; the Host header picks the Service."""
     producer_url: str
     """The producer reached directly, bypassing the gateway (kind: a port-forward)."""
+    consumer_url: str
+    """The consumer reached directly, to hand it events as a source would (kind: a port-forward)."""
     redis_url: str
     """Redis as the test process reaches it (kind: a port-forward)."""
     stream: str

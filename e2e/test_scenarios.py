@@ -1,0 +1,239 @@
+"""What a client of an async Knative Service sees, on whichever backend runs.
+
+Every scenario goes through the gateway with the Host header of one of the
+three sample Services (conditional, always async, plain), except the few that
+check the producer and consumer directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from async_component.envelope import Envelope, event_attributes, event_data
+from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL, SERVICE_PLAIN, Backend
+from client import Client
+
+
+@pytest.fixture
+async def client(backend: Backend):
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield Client(backend, session)
+
+
+@pytest.fixture
+async def redis(backend: Backend):
+    client = aioredis.Redis.from_url(backend.redis_url)
+    yield client
+    await client.aclose()
+
+
+async def entries_added(redis: aioredis.Redis, stream: str) -> int:
+    """Entries ever written to the stream: unaffected by the source deleting delivered ones."""
+    try:
+        return int((await redis.xinfo_stream(stream))["entries-added"])
+    except aioredis.ResponseError:  # no such stream yet
+        return 0
+
+
+def echo_headers(echo: dict, name: str) -> list[str]:
+    return [value for key, value in echo["headers"] if key.lower() == name.lower()]
+
+
+async def test_sync_call_answers_after_the_sleep(client: Client):
+    reply = await client.request(SERVICE_CONDITIONAL, "GET", "/sync?sleep=1")
+    assert reply.status == 200
+    assert reply.elapsed >= 1.0
+    echo = reply.json()
+    assert echo["path"] == "/sync" and echo["slept"] == 1
+    assert echo_headers(echo, "Async-Attempt") == []
+
+
+async def test_async_call_is_accepted_at_once_and_its_result_kept(client: Client):
+    accepted = await client.request(SERVICE_CONDITIONAL, "POST", "/work?sleep=2", data=b"hello", prefer_async=True)
+    assert accepted.status == 202, accepted.body
+    assert accepted.elapsed < 2.0, "the 202 must not wait for the app"
+    request_id = accepted.headers["Async-Request-Id"]
+    assert accepted.headers["Location"].endswith(request_id)
+    assert accepted.headers["Location"].startswith("/")
+
+    final, states = await client.follow(SERVICE_CONDITIONAL, accepted)
+    assert states and set(states) <= {"queued", "running"}
+    assert "running" in states  # the app sleeps 2 s, polled every 50 ms
+    assert final.status == 200
+    assert final.headers["Async-Request-State"] == "succeeded"
+    echo = final.json()
+    assert echo["method"] == "POST" and echo["path"] == "/work" and echo["body_length"] == 5
+    assert echo_headers(echo, "Prefer") == ["respond-sync"]
+    assert echo_headers(echo, "Async-Request-Id") == [request_id]
+    assert echo_headers(echo, "Async-Attempt") == ["1"]
+
+
+async def test_always_async_service_queues_without_the_header(client: Client):
+    accepted = await client.request(SERVICE_ALWAYS, "GET", "/always?sleep=0")
+    assert accepted.status == 202, accepted.body
+    final, _ = await client.follow(SERVICE_ALWAYS, accepted)
+    assert final.status == 200
+    assert final.json()["path"] == "/always"
+
+
+async def test_plain_service_ignores_the_async_preference(client: Client):
+    reply = await client.request(SERVICE_PLAIN, "GET", "/plain?sleep=0", prefer_async=True)
+    assert reply.status == 200
+    assert "Async-Request-Id" not in reply.headers
+    assert reply.json()["path"] == "/plain"
+
+
+async def test_unknown_request_id_is_404(client: Client):
+    reply = await client.request(SERVICE_CONDITIONAL, "GET", "/.well-known/async-requests/no-such-request")
+    assert reply.status == 404
+
+
+async def test_binary_body_repeated_headers_and_query_arrive_unchanged(client: Client):
+    body = os.urandom(64 * 1024)
+    accepted = await client.request(
+        SERVICE_CONDITIONAL, "PUT", "/blob?sleep=0&tag=a&tag=b&empty=",
+        headers=[("X-Repeated", "one"), ("X-Repeated", "two"), ("Content-Type", "application/octet-stream")],
+        data=body, prefer_async=True,
+    )
+    assert accepted.status == 202, accepted.body
+    final, _ = await client.follow(SERVICE_CONDITIONAL, accepted)
+    assert final.status == 200
+    echo = final.json()
+    assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert echo["body_length"] == len(body)
+    assert echo["query_string"] == "sleep=0&tag=a&tag=b&empty="
+    assert echo_headers(echo, "X-Repeated") == ["one", "two"]
+    assert echo_headers(echo, "Content-Type") == ["application/octet-stream"]
+
+
+async def test_client_sent_original_host_cannot_redirect_the_request(client: Client):
+    accepted = await client.request(
+        SERVICE_CONDITIONAL, "GET", "/spoof?sleep=0",
+        headers=[("Async-Original-Host", "evil.example.org")], prefer_async=True,
+    )
+    assert accepted.status == 202, accepted.body
+    final, _ = await client.follow(SERVICE_CONDITIONAL, accepted)
+    assert final.status == 200
+    echo = final.json()
+    assert echo["path"] == "/spoof"
+    assert echo_headers(echo, "Host") == [Backend.cluster_host(SERVICE_CONDITIONAL)]
+
+
+async def test_producer_refuses_targets_outside_the_allowed_hosts(client: Client, backend: Backend, redis):
+    before = await entries_added(redis, backend.stream)
+    async with client.session.post(
+        backend.producer_url + "/anything", data=b"x",
+        headers={"Async-Original-Host": "evil.example.org", "Prefer": "respond-async"},
+    ) as response:
+        assert response.status == 403
+        assert "error" in await response.json()
+    assert await entries_added(redis, backend.stream) == before
+
+
+async def test_too_large_body_is_refused_and_nothing_queued(client: Client, backend: Backend, redis):
+    before = await entries_added(redis, backend.stream)
+    reply = await client.request(SERVICE_CONDITIONAL, "POST", "/big", data=b"x" * 7_000_000, prefer_async=True)
+    assert reply.status == 413
+    assert await entries_added(redis, backend.stream) == before
+
+
+async def test_retryable_failures_are_retried_until_success(client: Client):
+    accepted = await client.request(SERVICE_CONDITIONAL, "GET", "/flaky?sleep=0&fail_attempts=2", prefer_async=True)
+    assert accepted.status == 202
+    final, states = await client.follow(SERVICE_CONDITIONAL, accepted)
+    assert final.status == 200
+    assert final.headers["Async-Request-State"] == "succeeded"
+    assert echo_headers(final.json(), "Async-Attempt") == ["3"]
+    assert "retrying" in states
+
+
+async def test_permanent_failure_ends_in_the_dead_letter_stream(client: Client, backend: Backend, redis):
+    accepted = await client.request(SERVICE_CONDITIONAL, "GET", "/broken?sleep=0&status=503", prefer_async=True)
+    assert accepted.status == 202
+    request_id = accepted.headers["Async-Request-Id"]
+    final, _ = await client.follow(SERVICE_CONDITIONAL, accepted)
+    assert final.headers["Async-Request-State"] == "failed"
+    assert final.status == 503  # the Service's last answer, as recorded
+    dead = await redis.xrange(backend.dead_letter_stream)
+    ids = [Envelope.from_stream_fields(fields).id for _, fields in dead]
+    assert request_id in ids
+
+
+async def test_consumer_handles_a_redis_stream_source_event(client: Client, backend: Backend):
+    """Knative's RedisStreamSource sends binary-mode events whose data is the entry's field list."""
+    envelope = Envelope.new(
+        "POST", f"http://{Backend.cluster_host(SERVICE_PLAIN)}/from-rss?sleep=0",
+        [("Content-Type", "text/plain"), ("X-Repeated", "1"), ("X-Repeated", "2")], b"via RedisStreamSource",
+    )
+    attributes = event_attributes("redis://redis.redis.svc.cluster.local:6379", backend.stream, "1700000000000-0")
+    headers = {
+        "ce-specversion": "1.0", "ce-type": attributes["type"], "ce-source": attributes["source"],
+        "ce-id": attributes["id"], "Content-Type": "application/json",
+    }
+    body = json.dumps(event_data(envelope.to_stream_fields()))
+    async with client.session.post(backend.consumer_url + "/", data=body, headers=headers) as response:
+        assert response.status // 100 == 2, await response.text()
+    # The plain Service has no async routes, so ask the producer for the record directly,
+    # with the header the network layer would append.
+    async with client.session.get(
+        backend.producer_url + f"/.well-known/async-requests/{envelope.id}",
+        headers={"Async-Original-Host": Backend.cluster_host(SERVICE_PLAIN)},
+    ) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Async-Request-State"] == "succeeded"
+        echo = await response.json()
+    assert echo["path"] == "/from-rss"
+    assert echo_headers(echo, "X-Repeated") == ["1", "2"]
+    assert echo["body_sha256"] == hashlib.sha256(b"via RedisStreamSource").hexdigest()
+
+
+async def test_malformed_event_is_rejected_and_the_consumer_keeps_serving(client: Client, backend: Backend):
+    headers = {"ce-specversion": "1.0", "ce-type": "dev.knative.sources.redisstream",
+               "ce-source": "redis://x/y", "ce-id": "1-0", "Content-Type": "application/json"}
+    async with client.session.post(backend.consumer_url + "/", data=b'["data", "not json"]', headers=headers) as response:
+        assert response.status == 400
+    async with client.session.get(backend.consumer_url + "/healthz") as response:
+        assert response.status == 200
+
+
+async def test_redis_outage_answers_503_never_202(client: Client, backend: Backend):
+    backend.stop_redis()
+    try:
+        reply = await client.request(SERVICE_CONDITIONAL, "POST", "/outage", data=b"x", prefer_async=True, timeout=30)
+        assert reply.status == 503
+        assert "Retry-After" in reply.headers
+    finally:
+        backend.start_redis()
+    # and it recovers
+    for _ in range(100):
+        reply = await client.request(SERVICE_CONDITIONAL, "POST", "/after-outage?sleep=0", prefer_async=True)
+        if reply.status == 202:
+            break
+        await asyncio.sleep(0.1)
+    assert reply.status == 202
+    final, _ = await client.follow(SERVICE_CONDITIONAL, reply)
+    assert final.status == 200
+
+
+@pytest.mark.parametrize("component", ["source", "consumer"])
+async def test_no_accepted_request_is_lost_when_a_component_is_killed(client: Client, backend: Backend, component: str):
+    accepted = []
+    for i in range(10):
+        reply = await client.request(SERVICE_CONDITIONAL, "POST", f"/survive/{i}?sleep=1", data=str(i).encode(),
+                                     prefer_async=True)
+        assert reply.status == 202
+        accepted.append(reply)
+    await asyncio.sleep(0.3)  # let deliveries start
+    backend.kill(component)
+    backend.wait_ready(component)
+    finals = await asyncio.gather(*(client.follow(SERVICE_CONDITIONAL, reply, timeout=90) for reply in accepted))
+    for i, (final, _) in enumerate(finals):
+        assert final.status == 200, final.body
+        assert final.json()["path"] == f"/survive/{i}"
