@@ -1,0 +1,65 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from async_component.settings import (
+    ConsumerSettings, ControllerSettings, ProducerSettings, SettingsError, SourceSettings, load,
+)
+
+
+def test_defaults_are_sane():
+    producer = load(ProducerSettings, {})
+    assert producer.request_size_limit == 6_000_000
+    assert producer.allowed_hosts == (".svc.cluster.local",)
+    assert producer.status_retention == 86400
+    consumer = load(ConsumerSettings, {})
+    assert consumer.max_attempts == 3 and consumer.retry_base_delay <= 2
+    assert load(ControllerSettings, {}).ingress_class == "kourier.ingress.networking.knative.dev"
+
+
+def test_environment_is_read_and_flags_win():
+    settings = load(ProducerSettings, {"PORT": "9000", "ALLOWED_HOSTS": "a.example, .svc.local"}, {"PORT": "9001"})
+    assert settings.port == 9001
+    assert settings.allowed_hosts == ("a.example", ".svc.local")
+
+
+def test_k_sink_is_an_alias_for_the_sink_url():
+    assert load(SourceSettings, {"K_SINK": "http://consumer.ns.svc.cluster.local/"}).sink_url == "http://consumer.ns.svc.cluster.local"
+    assert load(SourceSettings, {"K_SINK": "http://a", "SINK_URL": "http://b"}).sink_url == "http://b"
+
+
+@pytest.mark.parametrize("cls, env, fragment", [
+    (ProducerSettings, {"REQUEST_SIZE_LIMIT": "abc"}, "REQUEST_SIZE_LIMIT='abc' is invalid: must be a positive integer"),
+    (ProducerSettings, {"REQUEST_SIZE_LIMIT": "0"}, "positive"),
+    (ProducerSettings, {"PORT": "70000"}, "TCP port"),
+    (ProducerSettings, {"REDIS_URL": "http://redis"}, "redis://"),
+    (ProducerSettings, {"ALLOWED_HOSTS": " , "}, "at least one host"),
+    (ConsumerSettings, {"RETRY_BASE_DELAY": "-1"}, "non-negative"),
+    (ConsumerSettings, {"REQUEST_TIMEOUT": "inf"}, "number of seconds"),
+    (SourceSettings, {"SINK_URL": "consumer:8080"}, "http://"),
+    (ControllerSettings, {"INGRESS_CLASS_NAME": "contour.ingress.networking.knative.dev"}, "must be one of"),
+    (ControllerSettings, {"LOG_LEVEL": "loud"}, "DEBUG"),
+])
+def test_bad_values_give_a_one_line_reason(cls, env, fragment):
+    with pytest.raises(SettingsError) as info:
+        load(cls, env)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_every_setting_names_its_environment_variable():
+    for cls in (ProducerSettings, ConsumerSettings, SourceSettings, ControllerSettings):
+        for field in dataclasses.fields(cls):
+            assert field.metadata["env"].isupper()
+            assert field.metadata["help"]
+
+
+def test_cli_exits_2_with_one_line_on_a_bad_value():
+    result = subprocess.run(
+        [sys.executable, "-m", "async_component", "consumer"],
+        env={"MAX_ATTEMPTS": "many", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "async-component consumer: error: MAX_ATTEMPTS='many' is invalid: must be a positive integer"
