@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, type | None, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """``chosen``: the only command whose own module is imported to declare flags."""
     parser = argparse.ArgumentParser(prog="async-component", description="Call any Knative Service asynchronously.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text,
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if settings_cls is None:
-            importlib.import_module(module).add_arguments(cmd)
+            if name == chosen:
+                importlib.import_module(module).add_arguments(cmd)
             continue
         for field in dataclasses.fields(settings_cls):
             meta = field.metadata
@@ -43,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(chosen).parse_args(argv)
     module_name, settings_cls, _ = COMMANDS[args.command]
     module = importlib.import_module(module_name)
     if settings_cls is None:
