@@ -49,11 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(chosen).parse_args(argv)
     module_name, settings_cls, _ = COMMANDS[args.command]
-    module = importlib.import_module(module_name)
     if settings_cls is None:
-        return int(module.run(args) or 0)
+        return int(importlib.import_module(module_name).run(args) or 0)
     try:
         settings = load(settings_cls, overrides=vars(args))
+        module = importlib.import_module(module_name)
         settings = module.validate(settings) if hasattr(module, "validate") else settings
     except SettingsError as exc:
         print(f"async-component {args.command}: error: {exc}", file=sys.stderr)
