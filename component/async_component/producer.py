@@ -1,0 +1,406 @@
+"""The producer: accepts async requests, queues them in Redis, answers 202.
+
+Every request that carries ``Async-Original-Host`` came through an async route
+of the network layer, whatever its method and path: a GET or HEAD under
+``STATUS_PATH_PREFIX`` reads a queued request's status, anything else is
+queued. Requests without that header only reach the probes. The target host must
+be on ``ALLOWED_HOSTS``, so the producer can never be used to reach arbitrary
+hosts. A 202 is only sent once Redis has stored both the stream entry and the
+status record.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import signal
+import time
+from collections.abc import Iterable
+
+import redis.asyncio as aioredis
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from . import logs, probes
+from .batching import BatchWriter
+from .envelope import Envelope
+from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
+from .redisconn import make_redis, redis_address
+from .resources import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH_PREFIX
+from .settings import ProducerSettings, SettingsError
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "Async-Request-Id"
+STATE_HEADER = "Async-Request-State"
+RETRY_AFTER_SECONDS = "1"
+WARNING_INTERVAL = 10.0
+"""Seconds between two warnings about Redis failures (the rest are counted)."""
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_ALLOWED_ENTRY = re.compile(rf"\.?{_HOST.pattern}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PREFERENCES = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
+
+_PREFER = PREFER_HEADER.lower()
+DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower()}
+
+
+class BadRequest(Exception):
+    """The request cannot be queued as sent (400)."""
+
+
+# --- what a request says
+
+
+def target_host(value: str) -> str:
+    """``Async-Original-Host`` as ``host`` or ``host:port``, lowercase; raises :class:`BadRequest`."""
+    text = value.strip().lower()
+    host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if sep and not (port.isdigit() and len(port) <= 5 and 0 < int(port) <= 65535):
+        raise BadRequest(f"{ORIGINAL_HOST_HEADER} has an invalid port: {value!r}")
+    if len(host) > 253 or not _HOST.fullmatch(host):
+        raise BadRequest(f"{ORIGINAL_HOST_HEADER} is not a valid host name: {value!r}")
+    return f"{host}:{port}" if sep else host
+
+
+def host_allowed(host: str, allowed: Iterable[str]) -> bool:
+    """Exact entries match one host, entries starting with '.' match every host ending with them."""
+    name = host.partition(":")[0]
+    return any(name.endswith(entry) if entry.startswith(".") else name == entry for entry in allowed)
+
+
+def without_respond_async(value: str) -> str:
+    """``Prefer`` without the ``respond-async`` preference ('' when nothing else is left)."""
+    kept = [
+        part.strip()
+        for part in _PREFERENCES.findall(value)
+        if part.strip() and re.split(r"[=;]", part, maxsplit=1)[0].strip().lower() != RESPOND_ASYNC
+    ]
+    return ", ".join(kept)
+
+
+def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Request headers to replay: order and repeats kept, transport and routing headers left out."""
+    pairs = [(_text(name), _text(value)) for name, value in raw_headers]
+    dropped = set(DROPPED_REQUEST_HEADERS)
+    for name, value in pairs:
+        if name.lower() == "connection":
+            dropped.update(token.strip().lower() for token in value.split(","))
+    result = []
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if lower == _PREFER:
+            value = without_respond_async(value)
+            if not value:
+                continue
+        result.append((name, value))
+    return result
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _request_target(request: web.Request) -> str:
+    """Path and query exactly as the client sent them."""
+    raw = request.raw_path
+    if not raw.startswith("/"):  # absolute-form target: keep only its path and query
+        raw = request.rel_url.raw_path_qs
+    if not raw.startswith("/"):
+        raise BadRequest(f"request target {request.raw_path!r} is not a path")
+    return raw
+
+
+def error_response(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+# --- the application
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.accepted = Counter("async_producer_accepted_total", "Requests queued and answered 202", registry=registry)
+        self.rejected = Counter(
+            "async_producer_rejected_total", "Async requests not queued, by reason", ["reason"], registry=registry
+        )
+        for reason in ("forbidden_host", "too_large", "redis_unavailable", "bad_request"):
+            self.rejected.labels(reason)
+        self.enqueue_seconds = Histogram(
+            "async_producer_enqueue_seconds", "Time from the body being read to Redis acknowledging the write",
+            registry=registry, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.status_reads = Counter(
+            "async_producer_status_reads_total", "Status reads, by what they found", ["result"], registry=registry
+        )
+
+
+class RedisWarnings:
+    """One warning per interval about Redis failures, counting the ones not logged."""
+
+    def __init__(self, interval: float = WARNING_INTERVAL) -> None:
+        self.interval = interval
+        self.last = float("-inf")
+        self.suppressed = 0
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        more = f" ({self.suppressed} more failures since the last warning)" if self.suppressed else ""
+        log.warning("Redis unavailable while %s, answering 503: %s: %s%s", what, type(exc).__name__, exc, more)
+        self.last, self.suppressed = now, 0
+
+
+class Producer:
+    def __init__(self, settings: ProducerSettings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.warnings = RedisWarnings()
+        self.retention_ms = max(1, round(settings.status_retention * 1000))
+        self.redis: aioredis.Redis | None = None
+        self.owns_redis = False
+        self.writer: BatchWriter | None = None
+
+    # routing
+
+    @web.middleware
+    async def route(self, request: web.Request, handler) -> web.StreamResponse:
+        """Requests with ``Async-Original-Host`` are async requests, whatever route they match."""
+        if ORIGINAL_HOST_HEADER not in request.headers:
+            return await handler(request)
+        try:
+            values = request.headers.getall(ORIGINAL_HOST_HEADER)
+            if len(values) != 1:
+                raise BadRequest(f"{ORIGINAL_HOST_HEADER} must appear once")
+            host = target_host(values[0])
+        except BadRequest as exc:
+            self.metrics.rejected.labels("bad_request").inc()
+            return error_response(400, str(exc))
+        if not host_allowed(host, self.settings.allowed_hosts):
+            self.metrics.rejected.labels("forbidden_host").inc()
+            return error_response(403, f"target host {host!r} is not allowed by this producer")
+        if request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and request.path.startswith(STATUS_PATH_PREFIX):
+            return await self.status(request, host)
+        return await self.enqueue(request, host)
+
+    async def missing_header(self, request: web.Request) -> web.Response:
+        return error_response(
+            400, f"missing {ORIGINAL_HOST_HEADER}: only async routes of the network layer reach this producer"
+        )
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Refuse an oversized body before the client sends it (``Expect: 100-continue``)."""
+        if ORIGINAL_HOST_HEADER in request.headers and self._too_large(request):
+            return self._reject_too_large()
+        if request.version == (1, 1):
+            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+                return error_response(417, f"unsupported Expect: {request.headers.get(hdrs.EXPECT)}")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+
+    # queueing
+
+    def _too_large(self, request: web.Request) -> bool:
+        return request.content_length is not None and request.content_length > self.settings.request_size_limit
+
+    def _reject_too_large(self) -> web.Response:
+        self.metrics.rejected.labels("too_large").inc()
+        return error_response(413, f"the body is larger than {self.settings.request_size_limit} bytes")
+
+    async def enqueue(self, request: web.Request, host: str) -> web.Response:
+        if self._too_large(request):
+            return self._reject_too_large()
+        try:
+            target = _request_target(request)
+        except BadRequest as exc:
+            self.metrics.rejected.labels("bad_request").inc()
+            return error_response(400, str(exc))
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject_too_large()
+        envelope = Envelope.new(request.method, f"http://{host}{target}", forwarded_headers(request.raw_headers), body)
+        record = Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
+        started = time.perf_counter()
+        try:
+            await self.writer.transaction(
+                ("XADD", self.settings.stream, "*", *_flat(envelope.to_stream_fields())),
+                ("SET", record_key(self.settings.key_prefix, envelope.id), record.to_json(), "PX", self.retention_ms),
+            )
+        except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
+            return self._unavailable("queueing a request", exc)
+        self.metrics.enqueue_seconds.observe(time.perf_counter() - started)
+        self.metrics.accepted.inc()
+        location = STATUS_PATH_PREFIX + envelope.id
+        return web.json_response(
+            {"id": envelope.id, "state": QUEUED, "status_url": location},
+            status=202,
+            headers={REQUEST_ID_HEADER: envelope.id, hdrs.LOCATION: location},
+        )
+
+    def _unavailable(self, what: str, exc: BaseException) -> web.Response:
+        self.metrics.rejected.labels("redis_unavailable").inc()
+        self.warnings.failed(what, exc)
+        return error_response(503, "the request queue is unavailable, try again later", **{hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS})
+
+    # status
+
+    async def status(self, request: web.Request, host: str) -> web.Response:
+        request_id = request.path[len(STATUS_PATH_PREFIX):]
+        if not _REQUEST_ID.fullmatch(request_id):
+            return self._not_found(request_id)
+        try:
+            raw = await self.redis.get(record_key(self.settings.key_prefix, request_id))
+        except Exception as exc:  # Redis down: the status is unknown, not absent
+            self.metrics.status_reads.labels("redis_unavailable").inc()
+            self.warnings.failed("reading a status", exc)
+            return error_response(503, "the request status is unavailable, try again later",
+                                  **{hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS})
+        if raw is None:
+            return self._not_found(request_id)
+        try:
+            record = Record.from_json(raw)
+        except ValueError as exc:
+            log.error("request %s: %s", request_id, exc)
+            self.metrics.status_reads.labels("unreadable").inc()
+            return error_response(500, f"the status of request {request_id} cannot be read")
+        if record.host != host:  # another Service's request: do not even confirm it exists
+            return self._not_found(request_id)
+        self.metrics.status_reads.labels(record.state).inc()
+        if record.state in PENDING_STATES:
+            doc = {"id": request_id, "state": record.state, "attempts": record.attempts, "updated_at": record.updated_at}
+            if record.state == RETRYING and record.next_attempt_at is not None:
+                doc["next_attempt_at"] = record.next_attempt_at
+            if record.error is not None:
+                doc["error"] = record.error
+            return web.json_response(doc, status=202, headers={STATE_HEADER: record.state})
+        response = record.response
+        if response is None or not 200 <= response.status <= 599:
+            message = record.error or f"request finished as {record.state} without a response"
+            return web.json_response({"id": request_id, "error": message}, status=502,
+                                     headers={STATE_HEADER: record.state})
+        headers = CIMultiDict((k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP)
+        headers[STATE_HEADER] = record.state
+        return web.Response(status=response.status, headers=headers, body=response.body)
+
+    def _not_found(self, request_id: str) -> web.Response:
+        self.metrics.status_reads.labels("not_found").inc()
+        return error_response(404, f"no request {request_id!r} for this host")
+
+    # lifecycle
+
+    async def start(self, app: web.Application) -> None:
+        if self.redis is None:
+            self.redis = make_redis(self.settings)
+            # one attempt per batch: a retried MULTI/EXEC could queue a request twice,
+            # and a quick 503 is the client's cue to retry
+            self.redis.set_retry(Retry(NoBackoff(), 0))
+            self.owns_redis = True
+        self.writer = BatchWriter(self.redis)
+
+    async def stop(self, app: web.Application) -> None:
+        if self.writer is not None:
+            await self.writer.close()
+        if self.owns_redis:
+            await self.redis.aclose()
+
+    async def ready(self) -> None:
+        await self.redis.ping()
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def make_app(settings: ProducerSettings, *, redis: aioredis.Redis | None = None) -> web.Application:
+    """The producer; creates its Redis client on startup unless ``redis`` is given (then the caller closes it)."""
+    registry = CollectorRegistry()
+    producer = Producer(settings, registry)
+    producer.redis = redis
+    app = web.Application(client_max_size=settings.request_size_limit, middlewares=[producer.route])
+    probes.add_probe_routes(app, registry, producer.ready)
+    app.router.add_route("*", "/{tail:.*}", producer.missing_header, expect_handler=producer.expect)
+    app.on_startup.append(producer.start)
+    app.on_cleanup.append(producer.stop)
+    return app
+
+
+# --- processes
+
+
+def validate(settings: ProducerSettings) -> ProducerSettings:
+    for entry in settings.allowed_hosts:
+        if not _ALLOWED_ENTRY.fullmatch(entry) or len(entry) > 254:
+            raise SettingsError(
+                f"ALLOWED_HOSTS entry {entry!r} is not a host name or a '.'-prefixed host suffix (wildcards are not supported)"
+            )
+    return settings
+
+
+def serve(settings: ProducerSettings, *, reuse_port: bool = False) -> None:
+    """Serve one producer process until SIGTERM or SIGINT."""
+    logs.configure("producer", settings.log_level)
+    web.run_app(make_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port,
+                access_log=None, print=None)
+
+
+def run(settings: ProducerSettings) -> int:
+    logs.configure("producer", settings.log_level)
+    log.info("producer listening on %s:%d with %d worker(s), stream %s, redis %s, allowed hosts %s",
+             settings.host, settings.port, settings.workers, settings.stream, redis_address(settings),
+             ",".join(settings.allowed_hosts))
+    if settings.workers == 1:
+        serve(settings)
+        return 0
+    return supervise(settings)
+
+
+def supervise(settings: ProducerSettings) -> int:
+    """Run ``WORKERS`` processes sharing the port (SO_REUSEPORT); end when they end."""
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=serve, args=(settings,), kwargs={"reuse_port": True}, name=f"producer-{n}")
+               for n in range(settings.workers)]
+    for worker in workers:
+        worker.start()
+    signalled = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal signalled
+        signalled = True
+        _signal_all(workers, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    multiprocessing.connection.wait([w.sentinel for w in workers])
+    if signalled:
+        for worker in workers:
+            worker.join()
+        return 0
+    first = next(w for w in workers if w.exitcode is not None)
+    log.error("worker %s exited with status %s; stopping the others", first.name, first.exitcode)
+    _signal_all(workers, signal.SIGTERM)
+    for worker in workers:
+        worker.join()
+    return first.exitcode or 1
+
+
+def _signal_all(workers: list[multiprocessing.process.BaseProcess], signum: int) -> None:
+    for worker in workers:
+        if worker.is_alive():
+            os.kill(worker.pid, signum)

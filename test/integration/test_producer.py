@@ -1,0 +1,423 @@
+"""The producer against a real redis-server, through real HTTP on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from async_component import producer
+from async_component.envelope import Envelope
+from async_component.ports import free_port
+from async_component.records import FAILED, QUEUED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key
+from async_component.resources import STATUS_PATH_PREFIX
+from async_component.settings import ProducerSettings
+
+HOST = "sleep.default.svc.cluster.local"
+ASYNC = {"Async-Original-Host": HOST}
+
+
+def settings_for(redis_url: str, **changes) -> ProducerSettings:
+    return dataclasses.replace(ProducerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1"), **changes)
+
+
+async def start_producer(settings: ProducerSettings):
+    runner = web.AppRunner(producer.make_app(settings), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    return runner
+
+
+@pytest.fixture
+async def settings(redis_url):
+    return settings_for(redis_url)
+
+
+@pytest.fixture
+async def base(settings):
+    runner = await start_producer(settings)
+    yield f"http://127.0.0.1:{settings.port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+async def stream_entries(redis_client, stream="async-requests"):
+    return await redis_client.xrange(stream)
+
+
+async def entry_count(redis_client, stream="async-requests"):
+    return await redis_client.xlen(stream)
+
+
+# --- queueing
+
+
+async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, redis_client):
+    body = os.urandom(4096) + b"\xff\xfe"  # not UTF-8
+    headers = [
+        ("Async-Original-Host", HOST), ("Prefer", "wait=5, respond-async; x=1, handling=lenient"),
+        ("X-Tag", "one"), ("X-Tag", "two"), ("Content-Type", "application/octet-stream"),
+        ("Connection", "keep-alive, X-Hop"), ("X-Hop", "dropped"),
+    ]
+    async with http.put(f"{base}/items/a%2Fb?q=1&q=2&z=%20", data=body, headers=headers) as resp:
+        assert resp.status == 202
+        doc = await resp.json()
+        request_id = resp.headers["Async-Request-Id"]
+        assert resp.headers["Location"] == STATUS_PATH_PREFIX + request_id
+    assert doc == {"id": request_id, "state": "queued", "status_url": STATUS_PATH_PREFIX + request_id}
+
+    [(entry_id, fields)] = await stream_entries(redis_client)
+    envelope = Envelope.from_stream_fields(fields)
+    assert envelope.id == request_id
+    assert envelope.method == "PUT"
+    assert envelope.url == f"http://{HOST}/items/a%2Fb?q=1&q=2&z=%20"
+    assert envelope.body == body
+    names = [name.lower() for name, _ in envelope.headers]
+    assert [v for n, v in envelope.headers if n.lower() == "x-tag"] == ["one", "two"]
+    assert ("Prefer", "wait=5, handling=lenient") in envelope.headers
+    for gone in ("host", "content-length", "async-original-host", "connection", "x-hop"):
+        assert gone not in names
+    assert ("Content-Type", "application/octet-stream") in envelope.headers
+
+    record = Record.from_json(await redis_client.get(record_key("async", request_id)))
+    assert (record.state, record.host, record.attempts) == (QUEUED, HOST, 0)
+    ttl = await redis_client.ttl(record_key("async", request_id))
+    assert 86000 < ttl <= 86400
+
+
+async def test_prefer_with_only_respond_async_is_dropped_and_any_path_is_queued(base, http, redis_client):
+    for path in ("/metrics", "/healthz", "/"):
+        async with http.get(base + path, headers={**ASYNC, "Prefer": "respond-async"}) as resp:
+            assert resp.status == 202, path
+    entries = await stream_entries(redis_client)
+    urls = [Envelope.from_stream_fields(fields).url for _, fields in entries]
+    assert urls == [f"http://{HOST}/metrics", f"http://{HOST}/healthz", f"http://{HOST}/"]
+    for _, fields in entries:
+        assert all(name.lower() != "prefer" for name, _ in Envelope.from_stream_fields(fields).headers)
+
+
+async def test_post_to_the_status_prefix_is_queued_not_read(base, http, redis_client):
+    async with http.post(f"{base}{STATUS_PATH_PREFIX}abc", data=b"x", headers=ASYNC) as resp:
+        assert resp.status == 202
+    assert await entry_count(redis_client) == 1
+
+
+async def test_target_with_port_is_kept_in_the_url(base, http, redis_client):
+    async with http.post(f"{base}/p", headers={"Async-Original-Host": HOST.upper() + ":8080"}) as resp:
+        assert resp.status == 202
+    [(_, fields)] = await stream_entries(redis_client)
+    assert Envelope.from_stream_fields(fields).url == f"http://{HOST}:8080/p"
+
+
+@pytest.mark.parametrize("host", ["evil.example.com", "svc.cluster.local", "x.svc.cluster.local.evil.com"])
+async def test_disallowed_host_is_forbidden_and_nothing_is_written(base, http, redis_client, host):
+    async with http.post(f"{base}/p", data=b"x", headers={"Async-Original-Host": host}) as resp:
+        assert resp.status == 403
+        assert "not allowed" in (await resp.json())["error"]
+    assert await redis_client.dbsize() == 0
+    async with http.get(f"{base}/metrics") as resp:
+        assert 'async_producer_rejected_total{reason="forbidden_host"} 1.0' in await resp.text()
+
+
+@pytest.mark.parametrize("host", ["bad host", "a..b", "-a.svc.cluster.local", "a.svc.cluster.local:99999", "a.svc.cluster.local:x", ""])
+async def test_malformed_host_is_a_bad_request(base, http, redis_client, host):
+    async with http.post(f"{base}/p", headers={"Async-Original-Host": host}) as resp:
+        assert resp.status == 400
+        assert "error" in await resp.json()
+    assert await redis_client.dbsize() == 0
+
+
+async def test_exact_and_suffix_entries(redis_url, http, redis_client):
+    settings = settings_for(redis_url, allowed_hosts=("api.example.com", ".apps.internal"))
+    runner = await start_producer(settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        expected = {
+            "api.example.com": 202, "API.example.com": 202, "x.api.example.com": 403,
+            "a.apps.internal": 202, "a.b.apps.internal": 202, "apps.internal": 403,
+            "xapps.internal": 403, "sleep.default.svc.cluster.local": 403,
+        }
+        for host, status in expected.items():
+            async with http.post(f"{base}/", headers={"Async-Original-Host": host}) as resp:
+                assert resp.status == status, host
+        assert await entry_count(redis_client) == 4
+    finally:
+        await runner.cleanup()
+
+
+async def test_requests_without_the_header_only_reach_the_probes(base, http):
+    for method, path in (("GET", "/"), ("POST", "/items"), ("POST", "/healthz"), ("GET", STATUS_PATH_PREFIX + "x")):
+        async with http.request(method, base + path) as resp:
+            assert resp.status == 400, (method, path)
+            assert "missing Async-Original-Host" in (await resp.json())["error"]
+
+
+async def test_probes_and_metrics(base, http, redis_server):
+    async with http.get(f"{base}/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(f"{base}/readyz") as resp:
+        assert resp.status == 200
+    async with http.post(f"{base}/x", headers=ASYNC) as resp:
+        assert resp.status == 202
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    assert "async_producer_accepted_total 1.0" in text
+    assert "async_producer_enqueue_seconds_count 1.0" in text
+    redis_server.kill()
+    async with http.get(f"{base}/readyz") as resp:
+        assert resp.status == 503
+    async with http.get(f"{base}/healthz") as resp:
+        assert resp.status == 200
+
+
+# --- body limit
+
+
+async def test_content_length_over_the_limit_is_refused_with_413(base, http, redis_client):
+    body = b"a" * 7_000_000
+    async with http.post(f"{base}/upload", data=body, headers=ASYNC) as resp:
+        assert resp.status == 413
+        assert "larger than" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 0
+    # the connection stays usable
+    async with http.post(f"{base}/small", data=b"ok", headers=ASYNC) as resp:
+        assert resp.status == 202
+    assert await entry_count(redis_client) == 1
+
+
+async def test_chunked_body_over_the_limit_is_refused_with_413(redis_url, http, redis_client):
+    settings = settings_for(redis_url, request_size_limit=100_000)
+    runner = await start_producer(settings)
+    try:
+        async def chunks():
+            for _ in range(20):
+                yield b"b" * 10_000
+
+        async with http.post(f"http://127.0.0.1:{settings.port}/up", data=chunks(), headers=ASYNC) as resp:
+            assert resp.status == 413
+        async with http.get(f"http://127.0.0.1:{settings.port}/metrics") as resp:
+            assert 'async_producer_rejected_total{reason="too_large"} 1.0' in await resp.text()
+        assert await entry_count(redis_client) == 0
+
+        async def small():
+            yield b"c" * 50_000
+            yield b"c" * 50_000
+
+        async with http.post(f"http://127.0.0.1:{settings.port}/up", data=small(), headers=ASYNC) as resp:
+            assert resp.status == 202
+        [(_, fields)] = await stream_entries(redis_client)
+        assert Envelope.from_stream_fields(fields).body == b"c" * 100_000
+    finally:
+        await runner.cleanup()
+
+
+async def test_expect_continue_with_oversized_length_is_refused_before_the_body(base, settings):
+    reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+    writer.write(
+        f"POST /big HTTP/1.1\r\nHost: x\r\nAsync-Original-Host: {HOST}\r\n"
+        "Content-Length: 7000000\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413")
+
+
+# --- Redis failures
+
+
+async def test_redis_down_answers_503_then_recovers(base, http, redis_server, redis_client):
+    redis_server.kill()
+    async with http.post(f"{base}/x", data=b"1", headers=ASYNC) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"]
+        assert "unavailable" in (await resp.json())["error"]
+    async with http.get(f"{base}{STATUS_PATH_PREFIX}abc", headers=ASYNC) as resp:
+        assert resp.status == 503
+    redis_server.start()
+    deadline = time.monotonic() + 10
+    while True:
+        async with http.post(f"{base}/x", data=b"2", headers=ASYNC) as resp:
+            if resp.status == 202 or time.monotonic() > deadline:
+                break
+        await asyncio.sleep(0.05)
+    assert resp.status == 202
+    [(_, fields)] = await stream_entries(redis_client)
+    assert Envelope.from_stream_fields(fields).body == b"2"
+    async with http.get(f"{base}/metrics") as resp:
+        assert 'async_producer_rejected_total{reason="redis_unavailable"}' in await resp.text()
+
+
+async def test_error_reply_answers_503(base, http, redis_client):
+    await redis_client.set("async-requests", "not a stream")
+    async with http.post(f"{base}/x", headers=ASYNC) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"]
+
+
+# --- batching
+
+
+async def test_concurrent_requests_get_distinct_ids_and_all_entries(base, http, redis_client):
+    async def one(n: int):
+        async with http.post(f"{base}/n/{n}", data=str(n).encode(), headers=ASYNC) as resp:
+            assert resp.status == 202
+            return resp.headers["Async-Request-Id"]
+
+    ids = await asyncio.gather(*(one(n) for n in range(200)))
+    assert len(set(ids)) == 200
+    entries = await stream_entries(redis_client)
+    by_id = {e.id: e for e in (Envelope.from_stream_fields(f) for _, f in entries)}
+    assert set(by_id) == set(ids)
+    for n, request_id in enumerate(ids):
+        assert by_id[request_id].body == str(n).encode()
+        assert by_id[request_id].url.endswith(f"/n/{n}")
+        assert await redis_client.exists(record_key("async", request_id))
+
+
+# --- status
+
+
+async def put_record(redis_client, request_id: str, record: Record) -> None:
+    await redis_client.set(record_key("async", request_id), record.to_json())
+
+
+async def test_status_of_unknown_request_is_404(base, http):
+    for request_id in ("unknown", "bad%2Fid", ""):
+        async with http.get(f"{base}{STATUS_PATH_PREFIX}{request_id}", headers=ASYNC) as resp:
+            assert resp.status == 404
+            assert "error" in await resp.json()
+
+
+async def test_status_after_enqueue_is_pending_and_hidden_from_other_hosts(base, http):
+    async with http.post(f"{base}/x", headers=ASYNC) as resp:
+        location = resp.headers["Location"]
+        request_id = resp.headers["Async-Request-Id"]
+    async with http.get(base + location, headers=ASYNC) as resp:
+        assert resp.status == 202
+        assert resp.headers["Async-Request-State"] == QUEUED
+        doc = await resp.json()
+    assert doc["id"] == request_id and doc["state"] == QUEUED and doc["attempts"] == 0
+    assert doc["updated_at"] > 0
+    async with http.get(base + location, headers={"Async-Original-Host": "other.default.svc.cluster.local"}) as resp:
+        assert resp.status == 404
+
+
+async def test_status_retrying_reports_next_attempt(base, http, redis_client):
+    await put_record(redis_client, "r1", Record(state=RETRYING, host=HOST, attempts=2, updated_at=10.0,
+                                                error="503 from the Service", next_attempt_at=42.5))
+    await put_record(redis_client, "r2", Record(state=RUNNING, host=HOST, attempts=1, updated_at=11.0))
+    async with http.get(f"{base}{STATUS_PATH_PREFIX}r1", headers=ASYNC) as resp:
+        assert resp.status == 202 and resp.headers["Async-Request-State"] == RETRYING
+        doc = await resp.json()
+    assert doc["attempts"] == 2 and doc["next_attempt_at"] == 42.5 and doc["updated_at"] == 10.0
+    async with http.get(f"{base}{STATUS_PATH_PREFIX}r2", headers=ASYNC) as resp:
+        assert resp.status == 202 and resp.headers["Async-Request-State"] == RUNNING
+        assert "next_attempt_at" not in await resp.json()
+
+
+async def test_status_replays_the_recorded_response(base, http, redis_client):
+    body = os.urandom(1000)
+    response = RecordedResponse(status=201, headers=(("Content-Type", "image/png"), ("Set-Cookie", "a=1"),
+                                                     ("Set-Cookie", "b=2"), ("Transfer-Encoding", "chunked")), body=body)
+    await put_record(redis_client, "done", Record(state=SUCCEEDED, host=HOST, attempts=1, response=response))
+    await put_record(redis_client, "bad", Record(state=FAILED, host=HOST, attempts=3,
+                                                 response=RecordedResponse(500, (("X-Err", "1"),), b"boom")))
+    url = f"{base}{STATUS_PATH_PREFIX}done"
+    async with http.get(url, headers=ASYNC) as resp:
+        assert resp.status == 201
+        assert resp.headers["Async-Request-State"] == SUCCEEDED
+        assert resp.headers["Content-Type"] == "image/png"
+        assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+        assert await resp.read() == body
+    async with http.head(url, headers=ASYNC) as resp:
+        assert resp.status == 201 and resp.headers["Async-Request-State"] == SUCCEEDED
+        assert await resp.read() == b""
+    async with http.get(f"{base}{STATUS_PATH_PREFIX}bad", headers=ASYNC) as resp:
+        assert resp.status == 500 and resp.headers["Async-Request-State"] == FAILED
+        assert resp.headers["X-Err"] == "1" and await resp.read() == b"boom"
+
+
+async def test_status_failed_without_response_is_502(base, http, redis_client):
+    await put_record(redis_client, "f", Record(state=FAILED, host=HOST, attempts=3, error="connection refused"))
+    async with http.get(f"{base}{STATUS_PATH_PREFIX}f", headers=ASYNC) as resp:
+        assert resp.status == 502
+        assert resp.headers["Async-Request-State"] == FAILED
+        assert (await resp.json())["error"] == "connection refused"
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    assert 'async_producer_status_reads_total{result="failed"} 1.0' in text
+
+
+# --- the process
+
+
+def producer_command(port: int, redis_url: str, **env: str):
+    environ = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "REDIS_URL": redis_url, **env}
+    return [sys.executable, "-m", "async_component", "producer"], environ
+
+
+async def wait_ready(http, base: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        try:
+            async with http.get(f"{base}/readyz") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the producer did not become ready")
+
+
+async def test_two_workers_share_the_port_and_stop_on_sigterm(redis_url, http, redis_client):
+    port = free_port()
+    command, environ = producer_command(port, redis_url, WORKERS="2")
+    process = subprocess.Popen(command, env=environ, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await wait_ready(http, base, process)
+        for n in range(20):
+            async with aiohttp.ClientSession() as fresh:  # new connections spread over the workers
+                async with fresh.post(f"{base}/w/{n}", headers=ASYNC) as resp:
+                    assert resp.status == 202
+        assert await entry_count(redis_client) == 20
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                        text=True).stdout.split()]
+        assert len(children) == 2
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        for pid in children:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert "2 worker(s)" in process.stderr.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_bad_setting_is_a_one_line_error_with_status_2(redis_url):
+    for env in ({"REQUEST_SIZE_LIMIT": "abc"}, {"ALLOWED_HOSTS": "*"}):
+        command, environ = producer_command(free_port(), redis_url, **env)
+        result = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("async-component producer: error:"), result.stderr
+        assert next(iter(env)) in lines[0]
