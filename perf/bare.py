@@ -1,0 +1,71 @@
+"""The ceiling for the producer: an aiohttp handler that reads the body and answers 202.
+
+It does everything the producer does except talk to Redis, and runs the same way
+(N processes sharing the port with SO_REUSEPORT), so ``bench.py`` can report the
+producer's throughput as a fraction of what aiohttp itself manages on this machine.
+
+    python perf/bare.py --port 8090 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import secrets
+import signal
+import sys
+
+from aiohttp import web
+
+
+async def accept(request: web.Request) -> web.Response:
+    await request.read()
+    request_id = secrets.token_urlsafe(18)
+    return web.json_response(
+        {"id": request_id, "state": "queued"}, status=202,
+        headers={"Async-Request-Id": request_id, "Location": f"/.well-known/async-requests/{request_id}"},
+    )
+
+
+def make_app() -> web.Application:
+    app = web.Application(client_max_size=6_000_000)
+    app.router.add_route("*", "/{tail:.*}", accept)
+    return app
+
+
+def serve(host: str, port: int, reuse_port: bool) -> None:
+    web.run_app(make_app(), host=host, port=port, reuse_port=reuse_port, print=None, access_log=None)
+
+
+def run(host: str, port: int, workers: int) -> None:
+    """One process serves directly; more fork and share the port, the parent only waits."""
+    if workers == 1:
+        serve(host, port, False)
+        return
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=serve, args=(host, port, True), daemon=True) for _ in range(workers)]
+    for child in children:
+        child.start()
+
+    def stop(*_: object) -> None:
+        for child in children:
+            child.terminate()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for child in children:
+        child.join()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    run(args.host, args.port, args.workers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The perf report, built from small synthetic Locust result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "perf" / "report.py"
+_spec = importlib.util.spec_from_file_location("perf_report", _PATH)
+report = sys.modules["perf_report"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def locust_row(name, method="GET", histogram=None, per_second=None, start=1000.0, last=1010.0, failures=0):
+    """One stats entry as Locust's ``--json-file`` writes it."""
+    histogram = histogram or {}
+    return {
+        "name": name, "method": method, "start_time": start, "last_request_timestamp": last,
+        "num_requests": sum(histogram.values()), "num_none_requests": 0, "num_failures": failures,
+        "total_response_time": sum(float(k) * v for k, v in histogram.items()),
+        "max_response_time": max(map(float, histogram), default=0), "min_response_time": 0,
+        "total_content_length": 0,
+        "response_times": {str(k): v for k, v in histogram.items()},
+        "num_reqs_per_sec": {str(k): v for k, v in (per_second or {}).items()},
+        "num_fail_per_sec": {},
+    }
+
+
+def write_run(folder: Path, scenario: str, *rows) -> None:
+    (folder / f"{scenario}.json").write_text(json.dumps(list(rows)))
+
+
+def test_percentiles_are_nearest_rank_over_the_histogram():
+    histogram = {1: 50, 2: 45, 10: 4, 100: 1}
+    assert report.percentile(histogram, 0.50) == 1
+    assert report.percentile(histogram, 0.95) == 2
+    assert report.percentile(histogram, 0.99) == 10
+    assert report.percentile(histogram, 1.0) == 100
+    assert math.isnan(report.percentile({}, 0.5))
+
+
+def test_entries_carry_locust_counts_and_throughput(tmp_path):
+    write_run(tmp_path, "sync", locust_row("sync", histogram={20: 90, 30: 10}, start=1000.0, last=1010.0, failures=3))
+    [entry] = report.load_entries(tmp_path / "sync.json", "sync")
+    assert (entry.scenario, entry.name, entry.requests, entry.failures) == ("sync", "sync", 100, 3)
+    assert entry.throughput == pytest.approx(10.0)
+    assert entry.percentile(0.5) == 20 and entry.percentile(0.99) == 30
+
+
+def test_missing_scenarios_are_left_out_and_order_is_kept(tmp_path):
+    write_run(tmp_path, "follow", locust_row("async follow: accepted", histogram={2: 1}))
+    write_run(tmp_path, "sync", locust_row("sync", histogram={20: 1}))
+    entries = report.load_results(tmp_path, ["sync", "conditional", "follow"])
+    assert [e.scenario for e in entries] == ["sync", "follow"]
+
+
+def test_table_puts_async_next_to_the_sync_baseline(tmp_path):
+    write_run(tmp_path, "sync", locust_row("sync", histogram={20: 100}, start=0, last=10))
+    write_run(tmp_path, "always", locust_row("async always: accepted", histogram={2: 400}, start=0, last=10))
+    table = report.markdown_table(report.load_results(tmp_path, ["sync", "always"]))
+    lines = table.splitlines()
+    assert lines[0].startswith("| scenario | request | requests | failures | req/s | p50 ms | p95 ms | p99 ms")
+    assert lines[2] == "| sync | sync | 100 | 0 | 10 | 20 | 20 | 20 | 1.00x | 1.00x |"
+    assert lines[3] == "| always | async always: accepted | 400 | 0 | 40 | 2 | 2 | 2 | 0.10x | 4.00x |"
+
+
+def test_table_without_a_sync_run_has_no_ratios(tmp_path):
+    write_run(tmp_path, "always", locust_row("async always: accepted", histogram={0.4: 3}, start=0, last=1))
+    [line] = report.markdown_table(report.load_results(tmp_path, ["always"])).splitlines()[2:]
+    assert line == "| always | async always: accepted | 3 | 0 | 3 | 0.4 | 0.4 | 0.4 | - | - |"
+
+
+def test_throughput_series_fills_quiet_seconds_with_zeros(tmp_path):
+    write_run(tmp_path, "sync", locust_row("sync", histogram={5: 7}, per_second={1000: 3, 1003: 4}, start=1000.2))
+    [entry] = report.load_results(tmp_path, ["sync"])
+    assert report.throughput_series(entry) == ([0, 1, 2, 3], [3, 0, 0, 4])
+
+
+def test_report_writes_markdown_and_both_charts(tmp_path):
+    write_run(tmp_path, "sync", locust_row("sync", histogram={20: 50, 25: 50}, per_second={1000: 50, 1001: 50}))
+    write_run(
+        tmp_path, "follow",
+        locust_row("async follow: accepted", histogram={1: 60}, per_second={1000: 30, 1001: 30}),
+        locust_row("async follow: completed", "ASYNC", histogram={40: 58, 900: 2}, per_second={1000: 29, 1001: 31}),
+    )
+    path = report.write_report(tmp_path, ["sync", "follow"], "Sync versus async",
+                               {"users": "20", "machine": "2 cores"}, notes=["app sleep 0 s"])
+    text = path.read_text()
+    assert text.startswith("# Sync versus async\n")
+    assert "- **users**: 20" in text and "- app sleep 0 s" in text
+    assert "| follow | async follow: completed | 60 | 0 |" in text
+    for name in ("latency.png", "throughput.png"):
+        assert f"]({name})" in text
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+def test_report_without_results_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no Locust results"):
+        report.write_report(tmp_path, ["sync"], "t", {})
