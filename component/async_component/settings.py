@@ -208,6 +208,7 @@ class ControllerSettings:
     ingress_class: str = setting("INGRESS_CLASS_NAME", INGRESS_CLASSES[0], ingress_class, "class of the child Ingress")
     system_namespace: str = setting("SYSTEM_NAMESPACE", DEFAULT_SYSTEM_NAMESPACE, str, "namespace where the producer runs")
     log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
+    health_port: int = setting("HEALTH_PORT", "8081", port, "port for kopf's liveness endpoint /healthz (0: none)")
 
     @property
     def producer_host(self) -> str:

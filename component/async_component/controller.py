@@ -1,0 +1,236 @@
+"""kopf operator: an async Knative Ingress gets a child Ingress and a Service.
+
+Every event (of the parent, of a child Ingress, of a child Service) re-runs one
+idempotent reconcile of the parent: read it, write the children only where
+they drift, write its status only where it changes. The handlers are
+``kopf.on.event`` on purpose: Knative Serving rewrites the parent's
+annotations whenever it reconciles the Route, so kopf's usual per-object
+state (an annotation) and finalizer would fight it. Without a finalizer the
+children go by their owner references, and by an explicit delete when the
+controller sees the parent gone (clusters without a garbage collector).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import logging
+from typing import Any
+
+import kopf
+
+from . import logs
+from .drift import drift_patch
+from .kubeapi import INGRESSES, SERVICES, ApiError, KubeApi, Resource
+from .resources import (
+    ASYNC_INGRESS_CLASS,
+    INGRESS_CLASS_ANNOTATION,
+    PARENT_LABEL,
+    REASON_INVALID_MODE,
+    InvalidAsyncMode,
+    async_mode,
+    async_service_name,
+    child_ingress_name,
+    is_async_ingress,
+    is_child_of,
+    make_async_service,
+    make_child_ingress,
+    parent_status,
+    status_patch,
+)
+from .settings import ControllerSettings
+
+log = logging.getLogger(__name__)
+
+INGRESS_SELECTOR = (INGRESSES.group, INGRESSES.version, INGRESSES.plural)
+SERVICE_SELECTOR = (SERVICES.version, SERVICES.plural)
+
+Key = tuple[str, str]
+
+
+def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    """In a pod, its service account; elsewhere, the kubeconfig (``KUBECONFIG`` or ~/.kube/config)."""
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise kopf.LoginError("no service account token and no kubeconfig found")
+    return info
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Reconciler:
+    """One reconcile at a time per parent; failures are retried with a growing delay."""
+
+    def __init__(self, api: KubeApi, settings: ControllerSettings, *,
+                 retry_base_delay: float = 1.0, retry_max_delay: float = 60.0) -> None:
+        self.api = api
+        self.settings = settings
+        self.retry_base_delay = retry_base_delay
+        self.retry_max_delay = retry_max_delay
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._failures: dict[Key, int] = {}
+        self._retries: dict[Key, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        """Reconcile now; on failure log one line and try again later."""
+        key = (namespace, name)
+        retry = self._retries.pop(key, None)
+        if retry is not None:
+            retry.cancel()
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                gone = await self._reconcile(namespace, name)
+        except Exception as exc:  # any failure: the next attempt starts from a fresh read
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = min(self.retry_base_delay * 2 ** (failures - 1), self.retry_max_delay)
+            log.warning("Ingress %s/%s: reconcile failed (%s: %s); retrying in %.1fs",
+                        namespace, name, type(exc).__name__, exc, delay)
+            loop = asyncio.get_running_loop()
+            self._retries[key] = loop.call_later(delay, self._spawn, namespace, name)
+            return
+        self._failures.pop(key, None)
+        if gone and not lock.locked():
+            self._locks.pop(key, None)
+
+    def _spawn(self, namespace: str, name: str) -> None:
+        task = asyncio.ensure_future(self.reconcile(namespace, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+
+    async def _reconcile(self, namespace: str, name: str) -> bool:
+        """True when the parent is gone."""
+        parent = await self.api.get(INGRESSES, namespace, name)
+        if parent is None:
+            await self._remove_children(namespace, name)
+            return True
+        if not is_async_ingress(parent) or parent["metadata"].get("deletionTimestamp"):
+            return False
+
+        foreign: list[str] = []
+        try:
+            async_mode(parent)
+        except InvalidAsyncMode:
+            child = await self.api.get(INGRESSES, namespace, child_ingress_name(parent))
+        else:
+            producer = self.settings.producer_host
+            # the Service first: Kourier skips an Ingress whose backend Service is missing
+            await self._apply(SERVICES, make_async_service(parent, producer_host=producer), name, foreign, exact_spec=False)
+            desired = make_child_ingress(parent, ingress_class=self.settings.ingress_class, producer_host=producer)
+            child = await self._apply(INGRESSES, desired, name, foreign, exact_spec=True)
+        if child is not None and not is_child_of(child, name):
+            child = None
+
+        status = parent_status(parent, child, now=_now(), foreign=foreign)
+        patch = status_patch(parent.get("status"), status)
+        if patch:
+            await self.api.patch(INGRESSES, namespace, name, {"status": patch}, subresource="status")
+            ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+            log.info("Ingress %s/%s: Ready=%s%s", namespace, name, ready["status"],
+                     f" ({ready['reason']}: {ready.get('message', '')})" if "reason" in ready else "")
+            if ready.get("reason") == REASON_INVALID_MODE:
+                kopf.warn(parent, reason=REASON_INVALID_MODE, message=ready.get("message", ""))
+        return False
+
+    async def _apply(self, resource: Resource, desired: dict[str, Any], parent_name: str,
+                     foreign: list[str], *, exact_spec: bool) -> dict[str, Any] | None:
+        """Create ``desired`` or patch what drifted; an object someone else owns is left alone."""
+        meta = desired["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        ref = f"{desired['kind']} {namespace}/{name}"
+        current = await self.api.get(resource, namespace, name)
+        if current is None:
+            try:
+                created = await self.api.create(resource, desired)
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                current = await self.api.get(resource, namespace, name)
+                if current is None:
+                    raise
+            else:
+                log.info("created %s", ref)
+                return created
+        if not is_child_of(current, parent_name):
+            foreign.append(ref)
+            return current
+        patch = drift_patch(current, desired, exact_spec=exact_spec)
+        if not patch:
+            return current
+        updated = await self.api.patch(resource, namespace, name, patch)
+        log.info("updated %s (%s drifted)", ref, ", ".join(sorted(patch)))
+        return updated
+
+    async def _remove_children(self, namespace: str, parent_name: str) -> None:
+        stub = {"metadata": {"name": parent_name, "namespace": namespace}}
+        for resource, name, kind in ((INGRESSES, child_ingress_name(stub), "Ingress"),
+                                     (SERVICES, async_service_name(stub), "Service")):
+            current = await self.api.get(resource, namespace, name)
+            if current is not None and is_child_of(current, parent_name):
+                if await self.api.delete(resource, namespace, name):
+                    log.info("deleted %s %s/%s: its parent Ingress is gone", kind, namespace, name)
+
+
+def make_operator_settings() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.posting.level = logging.WARNING  # our Events are explicit; log lines stay logs
+    settings.scanning.disabled = True  # no RBAC needed for CRDs and namespaces
+    settings.watching.label_selectors[SERVICE_SELECTOR] = PARENT_LABEL  # only our Services
+    return settings
+
+
+def make_registry(reconciler: Reconciler, operator_settings: kopf.OperatorSettings) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def log_in(**_: Any) -> kopf.ConnectionInfo:
+        info = login(operator_settings)
+        reconciler.api.use(info)
+        return info
+
+    @kopf.on.event(*INGRESS_SELECTOR, annotations={INGRESS_CLASS_ANNOTATION: ASYNC_INGRESS_CLASS}, registry=registry)
+    async def parent_changed(name: str, namespace: str, **_: Any) -> None:
+        await reconciler.reconcile(namespace, name)
+
+    @kopf.on.event(*INGRESS_SELECTOR, labels={PARENT_LABEL: kopf.PRESENT}, registry=registry)
+    async def child_ingress_changed(labels: dict[str, str], namespace: str, **_: Any) -> None:
+        await reconciler.reconcile(namespace, labels[PARENT_LABEL])
+
+    @kopf.on.event(*SERVICE_SELECTOR, labels={PARENT_LABEL: kopf.PRESENT}, registry=registry)
+    async def child_service_changed(labels: dict[str, str], namespace: str, **_: Any) -> None:
+        await reconciler.reconcile(namespace, labels[PARENT_LABEL])
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        reconciler.cancel()
+        await reconciler.api.close()
+
+    return registry
+
+
+def run(settings: ControllerSettings) -> int:
+    logs.configure("controller", settings.log_level)
+    if settings.log_level != "DEBUG":  # kopf logs every handler call; ours say what changed
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    operator_settings = make_operator_settings()
+    reconciler = Reconciler(KubeApi(login=functools.partial(login, operator_settings)), settings)
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    log.info("watching Ingresses of class %s cluster-wide; children get class %s, producer %s",
+             ASYNC_INGRESS_CLASS, settings.ingress_class, settings.producer_host)
+    asyncio.run(kopf.operator(
+        registry=make_registry(reconciler, operator_settings),
+        settings=operator_settings,
+        clusterwide=True,
+        standalone=True,
+        liveness_endpoint=liveness,
+    ))
+    return 0
