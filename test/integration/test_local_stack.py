@@ -1,0 +1,251 @@
+"""``async-component local`` and the LocalStack API: real processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from async_component import resources
+from async_component.gateway import Router
+from async_component.local import LocalStack, StackError, cluster_routes, find_app_dir, load_services
+from async_component.ports import free_port
+
+APP_DIR = Path(__file__).resolve().parents[1] / "app"
+PLAIN, CONDITIONAL, ALWAYS = "helloworld-sleep-plain", "helloworld-sleep", "helloworld-sleep-always"
+PRODUCER_HOST = "async-producer.knative-serving.svc.cluster.local"
+
+
+def http(url: str, host: str, *, method: str = "GET", data: bytes | None = None, headers: dict | None = None, timeout=30):
+    """(status, headers, body) of one request with the given Host; errors are answers too."""
+    request = urllib.request.Request(url, data=data, method=method, headers={"Host": host, **(headers or {})})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, exc.read()
+
+
+def poll(check, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+
+
+# --- the route table the stack hands to its gateway (no processes)
+
+
+@pytest.mark.parametrize(("service", "path", "headers", "goes_to"), [
+    (PLAIN, "/", {}, "app"),
+    (PLAIN, "/", {"Prefer": "respond-async"}, "app"),
+    (CONDITIONAL, "/", {}, "app"),
+    (CONDITIONAL, "/", {"Prefer": "respond-async"}, "producer"),
+    (CONDITIONAL, "/.well-known/async-requests/abc", {}, "producer"),
+    (ALWAYS, "/", {}, "producer"),
+    (ALWAYS, "/", {"Prefer": "respond-sync"}, "app"),
+])
+def test_route_table_of_the_sample_services(service, path, headers, goes_to):
+    routes = cluster_routes(load_services(APP_DIR), app_address="127.0.0.1:1", producer_address="127.0.0.1:2")
+    router = Router(routes)
+    for host in (f"{service}.default.example.com", f"{service}.default.svc.cluster.local"):
+        target = router.match(host, path, headers)
+        assert target.address == {"app": "127.0.0.1:1", "producer": "127.0.0.1:2"}[goes_to]
+        if goes_to == "producer":
+            assert target.host == PRODUCER_HOST
+            assert dict(target.set_headers)[resources.ORIGINAL_HOST_HEADER] == f"{service}.default.svc.cluster.local"
+
+
+def test_app_dir_is_found_from_the_repository_root_or_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(APP_DIR.parents[1])
+    assert find_app_dir() == APP_DIR
+    with pytest.raises(StackError, match="cannot find the sample app .*pass --app-dir"):
+        find_app_dir(tmp_path)
+
+
+def test_bad_settings_are_refused_before_anything_starts():
+    with pytest.raises(StackError, match="max attempts 0 must be a positive integer; retry delay -1 must be"):
+        LocalStack(port=free_port(), max_attempts=0, retry_delay=-1)
+
+
+# --- the stack through its Python API
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with LocalStack(port=free_port(), sleep_seconds=0.2, retry_delay=0.1, app_dir=APP_DIR) as stack:
+        yield stack
+
+
+def test_sync_call_reaches_the_app_through_the_gateway(stack):
+    status, _, body = http(stack.gateway_url + "/hello?sleep=0", stack.host(PLAIN), headers={"Prefer": "respond-async"})
+    assert status == 200
+    assert b'"path": "/hello"' in body
+    assert b'["Knative-Serving-Revision", "helloworld-sleep-plain-00001"]' in body
+
+
+def test_unknown_host_is_404(stack):
+    status, _, body = http(stack.gateway_url + "/", "nobody.default.example.com")
+    assert status == 404 and b"error" in body
+
+
+def test_async_call_is_queued_and_completed(stack):
+    status, headers, body = http(stack.gateway_url + "/work?sleep=0", stack.host(CONDITIONAL), method="POST",
+                                 data=b"payload", headers={"Prefer": "respond-async"})
+    assert status == 202, body
+    location = headers["Location"]
+
+    def finished():
+        status, headers, body = http(stack.gateway_url + location, stack.host(CONDITIONAL))
+        return (status, headers, body) if status != 202 else None
+
+    status, headers, body = poll(finished)
+    assert status == 200 and headers["Async-Request-State"] == "succeeded"
+    assert b'"path": "/work"' in body and b'"body_length": 7' in body
+
+
+def test_killed_component_is_restarted_and_the_restart_logged(stack):
+    before = stack.pid("source"), stack.restarts("source")
+    stack.kill("source")
+    stack.wait_ready("source", timeout=30)
+    assert stack.pid("source") != before[0]
+    assert stack.restarts("source") == before[1] + 1
+    assert any(re.search(rf"source \(pid {before[0]}\) exited: killed by SIGKILL; restarting .*restart {before[1] + 1}", line)
+               for line in stack.logs("source"))
+
+
+def test_asking_for_an_unknown_component_is_a_clear_error(stack):
+    with pytest.raises(StackError, match="no component 'worker'"):
+        stack.kill("worker")
+
+
+# --- the command
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Lines:
+    """Collects a pipe's lines in a thread, so a test can wait for one."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
+        return poll(lambda: next((line for line in self.lines if re.search(pattern, line)), None), timeout)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def run_local(tmp_path: Path, *args: str, path: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.Popen([sys.executable, "-m", "async_component", "local", *args], cwd=APP_DIR.parents[1],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_command_serves_restarts_and_stops_cleanly_on_sigint(tmp_path):
+    port = free_port()
+    process = run_local(tmp_path, "--port", str(port), "--sleep-seconds", "0.1")
+    out, err = Lines(process.stdout), Lines(process.stderr)
+    try:
+        ready = out.wait_for("ready")
+        assert f"http://127.0.0.1:{port}" in ready
+        assert "curl -H 'Host: helloworld-sleep.default.example.com' -H 'Prefer: respond-async'" in ready
+        status, _, body = http(f"http://127.0.0.1:{port}/?sleep=0", "helloworld-sleep-plain.default.example.com")
+        assert status == 200 and b'"slept": 0.0' in body
+        assert re.search(r"app +\| .*GET /\?sleep=0", err.wait_for(r"GET /\?sleep=0")), "component logs are prefixed"
+
+        children = descendants(process.pid)
+        consumer = next(pid for pid in children if command_line(pid).endswith("async_component consumer "))
+        os.kill(consumer, signal.SIGKILL)
+        err.wait_for(rf"consumer \(pid {consumer}\) exited: killed by SIGKILL; restarting")
+        err.wait_for(r"consumer restarted")
+        children = descendants(process.pid)
+        assert children, "the components run below the command"
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(30)
+    assert code == 0, err.text()
+    assert out.text().count("ready") == 1
+    poll(lambda: not any(alive(pid) for pid in children), timeout=10)
+    assert list(tmp_path.iterdir()) == [], "temp dirs are removed"
+
+
+def test_command_refuses_a_port_in_use_in_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process = run_local(tmp_path, "--port", str(port))
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert err.strip().splitlines() == [f"async-component local: error: port {port} on 127.0.0.1 is already in use "
+                                        f"(Address already in use): pass another --port"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_without_redis_server_fails_in_one_line_and_leaves_nothing(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    process = run_local(tmp, "--port", str(free_port()), path=str(empty))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("async-component local: error: redis-server not found on PATH"), err
+    assert list(tmp.iterdir()) == []
