@@ -38,6 +38,9 @@ from .resources import INGRESS_CLASS_ANNOTATION
 
 log = logging.getLogger(__name__)
 
+SMALL_BODY = 64 * 1024
+"""Responses up to this size are read whole and sent in one write; larger ones stream."""
+
 NOT_FORWARDED = HOP_BY_HOP | {"expect", "proxy-connection"}
 """Request and response headers that belong to one hop (``expect`` is answered here)."""
 
@@ -233,6 +236,16 @@ APP_SESSION = web.AppKey("session", aiohttp.ClientSession)
 APP_ROUTER = web.AppKey("router", Router)
 
 
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def _upstream_failed(request: web.Request, target: Target, exc: BaseException) -> web.Response:
+    reason = f"{type(exc).__name__}: {exc}"
+    log.warning("%s %s%s -> %s at %s failed: %s", request.method, request.host, request.raw_path,
+                target.service, target.address, reason)
+    return _error(502, f"upstream {target.service} ({target.address}) failed: {reason}")
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
     host = request.headers.get("Host", "")
     path = request.raw_path.split("?", 1)[0]
@@ -240,32 +253,45 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if target is None:
         return _error(404, f"no route for host {bare_host(host)!r} and path {path!r}")
     url = URL(f"http://{target.address}{request.raw_path}", encoded=True)
-    response: web.StreamResponse | None = None
     try:
-        async with request.app[APP_SESSION].request(
+        upstream = await request.app[APP_SESSION].request(
             request.method, url, headers=upstream_headers(request, target),
             data=request.content if request.body_exists else None, allow_redirects=False,
-        ) as upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in NOT_FORWARDED:
-                    response.headers.add(name, value)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
+        )
+    except UPSTREAM_ERRORS as exc:
+        return _upstream_failed(request, target, exc)
+    try:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s%s -> %s %d", request.method, host, request.raw_path, target.service, upstream.status)
+        headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED)
+        length = upstream.content_length
+        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+            # One write for headers and body: the sync path's usual case, kept cheap.
+            try:
+                body = await upstream.read()
+            except UPSTREAM_ERRORS as exc:
+                return _upstream_failed(request, target, exc)
+            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if length is not None:
+            response.content_length = length
+        try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s %s%s -> %s %d", request.method, bare_host(host), request.raw_path, target.service, upstream.status)
-            return response
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        log.warning("%s %s%s -> %s at %s failed: %s", request.method, bare_host(host), request.raw_path,
-                    target.service, target.address, reason)
-        if response is not None and response.prepared:
-            raise  # the status is out already: dropping the connection is all that is left
-        return _error(502, f"upstream {target.service} ({target.address}) failed: {reason}")
+        except ConnectionError:
+            pass  # the client went away; aiohttp closes its side
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # The status is out already: cutting the connection tells the client the body is incomplete.
+            log.warning("%s %s%s -> %s: response body broke off: %s: %s", request.method, host,
+                        request.raw_path, target.service, type(exc).__name__, exc)
+            if request.transport is not None:
+                request.transport.abort()
+        return response
+    finally:
+        upstream.release()
 
 
 def make_app(routes: Routes, *, rng: random.Random | None = None) -> web.Application:
