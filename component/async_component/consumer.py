@@ -1,0 +1,321 @@
+"""The consumer: receives a queued request as a CloudEvent and replays it to its Service.
+
+Events come from our source or from Knative's RedisStreamSource (same shape,
+binary or structured mode). The replay carries ``Prefer: respond-sync`` so the
+network layer routes it to the Service itself, not back to the producer. The
+outcome (the response, a scheduled retry, or a failure with its dead-letter
+entry) is written to Redis before the event is answered 2xx, so a crash in
+between only means a redelivery, never a lost request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import hdrs, web
+from cloudevents.v1.http import from_http
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from yarl import URL
+
+from . import logs, probes
+from .envelope import STREAM_FIELD, Envelope, EnvelopeError
+from .records import FAILED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers, retry_key
+from .redisconn import redis_address, make_redis
+from .resources import PREFER_HEADER, RESPOND_SYNC
+from .retries import RetryMover, backoff, replay_retryable
+from .settings import ConsumerSettings
+from .throttle import LogThrottle
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "Async-Request-Id"
+ATTEMPT_HEADER = "Async-Attempt"
+REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(), "host"})
+"""Request headers the replay sets itself."""
+
+MAX_EVENT_SIZE = 64 * 1024 * 1024
+"""Largest event accepted: a 6 MB body grows by a third in base64, plus JSON escaping."""
+MOVER_INTERVAL = 0.2
+ERROR_BODY_LIMIT = 500
+
+
+class BadEvent(Exception):
+    """The event is not a queued request (400)."""
+
+
+class Replayed:
+    """What one replay came to: a response, or the error that prevented one."""
+
+    def __init__(self, response: RecordedResponse | None = None, error: str | None = None,
+                 retryable: bool = False) -> None:
+        self.response = response
+        self.error = error
+        self.retryable = retryable
+
+    @property
+    def ok(self) -> bool:
+        return self.response is not None and 200 <= self.response.status < 400
+
+
+def envelope_of(data: Any) -> Envelope:
+    """The envelope in an event's data: the field list as parsed JSON, or its JSON text/bytes."""
+    if isinstance(data, (bytes, bytearray, str)):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            raise BadEvent("the event data is not JSON") from None
+    try:
+        return Envelope.from_stream_fields(data)
+    except EnvelopeError as exc:
+        raise BadEvent(f"the event data is not a queued request: {exc}") from None
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(host[:port], path?query)`` of a stored URL, the target kept exactly as stored."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BadEvent(f"the queued URL is not an http(s) URL: {url!r}")
+    rest = url.split("://", 1)[1][len(parts.netloc):]
+    return parts.netloc.lower(), (rest if rest.startswith("/") else "/" + rest)
+
+
+def replay_headers(envelope: Envelope, attempt: int, host: str | None) -> CIMultiDict:
+    headers = CIMultiDict((k, v) for k, v in envelope.headers if k.lower() not in REPLACED_HEADERS)
+    headers[PREFER_HEADER] = RESPOND_SYNC
+    headers[REQUEST_ID_HEADER] = envelope.id
+    headers[ATTEMPT_HEADER] = str(attempt)
+    if host is not None:
+        headers[hdrs.HOST] = host
+    return headers
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _raw_headers(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(_text(k), _text(v)) for k, v in pairs]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.replays = Counter("async_consumer_replays_total", "Replays to the Service, by outcome", ["outcome"],
+                               registry=registry)
+        for outcome in (SUCCEEDED, RETRYING, FAILED):
+            self.replays.labels(outcome)
+        self.replay_seconds = Histogram(
+            "async_consumer_replay_seconds", "Time from sending the replay to having the Service's full response",
+            registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.retries_scheduled = Counter("async_consumer_retries_scheduled_total", "Retries put in the retry set",
+                                         registry=registry)
+        self.retries_moved = Counter("async_consumer_retries_moved_total", "Due retries moved back to the stream",
+                                     registry=registry)
+        self.dead_lettered = Counter("async_consumer_dead_lettered_total", "Requests sent to the dead-letter stream",
+                                     registry=registry)
+        self.events = Counter("async_consumer_events_total", "Events received, by how they were answered", ["result"],
+                              registry=registry)
+        for result in ("replayed", "duplicate", "malformed", "redis_unavailable"):
+            self.events.labels(result)
+
+
+class Consumer:
+    def __init__(self, settings: ConsumerSettings, registry: CollectorRegistry, *, mover_interval: float) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.redis: aioredis.Redis | None = None
+        self.owns_redis = False
+        self.session: aiohttp.ClientSession | None = None
+        self.mover_interval = mover_interval
+        self.mover_task: asyncio.Task | None = None
+        self.throttle = LogThrottle(log)
+        self.retention_ms = max(1, round(settings.status_retention * 1000))
+
+    # --- one event
+
+    async def receive(self, request: web.Request) -> web.Response:
+        try:
+            envelope = envelope_of(from_http(request.headers, await request.read()).data)
+            host, target = split_url(envelope.url)
+        except BadEvent as exc:
+            return self._malformed(request, str(exc))
+        except Exception as exc:  # the SDK's errors for a request that is not a CloudEvent
+            return self._malformed(request, f"not a CloudEvent: {exc}")
+        attempt = envelope.attempt + 1
+        key = record_key(self.settings.key_prefix, envelope.id)
+        try:
+            previous = await self._record(key)
+            if previous is not None and self._already_done(previous, attempt):
+                self.metrics.events.labels("duplicate").inc()
+                log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, previous.state)
+                return web.json_response({"id": envelope.id, "state": previous.state, "duplicate": True})
+            host = previous.host if previous is not None else host
+            await self._set(key, Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time()))
+        except Exception as exc:  # Redis down: nothing replayed yet; the source delivers again later
+            return self._unavailable(envelope, "starting", exc)
+
+        replayed = await self.replay(envelope, attempt, host, target)
+        try:
+            state = await self._record_outcome(key, envelope, attempt, host, replayed)
+        except Exception as exc:  # the outcome is not durable: let the source deliver again
+            return self._unavailable(envelope, "recording the outcome of", exc)
+        self.metrics.events.labels("replayed").inc()
+        self.metrics.replays.labels(state).inc()
+        return web.json_response({"id": envelope.id, "state": state, "attempt": attempt})
+
+    @staticmethod
+    def _already_done(record: Record, attempt: int) -> bool:
+        """Finished, or this attempt already ended in a scheduled retry (a redelivered event)."""
+        return record.finished or (record.state == RETRYING and record.attempts >= attempt)
+
+    def _malformed(self, request: web.Request, message: str) -> web.Response:
+        self.metrics.events.labels("malformed").inc()
+        if len(message) > ERROR_BODY_LIMIT:  # the SDK quotes the whole body in some of its errors
+            message = message[:ERROR_BODY_LIMIT] + "..."
+        log.warning("rejected a malformed event (ce-id %s): %s", request.headers.get("ce-id", "?"), message)
+        return error_response(400, message)
+
+    def _unavailable(self, envelope: Envelope, what: str, exc: BaseException) -> web.Response:
+        self.metrics.events.labels("redis_unavailable").inc()
+        self.throttle.warning("request %s: Redis unavailable while %s the replay, answering 503: %s: %s",
+                              envelope.id, what, type(exc).__name__, exc)
+        return error_response(503, "the request store is unavailable, deliver the event again later")
+
+    async def _record(self, key: str) -> Record | None:
+        raw = await self.redis.get(key)
+        if raw is None:
+            return None
+        try:
+            return Record.from_json(raw)
+        except ValueError as exc:
+            log.error("%s: %s; replaying anyway", key, exc)
+            return None
+
+    async def _set(self, key: str, record: Record) -> None:
+        await self.redis.set(key, record.to_json(), px=self.retention_ms)
+
+    # --- the replay
+
+    async def replay(self, envelope: Envelope, attempt: int, host: str, target: str) -> Replayed:
+        gateway = self.settings.target_gateway_url
+        url = URL(gateway + target if gateway else envelope.url, encoded=True)
+        headers = replay_headers(envelope, attempt, host if gateway else None)
+        started = time.perf_counter()
+        try:
+            async with self.session.request(envelope.method, url, headers=headers, data=envelope.body or None,
+                                            allow_redirects=False) as resp:
+                body = await resp.read()
+                recorded = RecordedResponse(resp.status, response_headers(_raw_headers(resp.raw_headers)), body)
+        except aiohttp.InvalidURL as exc:
+            return Replayed(error=f"invalid URL {exc}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = (f"no answer within {self.settings.request_timeout:g}s" if isinstance(exc, TimeoutError)
+                     else f"{type(exc).__name__}: {exc}")
+            log.info("request %s attempt %d: %s %s failed: %s", envelope.id, attempt, envelope.method, url, error)
+            return Replayed(error=error, retryable=True)
+        except ValueError as exc:  # a method or header aiohttp refuses to send
+            return Replayed(error=f"cannot send the request: {exc}")
+        self.metrics.replay_seconds.observe(time.perf_counter() - started)
+        log.info("request %s attempt %d: %s %s answered %d", envelope.id, attempt, envelope.method, url, recorded.status)
+        error = None if 200 <= recorded.status < 400 else f"the Service answered {recorded.status}"
+        return Replayed(response=recorded, error=error, retryable=replay_retryable(recorded.status))
+
+    async def _record_outcome(self, key: str, envelope: Envelope, attempt: int, host: str, replayed: Replayed) -> str:
+        now = time.time()
+        if replayed.ok:
+            await self._set(key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
+                                        response=replayed.response))
+            return SUCCEEDED
+        settings = self.settings
+        if replayed.retryable and attempt < settings.max_attempts:
+            due = now + backoff(attempt, settings.retry_base_delay, settings.retry_max_delay)
+            record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
+                            next_attempt_at=due)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(retry_key(settings.key_prefix), {envelope.next_attempt().to_json(): due})
+                pipe.set(key, record.to_json(), px=self.retention_ms)
+                await pipe.execute()
+            self.metrics.retries_scheduled.inc()
+            log.info("request %s attempt %d: %s; retry in %.3fs", envelope.id, attempt, replayed.error, due - now)
+            return RETRYING
+        record = Record(state=FAILED, host=host, attempts=attempt, updated_at=now, error=replayed.error,
+                        response=replayed.response)
+        dead = {STREAM_FIELD: envelope.to_json(), "error": replayed.error or "failed"}
+        if replayed.response is not None:
+            dead["status"] = str(replayed.response.status)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, record.to_json(), px=self.retention_ms)
+            pipe.xadd(settings.dead_letter_stream, dead)
+            await pipe.execute()
+        self.metrics.dead_lettered.inc()
+        log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
+                    settings.dead_letter_stream)
+        return FAILED
+
+    # --- lifecycle
+
+    async def start(self, app: web.Application) -> None:
+        if self.redis is None:
+            self.redis = make_redis(self.settings)
+            self.owns_redis = True
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one request's cookies into another's replay
+            skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE),
+        )
+        mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix), stream=self.settings.stream,
+                           on_moved=self.metrics.retries_moved.inc)
+        self.mover_task = asyncio.create_task(mover.run(self.mover_interval), name="retry-mover")
+
+    async def stop(self, app: web.Application) -> None:
+        if self.mover_task is not None:
+            self.mover_task.cancel()
+            await asyncio.gather(self.mover_task, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+        if self.owns_redis:
+            await self.redis.aclose()
+
+    async def ready(self) -> None:
+        await self.redis.ping()
+
+
+def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
+             mover_interval: float = MOVER_INTERVAL) -> web.Application:
+    """The consumer; creates its Redis client on startup unless ``redis`` is given (then the caller closes it)."""
+    registry = CollectorRegistry()
+    consumer = Consumer(settings, registry, mover_interval=mover_interval)
+    consumer.redis = redis
+    app = web.Application(client_max_size=MAX_EVENT_SIZE)
+    probes.add_probe_routes(app, registry, consumer.ready)
+    app.router.add_post("/", consumer.receive)
+    app.on_startup.append(consumer.start)
+    app.on_cleanup.append(consumer.stop)
+    return app
+
+
+def run(settings: ConsumerSettings) -> int:
+    logs.configure("consumer", settings.log_level)
+    log.info("consumer listening on %s:%d, redis %s, stream %s, %s", settings.host, settings.port,
+             redis_address(settings), settings.stream,
+             f"replaying through {settings.target_gateway_url}" if settings.target_gateway_url else "replaying directly")
+    web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None)
+    return 0

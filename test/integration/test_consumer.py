@@ -1,0 +1,455 @@
+"""The consumer against a real redis-server and a real target Service, both on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import json
+import os
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+from cloudevents.v1.conversion import to_structured
+from cloudevents.v1.http import CloudEvent
+
+from async_component import consumer
+from async_component.envelope import Envelope, event_attributes, event_data
+from async_component.ports import free_port
+from async_component.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
+from async_component.settings import ConsumerSettings
+
+STREAM = "async-requests"
+DEAD = "async-requests-dead"
+
+
+class Target:
+    """A Service that answers from a script of statuses (then 200) and remembers what it received."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.seen: list[dict] = []
+        self.delay = 0.0
+        self.on_request = None
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.seen.append({"method": request.method, "raw_path": request.raw_path, "headers": list(request.headers.items()),
+                          "body": body})
+        if self.on_request is not None:
+            self.on_request()
+        await asyncio.sleep(self.delay)
+        status = self.statuses.pop(0) if self.statuses else 200
+        compressed = gzip.compress(b"reply to " + body)
+        headers = [("Content-Encoding", "gzip"), ("X-Reply", "a"), ("X-Reply", "b")]
+        return web.Response(status=status, body=compressed, headers=headers)
+
+    def header(self, n: int, name: str) -> list[str]:
+        return [v for k, v in self.seen[n]["headers"] if k.lower() == name.lower()]
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+
+@pytest.fixture
+async def target():
+    service = Target()
+    await service.start()
+    yield service
+    await service.runner.cleanup()
+
+
+def settings_for(redis_url: str, **changes) -> ConsumerSettings:
+    base = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
+                            retry_max_delay=0.2, request_timeout=2.0, max_attempts=3)
+    return dataclasses.replace(base, **changes)
+
+
+async def start_consumer(settings: ConsumerSettings) -> web.AppRunner:
+    runner = web.AppRunner(consumer.make_app(settings, mover_interval=0.05), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    return runner
+
+
+@pytest.fixture
+async def settings(redis_url):
+    return settings_for(redis_url)
+
+
+@pytest.fixture
+async def base(settings):
+    runner = await start_consumer(settings)
+    yield f"http://127.0.0.1:{settings.port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+async def queue(redis_client, envelope: Envelope) -> str:
+    """What the producer writes for an accepted request."""
+    host = envelope.url.split("/")[2]
+    entry_id = await redis_client.xadd(STREAM, envelope.to_stream_fields())
+    await redis_client.set(record_key("async", envelope.id), Record(state=QUEUED, host=host).to_json())
+    return entry_id.decode()
+
+
+def binary_event(entry_id: str, fields) -> tuple[dict, bytes]:
+    """Exactly what Knative's RedisStreamSource sends for one stream entry."""
+    attributes = event_attributes("redis://127.0.0.1:6379", STREAM, entry_id)
+    headers = {"ce-specversion": "1.0", "ce-type": attributes["type"], "ce-source": attributes["source"],
+               "ce-id": attributes["id"], "Content-Type": "application/json"}
+    return headers, json.dumps(event_data(fields)).encode()
+
+
+async def post(http, base: str, headers: dict, body: bytes) -> tuple[int, dict]:
+    async with http.post(base + "/", data=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def deliver_new(http, base: str, redis_client, last: list[str]) -> list[int]:
+    """Act as a source: post every stream entry after ``last[0]`` to the consumer."""
+    entries = await redis_client.xrange(STREAM, min=f"({last[0]}" if last[0] != "-" else "-")
+    statuses = []
+    for entry_id, fields in entries:
+        last[0] = entry_id.decode()
+        status, _ = await post(http, base, *binary_event(last[0], fields))
+        statuses.append(status)
+    return statuses
+
+
+async def record_of(redis_client, request_id: str) -> Record:
+    return Record.from_json(await redis_client.get(record_key("async", request_id)))
+
+
+async def eventually(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.02)
+
+
+def envelope_for(target: Target, path: str = "/work", method: str = "POST", body: bytes = b"payload",
+                 headers=(("Content-Type", "text/plain"),)) -> Envelope:
+    return Envelope.new(method, f"{target.base}{path}", list(headers), body)
+
+
+# --- replaying
+
+
+async def test_redis_stream_source_event_is_replayed_byte_for_byte(base, http, redis_client, target):
+    body = os.urandom(2048) + b"\xff\xfe"  # not UTF-8
+    headers = [("X-Tag", "one"), ("Content-Type", "application/octet-stream"), ("X-Tag", "two"),
+               ("Prefer", "wait=5, handling=lenient"), ("Async-Attempt", "7")]
+    envelope = envelope_for(target, "/items/a%2Fb?q=1&q=2&z=%20", "PUT", body, headers)
+    entry_id = await queue(redis_client, envelope)
+    target.statuses = [201]
+
+    status, doc = await post(http, base, *binary_event(entry_id, await fields_of(redis_client, entry_id)))
+
+    assert (status, doc["state"], doc["attempt"]) == (200, SUCCEEDED, 1)
+    [seen] = target.seen
+    assert (seen["method"], seen["raw_path"], seen["body"]) == ("PUT", "/items/a%2Fb?q=1&q=2&z=%20", body)
+    assert target.header(0, "X-Tag") == ["one", "two"]
+    assert target.header(0, "Content-Type") == ["application/octet-stream"]
+    assert target.header(0, "Prefer") == ["respond-sync"]
+    assert target.header(0, "Async-Request-Id") == [envelope.id]
+    assert target.header(0, "Async-Attempt") == ["1"]
+    assert target.header(0, "User-Agent") == [] and target.header(0, "Accept-Encoding") == []
+
+    record = await record_of(redis_client, envelope.id)
+    assert (record.state, record.attempts, record.host) == (SUCCEEDED, 1, f"127.0.0.1:{target.port}")
+    assert record.response.status == 201
+    assert gzip.decompress(record.response.body) == b"reply to " + body  # kept compressed, as sent
+    assert [v for k, v in record.response.headers if k == "X-Reply"] == ["a", "b"]
+    assert ("Content-Encoding", "gzip") in record.response.headers
+    assert all(k.lower() not in ("content-length", "transfer-encoding") for k, _ in record.response.headers)
+    assert 86000 < await redis_client.ttl(record_key("async", envelope.id)) <= 86400
+
+
+async def fields_of(redis_client, entry_id: str):
+    [(_, fields)] = await redis_client.xrange(STREAM, min=entry_id, max=entry_id)
+    return fields
+
+
+def structured(entry_id: str, data) -> tuple[dict, bytes]:
+    attributes = event_attributes("redis://127.0.0.1:6379", STREAM, entry_id)
+    return to_structured(CloudEvent(attributes, data))
+
+
+@pytest.mark.parametrize("form", ["structured list", "structured JSON text", "binary list"])
+async def test_event_forms_are_all_replayed(form, base, http, redis_client, target):
+    envelope = envelope_for(target, "/form")
+    entry_id = await queue(redis_client, envelope)
+    data = event_data(envelope.to_stream_fields())
+    if form == "structured list":
+        event = structured(entry_id, data)
+    elif form == "structured JSON text":
+        event = structured(entry_id, json.dumps(data))
+    else:
+        event = binary_event(entry_id, envelope.to_stream_fields())
+    status, doc = await post(http, base, *event)
+    assert (status, doc["state"]) == (200, SUCCEEDED)
+    assert [s["raw_path"] for s in target.seen] == ["/form"]
+
+
+async def test_gateway_gets_the_request_with_the_target_host(redis_url, http, redis_client, target):
+    settings = settings_for(redis_url, target_gateway_url=target.base)
+    runner = await start_consumer(settings)
+    try:
+        envelope = Envelope.new("GET", "http://sleep.default.svc.cluster.local/x?y=1", [("Host", "evil")], b"")
+        entry_id = await queue(redis_client, envelope)
+        status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
+                                 *binary_event(entry_id, envelope.to_stream_fields()))
+    finally:
+        await runner.cleanup()
+    assert (status, doc["state"]) == (200, SUCCEEDED)
+    assert target.seen[0]["raw_path"] == "/x?y=1"
+    assert target.header(0, "Host") == ["sleep.default.svc.cluster.local"]
+    assert (await record_of(redis_client, envelope.id)).host == "sleep.default.svc.cluster.local"
+
+
+# --- retries and failures
+
+
+async def test_two_503_then_200_succeeds_on_the_third_attempt_through_the_retry_set(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    await queue(redis_client, envelope)
+    target.statuses = [503, 503]
+    last = ["-"]
+    states = []
+
+    async def step():
+        for status in await deliver_new(http, base, redis_client, last):
+            assert status == 200
+            states.append((await record_of(redis_client, envelope.id)).state)
+        return states and states[-1] != RETRYING
+
+    assert await eventually(step)
+    assert states == [RETRYING, RETRYING, SUCCEEDED]
+    assert [target.header(n, "Async-Attempt") for n in range(3)] == [["1"], ["2"], ["3"]]
+    record = await record_of(redis_client, envelope.id)
+    assert (record.attempts, record.response.status) == (3, 200)
+    assert await redis_client.zcard(retry_key("async")) == 0
+    assert await redis_client.xlen(DEAD) == 0
+
+
+async def test_a_retry_is_scheduled_with_backoff_then_moved_back_to_the_stream(redis_url, http, redis_client, target):
+    settings = settings_for(redis_url, retry_base_delay=0.4, retry_max_delay=1.0)
+    runner = await start_consumer(settings)
+    try:
+        envelope = envelope_for(target)
+        entry_id = await queue(redis_client, envelope)
+        target.statuses = [429]
+        before = time.time()
+        status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
+                                 *binary_event(entry_id, envelope.to_stream_fields()))
+        assert (status, doc["state"]) == (200, RETRYING)
+        record = await record_of(redis_client, envelope.id)
+        assert (record.attempts, record.error) == (1, "the Service answered 429")
+        assert before + 0.2 <= record.next_attempt_at <= time.time() + 0.4  # jitter: half to all of 0.4 s
+        [(member, score)] = await redis_client.zrange(retry_key("async"), 0, -1, withscores=True)
+        assert Envelope.from_json(member) == envelope.next_attempt()
+        assert score == record.next_attempt_at
+        assert await redis_client.xlen(STREAM) == 1
+
+        async def moved():
+            return await redis_client.xlen(STREAM) == 2
+
+        assert await eventually(moved, 5)
+        assert time.time() >= record.next_attempt_at
+    finally:
+        await runner.cleanup()
+    [_, (_, fields)] = await redis_client.xrange(STREAM)
+    assert Envelope.from_stream_fields(fields) == envelope.next_attempt()
+    assert await redis_client.zcard(retry_key("async")) == 0
+    assert (await record_of(redis_client, envelope.id)).state == RETRYING  # until the replay starts
+
+
+async def test_503_forever_fails_after_max_attempts_into_the_dead_letter_stream(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    await queue(redis_client, envelope)
+    target.statuses = [503] * 10
+    last = ["-"]
+
+    async def finished():
+        await deliver_new(http, base, redis_client, last)
+        return (await record_of(redis_client, envelope.id)).state == FAILED
+
+    assert await eventually(finished)
+    assert len(target.seen) == 3
+    record = await record_of(redis_client, envelope.id)
+    assert (record.attempts, record.response.status, record.error) == (3, 503, "the Service answered 503")
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == envelope.id
+    assert dead[b"error"] == b"the Service answered 503" and dead[b"status"] == b"503"
+    assert await redis_client.zcard(retry_key("async")) == 0
+
+
+async def test_404_fails_at_once_without_retry(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    target.statuses = [404]
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc["state"]) == (200, FAILED)
+    record = await record_of(redis_client, envelope.id)
+    assert (record.state, record.attempts, record.response.status) == (FAILED, 1, 404)
+    assert await redis_client.zcard(retry_key("async")) == 0
+    assert await redis_client.xlen(DEAD) == 1
+    await asyncio.sleep(0.2)  # the mover has had its chances: nothing comes back
+    assert await redis_client.xlen(STREAM) == 1 and len(target.seen) == 1
+
+
+async def test_unreachable_target_is_retried(base, http, redis_client):
+    envelope = Envelope.new("POST", f"http://127.0.0.1:{free_port()}/down", [], b"x")
+    entry_id = await queue(redis_client, envelope)
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc["state"]) == (200, RETRYING)
+    record = await record_of(redis_client, envelope.id)
+    assert record.error.startswith("ClientConnectorError") and record.response is None
+
+
+async def test_slow_target_times_out_and_is_retried(redis_url, http, redis_client, target):
+    settings = settings_for(redis_url, request_timeout=0.2, max_attempts=1)
+    runner = await start_consumer(settings)
+    target.delay = 0.5
+    try:
+        envelope = envelope_for(target)
+        entry_id = await queue(redis_client, envelope)
+        status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
+                                 *binary_event(entry_id, envelope.to_stream_fields()))
+    finally:
+        await runner.cleanup()
+    assert (status, doc["state"]) == (200, FAILED)  # max_attempts=1: a timeout uses the only attempt
+    record = await record_of(redis_client, envelope.id)
+    assert record.error == "no answer within 0.2s"
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert dead[b"error"] == b"no answer within 0.2s" and b"status" not in dead
+
+
+# --- bad and repeated events
+
+
+@pytest.mark.parametrize("headers, body", [
+    ({"Content-Type": "application/json"}, b'["data", "{}"]'),  # no ce-* headers: not a CloudEvent
+    ({"Content-Type": "application/cloudevents+json"}, b"{not json"),
+    ({"ce-specversion": "1.0", "ce-type": "t", "ce-source": "s", "ce-id": "1", "Content-Type": "application/json"},
+     b'["data", "not json"]'),
+    ({"ce-specversion": "1.0", "ce-type": "t", "ce-source": "s", "ce-id": "1", "Content-Type": "application/json"},
+     b'["other", "{}"]'),
+    ({"ce-specversion": "1.0", "ce-type": "t", "ce-source": "s", "ce-id": "1", "Content-Type": "application/json"},
+     b""),
+    ({"ce-specversion": "1.0", "ce-type": "t", "ce-source": "s", "ce-id": "1", "Content-Type": "text/plain"},
+     b"\x00binary"),
+])
+async def test_malformed_event_is_400_and_the_next_good_event_still_works(headers, body, base, http, redis_client,
+                                                                           target, caplog):
+    status, doc = await post(http, base, headers, body)
+    assert status == 400 and doc["error"]
+    assert "rejected a malformed event" in caplog.text
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc["state"]) == (200, SUCCEEDED)
+
+
+async def test_envelope_with_a_non_http_url_is_400(base, http, redis_client):
+    envelope = Envelope.new("GET", "ftp://host/file", [], b"")
+    status, doc = await post(http, base, *binary_event("1-0", envelope.to_stream_fields()))
+    assert status == 400 and "http" in doc["error"]
+
+
+async def test_redelivered_event_of_a_finished_request_is_not_replayed(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    event = binary_event(entry_id, envelope.to_stream_fields())
+    assert (await post(http, base, *event))[1]["state"] == SUCCEEDED
+    status, doc = await post(http, base, *event)
+    assert (status, doc) == (200, {"id": envelope.id, "state": SUCCEEDED, "duplicate": True})
+    assert len(target.seen) == 1
+
+
+async def test_redelivered_event_of_an_attempt_that_scheduled_a_retry_is_not_replayed(base, http, redis_client,
+                                                                                       target):
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    event = binary_event(entry_id, envelope.to_stream_fields())
+    target.statuses = [503]
+    assert (await post(http, base, *event))[1]["state"] == RETRYING
+    status, doc = await post(http, base, *event)
+    assert (status, doc["duplicate"], doc["state"]) == (200, True, RETRYING)
+    assert len(target.seen) == 1
+
+
+async def test_redis_failing_while_the_outcome_is_recorded_answers_503(base, http, redis_client, redis_server, target):
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    target.on_request = redis_server.kill  # Redis goes down while the Service works
+    try:
+        status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    finally:
+        redis_server.start()
+    assert status == 503 and "unavailable" in doc["error"]
+    assert len(target.seen) == 1
+    # redelivered once Redis is back: replayed and recorded
+    target.on_request = None
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc["state"]) == (200, SUCCEEDED)
+
+
+async def test_redis_down_before_the_replay_answers_503_without_replaying(base, http, redis_client, redis_server,
+                                                                          target):
+    envelope = envelope_for(target)
+    redis_server.kill()
+    try:
+        status, doc = await post(http, base, *binary_event("1-0", envelope.to_stream_fields()))
+    finally:
+        redis_server.start()
+    assert status == 503 and target.seen == []
+
+
+# --- probes
+
+
+async def test_probes_and_metrics_live_beside_the_event_route(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    async with http.get(base + "/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(base + "/readyz") as resp:
+        assert resp.status == 200
+    async with http.get(base + "/metrics") as resp:
+        text = await resp.text()
+    assert 'async_consumer_replays_total{outcome="succeeded"} 1.0' in text
+    assert "async_consumer_replay_seconds_count 1.0" in text
+    assert "async_consumer_dead_lettered_total 0.0" in text
+    async with http.get(base + "/") as resp:
+        assert resp.status == 405
+
+
+async def test_readyz_fails_while_redis_is_down(base, http, redis_server):
+    redis_server.kill()
+    try:
+        async with http.get(base + "/readyz") as resp:
+            assert resp.status == 503
+    finally:
+        redis_server.start()
