@@ -440,7 +440,7 @@ class LocalStack:
         base = {k: v for k, v in os.environ.items() if k not in _SETTINGS_ENV}
         base["PYTHONUNBUFFERED"] = "1"
         redis = {"REDIS_URL": self.redis_url, "STREAM_NAME": self.stream, "KEY_PREFIX": self.key_prefix,
-                 "LOG_LEVEL": self.log_level}
+                 "DEAD_LETTER_STREAM": self.dead_letter_stream, "LOG_LEVEL": self.log_level}
         command = [sys.executable, "-m", "async_component"]
         url = f"http://{LOOPBACK}:{{}}".format
         ports = self._ports
@@ -455,7 +455,7 @@ class LocalStack:
             _Component("consumer", [*command, "consumer"],
                        {**base, **redis, "PORT": str(ports["consumer"]), "HOST": LOOPBACK,
                         "MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
-                        "DEAD_LETTER_STREAM": self.dead_letter_stream, "TARGET_GATEWAY_URL": self.gateway_url},
+                        "TARGET_GATEWAY_URL": self.gateway_url},
                        url(ports["consumer"]) + "/readyz"),
             _Component("source", [*command, "source"],
                        {**base, **redis, "SINK_URL": self.consumer_url, "HEALTH_PORT": str(ports["source"]),
