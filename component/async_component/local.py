@@ -21,6 +21,7 @@ import atexit
 import collections
 import ctypes
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -131,12 +132,18 @@ def _conditional_async(ksvc: dict[str, Any]) -> bool:
 
 
 def _parent_death_signal() -> Any:
-    """A preexec_fn that has Linux send SIGTERM to the child when the thread that started it ends."""
+    """A preexec_fn that has Linux send SIGTERM to the child when the thread that started it ends.
+
+    So a stack whose own process is killed outright leaves no components behind.
+    """
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
     return lambda: prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+_DIE_WITH_PARENT = _parent_death_signal()
 
 
 def describe_exit(code: int) -> str:
@@ -200,7 +207,8 @@ def _check_port_free(port: int) -> None:
         try:
             sock.bind((LOOPBACK, port))
         except OSError as exc:
-            raise StackError(f"port {port} on {LOOPBACK} is already in use ({exc.strerror}): pass another --port") from None
+            problem = "is already in use" if exc.errno == errno.EADDRINUSE else "cannot be used"
+            raise StackError(f"port {port} on {LOOPBACK} {problem} ({exc.strerror}): pass another --port") from None
 
 
 class LocalStack:
@@ -208,10 +216,25 @@ class LocalStack:
 
     URLs and names are known from construction on; :meth:`start` brings every
     process up and returns once each one is ready, or raises :class:`StackError`
-    naming what did not come up, with its last log lines.
+    naming what did not come up, with its last log lines. Every method is
+    synchronous (call it from a test's thread, not inside a running loop's
+    callback if blocking matters).
 
-    ``output``: a text stream that receives every component's log lines,
-    prefixed with its name (default: kept only in memory, see :meth:`logs`).
+    Attributes: ``gateway_url`` (send requests here with a Service's Host),
+    ``producer_url``, ``consumer_url``, ``app_url``, ``redis_url``, ``stream``,
+    ``dead_letter_stream``, ``key_prefix``, ``services`` (names from the
+    manifests). Methods: :meth:`host` (a Service's external host),
+    :meth:`pid`, :meth:`kill` (the supervisor restarts the component),
+    :meth:`wait_ready`, :meth:`restarts`, :meth:`logs`, :meth:`stop_redis` /
+    :meth:`start_redis` (same port, data kept), :meth:`stop`. Components:
+    :data:`COMPONENTS` ("app", "producer", "consumer", "source", "gateway").
+
+    ``sleep_seconds``, ``max_attempts``, ``retry_delay`` and
+    ``visibility_timeout`` become SLEEP_SECONDS, MAX_ATTEMPTS,
+    RETRY_BASE_DELAY and VISIBILITY_TIMEOUT of the processes; keep them small
+    in tests. ``output``: a text stream that receives every component's log
+    lines, prefixed with its name (default: kept only in memory, see
+    :meth:`logs`); pass ``sys.stderr`` to watch them.
     """
 
     def __init__(
@@ -474,7 +497,7 @@ class LocalStack:
     def _popen(self, component: _Component) -> None:
         process = subprocess.Popen(
             component.argv, env=component.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, process_group=0, preexec_fn=_parent_death_signal(),
+            stderr=subprocess.STDOUT, process_group=0, preexec_fn=_DIE_WITH_PARENT,
         )
         component.process = process
         component.started_at = time.monotonic()
