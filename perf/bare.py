@@ -1,6 +1,6 @@
 """The ceiling for the producer: an aiohttp handler that reads the body and answers 202.
 
-It does everything the producer does except talk to Redis, and runs the same way
+Nothing else: no Redis, no envelope, no headers. It runs the way the producer runs
 (N processes sharing the port with SO_REUSEPORT), so ``bench.py`` can report the
 producer's throughput as a fraction of what aiohttp itself manages on this machine.
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import secrets
 import signal
 import sys
 
@@ -20,11 +19,7 @@ from aiohttp import web
 
 async def accept(request: web.Request) -> web.Response:
     await request.read()
-    request_id = secrets.token_urlsafe(18)
-    return web.json_response(
-        {"id": request_id, "state": "queued"}, status=202,
-        headers={"Async-Request-Id": request_id, "Location": f"/.well-known/async-requests/{request_id}"},
-    )
+    return web.Response(status=202)
 
 
 def make_app() -> web.Application:

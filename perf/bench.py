@@ -1,0 +1,394 @@
+"""Component benchmarks, measured side by side in one run and reported as ratios.
+
+1. producer acceptance: wrk POSTs 1 KiB bodies to the producer (real Redis) and to
+   a bare aiohttp handler, with 1 and 2 worker processes each;
+2. drain: queued requests per second moved from the stream to the app, against
+   direct sync calls through the gateway;
+3. added latency: 202 -> final record for an app that answers at once, minus a
+   direct sync call, one request at a time;
+4. memory: Redis bytes per queued 1 KiB request, and the producer's, source's and
+   consumer's resident memory with 10,000 and 100,000 requests queued.
+
+Everything runs on 127.0.0.1 (a throwaway redis-server, the producer, and the local
+stack); the table goes to perf/results/bench-<UTC timestamp>/ (markdown and JSON)
+and to stdout. Numbers depend on the machine and on what else runs on it: the
+load average is recorded with the results.
+
+    python perf/bench.py [--only 1,3] [--seconds 15] [--workers 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import redis
+from multidict import CIMultiDictProxy
+
+import figures
+import machine
+import servers
+import wrk
+from async_component.envelope import Envelope
+from async_component.records import Record, record_key
+from async_component.redisserver import RedisServer
+from async_component.settings import DEFAULT_KEY_PREFIX, DEFAULT_STREAM
+from figures import Figure, at_least, at_most, ratio
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KIB = 1024
+MIB = 1024 * 1024
+SYNC_SERVICE = "helloworld-sleep"
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- 1. producer acceptance
+
+
+def bench_producer(seconds: float, worker_counts: list[int]) -> tuple[list[Figure], list[str]]:
+    found: list[Figure] = []
+    notes: list[str] = []
+    with RedisServer() as redis_server:
+        client = redis.Redis.from_url(redis_server.url)
+        for workers in worker_counts:
+            with servers.bare(workers) as bare:
+                progress(f"1. wrk -> bare aiohttp, {workers} worker(s), {seconds:.0f} s")
+                base = wrk.run(bare.url + "/", seconds=seconds)
+            client.flushall()
+            with servers.producer(redis_server.url, workers) as producer:
+                progress(f"1. wrk -> producer, {workers} worker(s), {seconds:.0f} s")
+                result = wrk.run(producer.url + "/", seconds=seconds)
+            queued = client.xlen(DEFAULT_STREAM)
+            client.flushall()
+            label = f"1 producer, {workers} worker{'s' if workers > 1 else ''}"
+            share = ratio(result.rate, base.rate)
+            found += [
+                Figure(label, "throughput, 1 KiB POST, 64 connections", result.rate, "req/s",
+                       f"bare aiohttp {base.rate:,.0f} req/s (p99 {base.p99_ms:.1f} ms), same run", share,
+                       ">= 0.8 x bare", at_least(share, 0.8)),
+                Figure(label, "p99 latency", result.p99_ms, "ms",
+                       f"archived Go producer p99 7-11 ms; bare {base.p99_ms:.1f} ms", None, "<= 10 ms",
+                       at_most(result.p99_ms, 10.0)),
+                Figure(label, "202s acknowledged by Redis (stream entries / 202s)", queued, "requests",
+                       f"{result.requests:,} answers, {result.errors} errors", ratio(queued, result.requests),
+                       ">= 1.0 and no errors", queued >= result.requests and result.errors == 0),
+            ]
+            notes.append(f"{label}: p50 {result.p50_ms:.2f} ms, max {result.max_ms:.1f} ms; "
+                         f"bare p50 {base.p50_ms:.2f} ms, max {base.max_ms:.1f} ms")
+        client.close()
+    return found, notes
+
+
+# --- 4a. Redis bytes per queued request (no source: entries stay queued)
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def fill(url: str, client: redis.Redis, stream: str, total: int, *, path: str = "/",
+         target_host: str = wrk.DEFAULT_TARGET, limit_seconds: float = 90) -> int:
+    """Queue 1 KiB requests through the producer at ``url`` until ``stream`` holds about ``total``.
+
+    wrk runs for its whole ``-d`` even once every thread stopped, so it runs in
+    short rounds, each capped at what is still missing.
+    """
+    deadline = time.monotonic() + limit_seconds
+    while (missing := total - client.xlen(stream)) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{stream} holds {total - missing:,} of {total:,} requests after {limit_seconds:.0f} s")
+        wrk.run(url + path, seconds=1, max_requests=missing, target_host=target_host)
+    return client.xlen(stream)
+
+
+def bench_storage(sizes: tuple[int, int]) -> tuple[list[Figure], list[str]]:
+    small, large = sizes
+    with RedisServer() as redis_server:
+        client = redis.Redis.from_url(redis_server.url)
+        with servers.producer(redis_server.url, 1) as producer:
+            empty = used_memory(client)
+            rss: dict[int, int] = {}
+            for size in sizes:
+                progress(f"4. queueing {size:,} requests of 1 KiB with no source running")
+                queued = fill(producer.url, client, DEFAULT_STREAM, size)
+                rss[size] = machine.rss_bytes(producer.pid)
+                if not producer.alive():
+                    raise RuntimeError(f"the producer exited while queueing: {producer.log_tail()}")
+            per_request = (used_memory(client) - empty) / queued
+        client.close()
+    return [
+        Figure("4 storage", f"Redis memory per queued 1 KiB request ({queued:,} queued)", per_request, "B",
+               "1 KiB body", ratio(per_request, KIB), "<= 1.5 KiB (1,536 B)", at_most(per_request, 1.5 * KIB)),
+        rss_figure("producer", rss, small, large),
+    ], []
+
+
+def rss_figure(component: str, rss: dict[int, int], small: int, large: int) -> Figure:
+    growth = ratio(rss[large], rss[small])
+    return Figure("4 memory", f"{component} RSS with {large:,} queued", rss[large] / MIB, "MiB",
+                  f"{rss[small] / MIB:.1f} MiB with {small:,} queued", growth,
+                  "no growth with the queue (<= 1.1 x)", at_most(growth, 1.1))
+
+
+# --- the local stack (2, 3, 4b)
+
+
+@contextlib.contextmanager
+def local_stack() -> Iterator:
+    from async_component.local import LocalStack
+    from async_component.ports import free_port
+
+    progress("starting the local stack")
+    stack = LocalStack(port=free_port(), sleep_seconds=0, log_level="WARNING")
+    with stack:
+        yield stack
+
+
+class StackClient:
+    """The bench's view of a running stack: HTTP through the gateway, Redis beside it."""
+
+    def __init__(self, stack, session: aiohttp.ClientSession, client) -> None:
+        self.stack = stack
+        self.session = session
+        self.redis = client
+        self.host = stack.host(SYNC_SERVICE)
+        self.prefix = getattr(stack, "key_prefix", DEFAULT_KEY_PREFIX)
+
+    async def call(self, *, prefer_async: bool = False, path: str = "/?sleep=0") -> tuple[int, CIMultiDictProxy[str]]:
+        headers = {"Host": self.host, **({"Prefer": "respond-async"} if prefer_async else {})}
+        async with self.session.get(self.stack.gateway_url + path, headers=headers) as response:
+            await response.read()
+            return response.status, response.headers
+
+    async def accept(self, path: str = "/?sleep=0") -> tuple[str, float]:
+        """An async request: its id and the wall-clock time its 202 arrived."""
+        status, headers = await self.call(prefer_async=True, path=path)
+        arrived = time.time()
+        if status != 202:
+            raise RuntimeError(f"expected 202 from {self.host} with Prefer: respond-async, got {status}")
+        return headers["Async-Request-Id"], arrived
+
+    async def record(self, request_id: str) -> Record | None:
+        raw = await self.redis.get(record_key(self.prefix, request_id))
+        return None if raw is None else Record.from_json(raw)
+
+    async def final_record(self, request_id: str, timeout: float = 30.0, interval: float = 0.0005) -> Record:
+        deadline = time.monotonic() + timeout
+        while (record := await self.record(request_id)) is None or not record.finished:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"request {request_id} not finished after {timeout:g}s: {record}")
+            await asyncio.sleep(interval)
+        return record
+
+
+@contextlib.asynccontextmanager
+async def stack_client(stack, connections: int = 64):
+    import redis.asyncio as aioredis
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
+        client = aioredis.Redis.from_url(stack.redis_url)
+        try:
+            yield StackClient(stack, session, client)
+        finally:
+            await client.aclose()
+
+
+# --- 2. drain
+
+
+async def sync_rate(client: StackClient, count: int, concurrency: int) -> float:
+    """Sync calls per second through the gateway, ``concurrency`` at a time."""
+    left = iter(range(count))
+
+    async def worker() -> None:
+        for _ in left:
+            status, _ = await client.call()
+            if status != 200:
+                raise RuntimeError(f"sync call answered {status}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return count / (time.perf_counter() - started)
+
+
+async def drain_rate(client: StackClient, count: int, target_host: str, timeout: float) -> tuple[float, int]:
+    """Queue ``count`` envelopes at once (as the producer writes them), time until all are finished."""
+    stack, redis_client = client.stack, client.redis
+    envelopes = [Envelope.new("GET", f"http://{target_host}/?sleep=0", [("Accept", "*/*")], b"") for _ in range(count)]
+    started = time.perf_counter()
+    for chunk in range(0, count, 1000):
+        async with redis_client.pipeline(transaction=False) as pipe:
+            for envelope in envelopes[chunk:chunk + 1000]:
+                pipe.xadd(stack.stream, envelope.to_stream_fields())
+                record = Record(state="queued", host=target_host, updated_at=envelope.accepted_at)
+                pipe.set(record_key(client.prefix, envelope.id), record.to_json(), ex=3600)
+            await pipe.execute()
+    deadline = time.monotonic() + timeout
+    while await redis_client.xlen(stack.stream) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{await redis_client.xlen(stack.stream)} of {count} requests still queued after {timeout:g}s")
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    succeeded = 0
+    for chunk in range(0, count, 1000):
+        raws = await redis_client.mget([record_key(client.prefix, e.id) for e in envelopes[chunk:chunk + 1000]])
+        succeeded += sum(1 for raw in raws if raw is not None and Record.from_json(raw).state == "succeeded")
+    return count / elapsed, succeeded
+
+
+async def bench_drain_and_latency(stack, count: int, samples: int) -> tuple[list[Figure], list[str]]:
+    async with stack_client(stack) as client:
+        request_id, _ = await client.accept()
+        target_host = (await client.final_record(request_id)).host
+        concurrency = 32  # the source's default CONCURRENCY
+        progress(f"2. {count:,} sync calls through the gateway, {concurrency} at a time")
+        sync = await sync_rate(client, count, concurrency)
+        progress(f"2. draining {count:,} queued requests")
+        drained, succeeded = await drain_rate(client, count, target_host, timeout=120)
+        progress(f"3. {samples} sync calls, then {samples} async calls, one at a time")
+        sync_ms, async_ms, seen_ms = await added_latency(client, samples)
+    share = ratio(drained, sync)
+    added = statistics.median(async_ms) - statistics.median(sync_ms)
+    return [
+        Figure("2 drain", f"queued requests delivered to the app ({count:,} queued, app answers at once)", drained,
+               "req/s", f"sync calls through the gateway {sync:,.0f} req/s ({concurrency} at a time), same run",
+               share, ">= 0.5 x sync", at_least(share, 0.5) and succeeded == count),
+        Figure("3 added latency", "median 202 -> final record, one at a time", statistics.median(async_ms), "ms",
+               f"median sync call {statistics.median(sync_ms):.2f} ms", None, "", None),
+        Figure("3 added latency", "async minus sync (medians)", added, "ms", "", None, "<= 5 ms", at_most(added, 5.0)),
+    ], [
+        f"2: {succeeded:,} of {count:,} drained requests recorded as succeeded",
+        f"3: p90 202 -> final record {quantile(async_ms, 0.9):.2f} ms, sync p90 {quantile(sync_ms, 0.9):.2f} ms; "
+        f"the client polling Redis saw the final state after a median {statistics.median(seen_ms):.2f} ms",
+    ]
+
+
+def quantile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+# --- 3. added latency
+
+
+async def added_latency(client: StackClient, samples: int) -> tuple[list[float], list[float], list[float]]:
+    """Sync call times, and for async ones: 202 -> the consumer's final write, and 202 -> the client saw it."""
+    for _ in range(10):  # warm connections and code paths
+        await client.call()
+    sync_ms = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        status, _ = await client.call()
+        sync_ms.append((time.perf_counter() - started) * 1000)
+    async_ms, seen_ms = [], []
+    for _ in range(samples):
+        request_id, arrived = await client.accept()
+        record = await client.final_record(request_id)
+        seen_ms.append((time.time() - arrived) * 1000)
+        async_ms.append((record.updated_at - arrived) * 1000)
+    return sync_ms, async_ms, seen_ms
+
+
+# --- 4b. resident memory with a long queue
+
+
+def bench_queue_memory(stack, sizes: tuple[int, int]) -> list[Figure]:
+    """Fill the stack's queue with requests the app sleeps on, so it stays full, and read every RSS."""
+    small, large = sizes
+    client = redis.Redis.from_url(stack.redis_url)
+    target_host = asyncio.run(_target_host(stack))
+    rss: dict[str, dict[int, int]] = {"producer": {}, "source": {}, "consumer": {}}
+    for size in sizes:
+        progress(f"4. queueing {size:,} requests the app sleeps on, source and consumer running")
+        fill(stack.producer_url, client, stack.stream, size, path="/?sleep=600", target_host=target_host)
+        time.sleep(1.0)
+        for component in rss:
+            rss[component][size] = machine.rss_bytes(stack.pid(component))
+    client.close()
+    return [rss_figure(component, values, small, large) for component, values in rss.items()]
+
+
+async def _target_host(stack) -> str:
+    async with stack_client(stack) as client:
+        request_id, _ = await client.accept()
+        return (await client.final_record(request_id)).host
+
+
+# --- the run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Component benchmarks on 127.0.0.1, reported as ratios.")
+    parser.add_argument("--only", default="1,2,3,4", help="comma-separated benchmarks to run (1-4)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="wrk duration per producer/bare run")
+    parser.add_argument("--workers", default="1,2", help="producer (and bare handler) worker counts to compare")
+    parser.add_argument("--drain", type=int, default=5000, help="requests queued at once for the drain benchmark")
+    parser.add_argument("--samples", type=int, default=200, help="one-at-a-time requests for the added latency")
+    parser.add_argument("--queue", default="10000,100000", help="the two queue lengths of the memory benchmark")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where bench-<timestamp>/ goes")
+    args = parser.parse_args(argv)
+    try:
+        args.only = {int(x) for x in args.only.split(",")}
+        args.workers = [int(x) for x in args.workers.split(",")]
+        args.queue = tuple(int(x) for x in args.queue.split(","))
+    except ValueError:
+        parser.error("--only, --workers and --queue take comma-separated integers")
+    if not args.only <= {1, 2, 3, 4} or len(args.queue) != 2 or args.queue[0] >= args.queue[1]:
+        parser.error("--only takes 1-4; --queue takes two increasing lengths")
+    return args
+
+
+def run(args: argparse.Namespace) -> tuple[list[Figure], list[str]]:
+    found: list[Figure] = []
+    notes: list[str] = []
+
+    def step(result: tuple[list[Figure], list[str]] | list[Figure]) -> None:
+        more, extra = result if isinstance(result, tuple) else (result, [])
+        found.extend(more)
+        notes.extend(extra)
+
+    if 1 in args.only:
+        step(bench_producer(args.seconds, args.workers))
+    if 4 in args.only:
+        step(bench_storage(args.queue))
+    if args.only & {2, 3, 4}:
+        with local_stack() as stack:
+            if args.only & {2, 3}:
+                measured, more = asyncio.run(bench_drain_and_latency(stack, args.drain, args.samples))
+                step(([f for f in measured if int(f.bench[0]) in args.only], more))
+            if 4 in args.only:
+                step(bench_queue_memory(stack, args.queue))  # last: it leaves the app sleeping on requests
+    return found, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = machine.utc_now()
+    facts = machine.facts(started)
+    clock = time.monotonic()
+    found, notes = run(args)
+    facts["load after the run"] = machine.load()
+    facts["duration"] = f"{time.monotonic() - clock:.0f} s"
+    facts["command"] = "python perf/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    folder = args.results / f"bench-{machine.stamp(started)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = figures.report_markdown("Component benchmarks", facts, found, notes)
+    (folder / "bench.md").write_text(text)
+    (folder / "bench.json").write_text(figures.to_json(found, facts) + "\n")
+    print(text)
+    print(f"results: {folder}/bench.md and bench.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

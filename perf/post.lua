@@ -1,0 +1,34 @@
+-- wrk script for the producer benchmark: POST a body the way an async route delivers it,
+-- and print a JSON summary line (latencies in microseconds) that perf/bench.py parses.
+-- Environment: WRK_BODY_BYTES (default 1024), WRK_TARGET_HOST (the Async-Original-Host),
+-- WRK_MAX_REQUESTS (stop each thread after this many responses; 0 or unset: run for -d).
+
+local body_bytes = tonumber(os.getenv("WRK_BODY_BYTES") or "1024")
+local limit = tonumber(os.getenv("WRK_MAX_REQUESTS") or "0")
+
+wrk.method = "POST"
+wrk.body = string.rep("x", body_bytes)
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Prefer"] = "respond-async"
+wrk.headers["Async-Original-Host"] = os.getenv("WRK_TARGET_HOST") or "helloworld-sleep.default.svc.cluster.local"
+
+if limit > 0 then
+  local seen = 0
+  function response(status, headers, body)
+    seen = seen + 1
+    if seen >= limit then
+      wrk.thread:stop()
+    end
+  end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect_errors":%d,"read_errors":%d,' ..
+    '"write_errors":%d,"status_errors":%d,"timeouts":%d,"mean_us":%.1f,"p50_us":%d,"p90_us":%d,' ..
+    '"p99_us":%d,"p999_us":%d,"max_us":%d}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.max))
+end

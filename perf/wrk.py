@@ -1,0 +1,61 @@
+"""Run wrk with perf/post.lua and read the JSON line its ``done`` hook prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent / "post.lua"
+MARK = "WRK_JSON "
+DEFAULT_TARGET = "helloworld-sleep.default.svc.cluster.local"
+
+
+class WrkError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    seconds: float
+    errors: int
+    """Connection, read, write and timeout errors plus non-2xx/3xx answers."""
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def parse(output: str) -> WrkResult:
+    line = next((l for l in output.splitlines() if l.startswith(MARK)), None)
+    if line is None:
+        raise WrkError(f"wrk printed no summary line: {output.strip()[-500:]}")
+    doc = json.loads(line[len(MARK):])
+    errors = sum(doc[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    return WrkResult(requests=doc["requests"], seconds=doc["duration_us"] / 1e6, errors=errors,
+                     p50_ms=doc["p50_us"] / 1000, p99_ms=doc["p99_us"] / 1000, max_ms=doc["max_us"] / 1000)
+
+
+def run(url: str, *, seconds: float, connections: int = 64, threads: int = 1, body_bytes: int = 1024,
+        target_host: str = DEFAULT_TARGET, max_requests: int = 0) -> WrkResult:
+    """POST ``body_bytes`` to ``url`` (127.0.0.1 only) for ``seconds``, or until ``max_requests`` answers."""
+    if not url.startswith("http://127.0.0.1:"):
+        raise WrkError(f"refusing to load {url}: benchmarks only target 127.0.0.1")
+    executable = shutil.which("wrk")
+    if executable is None:
+        raise WrkError("wrk not found on PATH (Debian: apt-get install -y wrk)")
+    env = {**os.environ, "WRK_BODY_BYTES": str(body_bytes), "WRK_TARGET_HOST": target_host,
+           "WRK_MAX_REQUESTS": str(-(-max_requests // threads) if max_requests else 0)}
+    argv = [executable, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+            "-s", str(SCRIPT), url]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 30)
+    if done.returncode != 0:
+        raise WrkError(f"wrk exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    return parse(done.stdout)
