@@ -1,0 +1,359 @@
+"""The source: delivers queued requests from the Redis stream to the consumer as CloudEvents.
+
+It sends exactly what Knative's RedisStreamSource sends (so either can feed the
+consumer) but acknowledges an entry only after the sink answered 2xx: until
+then the entry stays pending in the consumer group. Entries left pending by a
+process that died are reclaimed by any source after ``VISIBILITY_TIMEOUT``;
+a source keeps the entries it is still delivering fresh so they are not
+reclaimed under it. Delivery is therefore at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+from cloudevents.v1.conversion import to_binary
+from cloudevents.v1.http import CloudEvent
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import ResponseError
+
+from . import logs, probes
+from .envelope import event_attributes, event_data
+from .redisconn import make_redis, redis_address
+from .retries import DELIVERED, REJECTED, backoff, sink_verdict
+from .settings import SettingsError, SourceSettings
+from .throttle import LogThrottle
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_BLOCK = 2.0
+"""Longest XREADGROUP BLOCK, in seconds: below the Redis client's socket timeout."""
+RETRY_BASE = 0.1
+RETRY_CAP = 10.0
+STOP_GRACE = 20.0
+"""Seconds a stopping source waits for its in-flight deliveries."""
+ERROR_BODY_LIMIT = 1000
+
+
+def consumer_name(settings: SourceSettings) -> str:
+    return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.delivered = Counter(
+            "async_source_delivered_total",
+            "Delivery attempts by outcome: delivered (acked), dead_lettered (sink rejected it), failed (will retry)",
+            ["outcome"], registry=registry,
+        )
+        for outcome in ("delivered", "dead_lettered", "failed"):
+            self.delivered.labels(outcome)
+        self.in_flight = Gauge("async_source_in_flight", "Entries being delivered", registry=registry)
+        self.reclaimed = Counter("async_source_reclaimed_total", "Entries taken over from another source",
+                                 registry=registry)
+
+
+class Source:
+    """One member of the consumer group; :meth:`run` until :meth:`stop`."""
+
+    def __init__(self, settings: SourceSettings, *, redis: aioredis.Redis | None = None,
+                 registry: CollectorRegistry | None = None, retry_base: float = RETRY_BASE,
+                 retry_cap: float = RETRY_CAP, stop_grace: float = STOP_GRACE) -> None:
+        self.settings = validate(settings)
+        self.name = consumer_name(settings)
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.owns_redis = redis is None
+        self.redis = make_redis(settings) if redis is None else redis
+        self.retry_base, self.retry_cap, self.stop_grace = retry_base, retry_cap, stop_grace
+        self.redis_address = redis_address(settings)
+        self.in_flight: dict[str, asyncio.Task] = {}
+        self.stopping = asyncio.Event()
+        self.slot_freed = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+        self.redis_throttle = LogThrottle(log)
+        self.sink_throttle = LogThrottle(log)
+        self.reclaim_cursor = "0-0"
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def ready(self) -> None:
+        await self.redis.ping()
+
+    # --- the loop
+
+    async def run(self) -> None:
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout),
+            connector=aiohttp.TCPConnector(limit=self.settings.concurrency),
+        )
+        heartbeat = asyncio.create_task(self._heartbeat(), name="source-heartbeat")
+        log.info("source %s delivering %s (group %s) to %s, %d at a time", self.name, self.settings.stream,
+                 self.settings.group, self.settings.sink_url, self.settings.concurrency)
+        try:
+            await self._loop()
+            await self._drain()
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            await self._leave_group()
+            await self.session.close()
+            if self.owns_redis:
+                await self.redis.aclose()
+        log.info("source %s stopped", self.name)
+
+    async def _loop(self) -> None:
+        settings = self.settings
+        reclaim_interval = settings.visibility_timeout / 2
+        next_reclaim = 0.0
+        failures = 0
+        group_ready = False
+        while not self.stopping.is_set():
+            self.slot_freed.clear()
+            free = settings.concurrency - len(self.in_flight)
+            if free <= 0:
+                await self._unless_stopped(self.slot_freed.wait())
+                continue
+            try:
+                if not group_ready:
+                    await self._create_group()
+                    group_ready = True
+                now = time.monotonic()
+                if now >= next_reclaim:
+                    entries, done = await self._reclaim(free)
+                    if done:
+                        next_reclaim = now + reclaim_interval
+                else:
+                    block = min(next_reclaim - now, MAX_BLOCK)
+                    entries = await self._unless_stopped(self._read(free, block)) or []
+                failures = 0
+            except Exception as exc:  # Redis down or erroring: wait and try again, nothing is lost
+                failures += 1
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    group_ready = False
+                self.redis_throttle.warning("source %s cannot read %s: %s: %s", self.name, settings.stream,
+                                            type(exc).__name__, exc)
+                await self._sleep(backoff(failures, self.retry_base, self.retry_cap))
+                continue
+            for entry_id, fields in entries:
+                self._start(entry_id, fields)
+
+    async def _create_group(self) -> None:
+        """From id 0, so entries queued before the first source started are delivered too."""
+        try:
+            await self.redis.xgroup_create(self.settings.stream, self.settings.group, id="0", mkstream=True)
+            log.info("created consumer group %s on stream %s", self.settings.group, self.settings.stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _read(self, count: int, block: float) -> list[tuple[str, Mapping]]:
+        reply = await self.redis.xreadgroup(self.settings.group, self.name, {self.settings.stream: ">"},
+                                            count=count, block=max(1, round(block * 1000)))
+        return [(_text(entry_id), fields) for _, entries in reply or () for entry_id, fields in entries]
+
+    async def _reclaim(self, count: int) -> tuple[list[tuple[str, Mapping]], bool]:
+        """Entries idle past the visibility timeout; and whether the whole pending list was scanned."""
+        settings = self.settings
+        reply = await self.redis.xautoclaim(settings.stream, settings.group, self.name,
+                                            min_idle_time=round(settings.visibility_timeout * 1000),
+                                            start_id=self.reclaim_cursor, count=count)
+        cursor, claimed = _text(reply[0]), reply[1]
+        self.reclaim_cursor = cursor
+        entries = [(_text(entry_id), fields) for entry_id, fields in claimed
+                   if fields is not None and _text(entry_id) not in self.in_flight]
+        if entries:
+            self.metrics.reclaimed.inc(len(entries))
+            log.info("source %s reclaimed %d entries left pending past %gs: %s", self.name, len(entries),
+                     settings.visibility_timeout, ", ".join(entry_id for entry_id, _ in entries))
+        return entries, cursor == "0-0"
+
+    async def _heartbeat(self) -> None:
+        """Reset the idle time of entries still being delivered, so no other source reclaims them."""
+        settings = self.settings
+        while True:
+            await asyncio.sleep(settings.visibility_timeout / 3)
+            ids = list(self.in_flight)
+            if not ids:
+                continue
+            try:
+                await self.redis.xclaim(settings.stream, settings.group, self.name, min_idle_time=0,
+                                        message_ids=ids, justid=True)
+            except Exception as exc:  # Redis down: the entries may be reclaimed, delivered twice at worst
+                self.redis_throttle.warning("source %s cannot refresh %d in-flight entries: %s: %s",
+                                            self.name, len(ids), type(exc).__name__, exc)
+
+    async def _drain(self) -> None:
+        tasks = list(self.in_flight.values())
+        if not tasks:
+            return
+        log.info("source %s stopping: waiting up to %gs for %d deliveries", self.name, self.stop_grace, len(tasks))
+        _, late = await asyncio.wait(tasks, timeout=self.stop_grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if late:
+            log.warning("source %s left %d deliveries unfinished; they stay pending for another source",
+                        self.name, len(late))
+
+    async def _leave_group(self) -> None:
+        """Drop this process's name from the group when it holds nothing, so names do not pile up."""
+        try:
+            pending = await self.redis.xpending_range(self.settings.stream, self.settings.group, min="-", max="+",
+                                                      count=1, consumername=self.name)
+            if not pending:
+                await self.redis.xgroup_delconsumer(self.settings.stream, self.settings.group, self.name)
+        except Exception as exc:  # best effort: a stale name costs nothing but a line in XINFO
+            log.debug("source %s could not leave group: %s", self.name, exc)
+
+    # --- one entry
+
+    def _start(self, entry_id: str, fields: Mapping) -> None:
+        if entry_id in self.in_flight:
+            return
+        task = asyncio.create_task(self._deliver(entry_id, fields), name=f"deliver-{entry_id}")
+        self.in_flight[entry_id] = task
+        self.metrics.in_flight.set(len(self.in_flight))
+        task.add_done_callback(lambda task: self._finished(entry_id, task))
+
+    def _finished(self, entry_id: str, task: asyncio.Task) -> None:
+        self.in_flight.pop(entry_id, None)
+        self.metrics.in_flight.set(len(self.in_flight))
+        self.slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("entry %s: delivery crashed, it stays pending for reclaim", entry_id, exc_info=task.exception())
+
+    async def _deliver(self, entry_id: str, fields: Mapping) -> None:
+        headers, body = self._event(entry_id, fields)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.session.post(self.settings.sink_url, data=body, headers=headers) as resp:
+                    status, text = resp.status, _text((await resp.read())[:ERROR_BODY_LIMIT])
+                verdict = sink_verdict(status)
+                reason = f"sink answered {status}: {text}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                status, verdict = None, "retry"
+                reason = (f"no answer within {self.settings.delivery_timeout:g}s" if isinstance(exc, TimeoutError)
+                          else f"{type(exc).__name__}: {exc}")
+            if verdict == DELIVERED:
+                if await self._settle(entry_id):
+                    self.metrics.delivered.labels("delivered").inc()
+                    log.debug("entry %s delivered after %d attempt(s)", entry_id, attempt)
+                return
+            if verdict == REJECTED:
+                if await self._settle(entry_id, {**fields, "error": reason, "status": str(status)}):
+                    self.metrics.delivered.labels("dead_lettered").inc()
+                    log.warning("entry %s rejected by the sink, sent to %s: %s", entry_id,
+                                self.settings.dead_letter_stream, reason)
+                return
+            self.metrics.delivered.labels("failed").inc()
+            delay = backoff(attempt, self.retry_base, self.retry_cap)
+            self.sink_throttle.warning("entry %s delivery attempt %d failed (%s); retrying in %.2fs",
+                                       entry_id, attempt, reason, delay)
+            if await self._sleep(delay):
+                return  # stopping: the entry stays pending for a source to reclaim
+
+    def _event(self, entry_id: str, fields: Mapping) -> tuple[dict[str, str], bytes]:
+        attributes = event_attributes(self.redis_address, self.settings.stream, entry_id)
+        headers, body = to_binary(CloudEvent(attributes, event_data(fields)))
+        return headers, body
+
+    async def _settle(self, entry_id: str, dead_letter: Mapping | None = None) -> bool:
+        """Acknowledge and delete the entry (after copying it to the dead-letter stream); False if stopped first."""
+        settings = self.settings
+        failures = 0
+        while True:
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    if dead_letter is not None:
+                        pipe.xadd(settings.dead_letter_stream, dict(dead_letter))
+                    pipe.xack(settings.stream, settings.group, entry_id)
+                    pipe.xdel(settings.stream, entry_id)
+                    await pipe.execute()
+                return True
+            except Exception as exc:  # Redis down: keep trying; if we stop first, it is delivered again
+                failures += 1
+                self.redis_throttle.warning("source %s cannot acknowledge entry %s: %s: %s", self.name, entry_id,
+                                            type(exc).__name__, exc)
+                if await self._sleep(backoff(failures, self.retry_base, self.retry_cap)):
+                    return False
+
+    # --- waiting
+
+    async def _sleep(self, delay: float) -> bool:
+        """Sleep unless stopping; whether the source is stopping."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), delay)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _unless_stopped(self, awaitable: Awaitable[T]) -> T | None:
+        """The result of ``awaitable``, or None (and it cancelled) if the source stops first."""
+        task = asyncio.ensure_future(awaitable)
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+
+
+# --- the process
+
+
+async def start_health_server(source: Source, port: int) -> web.AppRunner:
+    app = web.Application()
+    probes.add_probe_routes(app, source.registry, source.ready)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
+async def serve(settings: SourceSettings) -> None:
+    source = Source(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, source.stop)
+    runner = await start_health_server(source, settings.health_port) if settings.health_port else None
+    try:
+        await source.run()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+
+
+def validate(settings: SourceSettings) -> SourceSettings:
+    if not settings.sink_url:
+        raise SettingsError("SINK_URL (or K_SINK) must be set to the consumer's URL")
+    return settings
+
+
+def run(settings: SourceSettings) -> int:
+    logs.configure("source", settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
