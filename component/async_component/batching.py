@@ -1,50 +1,43 @@
-"""Redis writes of many concurrent requests, sent together in one round trip.
+"""Work of many concurrent requests, sent to Redis together in one round trip.
 
 A round trip per request caps a producer at what one Redis connection can turn
-around; here every request that asks for a write while no batch is being
-collected joins the next batch, and all requests that arrive while a batch is in
-flight join the one after it. Each batch is one MULTI/EXEC, so every request's
-commands are applied together or not at all, and each request awaits only its
-own replies.
+around. Here every item submitted while no batch is being sent joins the next
+batch (so all requests handled in the same pass of the event loop go
+together), and everything submitted while a batch is in flight joins the one
+after it. The batch size thereby follows the load without any timer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
-import redis.asyncio as aioredis
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
-log = logging.getLogger(__name__)
-
-Command = Sequence[Any]
-"""One Redis command as its arguments, e.g. ``("SET", key, value)``."""
+Send = Callable[[list[Item]], Awaitable[Sequence["Result | Exception"]]]
+"""Sends one batch; returns one result or exception per item, in order, or raises for all."""
 
 
-class BatchWriter:
-    def __init__(self, redis: aioredis.Redis, *, max_batch: int = 256) -> None:
-        self._redis = redis
+class Batcher(Generic[Item, Result]):
+    def __init__(self, send: Send, *, max_batch: int = 256) -> None:
+        self._send = send
         self._max_batch = max_batch
-        self._pending: list[tuple[Sequence[Command], asyncio.Future]] = []
+        self._pending: list[tuple[Item, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
 
-    async def transaction(self, *commands: Command) -> list[Any]:
-        """Run ``commands`` atomically with the rest of the batch; their replies, in order.
-
-        Raises the batch's error (connection refused, timeout, ...) or the first
-        error reply among this request's own commands.
-        """
+    async def submit(self, item: Item) -> Result:
+        """Send ``item`` with the next batch; its own result, or its own (or the batch's) error."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((commands, future))
+        self._pending.append((item, future))
         if self._task is None:
             # starts on the next pass of the loop: requests handled in this pass join it
             self._task = asyncio.create_task(self._drain())
         return await future
 
     async def close(self) -> None:
-        """Let the batches already asked for finish."""
+        """Let the batches already submitted finish."""
         if self._task is not None:
             await asyncio.shield(self._task)
 
@@ -53,17 +46,15 @@ class BatchWriter:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                await self._send(batch)
+                await self._deliver(batch)
         finally:
             self._task = None
 
-    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future]]) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        for commands, _ in batch:
-            for command in commands:
-                pipe.execute_command(*command)
+    async def _deliver(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            results = await self._send([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} got {len(results)} results")
         except BaseException as exc:
             for _, future in batch:
                 if not future.done():
@@ -71,23 +62,19 @@ class BatchWriter:
             if not isinstance(exc, Exception):
                 raise
             return
-        start = 0
-        for commands, future in batch:
-            mine = replies[start : start + len(commands)]
-            start += len(commands)
-            if future.done():  # its request went away; the write stands
+        for (_, future), result in zip(batch, results):
+            if future.done():  # its request went away; what was written stands
                 continue
-            error = next((r for r in mine if isinstance(r, Exception)), None)
-            if error is not None:
-                future.set_exception(error)
+            if isinstance(result, Exception):
+                future.set_exception(result)
             else:
-                future.set_result(mine)
+                future.set_result(result)
 
 
 def _copy(exc: BaseException) -> BaseException:
     """A fresh exception per waiting request, so their tracebacks do not pile up on one object."""
     if isinstance(exc, asyncio.CancelledError):
-        return ConnectionError("the Redis write was cancelled (shutting down)")
+        return ConnectionError("the batch was cancelled (shutting down)")
     try:
         fresh = type(exc)(*exc.args)
     except Exception:

@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from . import logs, probes
-from .batching import BatchWriter
+from .enqueuer import Enqueuer
 from .envelope import Envelope
 from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
 from .redisconn import make_redis, redis_address
@@ -90,10 +90,10 @@ def without_respond_async(value: str) -> str:
 def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """Request headers to replay: order and repeats kept, transport and routing headers left out."""
     pairs = [(_text(name), _text(value)) for name, value in raw_headers]
-    dropped = set(DROPPED_REQUEST_HEADERS)
-    for name, value in pairs:
-        if name.lower() == "connection":
-            dropped.update(token.strip().lower() for token in value.split(","))
+    # Connection also names headers meant for this hop only
+    dropped = DROPPED_REQUEST_HEADERS.union(*(
+        {token.strip().lower() for token in value.split(",")} for name, value in pairs if name.lower() == "connection"
+    ))
     result = []
     for name, value in pairs:
         lower = name.lower()
@@ -171,10 +171,9 @@ class Producer:
         self.settings = settings
         self.metrics = Metrics(registry)
         self.warnings = RedisWarnings()
-        self.retention_ms = max(1, round(settings.status_retention * 1000))
         self.redis: aioredis.Redis | None = None
         self.owns_redis = False
-        self.writer: BatchWriter | None = None
+        self.enqueuer: Enqueuer | None = None
 
     # routing
 
@@ -239,20 +238,16 @@ class Producer:
         record = Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
         started = time.perf_counter()
         try:
-            await self.writer.transaction(
-                ("XADD", self.settings.stream, "*", *_flat(envelope.to_stream_fields())),
-                ("SET", record_key(self.settings.key_prefix, envelope.id), record.to_json(), "PX", self.retention_ms),
-            )
+            await self.enqueuer.enqueue(envelope, record)
         except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
         self.metrics.enqueue_seconds.observe(time.perf_counter() - started)
         self.metrics.accepted.inc()
         location = STATUS_PATH_PREFIX + envelope.id
-        return web.json_response(
-            {"id": envelope.id, "state": QUEUED, "status_url": location},
-            status=202,
-            headers={REQUEST_ID_HEADER: envelope.id, hdrs.LOCATION: location},
-        )
+        # ids are URL-safe base64, so the JSON needs no escaping
+        body = f'{{"id":"{envelope.id}","state":"{QUEUED}","status_url":"{location}"}}'
+        return web.Response(status=202, text=body, content_type="application/json",
+                            headers={REQUEST_ID_HEADER: envelope.id, hdrs.LOCATION: location})
 
     def _unavailable(self, what: str, exc: BaseException) -> web.Response:
         self.metrics.rejected.labels("redis_unavailable").inc()
@@ -308,24 +303,21 @@ class Producer:
     async def start(self, app: web.Application) -> None:
         if self.redis is None:
             self.redis = make_redis(self.settings)
-            # one attempt per batch: a retried MULTI/EXEC could queue a request twice,
+            # one attempt per batch: a retried write could queue a request twice,
             # and a quick 503 is the client's cue to retry
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
-        self.writer = BatchWriter(self.redis)
+        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, key_prefix=self.settings.key_prefix,
+                                 retention=self.settings.status_retention)
 
     async def stop(self, app: web.Application) -> None:
-        if self.writer is not None:
-            await self.writer.close()
+        if self.enqueuer is not None:
+            await self.enqueuer.close()
         if self.owns_redis:
             await self.redis.aclose()
 
     async def ready(self) -> None:
         await self.redis.ping()
-
-
-def _flat(fields: dict[str, str]) -> list[str]:
-    return [item for pair in fields.items() for item in pair]
 
 
 def make_app(settings: ProducerSettings, *, redis: aioredis.Redis | None = None) -> web.Application:

@@ -1,0 +1,70 @@
+"""The producer's pure rules: target host, allow-list, forwarded headers, settings check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from async_component.producer import BadRequest, forwarded_headers, host_allowed, target_host, validate, without_respond_async
+from async_component.settings import ProducerSettings, SettingsError
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Sleep.Default.svc.cluster.local", "sleep.default.svc.cluster.local"),
+    (" a.b:8080 ", "a.b:8080"),
+    ("10.0.0.1", "10.0.0.1"),
+])
+def test_target_host_normalises(raw, expected):
+    assert target_host(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "a b", "a..b", "a.-b", "a/b", "a:0", "a:65536", "a:", "[::1]", "user@a", "a" * 64 + ".b"])
+def test_target_host_rejects_malformed(raw):
+    with pytest.raises(BadRequest):
+        target_host(raw)
+
+
+def test_allow_list_exact_and_suffix():
+    allowed = ("api.example.com", ".svc.cluster.local")
+    assert host_allowed("api.example.com", allowed)
+    assert host_allowed("api.example.com:8443", allowed)
+    assert host_allowed("s.ns.svc.cluster.local", allowed)
+    assert not host_allowed("svc.cluster.local", allowed)
+    assert not host_allowed("www.api.example.com", allowed)
+    assert not host_allowed("api.example.com.evil.net", allowed)
+    assert not host_allowed("xsvc.cluster.local", allowed)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("respond-async", ""),
+    ("Respond-Async", ""),
+    ("respond-async, wait=10", "wait=10"),
+    ("wait=10,respond-async;x=1", "wait=10"),
+    ('foo="a, respond-async", respond-async', 'foo="a, respond-async"'),
+    ("handling=strict", "handling=strict"),
+    ("respond-asyncx", "respond-asyncx"),
+])
+def test_prefer_loses_only_respond_async(value, expected):
+    assert without_respond_async(value) == expected
+
+
+def test_forwarded_headers_keep_order_and_repeats_and_drop_transport_headers():
+    raw = [
+        (b"Host", b"producer"), (b"Content-Length", b"3"), (b"Async-Original-Host", b"a.b"),
+        (b"X-A", b"1"), (b"Connection", b"keep-alive, X-Private"), (b"X-Private", b"p"),
+        (b"Prefer", b"respond-async"), (b"Prefer", b"wait=5"), (b"X-A", b"2"),
+        (b"Transfer-Encoding", b"chunked"), (b"Keep-Alive", b"timeout=5"), (b"X-Latin", "caf\xe9".encode("latin-1")),
+        (b"X-Utf8", "caf\xe9".encode("utf-8")),
+    ]
+    assert forwarded_headers(raw) == [
+        ("X-A", "1"), ("Prefer", "wait=5"), ("X-A", "2"), ("X-Latin", "caf\xe9"), ("X-Utf8", "caf\xe9"),
+    ]
+
+
+def test_validate_rejects_wildcards_and_accepts_hosts_and_suffixes():
+    ok = dataclasses.replace(ProducerSettings(), allowed_hosts=("api.example.com", ".svc.cluster.local"))
+    assert validate(ok) is ok
+    for entry in ("*", "*.example.com", ".", "a b"):
+        with pytest.raises(SettingsError, match="ALLOWED_HOSTS"):
+            validate(dataclasses.replace(ok, allowed_hosts=(entry,)))
