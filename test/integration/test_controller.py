@@ -1,0 +1,354 @@
+"""The real operator (``async-component controller``) against kmock's Kubernetes emulator.
+
+One emulator (its own thread) and one operator process serve the module; each
+test works in its own namespace and talks to the emulator over HTTP, as
+kubectl would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import kmock
+import kopf
+import pytest
+
+from async_component import resources as r
+from async_component.kubeapi import INGRESSES, SERVICES, KubeApi
+from async_component.ports import free_port
+from async_component.settings import INGRESS_CLASSES
+
+from .kube_emulator import EmulatorThread
+
+KOURIER = INGRESS_CLASSES[0]
+PRODUCER = "async-producer.knative-system.svc.cluster.local"
+DEADLINE = 10.0
+
+
+class Operator:
+    def __init__(self, process: subprocess.Popen, log_path: Path, health_url: str) -> None:
+        self.process, self.log_path, self.health_url = process, log_path, health_url
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with EmulatorThread() as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: EmulatorThread, tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("controller")
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: emulator\n"
+        f"clusters: [{{name: emulator, cluster: {{server: '{cluster.url}'}}}}]\n"
+        "users: [{name: tester, user: {}}]\n"
+        "contexts: [{name: emulator, context: {cluster: emulator, user: tester}}]\n"
+    )
+    health_port = free_port()
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig), HEALTH_PORT=str(health_port),
+               SYSTEM_NAMESPACE="knative-system", LOG_LEVEL="INFO")
+    env.pop("INGRESS_CLASS_NAME", None)
+    log_path = workdir / "controller.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "async_component", "controller"],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    operator = Operator(process, log_path, f"http://127.0.0.1:{health_port}/healthz")
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        try:
+            with urllib.request.urlopen(operator.health_url, timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the controller did not start:\n{operator.log_tail()}")
+            time.sleep(0.05)
+    yield operator
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+async def api(cluster: EmulatorThread, operator: Operator):
+    client = KubeApi(kopf.ConnectionInfo(server=cluster.url))
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> str:
+    return request.node.name.replace("_", "-")[:63].strip("-").lower()
+
+
+@pytest.fixture
+def eventually(operator: Operator) -> Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]:
+    """Retry an async check until it stops failing; past the deadline show the operator's log."""
+
+    async def wait(check: Callable[[], Awaitable[None]], timeout: float = DEADLINE) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await check()
+                return
+            except AssertionError as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{exc}\n--- controller log ---\n{operator.log_tail()}") from None
+            await asyncio.sleep(0.05)
+
+    return wait
+
+
+def kingress(name: str, namespace: str, *, ingress_class: str = r.ASYNC_INGRESS_CLASS, mode: str | None = None) -> dict:
+    """A parent Ingress as Knative Serving makes it for Service ``name``."""
+    annotations = {r.INGRESS_CLASS_ANNOTATION: ingress_class}
+    if mode is not None:
+        annotations[r.MODE_ANNOTATION] = mode
+    path = {"splits": [{"serviceName": f"{name}-00001", "serviceNamespace": namespace, "servicePort": 80, "percent": 100}]}
+    return {
+        "apiVersion": r.INGRESS_API_VERSION, "kind": "Ingress",
+        "metadata": {"name": name, "namespace": namespace, "annotations": annotations,
+                     "labels": {"serving.knative.dev/service": name}},
+        "spec": {"rules": [
+            {"hosts": [f"{name}.{namespace}.example.com"], "visibility": r.VISIBILITY_EXTERNAL, "http": {"paths": [path]}},
+            {"hosts": [f"{name}.{namespace}.svc.cluster.local"], "visibility": r.VISIBILITY_CLUSTER_LOCAL, "http": {"paths": [path]}},
+        ]},
+    }
+
+
+def condition(obj: dict | None, type_: str = "Ready") -> dict:
+    for item in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if item["type"] == type_:
+            return item
+    return {}
+
+
+async def children(api: KubeApi, namespace: str, name: str) -> tuple[dict | None, dict | None]:
+    return (await api.get(INGRESSES, namespace, f"{name}-new"),
+            await api.get(SERVICES, namespace, f"{name}-async"))
+
+
+async def wait_for_children(api: KubeApi, eventually, namespace: str, name: str) -> tuple[dict, dict]:
+    found: list = []
+
+    async def both_exist() -> None:
+        found[:] = await children(api, namespace, name)
+        assert all(found), f"children of {namespace}/{name}: {found}"
+
+    await eventually(both_exist)
+    return found[0], found[1]
+
+
+async def mark_ready(api: KubeApi, ingress: dict, status: str = "True") -> None:
+    """What Kourier does once Envoy serves the child Ingress."""
+    meta = ingress["metadata"]
+    await api.patch(INGRESSES, meta["namespace"], meta["name"], {"status": {
+        "observedGeneration": meta["generation"],
+        "conditions": [{"type": t, "status": status} for t in ("LoadBalancerReady", "NetworkConfigured", "Ready")],
+        "publicLoadBalancer": {"ingress": [{"domainInternal": "kourier.kourier-system.svc.cluster.local"}]},
+        "privateLoadBalancer": {"ingress": [{"domainInternal": "kourier-internal.kourier-system.svc.cluster.local"}]},
+    }}, subresource="status")
+
+
+async def test_liveness_endpoint(operator: Operator):
+    async with aiohttp.ClientSession() as session, session.get(operator.health_url) as resp:
+        assert resp.status == 200
+
+
+async def test_async_ingress_gets_child_ingress_and_service(api, eventually, namespace):
+    parent = await api.create(INGRESSES, kingress("hello", namespace))
+    ingress, service = await wait_for_children(api, eventually, namespace, "hello")
+
+    expected = r.make_child_ingress(parent, ingress_class=KOURIER, producer_host=PRODUCER)
+    assert ingress["spec"] == expected["spec"]
+    assert ingress["metadata"]["annotations"][r.INGRESS_CLASS_ANNOTATION] == KOURIER
+    assert ingress["metadata"]["labels"] == {"serving.knative.dev/service": "hello", r.PARENT_LABEL: "hello"}
+    owner = [{"apiVersion": r.INGRESS_API_VERSION, "kind": "Ingress", "name": "hello",
+              "uid": parent["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    assert ingress["metadata"]["ownerReferences"] == owner
+    assert service["spec"]["type"] == "ExternalName"
+    assert service["spec"]["externalName"] == PRODUCER
+    assert service["metadata"]["ownerReferences"] == owner
+
+    async def parent_waits_for_child() -> None:
+        ready = condition(await api.get(INGRESSES, namespace, "hello"))
+        assert ready.get("status") == "Unknown" and ready.get("reason") == r.REASON_CHILD_NOT_READY, ready
+        assert f"Ingress {namespace}/hello-new" in ready["message"]
+
+    await eventually(parent_waits_for_child)
+
+
+async def test_other_ingress_classes_are_ignored(api, eventually, namespace):
+    await api.create(INGRESSES, kingress("plain", namespace, ingress_class=KOURIER))
+    await api.create(INGRESSES, kingress("after", namespace))
+    await wait_for_children(api, eventually, namespace, "after")  # the operator got past "plain"
+    assert await children(api, namespace, "plain") == (None, None)
+    assert "status" not in await api.get(INGRESSES, namespace, "plain")
+
+
+async def test_mode_change_updates_the_child(api, eventually, namespace):
+    await api.create(INGRESSES, kingress("hello", namespace))
+    ingress, _ = await wait_for_children(api, eventually, namespace, "hello")
+    assert ingress["spec"]["rules"][0]["http"]["paths"][1]["headers"] == {"Prefer": {"exact": "respond-async"}}
+
+    parent = await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {r.MODE_ANNOTATION: r.MODE_ALWAYS}}})
+    expected = r.make_child_ingress(parent, ingress_class=KOURIER, producer_host=PRODUCER)
+
+    async def child_is_always_async() -> None:
+        current = await api.get(INGRESSES, namespace, "hello-new")
+        assert current["spec"] == expected["spec"]
+        assert current["metadata"]["annotations"][r.MODE_ANNOTATION] == r.MODE_ALWAYS
+
+    await eventually(child_is_always_async)
+    paths = expected["spec"]["rules"][0]["http"]["paths"]
+    assert paths[1]["headers"] == {"Prefer": {"exact": "respond-sync"}}
+
+
+async def test_parent_ready_follows_the_child(api, eventually, namespace):
+    await api.create(INGRESSES, kingress("hello", namespace))
+    ingress, _ = await wait_for_children(api, eventually, namespace, "hello")
+    await mark_ready(api, ingress)
+
+    async def parent_ready() -> None:
+        parent = await api.get(INGRESSES, namespace, "hello")
+        assert condition(parent).get("status") == "True", parent.get("status")
+        assert condition(parent, "LoadBalancerReady").get("status") == "True"
+        assert condition(parent, "NetworkConfigured").get("status") == "True"
+        assert parent["status"]["publicLoadBalancer"] == {"ingress": [{"domainInternal": "kourier.kourier-system.svc.cluster.local"}]}
+        assert parent["status"]["privateLoadBalancer"] == {"ingress": [{"domainInternal": "kourier-internal.kourier-system.svc.cluster.local"}]}
+        assert parent["status"]["observedGeneration"] == parent["metadata"]["generation"]
+
+    await eventually(parent_ready)
+
+    await mark_ready(api, ingress, status="Unknown")
+
+    async def parent_not_ready() -> None:
+        parent = await api.get(INGRESSES, namespace, "hello")
+        assert condition(parent).get("status") == "Unknown", parent.get("status")
+        assert "publicLoadBalancer" not in parent["status"]
+
+    await eventually(parent_not_ready)
+
+
+async def list_events(cluster: EmulatorThread, namespace: str) -> list[dict]:
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"{cluster.url}/api/v1/namespaces/{namespace}/events") as resp:
+        return (await resp.json())["items"]
+
+
+async def test_invalid_mode_is_reported_and_builds_nothing(api, eventually, namespace, cluster):
+    await api.create(INGRESSES, kingress("hello", namespace, mode="sometimes"))
+
+    async def reported() -> None:
+        ready = condition(await api.get(INGRESSES, namespace, "hello"))
+        assert ready.get("status") == "False" and ready.get("reason") == r.REASON_INVALID_MODE, ready
+        assert "'sometimes'" in ready["message"]
+        events = [e for e in await list_events(cluster, namespace) if e.get("reason") == r.REASON_INVALID_MODE]
+        assert events, "no InvalidAsyncMode event"
+        assert events[0]["type"] == "Warning"
+        assert events[0]["involvedObject"]["name"] == "hello"
+        assert "'sometimes'" in events[0]["message"]
+
+    await eventually(reported)
+    assert await children(api, namespace, "hello") == (None, None)
+
+    # the operator keeps running: fixing the annotation builds the children
+    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {r.MODE_ANNOTATION: r.MODE_CONDITIONAL}}})
+    await wait_for_children(api, eventually, namespace, "hello")
+
+
+async def test_a_failed_api_call_is_retried(api, eventually, namespace, cluster, operator):
+    cluster.emulator.fail_next(kmock.action.CREATE, "services", namespace)
+    await api.create(INGRESSES, kingress("hello", namespace))
+    await wait_for_children(api, eventually, namespace, "hello")
+    assert f"Ingress {namespace}/hello: reconcile failed (ApiError: POST" in operator.log_tail(100)
+
+
+async def test_deleted_children_are_recreated(api, eventually, namespace):
+    await api.create(INGRESSES, kingress("hello", namespace))
+    ingress, service = await wait_for_children(api, eventually, namespace, "hello")
+    assert await api.delete(INGRESSES, namespace, "hello-new")
+    assert await api.delete(SERVICES, namespace, "hello-async")
+    again, service_again = await wait_for_children(api, eventually, namespace, "hello")
+    assert again["metadata"]["uid"] != ingress["metadata"]["uid"]
+    assert again["spec"] == ingress["spec"]
+    assert service_again["spec"] == service["spec"]
+
+
+async def test_hand_edited_children_are_put_back(api, eventually, namespace):
+    await api.create(INGRESSES, kingress("hello", namespace))
+    ingress, service = await wait_for_children(api, eventually, namespace, "hello")
+    await api.patch(INGRESSES, namespace, "hello-new", {"spec": {"rules": []}})
+    await api.patch(SERVICES, namespace, "hello-async", {"spec": {"externalName": "elsewhere.example.com"}})
+
+    async def put_back() -> None:
+        current_ingress, current_service = await children(api, namespace, "hello")
+        assert current_ingress["spec"] == ingress["spec"]
+        assert current_service["spec"]["externalName"] == PRODUCER
+
+    await eventually(put_back)
+
+
+async def test_parent_deletion_removes_children(api, eventually, namespace):
+    await api.create(INGRESSES, kingress("hello", namespace))
+    await wait_for_children(api, eventually, namespace, "hello")
+    assert await api.delete(INGRESSES, namespace, "hello")
+
+    async def gone() -> None:
+        assert await children(api, namespace, "hello") == (None, None)
+
+    await eventually(gone)
+
+
+async def test_an_object_it_did_not_make_is_left_alone(api, eventually, namespace):
+    squatter = kingress("hello-new", namespace, ingress_class=KOURIER)  # e.g. a Knative Service named hello-new
+    squatter = await api.create(INGRESSES, squatter)
+    await api.create(INGRESSES, kingress("hello", namespace))
+
+    async def reported() -> None:
+        ready = condition(await api.get(INGRESSES, namespace, "hello"))
+        assert ready.get("status") == "False" and ready.get("reason") == r.REASON_NOT_OWNED, ready
+        assert f"Ingress {namespace}/hello-new" in ready["message"]
+
+    await eventually(reported)
+    current = await api.get(INGRESSES, namespace, "hello-new")
+    assert current["spec"] == squatter["spec"]
+    assert current["metadata"]["resourceVersion"] == squatter["metadata"]["resourceVersion"]
+
+    # deleting the parent removes its own Service, not the Ingress it does not own
+    assert await api.get(SERVICES, namespace, "hello-async") is not None
+    await api.delete(INGRESSES, namespace, "hello")
+
+    async def service_gone() -> None:
+        assert await api.get(SERVICES, namespace, "hello-async") is None
+
+    await eventually(service_gone)
+    assert await api.get(INGRESSES, namespace, "hello-new") is not None
+
+
+def test_unknown_child_ingress_class_is_a_startup_error():
+    env = dict(os.environ, INGRESS_CLASS_NAME="foo")
+    result = subprocess.run([sys.executable, "-m", "async_component", "controller"],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "INGRESS_CLASS_NAME='foo' is invalid" in lines[0]
+    assert "kourier.ingress.networking.knative.dev" in lines[0]
