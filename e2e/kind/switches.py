@@ -1,0 +1,181 @@
+"""Changes only a kind cluster can make, as context managers that undo them.
+
+``async_by_default(backend)``: config-network's ingress-class becomes the async
+class, so Services without an ingress-class annotation (helloworld-sleep-plain)
+go through the async component too; restored on exit.
+
+``redis_stream_source(backend)``: Knative's RedisStreamSource delivers to the
+consumer instead of our source; our source comes back on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from async_component.resources import ASYNC_INGRESS_CLASS, INGRESS_CLASS_ANNOTATION
+from backend import NAMESPACE, SERVICE_PLAIN
+
+from . import manifests, plan
+from .backend import COMPONENTS, KindBackend, poll
+
+INGRESS_RESOURCE = "ingresses.networking.internal.knative.dev"
+CONFIG_NETWORK = "configmap/config-network"
+INGRESS_CLASS_KEY = "ingress-class"
+REDIS_STREAM_SOURCE_MANIFEST = "component/config/optional/redis-stream-source.yaml"
+SOURCES_NAMESPACE = "knative-sources"
+SOURCES_CONTROLLER = "statefulset/redis-controller-manager"
+SOURCES_TLS_SECRET = "tls-secret"
+
+
+def _require_kind(backend: object) -> KindBackend:
+    if not isinstance(backend, KindBackend):
+        raise TypeError(f"this switch needs a kind backend, not {getattr(backend, 'name', backend)!r}")
+    return backend
+
+
+def ingress_settled(ingress: dict, ingress_class: str) -> bool:
+    """The Knative Ingress carries ``ingress_class`` and its layer has made it Ready."""
+    meta, status = ingress["metadata"], ingress.get("status") or {}
+    if (meta.get("annotations") or {}).get(INGRESS_CLASS_ANNOTATION) != ingress_class:
+        return False
+    if status.get("observedGeneration") != meta.get("generation"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _wait_ingresses(backend: KindBackend, services: tuple[str, ...], ingress_class: str, timeout: float) -> None:
+    def settled() -> bool:
+        found = backend.kubectl.json("get", INGRESS_RESOURCE, "-n", NAMESPACE)["items"]
+        by_name = {item["metadata"]["name"]: item for item in found}
+        return all(name in by_name and ingress_settled(by_name[name], ingress_class) for name in services)
+
+    poll(settled, timeout, f"Knative Ingresses {', '.join(services)} Ready with class {ingress_class}", 2.0)
+
+
+def _set_ingress_class(backend: KindBackend, value: str | None) -> None:
+    patch = {"data": {INGRESS_CLASS_KEY: value}}  # None deletes the key (JSON merge patch)
+    backend.kubectl.run("patch", CONFIG_NETWORK, "-n", plan.SYSTEM_NAMESPACE, "--type", "merge", "-p",
+                        json.dumps(patch))
+
+
+@contextlib.contextmanager
+def async_by_default(backend: object, *, services: tuple[str, ...] = (SERVICE_PLAIN,),
+                     timeout: float = 180.0) -> Iterator[None]:
+    """Make the async class Knative's default ingress class while the block runs.
+
+    Waits until the Ingresses of ``services`` (Services without their own class
+    annotation) carry the async class and are Ready, and on exit until they are
+    back on the layer's class.
+    """
+    kind = _require_kind(backend)
+    config = kind.kubectl.json("get", CONFIG_NETWORK, "-n", plan.SYSTEM_NAMESPACE)
+    previous = (config.get("data") or {}).get(INGRESS_CLASS_KEY)
+    _set_ingress_class(kind, ASYNC_INGRESS_CLASS)
+    try:
+        _wait_ingresses(kind, services, ASYNC_INGRESS_CLASS, timeout)
+        yield
+    finally:
+        _set_ingress_class(kind, previous)
+        _wait_ingresses(kind, services, previous or plan.INGRESS_CLASS[kind.name], timeout)
+
+
+def group_names(client: redis.Redis, stream: str) -> set[str]:
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError:  # no such stream yet
+        return set()
+    return {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
+
+
+def consumer_names(client: redis.Redis, stream: str, group: str) -> set[str]:
+    try:
+        consumers = client.xinfo_consumers(stream, group)
+    except redis.ResponseError:  # no such stream or group yet
+        return set()
+    return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in consumers}
+
+
+def move_group_to_end(client: redis.Redis, stream: str, group: str) -> None:
+    """Make ``group`` skip what is in the stream now (another source delivered it already)."""
+    if group in group_names(client, stream):
+        client.xgroup_setid(stream, group, "$")
+    else:
+        client.xgroup_create(stream, group, "$", mkstream=True)
+
+
+def _source_replicas(kind: KindBackend) -> int:
+    workload = COMPONENTS["source"]
+    deployment = kind.kubectl.json("get", "deployment", workload.name, "-n", workload.namespace)
+    return int(deployment["spec"].get("replicas", 1))
+
+
+def _scale_source(kind: KindBackend, replicas: int, timeout: float) -> None:
+    workload = COMPONENTS["source"]
+    kind.kubectl.run("scale", f"deployment/{workload.name}", "-n", workload.namespace, f"--replicas={replicas}")
+    if replicas == 0:
+        poll(lambda: not kind.pods("source"), timeout, f"no {workload.name} pod left")
+    else:
+        kind.kubectl.run("rollout", "status", f"deployment/{workload.name}", "-n", workload.namespace,
+                         f"--timeout={int(timeout)}s", timeout=timeout + 15)
+
+
+def _restart_sources_controller(kind: KindBackend, timeout: float) -> None:
+    """Its adapter fails on the placeholder TLS certificate eventing-redis ships; without the secret it uses plain TCP."""
+    kind.kubectl.run("delete", "secret", SOURCES_TLS_SECRET, "-n", SOURCES_NAMESPACE, "--ignore-not-found")
+    kind.kubectl.run("rollout", "restart", SOURCES_CONTROLLER, "-n", SOURCES_NAMESPACE)
+    kind.kubectl.run("rollout", "status", SOURCES_CONTROLLER, "-n", SOURCES_NAMESPACE, f"--timeout={int(timeout)}s",
+                     timeout=timeout + 15)
+
+
+def redis_stream_source_manifest(repo_root: Path) -> tuple[Path, manifests.Doc]:
+    path = repo_root / REDIS_STREAM_SOURCE_MANIFEST
+    docs = manifests.load_docs(path.read_text())
+    source = next((doc for doc in docs if doc.get("kind") == "RedisStreamSource"), None)
+    if source is None:
+        raise ValueError(f"{REDIS_STREAM_SOURCE_MANIFEST} holds no RedisStreamSource")
+    return path, source
+
+
+@contextlib.contextmanager
+def redis_stream_source(backend: object, *, timeout: float = 300.0) -> Iterator[None]:
+    """Deliver with Knative's RedisStreamSource instead of our source while the block runs.
+
+    Our source is scaled to 0 first, so only one source reads the stream. A
+    RedisStreamSource creates its consumer group at ``$`` when the group does
+    not exist yet: this returns only once the source is Ready and one of its
+    consumers has joined the group, so nothing sent inside the block is missed.
+    On exit it is deleted (which destroys its group), our source's group is
+    moved past what the RedisStreamSource delivered (or created there), and our
+    source scaled back. The placeholder TLS secret stays deleted.
+    """
+    kind = _require_kind(backend)
+    path, source = redis_stream_source_manifest(kind.running.repo_root)
+    name = source["metadata"]["name"]
+    namespace = source["metadata"].get("namespace", plan.SYSTEM_NAMESPACE)
+    stream = source["spec"].get("stream", kind.stream)
+    rss_group = source["spec"].get("group") or kind.group
+    replicas = _source_replicas(kind)
+    client = redis.Redis.from_url(kind.redis_url, socket_timeout=5)
+    try:
+        _restart_sources_controller(kind, timeout)
+        _scale_source(kind, 0, timeout)
+        before = consumer_names(client, stream, rss_group)
+        try:
+            kind.kubectl.run("apply", "-f", str(path))
+            kind.kubectl.run("wait", "--for=condition=Ready", f"redisstreamsource/{name}", "-n", namespace,
+                             f"--timeout={int(timeout)}s", timeout=timeout + 15)
+            # A consumer joins the group on its first read: then the adapter is reading.
+            poll(lambda: bool(consumer_names(client, stream, rss_group) - before), timeout,
+                 f"a RedisStreamSource consumer in group {rss_group} on stream {stream}")
+            yield
+        finally:
+            kind.kubectl.run("delete", "-f", str(path), "--ignore-not-found", "--wait=true", timeout=timeout)
+            move_group_to_end(client, kind.stream, kind.group)
+            _scale_source(kind, replicas, timeout)
+    finally:
+        client.close()
