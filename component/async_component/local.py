@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
-import ctypes
 import dataclasses
 import errno
 import logging
@@ -41,6 +40,7 @@ from typing import Any, TextIO
 import yaml
 
 from . import logs, resources, serving
+from .children import DIE_WITH_PARENT
 from .gateway import Routes, service_targets
 from .ports import free_port
 from .redisserver import RedisServer, RedisServerError
@@ -131,19 +131,6 @@ def _conditional_async(ksvc: dict[str, Any]) -> bool:
 # --- supervised processes
 
 
-def _parent_death_signal() -> Any:
-    """A preexec_fn that has Linux send SIGTERM to the child when the thread that started it ends.
-
-    So a stack whose own process is killed outright leaves no components behind.
-    """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-_DIE_WITH_PARENT = _parent_death_signal()
 
 
 def describe_exit(code: int) -> str:
@@ -497,7 +484,7 @@ class LocalStack:
     def _popen(self, component: _Component) -> None:
         process = subprocess.Popen(
             component.argv, env=component.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, process_group=0, preexec_fn=_DIE_WITH_PARENT,
+            stderr=subprocess.STDOUT, process_group=0, preexec_fn=DIE_WITH_PARENT,
         )
         component.process = process
         component.started_at = time.monotonic()

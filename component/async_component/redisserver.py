@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .children import DIE_WITH_PARENT
 from .ports import free_port
 
 
@@ -44,7 +45,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [path, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--save", "3600 1", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=DIE_WITH_PARENT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
