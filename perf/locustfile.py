@@ -20,7 +20,10 @@ import os
 import time
 
 import gevent
-from locust import FastHttpUser, constant, task
+from locust import FastHttpUser, constant, stats, task
+
+# Flush the CSVs every second (Locust's default is 10 s), so perf/run.py can show progress.
+stats.CSV_STATS_FLUSH_INTERVAL_SEC = 1
 
 SLEEP = os.environ.get("PERF_SLEEP", "0")
 POLL = float(os.environ.get("PERF_POLL", "0.02"))

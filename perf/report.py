@@ -149,11 +149,15 @@ def _pyplot():
     return plt
 
 
+def label(entry: Entry, separator: str) -> str:
+    return entry.name if entry.scenario in entry.name else f"{entry.scenario}{separator}{entry.name}"
+
+
 def latency_chart(entries: Sequence[Entry], path: Path) -> Path:
     """Horizontal bars of p50/p95/p99 per entry (log scale when they span two decades)."""
     plt = _pyplot()
     shown = [e for e in entries if e.requests]
-    labels = [f"{e.scenario}\n{e.name}" for e in shown]
+    labels = [label(e, "\n") for e in shown]
     fig, ax = plt.subplots(figsize=(9, 1.0 + 0.75 * max(len(shown), 1)))
     height = 0.25
     values_seen: list[float] = []
@@ -193,7 +197,7 @@ def throughput_chart(entries: Sequence[Entry], path: Path) -> Path:
     for e in entries:
         xs, ys = throughput_series(e)
         if xs:
-            ax.plot(xs, ys, label=f"{e.scenario}: {e.name}", linewidth=1.5)
+            ax.plot(xs, ys, label=label(e, ": "), linewidth=1.5)
     ax.set_xlabel("seconds since the scenario started")
     ax.set_ylabel("requests/s")
     ax.set_title("Throughput over time")

@@ -1,4 +1,4 @@
-"""The perf report, built from small synthetic Locust result files."""
+"""The perf and bench reports, built from small synthetic Locust results and figures."""
 
 from __future__ import annotations
 
@@ -10,10 +10,18 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "perf" / "report.py"
-_spec = importlib.util.spec_from_file_location("perf_report", _PATH)
-report = sys.modules["perf_report"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
+PERF = Path(__file__).resolve().parents[2] / "perf"
+
+
+def load(name: str):
+    """A module of perf/ (scripts, not a package), by file path."""
+    spec = importlib.util.spec_from_file_location(f"perf_{name}", PERF / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report, figures, wrk = load("report"), load("figures"), load("wrk")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -105,3 +113,52 @@ def test_report_writes_markdown_and_both_charts(tmp_path):
 def test_report_without_results_says_so(tmp_path):
     with pytest.raises(ValueError, match="no Locust results"):
         report.write_report(tmp_path, ["sync"], "t", {})
+
+
+# --- the bench table
+
+
+def test_bench_table_shows_value_reference_ratio_and_verdict():
+    rows = [
+        figures.Figure("1 producer, 1 worker", "throughput", 12345.6, "req/s", "bare 15,000 req/s", 0.823,
+                       ">= 0.8 x bare", True),
+        figures.Figure("1 producer, 1 worker", "p99 latency", 12.345, "ms", "bare 8 ms", None, "<= 10 ms", False),
+        figures.Figure("4 storage", "Redis bytes per request", 1400, "B", "1 KiB body", 1.367, "<= 1,536 B", True),
+        figures.Figure("3 added latency", "median async", 3.5, "ms"),
+    ]
+    lines = figures.markdown_table(rows).splitlines()
+    assert lines[2] == "| 1 producer, 1 worker | throughput | 12,346 req/s | bare 15,000 req/s | 0.82 | >= 0.8 x bare | yes |"
+    assert lines[3] == "| 1 producer, 1 worker | p99 latency | 12.3 ms | bare 8 ms |  | <= 10 ms | **no** |"
+    assert lines[4] == "| 4 storage | Redis bytes per request | 1,400 B | 1 KiB body | 1.37 | <= 1,536 B | yes |"
+    assert lines[5] == "| 3 added latency | median async | 3.50 ms |  |  |  |  |"
+    assert figures.summary_line(rows) == "2 of 3 targets met; missed: 1 producer, 1 worker: p99 latency"
+
+
+def test_bench_json_keeps_every_figure_and_the_facts():
+    rows = [figures.Figure("2 drain", "rate", 900.0, "req/s", "sync 1,000 req/s", 0.9, ">= 0.5 x sync", True)]
+    doc = json.loads(figures.to_json(rows, {"load before the run": "0.10"}))
+    assert doc["facts"] == {"load before the run": "0.10"}
+    assert doc["figures"][0]["value"] == 900.0 and doc["figures"][0]["met"] is True
+
+
+def test_a_missing_measurement_never_meets_a_target():
+    assert not figures.at_least(math.nan, 0.5) and not figures.at_most(math.nan, 5)
+    assert figures.at_least(0.5, 0.5) and figures.at_most(5, 5)
+    assert math.isnan(figures.ratio(10, 0))
+
+
+def test_wrk_summary_line_is_read_with_errors_added_up():
+    output = ("Running 15s test @ http://127.0.0.1:1/\n"
+              'WRK_JSON {"requests":30000,"duration_us":15000000,"bytes":1,"connect_errors":1,"read_errors":2,'
+              '"write_errors":0,"status_errors":3,"timeouts":4,"mean_us":2000.5,"p50_us":1500,"p90_us":3000,'
+              '"p99_us":9000,"p999_us":12000,"max_us":20000}\n')
+    result = wrk.parse(output)
+    assert result.rate == 2000 and result.errors == 10
+    assert (result.p50_ms, result.p99_ms, result.max_ms) == (1.5, 9.0, 20.0)
+    with pytest.raises(wrk.WrkError, match="no summary line"):
+        wrk.parse("unable to connect")
+
+
+def test_wrk_only_loads_loopback():
+    with pytest.raises(wrk.WrkError, match="only target 127.0.0.1"):
+        wrk.run("http://10.0.0.1:80/", seconds=1)
