@@ -155,10 +155,10 @@ async def wait_for_children(api: KubeApi, eventually, namespace: str, name: str)
     return found[0], found[1]
 
 
-async def mark_ready(api: KubeApi, ingress: dict, status: str = "True") -> None:
+async def mark_ready(api: KubeApi, ingress: dict, status: str = "True") -> dict:
     """What Kourier does once Envoy serves the child Ingress."""
     meta = ingress["metadata"]
-    await api.patch(INGRESSES, meta["namespace"], meta["name"], {"status": {
+    return await api.patch(INGRESSES, meta["namespace"], meta["name"], {"status": {
         "observedGeneration": meta["generation"],
         "conditions": [{"type": t, "status": status} for t in ("LoadBalancerReady", "NetworkConfigured", "Ready")],
         "publicLoadBalancer": {"ingress": [{"domainInternal": "kourier.kourier-system.svc.cluster.local"}]},
@@ -223,7 +223,7 @@ async def test_mode_change_updates_the_child(api, eventually, namespace):
 async def test_parent_ready_follows_the_child(api, eventually, namespace):
     await api.create(INGRESSES, kingress("hello", namespace))
     ingress, _ = await wait_for_children(api, eventually, namespace, "hello")
-    await mark_ready(api, ingress)
+    ingress = await mark_ready(api, ingress)
 
     async def parent_ready() -> None:
         parent = await api.get(INGRESSES, namespace, "hello")
@@ -235,6 +235,9 @@ async def test_parent_ready_follows_the_child(api, eventually, namespace):
         assert parent["status"]["observedGeneration"] == parent["metadata"]["generation"]
 
     await eventually(parent_ready)
+    # the parent's status write was an event too; the child had not drifted, so it was not written
+    current = await api.get(INGRESSES, namespace, "hello-new")
+    assert current["metadata"]["resourceVersion"] == ingress["metadata"]["resourceVersion"]
 
     await mark_ready(api, ingress, status="Unknown")
 
