@@ -1,0 +1,700 @@
+"""The deployment manifests and the image: valid, and consistent with the code.
+
+A manifest that `kubectl apply` accepts can still ship a pod that exits at
+start (an env var no settings class reads, a value its parser rejects), a
+probe on the wrong port, or a timeout shorter than the one it wraps; these
+tests read the manifests the way the cluster and the processes would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from async_component import cli, settings
+from async_component.resources import INGRESS_CLASS_ANNOTATION
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "component" / "config"
+BASE = CONFIG / "base"
+OVERLAYS = {"kourier": "kourier.ingress.networking.knative.dev", "istio": "istio.ingress.networking.knative.dev"}
+TLS_COMPONENT = CONFIG / "components" / "redis-tls"
+OPTIONAL = CONFIG / "optional"
+DOCKERFILE = ROOT / "component" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+
+NAMESPACE = settings.DEFAULT_SYSTEM_NAMESPACE
+# Knative Serving 1.22 needs Kubernetes >= 1.34 (e2e/kind/versions.py); the
+# manifests must also hold on the newest release the schemas cover.
+MIN_KUBERNETES = "1.34"
+NEWEST_KUBERNETES = kubernetes_validate.latest_version()
+
+KSVC = ("serving.knative.dev/v1", "Service")
+REDIS_STREAM_SOURCE = ("sources.knative.dev/v1alpha1", "RedisStreamSource")
+KNATIVE_MAX_REVISION_TIMEOUT = 600  # config-defaults max-revision-timeout-seconds
+KNATIVE_RESERVED_ENV = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
+# Fields Knative Serving's webhook accepts with its default feature flags
+# (knative.dev/serving pkg/apis/serving/fieldmask.go).
+KNATIVE_REVISION_SPEC = {"containers", "volumes", "serviceAccountName", "imagePullSecrets", "enableServiceLinks",
+                         "automountServiceAccountToken", "timeoutSeconds", "containerConcurrency",
+                         "idleTimeoutSeconds", "responseStartTimeoutSeconds"}
+KNATIVE_CONTAINER = {"name", "args", "command", "env", "workingDir", "envFrom", "image", "imagePullPolicy",
+                     "livenessProbe", "ports", "readinessProbe", "resources", "securityContext", "startupProbe",
+                     "terminationMessagePath", "terminationMessagePolicy", "volumeMounts"}
+KNATIVE_SECURITY_CONTEXT = {"capabilities", "readOnlyRootFilesystem", "runAsUser", "runAsGroup", "runAsNonRoot",
+                            "allowPrivilegeEscalation", "seccompProfile", "privileged"}
+
+EXPECTED_RULES = {
+    # (apiGroup, resource): verbs -- what controller.py and kubeapi.py call, plus kopf's list/watch
+    ("networking.internal.knative.dev", "ingresses"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("networking.internal.knative.dev", "ingresses/status"): {"patch"},
+    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "events"): {"create"},
+}
+
+
+# --- loading
+
+
+def load_yaml(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@functools.cache
+def kustomize(path: Path) -> tuple[dict, ...]:
+    result = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize {path} failed: {result.stderr}"
+    return tuple(load_yaml_text(result.stdout))
+
+
+def load_yaml_text(text: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+
+
+def write_overlay(directory: Path, **fields: Any) -> Path:
+    """A user's overlay in ``directory``; ``resources``/``components`` are given as absolute paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for key in ("resources", "components"):
+        if key in fields:
+            fields[key] = [os.path.relpath(path, directory) for path in fields[key]]
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(fields))
+    return directory
+
+
+def base_files() -> list[Path]:
+    return [BASE / name for name in load_yaml(BASE / "kustomization.yaml")[0]["resources"]]
+
+
+def plain_objects() -> list[dict]:
+    """Every object a user could `kubectl apply -f` file by file."""
+    files = base_files() + sorted(OPTIONAL.glob("*.yaml"))
+    return [doc for path in files for doc in load_yaml(path)]
+
+
+def renders() -> dict[str, tuple[dict, ...]]:
+    return {name: kustomize(CONFIG / "overlays" / name) for name in OVERLAYS}
+
+
+@pytest.fixture(scope="module")
+def tls_render(tmp_path_factory) -> tuple[dict, ...]:
+    overlay = write_overlay(tmp_path_factory.mktemp("tls") / "overlay",
+                            resources=[CONFIG / "overlays" / "kourier"], components=[TLS_COMPONENT])
+    return kustomize(overlay)
+
+
+def key(obj: dict) -> tuple[str, str]:
+    return obj["apiVersion"], obj["kind"]
+
+
+def find(objects, api_kind: tuple[str, str], name: str) -> dict:
+    matches = [o for o in objects if key(o) == api_kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {api_kind[1]} {name}, found {len(matches)}"
+    return matches[0]
+
+
+def workloads(objects) -> Iterator[dict]:
+    """Deployments and Knative Services: the objects that run our image."""
+    return (o for o in objects if key(o) in (("apps/v1", "Deployment"), KSVC))
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def container(obj: dict) -> dict:
+    containers = pod_spec(obj)["containers"]
+    assert len(containers) == 1, f"{obj['metadata']['name']}: one container expected"
+    return containers[0]
+
+
+def env_of(obj: dict) -> dict[str, dict]:
+    return {item["name"]: item for item in container(obj).get("env", [])}
+
+
+def image_reference() -> str:
+    (entry,) = load_yaml(BASE / "kustomization.yaml")[0]["images"]
+    return f"{entry['name']}:{entry['newTag']}"
+
+
+# --- what a pod would see
+
+
+def settings_class(obj: dict) -> type:
+    command = container(obj)["args"][0]
+    assert command in cli.COMMANDS, f"{obj['metadata']['name']}: {command!r} is not an async-component subcommand"
+    cls = cli.COMMANDS[command][1]
+    assert cls is not None, f"{command} takes flags, not settings from the environment"
+    return cls
+
+
+def resolve_env(obj: dict, objects) -> dict[str, str]:
+    """The environment the container starts with, as the kubelet and Knative would build it."""
+    environ: dict[str, str] = {}
+    if key(obj) == KSVC:
+        environ["PORT"] = str(container(obj)["ports"][0]["containerPort"])
+    for name, item in env_of(obj).items():
+        if "value" in item:
+            environ[name] = item["value"]
+            continue
+        source = item["valueFrom"]
+        if "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "metadata.namespace", f"{name}: unexpected fieldRef"
+            environ[name] = obj["metadata"]["namespace"]
+        else:
+            ref = source["secretKeyRef"]
+            secret = find(objects, ("v1", "Secret"), ref["name"])
+            environ[name] = secret["stringData"][ref["key"]]
+    return environ
+
+
+def process_settings(obj: dict, objects):
+    return settings.load(settings_class(obj), environ=resolve_env(obj, objects))
+
+
+def fields_by_env(cls: type) -> dict[str, dataclasses.Field]:
+    out = {}
+    for field in dataclasses.fields(cls):
+        out[field.metadata["env"]] = field
+        if field.metadata["alias"]:
+            out[field.metadata["alias"]] = field
+    return out
+
+
+def probe_port(obj: dict, probe: dict) -> int:
+    """The port a probe hits: Knative probes the serving port when none is given."""
+    port = probe["httpGet"].get("port")
+    ports = container(obj).get("ports", [])
+    if port is None:
+        assert key(obj) == KSVC, "only Knative fills in a probe's port"
+        return ports[0]["containerPort"]
+    if isinstance(port, str):
+        return next(p["containerPort"] for p in ports if p.get("name") == port)
+    return port
+
+
+# --- every file parses; every object is valid
+
+
+def test_every_yaml_file_under_config_parses_and_every_base_file_is_a_kustomize_resource():
+    yaml_files = sorted(CONFIG.rglob("*.yaml"))
+    assert yaml_files
+    for path in yaml_files:
+        assert load_yaml(path), f"{path} is empty"
+    listed = {path.name for path in base_files()}
+    on_disk = {path.name for path in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk, "base/kustomization.yaml must list every file in base/"
+
+
+def test_schema_versions_cover_the_kubernetes_knative_needs():
+    assert kubernetes_validate.utils.major_minor(NEWEST_KUBERNETES) >= kubernetes_validate.utils.major_minor(MIN_KUBERNETES)
+
+
+@pytest.mark.parametrize("version", [MIN_KUBERNETES, NEWEST_KUBERNETES])
+def test_builtin_kinds_validate_against_the_kubernetes_schemas(version, tls_render):
+    sets = {"plain files": plain_objects(), **renders(), "kourier + redis-tls": tls_render}
+    for label, objects in sets.items():
+        assert objects, label
+        for obj in objects:
+            if key(obj) in (KSVC, REDIS_STREAM_SOURCE):
+                continue
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{label}: {obj['kind']} {obj['metadata']['name']} is invalid for {version}: {exc.message}")
+
+
+def knative_revision_errors(ksvc: dict) -> list[str]:
+    """What Knative Serving's webhook (default features) would reject in a Service's revision template."""
+    spec = pod_spec(ksvc)
+    errors = [f"revision field {f} is not allowed" for f in set(spec) - KNATIVE_REVISION_SPEC]
+    if spec.get("automountServiceAccountToken", False) is not False:
+        errors.append("automountServiceAccountToken may only be false")
+    ctr = container(ksvc)
+    errors += [f"container field {f} is not allowed" for f in set(ctr) - KNATIVE_CONTAINER]
+    errors += [f"securityContext.{f} is not allowed" for f in set(ctr.get("securityContext", {})) - KNATIVE_SECURITY_CONTEXT]
+    errors += [f"{item['name']} is reserved" for item in ctr.get("env", []) if item["name"] in KNATIVE_RESERVED_ENV]
+    errors += [f"{item['name']}: fieldRef needs a feature flag" for item in ctr.get("env", [])
+               if "fieldRef" in item.get("valueFrom", {})]
+    ports = ctr.get("ports", [])
+    if len(ports) != 1 or ports[0].get("name", "") not in ("", "http1", "h2c"):
+        errors.append("exactly one port, named '', http1 or h2c")
+    for probe_name in ("readinessProbe", "livenessProbe"):
+        probe = ctr.get(probe_name)
+        if probe and probe["httpGet"].get("port") not in (None, ports[0]["containerPort"] if ports else None):
+            errors.append(f"{probe_name} must probe the serving port")
+    readiness = ctr.get("readinessProbe", {})
+    if readiness.get("periodSeconds", 0) > 0 and not all(readiness.get(f, 0) >= 1 for f in
+                                                        ("timeoutSeconds", "failureThreshold", "successThreshold")):
+        errors.append("readinessProbe with periodSeconds needs timeoutSeconds, failureThreshold, successThreshold >= 1")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in ctr.get("volumeMounts", []):
+        if mount["name"] not in volumes:
+            errors.append(f"volumeMount {mount['name']} has no volume")
+        elif "secret" in volumes[mount["name"]] and not mount.get("readOnly"):
+            errors.append(f"volumeMount {mount['name']} of a Secret must be readOnly")
+    if not 0 < spec.get("timeoutSeconds", 300) <= KNATIVE_MAX_REVISION_TIMEOUT:
+        errors.append("timeoutSeconds must be within Knative's max-revision-timeout-seconds")
+    return errors
+
+
+def as_pod(ksvc: dict) -> dict:
+    """The Pod a revision becomes, for the core schema: Knative fields dropped, probe ports filled in."""
+    spec = {k: v for k, v in json.loads(json.dumps(pod_spec(ksvc))).items()
+            if k not in ("timeoutSeconds", "containerConcurrency", "idleTimeoutSeconds", "responseStartTimeoutSeconds")}
+    ctr = spec["containers"][0]
+    for probe_name in ("readinessProbe", "livenessProbe"):
+        if probe_name in ctr:
+            ctr[probe_name]["httpGet"].setdefault("port", ctr["ports"][0]["containerPort"])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": ksvc["metadata"]["name"]}, "spec": spec}
+
+
+def test_knative_services_are_well_formed(tls_render):
+    for objects in (plain_objects(), *renders().values(), tls_render):
+        ksvcs = [o for o in objects if key(o) == KSVC]
+        assert {o["metadata"]["name"] for o in ksvcs} == {"async-producer", "async-consumer"}
+        for ksvc in ksvcs:
+            assert ksvc["metadata"]["namespace"] == NAMESPACE
+            assert isinstance(container(ksvc)["image"], str) and container(ksvc)["image"]
+            assert knative_revision_errors(ksvc) == [], ksvc["metadata"]["name"]
+            kubernetes_validate.validate(as_pod(ksvc), NEWEST_KUBERNETES, strict=True)
+
+
+def test_knative_check_rejects_what_the_webhook_would():
+    producer = find(plain_objects(), KSVC, "async-producer")
+    broken = json.loads(json.dumps(producer))
+    ctr = container(broken)
+    ctr["env"].append({"name": "PORT", "value": "9000"})
+    ctr["readinessProbe"]["httpGet"]["port"] = 9000
+    ctr["lifecycle"] = {}
+    pod_spec(broken)["automountServiceAccountToken"] = True
+    errors = knative_revision_errors(broken)
+    assert len(errors) == 4, errors
+
+
+def test_redis_stream_source_matches_the_source_and_the_consumer():
+    objects = plain_objects()
+    (rss,) = [o for o in objects if key(o) == REDIS_STREAM_SOURCE]
+    assert rss["metadata"]["namespace"] == NAMESPACE and rss["metadata"]["name"]
+    spec = rss["spec"]
+    assert set(spec) <= {"address", "stream", "group", "consumers", "sink", "ceOverrides", "dialOptions"}
+    source = find(objects, ("apps/v1", "Deployment"), "async-source")
+    source_settings = process_settings(source, objects)
+    assert settings.redis_url(spec["address"]) == source_settings.redis_url
+    assert spec["stream"] == source_settings.stream
+    assert spec["group"] == source_settings.group
+    consumer = find(objects, KSVC, "async-consumer")
+    assert spec["sink"] == {"ref": {"apiVersion": KSVC[0], "kind": KSVC[1],
+                                    "name": consumer["metadata"]["name"], "namespace": consumer["metadata"]["namespace"]}}
+
+
+# --- consistency with the code
+
+
+def test_every_env_var_is_read_by_the_process_and_every_value_parses(tls_render):
+    for objects in (plain_objects(), *renders().values(), tls_render):
+        for obj in workloads(objects):
+            cls = settings_class(obj)
+            known = fields_by_env(cls)
+            for name, item in env_of(obj).items():
+                assert name in known, f"{obj['metadata']['name']}: {name} is not read by {cls.__name__}"
+                if "value" in item:
+                    known[name].metadata["parse"](item["value"])
+            process_settings(obj, objects)  # raises SettingsError as the process would
+
+
+def test_a_value_the_parser_rejects_is_caught():
+    objects = plain_objects()
+    consumer = json.loads(json.dumps(find(objects, KSVC, "async-consumer")))
+    env_of(consumer)["MAX_ATTEMPTS"]["value"] = "three"
+    with pytest.raises(settings.SettingsError, match="MAX_ATTEMPTS"):
+        process_settings(consumer, objects)
+
+
+def test_each_process_runs_once_with_its_subcommand():
+    commands = {o["metadata"]["name"]: container(o)["args"] for o in workloads(plain_objects())}
+    assert commands == {"async-controller": ["controller"], "async-producer": ["producer"],
+                        "async-consumer": ["consumer"], "async-source": ["source"]}
+    assert all("command" not in container(o) for o in workloads(plain_objects())), "the image's ENTRYPOINT runs"
+
+
+def test_every_container_runs_the_one_image(tmp_path):
+    reference = image_reference()
+    for objects in (plain_objects(), *renders().values()):
+        assert {container(o)["image"] for o in workloads(objects)} == {reference}
+    # A user's overlay that moves the image to their registry moves every container, Knative's too.
+    overlay = write_overlay(tmp_path / "mine", resources=[CONFIG / "overlays" / "kourier"],
+                            images=[{"name": reference.split(":")[0], "newName": "registry.example.com/team/async-component",
+                                     "newTag": "9.9.9"}])
+    moved = {container(o)["image"] for o in workloads(kustomize(overlay))}
+    assert moved == {"registry.example.com/team/async-component:9.9.9"}
+
+
+def test_the_image_tag_is_the_package_version_the_dockerfile_labels():
+    name, tag = image_reference().rsplit(":", 1)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert tag == project["version"]
+    labels = dockerfile_labels(final_stage(dockerfile_stages()))
+    assert labels["org.opencontainers.image.version"] == tag
+    assert labels["org.opencontainers.image.title"] == name.rsplit("/", 1)[1] == project["name"]
+    build = f"docker build -f component/Dockerfile -t {image_reference()} ."
+    assert build in (CONFIG / "README.md").read_text() and build in DOCKERFILE.read_text()
+
+
+def test_ports_agree_with_settings_and_probes():
+    objects = plain_objects()
+    for obj in workloads(objects):
+        values = process_settings(obj, objects)
+        ctr = container(obj)
+        ports = [p["containerPort"] for p in ctr.get("ports", [])]
+        listening = values.port if key(obj) == KSVC else values.health_port
+        assert ports == [listening], obj["metadata"]["name"]
+        probes = {n: ctr[n] for n in ("livenessProbe", "readinessProbe") if n in ctr}
+        assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        if "readinessProbe" in probes:
+            assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        elif obj["metadata"]["name"] != "async-controller":  # kopf serves liveness only
+            pytest.fail(f"{obj['metadata']['name']} has no readiness probe")
+        assert {probe_port(obj, p) for p in probes.values()} == {listening}, obj["metadata"]["name"]
+    assert find(objects, KSVC, "async-producer")["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] \
+        == dockerfile_expose()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlay_gives_its_ingress_class_to_the_controller_and_the_component_services(overlay):
+    objects = renders()[overlay]
+    controller = find(objects, ("apps/v1", "Deployment"), "async-controller")
+    assert process_settings(controller, objects).ingress_class == OVERLAYS[overlay]
+    for name in ("async-producer", "async-consumer"):
+        assert find(objects, KSVC, name)["metadata"]["annotations"][INGRESS_CLASS_ANNOTATION] == OVERLAYS[overlay]
+
+
+def canonical(objects, ingress_class: str) -> list[str]:
+    return sorted(json.dumps(o, sort_keys=True).replace(ingress_class, "<layer>") for o in objects)
+
+
+def test_the_overlays_differ_only_in_the_ingress_class_and_the_base_files_are_the_kourier_install():
+    rendered = {name: canonical(objects, OVERLAYS[name]) for name, objects in renders().items()}
+    assert rendered["kourier"] == rendered["istio"]
+    base = [doc for path in base_files() for doc in load_yaml(path)]
+    assert canonical(base, OVERLAYS["kourier"]) == rendered["kourier"]
+
+
+def test_the_controller_points_children_at_the_producer_service():
+    objects = plain_objects()
+    controller = process_settings(find(objects, ("apps/v1", "Deployment"), "async-controller"), objects)
+    producer = find(objects, KSVC, "async-producer")
+    assert producer["metadata"]["name"] == settings.PRODUCER_SERVICE_NAME
+    assert controller.producer_host == f"{producer['metadata']['name']}.{producer['metadata']['namespace']}.svc.cluster.local"
+
+
+def test_producer_and_consumer_are_cluster_local_and_kept_warm():
+    for ksvc in (o for o in plain_objects() if key(o) == KSVC):
+        assert ksvc["metadata"]["labels"]["networking.knative.dev/visibility"] == "cluster-local"
+        assert ksvc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] == "1"
+
+
+def test_the_source_delivers_to_the_consumer_service():
+    objects = plain_objects()
+    sink = urlsplit(process_settings(find(objects, ("apps/v1", "Deployment"), "async-source"), objects).sink_url)
+    consumer = find(objects, KSVC, "async-consumer")
+    assert (sink.scheme, sink.hostname, sink.port, sink.path) == \
+        ("http", f"{consumer['metadata']['name']}.{consumer['metadata']['namespace']}.svc.cluster.local", None, "")
+
+
+def test_timeouts_nest():
+    objects = plain_objects()
+    consumer_obj = find(objects, KSVC, "async-consumer")
+    consumer = process_settings(consumer_obj, objects)
+    source = process_settings(find(objects, ("apps/v1", "Deployment"), "async-source"), objects)
+    revision_timeout = pod_spec(consumer_obj)["timeoutSeconds"]
+    assert source.delivery_timeout > consumer.request_timeout
+    assert consumer.request_timeout < revision_timeout <= KNATIVE_MAX_REVISION_TIMEOUT
+
+
+def test_redis_processes_share_one_redis_stream_and_key_space():
+    objects = plain_objects()
+    redis_workloads = [o for o in workloads(objects) if issubclass(settings_class(o), settings.RedisSettings)]
+    assert {o["metadata"]["name"] for o in redis_workloads} == {"async-producer", "async-consumer", "async-source"}
+    seen = {(s.redis_url, s.stream, s.key_prefix) for s in (process_settings(o, objects) for o in redis_workloads)}
+    assert len(seen) == 1, seen
+    refs = {json.dumps(env_of(o)["REDIS_URL"]["valueFrom"], sort_keys=True) for o in redis_workloads}
+    assert refs == {json.dumps({"secretKeyRef": {"name": "async-redis", "key": "url"}}, sort_keys=True)}
+    producer, consumer = (process_settings(find(objects, KSVC, n), objects) for n in ("async-producer", "async-consumer"))
+    assert producer.status_retention == consumer.status_retention
+
+
+def test_the_redis_secret_holds_a_placeholder_url_the_processes_accept():
+    secret = find(plain_objects(), ("v1", "Secret"), "async-redis")
+    assert secret["metadata"]["namespace"] == NAMESPACE
+    assert set(secret["stringData"]) == {"url"}
+    assert settings.redis_url(secret["stringData"]["url"]) == "redis://redis.redis.svc.cluster.local:6379/0"
+
+
+def test_the_ca_file_is_set_only_with_the_tls_component(tls_render):
+    for objects in (plain_objects(), *renders().values()):
+        assert all("REDIS_CA_FILE" not in env_of(o) for o in workloads(objects)), \
+            "redis:// with REDIS_CA_FILE set fails: redis-py refuses ssl_ca_certs on a plain connection"
+    redis_workloads = [o for o in workloads(tls_render) if issubclass(settings_class(o), settings.RedisSettings)]
+    assert len(redis_workloads) == 3
+    for obj in redis_workloads:
+        ca_file = Path(process_settings(obj, tls_render).redis_ca_file)
+        (mount,) = [m for m in container(obj)["volumeMounts"] if Path(m["mountPath"]) == ca_file.parent]
+        (volume,) = [v for v in pod_spec(obj)["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "async-redis"
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca_file.name}]
+
+
+def test_namespaced_objects_live_in_the_knative_namespace_which_is_not_ours(tls_render):
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
+    for objects in (plain_objects(), *renders().values(), tls_render):
+        assert all(o["kind"] != "Namespace" for o in objects)
+        for obj in objects:
+            if obj["kind"] not in cluster_scoped:
+                assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+
+
+# --- RBAC
+
+
+def test_the_cluster_role_grants_exactly_what_the_controller_uses():
+    objects = plain_objects()
+    role = find(objects, ("rbac.authorization.k8s.io/v1", "ClusterRole"), "async-controller")
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] + rule["apiGroups"] + rule["resources"], rule
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == EXPECTED_RULES
+
+
+def test_the_controller_runs_as_the_bound_service_account():
+    objects = plain_objects()
+    account = find(objects, ("v1", "ServiceAccount"), "async-controller")
+    binding = find(objects, ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"), "async-controller")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "async-controller"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": account["metadata"]["namespace"]}]
+    controller = find(objects, ("apps/v1", "Deployment"), "async-controller")
+    assert pod_spec(controller)["serviceAccountName"] == account["metadata"]["name"]
+    assert controller["spec"]["replicas"] == 1 and controller["spec"]["strategy"]["type"] == "Recreate"
+    for obj in workloads(objects):  # the others never call the API
+        if obj is not controller:
+            assert pod_spec(obj)["automountServiceAccountToken"] is False, obj["metadata"]["name"]
+
+
+# --- hardening
+
+
+def test_every_container_is_unprivileged_read_only_and_bounded():
+    uid = dockerfile_uid()
+    for obj in workloads(plain_objects()):
+        name, ctr = obj["metadata"]["name"], container(obj)
+        pod_security = pod_spec(obj).get("securityContext", {})
+        security = ctr["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False, name
+        assert security["readOnlyRootFilesystem"] is True, name
+        assert security["capabilities"] == {"drop": ["ALL"]}, name
+        assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True, name
+        assert security.get("runAsUser", pod_security.get("runAsUser")) == uid, name
+        seccomp = security.get("seccompProfile", pod_security.get("seccompProfile"))
+        assert seccomp == {"type": "RuntimeDefault"}, name
+        for bound in ("requests", "limits"):
+            assert set(ctr["resources"][bound]) == {"cpu", "memory"}, f"{name}: resources.{bound}"
+
+
+# --- the Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines, pending = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        stripped = raw.strip()
+        if not stripped or (stripped.startswith("#") and not pending):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        lines.append(pending + stripped)
+        pending = ""
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for instruction in dockerfile_instructions():
+        if instruction[0] == "FROM":
+            stages.append([])
+        assert stages, "instructions before the first FROM"
+        stages[-1].append(instruction)
+    return stages
+
+
+def final_stage(stages):
+    return stages[-1]
+
+
+def dockerfile_labels(stage) -> dict[str, str]:
+    labels = {}
+    for instruction, args in stage:
+        if instruction == "LABEL":
+            labels.update(dict(re.findall(r'([\w.-]+)="([^"]*)"', args)))
+    return labels
+
+
+def dockerfile_user(stage) -> str:
+    users = [args for instruction, args in stage if instruction == "USER"]
+    assert users, "the final stage sets no USER"
+    return users[-1]
+
+
+def dockerfile_uid() -> int:
+    return int(dockerfile_user(final_stage(dockerfile_stages())).split(":")[0])
+
+
+def dockerfile_expose() -> int:
+    (port,) = [args for instruction, args in final_stage(dockerfile_stages()) if instruction == "EXPOSE"]
+    return int(port)
+
+
+def copy_sources(stage) -> list[str]:
+    sources = []
+    for instruction, args in stage:
+        if instruction in ("COPY", "ADD"):
+            words = [w for w in args.split() if not w.startswith("--")]
+            assert all(not w.startswith("--from") for w in args.split()), "no COPY --from: the wheels are bind-mounted"
+            sources += words[:-1]
+    return sources
+
+
+def test_the_image_is_built_in_two_stages_and_ships_no_build_tools():
+    stages = dockerfile_stages()
+    assert len(stages) >= 2
+    assert stages[0][0][1].endswith(" AS builder")
+    final = final_stage(stages)
+    assert final[0][1] == "python:3.11-slim"
+    final_text = " ".join(args for _, args in final)
+    for tool in ("gcc", "build-essential", "apt-get install", "pip wheel", "setuptools", "git"):
+        assert tool not in final_text, f"{tool!r} in the final stage"
+    assert copy_sources(final) == [], "the final stage copies no sources; it installs the builder's wheels"
+    assert "from=builder" in final_text and "pip install --no-index" in final_text
+
+
+def test_the_image_runs_async_component_as_a_numeric_non_root_user():
+    final = final_stage(dockerfile_stages())
+    user = dockerfile_user(final)
+    assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), f"USER {user} is not a numeric non-root user"
+    text = " ".join(args for _, args in final)
+    assert f"--uid {dockerfile_uid()}" in text, "the user has a passwd entry (kopf asks for the user name)"
+    (entrypoint,) = [args for instruction, args in final if instruction == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["async-component"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["async-component"] == f"{cli.__name__}:main"
+
+
+def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
+    patterns = []
+    for line in DOCKERIGNORE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        glob = line[1:] if negate else line
+        regex = re.escape(glob.strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*") \
+            .replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        patterns.append((negate, re.compile(regex)))
+    return patterns
+
+
+def in_context(relative: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = Path(relative).parts
+    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    included = True
+    for negate, pattern in dockerignore_patterns():
+        if any(pattern.fullmatch(candidate) for candidate in candidates):
+            included = negate
+    return included
+
+
+def context_files(sources: list[str]) -> list[Path]:
+    files = []
+    for source in sources:
+        path = ROOT / source
+        assert path.exists(), f"COPY {source}: not in the repository"
+        found = [item for item in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()))
+                 if in_context(str(item.relative_to(ROOT)))]
+        assert found, f"COPY {source}: .dockerignore leaves it out of the build context"
+        files += found
+    return files
+
+
+def test_dockerignore_keeps_the_context_to_what_the_build_copies():
+    assert in_context("pyproject.toml") and in_context("component/async_component/cli.py")
+    for excluded in (".git/HEAD", "test/unit/test_manifests.py", "perf/results/x.json",
+                     "component/async_component/__pycache__/cli.cpython-311.pyc", "component/config/README.md"):
+        assert not in_context(excluded), excluded
+
+
+def test_the_builder_context_is_a_buildable_project_with_the_console_script(tmp_path):
+    """Builds the package from exactly the files the builder stage copies (an sdist: offline, no wheel package)."""
+    builder = dockerfile_stages()[0]
+    sources = copy_sources(builder)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["readme"] in sources, "setuptools reads the readme named in pyproject.toml"
+    context = tmp_path / "context"
+    for path in context_files(sources):
+        target = context / path.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    result = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=context,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    sdist = tmp_path / "dist" / result.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        assert "component/async_component/cli.py" in names
+        entry_points = next(n for n in archive.getnames() if n.endswith(".egg-info/entry_points.txt"))
+        text = archive.extractfile(entry_points).read().decode()
+    assert "async-component = async_component.cli:main" in text
