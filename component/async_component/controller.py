@@ -71,6 +71,7 @@ class Reconciler:
         self.retry_base_delay = retry_base_delay
         self.retry_max_delay = retry_max_delay
         self._locks: dict[Key, asyncio.Lock] = {}
+        self._users: dict[Key, int] = {}
         self._failures: dict[Key, int] = {}
         self._retries: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -82,6 +83,7 @@ class Reconciler:
         if retry is not None:
             retry.cancel()
         lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
         try:
             async with lock:
                 gone = await self._reconcile(namespace, name)
@@ -93,9 +95,11 @@ class Reconciler:
             loop = asyncio.get_running_loop()
             self._retries[key] = loop.call_later(delay, self._spawn, namespace, name)
             return
+        finally:
+            self._users[key] -= 1
         self._failures.pop(key, None)
-        if gone and not lock.locked():
-            self._locks.pop(key, None)
+        if gone and not self._users[key]:  # forget a deleted parent once nobody waits for its lock
+            del self._locks[key], self._users[key]
 
     def _spawn(self, namespace: str, name: str) -> None:
         task = asyncio.ensure_future(self.reconcile(namespace, name))

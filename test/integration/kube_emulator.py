@@ -21,16 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import kmock
-from kmock._internal.k8s import KubernetesObjectConflictError  # noqa: PLC2701 (not exported in 0.8)
 
 INGRESS_RESOURCE = "networking.internal.knative.dev/v1alpha1/ingresses"
 
 WRITE_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE)
 RECENT_REQUESTS = 32
-
-
-class StaleResourceVersion(kmock.KubernetesError):
-    pass
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -102,7 +97,7 @@ class Emulator(kmock.KubernetesEmulator):
             current_meta = current.get("metadata") or {}
             sent_version = meta.get("resourceVersion")
             if sent_version is not None and sent_version != current_meta.get("resourceVersion"):
-                raise StaleResourceVersion(status=409, reason="Conflict",
+                raise kmock.KubernetesError(status=409, reason="Conflict",
                                            message="the object has been modified; apply your changes to the latest version")
             for key in ("uid", "namespace", "name", "creationTimestamp"):
                 meta.pop(key, None)
