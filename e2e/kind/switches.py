@@ -63,6 +63,29 @@ def _set_ingress_class(backend: KindBackend, value: str | None) -> None:
                         json.dumps(patch))
 
 
+def _pin_layer_class(kind: KindBackend, ingress_class: str) -> list[str]:
+    """Give the component's own Knative Services the layer's class explicitly; returns those changed.
+
+    Under an async default they would become async themselves, and a request
+    carrying ``Prefer: respond-async`` on its way to the producer would be
+    routed back to the producer, again and again.
+    """
+    pinned = []
+    for component in ("producer", "consumer"):
+        workload = COMPONENTS[component]
+        service = kind.kubectl.json("get", "ksvc", workload.name, "-n", workload.namespace)
+        if INGRESS_CLASS_ANNOTATION not in (service["metadata"].get("annotations") or {}):
+            kind.kubectl.run("annotate", "ksvc", workload.name, "-n", workload.namespace,
+                             f"{INGRESS_CLASS_ANNOTATION}={ingress_class}")
+            pinned.append(workload.name)
+    return pinned
+
+
+def _unpin(kind: KindBackend, names: list[str]) -> None:
+    for name in names:
+        kind.kubectl.run("annotate", "ksvc", name, "-n", plan.SYSTEM_NAMESPACE, f"{INGRESS_CLASS_ANNOTATION}-")
+
+
 @contextlib.contextmanager
 def async_by_default(backend: object, *, services: tuple[str, ...] = (SERVICE_PLAIN,),
                      timeout: float = 180.0) -> Iterator[None]:
@@ -70,18 +93,24 @@ def async_by_default(backend: object, *, services: tuple[str, ...] = (SERVICE_PL
 
     Waits until the Ingresses of ``services`` (Services without their own class
     annotation) carry the async class and are Ready, and on exit until they are
-    back on the layer's class.
+    back on the layer's class. The component's own Services keep the layer's
+    class throughout (annotated for the duration when they have no class).
     """
     kind = _require_kind(backend)
     config = kind.kubectl.json("get", CONFIG_NETWORK, "-n", plan.SYSTEM_NAMESPACE)
     previous = (config.get("data") or {}).get(INGRESS_CLASS_KEY)
-    _set_ingress_class(kind, ASYNC_INGRESS_CLASS)
+    layer_class = previous or plan.INGRESS_CLASS[kind.name]
+    pinned = _pin_layer_class(kind, layer_class)
     try:
-        _wait_ingresses(kind, services, ASYNC_INGRESS_CLASS, timeout)
-        yield
+        _set_ingress_class(kind, ASYNC_INGRESS_CLASS)
+        try:
+            _wait_ingresses(kind, services, ASYNC_INGRESS_CLASS, timeout)
+            yield
+        finally:
+            _set_ingress_class(kind, previous)
+            _wait_ingresses(kind, services, layer_class, timeout)
     finally:
-        _set_ingress_class(kind, previous)
-        _wait_ingresses(kind, services, previous or plan.INGRESS_CLASS[kind.name], timeout)
+        _unpin(kind, pinned)
 
 
 def group_names(client: redis.Redis, stream: str) -> set[str]:
@@ -92,12 +121,12 @@ def group_names(client: redis.Redis, stream: str) -> set[str]:
     return {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
 
 
-def consumer_names(client: redis.Redis, stream: str, group: str) -> set[str]:
-    try:
-        consumers = client.xinfo_consumers(stream, group)
-    except redis.ResponseError:  # no such stream or group yet
-        return set()
-    return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in consumers}
+def stream_readers(client: redis.Redis) -> set[int]:
+    """Ids of the connections whose last command was XREADGROUP: sources reading (or blocked on) a stream.
+
+    Group consumers are no proof: Redis may create one only when a read returns entries.
+    """
+    return {int(c["id"]) for c in client.client_list() if c.get("cmd") == "xreadgroup"}
 
 
 def move_group_to_end(client: redis.Redis, stream: str, group: str) -> None:
@@ -147,8 +176,8 @@ def redis_stream_source(backend: object, *, timeout: float = 300.0) -> Iterator[
 
     Our source is scaled to 0 first, so only one source reads the stream. A
     RedisStreamSource creates its consumer group at ``$`` when the group does
-    not exist yet: this returns only once the source is Ready and one of its
-    consumers has joined the group, so nothing sent inside the block is missed.
+    not exist yet: this returns only once the source is Ready and its adapter
+    reads the stream, so nothing sent inside the block is missed.
     On exit it is deleted (which destroys its group), our source's group is
     moved past what the RedisStreamSource delivered (or created there), and our
     source scaled back. The placeholder TLS secret stays deleted.
@@ -164,14 +193,14 @@ def redis_stream_source(backend: object, *, timeout: float = 300.0) -> Iterator[
     try:
         _restart_sources_controller(kind, timeout)
         _scale_source(kind, 0, timeout)
-        before = consumer_names(client, stream, rss_group)
+        before = stream_readers(client)
         try:
             kind.kubectl.run("apply", "-f", str(path))
             kind.kubectl.run("wait", "--for=condition=Ready", f"redisstreamsource/{name}", "-n", namespace,
                              f"--timeout={int(timeout)}s", timeout=timeout + 15)
-            # A consumer joins the group on its first read: then the adapter is reading.
-            poll(lambda: bool(consumer_names(client, stream, rss_group) - before), timeout,
-                 f"a RedisStreamSource consumer in group {rss_group} on stream {stream}")
+            # Our source is gone, so a new XREADGROUP connection is the adapter's.
+            poll(lambda: bool(stream_readers(client) - before), timeout,
+                 f"the RedisStreamSource adapter reading stream {stream} (group {rss_group})")
             yield
         finally:
             kind.kubectl.run("delete", "-f", str(path), "--ignore-not-found", "--wait=true", timeout=timeout)

@@ -9,6 +9,7 @@ missing Docker engine stops the run at once, and how steps become kubectl calls.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -26,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "e2e"))
 
 from kind import manifests, plan, switches, versions  # noqa: E402
-from kind.backend import StreamNames, pod_ready, stream_names  # noqa: E402
-from kind.cluster import Executor, Kubectl, KubectlError, StepFailed, wait_command  # noqa: E402
+from kind.backend import KindBackend, StreamNames, pod_ready, stream_names  # noqa: E402
+from kind.cluster import Executor, Kubectl, KubectlError, RunningCluster, StepFailed, wait_command  # noqa: E402
 from kind.portforward import PortForward, port_open  # noqa: E402
 from kind.tools import DockerUnavailable, require_docker  # noqa: E402
 
@@ -475,8 +476,11 @@ def test_source_group_moves_past_what_another_source_delivered(redis_url):
         client.xadd("s", {"data": "3"})
         [[_, entries]] = client.xreadgroup("ours", "c", {"s": ">"})
         assert [fields[b"data"] for _, fields in entries] == [b"3"]
-        assert switches.consumer_names(client, "s", "ours") == {"c"}
-        assert switches.consumer_names(client, "s", "theirs") == set()
+        reader = sync_redis.Redis.from_url(redis_url)
+        before = switches.stream_readers(client)
+        reader.xreadgroup("ours", "c", {"s": ">"}, block=10)
+        assert len(switches.stream_readers(client) - before) == 1
+        reader.close()
         switches.move_group_to_end(client, "fresh", "new-group")  # neither stream nor group yet
         assert switches.group_names(client, "fresh") == {"new-group"}
     finally:
@@ -487,19 +491,30 @@ def test_source_group_moves_past_what_another_source_delivered(redis_url):
 
 
 FAKE_PORT_FORWARD = """\
-    import socket, sys, os
+    import os, socket, sys, threading
     # argv: port-forward -n NS TARGET LOCAL:REMOTE --address 127.0.0.1
-    local = int(sys.argv[5].split(":")[0])
+    target, local = sys.argv[4], int(sys.argv[5].split(":")[0])
     with open(os.environ["FORWARD_LOG"], "a") as log:
-        log.write(sys.argv[4] + "\\n")
+        log.write(target + "\\n")
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", local))
     server.listen()
+
+    def pipe(source, sink):
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.close()
+
     while True:
         conn, _ = server.accept()
-        conn.sendall(sys.argv[4].encode())
-        conn.close()
+        if os.environ.get("FORWARD_TO"):  # relay to a real server, as kubectl relays to the pod
+            upstream = socket.create_connection(("127.0.0.1", int(os.environ["FORWARD_TO"])))
+            threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+        else:
+            conn.sendall(target.encode())
+            conn.close()
 """
 
 
@@ -534,3 +549,156 @@ def test_kubectl_errors_carry_kubectls_message():
 
     with pytest.raises(KubectlError, match=r"kubectl get pod x: Error from server \(NotFound\): x"):
         Kubectl(call).run("get", "pod", "x")
+
+
+# --- the backend and the switches against a cluster that only answers kubectl
+
+
+def pod(name: str) -> dict:
+    return {"metadata": {"name": name}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+class FakeCluster:
+    """Just enough of a cluster's kubectl for KindBackend and the switches; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.pods = {"serving.knative.dev/service=async-producer": [pod("producer-1")],
+                     "serving.knative.dev/service=async-consumer": [pod("consumer-1")],
+                     "app.kubernetes.io/component=source": [pod("source-1")],
+                     plan.REDIS_SELECTOR: [pod("redis-1")]}
+        self.after_delete: list[list[dict]] = []
+        self.ingress_class = INGRESS_CLASSES[0]
+        self.annotations: dict[str, dict] = {"async-producer": {}, "async-consumer": {}}
+
+    def __call__(self, *args: str, input: str | None = None, **_: object) -> str:
+        self.calls.append(args)
+        if args[:2] == ("get", "pods"):
+            selector = args[args.index("-l") + 1]
+            items = self.pods[selector]
+            if not items and self.after_delete:
+                self.pods[selector] = self.after_delete.pop(0)
+            return json.dumps({"items": items})
+        if args[:2] == ("get", "deployment"):
+            return json.dumps({"spec": {"replicas": 1, "selector": {"matchLabels": {
+                "app.kubernetes.io/component": "source"}}}})
+        if args[:3] == ("get", "configmap/config-network", "-n"):
+            return json.dumps({"data": {"ingress-class": self.ingress_class}})
+        if args[:2] == ("get", "ksvc"):
+            return json.dumps({"metadata": {"name": args[2], "annotations": self.annotations[args[2]]}})
+        if args[:2] == ("get", switches.INGRESS_RESOURCE):
+            return json.dumps({"items": [{
+                "metadata": {"name": name, "generation": 1,
+                             "annotations": {"networking.knative.dev/ingress.class": self.ingress_class}},
+                "status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]},
+            } for name in ("helloworld-sleep-plain",)]})
+        if args[:2] == ("patch", "configmap/config-network"):
+            value = json.loads(args[args.index("-p") + 1])["data"]["ingress-class"]
+            self.ingress_class = value
+        if args[:2] == ("delete", "pod"):
+            for selector, items in self.pods.items():
+                if any(p["metadata"]["name"] in args for p in items):
+                    self.pods[selector] = []
+        if args[:2] == ("scale", f"deployment/{plan.REDIS_DEPLOYMENT}"):
+            self.pods[plan.REDIS_SELECTOR] = [] if args[-1] == "--replicas=0" else [pod("redis-2")]
+        if args[0] == "annotate":
+            key, _, value = args[-1].partition("=")
+            if key.endswith("-"):
+                self.annotations[args[2]].pop(key[:-1], None)
+            else:
+                self.annotations[args[2]][key] = value
+        return ""
+
+
+@pytest.fixture
+def fake_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARD_LOG", str(tmp_path / "forwards.log"))
+    cluster = FakeCluster()
+    running = RunningCluster("c", "kourier", Kubectl(cluster), fake_tool(tmp_path / "bin", "kubectl", FAKE_PORT_FORWARD),
+                             tmp_path / "kubeconfig", "http://127.0.0.1:31080", ROOT)
+    return cluster, running, tmp_path / "forwards.log"
+
+
+def test_killed_consumer_comes_back_behind_the_same_url(fake_cluster):
+    cluster, running, log = fake_cluster
+    cluster.after_delete = [[], [pod("consumer-2")]]  # the ReplicaSet needs a moment
+    with KindBackend(running, StreamNames()) as backend:
+        url = backend.consumer_url
+        backend.kill("consumer")
+        assert ("delete", "pod", "consumer-1", "-n", "knative-serving", "--grace-period=0", "--force",
+                "--wait=false") in cluster.calls
+        backend.wait_ready("consumer", timeout=20)
+        assert backend.consumer_url == url and port_open(urlsplit(url).port)
+        assert log.read_text().splitlines()[-1] == "pod/consumer-2"
+
+
+def test_killed_source_pods_are_found_by_the_deployments_selector(fake_cluster):
+    cluster, running, _ = fake_cluster
+    backend = KindBackend(running, StreamNames())
+    backend.kill("source")
+    assert ("delete", "pod", "source-1", "-n", "knative-serving", "--grace-period=0", "--force",
+            "--wait=false") in cluster.calls
+    with pytest.raises(RuntimeError, match="no pod of deployment async-source"):
+        backend.kill("source")
+
+
+def test_redis_outage_scales_redis_and_its_url_works_again(fake_cluster, redis_server, monkeypatch):
+    cluster, running, log = fake_cluster
+    monkeypatch.setenv("FORWARD_TO", str(redis_server.port))
+    with KindBackend(running, StreamNames()) as backend:
+        client = sync_redis.Redis.from_url(backend.redis_url)
+        client.set("kept", "1")
+        backend.stop_redis()
+        assert ("scale", "deployment/redis", "-n", "redis", "--replicas=0") in cluster.calls
+        backend.start_redis()
+        assert ("scale", "deployment/redis", "-n", "redis", "--replicas=1") in cluster.calls
+        assert sync_redis.Redis.from_url(backend.redis_url).get("kept") == b"1"
+        assert log.read_text().splitlines().count("svc/redis") == 2  # re-established after the restart
+
+
+def test_async_by_default_switches_the_class_and_restores_it(fake_cluster):
+    cluster, running, _ = fake_cluster
+    backend = KindBackend(running, StreamNames())
+    layer_class = INGRESS_CLASSES[0]
+    with switches.async_by_default(backend, timeout=10):
+        assert cluster.ingress_class == "async.ingress.networking.knative.dev"
+        # the component's own Services stay on the layer (no loop back to the producer)
+        assert cluster.annotations["async-producer"] == {"networking.knative.dev/ingress.class": layer_class}
+        assert cluster.annotations["async-consumer"] == {"networking.knative.dev/ingress.class": layer_class}
+    assert cluster.ingress_class == layer_class
+    assert cluster.annotations == {"async-producer": {}, "async-consumer": {}}
+
+
+def test_redis_stream_source_replaces_our_source_and_hands_back(fake_cluster, redis_server, monkeypatch):
+    cluster, running, _ = fake_cluster
+    monkeypatch.setenv("FORWARD_TO", str(redis_server.port))
+    direct = sync_redis.Redis.from_url(redis_server.url)
+    names = StreamNames()
+    answer = cluster.__call__
+
+    def kubectl(*args: str, **kwargs: object) -> str:
+        if args[:2] == ("scale", "deployment/async-source"):
+            cluster.pods["app.kubernetes.io/component=source"] = [] if args[-1] == "--replicas=0" else [pod("s-2")]
+        if args[:3] == ("wait", "--for=condition=Ready", "redisstreamsource/async-requests"):
+            # the adapter starts: it joins the group with its first read
+            switches.move_group_to_end(direct, names.stream, names.group)
+            direct.xreadgroup(names.group, "rss-adapter-0", {names.stream: ">"}, block=10)
+        if args[0] == "delete" and "-f" in args:  # deleting the source destroys its group
+            direct.xgroup_destroy(names.stream, names.group)
+        return answer(*args, **kwargs)
+
+    running.kubectl = Kubectl(kubectl)
+    with KindBackend(running, names) as backend:
+        with switches.redis_stream_source(backend, timeout=20):
+            assert cluster.pods["app.kubernetes.io/component=source"] == []
+            direct.xadd(names.stream, {"data": "delivered by the RedisStreamSource"})
+        assert cluster.pods["app.kubernetes.io/component=source"] == [pod("s-2")]
+    calls = [args[:3] for args in cluster.calls]
+    order = [calls.index(("delete", "secret", "tls-secret")),
+             calls.index(("rollout", "restart", "statefulset/redis-controller-manager")),
+             calls.index(("scale", "deployment/async-source", "-n")),
+             calls.index(("apply", "-f", str(ROOT / switches.REDIS_STREAM_SOURCE_MANIFEST)))]
+    assert order == sorted(order)
+    # our source's group is back, past what the RedisStreamSource delivered
+    assert direct.xreadgroup(names.group, "ours", {names.stream: ">"}) == []
+    direct.close()
