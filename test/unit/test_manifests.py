@@ -73,27 +73,24 @@ EXPECTED_RULES = {
 # --- loading
 
 
-def load_yaml(path: Path) -> list[Any]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+def load_yaml(source: Path | str) -> list[Any]:
+    text = source.read_text() if isinstance(source, Path) else source
+    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
 
 
 @functools.cache
 def kustomize(path: Path) -> tuple[dict, ...]:
     result = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"kubectl kustomize {path} failed: {result.stderr}"
-    return tuple(load_yaml_text(result.stdout))
-
-
-def load_yaml_text(text: str) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    return tuple(load_yaml(result.stdout))
 
 
 def write_overlay(directory: Path, **fields: Any) -> Path:
     """A user's overlay in ``directory``; ``resources``/``components`` are given as absolute paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    for key in ("resources", "components"):
-        if key in fields:
-            fields[key] = [os.path.relpath(path, directory) for path in fields[key]]
+    for listed in ("resources", "components"):
+        if listed in fields:
+            fields[listed] = [os.path.relpath(path, directory) for path in fields[listed]]
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(fields))
     return directory
 
@@ -370,7 +367,7 @@ def test_the_image_tag_is_the_package_version_the_dockerfile_labels():
     name, tag = image_reference().rsplit(":", 1)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert tag == project["version"]
-    labels = dockerfile_labels(final_stage(dockerfile_stages()))
+    labels = dockerfile_labels(dockerfile_stages()[-1])
     assert labels["org.opencontainers.image.version"] == tag
     assert labels["org.opencontainers.image.title"] == name.rsplit("/", 1)[1] == project["name"]
     build = f"docker build -f component/Dockerfile -t {image_reference()} ."
@@ -570,10 +567,6 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
-def final_stage(stages):
-    return stages[-1]
-
-
 def dockerfile_labels(stage) -> dict[str, str]:
     labels = {}
     for instruction, args in stage:
@@ -589,11 +582,11 @@ def dockerfile_user(stage) -> str:
 
 
 def dockerfile_uid() -> int:
-    return int(dockerfile_user(final_stage(dockerfile_stages())).split(":")[0])
+    return int(dockerfile_user(dockerfile_stages()[-1]).split(":")[0])
 
 
 def dockerfile_expose() -> int:
-    (port,) = [args for instruction, args in final_stage(dockerfile_stages()) if instruction == "EXPOSE"]
+    (port,) = [args for instruction, args in dockerfile_stages()[-1] if instruction == "EXPOSE"]
     return int(port)
 
 
@@ -611,7 +604,7 @@ def test_the_image_is_built_in_two_stages_and_ships_no_build_tools():
     stages = dockerfile_stages()
     assert len(stages) >= 2
     assert stages[0][0][1].endswith(" AS builder")
-    final = final_stage(stages)
+    final = stages[-1]
     assert final[0][1] == "python:3.11-slim"
     final_text = " ".join(args for _, args in final)
     for tool in ("gcc", "build-essential", "apt-get install", "pip wheel", "setuptools", "git"):
@@ -621,7 +614,7 @@ def test_the_image_is_built_in_two_stages_and_ships_no_build_tools():
 
 
 def test_the_image_runs_async_component_as_a_numeric_non_root_user():
-    final = final_stage(dockerfile_stages())
+    final = dockerfile_stages()[-1]
     user = dockerfile_user(final)
     assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), f"USER {user} is not a numeric non-root user"
     text = " ".join(args for _, args in final)
