@@ -91,5 +91,6 @@ def kind_backend(config: pytest.Config, layer: str) -> Iterator[KindBackend]:
                 yield backend
     except DockerUnavailable as exc:
         pytest.exit(str(exc), returncode=EXIT_NO_DOCKER)
-    except (cluster.SetupFailed, versions.VersionsError, plan.PlanError, PortForwardError) as exc:
+    except (cluster.SetupFailed, cluster.KubectlError, versions.VersionsError, plan.PlanError,
+            PortForwardError) as exc:
         pytest.exit(str(exc), returncode=EXIT_SETUP_FAILED)

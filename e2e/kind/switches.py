@@ -194,6 +194,7 @@ def redis_stream_source(backend: object, *, timeout: float = 300.0) -> Iterator[
         _restart_sources_controller(kind, timeout)
         _scale_source(kind, 0, timeout)
         before = stream_readers(client)
+        adapter: set[int] = set()
         try:
             kind.kubectl.run("apply", "-f", str(path))
             kind.kubectl.run("wait", "--for=condition=Ready", f"redisstreamsource/{name}", "-n", namespace,
@@ -201,9 +202,13 @@ def redis_stream_source(backend: object, *, timeout: float = 300.0) -> Iterator[
             # Our source is gone, so a new XREADGROUP connection is the adapter's.
             poll(lambda: bool(stream_readers(client) - before), timeout,
                  f"the RedisStreamSource adapter reading stream {stream} (group {rss_group})")
+            adapter = stream_readers(client) - before
             yield
         finally:
             kind.kubectl.run("delete", "-f", str(path), "--ignore-not-found", "--wait=true", timeout=timeout)
+            # The adapter destroys its group as it shuts down: only then can ours be set.
+            poll(lambda: not (adapter & {int(c["id"]) for c in client.client_list()}), timeout,
+                 "the RedisStreamSource adapter disconnected from Redis")
             move_group_to_end(client, kind.stream, kind.group)
             _scale_source(kind, replicas, timeout)
     finally:

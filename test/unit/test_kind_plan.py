@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import kubernetes_validate
 import pytest
 import redis as sync_redis
 import yaml
@@ -133,6 +134,12 @@ def test_every_local_file_of_the_plan_exists_and_parses(layer):
         assert ("Service", name) in kinds
     waited = {name for wait in kustomize.waits for name in wait.names}
     assert waited == set(plan.COMPONENT_DEPLOYMENTS) | set(plan.COMPONENT_SERVICES)
+
+
+@pytest.mark.parametrize("path", [plan.REDIS_MANIFEST, plan.KOURIER_NODEPORT_MANIFEST])
+def test_own_manifests_are_valid_kubernetes(path):
+    for doc in manifests.load_docs((ROOT / path).read_text()):
+        kubernetes_validate.validate(doc, f"1.{versions.MIN_KUBERNETES_MINOR}.0", strict=True)
 
 
 def test_sample_services_are_applied_and_waited_for():
@@ -673,6 +680,7 @@ def test_redis_stream_source_replaces_our_source_and_hands_back(fake_cluster, re
     cluster, running, _ = fake_cluster
     monkeypatch.setenv("FORWARD_TO", str(redis_server.port))
     direct = sync_redis.Redis.from_url(redis_server.url)
+    adapter = sync_redis.Redis.from_url(redis_server.url)
     names = StreamNames()
     answer = cluster.__call__
 
@@ -682,9 +690,10 @@ def test_redis_stream_source_replaces_our_source_and_hands_back(fake_cluster, re
         if args[:3] == ("wait", "--for=condition=Ready", "redisstreamsource/async-requests"):
             # the adapter starts: it joins the group with its first read
             switches.move_group_to_end(direct, names.stream, names.group)
-            direct.xreadgroup(names.group, "rss-adapter-0", {names.stream: ">"}, block=10)
-        if args[0] == "delete" and "-f" in args:  # deleting the source destroys its group
-            direct.xgroup_destroy(names.stream, names.group)
+            adapter.xreadgroup(names.group, "rss-adapter-0", {names.stream: ">"}, block=10)
+        if args[0] == "delete" and "-f" in args:  # the adapter destroys its group as it shuts down
+            adapter.xgroup_destroy(names.stream, names.group)
+            adapter.close()
         return answer(*args, **kwargs)
 
     running.kubectl = Kubectl(kubectl)
