@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 
 import redis.asyncio as aioredis
+import uvloop
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -346,10 +347,10 @@ def validate(settings: ProducerSettings) -> ProducerSettings:
 
 
 def serve(settings: ProducerSettings, *, reuse_port: bool = False) -> None:
-    """Serve one producer process until SIGTERM or SIGINT."""
+    """Serve one producer process until SIGTERM or SIGINT (on uvloop: much less CPU per request)."""
     logs.configure("producer", settings.log_level)
     web.run_app(make_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port,
-                access_log=None, print=None)
+                access_log=None, print=None, loop=uvloop.new_event_loop())
 
 
 def run(settings: ProducerSettings) -> int:
