@@ -24,6 +24,8 @@ from . import manifests, plan
 from .backend import COMPONENTS, KindBackend, poll
 
 INGRESS_RESOURCE = "ingresses.networking.internal.knative.dev"
+NEWER_CLASS_ANNOTATION = "networking.knative.dev/ingress-class"
+"""Serving also accepts this spelling on a Service; either one keeps it off the default."""
 CONFIG_NETWORK = "configmap/config-network"
 INGRESS_CLASS_KEY = "ingress-class"
 REDIS_STREAM_SOURCE_MANIFEST = "component/config/optional/redis-stream-source.yaml"
@@ -74,7 +76,8 @@ def _pin_layer_class(kind: KindBackend, ingress_class: str) -> list[str]:
     for component in ("producer", "consumer"):
         workload = COMPONENTS[component]
         service = kind.kubectl.json("get", "ksvc", workload.name, "-n", workload.namespace)
-        if INGRESS_CLASS_ANNOTATION not in (service["metadata"].get("annotations") or {}):
+        annotations = service["metadata"].get("annotations") or {}
+        if not {INGRESS_CLASS_ANNOTATION, NEWER_CLASS_ANNOTATION} & set(annotations):
             kind.kubectl.run("annotate", "ksvc", workload.name, "-n", workload.namespace,
                              f"{INGRESS_CLASS_ANNOTATION}={ingress_class}")
             pinned.append(workload.name)

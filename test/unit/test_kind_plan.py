@@ -642,6 +642,8 @@ def test_killed_consumer_comes_back_behind_the_same_url(fake_cluster):
 def test_killed_source_pods_are_found_by_the_deployments_selector(fake_cluster):
     cluster, running, _ = fake_cluster
     backend = KindBackend(running, StreamNames())
+    assert backend.host("helloworld-sleep") == f"helloworld-sleep.default.{plan.DOMAIN}"  # config-domain's
+    assert backend.gateway_url == running.gateway_url and backend.name == "kourier"
     backend.kill("source")
     assert ("delete", "pod", "source-1", "-n", "knative-serving", "--grace-period=0", "--force",
             "--wait=false") in cluster.calls
