@@ -17,6 +17,7 @@ import multiprocessing.connection
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterable
 
@@ -346,11 +347,20 @@ def validate(settings: ProducerSettings) -> ProducerSettings:
     return settings
 
 
-def serve(settings: ProducerSettings, *, reuse_port: bool = False) -> None:
+def serve(settings: ProducerSettings, *, reuse_port: bool = False) -> int:
     """Serve one producer process until SIGTERM or SIGINT (on uvloop: much less CPU per request)."""
     logs.configure("producer", settings.log_level)
-    web.run_app(make_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port,
-                access_log=None, print=None, loop=uvloop.new_event_loop())
+    try:
+        web.run_app(make_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port,
+                    access_log=None, print=None, loop=uvloop.new_event_loop())
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+        return 1
+    return 0
+
+
+def _worker(settings: ProducerSettings) -> None:
+    sys.exit(serve(settings, reuse_port=True))
 
 
 def run(settings: ProducerSettings) -> int:
@@ -359,16 +369,14 @@ def run(settings: ProducerSettings) -> int:
              settings.host, settings.port, settings.workers, settings.stream, redis_address(settings),
              ",".join(settings.allowed_hosts))
     if settings.workers == 1:
-        serve(settings)
-        return 0
+        return serve(settings)
     return supervise(settings)
 
 
 def supervise(settings: ProducerSettings) -> int:
     """Run ``WORKERS`` processes sharing the port (SO_REUSEPORT); end when they end."""
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=serve, args=(settings,), kwargs={"reuse_port": True}, name=f"producer-{n}")
-               for n in range(settings.workers)]
+    workers = [context.Process(target=_worker, args=(settings,), name=f"producer-{n}") for n in range(settings.workers)]
     for worker in workers:
         worker.start()
     signalled = False
@@ -380,12 +388,13 @@ def supervise(settings: ProducerSettings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    multiprocessing.connection.wait([w.sentinel for w in workers])
+    ready = multiprocessing.connection.wait([w.sentinel for w in workers])
     if signalled:
         for worker in workers:
             worker.join()
         return 0
-    first = next(w for w in workers if w.exitcode is not None)
+    first = next(w for w in workers if w.sentinel in ready)
+    first.join()
     log.error("worker %s exited with status %s; stopping the others", first.name, first.exitcode)
     _signal_all(workers, signal.SIGTERM)
     for worker in workers:

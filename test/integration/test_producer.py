@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -421,3 +422,15 @@ def test_bad_setting_is_a_one_line_error_with_status_2(redis_url):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("async-component producer: error:"), result.stderr
         assert next(iter(env)) in lines[0]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_a_one_line_error(redis_url, workers):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        command, environ = producer_command(taken.getsockname()[1], redis_url, WORKERS=workers)
+        result = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot listen on 127.0.0.1" in result.stderr
