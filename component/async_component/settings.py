@@ -161,6 +161,12 @@ class RedisSettings:
     key_prefix: str = setting("KEY_PREFIX", DEFAULT_KEY_PREFIX, str, "prefix of the status, retry and dead-letter keys")
     log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
 
+    def __post_init__(self) -> None:
+        if self.redis_ca_file and not self.redis_url.startswith("rediss://"):
+            raise SettingsError(
+                "REDIS_CA_FILE is set but REDIS_URL does not use TLS: use a rediss:// URL, or unset REDIS_CA_FILE"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class ProducerSettings(RedisSettings):

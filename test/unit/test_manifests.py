@@ -113,7 +113,11 @@ def renders() -> dict[str, tuple[dict, ...]]:
 def tls_render(tmp_path_factory) -> tuple[dict, ...]:
     overlay = write_overlay(tmp_path_factory.mktemp("tls") / "overlay",
                             resources=[CONFIG / "overlays" / "kourier"], components=[TLS_COMPONENT])
-    return kustomize(overlay)
+    objects = kustomize(overlay)
+    # With TLS the user also puts a rediss:// URL in the Secret, as the component says.
+    secret = find(objects, ("v1", "Secret"), "async-redis")
+    secret["stringData"]["url"] = secret["stringData"]["url"].replace("redis://", "rediss://", 1)
+    return objects
 
 
 def key(obj: dict) -> tuple[str, str]:

@@ -63,3 +63,9 @@ def test_cli_exits_2_with_one_line_on_a_bad_value():
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "async-component consumer: error: MAX_ATTEMPTS='many' is invalid: must be a positive integer"
+
+
+def test_a_tls_ca_needs_a_tls_redis_url():
+    with pytest.raises(SettingsError, match="rediss://"):
+        load(ProducerSettings, {"REDIS_URL": "redis://r:6379/0", "REDIS_CA_FILE": "/etc/ca.crt"})
+    assert load(ProducerSettings, {"REDIS_URL": "rediss://r:6380/0", "REDIS_CA_FILE": "/etc/ca.crt"}).redis_ca_file == "/etc/ca.crt"
