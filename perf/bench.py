@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -61,13 +62,14 @@ def bench_producer(seconds: float, worker_counts: list[int]) -> tuple[list[Figur
     with RedisServer() as redis_server:
         client = redis.Redis.from_url(redis_server.url)
         for workers in worker_counts:
+            threads = min(workers, 2)  # one wrk thread cannot saturate two workers
             with servers.bare(workers) as bare:
                 progress(f"1. wrk -> bare aiohttp, {workers} worker(s), {seconds:.0f} s")
-                base = wrk.run(bare.url + "/", seconds=seconds)
+                base = wrk.run(bare.url + "/", seconds=seconds, threads=threads)
             client.flushall()
             with servers.producer(redis_server.url, workers) as producer:
                 progress(f"1. wrk -> producer, {workers} worker(s), {seconds:.0f} s")
-                result = wrk.run(producer.url + "/", seconds=seconds)
+                result = wrk.run(producer.url + "/", seconds=seconds, threads=threads)
             queued = client.xlen(DEFAULT_STREAM)
             client.flushall()
             label = f"1 producer, {workers} worker{'s' if workers > 1 else ''}"
@@ -252,9 +254,11 @@ async def bench_drain_and_latency(stack, count: int, samples: int) -> tuple[list
         target_host = (await client.final_record(request_id)).host
         concurrency = 32  # the source's default CONCURRENCY
         progress(f"2. {count:,} sync calls through the gateway, {concurrency} at a time")
-        sync = await sync_rate(client, count, concurrency)
+        with cpu_per_request(stack, count) as sync_cpu:
+            sync = await sync_rate(client, count, concurrency)
         progress(f"2. draining {count:,} queued requests")
-        drained, succeeded = await drain_rate(client, count, target_host, timeout=120)
+        with cpu_per_request(stack, count) as drain_cpu:
+            drained, succeeded = await drain_rate(client, count, target_host, timeout=120)
         progress(f"3. {samples} sync calls, then {samples} async calls, one at a time")
         sync_ms, async_ms, seen_ms = await added_latency(client, samples)
     share = ratio(drained, sync)
@@ -268,9 +272,33 @@ async def bench_drain_and_latency(stack, count: int, samples: int) -> tuple[list
         Figure("3 added latency", "async minus sync (medians)", added, "ms", "", None, "<= 5 ms", at_most(added, 5.0)),
     ], [
         f"2: {succeeded:,} of {count:,} drained requests recorded as succeeded",
+        f"2: CPU ms per request, sync calls: {fmt_cpu(sync_cpu)}; drain: {fmt_cpu(drain_cpu)}",
         f"3: p90 202 -> final record {quantile(async_ms, 0.9):.2f} ms, sync p90 {quantile(sync_ms, 0.9):.2f} ms; "
         f"the client polling Redis saw the final state after a median {statistics.median(seen_ms):.2f} ms",
     ]
+
+
+COMPONENTS = ("gateway", "app", "producer", "source", "consumer", "redis")
+
+
+@contextlib.contextmanager
+def cpu_per_request(stack, count: int) -> Iterator[dict[str, float]]:
+    """CPU milliseconds per request spent by each process of the stack, and by this one (the client)."""
+    def snapshot() -> dict[str, float]:
+        found = {name: machine.cpu_seconds(stack.pid(name)) for name in COMPONENTS}
+        found["bench process"] = machine.cpu_seconds(os.getpid(), with_descendants=False)
+        return found
+
+    result: dict[str, float] = {}
+    before = snapshot()
+    yield result
+    after = snapshot()
+    result.update({name: (after[name] - before[name]) * 1000 / count for name in before})
+
+
+def fmt_cpu(per_request: dict[str, float]) -> str:
+    parts = [f"{name} {ms:.2f}" for name, ms in per_request.items() if ms >= 0.005]
+    return ", ".join(parts) + f" (total {sum(per_request.values()):.2f})"
 
 
 def quantile(values: list[float], fraction: float) -> float:
@@ -336,6 +364,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=200, help="one-at-a-time requests for the added latency")
     parser.add_argument("--queue", default="10000,100000", help="the two queue lengths of the memory benchmark")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where bench-<timestamp>/ goes")
+    parser.add_argument("--quiet-load", type=float, default=0,
+                        help="first wait (up to 10 min) until the 1-minute load average is below this; 0: start at once")
     args = parser.parse_args(argv)
     try:
         args.only = {int(x) for x in args.only.split(",")}
@@ -373,6 +403,8 @@ def run(args: argparse.Namespace) -> tuple[list[Figure], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quiet_load:
+        machine.wait_for_quiet(args.quiet_load, 600)
     started = machine.utc_now()
     facts = machine.facts(started)
     clock = time.monotonic()

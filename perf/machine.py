@@ -90,3 +90,31 @@ def descendants(pid: int) -> list[int]:
         for child in children:
             found += [child, *descendants(child)]
     return found
+
+
+def wait_for_quiet(threshold: float, timeout: float) -> bool:
+    """Wait until the 1-minute load average is below ``threshold``; False if it never got there."""
+    import sys
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (current := os.getloadavg()[0]) >= threshold:
+        if time.monotonic() > deadline:
+            print(f"load still {current:.2f} after {timeout:.0f} s; running anyway", file=sys.stderr, flush=True)
+            return False
+        print(f"waiting for the load ({current:.2f}) to drop below {threshold:g}", file=sys.stderr, flush=True)
+        time.sleep(10)
+    return True
+
+
+def cpu_seconds(pid: int, with_descendants: bool = True) -> float:
+    """User plus system CPU time of ``pid`` (and, by default, of its descendants) so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for member in [pid, *(descendants(pid) if with_descendants else [])]:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks

@@ -149,6 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--producer-workers", type=int, default=1, help="producer processes of the local stack")
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="longest wait for the queue between scenarios")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where <timestamp>/ goes")
+    parser.add_argument("--quiet-load", type=float, default=0,
+                        help="first wait (up to 10 min) until the 1-minute load average is below this; 0: start at once")
     args = parser.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
@@ -161,6 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quiet_load:
+        machine.wait_for_quiet(args.quiet_load, 600)
     started = machine.utc_now()
     folder = args.results / machine.stamp(started)
     folder.mkdir(parents=True, exist_ok=True)
