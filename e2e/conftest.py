@@ -28,6 +28,13 @@ def pytest_configure(config: pytest.Config) -> None:
     kind_hooks.print_plan_and_exit(config)
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Kind-only scenarios are not collected on the local stack (not skipped: absent)."""
+    if collection_path.name == "test_kind_only.py" and config.getoption("--backend") == "local":
+        return True
+    return None
+
+
 @pytest.fixture(scope="session")
 def backend(request: pytest.FixtureRequest):
     name = request.config.getoption("--backend")
