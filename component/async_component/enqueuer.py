@@ -9,6 +9,8 @@ batch are unaffected.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis.asyncio as aioredis
 
 from .batching import Batcher
@@ -33,11 +35,12 @@ return ids
 
 class Enqueuer:
     def __init__(self, redis: aioredis.Redis, *, stream: str, key_prefix: str, retention: float,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, on_batch: Callable[[int], None] | None = None) -> None:
         self.stream = stream
         self.key_prefix = key_prefix
         self.retention_ms = str(max(1, round(retention * 1000)))
         self.script = redis.register_script(ENQUEUE_SCRIPT)
+        self.on_batch = on_batch
         self.batcher: Batcher[tuple[Envelope, Record], bytes] = Batcher(self._send, max_batch=max_batch)
 
     async def enqueue(self, envelope: Envelope, record: Record) -> str:
@@ -49,6 +52,8 @@ class Enqueuer:
         await self.batcher.close()
 
     async def _send(self, batch: list[tuple[Envelope, Record]]) -> list:
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         keys = [self.stream]
         args = [self.retention_ms, STREAM_FIELD]
         for envelope, record in batch:

@@ -145,6 +145,10 @@ class Metrics:
             "async_producer_enqueue_seconds", "Time from the body being read to Redis acknowledging the write",
             registry=registry, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.batch_size = Histogram(
+            "async_producer_batch_size", "Requests written to Redis in one round trip",
+            registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.status_reads = Counter(
             "async_producer_status_reads_total", "Status reads, by what they found", ["result"], registry=registry
         )
@@ -310,7 +314,7 @@ class Producer:
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
         self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, key_prefix=self.settings.key_prefix,
-                                 retention=self.settings.status_retention)
+                                 retention=self.settings.status_retention, on_batch=self.metrics.batch_size.observe)
 
     async def stop(self, app: web.Application) -> None:
         if self.enqueuer is not None:

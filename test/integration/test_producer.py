@@ -179,6 +179,7 @@ async def test_probes_and_metrics(base, http, redis_server):
         text = await resp.text()
     assert "async_producer_accepted_total 1.0" in text
     assert "async_producer_enqueue_seconds_count 1.0" in text
+    assert "async_producer_batch_size_count 1.0" in text
     redis_server.kill()
     async with http.get(f"{base}/readyz") as resp:
         assert resp.status == 503
