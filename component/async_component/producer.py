@@ -45,6 +45,10 @@ RETRY_AFTER_SECONDS = "1"
 WARNING_INTERVAL = 10.0
 """Seconds between two warnings about Redis failures (the rest are counted)."""
 
+VERDICT_CACHE_SIZE = 1024
+"""Target host verdicts remembered (a few Services send almost every request)."""
+_REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
+
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _ALLOWED_ENTRY = re.compile(rf"\.?{_HOST.pattern}")
@@ -180,6 +184,7 @@ class Producer:
         self.redis: aioredis.Redis | None = None
         self.owns_redis = False
         self.enqueuer: Enqueuer | None = None
+        self._verdicts: dict[str, tuple[str, int, str]] = {}
 
     # routing
 
@@ -188,20 +193,31 @@ class Producer:
         """Requests with ``Async-Original-Host`` are async requests, whatever route they match."""
         if ORIGINAL_HOST_HEADER not in request.headers:
             return await handler(request)
-        try:
-            values = request.headers.getall(ORIGINAL_HOST_HEADER)
-            if len(values) != 1:
-                raise BadRequest(f"{ORIGINAL_HOST_HEADER} must appear once")
-            host = target_host(values[0])
-        except BadRequest as exc:
-            self.metrics.rejected.labels("bad_request").inc()
-            return error_response(400, str(exc))
-        if not host_allowed(host, self.settings.allowed_hosts):
-            self.metrics.rejected.labels("forbidden_host").inc()
-            return error_response(403, f"target host {host!r} is not allowed by this producer")
+        values = request.headers.getall(ORIGINAL_HOST_HEADER)
+        host, status, message = self._verdict(values[0]) if len(values) == 1 else (
+            "", 400, f"{ORIGINAL_HOST_HEADER} must appear once")
+        if status:
+            self.metrics.rejected.labels(_REJECT_REASONS[status]).inc()
+            return error_response(status, message)
         if request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and request.path.startswith(STATUS_PATH_PREFIX):
             return await self.status(request, host)
         return await self.enqueue(request, host)
+
+    def _verdict(self, value: str) -> tuple[str, int, str]:
+        """(host, 0, "") for an allowed target, else ("", status, message); remembered per header value."""
+        verdict = self._verdicts.get(value)
+        if verdict is None:
+            try:
+                host = target_host(value)
+            except BadRequest as exc:
+                verdict = ("", 400, str(exc))
+            else:
+                allowed = host_allowed(host, self.settings.allowed_hosts)
+                verdict = (host, 0, "") if allowed else ("", 403, f"target host {host!r} is not allowed by this producer")
+            if len(self._verdicts) >= VERDICT_CACHE_SIZE:
+                self._verdicts.clear()
+            self._verdicts[value] = verdict
+        return verdict
 
     async def missing_header(self, request: web.Request) -> web.Response:
         return error_response(
