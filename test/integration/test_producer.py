@@ -265,6 +265,17 @@ async def test_redis_down_answers_503_then_recovers(base, http, redis_server, re
         assert 'async_producer_rejected_total{reason="redis_unavailable"}' in await resp.text()
 
 
+async def test_redis_failures_are_logged_once_per_interval(base, http, redis_server, caplog):
+    redis_server.kill()
+    with caplog.at_level("WARNING", logger="async_component.producer"):
+        for _ in range(5):
+            async with http.post(f"{base}/x", headers=ASYNC) as resp:
+                assert resp.status == 503
+    warnings = [r for r in caplog.records if r.name == "async_component.producer" and r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "Redis unavailable while queueing a request" in warnings[0].getMessage()
+
+
 async def test_error_reply_answers_503(base, http, redis_client):
     await redis_client.set("async-requests", "not a stream")
     async with http.post(f"{base}/x", headers=ASYNC) as resp:
