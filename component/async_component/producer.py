@@ -93,18 +93,19 @@ def without_respond_async(value: str) -> str:
     return ", ".join(kept)
 
 
-def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """Request headers to replay: order and repeats kept, transport and routing headers left out."""
-    pairs = [(_text(name), _text(value)) for name, value in raw_headers]
-    # Connection also names headers meant for this hop only
-    dropped = DROPPED_REQUEST_HEADERS.union(*(
-        {token.strip().lower() for token in value.split(",")} for name, value in pairs if name.lower() == "connection"
-    ))
+def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]], connection: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """Request headers to replay: order and repeats kept, transport and routing headers left out.
+
+    ``connection``: the Connection header's values, which name more headers meant for this hop only.
+    """
+    dropped = DROPPED_REQUEST_HEADERS.union(token.strip().lower() for value in connection for token in value.split(","))
     result = []
-    for name, value in pairs:
+    for raw_name, raw_value in raw_headers:
+        name = raw_name.decode("latin-1")  # a token: ASCII
         lower = name.lower()
         if lower in dropped:
             continue
+        value = _text(raw_value)
         if lower == _PREFER:
             value = without_respond_async(value)
             if not value:
@@ -256,7 +257,8 @@ class Producer:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._reject_too_large()
-        envelope = Envelope.new(request.method, f"http://{host}{target}", forwarded_headers(request.raw_headers), body)
+        headers = forwarded_headers(request.raw_headers, request.headers.getall(hdrs.CONNECTION, ()))
+        envelope = Envelope.new(request.method, f"http://{host}{target}", headers, body)
         record = Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
         started = time.perf_counter()
         try:
