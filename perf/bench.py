@@ -56,22 +56,30 @@ def progress(message: str) -> None:
 # --- 1. producer acceptance
 
 
-def bench_producer(seconds: float, worker_counts: list[int]) -> tuple[list[Figure], list[str]]:
+def bench_producer(seconds: float, worker_counts: list[int], rounds: int = 3) -> tuple[list[Figure], list[str]]:
+    """Bare handler and producer run side by side, loaded in alternating rounds, so a burst of
+    load from elsewhere on the machine hits both rather than one."""
     found: list[Figure] = []
     notes: list[str] = []
     with RedisServer() as redis_server:
         client = redis.Redis.from_url(redis_server.url)
         for workers in worker_counts:
             threads = min(workers, 2)  # one wrk thread cannot saturate two workers
-            with servers.bare(workers) as bare:
-                progress(f"1. wrk -> bare aiohttp, {workers} worker(s), {seconds:.0f} s")
-                with cpu_used(bare.pid) as base_cpu:
-                    base = wrk.run(bare.url + "/", seconds=seconds, threads=threads)
             client.flushall()
-            with servers.producer(redis_server.url, workers) as producer:
-                progress(f"1. wrk -> producer, {workers} worker(s), {seconds:.0f} s")
-                with cpu_used(producer.pid) as producer_cpu, cpu_used(redis_server.process.pid) as redis_cpu:
-                    result = wrk.run(producer.url + "/", seconds=seconds, threads=threads)
+            with servers.bare(workers) as bare, servers.producer(redis_server.url, workers) as producer:
+                progress(f"1. wrk -> bare aiohttp and producer, {workers} worker(s), "
+                         f"{rounds} alternating rounds of {seconds / rounds:.0f} s each")
+                base_rounds, producer_rounds = [], []
+                base_cpu, producer_cpu, redis_cpu = [0.0], [0.0], [0.0]
+                for _ in range(rounds):
+                    with cpu_used(bare.pid) as used:
+                        base_rounds.append(wrk.run(bare.url + "/", seconds=seconds / rounds, threads=threads))
+                    base_cpu[0] += used[0]
+                    with cpu_used(producer.pid) as used, cpu_used(redis_server.process.pid) as used_by_redis:
+                        producer_rounds.append(wrk.run(producer.url + "/", seconds=seconds / rounds, threads=threads))
+                    producer_cpu[0] += used[0]
+                    redis_cpu[0] += used_by_redis[0]
+                base, result = wrk.combine(base_rounds), wrk.combine(producer_rounds)
             queued = client.xlen(DEFAULT_STREAM)
             client.flushall()
             label = f"1 producer, {workers} worker{'s' if workers > 1 else ''}"
@@ -88,9 +96,11 @@ def bench_producer(seconds: float, worker_counts: list[int]) -> tuple[list[Figur
                        ">= 1.0 and no errors", queued >= result.requests and result.errors == 0),
             ]
             notes.append(f"{label}: p50 {result.p50_ms:.2f} ms, max {result.max_ms:.1f} ms; "
-                         f"bare p50 {base.p50_ms:.2f} ms, max {base.max_ms:.1f} ms; CPU per request: producer "
-                         f"{per_request_us(producer_cpu, result.requests)} µs + redis-server "
-                         f"{per_request_us(redis_cpu, result.requests)} µs, bare {per_request_us(base_cpu, base.requests)} µs")
+                         f"bare p50 {base.p50_ms:.2f} ms, max {base.max_ms:.1f} ms; rounds (producer/bare req/s): "
+                         + ", ".join(f"{p.rate:,.0f}/{b.rate:,.0f}" for p, b in zip(producer_rounds, base_rounds))
+                         + f"; CPU per request: producer {per_request_us(producer_cpu, result.requests)} µs + "
+                         f"redis-server {per_request_us(redis_cpu, result.requests)} µs, "
+                         f"bare {per_request_us(base_cpu, base.requests)} µs")
         client.close()
     return found, notes
 

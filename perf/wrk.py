@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def parse(output: str) -> WrkResult:
     errors = sum(doc[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
     return WrkResult(requests=doc["requests"], seconds=doc["duration_us"] / 1e6, errors=errors,
                      p50_ms=doc["p50_us"] / 1000, p99_ms=doc["p99_us"] / 1000, max_ms=doc["max_us"] / 1000)
+
+
+def combine(rounds: list[WrkResult]) -> WrkResult:
+    """Several rounds as one: counts and time added up, the median round's percentiles, the worst max."""
+    return WrkResult(
+        requests=sum(r.requests for r in rounds), seconds=sum(r.seconds for r in rounds),
+        errors=sum(r.errors for r in rounds), p50_ms=statistics.median(r.p50_ms for r in rounds),
+        p99_ms=statistics.median(r.p99_ms for r in rounds), max_ms=max(r.max_ms for r in rounds),
+    )
 
 
 def run(url: str, *, seconds: float, connections: int = 64, threads: int = 1, body_bytes: int = 1024,

@@ -162,3 +162,11 @@ def test_wrk_summary_line_is_read_with_errors_added_up():
 def test_wrk_only_loads_loopback():
     with pytest.raises(wrk.WrkError, match="only target 127.0.0.1"):
         wrk.run("http://10.0.0.1:80/", seconds=1)
+
+
+def test_wrk_rounds_combine_into_one_rate_with_median_percentiles():
+    rounds = [wrk.WrkResult(1000, 1.0, 0, 2.0, 9.0, 30.0), wrk.WrkResult(3000, 1.0, 1, 1.0, 5.0, 10.0),
+              wrk.WrkResult(2000, 1.0, 0, 3.0, 7.0, 12.0)]
+    combined = wrk.combine(rounds)
+    assert combined.rate == 2000 and combined.errors == 1
+    assert (combined.p50_ms, combined.p99_ms, combined.max_ms) == (2.0, 7.0, 30.0)
