@@ -69,6 +69,8 @@ def bench_producer(seconds: float, worker_counts: list[int], rounds: int = 3) ->
             with servers.bare(workers) as bare, servers.producer(redis_server.url, workers) as producer:
                 progress(f"1. wrk -> bare aiohttp and producer, {workers} worker(s), "
                          f"{rounds} alternating rounds of {seconds / rounds:.0f} s each")
+                for server in (bare, producer):  # connections, script load, first batches: not counted
+                    wrk.run(server.url + "/", seconds=2, threads=threads)
                 base_rounds, producer_rounds = [], []
                 base_cpu, producer_cpu, redis_cpu = [0.0], [0.0], [0.0]
                 for _ in range(rounds):
