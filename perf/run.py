@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"no wait between tasks",
         "duration": f"{args.duration} s per scenario, one scenario at a time",
         "app sleep": f"{args.sleep:g} s per request; Location polled every {args.poll * 1000:g} ms",
-        "load after the run": machine.load(),
+        "load after the run (this run included)": machine.load(),
         "command": "python perf/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
     })
     if failed:
