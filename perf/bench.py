@@ -71,6 +71,7 @@ def bench_producer(seconds: float, worker_counts: list[int], rounds: int = 3) ->
                          f"{rounds} alternating rounds of {seconds / rounds:.0f} s each")
                 for server in (bare, producer):  # connections, script load, first batches: not counted
                     wrk.run(server.url + "/", seconds=2, threads=threads)
+                warm_up_entries = client.xlen(DEFAULT_STREAM)
                 base_rounds, producer_rounds = [], []
                 base_cpu, producer_cpu, redis_cpu = [0.0], [0.0], [0.0]
                 for _ in range(rounds):
@@ -82,7 +83,7 @@ def bench_producer(seconds: float, worker_counts: list[int], rounds: int = 3) ->
                     producer_cpu[0] += used[0]
                     redis_cpu[0] += used_by_redis[0]
                 base, result = wrk.combine(base_rounds), wrk.combine(producer_rounds)
-            queued = client.xlen(DEFAULT_STREAM)
+            queued = client.xlen(DEFAULT_STREAM) - warm_up_entries
             client.flushall()
             label = f"1 producer, {workers} worker{'s' if workers > 1 else ''}"
             share = ratio(result.rate, base.rate)
