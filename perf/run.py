@@ -103,10 +103,10 @@ def run_scenario(args: argparse.Namespace, where: Target, folder: Path, scenario
                    f"{args.users} users, {count:,} requests", ticks)
             ticks += 1
             time.sleep(1.0)
-    status(f"{position} {scenario}: done, {requests_so_far(Path(f'{prefix}_stats_history.csv')):,} requests", 0,
-           final=True)
     if not Path(f"{prefix}.json").exists():
         raise SystemExit(f"locust wrote no results for {scenario} (exit code {process.returncode}); see {prefix}.log")
+    total = sum(entry.requests for entry in report.load_entries(Path(f"{prefix}.json"), scenario))
+    status(f"{position} {scenario}: done, {total:,} requests", 0, final=True)
     return process.returncode
 
 
