@@ -11,6 +11,7 @@ between only means a redelivery, never a lost request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from yarl import URL
 
 from . import logs, probes
 from .envelope import STREAM_FIELD, Envelope, EnvelopeError
-from .records import FAILED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers, retry_key
+from .records import FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers, retry_key
 from .redisconn import redis_address, make_redis
 from .resources import PREFER_HEADER, RESPOND_SYNC
 from .retries import RetryMover, backoff, replay_retryable
@@ -48,18 +49,42 @@ MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
 
 
+# KEYS[1] the record; ARGV[1] the running record, ARGV[2] its lifetime (ms), ARGV[3] the attempt about to start,
+# ARGV[4] the retrying state, ARGV[5...] the final states.
+# One round trip: returns the state when the request is finished, or when this attempt already ended in a
+# scheduled retry (a redelivered event); else marks the request running and returns nil.
+START_SCRIPT = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, doc = pcall(cjson.decode, old)
+  if ok and type(doc) == 'table' then
+    local state = doc['state']
+    if state == ARGV[4] and (tonumber(doc['attempts']) or 0) >= tonumber(ARGV[3]) then
+      return state
+    end
+    for i = 5, #ARGV do
+      if state == ARGV[i] then
+        return state
+      end
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+
 class BadEvent(Exception):
     """The event is not a queued request (400)."""
 
 
+@dataclasses.dataclass(frozen=True)
 class Replayed:
     """What one replay came to: a response, or the error that prevented one."""
 
-    def __init__(self, response: RecordedResponse | None = None, error: str | None = None,
-                 retryable: bool = False) -> None:
-        self.response = response
-        self.error = error
-        self.retryable = retryable
+    response: RecordedResponse | None = None
+    error: str | None = None
+    retryable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -144,8 +169,10 @@ class Consumer:
         self.session: aiohttp.ClientSession | None = None
         self.mover_interval = mover_interval
         self.mover_task: asyncio.Task | None = None
+        self.stopping = asyncio.Event()
         self.throttle = LogThrottle(log)
         self.retention_ms = max(1, round(settings.status_retention * 1000))
+        self.start_script = None
 
     # --- one event
 
@@ -159,16 +186,17 @@ class Consumer:
             return self._malformed(request, f"not a CloudEvent: {exc}")
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id)
+        running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time())
         try:
-            previous = await self._record(key)
-            if previous is not None and self._already_done(previous, attempt):
-                self.metrics.events.labels("duplicate").inc()
-                log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, previous.state)
-                return web.json_response({"id": envelope.id, "state": previous.state, "duplicate": True})
-            host = previous.host if previous is not None else host
-            await self._set(key, Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time()))
+            args = [running.to_json(), self.retention_ms, attempt, RETRYING, *FINAL_STATES]
+            done_state = await self.start_script(keys=[key], args=args)
         except Exception as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
+        if done_state:
+            state = done_state.decode()
+            self.metrics.events.labels("duplicate").inc()
+            log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
+            return web.json_response({"id": envelope.id, "state": state, "duplicate": True})
 
         replayed = await self.replay(envelope, attempt, host, target)
         try:
@@ -178,11 +206,6 @@ class Consumer:
         self.metrics.events.labels("replayed").inc()
         self.metrics.replays.labels(state).inc()
         return web.json_response({"id": envelope.id, "state": state, "attempt": attempt})
-
-    @staticmethod
-    def _already_done(record: Record, attempt: int) -> bool:
-        """Finished, or this attempt already ended in a scheduled retry (a redelivered event)."""
-        return record.finished or (record.state == RETRYING and record.attempts >= attempt)
 
     def _malformed(self, request: web.Request, message: str) -> web.Response:
         self.metrics.events.labels("malformed").inc()
@@ -196,16 +219,6 @@ class Consumer:
         self.throttle.warning("request %s: Redis unavailable while %s the replay, answering 503: %s: %s",
                               envelope.id, what, type(exc).__name__, exc)
         return error_response(503, "the request store is unavailable, deliver the event again later")
-
-    async def _record(self, key: str) -> Record | None:
-        raw = await self.redis.get(key)
-        if raw is None:
-            return None
-        try:
-            return Record.from_json(raw)
-        except ValueError as exc:
-            log.error("%s: %s; replaying anyway", key, exc)
-            return None
 
     async def _set(self, key: str, record: Record) -> None:
         await self.redis.set(key, record.to_json(), px=self.retention_ms)
@@ -274,6 +287,7 @@ class Consumer:
         if self.redis is None:
             self.redis = make_redis(self.settings)
             self.owns_redis = True
+        self.start_script = self.redis.register_script(START_SCRIPT)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
             connector=aiohttp.TCPConnector(limit=0),
@@ -283,12 +297,12 @@ class Consumer:
         )
         mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix), stream=self.settings.stream,
                            on_moved=self.metrics.retries_moved.inc)
-        self.mover_task = asyncio.create_task(mover.run(self.mover_interval), name="retry-mover")
+        self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
 
     async def stop(self, app: web.Application) -> None:
+        self.stopping.set()
         if self.mover_task is not None:
-            self.mover_task.cancel()
-            await asyncio.gather(self.mover_task, return_exceptions=True)
+            await self.mover_task
         if self.session is not None:
             await self.session.close()
         if self.owns_redis:

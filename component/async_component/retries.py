@@ -39,6 +39,19 @@ def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float] = r
     return min(cap, base * 2.0**exponent) * (0.5 + 0.5 * rand())
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``event``; whether it is set.
+
+    Loops stop on an event rather than by cancellation: redis-py can swallow a
+    cancellation that lands mid-command, which would leave such a loop running.
+    """
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
 def replay_retryable(status: int) -> bool:
     return status in REPLAY_RETRY_STATUSES
 
@@ -90,11 +103,11 @@ class RetryMover:
                 self.on_moved(total)
         return total
 
-    async def run(self, interval: float) -> None:
-        """Until cancelled; a Redis outage is logged (rate-limited) and waited out."""
-        while True:
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set; a Redis outage is logged (rate-limited) and waited out."""
+        while not stop.is_set():
             try:
                 await self.move_due()
             except Exception as exc:  # Redis down or erroring: the retries wait in the set
                 self.throttle.warning("cannot move due retries: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(interval)
+            await wait_event(stop, interval)

@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 from . import logs, probes
 from .envelope import event_attributes, event_data
 from .redisconn import make_redis, redis_address
-from .retries import DELIVERED, REJECTED, backoff, sink_verdict
+from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from .settings import SettingsError, SourceSettings
 from .throttle import LogThrottle
 
@@ -104,15 +104,16 @@ class Source:
             timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout),
             connector=aiohttp.TCPConnector(limit=self.settings.concurrency),
         )
-        heartbeat = asyncio.create_task(self._heartbeat(), name="source-heartbeat")
+        drained = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(drained), name="source-heartbeat")
         log.info("source %s delivering %s (group %s) to %s, %d at a time", self.name, self.settings.stream,
                  self.settings.group, self.settings.sink_url, self.settings.concurrency)
         try:
             await self._loop()
             await self._drain()
         finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            drained.set()
+            await heartbeat
             await self._leave_group()
             await self.session.close()
             if self.owns_redis:
@@ -185,11 +186,10 @@ class Source:
                      settings.visibility_timeout, ", ".join(entry_id for entry_id, _ in entries))
         return entries, cursor == "0-0"
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, drained: asyncio.Event) -> None:
         """Reset the idle time of entries still being delivered, so no other source reclaims them."""
         settings = self.settings
-        while True:
-            await asyncio.sleep(settings.visibility_timeout / 3)
+        while not await wait_event(drained, settings.visibility_timeout / 3):
             ids = list(self.in_flight)
             if not ids:
                 continue
@@ -208,8 +208,8 @@ class Source:
         _, late = await asyncio.wait(tasks, timeout=self.stop_grace)
         for task in late:
             task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
-        if late:
+        if late:  # a cancellation lost inside redis-py must not hold the exit: the wait is bounded
+            await asyncio.wait(late, timeout=MAX_BLOCK)
             log.warning("source %s left %d deliveries unfinished; they stay pending for another source",
                         self.name, len(late))
 
@@ -301,25 +301,23 @@ class Source:
 
     async def _sleep(self, delay: float) -> bool:
         """Sleep unless stopping; whether the source is stopping."""
-        try:
-            await asyncio.wait_for(self.stopping.wait(), delay)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self.stopping, delay)
 
     async def _unless_stopped(self, awaitable: Awaitable[T]) -> T | None:
-        """The result of ``awaitable``, or None (and it cancelled) if the source stops first."""
+        """The result of ``awaitable``, or None if the source stops first (it is then cancelled)."""
         task = asyncio.ensure_future(awaitable)
         stopped = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        return None
+        if not task.done():
+            task.cancel()
+            # redis-py may swallow the cancellation; the read then ends with its BLOCK
+            await asyncio.wait({task}, timeout=MAX_BLOCK + 1)
+        if not task.done() or task.cancelled():
+            return None
+        return task.result()
 
 
 # --- the process

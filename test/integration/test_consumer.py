@@ -49,7 +49,7 @@ class Target:
         await asyncio.sleep(self.delay)
         status = self.statuses.pop(0) if self.statuses else 200
         compressed = gzip.compress(b"reply to " + body)
-        headers = [("Content-Encoding", "gzip"), ("X-Reply", "a"), ("X-Reply", "b")]
+        headers = [("Content-Encoding", "gzip"), ("X-Reply", "a"), ("X-Reply", "b"), ("Location", "/elsewhere")]
         return web.Response(status=status, body=compressed, headers=headers)
 
     def header(self, n: int, name: str) -> list[str]:
@@ -209,6 +209,17 @@ async def test_event_forms_are_all_replayed(form, base, http, redis_client, targ
     status, doc = await post(http, base, *event)
     assert (status, doc["state"]) == (200, SUCCEEDED)
     assert [s["raw_path"] for s in target.seen] == ["/form"]
+
+
+async def test_a_redirect_is_recorded_not_followed(base, http, redis_client, target):
+    envelope = envelope_for(target, "/moved")
+    entry_id = await queue(redis_client, envelope)
+    target.statuses = [302]
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc["state"]) == (200, SUCCEEDED)
+    assert [s["raw_path"] for s in target.seen] == ["/moved"]
+    record = await record_of(redis_client, envelope.id)
+    assert record.response.status == 302 and ("Location", "/elsewhere") in record.response.headers
 
 
 async def test_gateway_gets_the_request_with_the_target_host(redis_url, http, redis_client, target):

@@ -246,25 +246,24 @@ async def test_a_long_delivery_is_not_stolen_by_another_source(redis_url, redis_
     assert sink.received == [entry_id]
 
 
-async def test_stop_waits_for_deliveries_in_flight_within_the_grace_period(redis_url, redis_client, sink):
-    sink.delay = 0.5
-    source = Source(settings_for(redis_url, sink.url), stop_grace=5)
+async def stop_while_delivering(settings: SourceSettings, redis_client, sink: Sink, grace: float) -> None:
+    source = Source(settings, stop_grace=grace)
     task = asyncio.create_task(source.run())
     await queue(redis_client)
     assert await eventually(lambda: _count(sink.received, 1))
     source.stop()
     await asyncio.wait_for(task, 5)
+
+
+async def test_stop_waits_for_deliveries_in_flight_within_the_grace_period(redis_url, redis_client, sink):
+    sink.delay = 0.5
+    await stop_while_delivering(settings_for(redis_url, sink.url), redis_client, sink, grace=5)
     assert len(sink.delivered) == 1 and await settled(redis_client)
 
 
 async def test_stop_leaves_a_delivery_past_the_grace_period_pending(redis_url, redis_client, sink):
     sink.hold = True
-    source = Source(settings_for(redis_url, sink.url), stop_grace=0.2)
-    task = asyncio.create_task(source.run())
-    await queue(redis_client)
-    assert await eventually(lambda: _count(sink.received, 1))
-    source.stop()
-    await asyncio.wait_for(task, 5)
+    await stop_while_delivering(settings_for(redis_url, sink.url), redis_client, sink, grace=0.2)
     assert await pending(redis_client) == 1 and await redis_client.xlen(STREAM) == 1
 
 
