@@ -29,8 +29,11 @@ from yarl import URL
 
 from . import logs, probes
 from .envelope import STREAM_FIELD, Envelope, EnvelopeError
-from .records import FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers, retry_key
-from .redisconn import redis_address, make_redis
+from .records import (
+    FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
+    retry_key,
+)
+from .redisconn import make_redis, redis_address
 from .resources import PREFER_HEADER, RESPOND_SYNC
 from .retries import RetryMover, backoff, replay_retryable
 from .settings import ConsumerSettings
@@ -146,7 +149,8 @@ class Metrics:
             self.replays.labels(outcome)
         self.replay_seconds = Histogram(
             "async_consumer_replay_seconds", "Time from sending the replay to having the Service's full response",
-            registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
         self.retries_scheduled = Counter("async_consumer_retries_scheduled_total", "Retries put in the retry set",
                                          registry=registry)
@@ -245,7 +249,8 @@ class Consumer:
         except ValueError as exc:  # a method or header aiohttp refuses to send
             return Replayed(error=f"cannot send the request: {exc}")
         self.metrics.replay_seconds.observe(time.perf_counter() - started)
-        log.info("request %s attempt %d: %s %s answered %d", envelope.id, attempt, envelope.method, url, recorded.status)
+        log.info("request %s attempt %d: %s %s answered %d", envelope.id, attempt, envelope.method, url,
+                 recorded.status)
         error = None if 200 <= recorded.status < 400 else f"the Service answered {recorded.status}"
         return Replayed(response=recorded, error=error, retryable=replay_retryable(recorded.status))
 
@@ -328,8 +333,8 @@ def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
 
 def run(settings: ConsumerSettings) -> int:
     logs.configure("consumer", settings.log_level)
-    log.info("consumer listening on %s:%d, redis %s, stream %s, %s", settings.host, settings.port,
-             redis_address(settings), settings.stream,
-             f"replaying through {settings.target_gateway_url}" if settings.target_gateway_url else "replaying directly")
+    route = f"through {settings.target_gateway_url}" if settings.target_gateway_url else "directly"
+    log.info("consumer listening on %s:%d, redis %s, stream %s, replaying %s", settings.host, settings.port,
+             redis_address(settings), settings.stream, route)
     web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None)
     return 0

@@ -42,8 +42,8 @@ class Target:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.seen.append({"method": request.method, "raw_path": request.raw_path, "headers": list(request.headers.items()),
-                          "body": body})
+        self.seen.append({"method": request.method, "raw_path": request.raw_path,
+                          "headers": list(request.headers.items()), "body": body})
         if self.on_request is not None:
             self.on_request()
         await asyncio.sleep(self.delay)

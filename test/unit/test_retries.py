@@ -40,7 +40,8 @@ def test_sink_4xx_rejects_for_good_but_408_429_and_5xx_retry(status, verdict):
 
 
 def member(n: int) -> str:
-    return Envelope.new("GET", f"http://svc/{n}", [], b"", request_id=f"id{n}", accepted_at=1.0).next_attempt().to_json()
+    envelope = Envelope.new("GET", f"http://svc/{n}", [], b"", request_id=f"id{n}", accepted_at=1.0)
+    return envelope.next_attempt().to_json()
 
 
 async def test_mover_moves_due_retries_only_and_removes_them(redis_client):
