@@ -186,7 +186,7 @@ def test_network_layer_steps_belong_to_their_layer():
         assert len(common) == 5, common  # serving crds+core, eventing crds+core, redis-source
 
 
-@pytest.mark.parametrize("layer, ingress_class", zip(LAYERS, INGRESS_CLASSES))
+@pytest.mark.parametrize("layer, ingress_class", list(zip(LAYERS, INGRESS_CLASSES)))
 def test_knative_and_the_component_use_the_layer_ingress_class(layer, ingress_class):
     patches = {step.args["resource"]: step.args["patch"] for step in steps_of(layer, "kubectl-patch")}
     assert patches["configmap/config-network"] == {"data": {"ingress-class": ingress_class}}
