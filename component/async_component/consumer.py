@@ -39,6 +39,11 @@ from .retries import RetryMover, backoff, replay_retryable
 from .settings import ConsumerSettings
 from .throttle import LogThrottle
 
+try:  # less CPU per event; plain asyncio works too
+    from uvloop import new_event_loop
+except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
+    new_event_loop = asyncio.new_event_loop
+
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "Async-Request-Id"
@@ -336,5 +341,6 @@ def run(settings: ConsumerSettings) -> int:
     route = f"through {settings.target_gateway_url}" if settings.target_gateway_url else "directly"
     log.info("consumer listening on %s:%d, redis %s, stream %s, replaying %s", settings.host, settings.port,
              redis_address(settings), settings.stream, route)
-    web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None)
+    web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
+                loop=new_event_loop())
     return 0
