@@ -5,8 +5,13 @@ of the network layer, whatever its method and path: a GET or HEAD under
 ``STATUS_PATH_PREFIX`` reads a queued request's status, anything else is
 queued. Requests without that header only reach the probes. The target host must
 be on ``ALLOWED_HOSTS``, so the producer can never be used to reach arbitrary
-hosts. A 202 is only sent once Redis has stored both the stream entry and the
-status record.
+hosts. A 202 is only sent once Redis has stored the stream entry.
+
+No status record is written at accept time: the ``Location`` names both the
+stream entry and the request (``<entry id>.<request id>``), and while the
+request has no record yet (the consumer creates one when it starts it) the
+status resource reports ``queued`` from the entry itself. The request id (144
+random bits) is still what grants access: an entry id alone finds nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from redis.backoff import NoBackoff
 
 from . import logs, probes
 from .enqueuer import Enqueuer
-from .envelope import Envelope
+from .envelope import Envelope, EnvelopeError
 from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
 from .redisconn import make_redis, redis_address
 from .resources import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH_PREFIX
@@ -53,6 +58,9 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _ALLOWED_ENTRY = re.compile(rf"\.?{_HOST.pattern}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+LOCATION_SEPARATOR = "."
+"""Between entry id and request id in a status path: in neither alphabet."""
 _PREFERENCES = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
 
 _PREFER = PREFER_HEADER.lower()
@@ -119,6 +127,19 @@ def _text(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
+
+
+def _queued_record(entries: list, request_id: str, host: str) -> Record | None:
+    """``queued`` when the stream entry holds this request for this host, else None."""
+    if not entries:
+        return None
+    try:
+        envelope = Envelope.from_stream_fields(entries[0][1])
+    except EnvelopeError:
+        return None
+    if envelope.id != request_id or not envelope.url.startswith(f"http://{host}/"):
+        return None  # another request's entry, or another Service's request: do not confirm it exists
+    return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
 
 
 def _request_target(request: web.Request) -> str:
@@ -259,15 +280,14 @@ class Producer:
             return self._reject_too_large()
         headers = forwarded_headers(request.raw_headers, request.headers.getall(hdrs.CONNECTION, ()))
         envelope = Envelope.new(request.method, f"http://{host}{target}", headers, body)
-        record = Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
         started = time.perf_counter()
         try:
-            await self.enqueuer.enqueue(envelope, record)
+            entry_id = await self.enqueuer.enqueue(envelope.to_json())
         except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
         self.metrics.enqueue_seconds.observe(time.perf_counter() - started)
         self.metrics.accepted.inc()
-        location = STATUS_PATH_PREFIX + envelope.id
+        location = f"{STATUS_PATH_PREFIX}{entry_id}{LOCATION_SEPARATOR}{envelope.id}"
         # ids are URL-safe base64, so the JSON needs no escaping
         body = f'{{"id":"{envelope.id}","state":"{QUEUED}","status_url":"{location}"}}'
         return web.Response(status=202, text=body, content_type="application/json",
@@ -281,18 +301,22 @@ class Producer:
     # status
 
     async def status(self, request: web.Request, host: str) -> web.Response:
-        request_id = request.path[len(STATUS_PATH_PREFIX):]
-        if not _REQUEST_ID.fullmatch(request_id):
+        """``<entry id>.<request id>`` (what ``Location`` says) or ``<request id>`` alone (record only)."""
+        entry_id, _, request_id = request.path[len(STATUS_PATH_PREFIX):].rpartition(LOCATION_SEPARATOR)
+        if not _REQUEST_ID.fullmatch(request_id) or (entry_id and not _ENTRY_ID.fullmatch(entry_id)):
             return self._not_found(request_id)
         try:
-            raw = await self.redis.get(record_key(self.settings.key_prefix, request_id))
+            raw, entries = await self._read_status(request_id, entry_id)
         except Exception as exc:  # Redis down: the status is unknown, not absent
             self.metrics.status_reads.labels("redis_unavailable").inc()
             self.warnings.failed("reading a status", exc)
             return error_response(503, "the request status is unavailable, try again later",
                                   **{hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS})
         if raw is None:
-            return self._not_found(request_id)
+            record = _queued_record(entries, request_id, host)
+            if record is None:
+                return self._not_found(request_id)
+            return self._pending(request_id, record)
         try:
             record = Record.from_json(raw)
         except ValueError as exc:
@@ -301,14 +325,9 @@ class Producer:
             return error_response(500, f"the status of request {request_id} cannot be read")
         if record.host != host:  # another Service's request: do not even confirm it exists
             return self._not_found(request_id)
-        self.metrics.status_reads.labels(record.state).inc()
         if record.state in PENDING_STATES:
-            doc = {"id": request_id, "state": record.state, "attempts": record.attempts, "updated_at": record.updated_at}
-            if record.state == RETRYING and record.next_attempt_at is not None:
-                doc["next_attempt_at"] = record.next_attempt_at
-            if record.error is not None:
-                doc["error"] = record.error
-            return web.json_response(doc, status=202, headers={STATE_HEADER: record.state})
+            return self._pending(request_id, record)
+        self.metrics.status_reads.labels(record.state).inc()
         response = record.response
         if response is None or not 200 <= response.status <= 599:
             message = record.error or f"request finished as {record.state} without a response"
@@ -317,6 +336,31 @@ class Producer:
         headers = CIMultiDict((k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP)
         headers[STATE_HEADER] = record.state
         return web.Response(status=response.status, headers=headers, body=response.body)
+
+    async def _read_status(self, request_id: str, entry_id: str) -> tuple[bytes | None, list]:
+        """The record, and the stream entry when ``entry_id`` is given, in one round trip.
+
+        The entry is read first: the consumer writes the ``running`` record before the
+        source deletes the entry, so an entry found missing here means the record (if
+        the request exists) was already there for the GET that follows.
+        """
+        key = record_key(self.settings.key_prefix, request_id)
+        if not entry_id:
+            return await self.redis.get(key), []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(self.settings.stream, entry_id, entry_id)
+            pipe.get(key)
+            entries, raw = await pipe.execute()
+        return raw, entries
+
+    def _pending(self, request_id: str, record: Record) -> web.Response:
+        self.metrics.status_reads.labels(record.state).inc()
+        doc = {"id": request_id, "state": record.state, "attempts": record.attempts, "updated_at": record.updated_at}
+        if record.state == RETRYING and record.next_attempt_at is not None:
+            doc["next_attempt_at"] = record.next_attempt_at
+        if record.error is not None:
+            doc["error"] = record.error
+        return web.json_response(doc, status=202, headers={STATE_HEADER: record.state})
 
     def _not_found(self, request_id: str) -> web.Response:
         self.metrics.status_reads.labels("not_found").inc()
@@ -331,8 +375,7 @@ class Producer:
             # and a quick 503 is the client's cue to retry
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
-        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, key_prefix=self.settings.key_prefix,
-                                 retention=self.settings.status_retention, on_batch=self.metrics.batch_size.observe)
+        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, on_batch=self.metrics.batch_size.observe)
 
     async def stop(self, app: web.Application) -> None:
         if self.enqueuer is not None:

@@ -1,10 +1,11 @@
 """Request records: what the status resource reports, shared by producer and consumer.
 
 One Redis string per request, ``<prefix>:req:<id>``, holding a small JSON
-document that expires after the retention period. The producer writes
-``queued`` in the same round trip as the stream entry; the consumer moves it to
-``running``, ``retrying``, then ``succeeded`` or ``failed`` with the Service's
-recorded response.
+document that expires after the retention period. The producer writes none:
+a request without a record is ``queued`` as long as its stream entry exists
+(the producer's status resource checks). The consumer creates it as
+``running``, then moves it to ``retrying``, ``succeeded`` or ``failed`` with
+the Service's recorded response.
 """
 
 from __future__ import annotations

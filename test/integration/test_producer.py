@@ -79,10 +79,11 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
         assert resp.status == 202
         doc = await resp.json()
         request_id = resp.headers["Async-Request-Id"]
-        assert resp.headers["Location"] == STATUS_PATH_PREFIX + request_id
-    assert doc == {"id": request_id, "state": "queued", "status_url": STATUS_PATH_PREFIX + request_id}
-
+        location = resp.headers["Location"]
     [(entry_id, fields)] = await stream_entries(redis_client)
+    assert location == f"{STATUS_PATH_PREFIX}{entry_id.decode()}.{request_id}"
+    assert doc == {"id": request_id, "state": "queued", "status_url": location}
+
     envelope = Envelope.from_stream_fields(fields)
     assert envelope.id == request_id
     assert envelope.method == "PUT"
@@ -95,10 +96,12 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
         assert gone not in names
     assert ("Content-Type", "application/octet-stream") in envelope.headers
 
-    record = Record.from_json(await redis_client.get(record_key("async", request_id)))
-    assert (record.state, record.host, record.attempts) == (QUEUED, HOST, 0)
-    ttl = await redis_client.ttl(record_key("async", request_id))
-    assert 86000 < ttl <= 86400
+    async with http.get(base + location, headers=ASYNC) as resp:
+        assert resp.status == 202 and resp.headers["Async-Request-State"] == QUEUED
+        status = await resp.json()
+    assert (status["id"], status["state"], status["attempts"]) == (request_id, QUEUED, 0)
+    assert status["updated_at"] == envelope.accepted_at
+    assert await redis_client.keys("async:*") == []  # the entry is all a queued request costs
 
 
 async def test_prefer_with_only_respond_async_is_dropped_and_any_path_is_queued(base, http, redis_client):
@@ -290,9 +293,10 @@ async def test_concurrent_requests_get_distinct_ids_and_all_entries(base, http, 
     async def one(n: int):
         async with http.post(f"{base}/n/{n}", data=str(n).encode(), headers=ASYNC) as resp:
             assert resp.status == 202
-            return resp.headers["Async-Request-Id"]
+            return resp.headers["Async-Request-Id"], resp.headers["Location"]
 
-    ids = await asyncio.gather(*(one(n) for n in range(200)))
+    accepted = await asyncio.gather(*(one(n) for n in range(200)))
+    ids = [request_id for request_id, _ in accepted]
     assert len(set(ids)) == 200
     entries = await stream_entries(redis_client)
     by_id = {e.id: e for e in (Envelope.from_stream_fields(f) for _, f in entries)}
@@ -300,7 +304,9 @@ async def test_concurrent_requests_get_distinct_ids_and_all_entries(base, http, 
     for n, request_id in enumerate(ids):
         assert by_id[request_id].body == str(n).encode()
         assert by_id[request_id].url.endswith(f"/n/{n}")
-        assert await redis_client.exists(record_key("async", request_id))
+    for request_id, location in accepted:
+        async with http.get(base + location, headers=ASYNC) as resp:
+            assert resp.status == 202 and (await resp.json())["id"] == request_id
 
 
 # --- status
@@ -328,6 +334,28 @@ async def test_status_after_enqueue_is_pending_and_hidden_from_other_hosts(base,
     assert doc["id"] == request_id and doc["state"] == QUEUED and doc["attempts"] == 0
     assert doc["updated_at"] > 0
     async with http.get(base + location, headers={"Async-Original-Host": "other.default.svc.cluster.local"}) as resp:
+        assert resp.status == 404
+
+
+async def test_status_needs_the_request_id_and_follows_the_record(base, http, redis_client):
+    async with http.post(f"{base}/x", headers=ASYNC) as resp:
+        location = resp.headers["Location"]
+        request_id = resp.headers["Async-Request-Id"]
+    async with http.post(f"{base}/y", headers=ASYNC) as resp:
+        other_id = resp.headers["Async-Request-Id"]
+    entry_id = location[len(STATUS_PATH_PREFIX):].partition(".")[0]
+    for path in (entry_id, f"{entry_id}.", f"{entry_id}.{other_id}", request_id, f"{entry_id}.{request_id}x",
+                 f"x{entry_id}.{request_id}"):
+        async with http.get(f"{base}{STATUS_PATH_PREFIX}{path}", headers=ASYNC) as resp:
+            assert resp.status == 404, path
+    # the consumer's records answer through both forms, and after the entry is gone
+    await put_record(redis_client, request_id, Record(state=RUNNING, host=HOST, attempts=1, updated_at=5.0))
+    await redis_client.xdel("async-requests", entry_id)
+    for path in (location, STATUS_PATH_PREFIX + request_id):
+        async with http.get(base + path, headers=ASYNC) as resp:
+            assert resp.status == 202 and resp.headers["Async-Request-State"] == RUNNING, path
+    await redis_client.delete(record_key("async", request_id))
+    async with http.get(base + location, headers=ASYNC) as resp:
         assert resp.status == 404
 
 

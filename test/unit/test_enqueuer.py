@@ -1,4 +1,4 @@
-"""Enqueuer against a real redis-server: entries and records written together, batch by batch."""
+"""Enqueuer against a real redis-server: stream entries written batch by batch, nothing else."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import redis.asyncio as aioredis
 
 from async_component.enqueuer import Enqueuer
 from async_component.envelope import Envelope
-from async_component.records import QUEUED, Record, record_key
 
 
-def request(n: int) -> tuple[Envelope, Record]:
-    envelope = Envelope.new("POST", f"http://a.b/{n}", [("X-N", str(n))], bytes([n % 256]) * 10)
-    return envelope, Record(state=QUEUED, host="a.b")
+def request(n: int) -> Envelope:
+    return Envelope.new("POST", f"http://a.b/{n}", [("X-N", str(n))], bytes([n % 256]) * 10)
 
 
 async def script_calls(client) -> int:
@@ -23,38 +21,36 @@ async def script_calls(client) -> int:
 
 
 async def test_concurrent_requests_share_a_script_call_and_are_all_stored(redis_client):
-    enqueuer = Enqueuer(redis_client, stream="s", key_prefix="p", retention=60)
+    enqueuer = Enqueuer(redis_client, stream="s")
     requests = [request(n) for n in range(100)]
     before = await script_calls(redis_client)
-    entry_ids = await asyncio.gather(*(enqueuer.enqueue(e, r) for e, r in requests))
+    entry_ids = await asyncio.gather(*(enqueuer.enqueue(e.to_json()) for e in requests))
     assert await script_calls(redis_client) - before <= 2  # the first call may need to load the script
     entries = dict(await redis_client.xrange("s"))
     assert len(set(entry_ids)) == 100
-    for entry_id, (envelope, _) in zip(entry_ids, requests):
+    for entry_id, envelope in zip(entry_ids, requests):
         assert Envelope.from_stream_fields(entries[entry_id.encode()]) == envelope
-        key = record_key("p", envelope.id)
-        assert Record.from_json(await redis_client.get(key)).state == QUEUED
-        assert 0 < await redis_client.pttl(key) <= 60_000
+    assert await redis_client.keys("*") == [b"s"]  # no status record at accept time
 
 
-async def test_a_failing_stream_write_leaves_no_record(redis_client):
+async def test_a_failing_stream_write_fails_each_request(redis_client):
     await redis_client.set("s", "not a stream")
-    enqueuer = Enqueuer(redis_client, stream="s", key_prefix="p", retention=60)
-    results = await asyncio.gather(*(enqueuer.enqueue(*request(n)) for n in range(3)), return_exceptions=True)
+    enqueuer = Enqueuer(redis_client, stream="s")
+    results = await asyncio.gather(*(enqueuer.enqueue(request(n).to_json()) for n in range(3)), return_exceptions=True)
     assert all(isinstance(r, aioredis.ResponseError) for r in results), results
-    assert await redis_client.keys("p:*") == []
+    assert await redis_client.keys("*") == [b"s"]
 
 
 async def test_works_after_the_script_cache_is_flushed(redis_client):
-    enqueuer = Enqueuer(redis_client, stream="s", key_prefix="p", retention=60)
-    await enqueuer.enqueue(*request(1))
+    enqueuer = Enqueuer(redis_client, stream="s")
+    await enqueuer.enqueue(request(1).to_json())
     await redis_client.script_flush()
-    await enqueuer.enqueue(*request(2))
+    await enqueuer.enqueue(request(2).to_json())
     assert await redis_client.xlen("s") == 2
 
 
 async def test_redis_down_fails_each_request(redis_server, redis_client):
-    enqueuer = Enqueuer(redis_client, stream="s", key_prefix="p", retention=60)
+    enqueuer = Enqueuer(redis_client, stream="s")
     redis_server.kill()
     with pytest.raises(aioredis.ConnectionError):
-        await enqueuer.enqueue(*request(1))
+        await enqueuer.enqueue(request(1).to_json())
