@@ -1,10 +1,12 @@
+import base64
 import json
 import os
+import re
 
 import pytest
 
 from async_component.envelope import (
-    EVENT_TYPE, Envelope, EnvelopeError, event_attributes, event_data, new_request_id,
+    EVENT_TYPE, Envelope, EnvelopeError, RequestIds, envelope_json, event_attributes, event_data, new_request_id,
 )
 
 
@@ -81,3 +83,19 @@ def test_malformed_documents_are_refused_with_a_reason(mutate, message):
 def test_malformed_stream_entries_are_refused(fields):
     with pytest.raises(EnvelopeError):
         Envelope.from_stream_fields(fields)
+
+
+def test_pooled_request_ids_are_url_safe_144_bit_and_distinct_across_refills():
+    ids = RequestIds(batch=7)
+    drawn = [ids() for _ in range(1000)]  # many refills of 7
+    assert len(set(drawn)) == 1000
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24}", i) for i in drawn)
+    assert len(base64.urlsafe_b64decode(drawn[0])) == 18
+
+
+def test_envelope_json_is_the_envelope_document():
+    original = sample(b"\xff body")
+    text = envelope_json(original.id, original.method, original.url, list(original.headers), original.body,
+                         original.accepted_at)
+    assert text == original.to_json()
+    assert Envelope.from_json(text) == original
