@@ -136,8 +136,12 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _queued_record(entries: list, request_id: str, host: str) -> Record | None:
-    """``queued`` when the stream entry holds this request for this host, else None."""
+def _queued_record(entries: list, request_id: str, host: str, retention: float) -> Record | None:
+    """``queued`` when the stream entry holds this request for this host, else None.
+
+    Past the status retention an entry says nothing, as its record would have expired: a
+    source that does not delete delivered entries (RedisStreamSource) leaves them behind.
+    """
     if not entries:
         return None
     try:
@@ -146,6 +150,8 @@ def _queued_record(entries: list, request_id: str, host: str) -> Record | None:
         return None
     if envelope.id != request_id or not envelope.url.startswith(f"http://{host}/"):
         return None  # another request's entry, or another Service's request: do not confirm it exists
+    if envelope.accepted_at + retention < time.time():
+        return None
     return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
 
 
@@ -327,7 +333,7 @@ class Producer:
             return error_response(503, "the request status is unavailable, try again later",
                                   **{hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS})
         if raw is None:
-            record = _queued_record(entries, request_id, host)
+            record = _queued_record(entries, request_id, host, self.settings.status_retention)
             if record is None:
                 return self._not_found(request_id)
             return self._pending(request_id, record)

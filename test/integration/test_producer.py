@@ -359,6 +359,24 @@ async def test_status_needs_the_request_id_and_follows_the_record(base, http, re
         assert resp.status == 404
 
 
+async def test_an_entry_older_than_the_status_retention_says_nothing(redis_url, http, redis_client):
+    """A source that keeps delivered entries (RedisStreamSource) must not make them queued again."""
+    settings = settings_for(redis_url, status_retention=0.2)
+    runner = await start_producer(settings)
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        async with http.post(f"{base}/x", headers=ASYNC) as resp:
+            location = resp.headers["Location"]
+        async with http.get(base + location, headers=ASYNC) as resp:
+            assert resp.status == 202
+        await asyncio.sleep(0.3)
+        async with http.get(base + location, headers=ASYNC) as resp:
+            assert resp.status == 404
+        assert await entry_count(redis_client) == 1
+    finally:
+        await runner.cleanup()
+
+
 async def test_status_retrying_reports_next_attempt(base, http, redis_client):
     await put_record(redis_client, "r1", Record(state=RETRYING, host=HOST, attempts=2, updated_at=10.0,
                                                 error="503 from the Service", next_attempt_at=42.5))
