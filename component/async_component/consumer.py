@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,9 +25,11 @@ from aiohttp import hdrs, web
 from cloudevents.v1.http import from_http
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from redis.exceptions import NoScriptError
 from yarl import URL
 
 from . import logs, probes
+from .batching import Batcher
 from .envelope import STREAM_FIELD, Envelope, EnvelopeError
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
@@ -112,6 +114,17 @@ def envelope_of(data: Any) -> Envelope:
         raise BadEvent(f"the event data is not a queued request: {exc}") from None
 
 
+BINARY_ATTRIBUTES = ("ce-id", "ce-source", "ce-type")
+
+
+def event_envelope(headers: Mapping[str, str], body: bytes) -> Envelope:
+    """The envelope of a binary-mode JSON event read directly (what the sources send); anything else via the SDK."""
+    if (headers.get("ce-specversion") == "1.0" and headers.get("content-type") == "application/json"
+            and all(headers.get(name) for name in BINARY_ATTRIBUTES)):
+        return envelope_of(body)
+    return envelope_of(from_http(headers, body).data)
+
+
 def split_url(url: str) -> tuple[str, str]:
     """``(host[:port], path?query)`` of a stored URL, the target kept exactly as stored."""
     parts = urlsplit(url)
@@ -182,12 +195,14 @@ class Consumer:
         self.throttle = LogThrottle(log)
         self.retention_ms = max(1, round(settings.status_retention * 1000))
         self.start_script = None
+        self.starts: Batcher[tuple[str, list], bytes | None] | None = None
+        self.sets: Batcher[tuple[str, bytes | str], None] | None = None
 
     # --- one event
 
     async def receive(self, request: web.Request) -> web.Response:
         try:
-            envelope = envelope_of(from_http(request.headers, await request.read()).data)
+            envelope = event_envelope(request.headers, await request.read())
             host, target = split_url(envelope.url)
         except BadEvent as exc:
             return self._malformed(request, str(exc))
@@ -198,7 +213,7 @@ class Consumer:
         running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time())
         try:
             args = [running.to_json(), self.retention_ms, attempt, RETRYING, *FINAL_STATES]
-            done_state = await self.start_script(keys=[key], args=args)
+            done_state = await self.starts.submit((key, args))
         except Exception as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
         if done_state:
@@ -229,8 +244,27 @@ class Consumer:
                               envelope.id, what, type(exc).__name__, exc)
         return error_response(503, "the request store is unavailable, deliver the event again later")
 
-    async def _set(self, key: str, record: Record) -> None:
-        await self.redis.set(key, record.to_json(), px=self.retention_ms)
+    async def _start_batch(self, items: list[tuple[str, list]]) -> list:
+        """The start scripts of the events that arrived in the same loop pass, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, args in items:
+                pipe.evalsha(self.start_script.sha, 1, key, *args)
+            results = await pipe.execute(raise_on_error=False)
+        for i, result in enumerate(results):
+            if isinstance(result, NoScriptError):  # Redis restarted or flushed its scripts: load it again
+                try:
+                    results[i] = await self.start_script(keys=[items[i][0]], args=items[i][1])
+                except Exception as exc:
+                    results[i] = exc
+        return results
+
+    async def _set_batch(self, items: list[tuple[str, bytes | str]]) -> list[None]:
+        """Final records written in the same loop pass, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, value in items:
+                pipe.set(key, value, px=self.retention_ms)
+            results = await pipe.execute(raise_on_error=False)
+        return [result if isinstance(result, Exception) else None for result in results]
 
     # --- the replay
 
@@ -262,8 +296,8 @@ class Consumer:
     async def _record_outcome(self, key: str, envelope: Envelope, attempt: int, host: str, replayed: Replayed) -> str:
         now = time.time()
         if replayed.ok:
-            await self._set(key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
-                                        response=replayed.response))
+            await self.sets.submit((key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
+                                        response=replayed.response).to_json()))
             return SUCCEEDED
         settings = self.settings
         if replayed.retryable and attempt < settings.max_attempts:
@@ -298,6 +332,8 @@ class Consumer:
             self.redis = make_redis(self.settings)
             self.owns_redis = True
         self.start_script = self.redis.register_script(START_SCRIPT)
+        self.starts = Batcher(self._start_batch)
+        self.sets = Batcher(self._set_batch)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
             connector=aiohttp.TCPConnector(limit=0),

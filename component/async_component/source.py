@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import ResponseError
 
 from . import logs, probes
+from .batching import Batcher
 from .envelope import EVENT_CONTENT_TYPE, EVENT_TYPE, event_attributes, event_data
 from .redisconn import make_redis, redis_address
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
@@ -96,8 +97,7 @@ class Source:
         self.sink_throttle = LogThrottle(log)
         self.reclaim_cursor = "0-0"
         self.event_source = event_attributes(self.redis_address, settings.stream, "")["source"]
-        self.to_ack: list[tuple[str, asyncio.Future]] = []
-        self.ack_tasks: set[asyncio.Task] = set()
+        self.acks: Batcher[str, None] = Batcher(self._ack_batch)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -300,7 +300,7 @@ class Source:
         while True:
             try:
                 if dead_letter is None:
-                    await self._acknowledge(entry_id)
+                    await self.acks.submit(entry_id)
                 else:
                     async with self.redis.pipeline(transaction=True) as pipe:
                         pipe.xadd(settings.dead_letter_stream, dict(dead_letter))
@@ -315,37 +315,13 @@ class Source:
                 if await self._sleep(backoff(failures, self.retry_base, self.retry_cap)):
                     return False
 
-    def _acknowledge(self, entry_id: str) -> asyncio.Future:
-        """Done when the entry is acked and deleted; entries delivered in the same loop pass share one round trip."""
-        future = asyncio.get_running_loop().create_future()
-        self.to_ack.append((entry_id, future))
-        if len(self.to_ack) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_acks)
-        return future
-
-    def _flush_acks(self) -> None:
-        batch, self.to_ack = self.to_ack, []
-        task = asyncio.create_task(self._ack_batch(batch))
-        self.ack_tasks.add(task)
-        task.add_done_callback(self.ack_tasks.discard)
-
-    async def _ack_batch(self, batch: list[tuple[str, asyncio.Future]]) -> None:
-        ids = [entry_id for entry_id, _ in batch]
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(self.settings.stream, self.settings.group, *ids)
-                pipe.xdel(self.settings.stream, *ids)
-                await pipe.execute()
-        except BaseException as exc:  # each delivery retries on its own
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
+    async def _ack_batch(self, ids: list[str]) -> list[None]:
+        """Ack and delete the entries delivered in the same loop pass (or while a batch was out) in one round trip."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.settings.stream, self.settings.group, *ids)
+            pipe.xdel(self.settings.stream, *ids)
+            await pipe.execute()
+        return [None] * len(ids)
 
     # --- waiting
 

@@ -195,7 +195,7 @@ def structured(entry_id: str, data) -> tuple[dict, bytes]:
     return to_structured(CloudEvent(attributes, data))
 
 
-@pytest.mark.parametrize("form", ["structured list", "structured JSON text", "binary list"])
+@pytest.mark.parametrize("form", ["structured list", "structured JSON text", "binary list", "binary list, charset"])
 async def test_event_forms_are_all_replayed(form, base, http, redis_client, target):
     envelope = envelope_for(target, "/form")
     entry_id = await queue(redis_client, envelope)
@@ -206,9 +206,29 @@ async def test_event_forms_are_all_replayed(form, base, http, redis_client, targ
         event = structured(entry_id, json.dumps(data))
     else:
         event = binary_event(entry_id, envelope.to_stream_fields())
+        if form.endswith("charset"):
+            event[0]["Content-Type"] = "application/json; charset=utf-8"
     status, doc = await post(http, base, *event)
     assert (status, doc["state"]) == (200, SUCCEEDED)
     assert [s["raw_path"] for s in target.seen] == ["/form"]
+
+
+async def test_concurrent_events_are_each_replayed_and_recorded_once(base, http, redis_client, target):
+    envelopes = [envelope_for(target, f"/many/{n}") for n in range(20)]
+    events = [binary_event(await queue(redis_client, e), e.to_stream_fields()) for e in envelopes]
+    answers = await asyncio.gather(*(post(http, base, *event) for event in events))
+    assert [(status, doc["state"]) for status, doc in answers] == [(200, SUCCEEDED)] * 20
+    assert sorted(s["raw_path"] for s in target.seen) == sorted(f"/many/{n}" for n in range(20))
+    assert {(await record_of(redis_client, e.id)).state for e in envelopes} == {SUCCEEDED}
+
+
+async def test_events_still_replay_after_redis_forgets_its_scripts(base, http, redis_client, target):
+    first, second = envelope_for(target, "/before"), envelope_for(target, "/after")
+    assert (await post(http, base, *binary_event(await queue(redis_client, first), first.to_stream_fields())))[0] == 200
+    await redis_client.script_flush()
+    status, doc = await post(http, base, *binary_event(await queue(redis_client, second), second.to_stream_fields()))
+    assert (status, doc["state"]) == (200, SUCCEEDED)
+    assert [s["raw_path"] for s in target.seen] == ["/before", "/after"]
 
 
 async def test_a_redirect_is_recorded_not_followed(base, http, redis_client, target):
