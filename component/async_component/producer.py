@@ -104,7 +104,8 @@ def without_respond_async(value: str) -> str:
     return ", ".join(kept)
 
 
-def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]], connection: Iterable[str] = ()) -> list[tuple[str, str]]:
+def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
+                      connection: Iterable[str] | None = ()) -> list[tuple[str, str]]:
     """Request headers to replay: order and repeats kept, transport and routing headers left out.
 
     ``connection``: the Connection header's values, which name more headers meant for this hop only.
