@@ -1,7 +1,7 @@
 """The ceiling for the producer: an aiohttp handler that reads the body and answers 202.
 
 Nothing else: no Redis, no envelope, no headers. It runs the way the producer runs
-(N processes sharing the port with SO_REUSEPORT), so ``bench.py`` can report the
+(N processes sharing the port with SO_REUSEPORT, on uvloop), so ``bench.py`` can report the
 producer's throughput as a fraction of what aiohttp itself manages on this machine.
 
     python perf/bare.py --port 8090 --workers 2
@@ -14,6 +14,7 @@ import multiprocessing
 import signal
 import sys
 
+import uvloop
 from aiohttp import web
 
 
@@ -29,7 +30,9 @@ def make_app() -> web.Application:
 
 
 def serve(host: str, port: int, reuse_port: bool) -> None:
-    web.run_app(make_app(), host=host, port=port, reuse_port=reuse_port, print=None, access_log=None)
+    """On uvloop, as the producer runs, so the two are compared like for like."""
+    web.run_app(make_app(), host=host, port=port, reuse_port=reuse_port, print=None, access_log=None,
+                loop=uvloop.new_event_loop())
 
 
 def run(host: str, port: int, workers: int) -> None:

@@ -156,8 +156,8 @@ def bench_storage(size: int) -> tuple[list[Figure], list[str]]:
     return [
         Figure("4 storage", f"Redis memory per queued 1 KiB request ({queued:,} queued)", per_request, "B",
                "1 KiB body", ratio(per_request, KIB), "<= 1.5 KiB (1,536 B)", at_most(per_request, 1.5 * KIB)),
-    ], [f"4: of which the stream entry (MEMORY USAGE of the stream / entries) {stream_bytes:,.0f} B; "
-        f"the rest is the request's status record"]
+    ], [f"4: MEMORY USAGE of the stream / entries {stream_bytes:,.0f} B (Redis's estimate); "
+        f"no status record is written until the consumer starts the request"]
 
 
 def rss_figure(component: str, rss: dict[int, int], small: int, large: int) -> Figure:
