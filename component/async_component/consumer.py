@@ -30,7 +30,7 @@ from yarl import URL
 
 from . import logs, probes
 from .batching import Batcher
-from .envelope import STREAM_FIELD, Envelope, EnvelopeError
+from .envelope import STREAM_FIELD, Envelope, EnvelopeError, header_text
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
     retry_key,
@@ -144,15 +144,9 @@ def replay_headers(envelope: Envelope, attempt: int, host: str | None) -> CIMult
     return headers
 
 
-def _text(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
 
 def _raw_headers(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(_text(k), _text(v)) for k, v in pairs]
+    return [(header_text(k), header_text(v)) for k, v in pairs]
 
 
 def error_response(status: int, message: str) -> web.Response:

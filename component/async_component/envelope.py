@@ -184,11 +184,11 @@ class Envelope:
     def from_stream_fields(cls, fields: Mapping[Any, Any] | Sequence[Any]) -> Envelope:
         """Decode a stream entry, given as a mapping or as the flat list RedisStreamSource sends."""
         if isinstance(fields, Mapping):
-            items = {_text(k): v for k, v in fields.items()}
+            items = {as_text(k): v for k, v in fields.items()}
         elif isinstance(fields, Sequence) and not isinstance(fields, (str, bytes)):
             if len(fields) % 2:
                 raise EnvelopeError("a stream entry's field/value list has an odd length")
-            items = {_text(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
+            items = {as_text(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
         else:
             raise EnvelopeError("a stream entry must be a field/value list or mapping")
         if STREAM_FIELD not in items:
@@ -196,8 +196,17 @@ class Envelope:
         return cls.from_json(items[STREAM_FIELD])
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """Redis replies come as bytes; field names and ids are text."""
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def header_text(raw: bytes) -> str:
+    """A raw header value as envelope text: UTF-8 when valid, else latin-1, which maps every byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 # --- the CloudEvent that carries a stream entry (RedisStreamSource's shape)
@@ -217,5 +226,5 @@ def event_data(fields: Mapping[Any, Any]) -> list[str]:
     """The event data: the entry's fields flattened to [field, value, field, value, ...]."""
     flat: list[str] = []
     for key, value in fields.items():
-        flat.extend((_text(key), _text(value)))
+        flat.extend((as_text(key), as_text(value)))
     return flat

@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 
 from . import logs, probes
 from .enqueuer import Enqueuer
-from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json
+from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
 from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
 from .redisconn import make_redis, redis_address
 from .resources import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH_PREFIX
@@ -121,20 +121,14 @@ def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
         if lower == _PREFER_RAW:
             if raw_value == b"respond-async":  # what almost every async request says: nothing left
                 continue
-            value = without_respond_async(_text(raw_value))
+            value = without_respond_async(header_text(raw_value))
             if not value:
                 continue
         else:
-            value = _text(raw_value)
+            value = header_text(raw_value)
         result.append((raw_name.decode("latin-1"), value))  # a name is a token: ASCII
     return result
 
-
-def _text(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
 
 
 def _queued_record(entries: list, request_id: str, host: str, retention: float) -> Record | None:

@@ -19,7 +19,7 @@ import socket
 import time
 from datetime import datetime, timezone
 from collections.abc import Awaitable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -29,7 +29,7 @@ from redis.exceptions import ResponseError
 
 from . import logs, probes
 from .batching import Batcher
-from .envelope import EVENT_CONTENT_TYPE, EVENT_TYPE, event_attributes, event_data
+from .envelope import EVENT_CONTENT_TYPE, EVENT_TYPE, as_text, event_attributes, event_data
 from .redisconn import make_redis, redis_address
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from .settings import SettingsError, SourceSettings
@@ -56,9 +56,6 @@ ERROR_BODY_LIMIT = 1000
 def consumer_name(settings: SourceSettings) -> str:
     return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
 
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class Metrics:
@@ -177,7 +174,7 @@ class Source:
     async def _read(self, count: int, block: float) -> list[tuple[str, Mapping]]:
         reply = await self.redis.xreadgroup(self.settings.group, self.name, {self.settings.stream: ">"},
                                             count=count, block=max(1, round(block * 1000)))
-        return [(_text(entry_id), fields) for _, entries in reply or () for entry_id, fields in entries]
+        return [(as_text(entry_id), fields) for _, entries in reply or () for entry_id, fields in entries]
 
     async def _reclaim(self, count: int) -> tuple[list[tuple[str, Mapping]], bool]:
         """Entries idle past the visibility timeout; and whether the whole pending list was scanned."""
@@ -185,10 +182,10 @@ class Source:
         reply = await self.redis.xautoclaim(settings.stream, settings.group, self.name,
                                             min_idle_time=round(settings.visibility_timeout * 1000),
                                             start_id=self.reclaim_cursor, count=count)
-        cursor, claimed = _text(reply[0]), reply[1]
+        cursor, claimed = as_text(reply[0]), reply[1]
         self.reclaim_cursor = cursor
-        entries = [(_text(entry_id), fields) for entry_id, fields in claimed
-                   if fields is not None and _text(entry_id) not in self.in_flight]
+        entries = [(as_text(entry_id), fields) for entry_id, fields in claimed
+                   if fields is not None and as_text(entry_id) not in self.in_flight]
         if entries:
             self.metrics.reclaimed.inc(len(entries))
             log.info("source %s reclaimed %d entries left pending past %gs: %s", self.name, len(entries),
@@ -256,7 +253,7 @@ class Source:
             attempt += 1
             try:
                 async with self.session.post(self.settings.sink_url, data=body, headers=headers) as resp:
-                    status, text = resp.status, _text((await resp.read())[:ERROR_BODY_LIMIT])
+                    status, text = resp.status, as_text((await resp.read())[:ERROR_BODY_LIMIT])
                 verdict = sink_verdict(status)
                 reason = f"sink answered {status}: {text}"
             except (aiohttp.ClientError, TimeoutError) as exc:
