@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -24,3 +25,10 @@ async def redis_client(redis_url: str):
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def http():
+    """A client session that hands back bodies exactly as sent (no decompression)."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session

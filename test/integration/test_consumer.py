@@ -9,7 +9,6 @@ import json
 import os
 import time
 
-import aiohttp
 import pytest
 from aiohttp import web
 from cloudevents.v1.conversion import to_structured
@@ -95,11 +94,6 @@ async def base(settings):
     yield f"http://127.0.0.1:{settings.port}"
     await runner.cleanup()
 
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
 
 
 async def queue(redis_client, envelope: Envelope) -> str:

@@ -50,11 +50,6 @@ async def base(settings):
     await runner.cleanup()
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
-
 
 async def stream_entries(redis_client, stream="async-requests"):
     return await redis_client.xrange(stream)

@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -207,11 +206,6 @@ async def gateway_url(upstream_port):
     yield f"http://127.0.0.1:{port}"
     await runner.cleanup()
 
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
 
 
 def split_echo(raw: bytes):
