@@ -169,28 +169,31 @@ class RedisSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProducerSettings(RedisSettings):
+class ServiceSettings(RedisSettings):
+    """What the producer and the consumer share: an HTTP port and the request records."""
+
     port: int = setting("PORT", "8080", port, "port to listen on")
     host: str = setting("HOST", "0.0.0.0", str, "address to listen on")
+    status_retention: float = setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProducerSettings(ServiceSettings):
     request_size_limit: int = setting("REQUEST_SIZE_LIMIT", "6000000", positive_int, "largest accepted body in bytes")
     allowed_hosts: tuple[str, ...] = setting(
         "ALLOWED_HOSTS", ".svc.cluster.local", host_suffixes,
         "comma-separated target hosts; an entry starting with '.' allows every host ending with it",
     )
-    status_retention: float = setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
 
 
 @dataclasses.dataclass(frozen=True)
-class ConsumerSettings(RedisSettings):
-    port: int = setting("PORT", "8080", port, "port to listen on")
-    host: str = setting("HOST", "0.0.0.0", str, "address to listen on")
+class ConsumerSettings(ServiceSettings):
     max_attempts: int = setting("MAX_ATTEMPTS", "3", positive_int, "attempts before a request is dead-lettered")
     retry_base_delay: float = setting("RETRY_BASE_DELAY", "1", non_negative_float, "first retry delay in seconds (doubled each attempt, with jitter)")
     retry_max_delay: float = setting("RETRY_MAX_DELAY", "300", non_negative_float, "longest retry delay in seconds")
     request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
     dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts")
-    status_retention: float = setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
     target_gateway_url: str | None = setting(
         "TARGET_GATEWAY_URL", "", optional(http_url),
         "send replayed requests to this gateway with the target's Host header instead of resolving the target host",
