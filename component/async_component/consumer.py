@@ -1,11 +1,15 @@
-"""The consumer: receives a queued request as a CloudEvent and replays it to its Service.
+"""The consumer: replays a queued request to its Service and records the outcome.
 
-Events come from our source or from Knative's RedisStreamSource (same shape,
-binary or structured mode). The replay carries ``Prefer: respond-sync`` so the
-network layer routes it to the Service itself, not back to the producer. The
-outcome (the response, a scheduled retry, or a failure with its dead-letter
-entry) is written to Redis before the event is answered 2xx, so a crash in
-between only means a redelivery, never a lost request.
+Its core, :class:`Consumer`, takes one queued request and comes to an
+:class:`Answer`: the outcome (the response, a scheduled retry, or a failure
+with its dead-letter entry) is written to Redis before the answer is 2xx, so a
+crash in between only means a redelivery, never a lost request. Two callers
+share it: the HTTP app (:func:`make_app`), which receives the request as a
+CloudEvent from our source or from Knative's RedisStreamSource (binary or
+structured mode) and answers with the :class:`Answer`; and a source delivering
+in-process (:mod:`.source`), which hands it stream entries directly. The
+replay carries ``Prefer: respond-sync`` so the network layer routes it to the
+Service itself, not back to the producer.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from .records import (
 from .redisconn import make_redis, redis_address
 from .resources import PREFER_HEADER, RESPOND_SYNC
 from .retries import RetryMover, backoff, replay_retryable
-from .settings import ConsumerSettings
+from .settings import ConsumerSettings, ReplaySettings
 from .throttle import LogThrottle
 
 try:  # less CPU per event; plain asyncio works too
@@ -108,8 +112,13 @@ def envelope_of(data: Any) -> Envelope:
             data = json.loads(data)
         except ValueError:
             raise BadEvent("the event data is not JSON") from None
+    return entry_envelope(data)
+
+
+def entry_envelope(fields: Any) -> Envelope:
+    """The envelope of a stream entry's fields (a mapping, or RedisStreamSource's flat list)."""
     try:
-        return Envelope.from_stream_fields(data)
+        return Envelope.from_stream_fields(fields)
     except EnvelopeError as exc:
         raise BadEvent(f"the event data is not a queued request: {exc}") from None
 
@@ -149,8 +158,29 @@ def _raw_headers(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(header_text(k), header_text(v)) for k, v in pairs]
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What handling one queued request came to, as the HTTP consumer answers its event.
+
+    2xx: the outcome is recorded (or was already), the entry can be acknowledged;
+    400: not a queued request, it can never succeed; 503: the request store is
+    unavailable, deliver it again later.
+    """
+
+    status: int
+    doc: dict
+
+    def text(self) -> str:
+        return json.dumps(self.doc)
+
+
+def error_answer(status: int, message: str) -> Answer:
+    return Answer(status, {"error": message})
+
+
+def replay_route(settings: ReplaySettings) -> str:
+    """For the startup log line."""
+    return f"through {settings.target_gateway_url}" if settings.target_gateway_url else "directly"
 
 
 class Metrics:
@@ -177,10 +207,16 @@ class Metrics:
 
 
 class Consumer:
-    def __init__(self, settings: ConsumerSettings, registry: CollectorRegistry, *, mover_interval: float) -> None:
+    """Replays queued requests and records their outcomes; :meth:`start` before use, :meth:`stop` after.
+
+    Uses ``redis`` when given (the caller closes it), else creates its own client.
+    """
+
+    def __init__(self, settings: ReplaySettings, registry: CollectorRegistry, *, redis: aioredis.Redis | None = None,
+                 mover_interval: float = MOVER_INTERVAL) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
-        self.redis: aioredis.Redis | None = None
+        self.redis = redis
         self.owns_redis = False
         self.session: aiohttp.ClientSession | None = None
         self.mover_interval = mover_interval
@@ -192,16 +228,21 @@ class Consumer:
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
         self.sets: Batcher[tuple[str, bytes | str], None] | None = None
 
-    # --- one event
+    # --- one queued request
 
-    async def receive(self, request: web.Request) -> web.Response:
+    async def handle_entry(self, entry_id: str, fields: Any) -> Answer:
+        """A stream entry's fields, as a source delivering in-process reads them."""
         try:
-            envelope = event_envelope(request.headers, await request.read())
+            envelope = entry_envelope(fields)
+        except BadEvent as exc:
+            return self.malformed(entry_id, str(exc))
+        return await self.handle(entry_id, envelope)
+
+    async def handle(self, event_id: str, envelope: Envelope) -> Answer:
+        try:
             host, target = split_url(envelope.url)
         except BadEvent as exc:
-            return self._malformed(request, str(exc))
-        except Exception as exc:  # the SDK's errors for a request that is not a CloudEvent
-            return self._malformed(request, f"not a CloudEvent: {exc}")
+            return self.malformed(event_id, str(exc))
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id)
         running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time())
@@ -214,7 +255,7 @@ class Consumer:
             state = done_state.decode()
             self.metrics.events.labels("duplicate").inc()
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
-            return web.json_response({"id": envelope.id, "state": state, "duplicate": True})
+            return Answer(200, {"id": envelope.id, "state": state, "duplicate": True})
 
         replayed = await self.replay(envelope, attempt, host, target)
         try:
@@ -223,20 +264,20 @@ class Consumer:
             return self._unavailable(envelope, "recording the outcome of", exc)
         self.metrics.events.labels("replayed").inc()
         self.metrics.replays.labels(state).inc()
-        return web.json_response({"id": envelope.id, "state": state, "attempt": attempt})
+        return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt})
 
-    def _malformed(self, request: web.Request, message: str) -> web.Response:
+    def malformed(self, event_id: str, message: str) -> Answer:
         self.metrics.events.labels("malformed").inc()
         if len(message) > ERROR_BODY_LIMIT:  # the SDK quotes the whole body in some of its errors
             message = message[:ERROR_BODY_LIMIT] + "..."
-        log.warning("rejected a malformed event (ce-id %s): %s", request.headers.get("ce-id", "?"), message)
-        return error_response(400, message)
+        log.warning("rejected a malformed event (ce-id %s): %s", event_id, message)
+        return error_answer(400, message)
 
-    def _unavailable(self, envelope: Envelope, what: str, exc: BaseException) -> web.Response:
+    def _unavailable(self, envelope: Envelope, what: str, exc: BaseException) -> Answer:
         self.metrics.events.labels("redis_unavailable").inc()
         self.throttle.warning("request %s: Redis unavailable while %s the replay, answering 503: %s: %s",
                               envelope.id, what, type(exc).__name__, exc)
-        return error_response(503, "the request store is unavailable, deliver the event again later")
+        return error_answer(503, "the request store is unavailable, deliver the event again later")
 
     async def _start_batch(self, items: list[tuple[str, list]]) -> list:
         """The start scripts of the events that arrived in the same loop pass, in one round trip."""
@@ -321,7 +362,7 @@ class Consumer:
 
     # --- lifecycle
 
-    async def start(self, app: web.Application) -> None:
+    async def start(self) -> None:
         if self.redis is None:
             self.redis = make_redis(self.settings)
             self.owns_redis = True
@@ -339,7 +380,7 @@ class Consumer:
                            on_moved=self.metrics.retries_moved.inc)
         self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
 
-    async def stop(self, app: web.Application) -> None:
+    async def stop(self) -> None:
         self.stopping.set()
         if self.mover_task is not None:
             await self.mover_task
@@ -352,25 +393,45 @@ class Consumer:
         await self.redis.ping()
 
 
+# --- the HTTP sink
+
+
+class EventEndpoint:
+    """``POST /``: one CloudEvent carrying a stream entry, answered with what the core made of it."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+
+    async def receive(self, request: web.Request) -> web.Response:
+        event_id = request.headers.get("ce-id", "?")
+        try:
+            envelope = event_envelope(request.headers, await request.read())
+        except BadEvent as exc:
+            answer = self.consumer.malformed(event_id, str(exc))
+        except Exception as exc:  # the SDK's errors for a request that is not a CloudEvent
+            answer = self.consumer.malformed(event_id, f"not a CloudEvent: {exc}")
+        else:
+            answer = await self.consumer.handle(event_id, envelope)
+        return web.json_response(answer.doc, status=answer.status)
+
+
 def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
              mover_interval: float = MOVER_INTERVAL) -> web.Application:
     """The consumer; creates its Redis client on startup unless ``redis`` is given (then the caller closes it)."""
     registry = CollectorRegistry()
-    consumer = Consumer(settings, registry, mover_interval=mover_interval)
-    consumer.redis = redis
+    consumer = Consumer(settings, registry, redis=redis, mover_interval=mover_interval)
     app = web.Application(client_max_size=MAX_EVENT_SIZE)
     probes.add_probe_routes(app, registry, consumer.ready)
-    app.router.add_post("/", consumer.receive)
-    app.on_startup.append(consumer.start)
-    app.on_cleanup.append(consumer.stop)
+    app.router.add_post("/", EventEndpoint(consumer).receive)
+    app.on_startup.append(lambda app: consumer.start())
+    app.on_cleanup.append(lambda app: consumer.stop())
     return app
 
 
 def run(settings: ConsumerSettings) -> int:
     logs.configure("consumer", settings.log_level)
-    route = f"through {settings.target_gateway_url}" if settings.target_gateway_url else "directly"
     log.info("consumer listening on %s:%d, redis %s, stream %s, replaying %s", settings.host, settings.port,
-             redis_address(settings), settings.stream, route)
+             redis_address(settings), settings.stream, replay_route(settings))
     web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
                 loop=new_event_loop())
     return 0

@@ -168,13 +168,18 @@ class RedisSettings:
             )
 
 
+def status_retention_setting() -> Any:
+    """Declared by the producer's and the replaying processes' settings alike (one field object per class)."""
+    return setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServiceSettings(RedisSettings):
     """What the producer and the consumer share: an HTTP port and the request records."""
 
     port: int = setting("PORT", "8080", port, "port to listen on")
     host: str = setting("HOST", "0.0.0.0", str, "address to listen on")
-    status_retention: float = setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
+    status_retention: float = status_retention_setting()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +193,15 @@ class ProducerSettings(ServiceSettings):
 
 
 @dataclasses.dataclass(frozen=True)
-class ConsumerSettings(ServiceSettings):
+class ReplaySettings(RedisSettings):
+    """How a queued request is replayed and its outcome recorded: by the consumer, or by a source delivering in-process."""
+
+    status_retention: float = status_retention_setting()
     max_attempts: int = setting("MAX_ATTEMPTS", "3", positive_int, "attempts before a request is dead-lettered")
     retry_base_delay: float = setting("RETRY_BASE_DELAY", "1", non_negative_float, "first retry delay in seconds (doubled each attempt, with jitter)")
     retry_max_delay: float = setting("RETRY_MAX_DELAY", "300", non_negative_float, "longest retry delay in seconds")
     request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
-    dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts")
+    dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts, or are malformed")
     target_gateway_url: str | None = setting(
         "TARGET_GATEWAY_URL", "", optional(http_url),
         "send replayed requests to this gateway with the target's Host header instead of resolving the target host",
@@ -201,15 +209,21 @@ class ConsumerSettings(ServiceSettings):
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceSettings(RedisSettings):
-    sink_url: str | None = setting("SINK_URL", "", optional(http_url), "URL of the consumer that receives the CloudEvents", alias="K_SINK")
+class ConsumerSettings(ServiceSettings, ReplaySettings):
+    """The HTTP sink for CloudEvents (ours or RedisStreamSource's): a port to listen on, and how to replay."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSettings(ReplaySettings):
+    """Without ``SINK_URL`` the source replays each entry itself, with the replay settings (in-process delivery)."""
+
+    sink_url: str | None = setting("SINK_URL", "", optional(http_url), "URL of a consumer to post CloudEvents to (unset: replay in this process)", alias="K_SINK")
     group: str = setting("CONSUMER_GROUP", DEFAULT_GROUP, str, "Redis consumer group shared by all source processes")
     consumer_name: str = setting("CONSUMER_NAME", "", str, "this process's name in the group (default: host name and pid)")
     concurrency: int = setting("CONCURRENCY", "32", positive_int, "deliveries in flight at once")
     visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
-    delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event")
+    delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event (with SINK_URL)")
     health_port: int = setting("HEALTH_PORT", "8081", port, "port for /healthz, /readyz and /metrics (0: none)")
-    dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives entries the sink rejects as malformed (4xx)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,27 +1,26 @@
-"""The source: delivers queued requests from the Redis stream to the consumer as CloudEvents.
+"""The source: delivers queued requests from the Redis stream, and acknowledges each only once it is handled.
 
-It sends exactly what Knative's RedisStreamSource sends (so either can feed the
-consumer) but acknowledges an entry only after the sink answered 2xx: until
-then the entry stays pending in the consumer group. Entries left pending by a
-process that died are reclaimed by any source after ``VISIBILITY_TIMEOUT``;
-a source keeps the entries it is still delivering fresh so they are not
-reclaimed under it. Delivery is therefore at least once.
+Each entry goes either to a consumer over HTTP (``SINK_URL``), as exactly the
+CloudEvent Knative's RedisStreamSource sends, or, without a sink URL, to a
+consumer core in this process (:mod:`.delivery`), which replays it and records
+the outcome without another hop. Either way an entry is acknowledged only
+after a 2xx answer: until then it stays pending in the consumer group. Entries
+left pending by a process that died are reclaimed by any source after
+``VISIBILITY_TIMEOUT``; a source keeps the entries it is still delivering
+fresh so they are not reclaimed under it. Delivery is therefore at least once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import socket
 import time
-from datetime import datetime, timezone
 from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
-import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -29,10 +28,11 @@ from redis.exceptions import ResponseError
 
 from . import logs, probes
 from .batching import Batcher
-from .envelope import EVENT_CONTENT_TYPE, EVENT_TYPE, as_text, event_attributes, event_data
-from .redisconn import make_redis, redis_address
+from .delivery import DeliveryFailed, make_delivery
+from .envelope import as_text
+from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
-from .settings import SettingsError, SourceSettings
+from .settings import SourceSettings
 from .throttle import LogThrottle
 
 try:  # less CPU per delivery; plain asyncio works too
@@ -50,7 +50,6 @@ RETRY_BASE = 0.1
 RETRY_CAP = 10.0
 STOP_GRACE = 20.0
 """Seconds a stopping source waits for its in-flight deliveries."""
-ERROR_BODY_LIMIT = 1000
 
 
 def consumer_name(settings: SourceSettings) -> str:
@@ -78,22 +77,20 @@ class Source:
     def __init__(self, settings: SourceSettings, *, redis: aioredis.Redis | None = None,
                  registry: CollectorRegistry | None = None, retry_base: float = RETRY_BASE,
                  retry_cap: float = RETRY_CAP, stop_grace: float = STOP_GRACE) -> None:
-        self.settings = validate(settings)
+        self.settings = settings
         self.name = consumer_name(settings)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.owns_redis = redis is None
         self.redis = make_redis(settings) if redis is None else redis
         self.retry_base, self.retry_cap, self.stop_grace = retry_base, retry_cap, stop_grace
-        self.redis_address = redis_address(settings)
+        self.delivery = make_delivery(settings, self.redis, self.registry)
         self.in_flight: dict[str, asyncio.Task] = {}
         self.stopping = asyncio.Event()
         self.slot_freed = asyncio.Event()
-        self.session: aiohttp.ClientSession | None = None
         self.redis_throttle = LogThrottle(log)
         self.sink_throttle = LogThrottle(log)
         self.reclaim_cursor = "0-0"
-        self.event_source = event_attributes(self.redis_address, settings.stream, "")["source"]
         self.acks: Batcher[str, None] = Batcher(self._ack_batch)
 
     def stop(self) -> None:
@@ -105,14 +102,11 @@ class Source:
     # --- the loop
 
     async def run(self) -> None:
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout),
-            connector=aiohttp.TCPConnector(limit=self.settings.concurrency),
-        )
+        await self.delivery.start()
         drained = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(drained), name="source-heartbeat")
-        log.info("source %s delivering %s (group %s) to %s, %d at a time", self.name, self.settings.stream,
-                 self.settings.group, self.settings.sink_url, self.settings.concurrency)
+        log.info("source %s delivering %s (group %s) %s, %d at a time", self.name, self.settings.stream,
+                 self.settings.group, self.delivery.description, self.settings.concurrency)
         try:
             await self._loop()
             await self._drain()
@@ -120,7 +114,7 @@ class Source:
             drained.set()
             await heartbeat
             await self._leave_group()
-            await self.session.close()
+            await self.delivery.close()
             if self.owns_redis:
                 await self.redis.aclose()
         log.info("source %s stopped", self.name)
@@ -247,26 +241,23 @@ class Source:
             log.error("entry %s: delivery crashed, it stays pending for reclaim", entry_id, exc_info=task.exception())
 
     async def _deliver(self, entry_id: str, fields: Mapping) -> None:
-        headers, body = self._event(entry_id, fields)
         attempt = 0
         while True:
             attempt += 1
             try:
-                async with self.session.post(self.settings.sink_url, data=body, headers=headers) as resp:
-                    status, text = resp.status, as_text((await resp.read())[:ERROR_BODY_LIMIT])
-                verdict = sink_verdict(status)
-                reason = f"sink answered {status}: {text}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                status, verdict = None, "retry"
-                reason = (f"no answer within {self.settings.delivery_timeout:g}s" if isinstance(exc, TimeoutError)
-                          else f"{type(exc).__name__}: {exc}")
+                reply = await self.delivery.send(entry_id, fields)
+                verdict = sink_verdict(reply.status)
+            except DeliveryFailed as exc:
+                reply, verdict, reason = None, "retry", str(exc)
             if verdict == DELIVERED:
                 if await self._settle(entry_id):
                     self.metrics.delivered.labels("delivered").inc()
                     log.debug("entry %s delivered after %d attempt(s)", entry_id, attempt)
                 return
+            if reply is not None:
+                reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
-                if await self._settle(entry_id, {**fields, "error": reason, "status": str(status)}):
+                if await self._settle(entry_id, {**fields, "error": reason, "status": str(reply.status)}):
                     self.metrics.delivered.labels("dead_lettered").inc()
                     log.warning("entry %s rejected by the sink, sent to %s: %s", entry_id,
                                 self.settings.dead_letter_stream, reason)
@@ -277,18 +268,6 @@ class Source:
                                        entry_id, attempt, reason, delay)
             if await self._sleep(delay):
                 return  # stopping: the entry stays pending for a source to reclaim
-
-    def _event(self, entry_id: str, fields: Mapping) -> tuple[dict[str, str], bytes]:
-        """Binary mode, the headers the CloudEvents SDK would set, built directly: the format is fixed."""
-        headers = {
-            "content-type": EVENT_CONTENT_TYPE,
-            "ce-specversion": "1.0",
-            "ce-id": entry_id,
-            "ce-source": self.event_source,
-            "ce-type": EVENT_TYPE,
-            "ce-time": datetime.now(timezone.utc).isoformat(),
-        }
-        return headers, json.dumps(event_data(fields)).encode()
 
     async def _settle(self, entry_id: str, dead_letter: Mapping | None = None) -> bool:
         """Acknowledge and delete the entry (after copying it to the dead-letter stream); False if stopped first."""
@@ -366,12 +345,6 @@ async def serve(settings: SourceSettings) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
-
-
-def validate(settings: SourceSettings) -> SourceSettings:
-    if not settings.sink_url:
-        raise SettingsError("SINK_URL (or K_SINK) must be set to the consumer's URL")
-    return settings
 
 
 def run(settings: SourceSettings) -> int:

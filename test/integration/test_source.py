@@ -1,4 +1,7 @@
-"""The source against a real redis-server and a real sink on a free port, in-process and as a process."""
+"""The source posting to a sink URL, against a real redis-server and a real sink, in this process and as a process.
+
+Without a sink URL it replays in-process: test_inprocess_delivery.py.
+"""
 
 from __future__ import annotations
 
@@ -281,14 +284,6 @@ async def test_source_rides_out_a_redis_restart(redis_url, redis_client, redis_s
 
 
 # --- the process
-
-
-def test_missing_sink_url_is_a_one_line_error(redis_url):
-    process = source_process(redis_url, {})
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 2
-    lines = stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and "SINK_URL" in lines[0]
 
 
 async def test_process_serves_probes_reads_k_sink_and_stops_on_sigterm(redis_url, redis_client, sink):

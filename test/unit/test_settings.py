@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from async_component.settings import (
-    ConsumerSettings, ControllerSettings, ProducerSettings, SettingsError, SourceSettings, load,
+    ConsumerSettings, ControllerSettings, ProducerSettings, ReplaySettings, SettingsError, SourceSettings, load,
 )
 
 
@@ -30,6 +30,15 @@ def test_k_sink_is_an_alias_for_the_sink_url():
     assert load(SourceSettings, {"K_SINK": "http://a", "SINK_URL": "http://b"}).sink_url == "http://b"
 
 
+def test_the_source_reads_the_replay_settings_for_in_process_delivery():
+    source = load(SourceSettings, {"MAX_ATTEMPTS": "5", "REQUEST_TIMEOUT": "7", "TARGET_GATEWAY_URL": "http://gw:80/"})
+    assert source.sink_url is None
+    assert (source.max_attempts, source.request_timeout, source.target_gateway_url) == (5, 7.0, "http://gw:80")
+    replay = {f.metadata["env"] for f in dataclasses.fields(ReplaySettings)}
+    assert replay <= {f.metadata["env"] for f in dataclasses.fields(SourceSettings)}
+    assert replay <= {f.metadata["env"] for f in dataclasses.fields(ConsumerSettings)}
+
+
 @pytest.mark.parametrize("cls, env, fragment", [
     (ProducerSettings, {"REQUEST_SIZE_LIMIT": "abc"}, "REQUEST_SIZE_LIMIT='abc' is invalid: must be a positive integer"),
     (ProducerSettings, {"REQUEST_SIZE_LIMIT": "0"}, "positive"),
@@ -39,6 +48,7 @@ def test_k_sink_is_an_alias_for_the_sink_url():
     (ConsumerSettings, {"RETRY_BASE_DELAY": "-1"}, "non-negative"),
     (ConsumerSettings, {"REQUEST_TIMEOUT": "inf"}, "number of seconds"),
     (SourceSettings, {"SINK_URL": "consumer:8080"}, "http://"),
+    (SourceSettings, {"MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS='0' is invalid"),
     (ControllerSettings, {"INGRESS_CLASS_NAME": "contour.ingress.networking.knative.dev"}, "must be one of"),
     (ControllerSettings, {"LOG_LEVEL": "loud"}, "DEBUG"),
 ])

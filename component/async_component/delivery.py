@@ -1,0 +1,119 @@
+"""How the source hands a stream entry over: to a sink over HTTP, or to a consumer in its own process.
+
+Either way the source gets back an HTTP status and maps it with
+:func:`.retries.sink_verdict`: 2xx acknowledges the entry, a 4xx (but 408/429)
+dead-letters it, anything else leaves it pending to try again. In-process
+delivery calls the consumer's core (:class:`.consumer.Consumer`) with the
+entry's fields, so its answer is the status the HTTP consumer would have sent:
+the same verdicts, without the extra hop and the CloudEvent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Protocol
+
+import aiohttp
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from .consumer import Consumer, replay_route
+from .envelope import EVENT_CONTENT_TYPE, EVENT_TYPE, as_text, event_attributes, event_data
+from .redisconn import redis_address
+from .settings import SourceSettings
+
+ERROR_BODY_LIMIT = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    status: int
+    text: str
+    """The answer's body (only kept when it is not 2xx): for the log and the dead-letter entry."""
+
+
+class DeliveryFailed(Exception):
+    """No answer at all (connection refused, timeout): try again later."""
+
+
+class Delivery(Protocol):
+    description: str
+    """For the startup log line."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(self, entry_id: str, fields: Mapping) -> Reply:
+        """Deliver one entry; raises :class:`DeliveryFailed` when there is no answer."""
+
+
+class HttpDelivery:
+    """Posts each entry as the CloudEvent Knative's RedisStreamSource would send, in binary mode."""
+
+    def __init__(self, settings: SourceSettings) -> None:
+        self.settings = settings
+        self.url = settings.sink_url
+        self.event_source = event_attributes(redis_address(settings), settings.stream, "")["source"]
+        self.session: aiohttp.ClientSession | None = None
+        self.description = f"to {self.url} as CloudEvents"
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout),
+            connector=aiohttp.TCPConnector(limit=self.settings.concurrency),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def send(self, entry_id: str, fields: Mapping) -> Reply:
+        headers, body = self.event(entry_id, fields)
+        try:
+            async with self.session.post(self.url, data=body, headers=headers) as resp:
+                return Reply(resp.status, as_text((await resp.read())[:ERROR_BODY_LIMIT]))
+        except TimeoutError:
+            raise DeliveryFailed(f"no answer within {self.settings.delivery_timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
+
+    def event(self, entry_id: str, fields: Mapping) -> tuple[dict[str, str], bytes]:
+        """Binary mode, the headers the CloudEvents SDK would set, built directly: the format is fixed."""
+        headers = {
+            "content-type": EVENT_CONTENT_TYPE,
+            "ce-specversion": "1.0",
+            "ce-id": entry_id,
+            "ce-source": self.event_source,
+            "ce-type": EVENT_TYPE,
+            "ce-time": datetime.now(timezone.utc).isoformat(),
+        }
+        return headers, json.dumps(event_data(fields)).encode()
+
+
+class InProcessDelivery:
+    """Replays each entry with a consumer core in this process and event loop."""
+
+    def __init__(self, settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> None:
+        self.consumer = Consumer(settings, registry, redis=redis)
+        self.description = f"in-process (replaying {replay_route(settings)})"
+
+    async def start(self) -> None:
+        await self.consumer.start()
+
+    async def close(self) -> None:
+        await self.consumer.stop()
+
+    async def send(self, entry_id: str, fields: Mapping) -> Reply:
+        answer = await self.consumer.handle_entry(entry_id, fields)
+        return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text())
+
+
+def make_delivery(settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> Delivery:
+    """Over HTTP when ``SINK_URL`` (or ``K_SINK``) is set, else in-process."""
+    if settings.sink_url:
+        return HttpDelivery(settings)
+    return InProcessDelivery(settings, redis, registry)

@@ -1,0 +1,338 @@
+"""A source without a sink URL replays entries itself: real redis-server, a real Service on a free port.
+
+The in-process path must come to exactly what the HTTP path (source -> consumer
+over HTTP) comes to: the same records, the same dead letters, the same
+guarantees (acknowledged only once the outcome is recorded, reclaimed after a
+crash, never replayed twice once finished).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+from aiohttp import web
+
+from async_component import consumer
+from async_component.envelope import Envelope
+from async_component.ports import free_port
+from async_component.records import FAILED, RETRYING, SUCCEEDED, Record, record_key, retry_key
+from async_component.settings import ConsumerSettings, SourceSettings
+from async_component.source import Source
+
+STREAM = "async-requests"
+GROUP = "async-source"
+DEAD = "async-requests-dead"
+
+
+class Service:
+    """The Knative Service a request is replayed to: answers from a script of statuses (then 200)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.statuses: list[int] = []
+        self.delay = 0.0
+        self.seen: list[tuple[str, str]] = []
+        """(path, Async-Attempt) of every request received."""
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append((request.path, request.headers.get("Async-Attempt", "")))
+        await asyncio.sleep(self.delay)
+        status = self.statuses.pop(0) if self.statuses else 200
+        # fixed headers, so two runs record byte-identical responses
+        headers = {"X-Reply": "yes", "Date": "Mon, 23 Nov 2026 00:00:00 GMT", "Server": "test"}
+        return web.Response(status=status, text=f"{request.path} answered {status}", headers=headers)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+
+@contextlib.asynccontextmanager
+async def service():
+    server = Service()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.runner.cleanup()
+
+
+def source_settings(redis_url: str, **changes) -> SourceSettings:
+    base = SourceSettings(redis_url=redis_url, visibility_timeout=1.0, health_port=0, concurrency=4,
+                          consumer_name="first", retry_base_delay=0.05, retry_max_delay=0.1, request_timeout=2.0)
+    return dataclasses.replace(base, **changes)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: SourceSettings, **options):
+    source = Source(settings, retry_base=0.02, retry_cap=0.2, **options)
+    task = asyncio.create_task(source.run())
+    try:
+        yield source
+    finally:
+        source.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def http_consumer(redis_url: str):
+    """The HTTP path's consumer, with the same replay settings as :func:`source_settings`."""
+    settings = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
+                                retry_max_delay=0.1, request_timeout=2.0)
+    runner = web.AppRunner(consumer.make_app(settings, mover_interval=0.05), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    try:
+        yield f"http://127.0.0.1:{settings.port}/"
+    finally:
+        await runner.cleanup()
+
+
+async def queue(redis_client, target: Service, path: str = "/work", request_id: str | None = None) -> Envelope:
+    """What the producer writes for an accepted request."""
+    envelope = Envelope.new("POST", f"http://{target.host}{path}", [("Content-Type", "text/plain")], path.encode(),
+                            request_id=request_id, accepted_at=1.0)
+    await redis_client.xadd(STREAM, envelope.to_stream_fields())
+    return envelope
+
+
+async def eventually(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def record_of(redis_client, request_id: str) -> Record | None:
+    raw = await redis_client.get(record_key("async", request_id))
+    return None if raw is None else Record.from_json(raw)
+
+
+def finished(redis_client, *envelopes: Envelope):
+    async def check() -> bool:
+        records = [await record_of(redis_client, e.id) for e in envelopes]
+        return all(r is not None and r.finished for r in records)
+    return check
+
+
+async def pending(redis_client) -> int:
+    return (await redis_client.xpending(STREAM, GROUP))["pending"]
+
+
+def settled(redis_client):
+    """Everything acknowledged and deleted."""
+    async def check() -> bool:
+        return await redis_client.xlen(STREAM) == 0 and await pending(redis_client) == 0
+    return check
+
+
+def comparable(record: Record) -> dict:
+    """A record without its timestamps."""
+    doc = json.loads(record.to_json())
+    doc.pop("updated_at", None)
+    return doc
+
+
+# --- delivery
+
+
+async def test_an_entry_is_replayed_recorded_acknowledged_and_deleted(redis_url, redis_client):
+    async with service() as target, running(source_settings(redis_url)) as source:
+        envelope = await queue(redis_client, target)
+        assert await eventually(finished(redis_client, envelope))
+        assert await eventually(settled(redis_client))
+        assert source.metrics.delivered.labels("delivered")._value.get() == 1
+        assert await redis_client.ttl(record_key("async", envelope.id)) > 86000
+    assert target.seen == [("/work", "1")]
+    record = await record_of(redis_client, envelope.id)
+    assert (record.state, record.attempts, record.host) == (SUCCEEDED, 1, target.host)
+    assert (record.response.status, record.response.body) == (200, b"/work answered 200")
+
+
+async def test_records_and_dead_letters_are_those_of_the_http_path(redis_url, redis_client):
+    """The same requests (and one malformed entry) through source -> HTTP consumer, then in-process."""
+    outcomes = []
+    async with service() as target:
+        for path in ("http", "in-process"):
+            await redis_client.flushall()
+            target.seen = []
+            async with contextlib.AsyncExitStack() as stack:
+                sink_url = await stack.enter_async_context(http_consumer(redis_url)) if path == "http" else None
+                await stack.enter_async_context(running(source_settings(redis_url, sink_url=sink_url)))
+                target.statuses = [201, 404, 503]
+                envelopes = []
+                for n, name in enumerate(("ok", "missing", "flaky")):  # one at a time: the statuses go in order
+                    envelopes.append(await queue(redis_client, target, f"/{name}", request_id=f"request-{n}"))
+                    assert await eventually(finished(redis_client, envelopes[-1]))
+                await redis_client.xadd(STREAM, {"data": "not a queued request"})
+                assert await eventually(settled(redis_client))
+                assert await redis_client.zcard(retry_key("async")) == 0
+                records = [comparable(await record_of(redis_client, e.id)) for e in envelopes]
+                dead = [fields for _, fields in await redis_client.xrange(DEAD)]
+                outcomes.append((records, dead, target.seen))
+    assert outcomes[0] == outcomes[1]
+    records, dead, seen = outcomes[1]
+    assert [(r["state"], r["attempts"]) for r in records] == [(SUCCEEDED, 1), (FAILED, 1), (SUCCEEDED, 2)]
+    assert seen == [("/ok", "1"), ("/missing", "1"), ("/flaky", "1"), ("/flaky", "2")]
+    assert [d[b"error"] for d in dead[:1]] == [b"the Service answered 404"]
+    assert dead[1][b"data"] == b"not a queued request" and dead[1][b"status"] == b"400"
+    assert dead[1][b"error"].startswith(b"sink answered 400: ")
+
+
+async def test_503_twice_then_200_succeeds_on_attempt_3_through_the_retry_set(redis_url, redis_client):
+    async with service() as target, running(source_settings(redis_url)):
+        target.statuses = [503, 502]
+        envelope = await queue(redis_client, target)
+        states = set()
+
+        async def done() -> bool:
+            record = await record_of(redis_client, envelope.id)
+            states.add(record and record.state)
+            return record is not None and record.finished
+
+        assert await eventually(done)
+        assert await eventually(settled(redis_client))
+    assert RETRYING in states
+    assert target.seen == [("/work", "1"), ("/work", "2"), ("/work", "3")]
+    record = await record_of(redis_client, envelope.id)
+    assert (record.state, record.attempts, record.response.status) == (SUCCEEDED, 3, 200)
+    assert await redis_client.xlen(DEAD) == 0
+
+
+async def test_503_forever_is_dead_lettered_after_max_attempts(redis_url, redis_client):
+    async with service() as target, running(source_settings(redis_url, max_attempts=2)):
+        target.statuses = [503] * 5
+        envelope = await queue(redis_client, target)
+        assert await eventually(finished(redis_client, envelope))
+        assert await eventually(settled(redis_client))
+    assert target.seen == [("/work", "1"), ("/work", "2")]
+    record = await record_of(redis_client, envelope.id)
+    assert (record.state, record.attempts, record.error) == (FAILED, 2, "the Service answered 503")
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == envelope.id and dead[b"status"] == b"503"
+
+
+async def test_a_finished_request_delivered_again_is_acknowledged_without_a_replay(redis_url, redis_client):
+    """A source that died between recording the outcome and acknowledging leaves the entry to be delivered again."""
+    async with service() as target:
+        envelope = Envelope.new("GET", f"http://{target.host}/once", [], b"")
+        done = Record(state=SUCCEEDED, host=target.host, attempts=1, updated_at=1.0)
+        await redis_client.set(record_key("async", envelope.id), done.to_json())
+        await redis_client.xadd(STREAM, envelope.to_stream_fields())
+        async with running(source_settings(redis_url)) as source:
+            assert await eventually(settled(redis_client))
+            assert source.metrics.delivered.labels("delivered")._value.get() == 1
+    assert target.seen == []
+    assert (await record_of(redis_client, envelope.id)) == done
+
+
+async def test_redis_down_while_replaying_leaves_the_entry_pending_until_recorded(redis_url, redis_client,
+                                                                                  redis_server):
+    async with service() as target, running(source_settings(redis_url)):
+        target.delay = 0.5
+        envelope = await queue(redis_client, target)
+        assert await eventually(lambda: _any(target.seen))
+        redis_server.kill()  # the outcome cannot be recorded: 503 in the HTTP path, so not acknowledged
+        await asyncio.sleep(0.8)
+        redis_server.start()
+        with contextlib.suppress(Exception):  # the test's own pooled connection died with the server
+            await redis_client.ping()
+        assert await eventually(finished(redis_client, envelope))
+        assert await eventually(settled(redis_client))
+    assert len(target.seen) == 2  # replayed again once Redis was back: at least once
+    assert (await record_of(redis_client, envelope.id)).state == SUCCEEDED
+
+
+async def _any(items: list) -> bool:
+    return bool(items)
+
+
+async def test_a_long_replay_is_kept_fresh_and_not_stolen_by_another_source(redis_url, redis_client):
+    async with service() as target, running(source_settings(redis_url, request_timeout=10)) as first:
+        target.delay = 2.5  # well past the visibility timeout of 1 s
+        envelope = await queue(redis_client, target)
+        assert await eventually(lambda: _any(target.seen))
+        async with running(source_settings(redis_url, consumer_name="second", request_timeout=10)) as second:
+            assert await eventually(finished(redis_client, envelope))
+            assert await eventually(settled(redis_client))
+            assert second.metrics.reclaimed._value.get() == 0
+        assert first.metrics.reclaimed._value.get() == 0
+    assert target.seen == [("/work", "1")]
+
+
+# --- the process
+
+
+def source_process(redis_url: str, env: dict) -> subprocess.Popen:
+    environ = {k: v for k, v in os.environ.items() if k not in ("SINK_URL", "K_SINK")}
+    environ.update({"REDIS_URL": redis_url, "VISIBILITY_TIMEOUT": "1", "HEALTH_PORT": "0", **env})
+    return subprocess.Popen([sys.executable, "-m", "async_component", "source"], env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(redis_url, redis_client):
+    async with service() as target:
+        target.delay = 30  # the doomed source is killed while the Service works
+        envelopes = [await queue(redis_client, target, f"/n/{n}") for n in range(3)]
+        process = source_process(redis_url, {"CONSUMER_NAME": "doomed"})
+        try:
+            assert await eventually(lambda: _count(target.seen, 3), 20)
+        finally:
+            process.kill()
+            process.communicate()
+        assert await pending(redis_client) == 3
+        assert {(await record_of(redis_client, e.id)).state for e in envelopes} == {"running"}
+        target.delay = 0
+        async with running(source_settings(redis_url, consumer_name="heir")) as heir:
+            assert await eventually(finished(redis_client, *envelopes))
+            assert await eventually(settled(redis_client))
+            assert heir.metrics.reclaimed._value.get() == 3
+    assert sorted(target.seen) == sorted([(f"/n/{n}", "1") for n in range(3)] * 2)
+    assert {(await record_of(redis_client, e.id)).state for e in envelopes} == {SUCCEEDED}
+
+
+async def _count(items: list, n: int) -> bool:
+    return len(items) >= n
+
+
+async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(redis_url, redis_client):
+    health = free_port()
+    async with service() as target:
+        process = source_process(redis_url, {"HEALTH_PORT": str(health), "STATUS_RETENTION_SECONDS": "60"})
+        try:
+            envelope = await queue(redis_client, target)
+            assert await eventually(finished(redis_client, envelope), 20)
+            assert 0 < await redis_client.ttl(record_key("async", envelope.id)) <= 60
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{health}/readyz") as resp:
+                    assert resp.status == 200
+                async with http.get(f"http://127.0.0.1:{health}/metrics") as resp:
+                    metrics = await resp.text()
+            assert 'async_consumer_replays_total{outcome="succeeded"} 1.0' in metrics
+            process.send_signal(signal.SIGTERM)
+            await asyncio.get_running_loop().run_in_executor(None, process.wait, 10)
+            assert process.returncode == 0
+        finally:
+            process.kill()
+            _, stderr = process.communicate()
+    assert "in-process (replaying directly)" in stderr.decode()
+    assert target.seen == [("/work", "1")]
