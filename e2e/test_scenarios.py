@@ -2,7 +2,9 @@
 
 Every scenario goes through the gateway with the Host header of one of the
 three sample Services (conditional, always async, plain), except the few that
-check the producer and consumer directly.
+check the producer and consumer directly. The source replays queued requests
+in-process; the consumer is the HTTP sink a RedisStreamSource posts to, so the
+scenarios that involve it post such events themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from async_component.envelope import Envelope, event_attributes, event_data
+from async_component.records import RUNNING, Record, record_key
 from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL, SERVICE_PLAIN, Backend
 from client import Client
 
@@ -222,8 +225,8 @@ async def test_redis_outage_answers_503_never_202(client: Client, backend: Backe
     assert final.status == 200
 
 
-@pytest.mark.parametrize("component", ["source", "consumer"])
-async def test_no_accepted_request_is_lost_when_a_component_is_killed(client: Client, backend: Backend, component: str):
+async def test_no_accepted_request_is_lost_when_the_source_is_killed(client: Client, backend: Backend):
+    """The source replays queued requests itself (in-process), so it is the process whose death could lose one."""
     accepted = []
     for i in range(10):
         reply = await client.request(SERVICE_CONDITIONAL, "POST", f"/survive/{i}?sleep=1", data=str(i).encode(),
@@ -231,9 +234,54 @@ async def test_no_accepted_request_is_lost_when_a_component_is_killed(client: Cl
         assert reply.status == 202
         accepted.append(reply)
     await asyncio.sleep(0.3)  # let deliveries start
-    backend.kill(component)
-    backend.wait_ready(component)
+    backend.kill("source")
+    backend.wait_ready("source")
     finals = await asyncio.gather(*(client.follow(SERVICE_CONDITIONAL, reply, timeout=90) for reply in accepted))
     for i, (final, _) in enumerate(finals):
         assert final.status == 200, final.body
         assert final.json()["path"] == f"/survive/{i}"
+
+
+async def test_an_event_cut_off_by_a_consumer_crash_is_replayed_when_delivered_again(client: Client, backend: Backend,
+                                                                                    redis):
+    """The consumer is the HTTP sink (of a RedisStreamSource): killed mid-replay, it never answered 2xx, so the
+    sender delivers the event again, and that delivery must be replayed and recorded, not taken for a duplicate."""
+    envelope = Envelope.new("POST", f"http://{Backend.cluster_host(SERVICE_PLAIN)}/cut-off?sleep=2",
+                            [("Content-Type", "text/plain")], b"cut off")
+    attributes = event_attributes("redis://redis.redis.svc.cluster.local:6379", backend.stream, "1700000000001-0")
+    headers = {
+        "ce-specversion": "1.0", "ce-type": attributes["type"], "ce-source": attributes["source"],
+        "ce-id": attributes["id"], "Content-Type": "application/json",
+    }
+    body = json.dumps(event_data(envelope.to_stream_fields()))
+
+    async def deliver() -> int | None:
+        try:
+            async with client.session.post(backend.consumer_url + "/", data=body, headers=headers) as response:
+                await response.read()
+                return response.status
+        except aiohttp.ClientError:
+            return None
+
+    first = asyncio.create_task(deliver())
+    key = record_key(backend.key_prefix, envelope.id)
+    for _ in range(200):  # until the consumer has started the replay (the app sleeps 2 s)
+        raw = await redis.get(key)
+        if raw is not None and Record.from_json(raw).state == RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"the consumer did not start the replay: record {raw!r}, delivery {first}")
+    backend.kill("consumer")
+    status = await first
+    assert status is None or status // 100 != 2, "the consumer must not answer 2xx for an unrecorded outcome"
+    backend.wait_ready("consumer")
+    assert await deliver() == 200
+    async with client.session.get(
+        backend.producer_url + f"/.well-known/async-requests/{envelope.id}",
+        headers={"Async-Original-Host": Backend.cluster_host(SERVICE_PLAIN)},
+    ) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Async-Request-State"] == "succeeded"
+        echo = await response.json()
+    assert echo["path"] == "/cut-off" and echo["body_length"] == len(b"cut off")

@@ -6,7 +6,9 @@ Kubernetes manifest would set, so the local stack exercises the same code paths
 as a cluster. The gateway routes exactly what the cluster's network layer would
 see: the Ingress Knative Serving makes for each sample Service
 (:mod:`.serving`) and, for the async ones, the child Ingress and ExternalName
-Service the controller makes (:mod:`.resources`).
+Service the controller makes (:mod:`.resources`). As in the base manifests,
+the source replays queued requests in-process; the consumer runs beside it as
+the HTTP sink a RedisStreamSource would post to (``consumer_url``).
 
 A supervisor restarts a component that dies, like a Deployment would, so tests
 can kill the source or the consumer and check that no accepted request is lost.
@@ -451,6 +453,8 @@ class LocalStack:
         base["PYTHONUNBUFFERED"] = "1"
         redis = {"REDIS_URL": self.redis_url, "STREAM_NAME": self.stream, "KEY_PREFIX": self.key_prefix,
                  "DEAD_LETTER_STREAM": self.dead_letter_stream, "LOG_LEVEL": self.log_level}
+        replay = {"MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
+                  "TARGET_GATEWAY_URL": self.gateway_url}
         command = [sys.executable, "-m", "async_component"]
         url = f"http://{LOOPBACK}:{{}}".format
         ports = self._ports
@@ -463,12 +467,11 @@ class LocalStack:
                         "ALLOWED_HOSTS": ",".join(allowed_hosts), "WORKERS": str(self.producer_workers)},
                        url(ports["producer"]) + "/readyz"),
             _Component("consumer", [*command, "consumer"],
-                       {**base, **redis, "PORT": str(ports["consumer"]), "HOST": LOOPBACK,
-                        "MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
-                        "TARGET_GATEWAY_URL": self.gateway_url},
+                       {**base, **redis, **replay, "PORT": str(ports["consumer"]), "HOST": LOOPBACK},
                        url(ports["consumer"]) + "/readyz"),
+            # No SINK_URL: the source replays in-process; the consumer above serves RedisStreamSource-style events.
             _Component("source", [*command, "source"],
-                       {**base, **redis, "SINK_URL": self.consumer_url, "HEALTH_PORT": str(ports["source"]),
+                       {**base, **redis, **replay, "HEALTH_PORT": str(ports["source"]),
                         "VISIBILITY_TIMEOUT": f"{self.visibility_timeout:g}"},
                        url(ports["source"]) + "/readyz"),
             _Component("gateway", [*command, "gateway", "--routes", str(routes_file), "--port", str(self.port),

@@ -432,12 +432,15 @@ def test_producer_and_consumer_are_cluster_local_and_kept_warm():
         assert ksvc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] == "1"
 
 
-def test_the_source_delivers_to_the_consumer_service():
+def test_the_source_replays_in_process_as_the_consumer_would():
     objects = plain_objects()
-    sink = urlsplit(process_settings(find(objects, ("apps/v1", "Deployment"), "async-source"), objects).sink_url)
-    consumer = find(objects, KSVC, "async-consumer")
-    assert (sink.scheme, sink.hostname, sink.port, sink.path) == \
-        ("http", f"{consumer['metadata']['name']}.{consumer['metadata']['namespace']}.svc.cluster.local", None, "")
+    source = process_settings(find(objects, ("apps/v1", "Deployment"), "async-source"), objects)
+    consumer = process_settings(find(objects, KSVC, "async-consumer"), objects)
+    assert source.sink_url is None
+    replay = [field.name for field in dataclasses.fields(settings.ReplaySettings)]
+    assert {name: getattr(source, name) for name in replay} == {name: getattr(consumer, name) for name in replay}
+    for env in ("MAX_ATTEMPTS", "RETRY_BASE_DELAY", "REQUEST_TIMEOUT", "STATUS_RETENTION_SECONDS"):
+        assert env in env_of(find(objects, ("apps/v1", "Deployment"), "async-source")), f"{env}: set it, as consumer.yaml does"
 
 
 def test_timeouts_nest():
@@ -446,7 +449,7 @@ def test_timeouts_nest():
     consumer = process_settings(consumer_obj, objects)
     source = process_settings(find(objects, ("apps/v1", "Deployment"), "async-source"), objects)
     revision_timeout = pod_spec(consumer_obj)["timeoutSeconds"]
-    assert source.delivery_timeout > consumer.request_timeout
+    assert source.delivery_timeout > consumer.request_timeout  # when SINK_URL points the source at the consumer
     assert consumer.request_timeout < revision_timeout <= KNATIVE_MAX_REVISION_TIMEOUT
 
 
