@@ -27,14 +27,18 @@ class Batcher(Generic[Item, Result]):
         self._pending: list[tuple[Item, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
 
-    async def submit(self, item: Item) -> Result:
-        """Send ``item`` with the next batch; its own result, or its own (or the batch's) error."""
-        future = asyncio.get_running_loop().create_future()
+    def submit(self, item: Item) -> asyncio.Future[Result]:
+        """Send ``item`` with the next batch; the future gets its own result, or its own (or the batch's) error.
+
+        A plain function returning the future: one coroutine less per item on the producer's hot path.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending.append((item, future))
         if self._task is None:
             # starts on the next pass of the loop: requests handled in this pass join it
-            self._task = asyncio.create_task(self._drain())
-        return await future
+            self._task = loop.create_task(self._drain())
+        return future
 
     async def close(self) -> None:
         """Let the batches already submitted finish."""

@@ -10,6 +10,8 @@ are unaffected.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -29,21 +31,23 @@ return ids
 
 class Enqueuer:
     def __init__(self, redis: aioredis.Redis, *, stream: str, max_batch: int = 256,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
+        """``on_batch(size, queued, seconds)`` after each batch Redis answered."""
         self.keys = [stream]
         self.script = redis.register_script(ENQUEUE_SCRIPT)
         self.on_batch = on_batch
-        self.batcher: Batcher[str, bytes] = Batcher(self._send, max_batch=max_batch)
+        self.batcher: Batcher[bytes, bytes] = Batcher(self._send, max_batch=max_batch)
 
-    async def enqueue(self, envelope_json: str) -> str:
-        """Append one envelope (its JSON) to the stream; its entry id once Redis acknowledged it."""
-        entry_id = await self.batcher.submit(envelope_json)
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    def enqueue(self, envelope_json: bytes) -> asyncio.Future[bytes]:
+        """Append one envelope (its JSON) to the stream; the future gets its entry id once Redis acknowledged it."""
+        return self.batcher.submit(envelope_json)
 
     async def close(self) -> None:
         await self.batcher.close()
 
-    async def _send(self, batch: list[str]) -> list:
+    async def _send(self, batch: list[bytes]) -> list:
+        started = time.perf_counter()
+        ids = await self.script(keys=self.keys, args=[STREAM_FIELD, *batch])
         if self.on_batch is not None:
-            self.on_batch(len(batch))
-        return await self.script(keys=self.keys, args=[STREAM_FIELD, *batch])
+            self.on_batch(len(batch), sum(1 for i in ids if not isinstance(i, Exception)), time.perf_counter() - started)
+        return ids

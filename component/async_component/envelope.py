@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import orjson
+
 VERSION = 1
 STREAM_FIELD = "data"
 
@@ -84,15 +86,14 @@ class RequestIds:
         return self._text[start:start + 24]
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-"""One encoder for every document (``json.dumps`` with options builds a new one per call)."""
-
-
 def envelope_json(request_id: str, method: str, url: str, headers: Sequence[Sequence[str]], body: bytes,
-                  accepted_at: float, attempt: int = 0) -> str:
-    """The stream entry's document, built straight from a request's parts (no :class:`Envelope`)."""
+                  accepted_at: float, attempt: int = 0) -> bytes:
+    """The stream entry's document (UTF-8), built straight from a request's parts (no :class:`Envelope`).
+
+    orjson: escaping a 1 KiB body with the standard library took a tenth of the producer's CPU.
+    """
     text, encoding = encode_body(body)
-    return _encode({
+    return orjson.dumps({
         "v": VERSION, "id": request_id, "method": method, "url": url, "headers": headers,
         "body": text, "body_encoding": encoding, "accepted_at": accepted_at, "attempt": attempt,
     })
@@ -135,7 +136,8 @@ class Envelope:
     # --- encoding
 
     def to_json(self) -> str:
-        return envelope_json(self.id, self.method, self.url, self.headers, self.body, self.accepted_at, self.attempt)
+        return envelope_json(self.id, self.method, self.url, self.headers, self.body, self.accepted_at,
+                             self.attempt).decode()
 
     def to_stream_fields(self) -> dict[str, str]:
         """The fields of the Redis stream entry (XADD)."""

@@ -16,6 +16,7 @@ random bits) is still what grants access: an entry id alone finds nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -24,18 +25,18 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
+import httptools
 import redis.asyncio as aioredis
 import uvloop
-from aiohttp import hdrs, web
-from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from . import logs, probes
 from .enqueuer import Enqueuer
+from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
 from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
 from .redisconn import make_redis, redis_address
@@ -67,7 +68,10 @@ _PREFER = PREFER_HEADER.lower()
 DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower()}
 _DROPPED_RAW = frozenset(name.encode("latin-1") for name in DROPPED_REQUEST_HEADERS)
 _PREFER_RAW = _PREFER.encode("latin-1")
-_ACCEPTED_HEADERS = {hdrs.CONTENT_TYPE: "application/json"}
+_ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
+_READS = ("GET", "HEAD")
+_NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower()}
+"""Recorded response headers the status resource does not repeat (it writes its own)."""
 
 
 class BadRequest(Exception):
@@ -150,18 +154,22 @@ def _queued_record(entries: list, request_id: str, host: str, retention: float) 
     return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
 
 
-def _request_target(request: web.Request) -> str:
-    """Path and query exactly as the client sent them."""
-    raw = request.raw_path
-    if not raw.startswith("/"):  # absolute-form target: keep only its path and query
-        raw = request.rel_url.raw_path_qs
-    if not raw.startswith("/"):
-        raise BadRequest(f"request target {request.raw_path!r} is not a path")
-    return raw
+def request_target(target: str) -> str:
+    """Path and query exactly as the client sent them (of an absolute-form target too)."""
+    if target.startswith("/"):
+        return target
+    try:
+        url = httptools.parse_url(target.encode("latin-1"))
+    except httptools.HttpParserInvalidURLError:
+        url = None
+    if url is None or not (url.path or b"").startswith(b"/"):
+        raise BadRequest(f"request target {target[:200]!r} is not a path")
+    query = b"?" + url.query if url.query is not None else b""
+    return (url.path + query).decode("latin-1")
 
 
-def error_response(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers or None)
+def error_response(status: int, message: str, *headers: tuple[str, str]) -> Response:
+    return json_response(status, {"error": message}, headers)
 
 
 # --- the application
@@ -169,15 +177,15 @@ def error_response(status: int, message: str, **headers: str) -> web.Response:
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.accepted = Counter("async_producer_accepted_total", "Requests queued and answered 202", registry=registry)
+        self.accepted = Counter("async_producer_accepted_total", "Requests queued (acknowledged by Redis)", registry=registry)
         self.rejected = Counter(
             "async_producer_rejected_total", "Async requests not queued, by reason", ["reason"], registry=registry
         )
         # label lookups take a lock and a dict walk: bind the children once
         self.rejected_for = {reason: self.rejected.labels(reason)
                              for reason in ("forbidden_host", "too_large", "redis_unavailable", "bad_request")}
-        self.enqueue_seconds = Histogram(
-            "async_producer_enqueue_seconds", "Time from the body being read to Redis acknowledging the write",
+        self.batch_seconds = Histogram(
+            "async_producer_batch_seconds", "Time from a batch of writes being sent to Redis acknowledging it",
             registry=registry, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.batch_size = Histogram(
@@ -187,6 +195,13 @@ class Metrics:
         self.status_reads = Counter(
             "async_producer_status_reads_total", "Status reads, by what they found", ["result"], registry=registry
         )
+
+
+    def batch_written(self, size: int, queued: int, seconds: float) -> None:
+        """Counted per batch, not per request: less work on the hot path."""
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+        self.accepted.inc(queued)
 
 
 class RedisWarnings:
@@ -216,28 +231,36 @@ class Producer:
         self.owns_redis = False
         self.enqueuer: Enqueuer | None = None
         self._verdicts: dict[str, tuple[str, int, str]] = {}
-        self.probes: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {}
+        self.registry = registry
         self.new_request_id = RequestIds()
 
     # routing
 
-    async def route(self, request: web.Request) -> web.StreamResponse:
-        """Every request: with ``Async-Original-Host`` an async request whatever its path, else a probe.
-
-        One catch-all route dispatching here costs less per request than a middleware.
-        """
-        values = request.headers.getall(ORIGINAL_HOST_HEADER, None)
-        if values is None:
-            probe = self.probes.get(request.path) if request.method in (hdrs.METH_GET, hdrs.METH_HEAD) else None
-            return await (probe or self.missing_header)(request)
-        host, status, message = self._verdict(values[0]) if len(values) == 1 else (
+    async def respond(self, request: Request) -> Response:
+        """Every request: with ``Async-Original-Host`` an async request whatever its path, else a probe."""
+        values = request.values(_ORIGINAL_HOST_RAW)
+        if not values:
+            return await self.probe(request)
+        host, status, message = self._verdict(header_text(values[0])) if len(values) == 1 else (
             "", 400, f"{ORIGINAL_HOST_HEADER} must appear once")
         if status:
             self.metrics.rejected_for[_REJECT_REASONS[status]].inc()
             return error_response(status, message)
-        if request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and request.path.startswith(STATUS_PATH_PREFIX):
+        if request.method in _READS and request.path.startswith(STATUS_PATH_PREFIX):
             return await self.status(request, host)
         return await self.enqueue(request, host)
+
+    async def probe(self, request: Request) -> Response:
+        path = request.path if request.method in _READS else ""
+        if path == "/healthz":
+            return json_response(200, probes.LIVE)
+        if path == "/readyz":
+            status, document = await probes.readiness(self.ready)
+            return json_response(status, document)
+        if path == "/metrics":
+            return Response(200, probes.metrics_text(self.registry), [("Content-Type", probes.METRICS_CONTENT_TYPE)])
+        return error_response(
+            400, f"missing {ORIGINAL_HOST_HEADER}: only async routes of the network layer reach this producer")
 
     def _verdict(self, value: str) -> tuple[str, int, str]:
         """(host, 0, "") for an allowed target, else ("", status, message); remembered per header value."""
@@ -255,67 +278,44 @@ class Producer:
             self._verdicts[value] = verdict
         return verdict
 
-    async def missing_header(self, request: web.Request) -> web.Response:
-        return error_response(
-            400, f"missing {ORIGINAL_HOST_HEADER}: only async routes of the network layer reach this producer"
-        )
-
-    async def expect(self, request: web.Request) -> web.StreamResponse | None:
-        """Refuse an oversized body before the client sends it (``Expect: 100-continue``)."""
-        if ORIGINAL_HOST_HEADER in request.headers and self._too_large(request):
-            return self._reject_too_large()
-        if request.version == (1, 1):
-            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-                return error_response(417, f"unsupported Expect: {request.headers.get(hdrs.EXPECT)}")
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
-        return None
+    def refused(self, status: int) -> None:
+        """The server answered on its own (oversized, malformed or too slow a request)."""
+        if status == 413:
+            self.metrics.rejected_for["too_large"].inc()
+        elif status != 408:
+            self.metrics.rejected_for["bad_request"].inc()
 
     # queueing
 
-    def _too_large(self, request: web.Request) -> bool:
-        return request.content_length is not None and request.content_length > self.settings.request_size_limit
-
-    def _reject_too_large(self) -> web.Response:
-        self.metrics.rejected_for["too_large"].inc()
-        return error_response(413, f"the body is larger than {self.settings.request_size_limit} bytes")
-
-    async def enqueue(self, request: web.Request, host: str) -> web.Response:
-        if self._too_large(request):
-            return self._reject_too_large()
+    async def enqueue(self, request: Request, host: str) -> Response:
         try:
-            target = _request_target(request)
+            target = request_target(request.target)
         except BadRequest as exc:
             self.metrics.rejected_for["bad_request"].inc()
             return error_response(400, str(exc))
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._reject_too_large()
-        headers = forwarded_headers(request.raw_headers, request.headers.getall(hdrs.CONNECTION, None))
+        connection = request.values(b"connection")
+        headers = forwarded_headers(request.headers, [header_text(v) for v in connection] if connection else None)
         request_id = self.new_request_id()
-        started = time.perf_counter()
-        document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, body, time.time())
+        document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
+                                 time.time())
         try:
-            entry_id = await self.enqueuer.enqueue(document)
+            entry_id = (await self.enqueuer.enqueue(document)).decode()
         except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
-        self.metrics.enqueue_seconds.observe(time.perf_counter() - started)
-        self.metrics.accepted.inc()
         location = f"{STATUS_PATH_PREFIX}{entry_id}{LOCATION_SEPARATOR}{request_id}"
         # ids are URL-safe base64 and entry ids digits and '-': the JSON needs no escaping
         body = f'{{"id":"{request_id}","state":"{QUEUED}","status_url":"{location}"}}'.encode()
-        return web.Response(status=202, body=body, headers={
-            **_ACCEPTED_HEADERS, REQUEST_ID_HEADER: request_id, hdrs.LOCATION: location})
+        return Response(202, body, [("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id),
+                                    ("Location", location)])
 
-    def _unavailable(self, what: str, exc: BaseException) -> web.Response:
+    def _unavailable(self, what: str, exc: BaseException) -> Response:
         self.metrics.rejected_for["redis_unavailable"].inc()
         self.warnings.failed(what, exc)
-        return error_response(503, "the request queue is unavailable, try again later", **{hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS})
+        return error_response(503, "the request queue is unavailable, try again later", ("Retry-After", RETRY_AFTER_SECONDS))
 
     # status
 
-    async def status(self, request: web.Request, host: str) -> web.Response:
+    async def status(self, request: Request, host: str) -> Response:
         """``<entry id>.<request id>`` (what ``Location`` says) or ``<request id>`` alone (record only)."""
         entry_id, _, request_id = request.path[len(STATUS_PATH_PREFIX):].rpartition(LOCATION_SEPARATOR)
         if not _REQUEST_ID.fullmatch(request_id) or (entry_id and not _ENTRY_ID.fullmatch(entry_id)):
@@ -326,7 +326,7 @@ class Producer:
             self.metrics.status_reads.labels("redis_unavailable").inc()
             self.warnings.failed("reading a status", exc)
             return error_response(503, "the request status is unavailable, try again later",
-                                  **{hdrs.RETRY_AFTER: RETRY_AFTER_SECONDS})
+                                  ("Retry-After", RETRY_AFTER_SECONDS))
         if raw is None:
             record = _queued_record(entries, request_id, host, self.settings.status_retention)
             if record is None:
@@ -346,11 +346,10 @@ class Producer:
         response = record.response
         if response is None or not 200 <= response.status <= 599:
             message = record.error or f"request finished as {record.state} without a response"
-            return web.json_response({"id": request_id, "error": message}, status=502,
-                                     headers={STATE_HEADER: record.state})
-        headers = CIMultiDict((k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP)
-        headers[STATE_HEADER] = record.state
-        return web.Response(status=response.status, headers=headers, body=response.body)
+            return json_response(502, {"id": request_id, "error": message}, [(STATE_HEADER, record.state)])
+        headers = [(k, v) for k, v in response.headers if k.lower() not in _NOT_REPLAYED]
+        headers.append((STATE_HEADER, record.state))
+        return Response(response.status, response.body, headers)
 
     async def _read_status(self, request_id: str, entry_id: str) -> tuple[bytes | None, list]:
         """The record, and the stream entry when ``entry_id`` is given, in one round trip.
@@ -368,31 +367,31 @@ class Producer:
             entries, raw = await pipe.execute()
         return raw, entries
 
-    def _pending(self, request_id: str, record: Record) -> web.Response:
+    def _pending(self, request_id: str, record: Record) -> Response:
         self.metrics.status_reads.labels(record.state).inc()
         doc = {"id": request_id, "state": record.state, "attempts": record.attempts, "updated_at": record.updated_at}
         if record.state == RETRYING and record.next_attempt_at is not None:
             doc["next_attempt_at"] = record.next_attempt_at
         if record.error is not None:
             doc["error"] = record.error
-        return web.json_response(doc, status=202, headers={STATE_HEADER: record.state})
+        return json_response(202, doc, [(STATE_HEADER, record.state)])
 
-    def _not_found(self, request_id: str) -> web.Response:
+    def _not_found(self, request_id: str) -> Response:
         self.metrics.status_reads.labels("not_found").inc()
         return error_response(404, f"no request {request_id!r} for this host")
 
     # lifecycle
 
-    async def start(self, app: web.Application) -> None:
+    async def start(self) -> None:
         if self.redis is None:
             self.redis = make_redis(self.settings)
             # one attempt per batch: a retried write could queue a request twice,
             # and a quick 503 is the client's cue to retry
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
-        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, on_batch=self.metrics.batch_size.observe)
+        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, on_batch=self.metrics.batch_written)
 
-    async def stop(self, app: web.Application) -> None:
+    async def stop(self) -> None:
         if self.enqueuer is not None:
             await self.enqueuer.close()
         if self.owns_redis:
@@ -402,20 +401,14 @@ class Producer:
         await self.redis.ping()
 
 
-def make_app(settings: ProducerSettings, *, redis: aioredis.Redis | None = None) -> web.Application:
+def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = None) -> Server:
     """The producer; creates its Redis client on startup unless ``redis`` is given (then the caller closes it)."""
-    registry = CollectorRegistry()
-    producer = Producer(settings, registry)
+    producer = Producer(settings, CollectorRegistry())
     producer.redis = redis
-    app = web.Application(client_max_size=settings.request_size_limit)
-    probe_app = web.Application()  # only to collect the probe handlers, which route() calls
-    probes.add_probe_routes(probe_app, registry, producer.ready)
-    producer.probes = {route.resource.canonical: route.handler for route in probe_app.router.routes()
-                       if route.method == hdrs.METH_GET}
-    app.router.add_route("*", "/{tail:.*}", producer.route, expect_handler=producer.expect)
-    app.on_startup.append(producer.start)
-    app.on_cleanup.append(producer.stop)
-    return app
+    server = Server(producer.respond, max_body=settings.request_size_limit, on_refused=producer.refused)
+    server.on_startup.append(producer.start)
+    server.on_cleanup.append(producer.stop)
+    return server
 
 
 # --- processes
@@ -433,12 +426,24 @@ def validate(settings: ProducerSettings) -> ProducerSettings:
 def serve(settings: ProducerSettings, *, reuse_port: bool = False) -> int:
     """Serve one producer process until SIGTERM or SIGINT (on uvloop: much less CPU per request)."""
     logs.configure("producer", settings.log_level)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(settings, reuse_port))
+
+
+async def _serve(settings: ProducerSettings, reuse_port: bool) -> int:
+    server = make_server(settings)
     try:
-        web.run_app(make_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port,
-                    access_log=None, print=None, loop=uvloop.new_event_loop())
+        await server.start(settings.host, settings.port, reuse_port=reuse_port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("stopping: answering the requests in progress")
+    await server.close()
     return 0
 
 

@@ -31,11 +31,9 @@ def settings_for(redis_url: str, **changes) -> ProducerSettings:
 
 
 async def start_producer(settings: ProducerSettings):
-    runner = web.AppRunner(producer.make_app(settings), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    return runner
+    server = producer.make_server(settings)
+    await server.start(settings.host, settings.port)
+    return server
 
 
 @pytest.fixture
@@ -45,9 +43,9 @@ async def settings(redis_url):
 
 @pytest.fixture
 async def base(settings):
-    runner = await start_producer(settings)
+    server = await start_producer(settings)
     yield f"http://127.0.0.1:{settings.port}"
-    await runner.cleanup()
+    await server.close()
 
 
 
@@ -142,7 +140,7 @@ async def test_malformed_host_is_a_bad_request(base, http, redis_client, host):
 
 async def test_exact_and_suffix_entries(redis_url, http, redis_client):
     settings = settings_for(redis_url, allowed_hosts=("api.example.com", ".apps.internal"))
-    runner = await start_producer(settings)
+    server = await start_producer(settings)
     base = f"http://127.0.0.1:{settings.port}"
     try:
         expected = {
@@ -155,7 +153,7 @@ async def test_exact_and_suffix_entries(redis_url, http, redis_client):
                 assert resp.status == status, host
         assert await entry_count(redis_client) == 4
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 async def test_requests_without_the_header_only_reach_the_probes(base, http):
@@ -175,7 +173,7 @@ async def test_probes_and_metrics(base, http, redis_server):
     async with http.get(f"{base}/metrics") as resp:
         text = await resp.text()
     assert "async_producer_accepted_total 1.0" in text
-    assert "async_producer_enqueue_seconds_count 1.0" in text
+    assert "async_producer_batch_seconds_count 1.0" in text
     assert "async_producer_batch_size_count 1.0" in text
     redis_server.kill()
     async with http.get(f"{base}/readyz") as resp:
@@ -201,7 +199,7 @@ async def test_content_length_over_the_limit_is_refused_with_413(base, http, red
 
 async def test_chunked_body_over_the_limit_is_refused_with_413(redis_url, http, redis_client):
     settings = settings_for(redis_url, request_size_limit=100_000)
-    runner = await start_producer(settings)
+    server = await start_producer(settings)
     try:
         async def chunks():
             for _ in range(20):
@@ -222,7 +220,7 @@ async def test_chunked_body_over_the_limit_is_refused_with_413(redis_url, http, 
         [(_, fields)] = await stream_entries(redis_client)
         assert Envelope.from_stream_fields(fields).body == b"c" * 100_000
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 async def test_expect_continue_with_oversized_length_is_refused_before_the_body(base, settings):
@@ -356,7 +354,7 @@ async def test_status_needs_the_request_id_and_follows_the_record(base, http, re
 async def test_an_entry_older_than_the_status_retention_says_nothing(redis_url, http, redis_client):
     """A source that keeps delivered entries (RedisStreamSource) must not make them queued again."""
     settings = settings_for(redis_url, status_retention=0.2)
-    runner = await start_producer(settings)
+    server = await start_producer(settings)
     try:
         base = f"http://127.0.0.1:{settings.port}"
         async with http.post(f"{base}/x", headers=ASYNC) as resp:
@@ -368,7 +366,7 @@ async def test_an_entry_older_than_the_status_retention_says_nothing(redis_url, 
             assert resp.status == 404
         assert await entry_count(redis_client) == 1
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 async def test_status_retrying_reports_next_attempt(base, http, redis_client):

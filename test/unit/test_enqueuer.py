@@ -29,7 +29,7 @@ async def test_concurrent_requests_share_a_script_call_and_are_all_stored(redis_
     entries = dict(await redis_client.xrange("s"))
     assert len(set(entry_ids)) == 100
     for entry_id, envelope in zip(entry_ids, requests):
-        assert Envelope.from_stream_fields(entries[entry_id.encode()]) == envelope
+        assert Envelope.from_stream_fields(entries[entry_id]) == envelope
     assert await redis_client.keys("*") == [b"s"]  # no status record at accept time
 
 

@@ -1,0 +1,425 @@
+"""A lean HTTP/1.1 server on httptools (llhttp), for the producer.
+
+The producer's own work per request is small (check a header, join a Redis
+batch, answer 202), so the HTTP server's cost decides its throughput. On the
+development machine aiohttp's request machinery costs 60-80 µs of CPU per
+request and one protocol object driving httptools' parser about 11 µs
+(perf/profiling.md); with aiohttp the producer could not come near the
+issue's target of 0.8 x a bare aiohttp handler. This server covers what a
+producer behind Kourier, Istio or a kubelet probe meets: keep-alive and
+pipelining (answers in request order), Content-Length and chunked bodies with
+a size limit (413), ``Expect: 100-continue``, HEAD, malformed requests (400,
+then close), idle and slow connections timed out, and a graceful stop. No TLS,
+HTTP/2 or upgrades: the network layer in front terminates those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+MAX_TARGET_BYTES = 8190
+"""Longest request target (as aiohttp's default line limit)."""
+MAX_HEADER_BYTES = 65536
+"""All header names and values of one request together."""
+MAX_PIPELINED = 32
+"""Complete requests waiting on one connection before it stops reading."""
+IDLE_TIMEOUT = 75.0
+"""Seconds a keep-alive connection may wait for its next request."""
+REQUEST_TIMEOUT = 60.0
+"""Seconds a request that started arriving may go without a new byte."""
+LINGER = 5.0
+"""Seconds a refused request's unread body is still read (and dropped) after the answer, so that
+closing with unread bytes does not reset the connection before the client read the answer."""
+SWEEP_INTERVAL = 1.0
+
+class Request:
+    """One request as received: raw target, raw headers (order and case kept), whole body."""
+
+    __slots__ = ("method", "target", "version", "headers", "body", "keep_alive")
+
+    def __init__(self, method: str, target: str, version: str, headers: list[tuple[bytes, bytes]],
+                 body: bytes = b"", keep_alive: bool = True) -> None:
+        self.method = method
+        self.target = target
+        """As sent: origin form (``/path?query``) or absolute form."""
+        self.version = version
+        """"1.1" or "1.0"."""
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+    def values(self, name: bytes) -> list[bytes]:
+        """Every value of the header ``name`` (given in lower case), in order."""
+        return [value for key, value in self.headers if key.lower() == name]
+
+    def value(self, name: bytes) -> bytes | None:
+        """The first value of the header ``name`` (given in lower case)."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def path(self) -> str:
+        """The target's path, without the query; '' when the target has none."""
+        if self.target.startswith("/"):
+            return self.target.partition("?")[0]
+        try:
+            return (httptools.parse_url(self.target.encode("latin-1")).path or b"").decode("latin-1")
+        except httptools.HttpParserInvalidURLError:
+            return ""
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.value(b"content-length")
+        return int(value) if value is not None and value.isdigit() else None
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, body: bytes = b"", headers: Iterable[tuple[str, str]] = ()) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+        """Without Content-Length, Date and Connection, which the server writes."""
+
+
+def json_response(status: int, document: object, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    body = json.dumps(document, separators=(",", ":")).encode()
+    return Response(status, body, [("Content-Type", "application/json"), *headers])
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+
+
+_STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_date_second = 0
+_date_line = b""
+
+
+def _date() -> bytes:
+    """The Date line, made once per second."""
+    global _date_second, _date_line
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_line = now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode("latin-1")
+    return _date_line
+
+
+def encode(response: Response, *, keep_alive: bool, head: bool = False, version: str = "1.1") -> bytes:
+    """The response's bytes (header text as UTF-8, as aiohttp sends it)."""
+    parts = [_STATUS_LINES.get(response.status) or _status_line(response.status), _date(),
+             b"Content-Length: %d\r\n" % len(response.body)]
+    for name, value in response.headers:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"header {name!r} contains a line break")
+        parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif version == "1.0":
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    if not head:
+        parts.append(response.body)
+    return b"".join(parts)
+
+
+def _plain(status: int, message: str) -> Response:
+    return json_response(status, {"error": message})
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests and answers them one after another, in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Request | Response | bytes] = deque()
+        """What to answer next: requests, refusals (written, then the connection closes), a 100 Continue."""
+        self.runner: asyncio.Task | None = None
+        self.last_active = 0.0
+        self.in_message = False
+        self.refused = False
+        self.paused = False
+        self.writing_paused: asyncio.Future | None = None
+        self.eof = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+
+    # asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.last_active = self.loop.time()
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.queue.clear()  # never answered: as if the client had not sent them
+        if self.writing_paused is not None and not self.writing_paused.done():
+            self.writing_paused.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        if self.refused:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # the request asking for it is answered as plain HTTP, then the connection closes:
+            # the other protocol is not spoken here
+            self.refused = True
+        except httptools.HttpParserError as exc:
+            if not self.refused:
+                self._refuse(400, f"malformed request: {exc}")
+
+    def eof_received(self) -> bool:
+        """The client sent all it will: answer what is queued, then close."""
+        self.eof = True
+        if self.runner is None:
+            return False  # nothing to answer: asyncio closes the transport
+        return True
+
+    def pause_writing(self) -> None:
+        self.writing_paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.writing_paused is not None and not self.writing_paused.done():
+            self.writing_paused.set_result(None)
+        self.writing_paused = None
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+        if len(self.target) > MAX_TARGET_BYTES:
+            self._refuse(414, f"the request target is longer than {MAX_TARGET_BYTES} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self._refuse(431, f"the request headers are larger than {MAX_HEADER_BYTES} bytes")
+        elif not self.refused:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.refused:
+            return
+        head = self._request(b"")
+        length = head.content_length
+        if length is not None and length > self.server.max_body:
+            self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
+            return
+        expect = head.value(b"expect")
+        if expect is not None and head.version == "1.1":
+            if expect.lower() != b"100-continue":
+                self._refuse(417, f"unsupported Expect: {expect.decode('latin-1')}")
+                return
+            if self.runner is None and not self.queue:
+                self.transport.write(_CONTINUE)
+            else:
+                self.queue.append(_CONTINUE)
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.refused:
+            return
+        self.body_bytes += len(chunk)
+        if self.body_bytes > self.server.max_body:
+            self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
+            self.body = []
+        else:
+            self.body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        if self.refused:
+            return
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self._push(self._request(body))
+        if len(self.queue) >= MAX_PIPELINED and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # answering
+
+    def _request(self, body: bytes) -> Request:
+        parser = self.parser
+        return Request(parser.get_method().decode("latin-1"), self.target.decode("latin-1"),
+                       parser.get_http_version(), self.headers, body, parser.should_keep_alive())
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` after what is already queued, then close: the rest of the stream is not read."""
+        if self.refused:
+            return
+        self.refused = True
+        self.server.on_refused(status)
+        self._push(_plain(status, message))
+
+    def _push(self, item: Request | Response | bytes) -> None:
+        self.queue.append(item)
+        if self.runner is None:
+            self.runner = self.loop.create_task(self._answer())
+
+    async def _answer(self) -> None:
+        try:
+            while self.queue:
+                item = self.queue.popleft()
+                if self.paused and len(self.queue) < MAX_PIPELINED // 2 and not self.refused:
+                    self.paused = False
+                    self.transport.resume_reading()
+                if isinstance(item, bytes):
+                    self.transport.write(item)
+                    continue
+                if isinstance(item, Response):
+                    self.transport.write(encode(item, keep_alive=False))
+                    self._linger()
+                    return
+                try:
+                    response = await self.server.respond(item)
+                except Exception:  # a bug: the client gets a 500, the log the traceback
+                    log.exception("error answering %s %s", item.method, item.target[:200])
+                    response = _plain(500, "internal error")
+                if self.transport.is_closing():
+                    return
+                # refused with nothing left to answer: the request asked for an upgrade
+                keep_alive = item.keep_alive and not self.server.closing and not (self.refused and not self.queue)
+                try:
+                    data = encode(response, keep_alive=keep_alive, head=item.method == "HEAD", version=item.version)
+                except ValueError as exc:
+                    log.error("cannot answer %s %s: %s", item.method, item.target[:200], exc)
+                    data = encode(_plain(500, "internal error"), keep_alive=keep_alive, version=item.version)
+                self.transport.write(data)
+                if not keep_alive:
+                    self.transport.close()
+                    return
+                if self.writing_paused is not None:
+                    await self.writing_paused
+            if self.eof:
+                self.transport.close()
+        finally:
+            self.runner = None
+            self.last_active = self.loop.time()
+
+    def _linger(self) -> None:
+        """Close after the client stops sending (or :data:`LINGER` seconds); what it sends is dropped."""
+        if self.eof or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)
+
+    def sweep(self, now: float) -> None:
+        """Close the connection if it waited too long for a request, or for the rest of one."""
+        if self.runner is not None or self.transport.is_closing():
+            return
+        if self.in_message and now - self.last_active > self.server.request_timeout:
+            self._refuse(408, f"the request stalled for {self.server.request_timeout:g} seconds")
+        elif not self.in_message and now - self.last_active > self.server.idle_timeout:
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self.runner is None and not self.in_message and not self.queue
+
+
+class Server:
+    """Serves ``respond(request) -> Response`` on one listening socket."""
+
+    def __init__(self, respond: Callable[[Request], Awaitable[Response]], *, max_body: int,
+                 idle_timeout: float = IDLE_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT,
+                 on_refused: Callable[[int], None] = lambda status: None) -> None:
+        self.respond = respond
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.on_refused = on_refused
+        self.on_startup: list[Callable[[], Awaitable[None]]] = []
+        """Run before the socket listens, in order."""
+        self.on_cleanup: list[Callable[[], Awaitable[None]]] = []
+        """Run after the last connection closed (or the start failed), in order."""
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Run the startup hooks, then listen; raises OSError when the port cannot be had."""
+        self.loop = asyncio.get_running_loop()
+        for hook in self.on_startup:
+            await hook()
+        try:
+            self._server = await self.loop.create_server(lambda: _Connection(self), host, port,
+                                                         reuse_port=reuse_port or None, backlog=1024)
+        except BaseException:
+            await self._cleanup()
+            raise
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop listening, let requests in progress be answered (``Connection: close``), then close."""
+        if self.loop is None or self.closing:
+            return
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        deadline = self.loop.time() + grace
+        while True:
+            for connection in list(self.connections):
+                if connection.idle:
+                    connection.transport.close()
+            if not self.connections or self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        for hook in self.on_cleanup:
+            await hook()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(SWEEP_INTERVAL, self.idle_timeout / 2, self.request_timeout / 2))
+            now = self.loop.time()
+            for connection in list(self.connections):
+                connection.sweep(now)
