@@ -63,13 +63,6 @@ class Request:
         """Every value of the header ``name`` (given in lower case), in order."""
         return [value for key, value in self.headers if key.lower() == name]
 
-    def value(self, name: bytes) -> bytes | None:
-        """The first value of the header ``name`` (given in lower case)."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
     @property
     def path(self) -> str:
         """The target's path, without the query; '' when the target has none."""
@@ -79,11 +72,6 @@ class Request:
             return (httptools.parse_url(self.target.encode("latin-1")).path or b"").decode("latin-1")
         except httptools.HttpParserInvalidURLError:
             return ""
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.value(b"content-length")
-        return int(value) if value is not None and value.isdigit() else None
 
 
 class Response:
@@ -235,13 +223,17 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.refused:
             return
-        head = self._request(b"")
-        length = head.content_length
-        if length is not None and length > self.server.max_body:
+        length = expect = None
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = value
+            elif lower == b"expect":
+                expect = value
+        if length is not None and int(length) > self.server.max_body:  # llhttp let only digits through
             self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
             return
-        expect = head.value(b"expect")
-        if expect is not None and head.version == "1.1":
+        if expect is not None and self.parser.get_http_version() == "1.1":
             if expect.lower() != b"100-continue":
                 self._refuse(417, f"unsupported Expect: {expect.decode('latin-1')}")
                 return
