@@ -33,6 +33,8 @@ class Reply:
     status: int
     text: str
     """The answer's body (only kept when it is not 2xx): for the log and the dead-letter entry."""
+    settled: bool = False
+    """The entry is already acknowledged and deleted (in-process, with its recorded outcome)."""
 
 
 class DeliveryFailed(Exception):
@@ -98,7 +100,7 @@ class InProcessDelivery:
     """Replays each entry with a consumer core in this process and event loop."""
 
     def __init__(self, settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> None:
-        self.consumer = Consumer(settings, registry, redis=redis)
+        self.consumer = Consumer(settings, registry, redis=redis, group=settings.group)
         self.description = f"in-process (replaying {replay_route(settings)})"
 
     async def start(self) -> None:
@@ -109,7 +111,7 @@ class InProcessDelivery:
 
     async def send(self, entry_id: str, fields: Mapping) -> Reply:
         answer = await self.consumer.handle_entry(entry_id, fields)
-        return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text())
+        return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text(), answer.settled)
 
 
 def make_delivery(settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> Delivery:

@@ -250,7 +250,7 @@ class Source:
             except DeliveryFailed as exc:
                 reply, verdict, reason = None, "retry", str(exc)
             if verdict == DELIVERED:
-                if await self._settle(entry_id):
+                if reply.settled or await self._settle(entry_id):
                     self.metrics.delivered.labels("delivered").inc()
                     log.debug("entry %s delivered after %d attempt(s)", entry_id, attempt)
                 return

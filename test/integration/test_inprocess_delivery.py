@@ -262,6 +262,28 @@ async def test_redis_down_while_replaying_leaves_the_entry_pending_until_recorde
     assert (await record_of(redis_client, envelope.id)).state == SUCCEEDED
 
 
+async def test_an_outcome_redis_refuses_to_store_leaves_the_entry_pending(redis_url, redis_client):
+    """The ack goes in the transaction that records the outcome: refused together, never the ack alone."""
+    async with service() as target, running(source_settings(redis_url)) as source:
+        target.delay = 0.3
+        envelope = await queue(redis_client, target)
+        assert await eventually(lambda: _any(target.seen))
+        await redis_client.config_set("maxmemory", 1)  # from now on Redis refuses writes that need memory (OOM)
+
+        async def refused() -> bool:
+            return source.metrics.delivered.labels("failed")._value.get() >= 2
+        try:
+            assert await eventually(refused)
+            assert await redis_client.xlen(STREAM) == 1 and await pending(redis_client) == 1
+            assert (await record_of(redis_client, envelope.id)).state == "running"
+        finally:
+            await redis_client.config_set("maxmemory", 0)
+        assert await eventually(finished(redis_client, envelope))
+        assert await eventually(settled(redis_client))
+    assert (await record_of(redis_client, envelope.id)).state == SUCCEEDED
+    assert target.seen == [("/work", "1"), ("/work", "1")]  # replayed again: at least once
+
+
 async def _any(items: list) -> bool:
     return bool(items)
 
