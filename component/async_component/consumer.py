@@ -63,29 +63,28 @@ MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
 
 
-# KEYS[1] the record; ARGV[1] the running record, ARGV[2] its lifetime (ms), ARGV[3] the attempt about to start,
-# ARGV[4] the retrying state, ARGV[5...] the final states.
+# KEYS[1] the record; ARGV[1] the running record, ARGV[2] its lifetime (ms), ARGV[3] the attempt about to start.
 # One round trip: returns the state when the request is finished, or when this attempt already ended in a
-# scheduled retry (a redelivered event); else marks the request running and returns nil.
+# scheduled retry (a redelivered event); else marks the request running and returns nil. The states are part
+# of the script's text, so each call sends only what varies.
 START_SCRIPT = """
+local finished = {%(finished)s}
 local old = redis.call('GET', KEYS[1])
 if old then
   local ok, doc = pcall(cjson.decode, old)
   if ok and type(doc) == 'table' then
     local state = doc['state']
-    if state == ARGV[4] and (tonumber(doc['attempts']) or 0) >= tonumber(ARGV[3]) then
+    if state == '%(retrying)s' and (tonumber(doc['attempts']) or 0) >= tonumber(ARGV[3]) then
       return state
     end
-    for i = 5, #ARGV do
-      if state == ARGV[i] then
-        return state
-      end
+    if finished[state] then
+      return state
     end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
-"""
+""" % {"finished": ", ".join(f"['{state}'] = true" for state in FINAL_STATES), "retrying": RETRYING}
 
 
 class BadEvent(Exception):
@@ -189,8 +188,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.replays = Counter("async_consumer_replays_total", "Replays to the Service, by outcome", ["outcome"],
                                registry=registry)
-        for outcome in (SUCCEEDED, RETRYING, FAILED):
-            self.replays.labels(outcome)
+        self.replays_by = {outcome: self.replays.labels(outcome) for outcome in (SUCCEEDED, RETRYING, FAILED)}
         self.replay_seconds = Histogram(
             "async_consumer_replay_seconds", "Time from sending the replay to having the Service's full response",
             registry=registry,
@@ -204,8 +202,8 @@ class Metrics:
                                      registry=registry)
         self.events = Counter("async_consumer_events_total", "Events received, by how they were answered", ["result"],
                               registry=registry)
-        for result in ("replayed", "duplicate", "malformed", "redis_unavailable"):
-            self.events.labels(result)
+        self.events_by = {result: self.events.labels(result)
+                          for result in ("replayed", "duplicate", "malformed", "redis_unavailable")}
 
 
 class Consumer:
@@ -257,13 +255,13 @@ class Consumer:
         key = record_key(self.settings.key_prefix, envelope.id)
         running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time())
         try:
-            args = [running.to_json(), self.retention_ms, attempt, RETRYING, *FINAL_STATES]
+            args = [running.to_json(), self.retention_ms, attempt]
             done_state = await self.starts.submit((key, args))
         except Exception as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
         if done_state:
             state = done_state.decode()
-            self.metrics.events.labels("duplicate").inc()
+            self.metrics.events_by["duplicate"].inc()
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
             return Answer(200, {"id": envelope.id, "state": state, "duplicate": True})
 
@@ -272,19 +270,19 @@ class Consumer:
             state = await self._record_outcome(key, envelope, attempt, host, replayed, settle)
         except Exception as exc:  # the outcome is not durable: let the source deliver again
             return self._unavailable(envelope, "recording the outcome of", exc)
-        self.metrics.events.labels("replayed").inc()
-        self.metrics.replays.labels(state).inc()
+        self.metrics.events_by["replayed"].inc()
+        self.metrics.replays_by[state].inc()
         return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt}, settled=settle is not None)
 
     def malformed(self, event_id: str, message: str) -> Answer:
-        self.metrics.events.labels("malformed").inc()
+        self.metrics.events_by["malformed"].inc()
         if len(message) > ERROR_BODY_LIMIT:  # the SDK quotes the whole body in some of its errors
             message = message[:ERROR_BODY_LIMIT] + "..."
         log.warning("rejected a malformed event (ce-id %s): %s", event_id, message)
         return error_answer(400, message)
 
     def _unavailable(self, envelope: Envelope, what: str, exc: BaseException) -> Answer:
-        self.metrics.events.labels("redis_unavailable").inc()
+        self.metrics.events_by["redis_unavailable"].inc()
         self.throttle.warning("request %s: Redis unavailable while %s the replay, answering 503: %s: %s",
                               envelope.id, what, type(exc).__name__, exc)
         return error_answer(503, "the request store is unavailable, deliver the event again later")

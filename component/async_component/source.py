@@ -64,8 +64,8 @@ class Metrics:
             "Delivery attempts by outcome: delivered (acked), dead_lettered (sink rejected it), failed (will retry)",
             ["outcome"], registry=registry,
         )
-        for outcome in ("delivered", "dead_lettered", "failed"):
-            self.delivered.labels(outcome)
+        self.delivered_as = {outcome: self.delivered.labels(outcome)
+                             for outcome in ("delivered", "dead_lettered", "failed")}
         self.in_flight = Gauge("async_source_in_flight", "Entries being delivered", registry=registry)
         self.reclaimed = Counter("async_source_reclaimed_total", "Entries taken over from another source",
                                  registry=registry)
@@ -86,6 +86,7 @@ class Source:
         self.retry_base, self.retry_cap, self.stop_grace = retry_base, retry_cap, stop_grace
         self.delivery = make_delivery(settings, self.redis, self.registry)
         self.in_flight: dict[str, asyncio.Task] = {}
+        self.metrics.in_flight.set_function(lambda: len(self.in_flight))  # read when scraped, not set per entry
         self.stopping = asyncio.Event()
         self.slot_freed = asyncio.Event()
         self.redis_throttle = LogThrottle(log)
@@ -230,12 +231,10 @@ class Source:
             return
         task = asyncio.create_task(self._deliver(entry_id, fields), name=f"deliver-{entry_id}")
         self.in_flight[entry_id] = task
-        self.metrics.in_flight.set(len(self.in_flight))
         task.add_done_callback(lambda task: self._finished(entry_id, task))
 
     def _finished(self, entry_id: str, task: asyncio.Task) -> None:
         self.in_flight.pop(entry_id, None)
-        self.metrics.in_flight.set(len(self.in_flight))
         self.slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("entry %s: delivery crashed, it stays pending for reclaim", entry_id, exc_info=task.exception())
@@ -251,18 +250,18 @@ class Source:
                 reply, verdict, reason = None, "retry", str(exc)
             if verdict == DELIVERED:
                 if reply.settled or await self._settle(entry_id):
-                    self.metrics.delivered.labels("delivered").inc()
+                    self.metrics.delivered_as["delivered"].inc()
                     log.debug("entry %s delivered after %d attempt(s)", entry_id, attempt)
                 return
             if reply is not None:
                 reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
                 if await self._settle(entry_id, {**fields, "error": reason, "status": str(reply.status)}):
-                    self.metrics.delivered.labels("dead_lettered").inc()
+                    self.metrics.delivered_as["dead_lettered"].inc()
                     log.warning("entry %s rejected by the sink, sent to %s: %s", entry_id,
                                 self.settings.dead_letter_stream, reason)
                 return
-            self.metrics.delivered.labels("failed").inc()
+            self.metrics.delivered_as["failed"].inc()
             delay = backoff(attempt, self.retry_base, self.retry_cap)
             self.sink_throttle.warning("entry %s delivery attempt %d failed (%s); retrying in %.2fs",
                                        entry_id, attempt, reason, delay)
