@@ -256,11 +256,13 @@ async def test_an_event_cut_off_by_a_consumer_crash_is_replayed_when_delivered_a
     body = json.dumps(event_data(envelope.to_stream_fields()))
 
     async def deliver() -> int | None:
+        """The consumer's answer; None for none (the connection broke, or a tunnel to a dead pod hung)."""
         try:
-            async with client.session.post(backend.consumer_url + "/", data=body, headers=headers) as response:
+            async with client.session.post(backend.consumer_url + "/", data=body, headers=headers,
+                                           timeout=aiohttp.ClientTimeout(total=60)) as response:
                 await response.read()
                 return response.status
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):
             return None
 
     first = asyncio.create_task(deliver())
