@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from .envelope import EnvelopeError, decode_body, encode_body
 
 QUEUED = "queued"
@@ -70,7 +72,7 @@ class Record:
             doc["response"] = {"status": self.response.status,
                                "headers": [list(h) for h in self.response.headers],
                                "body": body, "body_encoding": encoding}
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+        return orjson.dumps(doc).decode()  # json.dumps with options builds an encoder per call
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Record:
