@@ -221,7 +221,9 @@ class LocalStack:
     ``sleep_seconds``, ``max_attempts``, ``retry_delay`` and
     ``visibility_timeout`` become SLEEP_SECONDS, MAX_ATTEMPTS,
     RETRY_BASE_DELAY and VISIBILITY_TIMEOUT of the processes; keep them small
-    in tests. ``output``: a text stream that receives every component's log
+    in tests. ``replay_in_source=False`` gives the source ``SINK_URL``: it then
+    posts CloudEvents to the consumer, which replays them (the RedisStreamSource
+    topology). ``output``: a text stream that receives every component's log
     lines, prefixed with its name (default: kept only in memory, see
     :meth:`logs`); pass ``sys.stderr`` to watch them.
     """
@@ -244,6 +246,7 @@ class LocalStack:
         dead_letter_stream: str = DEFAULT_DEAD_LETTER_STREAM,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         startup_timeout: float = 60.0,
+        replay_in_source: bool = True,
     ) -> None:
         problems = [
             f"{name} {value!r} {rule}" for name, value, ok, rule in [
@@ -276,6 +279,7 @@ class LocalStack:
         self.log_level = log_level.upper()
         self.output = output
         self.startup_timeout = startup_timeout
+        self.replay_in_source = replay_in_source
         self._app_dir_arg = app_dir
 
         self._redis = None if redis_url else RedisServer()
@@ -469,10 +473,12 @@ class LocalStack:
             _Component("consumer", [*command, "consumer"],
                        {**base, **redis, **replay, "PORT": str(ports["consumer"]), "HOST": LOOPBACK},
                        url(ports["consumer"]) + "/readyz"),
-            # No SINK_URL: the source replays in-process; the consumer above serves RedisStreamSource-style events.
+            # No SINK_URL: the source replays in-process; the consumer above serves RedisStreamSource-style
+            # events (and, with replay_in_source=False, the source's own, as a RedisStreamSource would send them).
             _Component("source", [*command, "source"],
                        {**base, **redis, **replay, "HEALTH_PORT": str(ports["source"]),
-                        "VISIBILITY_TIMEOUT": f"{self.visibility_timeout:g}"},
+                        "VISIBILITY_TIMEOUT": f"{self.visibility_timeout:g}",
+                        **({} if self.replay_in_source else {"SINK_URL": self.consumer_url})},
                        url(ports["source"]) + "/readyz"),
             _Component("gateway", [*command, "gateway", "--routes", str(routes_file), "--port", str(self.port),
                                    "--host", LOOPBACK, "--log-level", self.log_level],
