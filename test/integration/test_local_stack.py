@@ -119,6 +119,22 @@ def test_async_call_is_queued_and_completed(stack):
     assert b'"path": "/work"' in body and b'"body_length": 7' in body
 
 
+def test_a_stack_whose_source_posts_to_the_consumer_replays_through_the_consumer():
+    with LocalStack(port=free_port(), sleep_seconds=0, app_dir=APP_DIR, replay_in_source=False) as stack:
+        status, headers, _ = http(stack.gateway_url + "/via?sleep=0", stack.host(ALWAYS))
+        assert status == 202
+        location = headers["Location"]
+
+        def finished():
+            answer = http(stack.gateway_url + location, stack.host(ALWAYS))
+            return answer if answer[0] != 202 else None
+
+        status, headers, _ = poll(finished)
+        assert status == 200 and headers["Async-Request-State"] == "succeeded"
+        _, _, metrics = http(stack.consumer_url + "/metrics", "localhost")
+        assert re.search(rb'async_consumer_replays_total\{outcome="succeeded"\} 1\.0', metrics), metrics[-2000:]
+
+
 def test_killed_component_is_restarted_and_the_restart_logged(stack):
     before = stack.pid("source"), stack.restarts("source")
     stack.kill("source")
