@@ -169,6 +169,18 @@ async def test_permanent_failure_ends_in_the_dead_letter_stream(client: Client, 
     assert request_id in ids
 
 
+async def succeeded_echo(client: Client, backend: Backend, request_id: str) -> dict:
+    """The sleep app's echo recorded for a request to the plain Service, which has no async routes:
+    read from the producer directly, with the header the network layer would append."""
+    async with client.session.get(
+        backend.producer_url + f"/.well-known/async-requests/{request_id}",
+        headers={"Async-Original-Host": Backend.cluster_host(SERVICE_PLAIN)},
+    ) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Async-Request-State"] == "succeeded"
+        return await response.json()
+
+
 async def test_consumer_handles_a_redis_stream_source_event(client: Client, backend: Backend):
     """Knative's RedisStreamSource sends binary-mode events whose data is the entry's field list."""
     envelope = Envelope.new(
@@ -183,15 +195,7 @@ async def test_consumer_handles_a_redis_stream_source_event(client: Client, back
     body = json.dumps(event_data(envelope.to_stream_fields()))
     async with client.session.post(backend.consumer_url + "/", data=body, headers=headers) as response:
         assert response.status // 100 == 2, await response.text()
-    # The plain Service has no async routes, so ask the producer for the record directly,
-    # with the header the network layer would append.
-    async with client.session.get(
-        backend.producer_url + f"/.well-known/async-requests/{envelope.id}",
-        headers={"Async-Original-Host": Backend.cluster_host(SERVICE_PLAIN)},
-    ) as response:
-        assert response.status == 200, await response.text()
-        assert response.headers["Async-Request-State"] == "succeeded"
-        echo = await response.json()
+    echo = await succeeded_echo(client, backend, envelope.id)
     assert echo["path"] == "/from-rss"
     assert echo_headers(echo, "X-Repeated") == ["1", "2"]
     assert echo["body_sha256"] == hashlib.sha256(b"via RedisStreamSource").hexdigest()
@@ -279,11 +283,5 @@ async def test_an_event_cut_off_by_a_consumer_crash_is_replayed_when_delivered_a
     assert status is None or status // 100 != 2, "the consumer must not answer 2xx for an unrecorded outcome"
     backend.wait_ready("consumer")
     assert await deliver() == 200
-    async with client.session.get(
-        backend.producer_url + f"/.well-known/async-requests/{envelope.id}",
-        headers={"Async-Original-Host": Backend.cluster_host(SERVICE_PLAIN)},
-    ) as response:
-        assert response.status == 200, await response.text()
-        assert response.headers["Async-Request-State"] == "succeeded"
-        echo = await response.json()
+    echo = await succeeded_echo(client, backend, envelope.id)
     assert echo["path"] == "/cut-off" and echo["body_length"] == len(b"cut off")
