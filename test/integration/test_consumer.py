@@ -20,6 +20,8 @@ from async_component.ports import free_port
 from async_component.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings
 
+from .aioserve import serve
+
 STREAM = "async-requests"
 DEAD = "async-requests-dead"
 
@@ -57,9 +59,7 @@ class Target:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(app, self.port)
 
 
 @pytest.fixture
@@ -77,10 +77,7 @@ def settings_for(redis_url: str, **changes) -> ConsumerSettings:
 
 
 async def start_consumer(settings: ConsumerSettings) -> web.AppRunner:
-    runner = web.AppRunner(consumer.make_app(settings, mover_interval=0.05), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port).start()
-    return runner
+    return await serve(consumer.make_app(settings, mover_interval=0.05), settings.port, settings.host)
 
 
 @pytest.fixture

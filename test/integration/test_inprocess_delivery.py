@@ -28,6 +28,8 @@ from async_component.records import FAILED, RETRYING, SUCCEEDED, Record, record_
 from async_component.settings import ConsumerSettings, SourceSettings
 from async_component.source import Source
 
+from .aioserve import serve
+
 STREAM = "async-requests"
 GROUP = "async-source"
 DEAD = "async-requests-dead"
@@ -59,9 +61,7 @@ class Service:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(app, self.port, handler_cancellation=True)
 
 
 @contextlib.asynccontextmanager
@@ -96,9 +96,7 @@ async def http_consumer(redis_url: str):
     """The HTTP path's consumer, with the same replay settings as :func:`source_settings`."""
     settings = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
                                 retry_max_delay=0.1, request_timeout=2.0)
-    runner = web.AppRunner(consumer.make_app(settings, mover_interval=0.05), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    runner = await serve(consumer.make_app(settings, mover_interval=0.05), settings.port)
     try:
         yield f"http://127.0.0.1:{settings.port}/"
     finally:

@@ -13,7 +13,6 @@ import time
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from async_component import producer
 from async_component.envelope import Envelope

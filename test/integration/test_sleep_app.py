@@ -12,9 +12,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from async_component.ports import free_port
+
+from .aioserve import serve
 
 APP_FILE = Path(__file__).resolve().parents[1] / "app" / "sleep_app.py"
 
@@ -33,9 +34,7 @@ sleep_app = load_sleep_app()
 @pytest.fixture
 async def base():
     port = free_port()
-    runner = web.AppRunner(sleep_app.make_app(sleep_app.Settings(sleep_seconds=0.2, max_body_bytes=1024 * 1024)))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await serve(sleep_app.make_app(sleep_app.Settings(sleep_seconds=0.2, max_body_bytes=1024 * 1024)), port)
     yield f"http://127.0.0.1:{port}"
     await runner.cleanup()
 

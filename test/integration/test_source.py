@@ -27,6 +27,8 @@ from async_component.records import QUEUED, SUCCEEDED, Record, record_key
 from async_component.settings import ConsumerSettings, SourceSettings
 from async_component.source import Source
 
+from .aioserve import serve
+
 STREAM = "async-requests"
 GROUP = "async-source"
 DEAD = "async-requests-dead"
@@ -69,9 +71,7 @@ class Sink:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/", self.handle)
-        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(app, self.port, handler_cancellation=True)
 
 
 @pytest.fixture
@@ -319,11 +319,9 @@ async def test_503_twice_then_200_succeeds_on_attempt_3_through_source_consumer_
     target, consumer_settings = web.Application(), ConsumerSettings(
         redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05, retry_max_delay=0.1)
     target.router.add_route("*", "/{tail:.*}", service)
-    runners = [web.AppRunner(target), web.AppRunner(consumer.make_app(consumer_settings, mover_interval=0.05))]
     target_port = free_port()
-    for runner, port in zip(runners, (target_port, consumer_settings.port)):
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+    runners = [await serve(target, target_port),
+               await serve(consumer.make_app(consumer_settings, mover_interval=0.05), consumer_settings.port)]
     try:
         _, envelope = await queue(redis_client, "/flaky", host=f"127.0.0.1:{target_port}")
 
