@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from async_component.local import LocalStack
-from async_component.ports import free_port
+from async_component.local.stack import LocalStack
+from async_component.local.ports import free_port
 
 from backend import Backend
 

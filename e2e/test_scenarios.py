@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from async_component.envelope import Envelope, event_attributes, event_data
-from async_component.records import RUNNING, Record, record_key
+from async_component.dataplane.envelope import Envelope, event_attributes, event_data
+from async_component.dataplane.records import RUNNING, Record, record_key
 from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL, SERVICE_PLAIN, Backend
 from client import Client
 

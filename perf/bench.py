@@ -39,9 +39,9 @@ import figures
 import machine
 import servers
 import wrk
-from async_component.envelope import Envelope
-from async_component.records import Record, record_key
-from async_component.redisserver import RedisServer
+from async_component.dataplane.envelope import Envelope
+from async_component.dataplane.records import Record, record_key
+from async_component.local.redisserver import RedisServer
 from async_component.settings import DEFAULT_KEY_PREFIX, DEFAULT_STREAM
 from figures import Figure, at_least, at_most, ratio
 
@@ -175,8 +175,8 @@ def rss_figure(label: str, rss: dict[int, int], small: int, large: int) -> Figur
 @contextlib.contextmanager
 def local_stack(*, replay_in_source: bool = True) -> Iterator:
     """The stack as ``async-component local`` runs it, or (False) with the source posting to the consumer."""
-    from async_component.local import LocalStack
-    from async_component.ports import free_port
+    from async_component.local.stack import LocalStack
+    from async_component.local.ports import free_port
 
     progress("starting the local stack" + ("" if replay_in_source else ", the source posting to the consumer"))
     stack = LocalStack(port=free_port(), sleep_seconds=0, log_level="WARNING", replay_in_source=replay_in_source)

@@ -55,8 +55,8 @@ def target(args: argparse.Namespace) -> Iterator[Target]:
         yield Target(args.url.rstrip("/"), f"helloworld-sleep.{args.domain}", f"helloworld-sleep-always.{args.domain}",
                      args.redis_url, description=args.url)
         return
-    from async_component.local import LocalStack
-    from async_component.ports import free_port
+    from async_component.local.stack import LocalStack
+    from async_component.local.ports import free_port
 
     print("starting the local stack ...", file=sys.stderr, flush=True)
     with LocalStack(port=free_port(), sleep_seconds=0, producer_workers=args.producer_workers,
@@ -116,7 +116,7 @@ def wait_for_backlog(where: Target, timeout: float) -> tuple[int, float] | None:
         return None
     import redis
 
-    from async_component.records import retry_key
+    from async_component.dataplane.records import retry_key
 
     client = redis.Redis.from_url(where.redis_url)
     try:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from async_component.ports import free_port
+from async_component.local.ports import free_port
 
 PERF = Path(__file__).resolve().parent
 

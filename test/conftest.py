@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from async_component.redisserver import RedisServer
+from async_component.local.redisserver import RedisServer
 
 
 @pytest.fixture

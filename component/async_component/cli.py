@@ -14,14 +14,14 @@ from .settings import ConsumerSettings, ControllerSettings, ProducerSettings, Se
 # subcommand -> (module with run(settings), settings class or None when the module
 # declares its own flags with add_arguments(parser) and run(args), help)
 COMMANDS: dict[str, tuple[str, type | None, str]] = {
-    "producer": ("async_component.producer", ProducerSettings, "accept requests, queue them in Redis, answer 202"),
-    "source": ("async_component.source", SourceSettings,
+    "producer": ("async_component.dataplane.producer", ProducerSettings, "accept requests, queue them in Redis, answer 202"),
+    "source": ("async_component.dataplane.source", SourceSettings,
                "replay queued requests, record the outcome (or post them to SINK_URL as CloudEvents)"),
-    "consumer": ("async_component.consumer", ConsumerSettings,
+    "consumer": ("async_component.dataplane.consumer", ConsumerSettings,
                  "replay queued requests received as CloudEvents (a RedisStreamSource's sink), record the outcome"),
-    "controller": ("async_component.controller", ControllerSettings, "kopf operator for async Knative Ingresses"),
-    "local": ("async_component.local", None, "run the whole stack on 127.0.0.1 (Redis, gateway, sleep app)"),
-    "gateway": ("async_component.gateway", None, "the local stack's stand-in for Kourier or Istio"),
+    "controller": ("async_component.controller.operator", ControllerSettings, "kopf operator for async Knative Ingresses"),
+    "local": ("async_component.local.stack", None, "run the whole stack on 127.0.0.1 (Redis, gateway, sleep app)"),
+    "gateway": ("async_component.local.gateway", None, "the local stack's stand-in for Kourier or Istio"),
 }
 
 

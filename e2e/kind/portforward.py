@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from async_component.ports import free_port
+from async_component.local.ports import free_port
 
 log = logging.getLogger(__name__)
 

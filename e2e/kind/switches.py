@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from async_component.resources import ASYNC_INGRESS_CLASS, INGRESS_CLASS_ANNOTATION
+from async_component.controller.resources import ASYNC_INGRESS_CLASS, INGRESS_CLASS_ANNOTATION
 from backend import NAMESPACE, SERVICE_PLAIN
 
 from . import manifests, plan

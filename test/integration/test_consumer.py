@@ -14,10 +14,10 @@ from aiohttp import web
 from cloudevents.v1.conversion import to_structured
 from cloudevents.v1.http import CloudEvent
 
-from async_component import consumer
-from async_component.envelope import Envelope, event_attributes, event_data
-from async_component.ports import free_port
-from async_component.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
+from async_component.dataplane import consumer
+from async_component.dataplane.envelope import Envelope, event_attributes, event_data
+from async_component.local.ports import free_port
+from async_component.dataplane.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings
 
 from .aioserve import serve

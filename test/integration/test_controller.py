@@ -21,9 +21,9 @@ import kmock
 import kopf
 import pytest
 
-from async_component import resources as r
-from async_component.kubeapi import INGRESSES, SERVICES, KubeApi
-from async_component.ports import free_port
+from async_component.controller import resources as r
+from async_component.controller.kubeapi import INGRESSES, SERVICES, KubeApi
+from async_component.local.ports import free_port
 from async_component.settings import INGRESS_CLASSES
 
 from .kube_emulator import EmulatorThread

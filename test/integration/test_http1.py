@@ -9,8 +9,8 @@ import logging
 import aiohttp
 import pytest
 
-from async_component.http1 import Request, Response, Server, json_response
-from async_component.ports import free_port
+from async_component.dataplane.http1 import Request, Response, Server, json_response
+from async_component.local.ports import free_port
 
 LIMIT = 1000
 

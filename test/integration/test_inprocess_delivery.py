@@ -21,12 +21,12 @@ import time
 import aiohttp
 from aiohttp import web
 
-from async_component import consumer
-from async_component.envelope import Envelope
-from async_component.ports import free_port
-from async_component.records import FAILED, RETRYING, SUCCEEDED, Record, record_key, retry_key
+from async_component.dataplane import consumer
+from async_component.dataplane.envelope import Envelope
+from async_component.local.ports import free_port
+from async_component.dataplane.records import FAILED, RETRYING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings, SourceSettings
-from async_component.source import Source
+from async_component.dataplane.source import Source
 
 from .aioserve import serve
 

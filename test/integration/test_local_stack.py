@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from async_component import resources
-from async_component.gateway import Router
-from async_component.local import LocalStack, StackError, cluster_routes, find_app_dir, load_services
-from async_component.ports import free_port
+from async_component.controller import resources
+from async_component.local.gateway import Router
+from async_component.local.stack import LocalStack, StackError, cluster_routes, find_app_dir, load_services
+from async_component.local.ports import free_port
 
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
 PLAIN, CONDITIONAL, ALWAYS = "helloworld-sleep-plain", "helloworld-sleep", "helloworld-sleep-always"

@@ -14,11 +14,11 @@ import time
 import aiohttp
 import pytest
 
-from async_component import producer
-from async_component.envelope import Envelope
-from async_component.ports import free_port
-from async_component.records import FAILED, QUEUED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key
-from async_component.resources import STATUS_PATH_PREFIX
+from async_component.dataplane import producer
+from async_component.dataplane.envelope import Envelope
+from async_component.local.ports import free_port
+from async_component.dataplane.records import FAILED, QUEUED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key
+from async_component.controller.resources import STATUS_PATH_PREFIX
 from async_component.settings import ProducerSettings
 
 HOST = "sleep.default.svc.cluster.local"
@@ -261,11 +261,11 @@ async def test_redis_down_answers_503_then_recovers(base, http, redis_server, re
 
 async def test_redis_failures_are_logged_once_per_interval(base, http, redis_server, caplog):
     redis_server.kill()
-    with caplog.at_level("WARNING", logger="async_component.producer"):
+    with caplog.at_level("WARNING", logger="async_component.dataplane.producer"):
         for _ in range(5):
             async with http.post(f"{base}/x", headers=ASYNC) as resp:
                 assert resp.status == 503
-    warnings = [r for r in caplog.records if r.name == "async_component.producer" and r.levelname == "WARNING"]
+    warnings = [r for r in caplog.records if r.name == "async_component.dataplane.producer" and r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "Redis unavailable while queueing a request" in warnings[0].getMessage()
 

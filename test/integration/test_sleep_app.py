@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from async_component.ports import free_port
+from async_component.local.ports import free_port
 
 from .aioserve import serve
 

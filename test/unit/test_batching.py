@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from async_component.batching import Batcher
+from async_component.dataplane.batching import Batcher
 
 
 class Recorder:

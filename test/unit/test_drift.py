@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from async_component.drift import drift_patch, merge_patch
-from async_component.resources import make_async_service, make_child_ingress
+from async_component.controller.drift import drift_patch, merge_patch
+from async_component.controller.resources import make_async_service, make_child_ingress
 
 PRODUCER = "async-producer.knative-serving.svc.cluster.local"
 PARENT = {

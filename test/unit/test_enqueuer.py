@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from async_component.enqueuer import Enqueuer
-from async_component.envelope import Envelope
+from async_component.dataplane.enqueuer import Enqueuer
+from async_component.dataplane.envelope import Envelope
 
 
 def request(n: int) -> Envelope:

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from async_component.envelope import (
+from async_component.dataplane.envelope import (
     EVENT_TYPE, Envelope, EnvelopeError, RequestIds, envelope_json, event_attributes, event_data, new_request_id,
 )
 

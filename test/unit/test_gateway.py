@@ -11,9 +11,10 @@ import sys
 import pytest
 from aiohttp import web
 
-from async_component import gateway, resources, serving
-from async_component.gateway import Router, Routes, RoutesError
-from async_component.ports import free_port
+from async_component.local import gateway, knative_serving as serving
+from async_component.controller import resources
+from async_component.local.gateway import Router, Routes, RoutesError
+from async_component.local.ports import free_port
 
 KOURIER = "kourier.ingress.networking.knative.dev"
 

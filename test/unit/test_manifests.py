@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from async_component import cli, settings
-from async_component.resources import INGRESS_CLASS_ANNOTATION
+from async_component.controller.resources import INGRESS_CLASS_ANNOTATION
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "component" / "config"

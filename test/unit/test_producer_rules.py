@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from async_component.producer import BadRequest, forwarded_headers, host_allowed, target_host, validate, without_respond_async
+from async_component.dataplane.producer import BadRequest, forwarded_headers, host_allowed, target_host, validate, without_respond_async
 from async_component.settings import ProducerSettings, SettingsError
 
 

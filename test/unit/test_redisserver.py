@@ -1,6 +1,6 @@
 import redis
 
-from async_component.redisserver import RedisServer
+from async_component.local.redisserver import RedisServer
 
 
 def test_server_starts_answers_restarts_and_cleans_up():

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from async_component import resources as r
+from async_component.controller import resources as r
 from async_component.settings import INGRESS_CLASSES
 
 PRODUCER = "async-producer.knative-serving.svc.cluster.local"

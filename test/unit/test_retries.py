@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from async_component.envelope import Envelope
-from async_component.retries import DELIVERED, REJECTED, RETRY, RetryMover, backoff, replay_retryable, sink_verdict
+from async_component.dataplane.envelope import Envelope
+from async_component.dataplane.retries import DELIVERED, REJECTED, RETRY, RetryMover, backoff, replay_retryable, sink_verdict
 from async_component.settings import ConsumerSettings
-from async_component.throttle import LogThrottle
+from async_component.logthrottle import LogThrottle
 
 
 @pytest.mark.parametrize("attempt, low, high", [(1, 0.5, 1.0), (2, 1.0, 2.0), (3, 2.0, 4.0), (10, 5.0, 10.0),

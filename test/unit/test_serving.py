@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from async_component import serving
+from async_component.local import knative_serving as serving
 
 KOURIER = "kourier.ingress.networking.knative.dev"
 ISTIO = "istio.ingress.networking.knative.dev"

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from .consumer import Consumer, replay_route
 from .envelope import EVENT_CONTENT_TYPE, EVENT_TYPE, as_text, event_attributes, event_data
 from .redisconn import redis_address
-from .settings import SourceSettings
+from ..settings import SourceSettings
 
 ERROR_BODY_LIMIT = 1000
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .resources import INGRESS_API_VERSION, INGRESS_CLASS_ANNOTATION, INGRESS_KIND, LAST_APPLIED_ANNOTATION
-from .settings import INGRESS_CLASSES
+from ..controller.resources import INGRESS_API_VERSION, INGRESS_CLASS_ANNOTATION, INGRESS_KIND, LAST_APPLIED_ANNOTATION
+from ..settings import INGRESS_CLASSES
 
 INGRESS_CLASS_ALT_ANNOTATION = "networking.knative.dev/ingress-class"
 """The newer spelling Serving also accepts on a Service or Route."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from .settings import RedisSettings
+from ..settings import RedisSettings
 
 
 def make_redis(settings: RedisSettings, *, socket_timeout: float | None = 5.0, max_connections: int | None = None) -> aioredis.Redis:

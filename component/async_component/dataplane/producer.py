@@ -34,14 +34,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from . import logs, probes
+from .. import logs, probes
 from .enqueuer import Enqueuer
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
 from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
 from .redisconn import make_redis, redis_address
-from .resources import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH_PREFIX
-from .settings import ProducerSettings, SettingsError
+from ..controller.resources import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH_PREFIX
+from ..settings import ProducerSettings, SettingsError
 
 log = logging.getLogger(__name__)
 

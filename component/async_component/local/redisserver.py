@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .children import DIE_WITH_PARENT
+from .deathsig import DIE_WITH_PARENT
 from .ports import free_port
 
 

@@ -27,14 +27,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import ResponseError
 
-from . import logs, probes
+from .. import logs, probes
 from .batching import Batcher
 from .delivery import DeliveryFailed, make_delivery
 from .envelope import as_text
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
-from .settings import SourceSettings
-from .throttle import LogThrottle
+from ..settings import SourceSettings
+from ..logthrottle import LogThrottle
 
 try:  # less CPU per delivery; plain asyncio works too
     from uvloop import new_event_loop

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from .envelope import STREAM_FIELD
-from .throttle import LogThrottle
+from ..logthrottle import LogThrottle
 
 log = logging.getLogger(__name__)
 

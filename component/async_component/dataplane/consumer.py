@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError
 from yarl import URL
 
-from . import logs, probes
+from .. import logs, probes
 from .batching import Batcher
 from .envelope import STREAM_FIELD, Envelope, EnvelopeError, header_text
 from .records import (
@@ -40,10 +40,10 @@ from .records import (
     retry_key,
 )
 from .redisconn import make_redis, redis_address
-from .resources import PREFER_HEADER, RESPOND_SYNC
+from ..controller.resources import PREFER_HEADER, RESPOND_SYNC
 from .retries import RetryMover, backoff, replay_retryable
-from .settings import ConsumerSettings, ReplaySettings
-from .throttle import LogThrottle
+from ..settings import ConsumerSettings, ReplaySettings
+from ..logthrottle import LogThrottle
 
 try:  # less CPU per event; plain asyncio works too
     from uvloop import new_event_loop

@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from . import logs
+from .. import logs
 from .drift import drift_patch
 from .kubeapi import INGRESSES, SERVICES, ApiError, KubeApi, Resource
 from .resources import (
@@ -39,7 +39,7 @@ from .resources import (
     parent_status,
     status_patch,
 )
-from .settings import ControllerSettings
+from ..settings import ControllerSettings
 
 log = logging.getLogger(__name__)
 

@@ -41,12 +41,14 @@ from typing import Any, TextIO
 
 import yaml
 
-from . import logs, resources, serving
-from .children import DIE_WITH_PARENT
+from .. import logs
+from ..controller import resources
+from . import knative_serving as serving
+from .deathsig import DIE_WITH_PARENT
 from .gateway import Routes, service_targets
 from .ports import free_port
 from .redisserver import RedisServer, RedisServerError
-from .settings import (
+from ..settings import (
     DEFAULT_DEAD_LETTER_STREAM, DEFAULT_KEY_PREFIX, DEFAULT_STREAM, ConsumerSettings, ControllerSettings,
     ProducerSettings, SourceSettings, redis_url as parse_redis_url,
 )

@@ -32,9 +32,9 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import logs
-from .records import HOP_BY_HOP
-from .resources import INGRESS_CLASS_ANNOTATION
+from .. import logs
+from ..dataplane.records import HOP_BY_HOP
+from ..controller.resources import INGRESS_CLASS_ANNOTATION
 
 log = logging.getLogger(__name__)
 
