@@ -143,23 +143,53 @@ def test_route_table_survives_json():
         Routes.from_json('{"ingresses": []}')
 
 
+PRODUCER_HOST = "async-producer.knative-serving.svc.cluster.local"
+
+
+def local_router(ksvc: dict) -> Router:
+    """Serving's Ingress for ``ksvc`` and the controller's child of it; the app at :1, the producer at :2."""
+    parent = serving.ingress_for_service(ksvc)
+    child = resources.make_child_ingress(parent, ingress_class=KOURIER, producer_host=PRODUCER_HOST)
+    services = {("default", "sleep-00001"): "127.0.0.1:1"}
+    services.update(gateway.service_targets([resources.make_async_service(parent, producer_host=PRODUCER_HOST)]))
+    return Router(Routes((parent, child), services, {PRODUCER_HOST: "127.0.0.1:2"}, ingress_class=KOURIER))
+
+
 def test_the_controllers_child_ingress_sends_async_requests_to_the_producer():
     """The real table of the local stack: Serving's Ingress, then the controller's child of it."""
     ksvc = {"metadata": {"name": "sleep", "namespace": "default",
                          "annotations": {"networking.knative.dev/ingress.class": resources.ASYNC_INGRESS_CLASS}}}
-    parent = serving.ingress_for_service(ksvc)
-    producer_host = "async-producer.knative-serving.svc.cluster.local"
-    child = resources.make_child_ingress(parent, ingress_class=KOURIER, producer_host=producer_host)
-    services = {("default", "sleep-00001"): "127.0.0.1:1"}
-    services.update(gateway.service_targets([resources.make_async_service(parent, producer_host=producer_host)]))
-    router = Router(Routes((parent, child), services, {producer_host: "127.0.0.1:2"}, ingress_class=KOURIER))
+    router = local_router(ksvc)
 
     queued = router.match("sleep.default.example.com", "/x", {"Prefer": "respond-async"})
-    assert (queued.address, queued.host) == ("127.0.0.1:2", producer_host)
+    assert (queued.address, queued.host) == ("127.0.0.1:2", PRODUCER_HOST)
     assert dict(queued.set_headers)["Async-Original-Host"] == "sleep.default.svc.cluster.local"
     direct = router.match("sleep.default.svc.cluster.local", "/x", {})
     assert direct.address == "127.0.0.1:1" and direct.host is None
     assert dict(direct.set_headers) == {"Knative-Serving-Revision": "sleep-00001", "Knative-Serving-Namespace": "default"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "prefer", "to_producer"),
+    [
+        (resources.MODE_CONDITIONAL, "respond-async", True),
+        (resources.MODE_CONDITIONAL, "Respond-Async", True),
+        (resources.MODE_CONDITIONAL, "RESPOND-ASYNC", True),
+        (resources.MODE_CONDITIONAL, "rEsPoNd-AsYnC", False),  # exact matches only, as the child Ingress says
+        (resources.MODE_CONDITIONAL, "respond-async, wait=5", False),
+        (resources.MODE_ALWAYS, "respond-sync", False),
+        (resources.MODE_ALWAYS, "Respond-Sync", False),
+        (resources.MODE_ALWAYS, "RESPOND-SYNC", False),
+        (resources.MODE_ALWAYS, "rEsPoNd-SyNc", True),
+    ],
+)
+def test_prefer_case_variants_route_as_the_child_ingress_says(mode, prefer, to_producer):
+    ksvc = {"metadata": {"name": "sleep", "namespace": "default",
+                         "annotations": {"networking.knative.dev/ingress.class": resources.ASYNC_INGRESS_CLASS,
+                                         resources.MODE_ANNOTATION: mode}}}
+    router = local_router(ksvc)
+    target = router.match("sleep.default.example.com", "/x", {"Prefer": prefer})
+    assert target.address == ("127.0.0.1:2" if to_producer else "127.0.0.1:1")
 
 
 # --- proxying through real servers

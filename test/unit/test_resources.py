@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 
@@ -76,20 +77,22 @@ def to_producer(path: str | None = None, headers: dict | None = None, append: di
 STATUS_PATH = to_producer(r.STATUS_PATH_PREFIX)
 ASYNC = {r.PREFER_HEADER: {"exact": r.RESPOND_ASYNC}}
 SYNC = {r.PREFER_HEADER: {"exact": r.RESPOND_SYNC}}
+ASYNCS = [{r.PREFER_HEADER: {"exact": v}} for v in ("respond-async", "Respond-Async", "RESPOND-ASYNC")]
+SYNCS = [{r.PREFER_HEADER: {"exact": v}} for v in ("respond-sync", "Respond-Sync", "RESPOND-SYNC")]
 TAG = {"Knative-Serving-Tag": {"exact": "blue"}}
 TAG_APPEND = {"Knative-Serving-Tag": "blue"}
 
 CONDITIONAL_PATHS = [
     STATUS_PATH,
-    to_producer(headers={**TAG, **ASYNC}, append=TAG_APPEND),
-    to_producer(headers=ASYNC),
+    *[to_producer(headers={**TAG, **a}, append=TAG_APPEND) for a in ASYNCS],
+    *[to_producer(headers=a) for a in ASYNCS],
     TAG_PATH,
     DEFAULT_PATH,
 ]
 ALWAYS_PATHS = [
     STATUS_PATH,
-    {**TAG_PATH, "headers": {**TAG, **SYNC}},
-    {**DEFAULT_PATH, "headers": SYNC},
+    *[{**TAG_PATH, "headers": {**TAG, **s}} for s in SYNCS],
+    *[{**DEFAULT_PATH, "headers": s} for s in SYNCS],
     to_producer(headers=TAG, append=TAG_APPEND),
     to_producer(),
 ]
@@ -115,8 +118,8 @@ def test_paths_of_each_mode(mode, first_rule_paths):
 @pytest.mark.parametrize(
     ("mode", "paths"),
     [
-        (r.MODE_CONDITIONAL, [STATUS_PATH, to_producer(headers=ASYNC), DEFAULT_PATH]),
-        (r.MODE_ALWAYS, [STATUS_PATH, {**DEFAULT_PATH, "headers": SYNC}, to_producer()]),
+        (r.MODE_CONDITIONAL, [STATUS_PATH, *[to_producer(headers=a) for a in ASYNCS], DEFAULT_PATH]),
+        (r.MODE_ALWAYS, [STATUS_PATH, *[{**DEFAULT_PATH, "headers": s} for s in SYNCS], to_producer()]),
     ],
 )
 def test_cluster_local_rule_keeps_hosts_and_visibility(mode, paths):
@@ -132,8 +135,8 @@ def test_path_prefixes_are_kept_for_async_matches():
     paths = child(kingress(rules=rules))["spec"]["rules"][0]["http"]["paths"]
     assert [(p.get("path"), p.get("headers"), p["splits"][0]["serviceName"]) for p in paths] == [
         (r.STATUS_PATH_PREFIX, None, "hello-async"),
-        ("/v1/", ASYNC, "hello-async"),
-        ("/v2/", ASYNC, "hello-async"),
+        *[("/v1/", a, "hello-async") for a in ASYNCS],
+        *[("/v2/", a, "hello-async") for a in ASYNCS],
         ("/v1/", None, "hello-00001"),
         ("/v2/", None, "v2"),
     ]
@@ -356,3 +359,129 @@ def test_status_patch_skips_absent_fields_that_stay_absent():
     desired = r.parent_status(kingress(), None, now=NOW)
     patch = r.status_patch({}, desired)
     assert set(patch) == {"conditions", "observedGeneration"}
+
+
+# --- child names
+
+DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LONG_DOMAIN = ".".join(["x" * 60] * 4) + ".com"  # 248 characters: a valid name, not a valid label value
+
+
+@pytest.mark.parametrize(
+    ("parent", "ingress", "service"),
+    [
+        pytest.param("hello", "hello-new", "hello-async", id="short: unchanged"),
+        pytest.param("a" * 57, "a" * 57 + "-new", "a" * 57 + "-async", id="57: still fits"),
+        pytest.param("a" * 58, "a" * 58 + "-new", "a" * 24 + "-dc2f2f2462a0d72358b2f99389458606-async", id="58"),
+        pytest.param("a" * 63, "a" * 63 + "-new", "a" * 24 + "-b06521f39153d618550606be297466d5-async", id="63"),
+        pytest.param("shop.example.com", "shop.example.com-new",
+                     "shop-example-com-f40d9b2f6eeec78e169bc40177907bff-async", id="DomainMapping"),
+        pytest.param("1shop.example.com", "1shop.example.com-new",
+                     "shop-example-com-eb3921268fc9d26fc5fcfc38920d8b7f-async", id="domain starting with a digit"),
+        pytest.param("9-lives", "9-lives-new", "lives-ac7af59401b9cf1bb0ffa96cfa2c1c6c-async", id="starts with a digit"),
+        pytest.param("123", "123-new", "async-202cb962ac59075b964b07152d234b70", id="digits only"),
+        pytest.param(LONG_DOMAIN + "abcd", "x" * 26 + "-cd57bdaafeb6e8256f02b9221bc882b8-new",
+                     "x" * 24 + "-cd57bdaafeb6e8256f02b9221bc882b8-async", id="252: too long for -new"),
+    ],
+)
+def test_child_names_always_validate(parent, ingress, service):
+    """Readable where valid (so existing children keep their names), else a prefix and the parent's md5."""
+    obj = kingress(name=parent)
+    assert r.child_ingress_name(obj) == ingress
+    assert r.async_service_name(obj) == service
+    assert len(ingress) <= 253 and DNS_SUBDOMAIN.fullmatch(ingress)
+    assert len(service) <= 63 and DNS_LABEL.fullmatch(service)
+    built = r.make_async_service(obj, producer_host=PRODUCER)
+    assert built["metadata"]["name"] == service
+    assert child(obj)["metadata"]["name"] == ingress
+    assert child(obj)["spec"]["rules"][0]["http"]["paths"][0]["splits"][0]["serviceName"] == service
+
+
+def test_hashed_names_differ_for_parents_with_the_same_head():
+    names = {r.async_service_name(kingress(name="a" * 60 + tail)) for tail in ("bc", "cb", "b")}
+    assert len(names) == 3
+
+
+@pytest.mark.parametrize(
+    ("parent", "label"),
+    [
+        ("hello", "hello"),
+        ("shop.example.com", "shop.example.com"),
+        ("a" * 63, "a" * 63),
+        (LONG_DOMAIN, "x" * 30 + "-3d1733c1a2aa5e7b0e8ef11224f0cb66"),
+    ],
+)
+def test_parent_label_is_a_valid_label_value(parent, label):
+    made = child(kingress(name=parent))
+    assert made["metadata"]["labels"][r.PARENT_LABEL] == label
+    assert r.is_child_of(made, parent)
+    assert r.parent_name_of(made) == parent  # from the owner reference, whatever the label holds
+
+
+# --- the replay host of each rule
+
+def rule(hosts: list[str], visibility: str, *paths: dict) -> dict:
+    return {"hosts": hosts, "visibility": visibility, "http": {"paths": [copy.deepcopy(p) for p in paths]}}
+
+
+BLUE_PATH = {"splits": [split("hello-00002")], "appendHeaders": {"Knative-Serving-Tag": "blue"}}
+ACME_PATH = {"path": "/.well-known/acme-challenge/token", "splits": [split("cm-acme-http-solver")]}
+DM_PATH = {"rewriteHost": "hello.demo.svc.cluster.local",
+           "splits": [split("hello", appendHeaders={"K-Original-Host": "shop.example.com"})]}
+EXT, LOCAL = r.VISIBILITY_EXTERNAL, r.VISIBILITY_CLUSTER_LOCAL
+
+
+@pytest.mark.parametrize(
+    ("name", "rules", "cluster_domain", "hosts"),
+    [
+        pytest.param("hello", [
+            rule(["hello.demo.example.com"], EXT, DEFAULT_PATH),
+            rule(["blue-hello.demo.example.com"], EXT, BLUE_PATH),
+            rule(["hello.demo.svc.cluster.local"], LOCAL, DEFAULT_PATH),
+            rule(["blue-hello.demo.svc.cluster.local"], LOCAL, BLUE_PATH),
+        ], "cluster.local", ["hello.demo.svc.cluster.local", "blue-hello.demo.svc.cluster.local",
+                             "hello.demo.svc.cluster.local", "blue-hello.demo.svc.cluster.local"], id="tag routes"),
+        pytest.param("hello", [
+            rule(["blue-hello.demo.example.com"], EXT, ACME_PATH, BLUE_PATH),
+            rule(["blue-hello.demo", "blue-hello.demo.svc", "blue-hello.demo.svc.cluster.local"], LOCAL, BLUE_PATH),
+        ], "cluster.local", ["blue-hello.demo.svc.cluster.local"] * 2, id="ACME path first, short hosts listed"),
+        pytest.param("hello", [
+            rule(["blue-hello.demo.example.com"], EXT, BLUE_PATH),
+            rule(["blue-hello.demo.svc.corp.internal"], LOCAL, BLUE_PATH),
+        ], "corp.internal", ["blue-hello.demo.svc.corp.internal"] * 2, id="another cluster domain"),
+        pytest.param("shop.example.com", [rule(["shop.example.com"], EXT, ACME_PATH, DM_PATH)],
+                     "cluster.local", ["hello.demo.svc.cluster.local"], id="DomainMapping"),
+        pytest.param("hello", [rule(["hello.demo.example.com"], EXT, DEFAULT_PATH)],
+                     "corp.internal", ["hello.demo.svc.corp.internal"], id="no cluster-local rule: the Service named like the parent"),
+    ],
+)
+def test_replay_host_per_rule(name, rules, cluster_domain, hosts):
+    parent = kingress(rules=rules, name=name)
+    assert r.replay_hosts(parent, cluster_domain) == hosts
+    made = r.make_child_ingress(parent, ingress_class=KOURIER, producer_host=PRODUCER, cluster_domain=cluster_domain)
+    for made_rule, host in zip(made["spec"]["rules"], hosts):
+        to_producer_paths = [p for p in made_rule["http"]["paths"] if p.get("rewriteHost") == PRODUCER]
+        assert to_producer_paths
+        for path in to_producer_paths:  # the status path and every async match
+            assert path["splits"][0]["appendHeaders"] == {r.ORIGINAL_HOST_HEADER: host}
+
+
+def test_domain_mapping_async_path_replays_to_its_rewrite_host():
+    parent = kingress(rules=[rule(["shop.example.com"], EXT, DM_PATH)], name="shop.example.com")
+    paths = child(parent)["spec"]["rules"][0]["http"]["paths"]
+    assert paths[1]["headers"] == ASYNCS[0]
+    assert paths[1]["rewriteHost"] == PRODUCER
+    assert paths[1]["splits"][0]["appendHeaders"] == {r.ORIGINAL_HOST_HEADER: "hello.demo.svc.cluster.local"}
+    assert paths[-1] == DM_PATH  # synchronous requests still go the DomainMapping's way
+
+
+@pytest.mark.parametrize(
+    ("value", "variants"),
+    [
+        (r.RESPOND_ASYNC, ("respond-async", "Respond-Async", "RESPOND-ASYNC")),
+        (r.RESPOND_SYNC, ("respond-sync", "Respond-Sync", "RESPOND-SYNC")),
+    ],
+)
+def test_prefer_case_variants(value, variants):
+    assert r.prefer_variants(value) == variants

@@ -9,6 +9,8 @@ Istio to route. Field names follow knative.dev/networking's
 from __future__ import annotations
 
 import copy
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +30,7 @@ PARENT_LABEL = "async.knative.dev/parent"
 PREFER_HEADER = "Prefer"
 RESPOND_ASYNC = "respond-async"
 RESPOND_SYNC = "respond-sync"
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 ORIGINAL_HOST_HEADER = "Async-Original-Host"
 
 STATUS_PATH_PREFIX = "/.well-known/async-requests/"
@@ -75,18 +78,130 @@ def async_mode(ingress: Mapping[str, Any]) -> str:
     return mode
 
 
+def prefer_variants(value: str) -> tuple[str, ...]:
+    """The spellings of a ``Prefer`` value the child Ingress matches (exactly, as KIngress matches).
+
+    RFC 7240 preferences are case-insensitive, but a network layer compares
+    header values byte for byte; these are the spellings clients send.
+    """
+    return tuple(dict.fromkeys((value, value.title(), value.upper())))
+
+
+# --- child names
+
+MAX_NAME = 63
+"""Longest DNS-1035 label, and the longest name this controller gives a hashed child."""
+MAX_SUBDOMAIN = 253
+_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+INGRESS_SUFFIX = "-new"
+SERVICE_SUFFIX = "-async"
+
+
+def is_dns_label(name: str) -> bool:
+    """A DNS-1035 label: what a Service's name must be."""
+    return len(name) <= MAX_NAME and _LABEL.fullmatch(name) is not None
+
+
+def is_dns_subdomain(name: str) -> bool:
+    """A DNS-1123 subdomain: what most objects' names, a KIngress's included, must be."""
+    return len(name) <= MAX_SUBDOMAIN and _SUBDOMAIN.fullmatch(name) is not None
+
+
+def child_name(parent_name: str, suffix: str, *, label: bool) -> str:
+    """``<parent><suffix>`` when that is a valid name, else a short prefix, a hash and the suffix.
+
+    Derived as Knative's ``kmeta.ChildName`` does (readable when it fits,
+    else the parent's md5), and also valid where a DNS-1035 label is
+    required (``label``: a Service), since a parent may be named after a
+    domain (a DomainMapping's Ingress) or start with a digit. Names that were
+    valid keep their readable form, so existing children keep their names.
+    """
+    readable = parent_name + suffix
+    if is_dns_label(readable) if label else is_dns_subdomain(readable):
+        return readable
+    return _hashed_name(parent_name, suffix)
+
+
+def _hashed_name(parent_name: str, suffix: str) -> str:
+    """At most 63 characters, a DNS-1035 label: the parent's cleaned-up head, its md5, the suffix."""
+    digest = hashlib.md5(parent_name.encode()).hexdigest()
+    room = MAX_NAME - len(digest) - len(suffix) - 1
+    head = re.sub(r"[^a-z0-9-]+", "-", parent_name.lower())
+    head = re.sub(r"^[^a-z]+", "", head)[:room].rstrip("-")
+    if head:
+        return f"{head}-{digest}{suffix}"
+    return f"{suffix.strip('-') or 'x'}-{digest}"
+
+
 def child_ingress_name(parent: Mapping[str, Any]) -> str:
-    return f"{parent['metadata']['name']}-new"
+    return child_name(parent["metadata"]["name"], INGRESS_SUFFIX, label=False)
 
 
 def async_service_name(parent: Mapping[str, Any]) -> str:
-    return f"{parent['metadata']['name']}-async"
+    return child_name(parent["metadata"]["name"], SERVICE_SUFFIX, label=True)
 
 
-def original_host(parent: Mapping[str, Any]) -> str:
-    """Cluster-local host of the Knative Service behind the parent Ingress (same name)."""
+def parent_label_value(parent_name: str) -> str:
+    """The parent's name where a label value can hold it (63 characters), else a hashed form."""
+    if len(parent_name) <= MAX_NAME and _LABEL_VALUE.fullmatch(parent_name):
+        return parent_name
+    return _hashed_name(parent_name, "")
+
+
+# --- the host a queued request is replayed to
+
+
+def service_host(name: str, namespace: str, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
+    return f"{name}.{namespace}.svc.{cluster_domain}"
+
+
+def original_host(parent: Mapping[str, Any], cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
+    """Cluster-local host of the Knative Service named like the parent: the fallback replay host."""
     meta = parent["metadata"]
-    return f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    return service_host(meta["name"], meta["namespace"], cluster_domain)
+
+
+def _cluster_local_host(rule: Mapping[str, Any], cluster_domain: str) -> str | None:
+    """The rule's own fully qualified cluster-local host (else its longest host)."""
+    hosts = [str(h).lower() for h in rule.get("hosts") or []]
+    qualified = [h for h in hosts if h.endswith(f".svc.{cluster_domain}")]
+    candidates = qualified or hosts
+    return max(candidates, key=len) if candidates else None
+
+
+def _traffic_path(rule: Mapping[str, Any]) -> Any:
+    """The rule's last path: Serving prepends ACME and tag-header paths, so this one carries the traffic split."""
+    paths = (rule.get("http") or {}).get("paths") or []
+    return paths[-1] if paths else None
+
+
+def replay_hosts(parent: Mapping[str, Any], cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> list[str]:
+    """Per rule of the parent, the host its async requests are replayed to.
+
+    The ``rewriteHost`` of the rule's traffic path (a DomainMapping names its
+    backend so); else a ClusterLocal rule's own cluster-local host; for an
+    ExternalIP rule, the host of the ClusterLocal rule that carries the same
+    traffic (a tag's external and cluster-local rules route alike), so a tag
+    route replays to its tagged revision, not to the default split. Rules with
+    none of these fall back to the Service named like the parent.
+    """
+    rules = list((parent.get("spec") or {}).get("rules") or [])
+    local = [(_traffic_path(rule), _cluster_local_host(rule, cluster_domain))
+             for rule in rules if rule.get("visibility") == VISIBILITY_CLUSTER_LOCAL]
+    fallback = original_host(parent, cluster_domain)
+    result = []
+    for rule in rules:
+        traffic = _traffic_path(rule)
+        if traffic and traffic.get("rewriteHost"):
+            result.append(traffic["rewriteHost"])
+        elif rule.get("visibility") == VISIBILITY_CLUSTER_LOCAL:
+            result.append(_cluster_local_host(rule, cluster_domain) or fallback)
+        else:
+            result.append(next((host for path, host in local if host and path == traffic), fallback))
+    return result
 
 
 def owner_reference(parent: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,13 +219,22 @@ def owner_reference(parent: Mapping[str, Any]) -> dict[str, Any]:
 def is_child_of(obj: Mapping[str, Any], parent_name: str) -> bool:
     """Did this controller make ``obj`` for the parent Ingress ``parent_name``?"""
     labels = (obj.get("metadata") or {}).get("labels") or {}
-    return labels.get(PARENT_LABEL) == parent_name
+    return labels.get(PARENT_LABEL) == parent_label_value(parent_name)
+
+
+def parent_name_of(child: Mapping[str, Any]) -> str | None:
+    """The parent a child of this controller belongs to: its owner, else its label."""
+    meta = child.get("metadata") or {}
+    for owner in meta.get("ownerReferences") or []:
+        if owner.get("kind") == INGRESS_KIND and owner.get("apiVersion") == INGRESS_API_VERSION:
+            return owner.get("name")
+    return (meta.get("labels") or {}).get(PARENT_LABEL)
 
 
 def _child_metadata(parent: Mapping[str, Any], name: str) -> dict[str, Any]:
     meta = parent["metadata"]
     labels = dict(meta.get("labels") or {})
-    labels[PARENT_LABEL] = meta["name"]
+    labels[PARENT_LABEL] = parent_label_value(meta["name"])
     return {
         "name": name,
         "namespace": meta["namespace"],
@@ -119,7 +243,8 @@ def _child_metadata(parent: Mapping[str, Any], name: str) -> dict[str, Any]:
     }
 
 
-def _producer_path(parent: Mapping[str, Any], producer_host: str, *, path: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, Any]:
+def _producer_path(parent: Mapping[str, Any], producer_host: str, replay_host: str, *,
+                   path: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, Any]:
     """Same match as ``path`` (path prefix, ``headers``), sent to the producer instead."""
     meta = parent["metadata"]
     result: dict[str, Any] = {}
@@ -137,7 +262,8 @@ def _producer_path(parent: Mapping[str, Any], producer_host: str, *, path: Mappi
             "serviceNamespace": meta["namespace"],
             "servicePort": ASYNC_SERVICE_PORT,
             "percent": 100,
-            "appendHeaders": {ORIGINAL_HOST_HEADER: original_host(parent)},
+            # a DomainMapping's path names its backend's host itself
+            "appendHeaders": {ORIGINAL_HOST_HEADER: path.get("rewriteHost") or replay_host},
         }
     ]
     return result
@@ -149,23 +275,25 @@ def _with_prefer(path: Mapping[str, Any], value: str) -> dict[str, Any]:
     return headers
 
 
-def _rule_paths(parent: Mapping[str, Any], paths: list[dict[str, Any]], mode: str, producer_host: str) -> list[dict[str, Any]]:
+def _rule_paths(parent: Mapping[str, Any], paths: list[dict[str, Any]], mode: str, producer_host: str,
+                replay_host: str) -> list[dict[str, Any]]:
     """First match wins: the status prefix, then async matches, then the Service."""
-    status = _producer_path(parent, producer_host, path={"path": STATUS_PATH_PREFIX}, headers={})
+    status = _producer_path(parent, producer_host, replay_host, path={"path": STATUS_PATH_PREFIX}, headers={})
     if mode == MODE_CONDITIONAL:
         to_producer = [
-            _producer_path(parent, producer_host, path=p, headers=_with_prefer(p, RESPOND_ASYNC))
-            for p in paths
+            _producer_path(parent, producer_host, replay_host, path=p, headers=_with_prefer(p, variant))
+            for p in paths for variant in prefer_variants(RESPOND_ASYNC)
         ]
         return [status, *to_producer, *copy.deepcopy(paths)]
     # always: only requests that say respond-sync (the consumer's replays) reach the Service
     sync = []
     for p in paths:
-        kept = copy.deepcopy(p)
-        kept["headers"] = _with_prefer(p, RESPOND_SYNC)
-        sync.append(kept)
+        for variant in prefer_variants(RESPOND_SYNC):
+            kept = copy.deepcopy(p)
+            kept["headers"] = _with_prefer(p, variant)
+            sync.append(kept)
     to_producer = [
-        _producer_path(parent, producer_host, path=p, headers=p.get("headers") or {})
+        _producer_path(parent, producer_host, replay_host, path=p, headers=p.get("headers") or {})
         for p in paths
     ]
     return [status, *sync, *to_producer]
@@ -181,7 +309,8 @@ def _set_defaults(spec: dict[str, Any]) -> None:
                 splits[0]["percent"] = 100
 
 
-def make_child_ingress(parent: Mapping[str, Any], *, ingress_class: str, producer_host: str) -> dict[str, Any]:
+def make_child_ingress(parent: Mapping[str, Any], *, ingress_class: str, producer_host: str,
+                       cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> dict[str, Any]:
     """The Ingress for the real network layer: async requests go to the producer.
 
     Raises :class:`InvalidAsyncMode` for an unknown mode annotation.
@@ -194,10 +323,10 @@ def make_child_ingress(parent: Mapping[str, Any], *, ingress_class: str, produce
 
     spec = copy.deepcopy(dict(parent.get("spec") or {}))
     rules = []
-    for rule in spec.get("rules") or []:
+    for rule, replay_host in zip(spec.get("rules") or [], replay_hosts(parent, cluster_domain)):
         rule = dict(rule)
         http = dict(rule.get("http") or {})
-        http["paths"] = _rule_paths(parent, list(http.get("paths") or []), mode, producer_host)
+        http["paths"] = _rule_paths(parent, list(http.get("paths") or []), mode, producer_host, replay_host)
         rule["http"] = http
         rules.append(rule)
     spec["rules"] = rules
