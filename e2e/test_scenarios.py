@@ -78,6 +78,17 @@ async def test_async_call_is_accepted_at_once_and_its_result_kept(client: Client
     assert echo_headers(echo, "Async-Attempt") == ["1"]
 
 
+@pytest.mark.parametrize(("prefer", "queued"), [("Respond-Async", True), ("RESPOND-ASYNC", True), ("rEsPoNd-AsYnC", False)])
+async def test_common_case_variants_of_the_preference_are_queued_others_are_not(client: Client, prefer, queued):
+    reply = await client.request(SERVICE_CONDITIONAL, "GET", "/variant?sleep=0", headers=[("Prefer", prefer)])
+    if queued:
+        assert reply.status == 202, reply.body
+        final, _ = await client.follow(SERVICE_CONDITIONAL, reply)
+        assert final.status == 200 and final.json()["path"] == "/variant"
+    else:  # the network layer matches the header exactly: only the listed spellings are async
+        assert reply.status == 200 and "Async-Request-Id" not in reply.headers
+
+
 async def test_always_async_service_queues_without_the_header(client: Client):
     accepted = await client.request(SERVICE_ALWAYS, "GET", "/always?sleep=0")
     assert accepted.status == 202, accepted.body
