@@ -21,6 +21,7 @@ DEFAULT_GROUP = "async-source"
 DEFAULT_DEAD_LETTER_STREAM = "async-requests-dead"
 DEFAULT_KEY_PREFIX = "async"
 DEFAULT_SYSTEM_NAMESPACE = "knative-serving"
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 PRODUCER_SERVICE_NAME = "async-producer"
 
 INGRESS_CLASSES = (
@@ -99,6 +100,17 @@ def host_suffixes(raw: str) -> tuple[str, ...]:
     return items
 
 
+def dns_domain(raw: str) -> str:
+    value = raw.strip().strip(".").lower()
+    labels = value.split(".")
+    if not value or len(value) > 253 or not all(
+        0 < len(label) <= 63 and label[0].isalnum() and label[-1].isalnum()
+        and all(c.isalnum() or c == "-" for c in label) for label in labels
+    ):
+        raise ValueError("must be a DNS domain such as cluster.local")
+    return value
+
+
 def ingress_class(raw: str) -> str:
     if raw not in INGRESS_CLASSES:
         raise ValueError("must be one of " + ", ".join(INGRESS_CLASSES))
@@ -168,6 +180,12 @@ class RedisSettings:
             )
 
 
+def cluster_domain_setting() -> Any:
+    """The cluster's DNS domain, as Knative finds it: Services are <name>.<namespace>.svc.<domain>."""
+    return setting("CLUSTER_DOMAIN", DEFAULT_CLUSTER_DOMAIN, dns_domain,
+                   "the cluster's DNS domain (Services are <name>.<namespace>.svc.<domain>)")
+
+
 def status_retention_setting() -> Any:
     """Declared by the producer's and the replaying processes' settings alike (one field object per class)."""
     return setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
@@ -186,10 +204,17 @@ class ServiceSettings(RedisSettings):
 class ProducerSettings(ServiceSettings):
     request_size_limit: int = setting("REQUEST_SIZE_LIMIT", "6000000", positive_int, "largest accepted body in bytes")
     allowed_hosts: tuple[str, ...] = setting(
-        "ALLOWED_HOSTS", ".svc.cluster.local", host_suffixes,
-        "comma-separated target hosts; an entry starting with '.' allows every host ending with it",
+        "ALLOWED_HOSTS", "", optional(host_suffixes),
+        "comma-separated target hosts; an entry starting with '.' allows every host ending with it"
+        " (empty: .svc.<CLUSTER_DOMAIN>, every Service in the cluster)",
     )
+    cluster_domain: str = cluster_domain_setting()
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.allowed_hosts:  # frozen: set once, here
+            object.__setattr__(self, "allowed_hosts", (f".svc.{self.cluster_domain}",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,9 +255,10 @@ class SourceSettings(ReplaySettings):
 class ControllerSettings:
     ingress_class: str = setting("INGRESS_CLASS_NAME", INGRESS_CLASSES[0], ingress_class, "class of the child Ingress")
     system_namespace: str = setting("SYSTEM_NAMESPACE", DEFAULT_SYSTEM_NAMESPACE, str, "namespace where the producer runs")
+    cluster_domain: str = cluster_domain_setting()
     log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
     health_port: int = setting("HEALTH_PORT", "8081", port, "port for kopf's liveness endpoint /healthz (0: none)")
 
     @property
     def producer_host(self) -> str:
-        return f"{PRODUCER_SERVICE_NAME}.{self.system_namespace}.svc.cluster.local"
+        return f"{PRODUCER_SERVICE_NAME}.{self.system_namespace}.svc.{self.cluster_domain}"

@@ -71,6 +71,16 @@ def test_route_table_of_the_sample_services(service, path, headers, goes_to):
             assert dict(target.set_headers)[resources.ORIGINAL_HOST_HEADER] == f"{service}.default.svc.cluster.local"
 
 
+def test_route_table_follows_the_cluster_domain():
+    routes = cluster_routes(load_services(APP_DIR), app_address="127.0.0.1:1", producer_address="127.0.0.1:2",
+                            cluster_domain="corp.internal")
+    router = Router(routes)
+    assert router.match(f"{CONDITIONAL}.default.svc.cluster.local", "/", {}) is None
+    target = router.match(f"{CONDITIONAL}.default.svc.corp.internal", "/", {"Prefer": "respond-async"})
+    assert target.host == "async-producer.knative-serving.svc.corp.internal"
+    assert dict(target.set_headers)[resources.ORIGINAL_HOST_HEADER] == f"{CONDITIONAL}.default.svc.corp.internal"
+
+
 def test_app_dir_is_found_from_the_repository_root_or_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(APP_DIR.parents[1])
     assert find_app_dir() == APP_DIR
@@ -120,7 +130,9 @@ def test_async_call_is_queued_and_completed(stack):
 
 
 def test_a_stack_whose_source_posts_to_the_consumer_replays_through_the_consumer():
-    with LocalStack(port=free_port(), sleep_seconds=0, app_dir=APP_DIR, replay_in_source=False) as stack:
+    """Also under another cluster domain: child rules, the producer's allowed hosts and the replays follow it."""
+    with LocalStack(port=free_port(), sleep_seconds=0, app_dir=APP_DIR, replay_in_source=False,
+                    cluster_domain="corp.internal") as stack:
         status, headers, _ = http(stack.gateway_url + "/via?sleep=0", stack.host(ALWAYS))
         assert status == 202
         location = headers["Location"]

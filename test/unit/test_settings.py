@@ -79,3 +79,24 @@ def test_a_tls_ca_needs_a_tls_redis_url():
     with pytest.raises(SettingsError, match="rediss://"):
         load(ProducerSettings, {"REDIS_URL": "redis://r:6379/0", "REDIS_CA_FILE": "/etc/ca.crt"})
     assert load(ProducerSettings, {"REDIS_URL": "rediss://r:6380/0", "REDIS_CA_FILE": "/etc/ca.crt"}).redis_ca_file == "/etc/ca.crt"
+
+
+@pytest.mark.parametrize(
+    ("env", "allowed", "producer_host"),
+    [
+        ({}, (".svc.cluster.local",), "async-producer.knative-serving.svc.cluster.local"),
+        ({"CLUSTER_DOMAIN": "corp.internal"}, (".svc.corp.internal",), "async-producer.knative-serving.svc.corp.internal"),
+        ({"CLUSTER_DOMAIN": "Corp.Internal."}, (".svc.corp.internal",), "async-producer.knative-serving.svc.corp.internal"),
+        ({"CLUSTER_DOMAIN": "corp.internal", "ALLOWED_HOSTS": "a.example"}, ("a.example",),
+         "async-producer.knative-serving.svc.corp.internal"),
+    ],
+)
+def test_cluster_domain_sets_the_allowed_hosts_and_the_producer_host(env, allowed, producer_host):
+    assert load(ProducerSettings, env).allowed_hosts == allowed
+    assert load(ControllerSettings, env).producer_host == producer_host
+
+
+@pytest.mark.parametrize("raw", ["", "bad domain", "-x.local", "a..b", "x" * 64 + ".local"])
+def test_bad_cluster_domain_is_a_settings_error(raw):
+    with pytest.raises(SettingsError, match="CLUSTER_DOMAIN=.*must be a DNS domain"):
+        load(ControllerSettings, {"CLUSTER_DOMAIN": raw})

@@ -129,7 +129,8 @@ class Reconciler:
             producer = self.settings.producer_host
             # the Service first: Kourier skips an Ingress whose backend Service is missing
             await self._apply(SERVICES, make_async_service(parent, producer_host=producer), name, foreign, exact_spec=False)
-            desired = make_child_ingress(parent, ingress_class=self.settings.ingress_class, producer_host=producer)
+            desired = make_child_ingress(parent, ingress_class=self.settings.ingress_class, producer_host=producer,
+                                         cluster_domain=self.settings.cluster_domain)
             child = await self._apply(INGRESSES, desired, name, foreign, exact_spec=True)
         if child is not None and not is_child_of(child, name):
             child = None

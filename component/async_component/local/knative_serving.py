@@ -11,7 +11,7 @@ annotation (either spelling) or the cluster default, one ClusterLocal rule and,
 unless the Service is labelled cluster-local, one ExternalIP rule; each rule
 has one path whose single split targets the Revision's Service on port 80 and
 appends the Revision's name and namespace headers. Recent Serving versions list
-only ``<name>.<ns>.svc.cluster.local`` in the ClusterLocal rule and let the
+only ``<name>.<ns>.svc.<cluster domain>`` in the ClusterLocal rule and let the
 network layer add the short forms; this lists all three, as older versions
 did, so a gateway need not expand them.
 """
@@ -21,7 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..controller.resources import INGRESS_API_VERSION, INGRESS_CLASS_ANNOTATION, INGRESS_KIND, LAST_APPLIED_ANNOTATION
+from ..controller.resources import (
+    DEFAULT_CLUSTER_DOMAIN, INGRESS_API_VERSION, INGRESS_CLASS_ANNOTATION, INGRESS_KIND, LAST_APPLIED_ANNOTATION,
+)
 from ..settings import INGRESS_CLASSES
 
 INGRESS_CLASS_ALT_ANNOTATION = "networking.knative.dev/ingress-class"
@@ -53,9 +55,9 @@ def namespace(ksvc: Mapping[str, Any]) -> str:
     return ksvc["metadata"].get("namespace") or "default"
 
 
-def cluster_local_hosts(ksvc: Mapping[str, Any]) -> list[str]:
+def cluster_local_hosts(ksvc: Mapping[str, Any], cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> list[str]:
     base = f"{ksvc['metadata']['name']}.{namespace(ksvc)}"
-    return [base, f"{base}.svc", f"{base}.svc.cluster.local"]
+    return [base, f"{base}.svc", f"{base}.svc.{cluster_domain}"]
 
 
 def external_host(ksvc: Mapping[str, Any], domain: str = DEFAULT_DOMAIN) -> str:
@@ -83,6 +85,7 @@ def _rule(ksvc: Mapping[str, Any], hosts: list[str], visibility: str) -> dict[st
 
 def ingress_for_service(
     ksvc: Mapping[str, Any], *, domain: str = DEFAULT_DOMAIN, default_class: str = DEFAULT_INGRESS_CLASS,
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
 ) -> dict[str, Any]:
     """The Ingress Serving creates for ``ksvc`` (a serving.knative.dev/v1 Service)."""
     meta = ksvc["metadata"]
@@ -95,7 +98,7 @@ def ingress_for_service(
     labels = dict(meta.get("labels") or {})
     labels.update({SERVICE_LABEL: name, ROUTE_LABEL: name, ROUTE_NAMESPACE_LABEL: ns})
 
-    rules = [_rule(ksvc, cluster_local_hosts(ksvc), VISIBILITY_CLUSTER_LOCAL)]
+    rules = [_rule(ksvc, cluster_local_hosts(ksvc, cluster_domain), VISIBILITY_CLUSTER_LOCAL)]
     if labels.get(VISIBILITY_LABEL) != CLUSTER_LOCAL:
         rules.append(_rule(ksvc, [external_host(ksvc, domain)], VISIBILITY_EXTERNAL_IP))
     return {

@@ -49,8 +49,8 @@ from .gateway import Routes, service_targets
 from .ports import free_port
 from .redisserver import RedisServer, RedisServerError
 from ..settings import (
-    DEFAULT_DEAD_LETTER_STREAM, DEFAULT_KEY_PREFIX, DEFAULT_STREAM, ConsumerSettings, ControllerSettings,
-    ProducerSettings, SourceSettings, redis_url as parse_redis_url,
+    DEFAULT_CLUSTER_DOMAIN, DEFAULT_DEAD_LETTER_STREAM, DEFAULT_KEY_PREFIX, DEFAULT_STREAM, ConsumerSettings,
+    ControllerSettings, ProducerSettings, SourceSettings, dns_domain, redis_url as parse_redis_url,
 )
 
 log = logging.getLogger(__name__)
@@ -109,18 +109,20 @@ def load_services(app_dir: Path) -> list[dict[str, Any]]:
 
 
 def cluster_routes(ksvcs: list[dict[str, Any]], *, app_address: str, producer_address: str,
-                   domain: str = serving.DEFAULT_DOMAIN) -> Routes:
+                   domain: str = serving.DEFAULT_DOMAIN, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> Routes:
     """What the network layer would route: Serving's Ingresses plus the controller's children and Services."""
-    controller = ControllerSettings()
+    controller = ControllerSettings(cluster_domain=cluster_domain)
     ingresses: list[dict[str, Any]] = []
     services: dict[tuple[str, str], str] = {}
     for ksvc in ksvcs:
-        parent = serving.ingress_for_service(ksvc, domain=domain, default_class=controller.ingress_class)
+        parent = serving.ingress_for_service(ksvc, domain=domain, default_class=controller.ingress_class,
+                                             cluster_domain=cluster_domain)
         ingresses.append(parent)
         services[(serving.namespace(ksvc), serving.revision_name(ksvc))] = app_address
         if resources.is_async_ingress(parent):
             ingresses.append(resources.make_child_ingress(
-                parent, ingress_class=controller.ingress_class, producer_host=controller.producer_host))
+                parent, ingress_class=controller.ingress_class, producer_host=controller.producer_host,
+                cluster_domain=cluster_domain))
             services.update(service_targets([resources.make_async_service(parent, producer_host=controller.producer_host)]))
     return Routes(tuple(ingresses), services, {controller.producer_host: producer_address},
                   ingress_class=controller.ingress_class)
@@ -244,6 +246,7 @@ class LocalStack:
         log_level: str = "INFO",
         output: TextIO | None = None,
         domain: str = serving.DEFAULT_DOMAIN,
+        cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
         stream: str = DEFAULT_STREAM,
         dead_letter_stream: str = DEFAULT_DEAD_LETTER_STREAM,
         key_prefix: str = DEFAULT_KEY_PREFIX,
@@ -265,11 +268,16 @@ class LocalStack:
                 parse_redis_url(redis_url)
             except ValueError as exc:
                 problems.append(f"redis URL {redis_url!r} {exc}")
+        try:
+            cluster_domain = dns_domain(cluster_domain)
+        except ValueError as exc:
+            problems.append(f"cluster domain {cluster_domain!r} {exc}")
         if problems:
             raise StackError("; ".join(problems))
 
         self.port = port
         self.domain = domain
+        self.cluster_domain = cluster_domain
         self.stream = stream
         self.dead_letter_stream = dead_letter_stream
         self.key_prefix = key_prefix
@@ -433,6 +441,7 @@ class LocalStack:
         routes_file.write_text(cluster_routes(
             ksvcs, app_address=f"{LOOPBACK}:{self._ports['app']}",
             producer_address=f"{LOOPBACK}:{self._ports['producer']}", domain=self.domain,
+            cluster_domain=self.cluster_domain,
         ).to_json())
         if self._redis is not None:
             try:
@@ -440,7 +449,7 @@ class LocalStack:
             except RedisServerError as exc:
                 raise StackError(str(exc)) from None
 
-        allowed = [serving.cluster_local_hosts(k)[-1] for k in ksvcs]
+        allowed = [serving.cluster_local_hosts(k, self.cluster_domain)[-1] for k in ksvcs]
         self._components = {c.name: c for c in self._plan(app_dir, routes_file, allowed)}
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-spawner")
         for component in self._components.values():
@@ -574,6 +583,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-attempts", type=int, default=3, help="attempts before a request is dead-lettered")
     parser.add_argument("--retry-delay", type=float, default=1.0, help="first retry delay in seconds (doubled each attempt)")
     parser.add_argument("--producer-workers", type=int, default=1, help="producer worker processes")
+    parser.add_argument("--cluster-domain", default=DEFAULT_CLUSTER_DOMAIN,
+                        help="the cluster DNS domain the modelled Services live under (<name>.<namespace>.svc.<domain>)")
     parser.add_argument("--app-dir", default=None, help="directory of sleep_app.py and the Service manifests (default: test/app)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level of every component")
 
@@ -594,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
         stack = LocalStack(
             port=args.port, redis_url=args.redis_url, sleep_seconds=args.sleep_seconds, max_attempts=args.max_attempts,
             retry_delay=args.retry_delay, producer_workers=args.producer_workers, app_dir=args.app_dir,
-            log_level=args.log_level, output=sys.stderr,
+            log_level=args.log_level, output=sys.stderr, cluster_domain=args.cluster_domain,
         )
         stack.start()
         ready = True
