@@ -269,8 +269,13 @@ def knative_revision_errors(ksvc: dict) -> list[str]:
             errors.append(f"volumeMount {mount['name']} has no volume")
         elif "secret" in volumes[mount["name"]] and not mount.get("readOnly"):
             errors.append(f"volumeMount {mount['name']} of a Secret must be readOnly")
-    if not 0 < spec.get("timeoutSeconds", 300) <= KNATIVE_MAX_REVISION_TIMEOUT:
+    timeout = spec.get("timeoutSeconds", 300)
+    if not 0 < timeout <= KNATIVE_MAX_REVISION_TIMEOUT:
         errors.append("timeoutSeconds must be within Knative's max-revision-timeout-seconds")
+    if not 0 < spec.get("responseStartTimeoutSeconds", 1) <= timeout:
+        errors.append("responseStartTimeoutSeconds must be within timeoutSeconds")
+    if not 0 <= spec.get("idleTimeoutSeconds", 0) <= KNATIVE_MAX_REVISION_TIMEOUT:
+        errors.append("idleTimeoutSeconds must be within Knative's max-revision-timeout-seconds")
     return errors
 
 
@@ -304,8 +309,9 @@ def test_knative_check_rejects_what_the_webhook_would():
     ctr["readinessProbe"]["httpGet"]["port"] = 9000
     ctr["lifecycle"] = {}
     pod_spec(broken)["automountServiceAccountToken"] = True
+    pod_spec(broken)["responseStartTimeoutSeconds"] = pod_spec(broken).get("timeoutSeconds", 300) + 1
     errors = knative_revision_errors(broken)
-    assert len(errors) == 4, errors
+    assert len(errors) == 5, errors
 
 
 def test_redis_stream_source_matches_the_source_and_the_consumer():
@@ -425,6 +431,17 @@ def test_the_controller_points_children_at_the_producer_service():
     assert controller.producer_host == f"{producer['metadata']['name']}.{producer['metadata']['namespace']}.svc.cluster.local"
 
 
+def test_the_controller_and_the_producer_agree_on_the_cluster_domain():
+    """Children replay to <service>.<ns>.svc.<domain>; the producer must accept exactly those hosts."""
+    objects = plain_objects()
+    controller = process_settings(find(objects, ("apps/v1", "Deployment"), "async-controller"), objects)
+    producer = process_settings(find(objects, KSVC, "async-producer"), objects)
+    for obj in (find(objects, ("apps/v1", "Deployment"), "async-controller"), find(objects, KSVC, "async-producer")):
+        assert "CLUSTER_DOMAIN" in env_of(obj), obj["metadata"]["name"]
+    assert controller.cluster_domain == producer.cluster_domain
+    assert producer.allowed_hosts == (f".svc.{controller.cluster_domain}",)
+
+
 def test_producer_and_consumer_are_cluster_local_and_kept_warm():
     for ksvc in (o for o in plain_objects() if key(o) == KSVC):
         assert ksvc["metadata"]["labels"]["networking.knative.dev/visibility"] == "cluster-local"
@@ -447,9 +464,16 @@ def test_timeouts_nest():
     consumer_obj = find(objects, KSVC, "async-consumer")
     consumer = process_settings(consumer_obj, objects)
     source = process_settings(find(objects, ("apps/v1", "Deployment"), "async-source"), objects)
-    revision_timeout = pod_spec(consumer_obj)["timeoutSeconds"]
+    spec = pod_spec(consumer_obj)
     assert source.delivery_timeout > consumer.request_timeout  # when SINK_URL points the source at the consumer
-    assert consumer.request_timeout < revision_timeout <= KNATIVE_MAX_REVISION_TIMEOUT
+    # The consumer answers only once the replay is over: each of Knative's limits on that call must
+    # outlast REQUEST_TIMEOUT (plus a margin to record the outcome), or queue-proxy answers 504 and the
+    # sender delivers the request again. Set explicitly: Knative defaults responseStartTimeoutSeconds to 300.
+    margin = 30
+    for field in ("timeoutSeconds", "responseStartTimeoutSeconds", "idleTimeoutSeconds"):
+        assert field in spec, f"consumer.yaml: set {field} explicitly"
+        assert consumer.request_timeout + margin <= spec[field] <= KNATIVE_MAX_REVISION_TIMEOUT, field
+    assert spec["responseStartTimeoutSeconds"] <= spec["timeoutSeconds"]
 
 
 SHARED_REDIS_LAYOUT = ("REDIS_URL", "STREAM_NAME", "KEY_PREFIX", "DEAD_LETTER_STREAM", "STATUS_RETENTION_SECONDS")
