@@ -26,6 +26,7 @@ from async_component.controller.kubeapi import INGRESSES, SERVICES, KubeApi
 from async_component.local.ports import free_port
 from async_component.settings import INGRESS_CLASSES
 
+from .knative_models import NetworkLayer, Serving
 from .kube_emulator import EmulatorThread
 
 KOURIER = INGRESS_CLASSES[0]
@@ -355,3 +356,99 @@ def test_unknown_child_ingress_class_is_a_startup_error():
     assert len(lines) == 1, result.stderr
     assert "INGRESS_CLASS_NAME='foo' is invalid" in lines[0]
     assert "kourier.ingress.networking.knative.dev" in lines[0]
+
+
+# --- switching the async class on and off, with Kourier's and Serving's behaviour modelled
+
+
+async def settle(eventually, check) -> None:
+    await eventually(check, timeout=2 * DEADLINE)
+
+
+async def test_turning_async_on_for_a_service_the_layer_already_serves(api, eventually, namespace, cluster, operator):
+    async with NetworkLayer(api, cluster.url, namespace, KOURIER) as layer, \
+            Serving(api, cluster.url, namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
+                    KOURIER) as serving:
+        first = await api.create(INGRESSES, kingress("hello", namespace, ingress_class=KOURIER))
+
+        async def translated() -> None:
+            assert layer.translated.keys() == {"hello"}
+            parent = await api.get(INGRESSES, namespace, "hello")
+            assert parent["metadata"].get("finalizers") == [r.LAYER_FINALIZER]
+
+        await settle(eventually, translated)
+        await serving.switch(r.ASYNC_INGRESS_CLASS)
+
+        async def async_now() -> None:
+            parent = await api.get(INGRESSES, namespace, "hello")
+            assert parent is not None and parent["metadata"]["uid"] != first["metadata"]["uid"], "not re-created yet"
+            assert r.is_async_ingress(parent) and not parent["metadata"].get("finalizers"), parent["metadata"]
+            assert layer.translated.keys() == {"hello-new"}, ("stale translation or conflict", layer.translated, layer.conflicts)
+            ingress, service = await children(api, namespace, "hello")
+            assert ingress is not None and service is not None
+            assert ingress["metadata"]["ownerReferences"][0]["uid"] == parent["metadata"]["uid"]
+            assert condition(parent).get("status") == "True", parent.get("status")
+
+        await settle(eventually, async_now)
+        assert serving.created == 1
+        assert "became async while the network layer still serves it" in operator_log(operator, namespace)
+
+
+async def test_turning_async_off_deletes_the_children_and_the_layer_takes_over(api, eventually, namespace, cluster):
+    async with NetworkLayer(api, cluster.url, namespace, KOURIER) as layer, \
+            Serving(api, cluster.url, namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
+                    r.ASYNC_INGRESS_CLASS) as serving:
+        await api.create(INGRESSES, kingress("hello", namespace))
+
+        async def async_ready() -> None:
+            assert layer.translated.keys() == {"hello-new"}
+            assert condition(await api.get(INGRESSES, namespace, "hello")).get("status") == "True"
+
+        await settle(eventually, async_ready)
+        await serving.switch(KOURIER)
+
+        async def sync_again() -> None:
+            assert await children(api, namespace, "hello") == (None, None)
+            assert layer.translated.keys() == {"hello"}, (layer.translated, layer.conflicts)
+            parent = await api.get(INGRESSES, namespace, "hello")
+            assert parent["metadata"].get("finalizers") == [r.LAYER_FINALIZER]  # the layer's own, as for any of its Ingresses
+
+        await settle(eventually, sync_again)
+        assert serving.created == 0
+
+        # and back on: the layer served it meanwhile, so it is re-created once more
+        await serving.switch(r.ASYNC_INGRESS_CLASS)
+
+        async def async_again() -> None:
+            assert layer.translated.keys() == {"hello-new"}, (layer.translated, layer.conflicts)
+            assert all(await children(api, namespace, "hello"))
+
+        await settle(eventually, async_again)
+        assert serving.created == 1
+
+
+async def test_deleting_a_service_right_after_the_switch_leaves_nothing_behind(api, eventually, namespace, cluster):
+    async with NetworkLayer(api, cluster.url, namespace, KOURIER) as layer, \
+            Serving(api, cluster.url, namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
+                    KOURIER) as serving:
+        await api.create(INGRESSES, kingress("hello", namespace, ingress_class=KOURIER))
+
+        async def translated() -> None:
+            assert layer.translated.keys() == {"hello"}
+
+        await settle(eventually, translated)
+        serving.route_exists = False  # the Service goes: its Route no longer re-creates the Ingress
+        await api.patch(INGRESSES, namespace, "hello", {"metadata": {
+            "annotations": {r.INGRESS_CLASS_ANNOTATION: r.ASYNC_INGRESS_CLASS}}})
+        await api.delete(INGRESSES, namespace, "hello")  # what the garbage collector does after the Route
+
+        async def gone() -> None:
+            assert await api.get(INGRESSES, namespace, "hello") is None, "stuck deleting"
+            assert layer.translated == {}
+            assert await children(api, namespace, "hello") == (None, None)
+
+        await settle(eventually, gone)
+
+
+def operator_log(operator: Operator, namespace: str) -> str:
+    return "\n".join(line for line in operator.log_path.read_text(errors="replace").splitlines() if namespace in line)

@@ -1,13 +1,22 @@
 """kopf operator: an async Knative Ingress gets a child Ingress and a Service.
 
-Every event (of the parent, of a child Ingress, of a child Service) re-runs one
+Every event (of a parent, of a child Ingress, of a child Service) re-runs one
 idempotent reconcile of the parent: read it, write the children only where
 they drift, write its status only where it changes. The handlers are
 ``kopf.on.event`` on purpose: Knative Serving rewrites the parent's
 annotations whenever it reconciles the Route, so kopf's usual per-object
 state (an annotation) and finalizer would fight it. Without a finalizer the
 children go by their owner references, and by an explicit delete when the
-controller sees the parent gone (clusters without a garbage collector).
+controller sees the parent gone or out of the async class.
+
+Switching classes. Knative's network layers skip an Ingress whose class is
+no longer theirs, and forget their translation of it only once it is gone
+from the API. So when a parent that a layer translated becomes async (it
+still carries the layer's finalizer), the controller deletes it, hands the
+class back and drops the finalizer, so the layer forgets it; Serving then
+re-creates the Ingress, in the async class, and it gets its children. When a
+parent leaves the async class, its children are deleted, and the layer takes
+the parent over.
 """
 
 from __future__ import annotations
@@ -25,18 +34,22 @@ from .drift import drift_patch
 from .kubeapi import INGRESSES, SERVICES, ApiError, KubeApi, Resource
 from .resources import (
     ASYNC_INGRESS_CLASS,
-    INGRESS_CLASS_ANNOTATION,
+    LAYER_FINALIZER,
     PARENT_LABEL,
     REASON_INVALID_MODE,
     InvalidAsyncMode,
     async_mode,
     async_service_name,
     child_ingress_name,
+    hand_back_patch,
+    has_layer_finalizer,
     is_async_ingress,
     is_child_of,
     make_async_service,
     make_child_ingress,
+    parent_name_of,
     parent_status,
+    release_patch,
     status_patch,
 )
 from ..settings import ControllerSettings
@@ -75,6 +88,22 @@ class Reconciler:
         self._failures: dict[Key, int] = {}
         self._retries: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._children: dict[Key, set[str]] = {}
+
+    def note_child(self, namespace: str, parent: str, child: str, *, exists: bool) -> None:
+        """Remember which parents have children, so an event of a non-async Ingress costs no API call."""
+        key = (namespace, parent)
+        if exists:
+            self._children.setdefault(key, set()).add(child)
+        elif key in self._children:
+            self._children[key].discard(child)
+            if not self._children[key]:
+                del self._children[key]
+
+    def concerns(self, ingress: dict[str, Any]) -> bool:
+        """Is this (non-child) Ingress event one to reconcile: an async parent, or one that has children?"""
+        meta = ingress.get("metadata") or {}
+        return is_async_ingress(ingress) or (meta.get("namespace"), meta.get("name")) in self._children
 
     async def reconcile(self, namespace: str, name: str) -> None:
         """Reconcile now; on failure log one line and try again later."""
@@ -115,9 +144,21 @@ class Reconciler:
         """True when the parent is gone."""
         parent = await self.api.get(INGRESSES, namespace, name)
         if parent is None:
-            await self._remove_children(namespace, name)
+            await self._remove_children(namespace, name, "its parent Ingress is gone")
             return True
-        if not is_async_ingress(parent) or parent["metadata"].get("deletionTimestamp"):
+        meta = parent["metadata"]
+        if not is_async_ingress(parent):
+            await self._remove_children(namespace, name, "its parent Ingress left the async class")
+            return False
+        if meta.get("deletionTimestamp"):
+            if has_layer_finalizer(parent):
+                await self._release(parent)
+            return False
+        if has_layer_finalizer(parent):
+            log.info("Ingress %s/%s became async while the network layer still serves it (finalizer %s): "
+                     "deleting it, so the layer drops its translation and Knative Serving re-creates it",
+                     namespace, name, LAYER_FINALIZER)
+            await self.api.delete(INGRESSES, namespace, name)
             return False
 
         foreign: list[str] = []
@@ -175,14 +216,25 @@ class Reconciler:
         log.info("updated %s (%s drifted)", ref, ", ".join(sorted(patch)))
         return updated
 
-    async def _remove_children(self, namespace: str, parent_name: str) -> None:
+    async def _release(self, parent: dict[str, Any]) -> None:
+        """Let a deleting async Ingress go that the network layer still holds (see the module docstring)."""
+        meta = parent["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        handed = await self.api.patch(INGRESSES, namespace, name, hand_back_patch(parent, self.settings.ingress_class))
+        if handed is None or not has_layer_finalizer(handed):
+            return
+        await self.api.patch(INGRESSES, namespace, name, release_patch(handed))
+        log.info("Ingress %s/%s: handed back to class %s and released from finalizer %s, "
+                 "so the network layer forgets it", namespace, name, self.settings.ingress_class, LAYER_FINALIZER)
+
+    async def _remove_children(self, namespace: str, parent_name: str, why: str) -> None:
         stub = {"metadata": {"name": parent_name, "namespace": namespace}}
         for resource, name, kind in ((INGRESSES, child_ingress_name(stub), "Ingress"),
                                      (SERVICES, async_service_name(stub), "Service")):
             current = await self.api.get(resource, namespace, name)
             if current is not None and is_child_of(current, parent_name):
                 if await self.api.delete(resource, namespace, name):
-                    log.info("deleted %s %s/%s: its parent Ingress is gone", kind, namespace, name)
+                    log.info("deleted %s %s/%s: %s", kind, namespace, name, why)
 
 
 def make_operator_settings() -> kopf.OperatorSettings:
@@ -202,17 +254,26 @@ def make_registry(reconciler: Reconciler, operator_settings: kopf.OperatorSettin
         reconciler.api.use(info)
         return info
 
-    @kopf.on.event(*INGRESS_SELECTOR, annotations={INGRESS_CLASS_ANNOTATION: ASYNC_INGRESS_CLASS}, registry=registry)
-    async def parent_changed(name: str, namespace: str, **_: Any) -> None:
-        await reconciler.reconcile(namespace, name)
+    # Every Ingress but our children: a parent that leaves the async class must lose its children.
+    @kopf.on.event(*INGRESS_SELECTOR, labels={PARENT_LABEL: kopf.ABSENT}, registry=registry)
+    async def parent_changed(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
+        if reconciler.concerns(dict(body)):
+            await reconciler.reconcile(namespace, name)
 
-    @kopf.on.event(*INGRESS_SELECTOR, labels={PARENT_LABEL: kopf.PRESENT}, registry=registry)
-    async def child_ingress_changed(labels: dict[str, str], namespace: str, **_: Any) -> None:
-        await reconciler.reconcile(namespace, labels[PARENT_LABEL])
+    def on_child(kind: str) -> Any:
+        async def child_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+            child = dict(body)
+            parent, meta = parent_name_of(child), child["metadata"]
+            if parent:
+                reconciler.note_child(meta["namespace"], parent, f"{kind}/{meta['name']}", exists=type != "DELETED")
+                await reconciler.reconcile(meta["namespace"], parent)
 
-    @kopf.on.event(*SERVICE_SELECTOR, labels={PARENT_LABEL: kopf.PRESENT}, registry=registry)
-    async def child_service_changed(labels: dict[str, str], namespace: str, **_: Any) -> None:
-        await reconciler.reconcile(namespace, labels[PARENT_LABEL])
+        return child_changed
+
+    kopf.on.event(*INGRESS_SELECTOR, labels={PARENT_LABEL: kopf.PRESENT}, registry=registry,
+                  id="child_ingress_changed")(on_child("Ingress"))
+    kopf.on.event(*SERVICE_SELECTOR, labels={PARENT_LABEL: kopf.PRESENT}, registry=registry,
+                  id="child_service_changed")(on_child("Service"))
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
@@ -229,8 +290,8 @@ def run(settings: ControllerSettings) -> int:
     operator_settings = make_operator_settings()
     reconciler = Reconciler(KubeApi(login=functools.partial(login, operator_settings)), settings)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    log.info("watching Ingresses of class %s cluster-wide; children get class %s, producer %s",
-             ASYNC_INGRESS_CLASS, settings.ingress_class, settings.producer_host)
+    log.info("watching Ingresses of class %s cluster-wide; children get class %s, producer %s, cluster domain %s",
+             ASYNC_INGRESS_CLASS, settings.ingress_class, settings.producer_host, settings.cluster_domain)
     asyncio.run(kopf.operator(
         registry=make_registry(reconciler, operator_settings),
         settings=operator_settings,

@@ -27,6 +27,13 @@ MODES = (MODE_CONDITIONAL, MODE_ALWAYS)
 PARENT_LABEL = "async.knative.dev/parent"
 """Set on the child Ingress and Service to the parent's name, so child events find the parent."""
 
+LAYER_FINALIZER = "ingresses.networking.internal.knative.dev"
+"""The finalizer Knative's generated Ingress reconcilers (Kourier's, net-istio's) put on an Ingress of their class.
+
+On an Ingress of the async class it means the network layer translated it
+before it became async, and still serves that translation.
+"""
+
 PREFER_HEADER = "Prefer"
 RESPOND_ASYNC = "respond-async"
 RESPOND_SYNC = "respond-sync"
@@ -66,6 +73,28 @@ def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
 
 def is_async_ingress(ingress: Mapping[str, Any]) -> bool:
     return _annotations(ingress).get(INGRESS_CLASS_ANNOTATION) == ASYNC_INGRESS_CLASS
+
+
+def has_layer_finalizer(ingress: Mapping[str, Any]) -> bool:
+    return LAYER_FINALIZER in ((ingress.get("metadata") or {}).get("finalizers") or [])
+
+
+def hand_back_patch(ingress: Mapping[str, Any], layer_class: str) -> dict[str, Any]:
+    """Merge patch giving a deleting Ingress back the network layer's class (guarded by its resourceVersion).
+
+    The layer's informer passes on only events of its own class, so the Ingress
+    must leave the API carrying that class: only then does the layer see it
+    deleted and drop its translation (Kourier's ObserveDeletion).
+    """
+    return {"metadata": {"resourceVersion": ingress["metadata"].get("resourceVersion"),
+                         "annotations": {INGRESS_CLASS_ANNOTATION: layer_class}}}
+
+
+def release_patch(ingress: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge patch dropping the network layer's finalizer, keeping any other (guarded by its resourceVersion)."""
+    meta = ingress["metadata"]
+    return {"metadata": {"resourceVersion": meta.get("resourceVersion"),
+                         "finalizers": [f for f in meta.get("finalizers") or [] if f != LAYER_FINALIZER]}}
 
 
 def async_mode(ingress: Mapping[str, Any]) -> str:
