@@ -156,14 +156,6 @@ def _scale_source(kind: KindBackend, replicas: int, timeout: float) -> None:
                          f"--timeout={int(timeout)}s", timeout=timeout + 15)
 
 
-def _restart_sources_controller(kind: KindBackend, timeout: float) -> None:
-    """Its adapter fails on the placeholder TLS certificate eventing-redis ships; without the secret it uses plain TCP."""
-    kind.kubectl.run("delete", "secret", SOURCES_TLS_SECRET, "-n", SOURCES_NAMESPACE, "--ignore-not-found")
-    kind.kubectl.run("rollout", "restart", SOURCES_CONTROLLER, "-n", SOURCES_NAMESPACE)
-    kind.kubectl.run("rollout", "status", SOURCES_CONTROLLER, "-n", SOURCES_NAMESPACE, f"--timeout={int(timeout)}s",
-                     timeout=timeout + 15)
-
-
 def redis_stream_source_manifest(repo_root: Path) -> tuple[Path, manifests.Doc]:
     path = repo_root / REDIS_STREAM_SOURCE_MANIFEST
     docs = manifests.load_docs(path.read_text())
@@ -171,6 +163,40 @@ def redis_stream_source_manifest(repo_root: Path) -> tuple[Path, manifests.Doc]:
     if source is None:
         raise ValueError(f"{REDIS_STREAM_SOURCE_MANIFEST} holds no RedisStreamSource")
     return path, source
+
+
+def enable_steps(source: manifests.Doc) -> list[tuple[str, ...]]:
+    """The kubectl commands that put the RedisStreamSource in our source's place, in order.
+
+    component/config/README.md and the optional manifest list exactly these
+    (a test checks it). eventing-redis ships a placeholder ``tls-secret`` whose
+    non-empty value makes its adapter dial TLS and crash on the empty
+    certificate; without the secret the adapter uses plain TCP. Its controller
+    reads the secret only when it starts, so it is restarted before the
+    RedisStreamSource is made. Our source goes first, so one source reads.
+    """
+    workload = COMPONENTS["source"]
+    name = source["metadata"]["name"]
+    namespace = source["metadata"].get("namespace", plan.SYSTEM_NAMESPACE)
+    return [
+        ("delete", "secret", SOURCES_TLS_SECRET, "-n", SOURCES_NAMESPACE, "--ignore-not-found"),
+        ("rollout", "restart", SOURCES_CONTROLLER, "-n", SOURCES_NAMESPACE),
+        ("rollout", "status", SOURCES_CONTROLLER, "-n", SOURCES_NAMESPACE),
+        ("scale", f"deployment/{workload.name}", "-n", workload.namespace, "--replicas=0"),
+        ("apply", "-f", REDIS_STREAM_SOURCE_MANIFEST),
+        ("wait", "--for=condition=Ready", f"redisstreamsource/{name}", "-n", namespace),
+    ]
+
+
+def _run_step(kind: KindBackend, step: tuple[str, ...], path: Path, timeout: float) -> None:
+    if step[:2] == ("apply", "-f"):
+        step = ("apply", "-f", str(path))
+    if step[:2] == ("rollout", "status") or step[0] == "wait":
+        kind.kubectl.run(*step, f"--timeout={int(timeout)}s", timeout=timeout + 15)
+    else:
+        kind.kubectl.run(*step)
+    if step[0] == "scale":
+        poll(lambda: not kind.pods("source"), timeout, f"no {COMPONENTS['source'].name} pod left")
 
 
 @contextlib.contextmanager
@@ -181,27 +207,26 @@ def redis_stream_source(backend: object, *, timeout: float = 300.0) -> Iterator[
     RedisStreamSource creates its consumer group at ``$`` when the group does
     not exist yet: this returns only once the source is Ready and its adapter
     reads the stream, so nothing sent inside the block is missed.
-    On exit it is deleted (which destroys its group), our source's group is
-    moved past what the RedisStreamSource delivered (or created there), and our
-    source scaled back. The placeholder TLS secret stays deleted.
+    The steps are :func:`enable_steps`, the ones component/config/README.md
+    gives. On exit it is deleted (which destroys its group), our source's group
+    is moved past what the RedisStreamSource delivered (or created there), and
+    our source scaled back. The placeholder TLS secret stays deleted.
     """
     kind = _require_kind(backend)
     path, source = redis_stream_source_manifest(kind.running.repo_root)
-    name = source["metadata"]["name"]
-    namespace = source["metadata"].get("namespace", plan.SYSTEM_NAMESPACE)
     stream = source["spec"].get("stream", kind.stream)
     rss_group = source["spec"].get("group") or kind.group
     replicas = _source_replicas(kind)
     client = redis.Redis.from_url(kind.redis_url, socket_timeout=5)
+    steps = enable_steps(source)
     try:
-        _restart_sources_controller(kind, timeout)
-        _scale_source(kind, 0, timeout)
+        for step in steps[:4]:  # the tls-secret, its controller, our source scaled to 0
+            _run_step(kind, step, path, timeout)
         before = stream_readers(client)
         adapter: set[int] = set()
         try:
-            kind.kubectl.run("apply", "-f", str(path))
-            kind.kubectl.run("wait", "--for=condition=Ready", f"redisstreamsource/{name}", "-n", namespace,
-                             f"--timeout={int(timeout)}s", timeout=timeout + 15)
+            for step in steps[4:]:  # the RedisStreamSource, applied and Ready
+                _run_step(kind, step, path, timeout)
             # Our source is gone, so a new XREADGROUP connection is the adapter's.
             poll(lambda: bool(stream_readers(client) - before), timeout,
                  f"the RedisStreamSource adapter reading stream {stream} (group {rss_group})")

@@ -713,3 +713,16 @@ def test_redis_stream_source_replaces_our_source_and_hands_back(fake_cluster, re
     # our source's group is back, past what the RedisStreamSource delivered
     assert direct.xreadgroup(names.group, "ours", {names.stream: ">"}) == []
     direct.close()
+
+
+@pytest.mark.parametrize("doc", ["component/config/README.md", switches.REDIS_STREAM_SOURCE_MANIFEST])
+def test_the_docs_give_the_redis_stream_source_steps_the_e2e_runs(doc):
+    """Users meet the RedisStreamSource through these steps; the kind test runs the same ones, in the same order."""
+    _, source = switches.redis_stream_source_manifest(ROOT)
+    text = (ROOT / doc).read_text()
+    positions = []
+    for step in switches.enable_steps(source):
+        line = "kubectl " + " ".join(step)
+        assert line in text, f"{doc} lacks: {line}"
+        positions.append(text.index(line))
+    assert positions == sorted(positions), f"{doc} gives the steps in another order"
