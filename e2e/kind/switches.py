@@ -2,7 +2,11 @@
 
 ``async_by_default(backend)``: config-network's ingress-class becomes the async
 class, so Services without an ingress-class annotation (helloworld-sleep-plain)
-go through the async component too; restored on exit.
+go through the async component too; restored on exit. Both directions are
+class switches of an Ingress the network layer already served: on entry the
+controller deletes it (the layer still holds it), releases it, and Serving
+re-creates it in the async class; on exit the controller deletes its children
+and the layer serves it again.
 
 ``redis_stream_source(backend)``: Knative's RedisStreamSource delivers to the
 consumer instead of our source; our source comes back on exit.
@@ -17,7 +21,9 @@ from pathlib import Path
 
 import redis
 
-from async_component.controller.resources import ASYNC_INGRESS_CLASS, INGRESS_CLASS_ANNOTATION
+from async_component.controller.resources import (
+    ASYNC_INGRESS_CLASS, INGRESS_CLASS_ANNOTATION, LAYER_FINALIZER, PARENT_LABEL,
+)
 from backend import NAMESPACE, SERVICE_PLAIN
 
 from . import manifests, plan
@@ -51,12 +57,21 @@ def ingress_settled(ingress: dict, ingress_class: str) -> bool:
 
 
 def _wait_ingresses(backend: KindBackend, services: tuple[str, ...], ingress_class: str, timeout: float) -> None:
+    """Until each Service's Ingress is Ready in ``ingress_class``: async ones without the layer's finalizer, with children; others without children."""
+    going_async = ingress_class == ASYNC_INGRESS_CLASS
+
     def settled() -> bool:
         found = backend.kubectl.json("get", INGRESS_RESOURCE, "-n", NAMESPACE)["items"]
         by_name = {item["metadata"]["name"]: item for item in found}
-        return all(name in by_name and ingress_settled(by_name[name], ingress_class) for name in services)
+        if not all(name in by_name and ingress_settled(by_name[name], ingress_class) for name in services):
+            return False
+        if going_async and any(LAYER_FINALIZER in (by_name[name]["metadata"].get("finalizers") or []) for name in services):
+            return False
+        parents = {(item["metadata"].get("labels") or {}).get(PARENT_LABEL) for item in found}
+        return all((name in parents) == going_async for name in services)
 
-    poll(settled, timeout, f"Knative Ingresses {', '.join(services)} Ready with class {ingress_class}", 2.0)
+    poll(settled, timeout, f"Knative Ingresses {', '.join(services)} Ready with class {ingress_class}"
+         f" and {'with' if going_async else 'without'} children", 2.0)
 
 
 def _set_ingress_class(backend: KindBackend, value: str | None) -> None:
@@ -95,9 +110,11 @@ def async_by_default(backend: object, *, services: tuple[str, ...] = (SERVICE_PL
     """Make the async class Knative's default ingress class while the block runs.
 
     Waits until the Ingresses of ``services`` (Services without their own class
-    annotation) carry the async class and are Ready, and on exit until they are
-    back on the layer's class. The component's own Services keep the layer's
-    class throughout (annotated for the duration when they have no class).
+    annotation) carry the async class, are Ready, no longer carry the layer's
+    finalizer and have their child Ingress; on exit until they are back on the
+    layer's class, Ready, and their children are gone. The component's own
+    Services keep the layer's class throughout (annotated for the duration
+    when they have no class).
     """
     kind = _require_kind(backend)
     config = kind.kubectl.json("get", CONFIG_NETWORK, "-n", plan.SYSTEM_NAMESPACE)

@@ -594,11 +594,16 @@ class FakeCluster:
         if args[:2] == ("get", "ksvc"):
             return json.dumps({"metadata": {"name": args[2], "annotations": self.annotations[args[2]]}})
         if args[:2] == ("get", switches.INGRESS_RESOURCE):
-            return json.dumps({"items": [{
-                "metadata": {"name": name, "generation": 1,
-                             "annotations": {"networking.knative.dev/ingress.class": self.ingress_class}},
-                "status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]},
-            } for name in ("helloworld-sleep-plain",)]})
+            ready = {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]}
+            items = [{"metadata": {"name": name, "generation": 1,
+                                   "annotations": {"networking.knative.dev/ingress.class": self.ingress_class}},
+                      "status": ready} for name in ("helloworld-sleep-plain",)]
+            if self.ingress_class == switches.ASYNC_INGRESS_CLASS:  # the controller made the child
+                items.append({"metadata": {"name": "helloworld-sleep-plain-new", "generation": 1,
+                                           "labels": {switches.PARENT_LABEL: "helloworld-sleep-plain"},
+                                           "annotations": {"networking.knative.dev/ingress.class": INGRESS_CLASSES[0]}},
+                              "status": ready})
+            return json.dumps({"items": items})
         if args[:2] == ("patch", "configmap/config-network"):
             value = json.loads(args[args.index("-p") + 1])["data"]["ingress-class"]
             self.ingress_class = value
