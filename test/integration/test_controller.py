@@ -452,3 +452,37 @@ async def test_deleting_a_service_right_after_the_switch_leaves_nothing_behind(a
 
 def operator_log(operator: Operator, namespace: str) -> str:
     return "\n".join(line for line in operator.log_path.read_text(errors="replace").splitlines() if namespace in line)
+
+
+async def test_a_domain_mapping_parent_too_long_for_a_label_gets_valid_children(api, eventually, namespace):
+    name = "shop." + "x" * 60 + ".example.com"  # a DomainMapping's Ingress is named after its domain
+    parent = kingress(name, namespace)
+    parent["spec"]["rules"] = [{"hosts": [name], "visibility": r.VISIBILITY_EXTERNAL, "http": {"paths": [{
+        "rewriteHost": f"hello.{namespace}.svc.cluster.local",
+        "splits": [{"serviceName": "hello", "serviceNamespace": namespace, "servicePort": 80, "percent": 100}]}]}}]
+    parent = await api.create(INGRESSES, parent)
+    ingress_name, service_name = r.child_ingress_name(parent), r.async_service_name(parent)
+    assert (ingress_name, len(service_name)) == (f"{name}-new", 63)
+
+    async def both() -> tuple[dict, dict]:
+        found = (await api.get(INGRESSES, namespace, ingress_name), await api.get(SERVICES, namespace, service_name))
+        assert all(found), found
+        return found
+
+    async def built() -> None:
+        ingress, service = await both()
+        assert service["metadata"]["labels"][r.PARENT_LABEL] != name  # hashed: a label value holds 63 characters
+        replay = ingress["spec"]["rules"][0]["http"]["paths"][1]["splits"][0]["appendHeaders"]
+        assert replay == {r.ORIGINAL_HOST_HEADER: f"hello.{namespace}.svc.cluster.local"}
+
+    await eventually(built)
+    # a child's event finds its parent by its owner reference, whatever its label holds
+    assert await api.delete(SERVICES, namespace, service_name)
+    await eventually(built)
+    assert await api.delete(INGRESSES, namespace, name)
+
+    async def gone() -> None:
+        assert await api.get(INGRESSES, namespace, ingress_name) is None
+        assert await api.get(SERVICES, namespace, service_name) is None
+
+    await eventually(gone)
