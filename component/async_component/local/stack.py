@@ -584,7 +584,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-delay", type=float, default=1.0, help="first retry delay in seconds (doubled each attempt)")
     parser.add_argument("--producer-workers", type=int, default=1, help="producer worker processes")
     parser.add_argument("--cluster-domain", default=DEFAULT_CLUSTER_DOMAIN,
-                        help="the cluster DNS domain the modelled Services live under (<name>.<namespace>.svc.<domain>)")
+                        help="the cluster DNS domain the modelled Services live under, <name>.<namespace>.svc.<domain> (default: cluster.local)")
     parser.add_argument("--app-dir", default=None, help="directory of sleep_app.py and the Service manifests (default: test/app)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level of every component")
 
