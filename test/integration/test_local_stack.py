@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from async_component.controller import resources
+from async_component import protocol
 from async_component.local.gateway import Router
 from async_component.local.stack import LocalStack, StackError, cluster_routes, find_app_dir, load_services
 from async_component.local.ports import free_port
@@ -68,7 +68,7 @@ def test_route_table_of_the_sample_services(service, path, headers, goes_to):
         assert target.address == {"app": "127.0.0.1:1", "producer": "127.0.0.1:2"}[goes_to]
         if goes_to == "producer":
             assert target.host == PRODUCER_HOST
-            assert dict(target.set_headers)[resources.ORIGINAL_HOST_HEADER] == f"{service}.default.svc.cluster.local"
+            assert dict(target.set_headers)[protocol.ORIGINAL_HOST_HEADER] == f"{service}.default.svc.cluster.local"
 
 
 def test_app_dir_is_found_from_the_repository_root_or_refused_in_one_line(tmp_path, monkeypatch):

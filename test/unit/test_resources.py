@@ -6,6 +6,7 @@ import copy
 
 import pytest
 
+from async_component import protocol
 from async_component.controller import resources as r
 from async_component.settings import INGRESS_CLASSES
 
@@ -56,7 +57,7 @@ def kingress(mode: str | None = None, *, rules: list | None = None, **meta) -> d
     }
 
 
-ORIGINAL_HOST = {r.ORIGINAL_HOST_HEADER: "hello.demo.svc.cluster.local"}
+ORIGINAL_HOST = {protocol.ORIGINAL_HOST_HEADER: "hello.demo.svc.cluster.local"}
 
 
 def to_producer(path: str | None = None, headers: dict | None = None, append: dict | None = None) -> dict:
@@ -73,9 +74,9 @@ def to_producer(path: str | None = None, headers: dict | None = None, append: di
     return result
 
 
-STATUS_PATH = to_producer(r.STATUS_PATH_PREFIX)
-ASYNC = {r.PREFER_HEADER: {"exact": r.RESPOND_ASYNC}}
-SYNC = {r.PREFER_HEADER: {"exact": r.RESPOND_SYNC}}
+STATUS_PATH = to_producer(protocol.STATUS_PATH_PREFIX)
+ASYNC = {protocol.PREFER_HEADER: {"exact": protocol.RESPOND_ASYNC}}
+SYNC = {protocol.PREFER_HEADER: {"exact": protocol.RESPOND_SYNC}}
 TAG = {"Knative-Serving-Tag": {"exact": "blue"}}
 TAG_APPEND = {"Knative-Serving-Tag": "blue"}
 
@@ -131,7 +132,7 @@ def test_path_prefixes_are_kept_for_async_matches():
               "http": {"paths": [{"path": "/v1/", "splits": [split()]}, {"path": "/v2/", "splits": [split("v2")]}]}}]
     paths = child(kingress(rules=rules))["spec"]["rules"][0]["http"]["paths"]
     assert [(p.get("path"), p.get("headers"), p["splits"][0]["serviceName"]) for p in paths] == [
-        (r.STATUS_PATH_PREFIX, None, "hello-async"),
+        (protocol.STATUS_PATH_PREFIX, None, "hello-async"),
         ("/v1/", ASYNC, "hello-async"),
         ("/v2/", ASYNC, "hello-async"),
         ("/v1/", None, "hello-00001"),

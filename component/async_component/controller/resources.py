@@ -12,6 +12,8 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..protocol import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, RESPOND_SYNC, STATUS_PATH_PREFIX
+
 INGRESS_API_VERSION = "networking.internal.knative.dev/v1alpha1"
 INGRESS_KIND = "Ingress"
 INGRESS_CLASS_ANNOTATION = "networking.knative.dev/ingress.class"
@@ -24,14 +26,6 @@ MODES = (MODE_CONDITIONAL, MODE_ALWAYS)
 
 PARENT_LABEL = "async.knative.dev/parent"
 """Set on the child Ingress and Service to the parent's name, so child events find the parent."""
-
-PREFER_HEADER = "Prefer"
-RESPOND_ASYNC = "respond-async"
-RESPOND_SYNC = "respond-sync"
-ORIGINAL_HOST_HEADER = "Async-Original-Host"
-
-STATUS_PATH_PREFIX = "/.well-known/async-requests/"
-"""Requests under this prefix read a queued request's status from the producer."""
 
 ASYNC_SERVICE_PORT = 80
 LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"

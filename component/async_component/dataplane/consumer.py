@@ -34,13 +34,13 @@ from yarl import URL
 
 from .. import logs, probes
 from .batching import Batcher
-from .envelope import STREAM_FIELD, Envelope, EnvelopeError, header_text
+from .envelope import Envelope, EnvelopeError, header_text
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
     retry_key,
 )
 from .redisconn import make_redis, redis_address
-from ..controller.resources import PREFER_HEADER, RESPOND_SYNC
+from ..protocol import ATTEMPT_HEADER, PREFER_HEADER, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry
 from .retries import RetryMover, backoff, replay_retryable
 from ..settings import ConsumerSettings, ReplaySettings
 from ..logthrottle import LogThrottle
@@ -52,8 +52,6 @@ except ImportError:  # pragma: no cover - uvloop is a dependency, but optional a
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "Async-Request-Id"
-ATTEMPT_HEADER = "Async-Attempt"
 REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
 
@@ -370,9 +368,8 @@ class Consumer:
             return RETRYING
         record = Record(state=FAILED, host=host, attempts=attempt, updated_at=now, error=replayed.error,
                         response=replayed.response)
-        dead = {STREAM_FIELD: envelope.to_json(), "error": replayed.error or "failed"}
-        if replayed.response is not None:
-            dead["status"] = str(replayed.response.status)
+        dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
+                                 None if replayed.response is None else replayed.response.status)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(key, record.to_json(), px=self.retention_ms)
             pipe.xadd(settings.dead_letter_stream, dead)

@@ -38,15 +38,15 @@ from .. import logs, probes
 from .enqueuer import Enqueuer
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
-from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
+from .records import PENDING_STATES, QUEUED, RETRYING, Record, record_key
 from .redisconn import make_redis, redis_address
-from ..controller.resources import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH_PREFIX
+from ..protocol import (
+    HOP_BY_HOP, ORIGINAL_HOST_HEADER, PREFER_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER, STATUS_PATH_PREFIX,
+)
 from ..settings import ProducerSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "Async-Request-Id"
-STATE_HEADER = "Async-Request-State"
 RETRY_AFTER_SECONDS = "1"
 WARNING_INTERVAL = 10.0
 """Seconds between two warnings about Redis failures (the rest are counted)."""

@@ -33,6 +33,7 @@ from .delivery import DeliveryFailed, make_delivery
 from .envelope import as_text
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
+from ..protocol import dead_letter_entry
 from ..settings import SourceSettings
 from ..logthrottle import LogThrottle
 
@@ -257,7 +258,7 @@ class Source:
             if reply is not None:
                 reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
-                if await self._settle(entry_id, {**fields, "error": reason, "status": str(reply.status)}):
+                if await self._settle(entry_id, dead_letter_entry(fields, reason, reply.status)):
                     self.metrics.delivered_as["dead_lettered"].inc()
                     log.warning("entry %s rejected by the sink, sent to %s: %s", entry_id,
                                 self.settings.dead_letter_stream, reason)
