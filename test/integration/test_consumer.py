@@ -15,6 +15,7 @@ from cloudevents.v1.conversion import to_structured
 from cloudevents.v1.http import CloudEvent
 
 from async_component.dataplane import consumer
+from async_component.dataplane import envelope as wire
 from async_component.dataplane.envelope import Envelope, event_attributes, event_data
 from async_component.local.ports import free_port
 from async_component.dataplane.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
@@ -102,11 +103,8 @@ async def queue(redis_client, envelope: Envelope) -> str:
 
 
 def binary_event(entry_id: str, fields) -> tuple[dict, bytes]:
-    """Exactly what Knative's RedisStreamSource sends for one stream entry."""
-    attributes = event_attributes("redis://127.0.0.1:6379", STREAM, entry_id)
-    headers = {"ce-specversion": "1.0", "ce-type": attributes["type"], "ce-source": attributes["source"],
-               "ce-id": attributes["id"], "Content-Type": "application/json"}
-    return headers, json.dumps(event_data(fields)).encode()
+    """Exactly what Knative's RedisStreamSource (and our source) sends for one stream entry."""
+    return wire.binary_event(wire.event_source("redis://127.0.0.1:6379", STREAM), entry_id, fields)
 
 
 async def post(http, base: str, headers: dict, body: bytes) -> tuple[int, dict]:
@@ -198,7 +196,7 @@ async def test_event_forms_are_all_replayed(form, base, http, redis_client, targ
     else:
         event = binary_event(entry_id, envelope.to_stream_fields())
         if form.endswith("charset"):
-            event[0]["Content-Type"] = "application/json; charset=utf-8"
+            event[0]["content-type"] = "application/json; charset=utf-8"
     status, doc = await post(http, base, *event)
     assert (status, doc["state"]) == (200, SUCCEEDED)
     assert [s["raw_path"] for s in target.seen] == ["/form"]

@@ -19,14 +19,13 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import hdrs, web
-from cloudevents.v1.http import from_http
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError
@@ -34,7 +33,7 @@ from yarl import URL
 
 from .. import logs, probes
 from .batching import Batcher
-from .envelope import Envelope, EnvelopeError, header_text
+from .envelope import Envelope, EnvelopeError, entry_envelope, event_envelope, header_text
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
     retry_key,
@@ -85,10 +84,6 @@ return false
 """ % {"finished": ", ".join(f"['{state}'] = true" for state in FINAL_STATES), "retrying": RETRYING}
 
 
-class BadEvent(Exception):
-    """The event is not a queued request (400)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Replayed:
     """What one replay came to: a response, or the error that prevented one."""
@@ -102,40 +97,11 @@ class Replayed:
         return self.response is not None and 200 <= self.response.status < 400
 
 
-def envelope_of(data: Any) -> Envelope:
-    """The envelope in an event's data: the field list as parsed JSON, or its JSON text/bytes."""
-    if isinstance(data, (bytes, bytearray, str)):
-        try:
-            data = json.loads(data)
-        except ValueError:
-            raise BadEvent("the event data is not JSON") from None
-    return entry_envelope(data)
-
-
-def entry_envelope(fields: Any) -> Envelope:
-    """The envelope of a stream entry's fields (a mapping, or RedisStreamSource's flat list)."""
-    try:
-        return Envelope.from_stream_fields(fields)
-    except EnvelopeError as exc:
-        raise BadEvent(f"the event data is not a queued request: {exc}") from None
-
-
-BINARY_ATTRIBUTES = ("ce-id", "ce-source", "ce-type")
-
-
-def event_envelope(headers: Mapping[str, str], body: bytes) -> Envelope:
-    """The envelope of a binary-mode JSON event read directly (what the sources send); anything else via the SDK."""
-    if (headers.get("ce-specversion") == "1.0" and headers.get("content-type") == "application/json"
-            and all(headers.get(name) for name in BINARY_ATTRIBUTES)):
-        return envelope_of(body)
-    return envelope_of(from_http(headers, body).data)
-
-
 def split_url(url: str) -> tuple[str, str]:
     """``(host[:port], path?query)`` of a stored URL, the target kept exactly as stored."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise BadEvent(f"the queued URL is not an http(s) URL: {url!r}")
+        raise EnvelopeError(f"the queued URL is not an http(s) URL: {url!r}")
     rest = url.split("://", 1)[1][len(parts.netloc):]
     return parts.netloc.lower(), (rest if rest.startswith("/") else "/" + rest)
 
@@ -239,7 +205,7 @@ class Consumer:
         """
         try:
             envelope = entry_envelope(fields)
-        except BadEvent as exc:
+        except EnvelopeError as exc:
             return self.malformed(entry_id, str(exc))
         return await self.handle(entry_id, envelope, settle=entry_id)
 
@@ -247,7 +213,7 @@ class Consumer:
         """Replay and record; ``settle``: a stream entry of ``group`` to acknowledge with the outcome."""
         try:
             host, target = split_url(envelope.url)
-        except BadEvent as exc:
+        except EnvelopeError as exc:
             return self.malformed(event_id, str(exc))
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id)
@@ -426,10 +392,8 @@ class EventEndpoint:
         event_id = request.headers.get("ce-id", "?")
         try:
             envelope = event_envelope(request.headers, await request.read())
-        except BadEvent as exc:
+        except EnvelopeError as exc:
             answer = self.consumer.malformed(event_id, str(exc))
-        except Exception as exc:  # the SDK's errors for a request that is not a CloudEvent
-            answer = self.consumer.malformed(event_id, f"not a CloudEvent: {exc}")
         else:
             answer = await self.consumer.handle(event_id, envelope)
         return web.json_response(answer.doc, status=answer.status)

@@ -11,9 +11,7 @@ the same verdicts, without the extra hop and the CloudEvent.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from typing import Protocol
 
 import aiohttp
@@ -21,7 +19,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from .consumer import Consumer, replay_route
-from .envelope import EVENT_CONTENT_TYPE, EVENT_TYPE, as_text, event_attributes, event_data
+from .envelope import as_text, binary_event, event_source
 from .redisconn import redis_address
 from ..settings import SourceSettings
 
@@ -59,7 +57,7 @@ class HttpDelivery:
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
         self.url = settings.sink_url
-        self.event_source = event_attributes(redis_address(settings), settings.stream, "")["source"]
+        self.event_source = event_source(redis_address(settings), settings.stream)
         self.session: aiohttp.ClientSession | None = None
         self.description = f"to {self.url} as CloudEvents"
 
@@ -74,7 +72,7 @@ class HttpDelivery:
             await self.session.close()
 
     async def send(self, entry_id: str, fields: Mapping) -> Reply:
-        headers, body = self.event(entry_id, fields)
+        headers, body = binary_event(self.event_source, entry_id, fields)
         try:
             async with self.session.post(self.url, data=body, headers=headers) as resp:
                 return Reply(resp.status, as_text((await resp.read())[:ERROR_BODY_LIMIT]))
@@ -82,18 +80,6 @@ class HttpDelivery:
             raise DeliveryFailed(f"no answer within {self.settings.delivery_timeout:g}s") from None
         except aiohttp.ClientError as exc:
             raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
-
-    def event(self, entry_id: str, fields: Mapping) -> tuple[dict[str, str], bytes]:
-        """Binary mode, the headers the CloudEvents SDK would set, built directly: the format is fixed."""
-        headers = {
-            "content-type": EVENT_CONTENT_TYPE,
-            "ce-specversion": "1.0",
-            "ce-id": entry_id,
-            "ce-source": self.event_source,
-            "ce-type": EVENT_TYPE,
-            "ce-time": datetime.now(timezone.utc).isoformat(),
-        }
-        return headers, json.dumps(event_data(fields)).encode()
 
 
 class InProcessDelivery:
