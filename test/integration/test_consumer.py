@@ -14,7 +14,7 @@ from aiohttp import web
 from cloudevents.v1.conversion import to_structured
 from cloudevents.v1.http import CloudEvent
 
-from async_component.dataplane import consumer
+from async_component.dataplane import sink
 from async_component.dataplane import envelope as wire
 from async_component.dataplane.envelope import Envelope, event_attributes, event_data
 from async_component.local.ports import free_port
@@ -78,7 +78,7 @@ def settings_for(redis_url: str, **changes) -> ConsumerSettings:
 
 
 async def start_consumer(settings: ConsumerSettings) -> web.AppRunner:
-    return await serve(consumer.make_app(settings, mover_interval=0.05), settings.port, settings.host)
+    return await serve(sink.make_app(settings, mover_interval=0.05), settings.port, settings.host)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from async_component.dataplane import consumer
+from async_component.dataplane import sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import FAILED, RETRYING, SUCCEEDED, Record, record_key, retry_key
@@ -96,7 +96,7 @@ async def http_consumer(redis_url: str):
     """The HTTP path's consumer, with the same replay settings as :func:`source_settings`."""
     settings = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
                                 retry_max_delay=0.1, request_timeout=2.0)
-    runner = await serve(consumer.make_app(settings, mover_interval=0.05), settings.port)
+    runner = await serve(sink.make_app(settings, mover_interval=0.05), settings.port)
     try:
         yield f"http://127.0.0.1:{settings.port}/"
     finally:

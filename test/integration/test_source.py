@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from cloudevents.v1.http import from_http
 
-from async_component.dataplane import consumer
+from async_component.dataplane import sink as consumer_sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import QUEUED, SUCCEEDED, Record, record_key
@@ -321,7 +321,7 @@ async def test_503_twice_then_200_succeeds_on_attempt_3_through_source_consumer_
     target.router.add_route("*", "/{tail:.*}", service)
     target_port = free_port()
     runners = [await serve(target, target_port),
-               await serve(consumer.make_app(consumer_settings, mover_interval=0.05), consumer_settings.port)]
+               await serve(consumer_sink.make_app(consumer_settings, mover_interval=0.05), consumer_settings.port)]
     try:
         _, envelope = await queue(redis_client, "/flaky", host=f"127.0.0.1:{target_port}")
 

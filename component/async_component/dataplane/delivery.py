@@ -1,10 +1,10 @@
-"""How the source hands a stream entry over: to a sink over HTTP, or to a consumer in its own process.
+"""How the source hands a stream entry over: to a sink over HTTP, or to the replay core in its own process.
 
 Either way the source gets back an HTTP status and maps it with
 :func:`.retries.sink_verdict`: 2xx acknowledges the entry, a 4xx (but 408/429)
 dead-letters it, anything else leaves it pending to try again. In-process
-delivery calls the consumer's core (:class:`.consumer.Consumer`) with the
-entry's fields, so its answer is the status the HTTP consumer would have sent:
+delivery calls the replay core (:class:`.replay.Replayer`) with the entry's
+fields, so its answer is the status the consumer's sink would have sent:
 the same verdicts, without the extra hop and the CloudEvent.
 """
 
@@ -18,7 +18,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from .consumer import Consumer, replay_route
+from .replay import Replayer, replay_route
 from .envelope import as_text, binary_event, event_source
 from .redisconn import redis_address
 from ..settings import SourceSettings
@@ -83,20 +83,20 @@ class HttpDelivery:
 
 
 class InProcessDelivery:
-    """Replays each entry with a consumer core in this process and event loop."""
+    """Replays each entry with the replay core in this process and event loop."""
 
     def __init__(self, settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> None:
-        self.consumer = Consumer(settings, registry, redis=redis, group=settings.group)
+        self.replayer = Replayer(settings, registry, redis=redis, group=settings.group)
         self.description = f"in-process (replaying {replay_route(settings)})"
 
     async def start(self) -> None:
-        await self.consumer.start()
+        await self.replayer.start()
 
     async def close(self) -> None:
-        await self.consumer.stop()
+        await self.replayer.stop()
 
     async def send(self, entry_id: str, fields: Mapping) -> Reply:
-        answer = await self.consumer.handle_entry(entry_id, fields)
+        answer = await self.replayer.handle_entry(entry_id, fields)
         return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text(), answer.settled)
 
 

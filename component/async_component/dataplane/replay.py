@@ -1,15 +1,14 @@
-"""The consumer: replays a queued request to its Service and records the outcome.
+"""The replay core: replays a queued request to its Service and records the outcome.
 
-Its core, :class:`Consumer`, takes one queued request and comes to an
-:class:`Answer`: the outcome (the response, a scheduled retry, or a failure
-with its dead-letter entry) is written to Redis before the answer is 2xx, so a
-crash in between only means a redelivery, never a lost request. Two callers
-share it: the HTTP app (:func:`make_app`), which receives the request as a
-CloudEvent from our source or from Knative's RedisStreamSource (binary or
-structured mode) and answers with the :class:`Answer`; and a source delivering
-in-process (:mod:`.source`), which hands it stream entries directly. The
-replay carries ``Prefer: respond-sync`` so the network layer routes it to the
-Service itself, not back to the producer.
+:class:`Replayer` takes one queued request and comes to an :class:`Answer`:
+the outcome (the response, a scheduled retry, or a failure with its
+dead-letter entry) is written to Redis before the answer is 2xx, so a crash in
+between only means a redelivery, never a lost request. Two callers share it:
+the consumer's CloudEvents sink (:mod:`.sink`), which answers its events with
+the :class:`Answer`; and a source delivering in-process (:mod:`.delivery`),
+which hands it stream entries directly. The replay carries
+``Prefer: respond-sync`` so the network layer routes it to the Service itself,
+not back to the producer.
 """
 
 from __future__ import annotations
@@ -25,37 +24,29 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import redis.asyncio as aioredis
-from aiohttp import hdrs, web
+from aiohttp import hdrs
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError
 from yarl import URL
 
-from .. import logs, probes
 from .batching import Batcher
-from .envelope import Envelope, EnvelopeError, entry_envelope, event_envelope, header_text
+from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
     retry_key,
 )
-from .redisconn import make_redis, redis_address
+from .redisconn import make_redis
 from ..protocol import ATTEMPT_HEADER, PREFER_HEADER, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry
 from .retries import RetryMover, backoff, replay_retryable
-from ..settings import ConsumerSettings, ReplaySettings
+from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
-
-try:  # less CPU per event; plain asyncio works too
-    from uvloop import new_event_loop
-except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
-    new_event_loop = asyncio.new_event_loop
 
 log = logging.getLogger(__name__)
 
 REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
 
-MAX_EVENT_SIZE = 64 * 1024 * 1024
-"""Largest event accepted: a 6 MB body grows by a third in base64, plus JSON escaping."""
 MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
 
@@ -133,7 +124,7 @@ class Answer:
     status: int
     doc: dict
     settled: bool = False
-    """The stream entry was acknowledged and deleted with the outcome (:meth:`Consumer.handle_entry`)."""
+    """The stream entry was acknowledged and deleted with the outcome (:meth:`Replayer.handle_entry`)."""
 
     def text(self) -> str:
         return json.dumps(self.doc)
@@ -170,7 +161,7 @@ class Metrics:
                           for result in ("replayed", "duplicate", "malformed", "redis_unavailable")}
 
 
-class Consumer:
+class Replayer:
     """Replays queued requests and records their outcomes; :meth:`start` before use, :meth:`stop` after.
 
     Uses ``redis`` when given (the caller closes it), else creates its own client. ``group``: the consumer
@@ -377,45 +368,3 @@ class Consumer:
 
     async def ready(self) -> None:
         await self.redis.ping()
-
-
-# --- the HTTP sink
-
-
-class EventEndpoint:
-    """``POST /``: one CloudEvent carrying a stream entry, answered with what the core made of it."""
-
-    def __init__(self, consumer: Consumer) -> None:
-        self.consumer = consumer
-
-    async def receive(self, request: web.Request) -> web.Response:
-        event_id = request.headers.get("ce-id", "?")
-        try:
-            envelope = event_envelope(request.headers, await request.read())
-        except EnvelopeError as exc:
-            answer = self.consumer.malformed(event_id, str(exc))
-        else:
-            answer = await self.consumer.handle(event_id, envelope)
-        return web.json_response(answer.doc, status=answer.status)
-
-
-def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
-             mover_interval: float = MOVER_INTERVAL) -> web.Application:
-    """The consumer; creates its Redis client on startup unless ``redis`` is given (then the caller closes it)."""
-    registry = CollectorRegistry()
-    consumer = Consumer(settings, registry, redis=redis, mover_interval=mover_interval)
-    app = web.Application(client_max_size=MAX_EVENT_SIZE)
-    probes.add_probe_routes(app, registry, consumer.ready)
-    app.router.add_post("/", EventEndpoint(consumer).receive)
-    app.on_startup.append(lambda app: consumer.start())
-    app.on_cleanup.append(lambda app: consumer.stop())
-    return app
-
-
-def run(settings: ConsumerSettings) -> int:
-    logs.configure("consumer", settings.log_level)
-    log.info("consumer listening on %s:%d, redis %s, stream %s, replaying %s", settings.host, settings.port,
-             redis_address(settings), settings.stream, replay_route(settings))
-    web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
-                loop=new_event_loop())
-    return 0
