@@ -18,7 +18,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from .replay import Replayer, replay_route
+from .replay import Replayer, Settle, replay_route
 from .envelope import as_text, binary_event, event_source
 from .redisconn import redis_address
 from ..settings import SourceSettings
@@ -31,8 +31,6 @@ class Reply:
     status: int
     text: str
     """The answer's body (only kept when it is not 2xx): for the log and the dead-letter entry."""
-    settled: bool = False
-    """The entry is already acknowledged and deleted (in-process, with its recorded outcome)."""
 
 
 class DeliveryFailed(Exception):
@@ -42,6 +40,8 @@ class DeliveryFailed(Exception):
 class Delivery(Protocol):
     description: str
     """For the startup log line."""
+    settles: bool
+    """A 2xx reply means the entry is settled already (with the source's hook), not to be settled again."""
 
     async def start(self) -> None: ...
 
@@ -60,6 +60,7 @@ class HttpDelivery:
         self.event_source = event_source(redis_address(settings), settings.stream)
         self.session: aiohttp.ClientSession | None = None
         self.description = f"to {self.url} as CloudEvents"
+        self.settles = False
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -85,9 +86,11 @@ class HttpDelivery:
 class InProcessDelivery:
     """Replays each entry with the replay core in this process and event loop."""
 
-    def __init__(self, settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> None:
-        self.replayer = Replayer(settings, registry, redis=redis, group=settings.group)
+    def __init__(self, settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry,
+                 settle: Settle) -> None:
+        self.replayer = Replayer(settings, registry, redis=redis, settle=settle)
         self.description = f"in-process (replaying {replay_route(settings)})"
+        self.settles = True
 
     async def start(self) -> None:
         await self.replayer.start()
@@ -97,11 +100,12 @@ class InProcessDelivery:
 
     async def send(self, entry_id: str, fields: Mapping) -> Reply:
         answer = await self.replayer.handle_entry(entry_id, fields)
-        return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text(), answer.settled)
+        return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text())
 
 
-def make_delivery(settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> Delivery:
-    """Over HTTP when ``SINK_URL`` (or ``K_SINK``) is set, else in-process."""
+def make_delivery(settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry,
+                  settle: Settle) -> Delivery:
+    """Over HTTP when ``SINK_URL`` (or ``K_SINK``) is set, else in-process (settling entries with ``settle``)."""
     if settings.sink_url:
         return HttpDelivery(settings)
-    return InProcessDelivery(settings, redis, registry)
+    return InProcessDelivery(settings, redis, registry, settle)

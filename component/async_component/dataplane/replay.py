@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,6 +43,9 @@ from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
 
 log = logging.getLogger(__name__)
+
+Settle = Callable[..., None]
+"""``settle(pipe, *entry_ids)``: add what settles these stream entries to the transaction ``pipe``."""
 
 REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
@@ -123,8 +126,6 @@ class Answer:
 
     status: int
     doc: dict
-    settled: bool = False
-    """The stream entry was acknowledged and deleted with the outcome (:meth:`Replayer.handle_entry`)."""
 
     def text(self) -> str:
         return json.dumps(self.doc)
@@ -164,14 +165,15 @@ class Metrics:
 class Replayer:
     """Replays queued requests and records their outcomes; :meth:`start` before use, :meth:`stop` after.
 
-    Uses ``redis`` when given (the caller closes it), else creates its own client. ``group``: the consumer
-    group of a source delivering in-process, whose entries :meth:`handle_entry` settles.
+    Uses ``redis`` when given (the caller closes it), else creates its own client. ``settle``: the hook
+    of a source delivering in-process (:meth:`handle_entry`); the source owns settling its entries, the
+    core only chooses the transaction they are settled in.
     """
 
     def __init__(self, settings: ReplaySettings, registry: CollectorRegistry, *, redis: aioredis.Redis | None = None,
-                 mover_interval: float = MOVER_INTERVAL, group: str | None = None) -> None:
+                 mover_interval: float = MOVER_INTERVAL, settle: Settle | None = None) -> None:
         self.settings = settings
-        self.group = group
+        self.settle = settle
         self.metrics = Metrics(registry)
         self.redis = redis
         self.owns_redis = False
@@ -188,11 +190,11 @@ class Replayer:
     # --- one queued request
 
     async def handle_entry(self, entry_id: str, fields: Any) -> Answer:
-        """A stream entry's fields, as a source delivering in-process reads them.
+        """A stream entry's fields, as a source delivering in-process reads them; 2xx once it is settled.
 
-        The transaction that records the outcome also acknowledges and deletes the entry in
-        ``group`` (one round trip less per entry, and never an outcome without its ack or
-        the reverse); the answer then says ``settled``. Otherwise the caller settles it.
+        The transaction that records the outcome also settles the entry, through the ``settle``
+        hook (one round trip less per entry, and never an outcome without its ack or the
+        reverse); an entry whose request is already finished is settled on its own.
         """
         try:
             envelope = entry_envelope(fields)
@@ -201,7 +203,7 @@ class Replayer:
         return await self.handle(entry_id, envelope, settle=entry_id)
 
     async def handle(self, event_id: str, envelope: Envelope, *, settle: str | None = None) -> Answer:
-        """Replay and record; ``settle``: a stream entry of ``group`` to acknowledge with the outcome."""
+        """Replay and record; ``settle``: a stream entry to settle (with the hook) with the outcome."""
         try:
             host, target = split_url(envelope.url)
         except EnvelopeError as exc:
@@ -218,6 +220,13 @@ class Replayer:
             state = done_state.decode()
             self.metrics.events_by["duplicate"].inc()
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
+            if settle is not None:
+                try:
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        self._settle(pipe, settle)
+                        await pipe.execute()
+                except Exception as exc:  # left pending: delivered again, found finished again
+                    return self._unavailable(envelope, "settling a duplicate of", exc)
             return Answer(200, {"id": envelope.id, "state": state, "duplicate": True})
 
         replayed = await self.replay(envelope, attempt, host, target)
@@ -227,7 +236,7 @@ class Replayer:
             return self._unavailable(envelope, "recording the outcome of", exc)
         self.metrics.events_by["replayed"].inc()
         self.metrics.replays_by[state].inc()
-        return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt}, settled=settle is not None)
+        return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt})
 
     def malformed(self, event_id: str, message: str) -> Answer:
         self.metrics.events_by["malformed"].inc()
@@ -267,13 +276,12 @@ class Replayer:
         return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
 
     def _settle(self, pipe, *entries: str) -> None:
-        """Acknowledge and delete ``entries`` in the transaction that records their outcome.
+        """Settle ``entries`` in the transaction that records their outcome, through the source's hook.
 
         All or nothing: a transaction Redis refuses (say, out of memory) writes neither.
         """
         if entries:
-            pipe.xack(self.settings.stream, self.group, *entries)
-            pipe.xdel(self.settings.stream, *entries)
+            self.settle(pipe, *entries)
 
     # --- the replay
 
