@@ -18,7 +18,7 @@ class ScriptedServer:
 
     While ``hold`` is set it keeps requests until ``release`` is set, then answers 503.
     :meth:`record` says what to remember of a request (``seen``, in arrival order; ``answered``
-    pairs it with the status sent); :meth:`reply` builds the answer.
+    pairs it with the status sent); :meth:`reply` builds the answer from the request, the status and that.
     """
 
     def __init__(self) -> None:
@@ -42,7 +42,7 @@ class ScriptedServer:
     async def record(self, request: web.Request) -> Any:
         return request.path
 
-    def reply(self, request: web.Request, status: int) -> web.Response:
+    def reply(self, request: web.Request, status: int, seen: Any) -> web.Response:
         return web.Response(status=status)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -54,7 +54,7 @@ class ScriptedServer:
         await asyncio.sleep(self.delay)
         status = self.statuses.pop(0) if self.statuses else 200
         self.answered.append((seen, status))
-        return self.reply(request, status)
+        return self.reply(request, status, seen)
 
     def succeeded(self) -> list[Any]:
         """What was recorded of the requests answered 2xx."""

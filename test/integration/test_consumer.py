@@ -22,53 +22,43 @@ from async_component.dataplane.records import FAILED, QUEUED, RETRYING, SUCCEEDE
 from async_component.settings import ConsumerSettings
 
 from .aioserve import serve
+from .scripted import ScriptedServer, serving
 
 STREAM = "async-requests"
 DEAD = "async-requests-dead"
 
 
-class Target:
+class Target(ScriptedServer):
     """A Service that answers from a script of statuses (then 200) and remembers what it received."""
 
     def __init__(self) -> None:
-        self.statuses: list[int] = []
-        self.seen: list[dict] = []
-        self.delay = 0.0
+        super().__init__()
         self.on_request = None
-        self.port = free_port()
-        self.runner: web.AppRunner | None = None
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}"
 
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.seen.append({"method": request.method, "raw_path": request.raw_path,
-                          "headers": list(request.headers.items()), "body": body})
+    async def record(self, request: web.Request) -> dict:
+        seen = {"method": request.method, "raw_path": request.raw_path,
+                "headers": list(request.headers.items()), "body": await request.read()}
         if self.on_request is not None:
             self.on_request()
-        await asyncio.sleep(self.delay)
-        status = self.statuses.pop(0) if self.statuses else 200
-        compressed = gzip.compress(b"reply to " + body)
+        return seen
+
+    def reply(self, request: web.Request, status: int, seen: dict) -> web.Response:
+        compressed = gzip.compress(b"reply to " + seen["body"])
         headers = [("Content-Encoding", "gzip"), ("X-Reply", "a"), ("X-Reply", "b"), ("Location", "/elsewhere")]
         return web.Response(status=status, body=compressed, headers=headers)
 
     def header(self, n: int, name: str) -> list[str]:
         return [v for k, v in self.seen[n]["headers"] if k.lower() == name.lower()]
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = await serve(app, self.port)
-
 
 @pytest.fixture
 async def target():
-    service = Target()
-    await service.start()
-    yield service
-    await service.runner.cleanup()
+    async with serving(Target()) as service:
+        yield service
 
 
 def settings_for(redis_url: str, **changes) -> ConsumerSettings:

@@ -33,7 +33,7 @@ class Service(ScriptedServer):
     async def record(self, request: web.Request) -> tuple[str, str]:
         return request.path, request.headers.get("Async-Attempt", "")
 
-    def reply(self, request: web.Request, status: int) -> web.Response:
+    def reply(self, request: web.Request, status: int, seen: tuple) -> web.Response:
         # fixed headers, so two runs record byte-identical responses
         headers = {"X-Reply": "yes", "Date": "Mon, 23 Nov 2026 00:00:00 GMT", "Server": "test"}
         return web.Response(status=status, text=f"{request.path} answered {status}", headers=headers)

@@ -35,7 +35,7 @@ class Sink(ScriptedServer):
         headers = dict(request.headers)
         return headers, from_http(headers, await request.read())
 
-    def reply(self, request: web.Request, status: int) -> web.Response:
+    def reply(self, request: web.Request, status: int, seen: tuple) -> web.Response:
         return web.Response(status=status, text=f"sink says {status}")
 
     @property
