@@ -15,6 +15,7 @@ import json
 import signal
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from async_component.dataplane import sink
@@ -220,6 +221,7 @@ async def test_an_outcome_redis_refuses_to_store_leaves_the_entry_pending(redis_
     assert target.seen == [("/work", "1"), ("/work", "1")]  # replayed again: at least once
 
 
+@pytest.mark.slow
 async def test_a_long_replay_is_kept_fresh_and_not_stolen_by_another_source(redis_url, redis_client):
     async with service() as target, running(source_settings(redis_url, request_timeout=10)) as first:
         target.delay = 2.5  # well past the visibility timeout of 1 s

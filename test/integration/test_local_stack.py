@@ -123,6 +123,7 @@ def test_async_call_is_queued_and_completed(stack):
     assert b'"path": "/work"' in body and b'"body_length": 7' in body
 
 
+@pytest.mark.slow
 def test_a_stack_whose_source_posts_to_the_consumer_replays_through_the_consumer():
     with LocalStack(port=free_port(), sleep_seconds=0, app_dir=APP_DIR, replay_in_source=False) as stack:
         status, headers, _ = http(stack.gateway_url + "/via?sleep=0", stack.host(ALWAYS))
@@ -219,6 +220,7 @@ def run_local(tmp_path: Path, *args: str, path: str | None = None, terminal: boo
                             process_group=0 if terminal else None)
 
 
+@pytest.mark.slow
 def test_command_serves_restarts_and_stops_cleanly_on_sigint(tmp_path):
     port = free_port()
     process = run_local(tmp_path, "--port", str(port), "--sleep-seconds", "0.1")
@@ -271,6 +273,7 @@ class Deaths:
         return self.gone
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_in_dependency_order_quietly_and_redis_last(tmp_path):
     port = free_port()
     process = run_local(tmp_path, "--port", str(port), "--sleep-seconds", "0.1", terminal=True)

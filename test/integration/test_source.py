@@ -166,6 +166,7 @@ async def test_entries_of_a_killed_source_are_reclaimed_and_delivered(redis_url,
     assert sorted(sink.delivered_ids) == sorted(queued)
 
 
+@pytest.mark.slow
 async def test_a_long_delivery_is_not_stolen_by_another_source(redis_url, redis_client, sink):
     sink.delay = 2.5  # well past the visibility timeout of 1 s
     async with running(settings_for(redis_url, sink.url)) as first:
