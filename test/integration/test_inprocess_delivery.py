@@ -280,4 +280,7 @@ async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(r
             process.kill()
             _, stderr = process.communicate()
     assert "in-process (replaying directly)" in stderr.decode()
+    replay_lines = [line for line in stderr.decode().splitlines() if "attempt 1: POST" in line]
+    assert replay_lines and all(" async_component.dataplane.replay: " in line for line in replay_lines), \
+        "the replay logs under its own name, not the consumer's"
     assert target.seen == [("/work", "1")]
