@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from async_component.dataplane.envelope import Envelope, event_attributes, event_data
+from async_component.dataplane.envelope import Envelope, binary_event, event_source
 from async_component.dataplane.records import RUNNING, Record, record_key
 from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL, SERVICE_PLAIN, Backend
 from client import Client
@@ -43,6 +42,12 @@ async def entries_added(redis: aioredis.Redis, stream: str) -> int:
         return int((await redis.xinfo_stream(stream))["entries-added"])
     except aioredis.ResponseError:  # no such stream yet
         return 0
+
+
+def redis_stream_source_event(backend: Backend, entry_id: str, envelope: Envelope) -> tuple[dict, bytes]:
+    """The binary-mode event Knative's RedisStreamSource sends for the entry holding ``envelope``."""
+    source = event_source("redis://redis.redis.svc.cluster.local:6379", backend.stream)
+    return binary_event(source, entry_id, envelope.to_stream_fields())
 
 
 def echo_headers(echo: dict, name: str) -> list[str]:
@@ -198,12 +203,7 @@ async def test_consumer_handles_a_redis_stream_source_event(client: Client, back
         "POST", f"http://{Backend.cluster_host(SERVICE_PLAIN)}/from-rss?sleep=0",
         [("Content-Type", "text/plain"), ("X-Repeated", "1"), ("X-Repeated", "2")], b"via RedisStreamSource",
     )
-    attributes = event_attributes("redis://redis.redis.svc.cluster.local:6379", backend.stream, "1700000000000-0")
-    headers = {
-        "ce-specversion": "1.0", "ce-type": attributes["type"], "ce-source": attributes["source"],
-        "ce-id": attributes["id"], "Content-Type": "application/json",
-    }
-    body = json.dumps(event_data(envelope.to_stream_fields()))
+    headers, body = redis_stream_source_event(backend, "1700000000000-0", envelope)
     async with client.session.post(backend.consumer_url + "/", data=body, headers=headers) as response:
         assert response.status // 100 == 2, await response.text()
     echo = await succeeded_echo(client, backend, envelope.id)
@@ -263,12 +263,7 @@ async def test_an_event_cut_off_by_a_consumer_crash_is_replayed_when_delivered_a
     sender delivers the event again, and that delivery must be replayed and recorded, not taken for a duplicate."""
     envelope = Envelope.new("POST", f"http://{Backend.cluster_host(SERVICE_PLAIN)}/cut-off?sleep=2",
                             [("Content-Type", "text/plain")], b"cut off")
-    attributes = event_attributes("redis://redis.redis.svc.cluster.local:6379", backend.stream, "1700000000001-0")
-    headers = {
-        "ce-specversion": "1.0", "ce-type": attributes["type"], "ce-source": attributes["source"],
-        "ce-id": attributes["id"], "Content-Type": "application/json",
-    }
-    body = json.dumps(event_data(envelope.to_stream_fields()))
+    headers, body = redis_stream_source_event(backend, "1700000000001-0", envelope)
 
     async def deliver() -> int | None:
         """The consumer's answer; None for none (the connection broke, or a tunnel to a dead pod hung)."""

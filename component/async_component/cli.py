@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, type | None, str]] = {
     "producer": ("async_component.dataplane.producer", ProducerSettings, "accept requests, queue them in Redis, answer 202"),
     "source": ("async_component.dataplane.source", SourceSettings,
                "replay queued requests, record the outcome (or post them to SINK_URL as CloudEvents)"),
-    "consumer": ("async_component.dataplane.consumer", ConsumerSettings,
+    "consumer": ("async_component.dataplane.sink", ConsumerSettings,
                  "replay queued requests received as CloudEvents (a RedisStreamSource's sink), record the outcome"),
     "controller": ("async_component.controller.operator", ControllerSettings, "kopf operator for async Knative Ingresses"),
     "local": ("async_component.local.stack", None, "run the whole stack on 127.0.0.1 (Redis, gateway, sleep app)"),

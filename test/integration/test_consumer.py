@@ -14,60 +14,51 @@ from aiohttp import web
 from cloudevents.v1.conversion import to_structured
 from cloudevents.v1.http import CloudEvent
 
-from async_component.dataplane import consumer
+from async_component.dataplane import sink
+from async_component.dataplane import envelope as wire
 from async_component.dataplane.envelope import Envelope, event_attributes, event_data
 from async_component.local.ports import free_port
 from async_component.dataplane.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings
 
 from .aioserve import serve
+from .scripted import ScriptedServer, serving
 
 STREAM = "async-requests"
 DEAD = "async-requests-dead"
 
 
-class Target:
+class Target(ScriptedServer):
     """A Service that answers from a script of statuses (then 200) and remembers what it received."""
 
     def __init__(self) -> None:
-        self.statuses: list[int] = []
-        self.seen: list[dict] = []
-        self.delay = 0.0
+        super().__init__()
         self.on_request = None
-        self.port = free_port()
-        self.runner: web.AppRunner | None = None
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}"
 
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.seen.append({"method": request.method, "raw_path": request.raw_path,
-                          "headers": list(request.headers.items()), "body": body})
+    async def record(self, request: web.Request) -> dict:
+        seen = {"method": request.method, "raw_path": request.raw_path,
+                "headers": list(request.headers.items()), "body": await request.read()}
         if self.on_request is not None:
             self.on_request()
-        await asyncio.sleep(self.delay)
-        status = self.statuses.pop(0) if self.statuses else 200
-        compressed = gzip.compress(b"reply to " + body)
+        return seen
+
+    def reply(self, request: web.Request, status: int, seen: dict) -> web.Response:
+        compressed = gzip.compress(b"reply to " + seen["body"])
         headers = [("Content-Encoding", "gzip"), ("X-Reply", "a"), ("X-Reply", "b"), ("Location", "/elsewhere")]
         return web.Response(status=status, body=compressed, headers=headers)
 
     def header(self, n: int, name: str) -> list[str]:
         return [v for k, v in self.seen[n]["headers"] if k.lower() == name.lower()]
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = await serve(app, self.port)
-
 
 @pytest.fixture
 async def target():
-    service = Target()
-    await service.start()
-    yield service
-    await service.runner.cleanup()
+    async with serving(Target()) as service:
+        yield service
 
 
 def settings_for(redis_url: str, **changes) -> ConsumerSettings:
@@ -77,7 +68,7 @@ def settings_for(redis_url: str, **changes) -> ConsumerSettings:
 
 
 async def start_consumer(settings: ConsumerSettings) -> web.AppRunner:
-    return await serve(consumer.make_app(settings, mover_interval=0.05), settings.port, settings.host)
+    return await serve(sink.make_app(settings, mover_interval=0.05), settings.port, settings.host)
 
 
 @pytest.fixture
@@ -102,11 +93,8 @@ async def queue(redis_client, envelope: Envelope) -> str:
 
 
 def binary_event(entry_id: str, fields) -> tuple[dict, bytes]:
-    """Exactly what Knative's RedisStreamSource sends for one stream entry."""
-    attributes = event_attributes("redis://127.0.0.1:6379", STREAM, entry_id)
-    headers = {"ce-specversion": "1.0", "ce-type": attributes["type"], "ce-source": attributes["source"],
-               "ce-id": attributes["id"], "Content-Type": "application/json"}
-    return headers, json.dumps(event_data(fields)).encode()
+    """Exactly what Knative's RedisStreamSource (and our source) sends for one stream entry."""
+    return wire.binary_event(wire.event_source("redis://127.0.0.1:6379", STREAM), entry_id, fields)
 
 
 async def post(http, base: str, headers: dict, body: bytes) -> tuple[int, dict]:
@@ -198,7 +186,7 @@ async def test_event_forms_are_all_replayed(form, base, http, redis_client, targ
     else:
         event = binary_event(entry_id, envelope.to_stream_fields())
         if form.endswith("charset"):
-            event[0]["Content-Type"] = "application/json; charset=utf-8"
+            event[0]["content-type"] = "application/json; charset=utf-8"
     status, doc = await post(http, base, *event)
     assert (status, doc["state"]) == (200, SUCCEEDED)
     assert [s["raw_path"] for s in target.seen] == ["/form"]

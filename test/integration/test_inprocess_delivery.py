@@ -12,66 +12,36 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 
-from async_component.dataplane import consumer
+from async_component.dataplane import sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import FAILED, RETRYING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings, SourceSettings
-from async_component.dataplane.source import Source
 
 from .aioserve import serve
+from .scripted import ScriptedServer, serving
+from .sourcerun import DEAD, STREAM, eventually, has, pending, running, settled, source_process
 
-STREAM = "async-requests"
-GROUP = "async-source"
-DEAD = "async-requests-dead"
+class Service(ScriptedServer):
+    """The Knative Service a request is replayed to: remembers (path, Async-Attempt) of each request."""
 
+    async def record(self, request: web.Request) -> tuple[str, str]:
+        return request.path, request.headers.get("Async-Attempt", "")
 
-class Service:
-    """The Knative Service a request is replayed to: answers from a script of statuses (then 200)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.statuses: list[int] = []
-        self.delay = 0.0
-        self.seen: list[tuple[str, str]] = []
-        """(path, Async-Attempt) of every request received."""
-        self.runner: web.AppRunner | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append((request.path, request.headers.get("Async-Attempt", "")))
-        await asyncio.sleep(self.delay)
-        status = self.statuses.pop(0) if self.statuses else 200
+    def reply(self, request: web.Request, status: int, seen: tuple) -> web.Response:
         # fixed headers, so two runs record byte-identical responses
         headers = {"X-Reply": "yes", "Date": "Mon, 23 Nov 2026 00:00:00 GMT", "Server": "test"}
         return web.Response(status=status, text=f"{request.path} answered {status}", headers=headers)
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = await serve(app, self.port, handler_cancellation=True)
 
-
-@contextlib.asynccontextmanager
-async def service():
-    server = Service()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.runner.cleanup()
+def service():
+    return serving(Service())
 
 
 def source_settings(redis_url: str, **changes) -> SourceSettings:
@@ -81,22 +51,11 @@ def source_settings(redis_url: str, **changes) -> SourceSettings:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: SourceSettings, **options):
-    source = Source(settings, retry_base=0.02, retry_cap=0.2, **options)
-    task = asyncio.create_task(source.run())
-    try:
-        yield source
-    finally:
-        source.stop()
-        await asyncio.wait_for(task, 10)
-
-
-@contextlib.asynccontextmanager
 async def http_consumer(redis_url: str):
     """The HTTP path's consumer, with the same replay settings as :func:`source_settings`."""
     settings = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
                                 retry_max_delay=0.1, request_timeout=2.0)
-    runner = await serve(consumer.make_app(settings, mover_interval=0.05), settings.port)
+    runner = await serve(sink.make_app(settings, mover_interval=0.05), settings.port)
     try:
         yield f"http://127.0.0.1:{settings.port}/"
     finally:
@@ -111,15 +70,6 @@ async def queue(redis_client, target: Service, path: str = "/work", request_id: 
     return envelope
 
 
-async def eventually(check, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
 async def record_of(redis_client, request_id: str) -> Record | None:
     raw = await redis_client.get(record_key("async", request_id))
     return None if raw is None else Record.from_json(raw)
@@ -129,17 +79,6 @@ def finished(redis_client, *envelopes: Envelope):
     async def check() -> bool:
         records = [await record_of(redis_client, e.id) for e in envelopes]
         return all(r is not None and r.finished for r in records)
-    return check
-
-
-async def pending(redis_client) -> int:
-    return (await redis_client.xpending(STREAM, GROUP))["pending"]
-
-
-def settled(redis_client):
-    """Everything acknowledged and deleted."""
-    async def check() -> bool:
-        return await redis_client.xlen(STREAM) == 0 and await pending(redis_client) == 0
     return check
 
 
@@ -248,7 +187,7 @@ async def test_redis_down_while_replaying_leaves_the_entry_pending_until_recorde
     async with service() as target, running(source_settings(redis_url)):
         target.delay = 0.5
         envelope = await queue(redis_client, target)
-        assert await eventually(lambda: _any(target.seen))
+        assert await eventually(lambda: has(target.seen))
         redis_server.kill()  # the outcome cannot be recorded: 503 in the HTTP path, so not acknowledged
         await asyncio.sleep(0.8)
         redis_server.start()
@@ -265,7 +204,7 @@ async def test_an_outcome_redis_refuses_to_store_leaves_the_entry_pending(redis_
     async with service() as target, running(source_settings(redis_url)) as source:
         target.delay = 0.3
         envelope = await queue(redis_client, target)
-        assert await eventually(lambda: _any(target.seen))
+        assert await eventually(lambda: has(target.seen))
         await redis_client.config_set("maxmemory", 1)  # from now on Redis refuses writes that need memory (OOM)
 
         async def refused() -> bool:
@@ -282,15 +221,12 @@ async def test_an_outcome_redis_refuses_to_store_leaves_the_entry_pending(redis_
     assert target.seen == [("/work", "1"), ("/work", "1")]  # replayed again: at least once
 
 
-async def _any(items: list) -> bool:
-    return bool(items)
-
-
+@pytest.mark.slow
 async def test_a_long_replay_is_kept_fresh_and_not_stolen_by_another_source(redis_url, redis_client):
     async with service() as target, running(source_settings(redis_url, request_timeout=10)) as first:
         target.delay = 2.5  # well past the visibility timeout of 1 s
         envelope = await queue(redis_client, target)
-        assert await eventually(lambda: _any(target.seen))
+        assert await eventually(lambda: has(target.seen))
         async with running(source_settings(redis_url, consumer_name="second", request_timeout=10)) as second:
             assert await eventually(finished(redis_client, envelope))
             assert await eventually(settled(redis_client))
@@ -302,20 +238,13 @@ async def test_a_long_replay_is_kept_fresh_and_not_stolen_by_another_source(redi
 # --- the process
 
 
-def source_process(redis_url: str, env: dict) -> subprocess.Popen:
-    environ = {k: v for k, v in os.environ.items() if k not in ("SINK_URL", "K_SINK")}
-    environ.update({"REDIS_URL": redis_url, "VISIBILITY_TIMEOUT": "1", "HEALTH_PORT": "0", **env})
-    return subprocess.Popen([sys.executable, "-m", "async_component", "source"], env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(redis_url, redis_client):
     async with service() as target:
         target.delay = 30  # the doomed source is killed while the Service works
         envelopes = [await queue(redis_client, target, f"/n/{n}") for n in range(3)]
         process = source_process(redis_url, {"CONSUMER_NAME": "doomed"})
         try:
-            assert await eventually(lambda: _count(target.seen, 3), 20)
+            assert await eventually(lambda: has(target.seen, 3), 20)
         finally:
             process.kill()
             process.communicate()
@@ -328,10 +257,6 @@ async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(
             assert heir.metrics.reclaimed._value.get() == 3
     assert sorted(target.seen) == sorted([(f"/n/{n}", "1") for n in range(3)] * 2)
     assert {(await record_of(redis_client, e.id)).state for e in envelopes} == {SUCCEEDED}
-
-
-async def _count(items: list, n: int) -> bool:
-    return len(items) >= n
 
 
 async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(redis_url, redis_client):
@@ -355,4 +280,7 @@ async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(r
             process.kill()
             _, stderr = process.communicate()
     assert "in-process (replaying directly)" in stderr.decode()
+    replay_lines = [line for line in stderr.decode().splitlines() if "attempt 1: POST" in line]
+    assert replay_lines and all(" async_component.dataplane.replay: " in line for line in replay_lines), \
+        "the replay logs under its own name, not the consumer's"
     assert target.seen == [("/work", "1")]

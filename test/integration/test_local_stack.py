@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from async_component.controller import resources
+from async_component import protocol
 from async_component.local.gateway import Router
-from async_component.local.stack import LocalStack, StackError, cluster_routes, find_app_dir, load_services
+from async_component.local import StackError
+from async_component.local.cluster import cluster_routes, find_app_dir, load_services
+from async_component.local.stack import LocalStack
 from async_component.local.ports import free_port
 
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
@@ -68,7 +70,7 @@ def test_route_table_of_the_sample_services(service, path, headers, goes_to):
         assert target.address == {"app": "127.0.0.1:1", "producer": "127.0.0.1:2"}[goes_to]
         if goes_to == "producer":
             assert target.host == PRODUCER_HOST
-            assert dict(target.set_headers)[resources.ORIGINAL_HOST_HEADER] == f"{service}.default.svc.cluster.local"
+            assert dict(target.set_headers)[protocol.ORIGINAL_HOST_HEADER] == f"{service}.default.svc.cluster.local"
 
 
 def test_route_table_follows_the_cluster_domain():
@@ -78,11 +80,13 @@ def test_route_table_follows_the_cluster_domain():
     assert router.match(f"{CONDITIONAL}.default.svc.cluster.local", "/", {}) is None
     target = router.match(f"{CONDITIONAL}.default.svc.corp.internal", "/", {"Prefer": "respond-async"})
     assert target.host == "async-producer.knative-serving.svc.corp.internal"
-    assert dict(target.set_headers)[resources.ORIGINAL_HOST_HEADER] == f"{CONDITIONAL}.default.svc.corp.internal"
+    assert dict(target.set_headers)[protocol.ORIGINAL_HOST_HEADER] == f"{CONDITIONAL}.default.svc.corp.internal"
 
 
 def test_app_dir_is_found_from_the_repository_root_or_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(APP_DIR.parents[1])
+    assert find_app_dir() == APP_DIR
+    monkeypatch.chdir(tmp_path)  # elsewhere: the app of the repository the package runs from
     assert find_app_dir() == APP_DIR
     with pytest.raises(StackError, match="cannot find the sample app .*pass --app-dir"):
         find_app_dir(tmp_path)
@@ -129,6 +133,7 @@ def test_async_call_is_queued_and_completed(stack):
     assert b'"path": "/work"' in body and b'"body_length": 7' in body
 
 
+@pytest.mark.slow
 def test_a_stack_whose_source_posts_to_the_consumer_replays_through_the_consumer():
     """Also under another cluster domain: child rules, the producer's allowed hosts and the replays follow it."""
     with LocalStack(port=free_port(), sleep_seconds=0, app_dir=APP_DIR, replay_in_source=False,
@@ -217,14 +222,17 @@ class Lines:
         return "".join(self.lines)
 
 
-def run_local(tmp_path: Path, *args: str, path: str | None = None) -> subprocess.Popen:
+def run_local(tmp_path: Path, *args: str, path: str | None = None, terminal: bool = False) -> subprocess.Popen:
+    """``terminal``: in a process group of its own, as a shell runs a foreground command (Ctrl-C goes to the group)."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     if path is not None:
         env["PATH"] = path
     return subprocess.Popen([sys.executable, "-m", "async_component", "local", *args], cwd=APP_DIR.parents[1],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            process_group=0 if terminal else None)
 
 
+@pytest.mark.slow
 def test_command_serves_restarts_and_stops_cleanly_on_sigint(tmp_path):
     port = free_port()
     process = run_local(tmp_path, "--port", str(port), "--sleep-seconds", "0.1")
@@ -250,6 +258,69 @@ def test_command_serves_restarts_and_stops_cleanly_on_sigint(tmp_path):
     assert code == 0, err.text()
     assert out.text().count("ready") == 1
     poll(lambda: not any(alive(pid) for pid in children), timeout=10)
+    assert list(tmp_path.iterdir()) == [], "temp dirs are removed"
+
+
+class Deaths:
+    """When each of some processes was last seen alive, watched from a thread."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.gone: dict[str, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.is_set() and len(self.gone) < len(self.pids):
+            for name, pid in self.pids.items():
+                if name not in self.gone and not alive(pid):
+                    self.gone[name] = time.monotonic()
+            time.sleep(0.005)
+
+    def close(self) -> dict[str, float]:
+        poll(lambda: len(self.gone) == len(self.pids), timeout=10)
+        self._done.set()
+        self._thread.join()
+        return self.gone
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_in_dependency_order_quietly_and_redis_last(tmp_path):
+    port = free_port()
+    process = run_local(tmp_path, "--port", str(port), "--sleep-seconds", "0.1", terminal=True)
+    out, err = Lines(process.stdout), Lines(process.stderr)
+    try:
+        out.wait_for("ready")
+        status, headers, _ = http(f"http://127.0.0.1:{port}/?sleep=1.5", f"{ALWAYS}.default.example.com")
+        assert status == 202
+        location = headers["Location"]
+
+        def running():
+            return b'"running"' in http(f"http://127.0.0.1:{port}{location}", f"{ALWAYS}.default.example.com")[2]
+
+        poll(running)  # in flight when Ctrl-C comes
+        names = {"redis-server": "redis", "async_component gateway": "gateway", "async_component producer": "producer",
+                 "async_component source": "source", "async_component consumer": "consumer", "sleep_app.py": "app"}
+        pids = {name: pid for pid in descendants(process.pid) for marker, name in names.items()
+                if marker in command_line(pid)}
+        assert sorted(pids) == sorted(names.values())
+        deaths = Deaths(pids)
+        stopping = len(err.lines)
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        code = process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    gone = deaths.close()
+    assert code == 0, err.text()
+    after = "".join(err.lines[stopping:])
+    assert not re.search(r" (WARNING|ERROR|CRITICAL) |Traceback|killing it", after), after
+    assert "answered 200" in after, "the replay in flight finished"
+    assert max(gone["gateway"], gone["producer"]) <= min(gone["source"], gone["consumer"])
+    assert max(gone["source"], gone["consumer"]) <= gone["app"] <= gone["redis"]
+    assert gone["redis"] > max(t for name, t in gone.items() if name != "redis"), gone
     assert list(tmp_path.iterdir()) == [], "temp dirs are removed"
 
 

@@ -18,7 +18,7 @@ from async_component.dataplane import producer
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import FAILED, QUEUED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key
-from async_component.controller.resources import STATUS_PATH_PREFIX
+from async_component.protocol import STATUS_PATH_PREFIX
 from async_component.settings import ProducerSettings
 
 HOST = "sleep.default.svc.cluster.local"

@@ -9,18 +9,14 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 from cloudevents.v1.http import from_http
 
-from async_component.dataplane import consumer
+from async_component.dataplane import sink as consumer_sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import QUEUED, SUCCEEDED, Record, record_key
@@ -28,76 +24,43 @@ from async_component.settings import ConsumerSettings, SourceSettings
 from async_component.dataplane.source import Source
 
 from .aioserve import serve
-
-STREAM = "async-requests"
-GROUP = "async-source"
-DEAD = "async-requests-dead"
+from .scripted import ScriptedServer, serving
+from .sourcerun import DEAD, STREAM, eventually, has, pending, running, settled, source_process
 
 
-class Sink:
-    """Answers events from a script of statuses (then 200), after ``delay``; or holds them while ``hold``."""
+class Sink(ScriptedServer):
+    """The sink URL: remembers each event (with its headers) and answers from the script."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.statuses: list[int] = []
-        self.delay = 0.0
-        self.hold = False
-        self.release = asyncio.Event()
-        self.received: list[str] = []
-        self.delivered: list[tuple[dict, object]] = []
-        self.runner: web.AppRunner | None = None
+    async def record(self, request: web.Request) -> tuple[dict, object]:
+        headers = dict(request.headers)
+        return headers, from_http(headers, await request.read())
+
+    def reply(self, request: web.Request, status: int, seen: tuple) -> web.Response:
+        return web.Response(status=status, text=f"sink says {status}")
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+    def received(self) -> list[str]:
+        return [event["id"] for _, event in self.seen]
 
-    async def handle(self, request: web.Request) -> web.Response:
-        headers = dict(request.headers)
-        event = from_http(headers, await request.read())
-        self.received.append(event["id"])
-        if self.hold:
-            await self.release.wait()
-            return web.Response(status=503)
-        await asyncio.sleep(self.delay)
-        status = self.statuses.pop(0) if self.statuses else 200
-        if status < 300:
-            self.delivered.append((headers, event))
-        return web.Response(status=status, text=f"sink says {status}")
+    @property
+    def delivered(self) -> list[tuple[dict, object]]:
+        return self.succeeded()
 
     @property
     def delivered_ids(self) -> list[str]:
         return [event["id"] for _, event in self.delivered]
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/", self.handle)
-        self.runner = await serve(app, self.port, handler_cancellation=True)
-
 
 @pytest.fixture
 async def sink():
-    server = Sink()
-    await server.start()
-    yield server
-    server.release.set()
-    await server.runner.cleanup()
+    async with serving(Sink()) as server:
+        yield server
 
 
 def settings_for(redis_url: str, sink_url: str, **changes) -> SourceSettings:
     base = SourceSettings(redis_url=redis_url, sink_url=sink_url, visibility_timeout=1.0, delivery_timeout=5.0,
                           health_port=0, concurrency=4, consumer_name="first")
     return dataclasses.replace(base, **changes)
-
-
-@contextlib.asynccontextmanager
-async def running(settings: SourceSettings, **options):
-    source = Source(settings, retry_base=options.pop("retry_base", 0.02), retry_cap=0.2, **options)
-    task = asyncio.create_task(source.run())
-    try:
-        yield source
-    finally:
-        source.stop()
-        await asyncio.wait_for(task, 10)
 
 
 async def queue(redis_client, path: str = "/work", host: str = "target.default.svc.cluster.local",
@@ -109,24 +72,6 @@ async def queue(redis_client, path: str = "/work", host: str = "target.default.s
     return entry_id, envelope
 
 
-async def eventually(check, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
-async def pending(redis_client) -> int:
-    return (await redis_client.xpending(STREAM, GROUP))["pending"]
-
-
-async def settled(redis_client) -> bool:
-    """Everything acknowledged and deleted."""
-    return await redis_client.xlen(STREAM) == 0 and await pending(redis_client) == 0
-
-
 # --- delivery
 
 
@@ -134,10 +79,10 @@ async def test_entries_are_sent_as_redis_stream_source_events_and_acked_after_2x
                                                                                   redis_server):
     before = [await queue(redis_client, f"/before/{n}") for n in range(3)]  # queued before the group exists
     async with running(settings_for(redis_url, sink.url)) as source:
-        assert await eventually(lambda: _count(sink.delivered, 3))
+        assert await eventually(lambda: has(sink.delivered, 3))
         after = await queue(redis_client, "/after")
-        assert await eventually(lambda: _count(sink.delivered, 4))
-        assert await eventually(lambda: settled(redis_client))
+        assert await eventually(lambda: has(sink.delivered, 4))
+        assert await eventually(settled(redis_client))
         assert source.metrics.delivered.labels("delivered")._value.get() == 4
     for (entry_id, envelope), (headers, event) in zip([*before, after], sink.delivered):
         assert event["id"] == entry_id
@@ -150,19 +95,15 @@ async def test_entries_are_sent_as_redis_stream_source_events_and_acked_after_2x
     assert sink.received == sink.delivered_ids
 
 
-async def _count(items: list, n: int) -> bool:
-    return len(items) >= n
-
-
 @pytest.mark.parametrize("failures", [[503, 500], [408, 429]])
 async def test_sink_failure_keeps_the_entry_pending_until_it_is_delivered(failures, redis_url, redis_client, sink):
     sink.statuses = list(failures)
     async with running(settings_for(redis_url, sink.url), retry_base=0.3) as source:
         entry_id, _ = await queue(redis_client)
-        assert await eventually(lambda: _count(sink.received, 1))
+        assert await eventually(lambda: has(sink.received, 1))
         assert await redis_client.xlen(STREAM) == 1 and await pending(redis_client) == 1
-        assert await eventually(lambda: _count(sink.delivered, 1))
-        assert await eventually(lambda: settled(redis_client))
+        assert await eventually(lambda: has(sink.delivered, 1))
+        assert await eventually(settled(redis_client))
         assert source.metrics.delivered.labels("failed")._value.get() == 2
     assert sink.received == [entry_id] * 3
     assert sink.delivered_ids == [entry_id]
@@ -174,12 +115,9 @@ async def test_unreachable_sink_is_retried_until_it_comes_up(redis_url, redis_cl
         entry_id, _ = await queue(redis_client)
         await asyncio.sleep(0.3)  # a few refused connections
         assert await pending(redis_client) == 1
-        await sink.start()
-        try:
-            assert await eventually(lambda: _count(sink.delivered, 1))
-            assert await eventually(lambda: settled(redis_client))
-        finally:
-            await sink.runner.cleanup()
+        async with serving(sink):
+            assert await eventually(lambda: has(sink.delivered, 1))
+            assert await eventually(settled(redis_client))
     assert sink.delivered_ids == [entry_id]
 
 
@@ -187,7 +125,7 @@ async def test_sink_4xx_sends_the_entry_to_the_dead_letter_stream_and_acks_it(re
     sink.statuses = [400]
     entry_id, envelope = await queue(redis_client)
     async with running(settings_for(redis_url, sink.url)) as source:
-        assert await eventually(lambda: settled(redis_client))
+        assert await eventually(settled(redis_client))
         assert source.metrics.delivered.labels("dead_lettered")._value.get() == 1
     [(_, dead)] = await redis_client.xrange(DEAD)
     assert dead == {b"data": envelope.to_json().encode(), b"error": b"sink answered 400: sink says 400",
@@ -201,8 +139,8 @@ async def test_two_sources_share_the_group_without_delivering_twice(redis_url, r
     async with running(settings_for(redis_url, sink.url, concurrency=2)), \
             running(settings_for(redis_url, sink.url, concurrency=2, consumer_name="second")):
         queued += [(await queue(redis_client, f"/m/{n}"))[0] for n in range(10)]
-        assert await eventually(lambda: _count(sink.delivered, 40))
-        assert await eventually(lambda: settled(redis_client))
+        assert await eventually(lambda: has(sink.delivered, 40))
+        assert await eventually(settled(redis_client))
     assert sorted(sink.received) == sorted(queued)
     assert collections.Counter(sink.received).most_common(1)[0][1] == 1
 
@@ -210,39 +148,33 @@ async def test_two_sources_share_the_group_without_delivering_twice(redis_url, r
 # --- crashes and long deliveries
 
 
-def source_process(redis_url: str, env: dict) -> subprocess.Popen:
-    environ = {k: v for k, v in os.environ.items() if k not in ("SINK_URL", "K_SINK")}
-    environ.update({"REDIS_URL": redis_url, "VISIBILITY_TIMEOUT": "1", "HEALTH_PORT": "0", **env})
-    return subprocess.Popen([sys.executable, "-m", "async_component", "source"], env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 async def test_entries_of_a_killed_source_are_reclaimed_and_delivered(redis_url, redis_client, sink):
     sink.hold = True
     queued = [(await queue(redis_client, f"/n/{n}"))[0] for n in range(3)]
     process = source_process(redis_url, {"SINK_URL": sink.url, "CONSUMER_NAME": "doomed"})
     try:
-        assert await eventually(lambda: _count(sink.received, 3), 20)
+        assert await eventually(lambda: has(sink.received, 3), 20)
     finally:
         process.kill()
         process.communicate()
     assert await pending(redis_client) == 3
     sink.hold = False
     async with running(settings_for(redis_url, sink.url, consumer_name="heir")) as heir:
-        assert await eventually(lambda: _count(sink.delivered, 3))
-        assert await eventually(lambda: settled(redis_client))
+        assert await eventually(lambda: has(sink.delivered, 3))
+        assert await eventually(settled(redis_client))
         assert heir.metrics.reclaimed._value.get() == 3
     assert sorted(sink.delivered_ids) == sorted(queued)
 
 
+@pytest.mark.slow
 async def test_a_long_delivery_is_not_stolen_by_another_source(redis_url, redis_client, sink):
     sink.delay = 2.5  # well past the visibility timeout of 1 s
     async with running(settings_for(redis_url, sink.url)) as first:
         entry_id, _ = await queue(redis_client)
-        assert await eventually(lambda: _count(sink.received, 1))
+        assert await eventually(lambda: has(sink.received, 1))
         async with running(settings_for(redis_url, sink.url, consumer_name="second")) as second:
-            assert await eventually(lambda: _count(sink.delivered, 1))
-            assert await eventually(lambda: settled(redis_client))
+            assert await eventually(lambda: has(sink.delivered, 1))
+            assert await eventually(settled(redis_client))
             assert second.metrics.reclaimed._value.get() == 0
         assert first.metrics.reclaimed._value.get() == 0
     assert sink.received == [entry_id]
@@ -252,7 +184,7 @@ async def stop_while_delivering(settings: SourceSettings, redis_client, sink: Si
     source = Source(settings, stop_grace=grace)
     task = asyncio.create_task(source.run())
     await queue(redis_client)
-    assert await eventually(lambda: _count(sink.received, 1))
+    assert await eventually(lambda: has(sink.received, 1))
     source.stop()
     await asyncio.wait_for(task, 5)
 
@@ -260,7 +192,7 @@ async def stop_while_delivering(settings: SourceSettings, redis_client, sink: Si
 async def test_stop_waits_for_deliveries_in_flight_within_the_grace_period(redis_url, redis_client, sink):
     sink.delay = 0.5
     await stop_while_delivering(settings_for(redis_url, sink.url), redis_client, sink, grace=5)
-    assert len(sink.delivered) == 1 and await settled(redis_client)
+    assert len(sink.delivered) == 1 and await settled(redis_client)()
 
 
 async def test_stop_leaves_a_delivery_past_the_grace_period_pending(redis_url, redis_client, sink):
@@ -272,15 +204,15 @@ async def test_stop_leaves_a_delivery_past_the_grace_period_pending(redis_url, r
 async def test_source_rides_out_a_redis_restart(redis_url, redis_client, redis_server, sink):
     async with running(settings_for(redis_url, sink.url)):
         await queue(redis_client, "/first")
-        assert await eventually(lambda: _count(sink.delivered, 1))
+        assert await eventually(lambda: has(sink.delivered, 1))
         redis_server.kill()
         await asyncio.sleep(0.3)
         redis_server.start()
         with contextlib.suppress(Exception):  # the test's own pooled connection died with the server
             await redis_client.ping()
         await queue(redis_client, "/second")
-        assert await eventually(lambda: _count(sink.delivered, 2))
-        assert await eventually(lambda: settled(redis_client))
+        assert await eventually(lambda: has(sink.delivered, 2))
+        assert await eventually(settled(redis_client))
 
 
 # --- the process
@@ -291,7 +223,7 @@ async def test_process_serves_probes_reads_k_sink_and_stops_on_sigterm(redis_url
     process = source_process(redis_url, {"K_SINK": sink.url, "HEALTH_PORT": str(health)})
     try:
         await queue(redis_client)
-        assert await eventually(lambda: _count(sink.delivered, 1), 20)
+        assert await eventually(lambda: has(sink.delivered, 1), 20)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{health}/readyz") as resp:
                 assert resp.status == 200
@@ -321,7 +253,7 @@ async def test_503_twice_then_200_succeeds_on_attempt_3_through_source_consumer_
     target.router.add_route("*", "/{tail:.*}", service)
     target_port = free_port()
     runners = [await serve(target, target_port),
-               await serve(consumer.make_app(consumer_settings, mover_interval=0.05), consumer_settings.port)]
+               await serve(consumer_sink.make_app(consumer_settings, mover_interval=0.05), consumer_settings.port)]
     try:
         _, envelope = await queue(redis_client, "/flaky", host=f"127.0.0.1:{target_port}")
 
@@ -331,7 +263,7 @@ async def test_503_twice_then_200_succeeds_on_attempt_3_through_source_consumer_
 
         async with running(settings_for(redis_url, f"http://127.0.0.1:{consumer_settings.port}/")):
             assert await eventually(succeeded)
-            assert await eventually(lambda: settled(redis_client))
+            assert await eventually(settled(redis_client))
     finally:
         for runner in runners:
             await runner.cleanup()

@@ -4,9 +4,12 @@ import os
 import re
 
 import pytest
+from cloudevents.v1.conversion import to_structured
+from cloudevents.v1.http import from_http
 
 from async_component.dataplane.envelope import (
-    EVENT_TYPE, Envelope, EnvelopeError, RequestIds, envelope_json, event_attributes, event_data, new_request_id,
+    EVENT_TYPE, Envelope, EnvelopeError, RequestIds, binary_event, envelope_json, event_attributes, event_data,
+    event_envelope, event_source, new_request_id,
 )
 
 
@@ -99,3 +102,28 @@ def test_envelope_json_is_the_envelope_document():
                              original.accepted_at)
     assert document.decode() == original.to_json()
     assert Envelope.from_json(document) == original
+
+
+def test_binary_event_is_the_redis_stream_source_event_and_decodes_to_the_envelope():
+    original = sample(b"\xff body")
+    source = event_source("redis://redis.redis.svc.cluster.local:6379", "mystream")
+    headers, body = binary_event(source, "1-0", original.to_stream_fields())
+    event = from_http(headers, body)
+    attributes = event_attributes("redis://redis.redis.svc.cluster.local:6379", "mystream", "1-0")
+    assert {name: event[name] for name in attributes} == attributes
+    assert event.data == event_data(original.to_stream_fields())
+    assert event_envelope(headers, body) == original
+    structured_headers, structured_body = to_structured(event)
+    assert event_envelope(structured_headers, structured_body) == original
+
+
+@pytest.mark.parametrize("headers, body, message", [
+    ({"content-type": "application/json"}, b'["data", "{}"]', "not a CloudEvent"),
+    ({"ce-specversion": "1.0", "ce-type": "t", "ce-source": "s", "ce-id": "1", "content-type": "application/json"},
+     b"{not json", "not JSON"),
+    ({"ce-specversion": "1.0", "ce-type": "t", "ce-source": "s", "ce-id": "1", "content-type": "application/json"},
+     b'["other", "{}"]', "not a queued request"),
+])
+def test_an_event_without_a_queued_request_is_refused_with_a_reason(headers, body, message):
+    with pytest.raises(EnvelopeError, match=message):
+        event_envelope(headers, body)

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from async_component import protocol
 from async_component.controller import resources as r
 from async_component.settings import INGRESS_CLASSES
 
@@ -57,7 +58,7 @@ def kingress(mode: str | None = None, *, rules: list | None = None, **meta) -> d
     }
 
 
-ORIGINAL_HOST = {r.ORIGINAL_HOST_HEADER: "hello.demo.svc.cluster.local"}
+ORIGINAL_HOST = {protocol.ORIGINAL_HOST_HEADER: "hello.demo.svc.cluster.local"}
 
 
 def to_producer(path: str | None = None, headers: dict | None = None, append: dict | None = None) -> dict:

@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..protocol import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, RESPOND_SYNC, STATUS_PATH_PREFIX
+
 INGRESS_API_VERSION = "networking.internal.knative.dev/v1alpha1"
 INGRESS_KIND = "Ingress"
 INGRESS_CLASS_ANNOTATION = "networking.knative.dev/ingress.class"
@@ -34,14 +36,7 @@ On an Ingress of the async class it means the network layer translated it
 before it became async, and still serves that translation.
 """
 
-PREFER_HEADER = "Prefer"
-RESPOND_ASYNC = "respond-async"
-RESPOND_SYNC = "respond-sync"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
-ORIGINAL_HOST_HEADER = "Async-Original-Host"
-
-STATUS_PATH_PREFIX = "/.well-known/async-requests/"
-"""Requests under this prefix read a queued request's status from the producer."""
 
 ASYNC_SERVICE_PORT = 80
 LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"

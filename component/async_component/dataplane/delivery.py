@@ -1,27 +1,25 @@
-"""How the source hands a stream entry over: to a sink over HTTP, or to a consumer in its own process.
+"""How the source hands a stream entry over: to a sink over HTTP, or to the replay core in its own process.
 
 Either way the source gets back an HTTP status and maps it with
 :func:`.retries.sink_verdict`: 2xx acknowledges the entry, a 4xx (but 408/429)
 dead-letters it, anything else leaves it pending to try again. In-process
-delivery calls the consumer's core (:class:`.consumer.Consumer`) with the
-entry's fields, so its answer is the status the HTTP consumer would have sent:
+delivery calls the replay core (:class:`.replay.Replayer`) with the entry's
+fields, so its answer is the status the consumer's sink would have sent:
 the same verdicts, without the extra hop and the CloudEvent.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from typing import Protocol
 
 import aiohttp
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from .consumer import Consumer, replay_route
-from .envelope import EVENT_CONTENT_TYPE, EVENT_TYPE, as_text, event_attributes, event_data
+from .replay import Replayer, Settle, replay_route
+from .envelope import as_text, binary_event, event_source
 from .redisconn import redis_address
 from ..settings import SourceSettings
 
@@ -33,8 +31,6 @@ class Reply:
     status: int
     text: str
     """The answer's body (only kept when it is not 2xx): for the log and the dead-letter entry."""
-    settled: bool = False
-    """The entry is already acknowledged and deleted (in-process, with its recorded outcome)."""
 
 
 class DeliveryFailed(Exception):
@@ -44,6 +40,8 @@ class DeliveryFailed(Exception):
 class Delivery(Protocol):
     description: str
     """For the startup log line."""
+    settles: bool
+    """A 2xx reply means the entry is settled already (with the source's hook), not to be settled again."""
 
     async def start(self) -> None: ...
 
@@ -59,9 +57,10 @@ class HttpDelivery:
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
         self.url = settings.sink_url
-        self.event_source = event_attributes(redis_address(settings), settings.stream, "")["source"]
+        self.event_source = event_source(redis_address(settings), settings.stream)
         self.session: aiohttp.ClientSession | None = None
         self.description = f"to {self.url} as CloudEvents"
+        self.settles = False
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -74,7 +73,7 @@ class HttpDelivery:
             await self.session.close()
 
     async def send(self, entry_id: str, fields: Mapping) -> Reply:
-        headers, body = self.event(entry_id, fields)
+        headers, body = binary_event(self.event_source, entry_id, fields)
         try:
             async with self.session.post(self.url, data=body, headers=headers) as resp:
                 return Reply(resp.status, as_text((await resp.read())[:ERROR_BODY_LIMIT]))
@@ -83,39 +82,30 @@ class HttpDelivery:
         except aiohttp.ClientError as exc:
             raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
 
-    def event(self, entry_id: str, fields: Mapping) -> tuple[dict[str, str], bytes]:
-        """Binary mode, the headers the CloudEvents SDK would set, built directly: the format is fixed."""
-        headers = {
-            "content-type": EVENT_CONTENT_TYPE,
-            "ce-specversion": "1.0",
-            "ce-id": entry_id,
-            "ce-source": self.event_source,
-            "ce-type": EVENT_TYPE,
-            "ce-time": datetime.now(timezone.utc).isoformat(),
-        }
-        return headers, json.dumps(event_data(fields)).encode()
-
 
 class InProcessDelivery:
-    """Replays each entry with a consumer core in this process and event loop."""
+    """Replays each entry with the replay core in this process and event loop."""
 
-    def __init__(self, settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> None:
-        self.consumer = Consumer(settings, registry, redis=redis, group=settings.group)
+    def __init__(self, settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry,
+                 settle: Settle) -> None:
+        self.replayer = Replayer(settings, registry, redis=redis, settle=settle)
         self.description = f"in-process (replaying {replay_route(settings)})"
+        self.settles = True
 
     async def start(self) -> None:
-        await self.consumer.start()
+        await self.replayer.start()
 
     async def close(self) -> None:
-        await self.consumer.stop()
+        await self.replayer.stop()
 
     async def send(self, entry_id: str, fields: Mapping) -> Reply:
-        answer = await self.consumer.handle_entry(entry_id, fields)
-        return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text(), answer.settled)
+        answer = await self.replayer.handle_entry(entry_id, fields)
+        return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text())
 
 
-def make_delivery(settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry) -> Delivery:
-    """Over HTTP when ``SINK_URL`` (or ``K_SINK``) is set, else in-process."""
+def make_delivery(settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry,
+                  settle: Settle) -> Delivery:
+    """Over HTTP when ``SINK_URL`` (or ``K_SINK``) is set, else in-process (settling entries with ``settle``)."""
     if settings.sink_url:
         return HttpDelivery(settings)
-    return InProcessDelivery(settings, redis, registry)
+    return InProcessDelivery(settings, redis, registry, settle)

@@ -17,13 +17,10 @@ random bits) is still what grants access: an entry id alone finds nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import multiprocessing
-import multiprocessing.connection
-import os
 import re
 import signal
-import sys
 import time
 from collections.abc import Iterable
 
@@ -38,18 +35,18 @@ from .. import logs, probes
 from .enqueuer import Enqueuer
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
-from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
+from .records import PENDING_STATES, QUEUED, RETRYING, Record, record_key
+from .prefork import run_workers
 from .redisconn import make_redis, redis_address
-from ..controller.resources import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH_PREFIX
+from ..protocol import (
+    HOP_BY_HOP, ORIGINAL_HOST_HEADER, PREFER_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER, STATUS_PATH_PREFIX,
+)
+from ..logthrottle import LogThrottle
 from ..settings import ProducerSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "Async-Request-Id"
-STATE_HEADER = "Async-Request-State"
 RETRY_AFTER_SECONDS = "1"
-WARNING_INTERVAL = 10.0
-"""Seconds between two warnings about Redis failures (the rest are counted)."""
 
 VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
@@ -204,29 +201,11 @@ class Metrics:
         self.accepted.inc(queued)
 
 
-class RedisWarnings:
-    """One warning per interval about Redis failures, counting the ones not logged."""
-
-    def __init__(self, interval: float = WARNING_INTERVAL) -> None:
-        self.interval = interval
-        self.last = float("-inf")
-        self.suppressed = 0
-
-    def failed(self, what: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.suppressed += 1
-            return
-        more = f" ({self.suppressed} more failures since the last warning)" if self.suppressed else ""
-        log.warning("Redis unavailable while %s, answering 503: %s: %s%s", what, type(exc).__name__, exc, more)
-        self.last, self.suppressed = now, 0
-
-
 class Producer:
     def __init__(self, settings: ProducerSettings, registry: CollectorRegistry) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
-        self.warnings = RedisWarnings()
+        self.redis_throttle = LogThrottle(log)
         self.redis: aioredis.Redis | None = None
         self.owns_redis = False
         self.enqueuer: Enqueuer | None = None
@@ -310,8 +289,11 @@ class Producer:
 
     def _unavailable(self, what: str, exc: BaseException) -> Response:
         self.metrics.rejected_for["redis_unavailable"].inc()
-        self.warnings.failed(what, exc)
+        self._redis_failed(what, exc)
         return error_response(503, "the request queue is unavailable, try again later", ("Retry-After", RETRY_AFTER_SECONDS))
+
+    def _redis_failed(self, what: str, exc: BaseException) -> None:
+        self.redis_throttle.warning("Redis unavailable while %s, answering 503: %s: %s", what, type(exc).__name__, exc)
 
     # status
 
@@ -324,7 +306,7 @@ class Producer:
             raw, entries = await self._read_status(request_id, entry_id)
         except Exception as exc:  # Redis down: the status is unknown, not absent
             self.metrics.status_reads.labels("redis_unavailable").inc()
-            self.warnings.failed("reading a status", exc)
+            self._redis_failed("reading a status", exc)
             return error_response(503, "the request status is unavailable, try again later",
                                   ("Retry-After", RETRY_AFTER_SECONDS))
         if raw is None:
@@ -447,10 +429,6 @@ async def _serve(settings: ProducerSettings, reuse_port: bool) -> int:
     return 0
 
 
-def _worker(settings: ProducerSettings) -> None:
-    sys.exit(serve(settings, reuse_port=True))
-
-
 def run(settings: ProducerSettings) -> int:
     logs.configure("producer", settings.log_level)
     log.info("producer listening on %s:%d with %d worker(s), stream %s, redis %s, allowed hosts %s",
@@ -458,39 +436,4 @@ def run(settings: ProducerSettings) -> int:
              ",".join(settings.allowed_hosts))
     if settings.workers == 1:
         return serve(settings)
-    return supervise(settings)
-
-
-def supervise(settings: ProducerSettings) -> int:
-    """Run ``WORKERS`` processes sharing the port (SO_REUSEPORT); end when they end."""
-    context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_worker, args=(settings,), name=f"producer-{n}") for n in range(settings.workers)]
-    for worker in workers:
-        worker.start()
-    signalled = False
-
-    def forward(signum: int, frame: object) -> None:
-        nonlocal signalled
-        signalled = True
-        _signal_all(workers, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    ready = multiprocessing.connection.wait([w.sentinel for w in workers])
-    if signalled:
-        for worker in workers:
-            worker.join()
-        return 0
-    first = next(w for w in workers if w.sentinel in ready)
-    first.join()
-    log.error("worker %s exited with status %s; stopping the others", first.name, first.exitcode)
-    _signal_all(workers, signal.SIGTERM)
-    for worker in workers:
-        worker.join()
-    return first.exitcode or 1
-
-
-def _signal_all(workers: list[multiprocessing.process.BaseProcess], signum: int) -> None:
-    for worker in workers:
-        if worker.is_alive():
-            os.kill(worker.pid, signum)
+    return run_workers(functools.partial(serve, settings, reuse_port=True), settings.workers, "producer")

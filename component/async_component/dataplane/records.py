@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from ..protocol import HOP_BY_HOP
 from .envelope import EnvelopeError, decode_body, encode_body
 
 QUEUED = "queued"
@@ -100,8 +101,3 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str
     """Headers worth recording: hop-by-hop and framing headers are the transport's business."""
     return tuple((k, v) for k, v in headers if k.lower() not in HOP_BY_HOP)
 
-
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "content-length", "host",
-})

@@ -2,9 +2,10 @@
 
 Each entry goes either to a consumer over HTTP (``SINK_URL``), as exactly the
 CloudEvent Knative's RedisStreamSource sends, or, without a sink URL, to a
-consumer core in this process (:mod:`.delivery`), which replays it and records
+replay core in this process (:mod:`.delivery`), which replays it and records
 the outcome without another hop. Either way an entry is acknowledged only
-after a 2xx answer: until then it stays pending in the consumer group. Entries
+after a 2xx answer, and only by the source (:meth:`Source.settle_in`, which the
+replay core is handed as its settle hook): until then it stays pending in the consumer group. Entries
 left pending by a process that died are reclaimed by any source after
 ``VISIBILITY_TIMEOUT``; a source keeps the entries it is still delivering
 fresh so they are not reclaimed under it. Delivery is therefore at least once.
@@ -33,6 +34,7 @@ from .delivery import DeliveryFailed, make_delivery
 from .envelope import as_text
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
+from ..protocol import dead_letter_entry
 from ..settings import SourceSettings
 from ..logthrottle import LogThrottle
 
@@ -85,7 +87,7 @@ class Source:
         self.owns_redis = redis is None
         self.redis = make_redis(settings) if redis is None else redis
         self.retry_base, self.retry_cap, self.stop_grace = retry_base, retry_cap, stop_grace
-        self.delivery = make_delivery(settings, self.redis, self.registry)
+        self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in)
         self.in_flight: dict[str, asyncio.Task] = {}
         self.metrics.in_flight.set_function(lambda: len(self.in_flight))  # read when scraped, not set per entry
         self.stopping = asyncio.Event()
@@ -250,14 +252,14 @@ class Source:
             except DeliveryFailed as exc:
                 reply, verdict, reason = None, "retry", str(exc)
             if verdict == DELIVERED:
-                if reply.settled or await self._settle(entry_id):
+                if self.delivery.settles or await self._settle(entry_id):
                     self.metrics.delivered_as["delivered"].inc()
                     log.debug("entry %s delivered after %d attempt(s)", entry_id, attempt)
                 return
             if reply is not None:
                 reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
-                if await self._settle(entry_id, {**fields, "error": reason, "status": str(reply.status)}):
+                if await self._settle(entry_id, dead_letter_entry(fields, reason, reply.status)):
                     self.metrics.delivered_as["dead_lettered"].inc()
                     log.warning("entry %s rejected by the sink, sent to %s: %s", entry_id,
                                 self.settings.dead_letter_stream, reason)
@@ -280,8 +282,7 @@ class Source:
                 else:
                     async with self.redis.pipeline(transaction=True) as pipe:
                         pipe.xadd(settings.dead_letter_stream, dict(dead_letter))
-                        pipe.xack(settings.stream, settings.group, entry_id)
-                        pipe.xdel(settings.stream, entry_id)
+                        self.settle_in(pipe, entry_id)
                         await pipe.execute()
                 return True
             except Exception as exc:  # Redis down: keep trying; if we stop first, it is delivered again
@@ -294,10 +295,18 @@ class Source:
     async def _ack_batch(self, ids: list[str]) -> list[None]:
         """Ack and delete the entries delivered in the same loop pass (or while a batch was out) in one round trip."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.settings.stream, self.settings.group, *ids)
-            pipe.xdel(self.settings.stream, *ids)
+            self.settle_in(pipe, *ids)
             await pipe.execute()
         return [None] * len(ids)
+
+    def settle_in(self, pipe, *entry_ids: str) -> None:
+        """Acknowledge and delete ``entry_ids`` in the transaction ``pipe``: the one place entries are settled.
+
+        The replay core gets this as its hook (in-process delivery), so an outcome and its
+        entry's ack are written together or not at all.
+        """
+        pipe.xack(self.settings.stream, self.settings.group, *entry_ids)
+        pipe.xdel(self.settings.stream, *entry_ids)
 
     # --- waiting
 

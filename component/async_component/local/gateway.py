@@ -33,7 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .. import logs
-from ..dataplane.records import HOP_BY_HOP
+from ..protocol import HOP_BY_HOP
 from ..controller.resources import INGRESS_CLASS_ANNOTATION
 
 log = logging.getLogger(__name__)

@@ -46,6 +46,7 @@ class RedisServer:
             [path, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--save", "3600 1", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=DIE_WITH_PARENT,
+            process_group=0,  # a terminal's Ctrl-C goes to whoever started it, which stops it last
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

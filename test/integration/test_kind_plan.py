@@ -138,7 +138,9 @@ def test_every_local_file_of_the_plan_exists_and_parses(layer):
 
 @pytest.mark.parametrize("path", [plan.REDIS_MANIFEST, plan.KOURIER_NODEPORT_MANIFEST])
 def test_own_manifests_are_valid_kubernetes(path):
-    for doc in manifests.load_docs((ROOT / path).read_text()):
+    docs = manifests.load_docs((ROOT / path).read_text())
+    assert docs, f"no documents in {path}"
+    for doc in docs:
         kubernetes_validate.validate(doc, f"1.{versions.MIN_KUBERNETES_MINOR}.0", strict=True)
 
 
@@ -525,6 +527,7 @@ FAKE_PORT_FORWARD = """\
 """
 
 
+@pytest.mark.slow
 def test_port_forward_keeps_its_port_across_restarts(tmp_path, monkeypatch):
     log = tmp_path / "forwards.log"
     monkeypatch.setenv("FORWARD_LOG", str(log))
@@ -631,6 +634,7 @@ def fake_cluster(tmp_path, monkeypatch):
     return cluster, running, tmp_path / "forwards.log"
 
 
+@pytest.mark.slow
 def test_killed_consumer_comes_back_behind_the_same_url(fake_cluster):
     cluster, running, log = fake_cluster
     cluster.after_delete = [[], [pod("consumer-2")]]  # the ReplicaSet needs a moment

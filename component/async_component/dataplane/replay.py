@@ -1,15 +1,14 @@
-"""The consumer: replays a queued request to its Service and records the outcome.
+"""The replay core: replays a queued request to its Service and records the outcome.
 
-Its core, :class:`Consumer`, takes one queued request and comes to an
-:class:`Answer`: the outcome (the response, a scheduled retry, or a failure
-with its dead-letter entry) is written to Redis before the answer is 2xx, so a
-crash in between only means a redelivery, never a lost request. Two callers
-share it: the HTTP app (:func:`make_app`), which receives the request as a
-CloudEvent from our source or from Knative's RedisStreamSource (binary or
-structured mode) and answers with the :class:`Answer`; and a source delivering
-in-process (:mod:`.source`), which hands it stream entries directly. The
-replay carries ``Prefer: respond-sync`` so the network layer routes it to the
-Service itself, not back to the producer.
+:class:`Replayer` takes one queued request and comes to an :class:`Answer`:
+the outcome (the response, a scheduled retry, or a failure with its
+dead-letter entry) is written to Redis before the answer is 2xx, so a crash in
+between only means a redelivery, never a lost request. Two callers share it:
+the consumer's CloudEvents sink (:mod:`.sink`), which answers its events with
+the :class:`Answer`; and a source delivering in-process (:mod:`.delivery`),
+which hands it stream entries directly. The replay carries
+``Prefer: respond-sync`` so the network layer routes it to the Service itself,
+not back to the producer.
 """
 
 from __future__ import annotations
@@ -19,46 +18,38 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import redis.asyncio as aioredis
-from aiohttp import hdrs, web
-from cloudevents.v1.http import from_http
+from aiohttp import hdrs
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError
 from yarl import URL
 
-from .. import logs, probes
 from .batching import Batcher
-from .envelope import STREAM_FIELD, Envelope, EnvelopeError, header_text
+from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
     retry_key,
 )
-from .redisconn import make_redis, redis_address
-from ..controller.resources import PREFER_HEADER, RESPOND_SYNC
+from .redisconn import make_redis
+from ..protocol import ATTEMPT_HEADER, PREFER_HEADER, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry
 from .retries import RetryMover, backoff, replay_retryable
-from ..settings import ConsumerSettings, ReplaySettings
+from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
-
-try:  # less CPU per event; plain asyncio works too
-    from uvloop import new_event_loop
-except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
-    new_event_loop = asyncio.new_event_loop
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "Async-Request-Id"
-ATTEMPT_HEADER = "Async-Attempt"
+Settle = Callable[..., None]
+"""``settle(pipe, *entry_ids)``: add what settles these stream entries to the transaction ``pipe``."""
+
 REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
 
-MAX_EVENT_SIZE = 64 * 1024 * 1024
-"""Largest event accepted: a 6 MB body grows by a third in base64, plus JSON escaping."""
 MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
 
@@ -87,10 +78,6 @@ return false
 """ % {"finished": ", ".join(f"['{state}'] = true" for state in FINAL_STATES), "retrying": RETRYING}
 
 
-class BadEvent(Exception):
-    """The event is not a queued request (400)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Replayed:
     """What one replay came to: a response, or the error that prevented one."""
@@ -104,40 +91,11 @@ class Replayed:
         return self.response is not None and 200 <= self.response.status < 400
 
 
-def envelope_of(data: Any) -> Envelope:
-    """The envelope in an event's data: the field list as parsed JSON, or its JSON text/bytes."""
-    if isinstance(data, (bytes, bytearray, str)):
-        try:
-            data = json.loads(data)
-        except ValueError:
-            raise BadEvent("the event data is not JSON") from None
-    return entry_envelope(data)
-
-
-def entry_envelope(fields: Any) -> Envelope:
-    """The envelope of a stream entry's fields (a mapping, or RedisStreamSource's flat list)."""
-    try:
-        return Envelope.from_stream_fields(fields)
-    except EnvelopeError as exc:
-        raise BadEvent(f"the event data is not a queued request: {exc}") from None
-
-
-BINARY_ATTRIBUTES = ("ce-id", "ce-source", "ce-type")
-
-
-def event_envelope(headers: Mapping[str, str], body: bytes) -> Envelope:
-    """The envelope of a binary-mode JSON event read directly (what the sources send); anything else via the SDK."""
-    if (headers.get("ce-specversion") == "1.0" and headers.get("content-type") == "application/json"
-            and all(headers.get(name) for name in BINARY_ATTRIBUTES)):
-        return envelope_of(body)
-    return envelope_of(from_http(headers, body).data)
-
-
 def split_url(url: str) -> tuple[str, str]:
     """``(host[:port], path?query)`` of a stored URL, the target kept exactly as stored."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise BadEvent(f"the queued URL is not an http(s) URL: {url!r}")
+        raise EnvelopeError(f"the queued URL is not an http(s) URL: {url!r}")
     rest = url.split("://", 1)[1][len(parts.netloc):]
     return parts.netloc.lower(), (rest if rest.startswith("/") else "/" + rest)
 
@@ -168,8 +126,6 @@ class Answer:
 
     status: int
     doc: dict
-    settled: bool = False
-    """The stream entry was acknowledged and deleted with the outcome (:meth:`Consumer.handle_entry`)."""
 
     def text(self) -> str:
         return json.dumps(self.doc)
@@ -206,17 +162,18 @@ class Metrics:
                           for result in ("replayed", "duplicate", "malformed", "redis_unavailable")}
 
 
-class Consumer:
+class Replayer:
     """Replays queued requests and records their outcomes; :meth:`start` before use, :meth:`stop` after.
 
-    Uses ``redis`` when given (the caller closes it), else creates its own client. ``group``: the consumer
-    group of a source delivering in-process, whose entries :meth:`handle_entry` settles.
+    Uses ``redis`` when given (the caller closes it), else creates its own client. ``settle``: the hook
+    of a source delivering in-process (:meth:`handle_entry`); the source owns settling its entries, the
+    core only chooses the transaction they are settled in.
     """
 
     def __init__(self, settings: ReplaySettings, registry: CollectorRegistry, *, redis: aioredis.Redis | None = None,
-                 mover_interval: float = MOVER_INTERVAL, group: str | None = None) -> None:
+                 mover_interval: float = MOVER_INTERVAL, settle: Settle | None = None) -> None:
         self.settings = settings
-        self.group = group
+        self.settle = settle
         self.metrics = Metrics(registry)
         self.redis = redis
         self.owns_redis = False
@@ -233,23 +190,23 @@ class Consumer:
     # --- one queued request
 
     async def handle_entry(self, entry_id: str, fields: Any) -> Answer:
-        """A stream entry's fields, as a source delivering in-process reads them.
+        """A stream entry's fields, as a source delivering in-process reads them; 2xx once it is settled.
 
-        The transaction that records the outcome also acknowledges and deletes the entry in
-        ``group`` (one round trip less per entry, and never an outcome without its ack or
-        the reverse); the answer then says ``settled``. Otherwise the caller settles it.
+        The transaction that records the outcome also settles the entry, through the ``settle``
+        hook (one round trip less per entry, and never an outcome without its ack or the
+        reverse); an entry whose request is already finished is settled on its own.
         """
         try:
             envelope = entry_envelope(fields)
-        except BadEvent as exc:
+        except EnvelopeError as exc:
             return self.malformed(entry_id, str(exc))
         return await self.handle(entry_id, envelope, settle=entry_id)
 
     async def handle(self, event_id: str, envelope: Envelope, *, settle: str | None = None) -> Answer:
-        """Replay and record; ``settle``: a stream entry of ``group`` to acknowledge with the outcome."""
+        """Replay and record; ``settle``: a stream entry to settle (with the hook) with the outcome."""
         try:
             host, target = split_url(envelope.url)
-        except BadEvent as exc:
+        except EnvelopeError as exc:
             return self.malformed(event_id, str(exc))
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id)
@@ -263,6 +220,13 @@ class Consumer:
             state = done_state.decode()
             self.metrics.events_by["duplicate"].inc()
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
+            if settle is not None:
+                try:
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        self._settle(pipe, settle)
+                        await pipe.execute()
+                except Exception as exc:  # left pending: delivered again, found finished again
+                    return self._unavailable(envelope, "settling a duplicate of", exc)
             return Answer(200, {"id": envelope.id, "state": state, "duplicate": True})
 
         replayed = await self.replay(envelope, attempt, host, target)
@@ -272,7 +236,7 @@ class Consumer:
             return self._unavailable(envelope, "recording the outcome of", exc)
         self.metrics.events_by["replayed"].inc()
         self.metrics.replays_by[state].inc()
-        return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt}, settled=settle is not None)
+        return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt})
 
     def malformed(self, event_id: str, message: str) -> Answer:
         self.metrics.events_by["malformed"].inc()
@@ -312,13 +276,12 @@ class Consumer:
         return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
 
     def _settle(self, pipe, *entries: str) -> None:
-        """Acknowledge and delete ``entries`` in the transaction that records their outcome.
+        """Settle ``entries`` in the transaction that records their outcome, through the source's hook.
 
         All or nothing: a transaction Redis refuses (say, out of memory) writes neither.
         """
         if entries:
-            pipe.xack(self.settings.stream, self.group, *entries)
-            pipe.xdel(self.settings.stream, *entries)
+            self.settle(pipe, *entries)
 
     # --- the replay
 
@@ -370,9 +333,8 @@ class Consumer:
             return RETRYING
         record = Record(state=FAILED, host=host, attempts=attempt, updated_at=now, error=replayed.error,
                         response=replayed.response)
-        dead = {STREAM_FIELD: envelope.to_json(), "error": replayed.error or "failed"}
-        if replayed.response is not None:
-            dead["status"] = str(replayed.response.status)
+        dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
+                                 None if replayed.response is None else replayed.response.status)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(key, record.to_json(), px=self.retention_ms)
             pipe.xadd(settings.dead_letter_stream, dead)
@@ -414,47 +376,3 @@ class Consumer:
 
     async def ready(self) -> None:
         await self.redis.ping()
-
-
-# --- the HTTP sink
-
-
-class EventEndpoint:
-    """``POST /``: one CloudEvent carrying a stream entry, answered with what the core made of it."""
-
-    def __init__(self, consumer: Consumer) -> None:
-        self.consumer = consumer
-
-    async def receive(self, request: web.Request) -> web.Response:
-        event_id = request.headers.get("ce-id", "?")
-        try:
-            envelope = event_envelope(request.headers, await request.read())
-        except BadEvent as exc:
-            answer = self.consumer.malformed(event_id, str(exc))
-        except Exception as exc:  # the SDK's errors for a request that is not a CloudEvent
-            answer = self.consumer.malformed(event_id, f"not a CloudEvent: {exc}")
-        else:
-            answer = await self.consumer.handle(event_id, envelope)
-        return web.json_response(answer.doc, status=answer.status)
-
-
-def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
-             mover_interval: float = MOVER_INTERVAL) -> web.Application:
-    """The consumer; creates its Redis client on startup unless ``redis`` is given (then the caller closes it)."""
-    registry = CollectorRegistry()
-    consumer = Consumer(settings, registry, redis=redis, mover_interval=mover_interval)
-    app = web.Application(client_max_size=MAX_EVENT_SIZE)
-    probes.add_probe_routes(app, registry, consumer.ready)
-    app.router.add_post("/", EventEndpoint(consumer).receive)
-    app.on_startup.append(lambda app: consumer.start())
-    app.on_cleanup.append(lambda app: consumer.stop())
-    return app
-
-
-def run(settings: ConsumerSettings) -> int:
-    logs.configure("consumer", settings.log_level)
-    log.info("consumer listening on %s:%d, redis %s, stream %s, replaying %s", settings.host, settings.port,
-             redis_address(settings), settings.stream, replay_route(settings))
-    web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
-                loop=new_event_loop())
-    return 0
