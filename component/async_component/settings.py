@@ -264,6 +264,20 @@ class ControllerSettings:
     cluster_domain: str = cluster_domain_setting()
     log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
     health_port: int = setting("HEALTH_PORT", "8081", port, "port for kopf's liveness endpoint /healthz (0: none)")
+    lease_name: str = setting(
+        "LEASE_NAME", "async-controller", str,
+        "Lease in SYSTEM_NAMESPACE that elects the one active replica ('': no election, run at once)")
+    lease_duration: float = setting("LEASE_DURATION", "15", positive_float,
+                                    "seconds a leader's Lease holds without renewal before a standby takes over")
+    lease_renew_period: float = setting("LEASE_RENEW_PERIOD", "2", positive_float,
+                                        "seconds between a leader's renewals and a standby's attempts")
+    identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (default: host name and pid)")
+
+    def __post_init__(self) -> None:
+        if self.lease_name and self.lease_renew_period * 2 > self.lease_duration:
+            raise SettingsError("LEASE_RENEW_PERIOD must be at most half of LEASE_DURATION, or a leader loses its Lease "
+                                "between two renewals")
+
     @property
     def producer_host(self) -> str:
         return f"{PRODUCER_SERVICE_NAME}.{self.system_namespace}.svc.{self.cluster_domain}"

@@ -22,16 +22,22 @@ the parent over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import logging
+import os
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import kopf
+from aiohttp import web
 
 from .. import logs
 from .drift import drift_patch
 from .kubeapi import INGRESSES, SERVICES, ApiError, KubeApi, Resource
+from .leader import LeaderElector
 from .resources import (
     ASYNC_INGRESS_CLASS,
     LAYER_FINALIZER,
@@ -287,16 +293,73 @@ def run(settings: ControllerSettings) -> int:
     logs.configure("controller", settings.log_level)
     if settings.log_level != "DEBUG":  # kopf logs every handler call; ours say what changed
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    return asyncio.run(_run(settings))
+
+
+async def _run(settings: ControllerSettings) -> int:
     operator_settings = make_operator_settings()
-    reconciler = Reconciler(KubeApi(login=functools.partial(login, operator_settings)), settings)
+    api = KubeApi(login=functools.partial(login, operator_settings))
+    reconciler = Reconciler(api, settings)
+    identity = settings.identity or f"{socket.gethostname()}-{os.getpid()}"
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    elector = None
+    if settings.lease_name:
+        # Its own client: kopf's cleanup closes the reconciler's, and the Lease outlives kopf.
+        elector = LeaderElector(KubeApi(login=functools.partial(login, operator_settings)),
+                                settings.system_namespace, settings.lease_name, identity,
+                                duration=settings.lease_duration, renew_period=settings.lease_renew_period)
+        async with standby_liveness(settings.health_port):
+            await elector.acquire()
     log.info("watching Ingresses of class %s cluster-wide; children get class %s, producer %s, cluster domain %s",
              ASYNC_INGRESS_CLASS, settings.ingress_class, settings.producer_host, settings.cluster_domain)
-    asyncio.run(kopf.operator(
-        registry=make_registry(reconciler, operator_settings),
-        settings=operator_settings,
-        clusterwide=True,
-        standalone=True,
-        liveness_endpoint=liveness,
-    ))
-    return 0
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(_stop_when_lost(elector, stop)) if elector else None
+    try:
+        await kopf.operator(
+            registry=make_registry(reconciler, operator_settings),
+            settings=operator_settings,
+            identity=identity,  # kopf types it as a NewType of str; no getpass (any UID works)
+            clusterwide=True,
+            standalone=True,
+            liveness_endpoint=liveness,
+            stop_flag=stop,
+        )
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+    if elector is None:
+        return 0
+    try:
+        if keeper is not None and keeper.done() and not keeper.cancelled() and keeper.result():
+            return 1  # the pod restarts and stands by
+        await elector.release()
+        return 0
+    finally:
+        await elector.api.close()
+
+
+async def _stop_when_lost(elector: LeaderElector, stop: asyncio.Event) -> bool:
+    await elector.keep()
+    stop.set()
+    return True
+
+
+@contextlib.asynccontextmanager
+async def standby_liveness(port: int) -> AsyncIterator[None]:
+    """Answer the liveness probe while standing by; kopf serves it once this replica leads."""
+    if not port:
+        yield
+        return
+    app = web.Application()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"state": "standby"})
+
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
