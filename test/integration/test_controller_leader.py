@@ -111,3 +111,22 @@ async def test_a_crashed_leader_is_replaced_once_its_lease_expires(api, replicas
 
 async def _equals(value: Awaitable[str], expected: str) -> bool:
     return await value == expected
+
+
+async def test_the_controller_needs_no_passwd_entry(api, replicas, tmp_path, monkeypatch):
+    """OpenShift runs the image with a UID of the namespace's range, which has no passwd entry."""
+    hooks = tmp_path / "no-passwd"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import getpass, pwd\n"
+        "def _unknown(*args, **kwargs):\n"
+        "    raise KeyError('getpwuid(): uid not found: 1000650000')\n"
+        "pwd.getpwuid = _unknown\n"
+        "getpass.getuser = _unknown\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("USER", raising=False)
+    monkeypatch.delenv("LOGNAME", raising=False)
+    operator = replicas("replica-a")
+    await api.create(INGRESSES, kingress("four", "uid"))
+    await until(lambda: reconciled(api, "uid", "four"), "it reconciled", [operator])
