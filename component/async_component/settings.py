@@ -263,7 +263,7 @@ class ControllerSettings:
     system_namespace: str = setting("SYSTEM_NAMESPACE", DEFAULT_SYSTEM_NAMESPACE, str, "namespace where the producer runs")
     cluster_domain: str = cluster_domain_setting()
     log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
-    health_port: int = setting("HEALTH_PORT", "8081", port, "port for kopf's liveness endpoint /healthz (0: none)")
+    health_port: int = setting("HEALTH_PORT", "8081", port, "port for the liveness endpoint /healthz, which says standby or leading (0: none)")
     lease_name: str = setting(
         "LEASE_NAME", "async-controller", str,
         "Lease in SYSTEM_NAMESPACE that elects the one active replica ('': no election, run at once)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,11 +26,15 @@ class Operator:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def healthy(self) -> bool:
+        return self.health() is not None
+
+    def health(self) -> dict | None:
+        """What /healthz answers, or None while it does not."""
         try:
-            with urllib.request.urlopen(self.health_url, timeout=1):
-                return True
+            with urllib.request.urlopen(self.health_url, timeout=1) as resp:
+                return json.loads(resp.read())
         except OSError:
-            return False
+            return None
 
     def stop(self) -> None:
         self.process.terminate()

@@ -75,8 +75,9 @@ async def reconciled(api: KubeApi, namespace: str, name: str) -> bool:
 async def test_only_the_lease_holder_reconciles_and_a_standby_takes_over(api, replicas):
     first = replicas("replica-a")
     await until(lambda: _equals(lease_holder(api), "replica-a"), "replica-a holds the Lease", [first])
-    second = replicas("replica-b")  # healthy while standing by: its liveness probe answers
-    assert second.healthy()
+    second = replicas("replica-b")  # its liveness probe answers while it stands by
+    assert second.health() == {"state": "standby", "identity": "replica-b"}
+    assert first.health() == {"state": "leading", "identity": "replica-a"}
 
     await api.create(INGRESSES, kingress("one", "ha"))
     await until(lambda: reconciled(api, "ha", "one"), "the leader made the children", [first, second])

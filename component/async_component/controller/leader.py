@@ -74,6 +74,7 @@ class LeaderElector:
         self._clock = clock
         self._seen: tuple[str, float] | None = None  # (resourceVersion, when this process first saw it)
         self._last_holder: str | None = None
+        self.taken_by = ""  # another replica that holds the Lease now, as last read
 
     @property
     def where(self) -> str:
@@ -97,6 +98,7 @@ class LeaderElector:
             return True
         self._remember(lease)
         current = holder(lease)
+        self.taken_by = current if current != self.identity else ""
         if current and current != self.identity:
             assert self._seen is not None
             held_for = float((lease.get("spec") or {}).get("leaseDurationSeconds") or self.duration)
@@ -135,7 +137,7 @@ class LeaderElector:
             await asyncio.sleep(self.renew_period)
 
     async def keep(self) -> None:
-        """Renew until a renewal has not succeeded for ``renew_deadline``; then return (leadership is lost)."""
+        """Renew until another replica holds the Lease, or a renewal has not succeeded for ``renew_deadline``."""
         last_renewed = self._clock()
         while True:
             await asyncio.sleep(self.renew_period)
@@ -143,7 +145,10 @@ class LeaderElector:
                 if await self.try_acquire_or_renew():
                     last_renewed = self._clock()
                     continue
-                reason = f"now held by {self._last_holder or 'another replica'}"
+                if self.taken_by:
+                    log.error("lost %s: it is held by %s now", self.where, self.taken_by)
+                    return
+                reason = "another replica wrote it first"
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             if self._clock() - last_renewed >= self.renew_deadline:

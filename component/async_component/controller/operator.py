@@ -298,18 +298,32 @@ def run(settings: ControllerSettings) -> int:
 
 async def _run(settings: ControllerSettings) -> int:
     operator_settings = make_operator_settings()
-    api = KubeApi(login=functools.partial(login, operator_settings))
-    reconciler = Reconciler(api, settings)
+    reconciler = Reconciler(KubeApi(login=functools.partial(login, operator_settings)), settings)
     identity = settings.identity or f"{socket.gethostname()}-{os.getpid()}"
-    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    elector = None
-    if settings.lease_name:
+    state = {"state": "standby" if settings.lease_name else "leading", "identity": identity}
+    async with liveness_endpoint(settings.health_port, state):
+        if not settings.lease_name:
+            await _operate(settings, operator_settings, reconciler, identity, None)
+            return 0
         # Its own client: kopf's cleanup closes the reconciler's, and the Lease outlives kopf.
         elector = LeaderElector(KubeApi(login=functools.partial(login, operator_settings)),
                                 settings.system_namespace, settings.lease_name, identity,
                                 duration=settings.lease_duration, renew_period=settings.lease_renew_period)
-        async with standby_liveness(settings.health_port):
+        try:
             await elector.acquire()
+            state["state"] = "leading"
+            lost = await _operate(settings, operator_settings, reconciler, identity, elector)
+            if lost:
+                return 1  # the pod restarts and stands by
+            await elector.release()
+            return 0
+        finally:
+            await elector.api.close()
+
+
+async def _operate(settings: ControllerSettings, operator_settings: kopf.OperatorSettings, reconciler: Reconciler,
+                   identity: str, elector: LeaderElector | None) -> bool:
+    """Run kopf until it stops (a signal) or the Lease is lost; True when lost."""
     log.info("watching Ingresses of class %s cluster-wide; children get class %s, producer %s, cluster domain %s",
              ASYNC_INGRESS_CLASS, settings.ingress_class, settings.producer_host, settings.cluster_domain)
     stop = asyncio.Event()
@@ -321,21 +335,12 @@ async def _run(settings: ControllerSettings) -> int:
             identity=identity,  # kopf types it as a NewType of str; no getpass (any UID works)
             clusterwide=True,
             standalone=True,
-            liveness_endpoint=liveness,
             stop_flag=stop,
         )
     finally:
         if keeper is not None:
             keeper.cancel()
-    if elector is None:
-        return 0
-    try:
-        if keeper is not None and keeper.done() and not keeper.cancelled() and keeper.result():
-            return 1  # the pod restarts and stands by
-        await elector.release()
-        return 0
-    finally:
-        await elector.api.close()
+    return keeper is not None and keeper.done() and not keeper.cancelled() and keeper.result()
 
 
 async def _stop_when_lost(elector: LeaderElector, stop: asyncio.Event) -> bool:
@@ -345,18 +350,18 @@ async def _stop_when_lost(elector: LeaderElector, stop: asyncio.Event) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def standby_liveness(port: int) -> AsyncIterator[None]:
-    """Answer the liveness probe while standing by; kopf serves it once this replica leads."""
+async def liveness_endpoint(port: int, state: dict[str, str]) -> AsyncIterator[None]:
+    """``/healthz`` for the process's whole life, standing by or leading (so no gap at a handover)."""
     if not port:
         yield
         return
     app = web.Application()
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"state": "standby"})
+        return web.json_response(state)
 
     app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()
     try:
