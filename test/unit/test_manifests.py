@@ -895,7 +895,7 @@ def restricted_v2_violations(obj: dict) -> list[str]:
     return errors
 
 
-def test_restricted_v2_admits_every_workload_of_the_openshift_overlay(tls_render):
+def test_restricted_v2_admits_every_workload_of_the_openshift_overlay():
     objects = renders()["openshift"]
     assert {o["metadata"]["name"] for o in workloads(objects)} == \
         {"async-controller", "async-producer", "async-consumer", "async-source"}
