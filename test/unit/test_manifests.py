@@ -895,11 +895,14 @@ def restricted_v2_violations(obj: dict) -> list[str]:
     return errors
 
 
-def test_restricted_v2_admits_every_workload_of_the_openshift_overlay():
+def test_restricted_v2_admits_every_workload_of_the_openshift_overlay(tmp_path):
     objects = renders()["openshift"]
     assert {o["metadata"]["name"] for o in workloads(objects)} == \
         {"async-controller", "async-producer", "async-consumer", "async-source"}
-    for obj in workloads(objects):
+    # with the optional components too (the CA's Secret volume, KEDA's ScaledObject)
+    overlay = write_overlay(tmp_path / "mine", resources=[CONFIG / "overlays" / "openshift"],
+                            components=[TLS_COMPONENT, KEDA_COMPONENT])
+    for obj in [*workloads(objects), *workloads(kustomize(overlay))]:
         assert restricted_v2_violations(obj) == [], obj["metadata"]["name"]
 
 
