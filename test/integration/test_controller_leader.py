@@ -72,6 +72,7 @@ async def reconciled(api: KubeApi, namespace: str, name: str) -> bool:
     return child is not None and service is not None
 
 
+@pytest.mark.slow
 async def test_only_the_lease_holder_reconciles_and_a_standby_takes_over(api, replicas):
     first = replicas("replica-a")
     await until(lambda: _equals(lease_holder(api), "replica-a"), "replica-a holds the Lease", [first])
@@ -97,6 +98,7 @@ async def test_only_the_lease_holder_reconciles_and_a_standby_takes_over(api, re
     assert "created Ingress ha/two-new" in second.log_text()
 
 
+@pytest.mark.slow
 async def test_a_crashed_leader_is_replaced_once_its_lease_expires(api, replicas):
     first = replicas("replica-a")
     await until(lambda: _equals(lease_holder(api), "replica-a"), "replica-a holds the Lease", [first])
