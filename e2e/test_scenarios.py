@@ -276,7 +276,7 @@ async def test_an_event_cut_off_by_a_consumer_crash_is_replayed_when_delivered_a
             return None
 
     first = asyncio.create_task(deliver())
-    key = record_key(backend.key_prefix, envelope.id)
+    key = record_key(backend.key_prefix, envelope.id, envelope.url.split("/")[2])
     for _ in range(200):  # until the consumer has started the replay (the app sleeps 2 s)
         raw = await redis.get(key)
         if raw is not None and Record.from_json(raw).state == RUNNING:

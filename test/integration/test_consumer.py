@@ -62,8 +62,9 @@ async def target():
 
 
 def settings_for(redis_url: str, **changes) -> ConsumerSettings:
+    """The consumer behind Knative's RedisStreamSource: the single-stream layout, retries back to its stream."""
     base = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
-                            retry_max_delay=0.2, request_timeout=2.0, max_attempts=3)
+                            retry_max_delay=0.2, request_timeout=2.0, max_attempts=3, queue_mode="single-stream")
     return dataclasses.replace(base, **changes)
 
 
@@ -88,7 +89,7 @@ async def queue(redis_client, envelope: Envelope) -> str:
     """What the producer writes for an accepted request."""
     host = envelope.url.split("/")[2]
     entry_id = await redis_client.xadd(STREAM, envelope.to_stream_fields())
-    await redis_client.set(record_key("async", envelope.id), Record(state=QUEUED, host=host).to_json())
+    await redis_client.set(record_key("async", envelope.id, host), Record(state=QUEUED, host=host).to_json())
     return entry_id.decode()
 
 
@@ -114,7 +115,8 @@ async def deliver_new(http, base: str, redis_client, last: list[str]) -> list[in
 
 
 async def record_of(redis_client, request_id: str) -> Record:
-    return Record.from_json(await redis_client.get(record_key("async", request_id)))
+    [key] = await redis_client.keys(f"async:*:req:{request_id}")
+    return Record.from_json(await redis_client.get(key))
 
 
 async def eventually(check, timeout: float = 10.0):
@@ -161,7 +163,7 @@ async def test_redis_stream_source_event_is_replayed_byte_for_byte(base, http, r
     assert [v for k, v in record.response.headers if k == "X-Reply"] == ["a", "b"]
     assert ("Content-Encoding", "gzip") in record.response.headers
     assert all(k.lower() not in ("content-length", "transfer-encoding") for k, _ in record.response.headers)
-    assert 86000 < await redis_client.ttl(record_key("async", envelope.id)) <= 86400
+    assert 86000 < await redis_client.ttl(record_key("async", envelope.id, f"127.0.0.1:{target.port}")) <= 86400
 
 
 async def fields_of(redis_client, entry_id: str):

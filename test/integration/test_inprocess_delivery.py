@@ -71,7 +71,8 @@ async def queue(redis_client, target: Service, path: str = "/work", request_id: 
 
 
 async def record_of(redis_client, request_id: str) -> Record | None:
-    raw = await redis_client.get(record_key("async", request_id))
+    keys = await redis_client.keys(f"async:*:req:{request_id}")
+    raw = await redis_client.get(keys[0]) if keys else None
     return None if raw is None else Record.from_json(raw)
 
 
@@ -98,7 +99,7 @@ async def test_an_entry_is_replayed_recorded_acknowledged_and_deleted(redis_url,
         assert await eventually(finished(redis_client, envelope))
         assert await eventually(settled(redis_client))
         assert source.metrics.delivered.labels("delivered")._value.get() == 1
-        assert await redis_client.ttl(record_key("async", envelope.id)) > 86000
+        assert await redis_client.ttl(record_key("async", envelope.id, target.host)) > 86000
     assert target.seen == [("/work", "1")]
     record = await record_of(redis_client, envelope.id)
     assert (record.state, record.attempts, record.host) == (SUCCEEDED, 1, target.host)
@@ -173,7 +174,7 @@ async def test_a_finished_request_delivered_again_is_acknowledged_without_a_repl
     async with service() as target:
         envelope = Envelope.new("GET", f"http://{target.host}/once", [], b"")
         done = Record(state=SUCCEEDED, host=target.host, attempts=1, updated_at=1.0)
-        await redis_client.set(record_key("async", envelope.id), done.to_json())
+        await redis_client.set(record_key("async", envelope.id, target.host), done.to_json())
         await redis_client.xadd(STREAM, envelope.to_stream_fields())
         async with running(source_settings(redis_url)) as source:
             assert await eventually(settled(redis_client))
@@ -266,7 +267,7 @@ async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(r
         try:
             envelope = await queue(redis_client, target)
             assert await eventually(finished(redis_client, envelope), 20)
-            assert 0 < await redis_client.ttl(record_key("async", envelope.id)) <= 60
+            assert 0 < await redis_client.ttl(record_key("async", envelope.id, target.host)) <= 60
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"http://127.0.0.1:{health}/readyz") as resp:
                     assert resp.status == 200

@@ -48,11 +48,15 @@ async def base(settings):
 
 
 
-async def stream_entries(redis_client, stream="async-requests"):
+QUEUE = "async:{default/sleep}:q"
+"""The stream of HOST's Service."""
+
+
+async def stream_entries(redis_client, stream=QUEUE):
     return await redis_client.xrange(stream)
 
 
-async def entry_count(redis_client, stream="async-requests"):
+async def entry_count(redis_client, stream=QUEUE):
     return await redis_client.xlen(stream)
 
 
@@ -92,7 +96,8 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
         status = await resp.json()
     assert (status["id"], status["state"], status["attempts"]) == (request_id, QUEUED, 0)
     assert status["updated_at"] == envelope.accepted_at
-    assert await redis_client.keys("async:*") == []  # the entry is all a queued request costs
+    # the entry is all a queued request costs, besides its Service's place in the active set
+    assert sorted(await redis_client.keys("async*")) == [b"async:active", b"async:wake", QUEUE.encode()]
 
 
 async def test_prefer_with_only_respond_async_is_dropped_and_any_path_is_queued(base, http, redis_client):
@@ -150,7 +155,10 @@ async def test_exact_and_suffix_entries(redis_url, http, redis_client):
         for host, status in expected.items():
             async with http.post(f"{base}/", headers={"Async-Original-Host": host}) as resp:
                 assert resp.status == status, host
-        assert await entry_count(redis_client) == 4
+        queues = [key for key in await redis_client.keys("async:*:q")]
+        assert sorted(queues) == [b"async:{a.apps.internal}:q", b"async:{a.b.apps.internal}:q",
+                                  b"async:{api.example.com}:q"]  # hosts that are not a Service's queue apart
+        assert sum([await redis_client.xlen(key) for key in queues]) == 4
     finally:
         await server.close()
 
@@ -271,7 +279,7 @@ async def test_redis_failures_are_logged_once_per_interval(base, http, redis_ser
 
 
 async def test_error_reply_answers_503(base, http, redis_client):
-    await redis_client.set("async-requests", "not a stream")
+    await redis_client.set(QUEUE, "not a stream")
     async with http.post(f"{base}/x", headers=ASYNC) as resp:
         assert resp.status == 503
         assert resp.headers["Retry-After"]
@@ -304,7 +312,7 @@ async def test_concurrent_requests_get_distinct_ids_and_all_entries(base, http, 
 
 
 async def put_record(redis_client, request_id: str, record: Record) -> None:
-    await redis_client.set(record_key("async", request_id), record.to_json())
+    await redis_client.set(record_key("async", request_id, HOST), record.to_json())
 
 
 async def test_status_of_unknown_request_is_404(base, http):
@@ -341,18 +349,19 @@ async def test_status_needs_the_request_id_and_follows_the_record(base, http, re
             assert resp.status == 404, path
     # the consumer's records answer through both forms, and after the entry is gone
     await put_record(redis_client, request_id, Record(state=RUNNING, host=HOST, attempts=1, updated_at=5.0))
-    await redis_client.xdel("async-requests", entry_id)
+    await redis_client.xdel(QUEUE, entry_id)
     for path in (location, STATUS_PATH_PREFIX + request_id):
         async with http.get(base + path, headers=ASYNC) as resp:
             assert resp.status == 202 and resp.headers["Async-Request-State"] == RUNNING, path
-    await redis_client.delete(record_key("async", request_id))
+    await redis_client.delete(record_key("async", request_id, HOST))
     async with http.get(base + location, headers=ASYNC) as resp:
         assert resp.status == 404
 
 
-async def test_an_entry_older_than_the_status_retention_says_nothing(redis_url, http, redis_client):
+async def test_in_the_single_stream_an_entry_older_than_the_status_retention_says_nothing(
+        redis_url, http, redis_client):
     """A source that keeps delivered entries (RedisStreamSource) must not make them queued again."""
-    settings = settings_for(redis_url, status_retention=0.2)
+    settings = settings_for(redis_url, status_retention=0.2, queue_mode="single-stream")
     server = await start_producer(settings)
     try:
         base = f"http://127.0.0.1:{settings.port}"
@@ -363,7 +372,63 @@ async def test_an_entry_older_than_the_status_retention_says_nothing(redis_url, 
         await asyncio.sleep(0.3)
         async with http.get(base + location, headers=ASYNC) as resp:
             assert resp.status == 404
-        assert await entry_count(redis_client) == 1
+        assert await entry_count(redis_client, "async-requests") == 1
+        assert await entry_count(redis_client) == 0  # the single stream only
+    finally:
+        await server.close()
+
+
+async def test_a_request_queued_longer_than_the_status_retention_still_reads_queued(redis_url, http, redis_client):
+    settings = settings_for(redis_url, status_retention=0.2)
+    server = await start_producer(settings)
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        async with http.post(f"{base}/x", headers=ASYNC) as resp:
+            location = resp.headers["Location"]
+        await asyncio.sleep(0.5)
+        async with http.get(base + location, headers=ASYNC) as resp:
+            assert resp.status == 202
+            assert (await resp.json())["state"] == QUEUED
+    finally:
+        await server.close()
+
+
+async def test_a_full_queue_answers_503_and_queues_nothing_while_another_service_gets_202(
+        redis_url, http, redis_client):
+    settings = settings_for(redis_url, max_queued_per_service=2)
+    server = await start_producer(settings)
+    other = {"Async-Original-Host": "other.default.svc.cluster.local"}
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        for _ in range(2):
+            async with http.post(f"{base}/x", headers=ASYNC) as resp:
+                assert resp.status == 202
+        async with http.post(f"{base}/x", headers=ASYNC) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "10"
+            message = (await resp.json())["error"]
+        assert "queue of Service default/sleep is full" in message and "nothing was queued" in message
+        async with http.post(f"{base}/x", headers=other) as resp:
+            assert resp.status == 202
+        assert await entry_count(redis_client) == 2
+        async with http.get(f"{base}/metrics") as resp:
+            metrics = await resp.text()
+        assert 'async_producer_queue_full_total{namespace="default",service="sleep"} 1.0' in metrics
+        assert 'async_producer_rejected_total{reason="queue_full"} 1.0' in metrics
+    finally:
+        await server.close()
+
+
+async def test_a_request_queued_in_the_single_stream_before_an_upgrade_still_reads_queued(
+        redis_url, http, redis_client):
+    envelope = Envelope.new("POST", f"http://{HOST}/old", [], b"")
+    entry_id = (await redis_client.xadd("async-requests", envelope.to_stream_fields())).decode()
+    settings = settings_for(redis_url)
+    server = await start_producer(settings)
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        async with http.get(f"{base}{STATUS_PATH_PREFIX}{entry_id}.{envelope.id}", headers=ASYNC) as resp:
+            assert resp.status == 202 and (await resp.json())["state"] == QUEUED
     finally:
         await server.close()
 

@@ -1,11 +1,13 @@
-"""The producer's Redis write: stream entries, batched.
+"""The producer's Redis write: stream entries, batched, each in its Service's queue.
 
-A request is queued by one XADD of its envelope; there is no status record
-at accept time (the status resource reads ``queued`` from the stream entry
-itself, and the consumer creates the record when it starts the request). All
-requests of a batch go to Redis as one Lua script call: one round trip, one
-reply. A request whose XADD fails gets its own error; the others of the batch
-are unaffected.
+A request is queued by one XADD of its envelope to its queue's stream
+(:mod:`.queues`); there is no status record at accept time (the status
+resource reads ``queued`` from the stream entry itself, and the replay creates
+the record when it starts the request). The requests of a batch go to Redis in
+one round trip: one script call per queue in the batch (one call in all when
+they are for one Service), each of which checks the queue's cap, appends, and
+marks the queue active. A request whose XADD fails, or whose queue is full,
+gets its own error; the others of the batch are unaffected.
 """
 
 from __future__ import annotations
@@ -15,39 +17,70 @@ import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from .batching import Batcher
 from .envelope import STREAM_FIELD
+from .queues import ENQUEUE, Layout, Queue
 
-# KEYS[1] the stream; ARGV[1] the stream field, ARGV[n + 1] the n-th envelope (JSON)
-ENQUEUE_SCRIPT = """
-local ids = {}
-for n = 2, #ARGV do
-  ids[n - 1] = redis.pcall('XADD', KEYS[1], '*', ARGV[1], ARGV[n])
-end
-return ids
-"""
+DEFAULT_MAX_QUEUED = 100_000
+
+
+class QueueFull(Exception):
+    """The Service's queue holds its cap of requests: nothing was written."""
 
 
 class Enqueuer:
-    def __init__(self, redis: aioredis.Redis, *, stream: str, max_batch: int = 256,
-                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, *, layout: Layout, max_queued: int = DEFAULT_MAX_QUEUED,
+                 max_batch: int = 256, on_batch: Callable[[int, int, float], None] | None = None) -> None:
         """``on_batch(size, queued, seconds)`` after each batch Redis answered."""
-        self.keys = [stream]
-        self.script = redis.register_script(ENQUEUE_SCRIPT)
+        self.layout = layout
+        self.max_queued = max_queued
+        self.redis = redis
+        self.script = redis.register_script(ENQUEUE)
         self.on_batch = on_batch
-        self.batcher: Batcher[bytes, bytes] = Batcher(self._send, max_batch=max_batch)
+        self.batcher: Batcher[tuple[Queue, bytes], bytes] = Batcher(self._send, max_batch=max_batch)
 
-    def enqueue(self, envelope_json: bytes) -> asyncio.Future[bytes]:
-        """Append one envelope (its JSON) to the stream; the future gets its entry id once Redis acknowledged it."""
-        return self.batcher.submit(envelope_json)
+    def enqueue(self, queue: Queue, envelope_json: bytes) -> asyncio.Future[bytes]:
+        """Append one envelope (its JSON) to ``queue``; the future gets its entry id once Redis acknowledged it.
+
+        Its exception is :class:`QueueFull` when the queue is at its cap.
+        """
+        return self.batcher.submit((queue, envelope_json))
 
     async def close(self) -> None:
         await self.batcher.close()
 
-    async def _send(self, batch: list[bytes]) -> list:
+    def _call(self, queue: Queue, documents: list[bytes], client=None):
+        layout = self.layout
+        return self.script(keys=[queue.stream, queue.retry_stream, queue.retries, layout.active, layout.wake],
+                           args=[STREAM_FIELD, self.max_queued, queue.member, *documents], client=client)
+
+    async def _send(self, batch: list[tuple[Queue, bytes]]) -> list:
         started = time.perf_counter()
-        ids = await self.script(keys=self.keys, args=[STREAM_FIELD, *batch])
+        first = batch[0][0]
+        if all(queue is first or queue == first for queue, _ in batch):  # the usual case: one Service
+            results = await self._call(first, [document for _, document in batch])
+        else:
+            groups: dict[Queue, list[int]] = {}
+            for n, (queue, _) in enumerate(batch):
+                groups.setdefault(queue, []).append(n)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for queue, members in groups.items():
+                    await self._call(queue, [batch[n][1] for n in members], client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
+            results = [None] * len(batch)
+            for (queue, members), reply in zip(groups.items(), replies):
+                for i, n in enumerate(members):
+                    results[n] = reply if isinstance(reply, Exception) else reply[i]
+        results = [_queue_full(result) for result in results]
         if self.on_batch is not None:
-            self.on_batch(len(batch), sum(1 for i in ids if not isinstance(i, Exception)), time.perf_counter() - started)
-        return ids
+            self.on_batch(len(batch), sum(1 for i in results if not isinstance(i, Exception)),
+                          time.perf_counter() - started)
+        return results
+
+
+def _queue_full(result):
+    if isinstance(result, ResponseError) and str(result).startswith("QUEUEFULL"):
+        return QueueFull(str(result).partition(" ")[2])
+    return result

@@ -32,10 +32,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
-from .enqueuer import Enqueuer
+from .enqueuer import Enqueuer, QueueFull
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
-from .records import PENDING_STATES, QUEUED, RETRYING, Record, record_key
+from .queues import PER_SERVICE, Layout, Queue, labels_of
+from .records import PENDING_STATES, QUEUED, RETRYING, Record, legacy_record_key, record_key
 from .prefork import run_workers
 from .redisconn import make_redis, redis_address
 from ..protocol import (
@@ -47,6 +48,8 @@ from ..settings import ProducerSettings, SettingsError
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = "1"
+QUEUE_FULL_RETRY_AFTER_SECONDS = "10"
+"""A full queue drains at its Service's pace: come back later than after an outage blip."""
 
 VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
@@ -132,21 +135,28 @@ def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
 
 
 
-def _queued_record(entries: list, request_id: str, host: str, retention: float) -> Record | None:
-    """``queued`` when the stream entry holds this request for this host, else None.
+def _queued_record(entries: list, request_id: str, host: str, retention: float | None) -> Record | None:
+    """``queued`` when a stream entry holds this request for this host, else None.
 
-    Past the status retention an entry says nothing, as its record would have expired: a
-    source that does not delete delivered entries (RedisStreamSource) leaves them behind.
+    ``retention``: in the single-stream layout an entry older than the status retention says
+    nothing, as Knative's RedisStreamSource leaves delivered entries behind; our sources delete
+    each entry once its outcome is recorded, so in the per-Service layout (None) an entry means
+    the request is still queued, however long it has waited.
     """
-    if not entries:
+    envelope = None
+    for found in entries:
+        if not found:
+            continue
+        try:
+            candidate = Envelope.from_stream_fields(found[0][1])
+        except EnvelopeError:
+            continue
+        if candidate.id == request_id and candidate.url.startswith(f"http://{host}/"):
+            envelope = candidate
+            break
+    if envelope is None:  # another request's entry, or another Service's request: do not confirm it exists
         return None
-    try:
-        envelope = Envelope.from_stream_fields(entries[0][1])
-    except EnvelopeError:
-        return None
-    if envelope.id != request_id or not envelope.url.startswith(f"http://{host}/"):
-        return None  # another request's entry, or another Service's request: do not confirm it exists
-    if envelope.accepted_at + retention < time.time():
+    if retention is not None and envelope.accepted_at + retention < time.time():
         return None
     return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
 
@@ -179,8 +189,12 @@ class Metrics:
             "async_producer_rejected_total", "Async requests not queued, by reason", ["reason"], registry=registry
         )
         # label lookups take a lock and a dict walk: bind the children once
-        self.rejected_for = {reason: self.rejected.labels(reason)
-                             for reason in ("forbidden_host", "too_large", "redis_unavailable", "bad_request")}
+        self.rejected_for = {reason: self.rejected.labels(reason) for reason in
+                             ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "queue_full")}
+        self.queue_full = Counter(
+            "async_producer_queue_full_total", "Requests refused with 503 because their Service's queue was full",
+            ["namespace", "service"], registry=registry,
+        )
         self.batch_seconds = Histogram(
             "async_producer_batch_seconds", "Time from a batch of writes being sent to Redis acknowledging it",
             registry=registry, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
@@ -210,6 +224,8 @@ class Producer:
         self.owns_redis = False
         self.enqueuer: Enqueuer | None = None
         self._verdicts: dict[str, tuple[str, int, str]] = {}
+        self.layout = Layout.of(settings)
+        self._queues: dict[str, Queue] = {}
         self.registry = registry
         self.new_request_id = RequestIds()
 
@@ -277,8 +293,11 @@ class Producer:
         request_id = self.new_request_id()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
                                  time.time())
+        queue = self._queue(host)
         try:
-            entry_id = (await self.enqueuer.enqueue(document)).decode()
+            entry_id = (await self.enqueuer.enqueue(queue, document)).decode()
+        except QueueFull as exc:
+            return self._queue_full(queue, str(exc))
         except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
         location = f"{STATUS_PATH_PREFIX}{entry_id}{LOCATION_SEPARATOR}{request_id}"
@@ -286,6 +305,24 @@ class Producer:
         body = f'{{"id":"{request_id}","state":"{QUEUED}","status_url":"{location}"}}'.encode()
         return Response(202, body, [("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id),
                                     ("Location", location)])
+
+    def _queue(self, host: str) -> Queue:
+        queue = self._queues.get(host)
+        if queue is None:
+            if len(self._queues) >= VERDICT_CACHE_SIZE:
+                self._queues.clear()
+            queue = self._queues[host] = self.layout.for_host(host)
+        return queue
+
+    def _queue_full(self, queue: Queue, detail: str) -> Response:
+        namespace, service = labels_of(queue.member)
+        self.metrics.rejected_for["queue_full"].inc()
+        self.metrics.queue_full.labels(namespace, service).inc()
+        self.redis_throttle.warning("queue of %s is full (%s), answering 503", queue.member, detail)
+        return error_response(
+            503, f"the queue of Service {queue.member} is full ({detail}; at most"
+                 f" {self.settings.max_queued_per_service}): nothing was queued, try again later",
+            ("Retry-After", QUEUE_FULL_RETRY_AFTER_SECONDS))
 
     def _unavailable(self, what: str, exc: BaseException) -> Response:
         self.metrics.rejected_for["redis_unavailable"].inc()
@@ -303,14 +340,15 @@ class Producer:
         if not _REQUEST_ID.fullmatch(request_id) or (entry_id and not _ENTRY_ID.fullmatch(entry_id)):
             return self._not_found(request_id)
         try:
-            raw, entries = await self._read_status(request_id, entry_id)
+            raw, entries = await self._read_status(request_id, entry_id, host)
         except Exception as exc:  # Redis down: the status is unknown, not absent
             self.metrics.status_reads.labels("redis_unavailable").inc()
             self._redis_failed("reading a status", exc)
             return error_response(503, "the request status is unavailable, try again later",
                                   ("Retry-After", RETRY_AFTER_SECONDS))
         if raw is None:
-            record = _queued_record(entries, request_id, host, self.settings.status_retention)
+            retention = None if self.layout.mode == PER_SERVICE else self.settings.status_retention
+            record = _queued_record(entries, request_id, host, retention)
             if record is None:
                 return self._not_found(request_id)
             return self._pending(request_id, record)
@@ -333,21 +371,26 @@ class Producer:
         headers.append((STATE_HEADER, record.state))
         return Response(response.status, response.body, headers)
 
-    async def _read_status(self, request_id: str, entry_id: str) -> tuple[bytes | None, list]:
+    async def _read_status(self, request_id: str, entry_id: str, host: str) -> tuple[bytes | None, list]:
         """The record, and the stream entry when ``entry_id`` is given, in one round trip.
 
-        The entry is read first: the consumer writes the ``running`` record before the
+        The entry is read first: the replay writes the ``running`` record before the
         source deletes the entry, so an entry found missing here means the record (if
-        the request exists) was already there for the GET that follows.
+        the request exists) was already there for the GET that follows. The single
+        stream and the records' old keys are read too: what was queued before an
+        upgrade to per-Service queues does not vanish.
         """
-        key = record_key(self.settings.key_prefix, request_id)
-        if not entry_id:
-            return await self.redis.get(key), []
+        prefix = self.settings.key_prefix
+        streams = [self._queue(host).stream] if entry_id else []
+        if entry_id and self.layout.mode == PER_SERVICE:
+            streams.append(self.layout.single_stream)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xrange(self.settings.stream, entry_id, entry_id)
-            pipe.get(key)
-            entries, raw = await pipe.execute()
-        return raw, entries
+            for stream in streams:
+                pipe.xrange(stream, entry_id, entry_id)
+            pipe.get(record_key(prefix, request_id, host))
+            pipe.get(legacy_record_key(prefix, request_id))
+            *entries, raw, legacy = await pipe.execute()
+        return (raw if raw is not None else legacy), entries
 
     def _pending(self, request_id: str, record: Record) -> Response:
         self.metrics.status_reads.labels(record.state).inc()
@@ -371,7 +414,8 @@ class Producer:
             # and a quick 503 is the client's cue to retry
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
-        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, on_batch=self.metrics.batch_written)
+        self.enqueuer = Enqueuer(self.redis, layout=self.layout, max_queued=self.settings.max_queued_per_service,
+                                 on_batch=self.metrics.batch_written)
 
     async def stop(self) -> None:
         if self.enqueuer is not None:
@@ -431,8 +475,10 @@ async def _serve(settings: ProducerSettings, reuse_port: bool) -> int:
 
 def run(settings: ProducerSettings) -> int:
     logs.configure("producer", settings.log_level)
-    log.info("producer listening on %s:%d with %d worker(s), stream %s, redis %s, allowed hosts %s",
-             settings.host, settings.port, settings.workers, settings.stream, redis_address(settings),
+    queues = (f"a queue per Service (at most {settings.max_queued_per_service} requests each)"
+              if settings.queue_mode == PER_SERVICE else f"the single stream {settings.stream}")
+    log.info("producer listening on %s:%d with %d worker(s), queueing in %s, redis %s, allowed hosts %s",
+             settings.host, settings.port, settings.workers, queues, redis_address(settings),
              ",".join(settings.allowed_hosts))
     if settings.workers == 1:
         return serve(settings)
