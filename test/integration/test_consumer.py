@@ -62,9 +62,9 @@ async def target():
 
 
 def settings_for(redis_url: str, **changes) -> ConsumerSettings:
-    """The consumer behind Knative's RedisStreamSource: the single-stream layout, retries back to its stream."""
+    """The consumer behind Knative's RedisStreamSource: events from the single stream, retries back to it."""
     base = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
-                            retry_max_delay=0.2, request_timeout=2.0, max_attempts=3, queue_mode="single-stream")
+                            retry_max_delay=0.2, request_timeout=2.0, max_attempts=3)
     return dataclasses.replace(base, **changes)
 
 

@@ -152,6 +152,33 @@ def test_a_stack_whose_source_posts_to_the_consumer_replays_through_the_consumer
         assert re.search(rb'async_consumer_replays_total\{outcome="succeeded"\} 1\.0', metrics), metrics[-2000:]
 
 
+@pytest.mark.slow
+def test_the_single_stream_layout_queues_and_retries_in_the_one_stream_a_redis_stream_source_reads():
+    """QUEUE_MODE=single-stream with the source posting CloudEvents to the consumer: RedisStreamSource's topology."""
+    import redis
+
+    with LocalStack(port=free_port(), sleep_seconds=0, app_dir=APP_DIR, replay_in_source=False,
+                    queue_mode="single-stream", retry_delay=0.1) as stack:
+        outcomes = []
+        for path in ("/fine?sleep=0", "/failing?sleep=0&status=503"):
+            status, headers, _ = http(stack.gateway_url + path, stack.host(ALWAYS))
+            assert status == 202
+            location = headers["Location"]
+
+            def finished():
+                answer = http(stack.gateway_url + location, stack.host(ALWAYS))
+                return answer if answer[0] != 202 else None
+
+            status, headers, _ = poll(finished)
+            outcomes.append((status, headers["Async-Request-State"]))
+        assert outcomes == [(200, "succeeded"), (503, "failed")]
+        client = redis.Redis.from_url(stack.redis_url)
+        # both requests and the failing one's two retries went through the one stream; no per-Service queue
+        assert client.xinfo_stream(stack.stream)["entries-added"] == 4
+        assert client.keys("async:*:q") == [] and client.keys("async:*:r") == []
+        client.close()
+
+
 def test_killed_component_is_restarted_and_the_restart_logged(stack):
     before = stack.pid("source"), stack.restarts("source")
     stack.kill("source")

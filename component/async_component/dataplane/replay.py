@@ -32,7 +32,7 @@ from yarl import URL
 
 from .batching import Batcher
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
-from .queues import Layout, labels_of, service_tag
+from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
     retry_key,
@@ -233,8 +233,14 @@ class Replayer:
             return self.malformed(entry_id, str(exc))
         return await self.handle(entry_id, envelope, settle=entry_id if ref is None else ref)
 
-    async def handle(self, event_id: str, envelope: Envelope, *, settle: Any = None) -> Answer:
-        """Replay and record; ``settle``: a stream entry to settle (with the hook) with the outcome."""
+    async def handle(self, event_id: str, envelope: Envelope, *, settle: Any = None,
+                     retry_queue: Queue | None = None) -> Answer:
+        """Replay and record; ``settle``: a stream entry to settle (with the hook) with the outcome.
+
+        ``retry_queue``: where a retry waits (default: the request's own queue in this install's layout);
+        the sink passes the single stream's for an event read from it, so a retry goes back where
+        Knative's RedisStreamSource reads.
+        """
         try:
             host, target = split_url(envelope.url)
         except EnvelopeError as exc:
@@ -265,7 +271,7 @@ class Replayer:
             self.metrics.queued_for(host, max(0.0, now - envelope.accepted_at))
         replayed = await self.replay(envelope, attempt, host, target)
         try:
-            state = await self._record_outcome(key, envelope, attempt, host, replayed, settle)
+            state = await self._record_outcome(key, envelope, attempt, host, replayed, settle, retry_queue)
         except Exception as exc:  # the outcome is not durable: let the source deliver again
             return self._unavailable(envelope, "recording the outcome of", exc)
         self.metrics.events_by["replayed"].inc()
@@ -354,7 +360,7 @@ class Replayer:
         return backoff(attempt, settings.retry_base_delay, settings.retry_max_delay)
 
     async def _record_outcome(self, key: str, envelope: Envelope, attempt: int, host: str, replayed: Replayed,
-                              settle: Any) -> str:
+                              settle: Any, retry_queue: Queue | None = None) -> str:
         now = time.time()
         entries = () if settle is None else (settle,)
         if replayed.ok:
@@ -367,7 +373,7 @@ class Replayer:
             due = now + self.retry_delay(attempt, replayed)
             record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
                             next_attempt_at=due)
-            queue = self.layout.for_host(host)
+            queue = retry_queue or self.layout.for_host(host)
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zadd(queue.retries, {envelope.next_attempt().to_json(): due})
                 pipe.zadd(self.layout.active, {queue.member: due}, lt=True)  # sources look again when it is due
