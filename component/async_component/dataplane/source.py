@@ -248,6 +248,7 @@ class Source:
         """Queues in the active set due now: every one (full), or those whose time came (a due retry, a reclaim)."""
         layout = self.layout
         single = layout.single
+        woken = {member: state.woken for member, state in self.queues.items()}
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrangebyscore(layout.active, "-inf" if full else "(0", repr(time.time()))
             if full:
@@ -260,7 +261,8 @@ class Source:
         for member in members:
             self._woke(member)
         if full:
-            for member in [m for m, state in self.queues.items() if m not in members and not state.in_flight]:
+            for member in [m for m, state in self.queues.items() if m not in members and not state.in_flight
+                           and woken.get(m) == state.woken]:  # not woken while the scan was out
                 del self.queues[member]
                 self.waiting.pop(member, None)
                 self.metrics.forget(member)
@@ -303,7 +305,7 @@ class Source:
         if not members:
             return []
         cap = self.per_service_cap
-        min_read = max(1, cap // 4)
+        min_read = max(1, cap // 2)  # a busy queue is read a few entries at a time, not one per freed slot
         start = self.next_turn % len(members)
         grants = []
         for n in range(len(members)):
