@@ -120,8 +120,13 @@ async def test_a_hung_and_a_slow_service_hold_only_their_own_slots(redis_url, re
         for n in range(10):
             await accept(enqueue, "hung", "/hang")
             await accept(enqueue, "slow", "/slow")
-        async with running(settings_for(redis_url, gateway), stop_grace=0.5):
+        async with running(settings_for(redis_url, gateway), stop_grace=0.5) as source:
             assert await eventually(lambda: _true(gateway.in_flight("hung") == 2 and gateway.in_flight("slow") == 2))
+            hung = {"namespace": "default", "service": "hung"}
+            metric = source.registry.get_sample_value
+            assert metric("async_service_in_flight", hung) == 2
+            assert await eventually(lambda: _true(metric("async_service_queued", hung) == 8))
+            assert metric("async_service_oldest_queued_age_seconds", hung) > 0
             quick = [("quick", await accept(enqueue, "quick", f"/q/{n}")) for n in range(10)]
             assert await eventually(all_in(redis_client, SUCCEEDED, quick))
             # the other two are still held at their cap, with their backlogs queued
@@ -204,8 +209,13 @@ async def test_a_request_waiting_for_a_retry_longer_than_the_retention_keeps_its
 async def test_a_dead_letter_names_its_service_the_reason_and_the_last_status(redis_url, redis_client, gateway):
     async with enqueuer(redis_client) as enqueue:
         request_id = await accept(enqueue, "a", "/status/400")
-    async with running(settings_for(redis_url, gateway)):
+    async with running(settings_for(redis_url, gateway)) as source:
         assert await eventually(all_in(redis_client, FAILED, [("a", request_id)]))
+    labels = {"namespace": "default", "service": "a"}
+    outcomes = {outcome: source.registry.get_sample_value("async_service_outcomes_total", {**labels, "outcome": outcome})
+                for outcome in ("failed", "dead_lettered", "succeeded")}
+    assert outcomes == {"failed": 1, "dead_lettered": 1, "succeeded": None}
+    assert source.registry.get_sample_value("async_service_delivery_latency_seconds_count", labels) == 1
     [(_, dead)] = await redis_client.xrange(DEAD)
     assert dead[b"service"] == b"default/a"
     assert dead[b"status"] == b"400" and dead[b"error"] == b"the Service answered 400"
