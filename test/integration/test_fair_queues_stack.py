@@ -43,8 +43,7 @@ def stack(tmp_path_factory):
     shutil.copy(APP_DIR / "sleep_app.py", app_dir / "sleep_app.py")
     for name in SERVICES:
         (app_dir / f"{name}.yml").write_text(MANIFEST.format(name=name))
-    with LocalStack(port=free_port(), sleep_seconds=0, app_dir=app_dir, visibility_timeout=2,
-                    max_inflight_per_service=4) as running:
+    with LocalStack(port=free_port(), sleep_seconds=0, app_dir=app_dir, visibility_timeout=2) as running:
         yield running
 
 
@@ -91,6 +90,7 @@ async def test_kill_9_of_the_source_with_several_services_queued_loses_nothing(s
 
 
 async def test_a_slow_and_a_hung_service_never_delay_a_third(stack, client):
+    """Default settings: each flooded Service holds MAX_INFLIGHT_PER_SERVICE (8) of the source's 32 slots."""
     slow = [await client.accept("flooded-slow", f"/slow/{n}?sleep=30") for n in range(30)]
     hung = [await client.accept("flooded-hung", f"/hung/{n}?sleep=3600") for n in range(30)]
     prompt = [await client.accept("prompt", f"/prompt/{n}?sleep=0") for n in range(10)]

@@ -144,11 +144,13 @@ return ids
 
 # KEYS: the queue's stream, retry stream, retry set, the active set.
 # ARGV: group, consumer, most entries to read, now (epoch seconds), the stream field, the member,
-#       seconds before a queue holding only entries in flight is looked at again (for reclaim).
+#       seconds before a queue holding only entries in flight is looked at again (for reclaim: the
+#       visibility timeout, before which no entry can be reclaimed).
 # Moves due retries to the retry stream, then reads new entries: due retries first. Creates the
-# consumer group (from id 0) the first time. Reading nothing, it settles the queue's place in
-# the active set: removed when the queue holds nothing, else due when its next retry is, or
-# when entries held by a source may need reclaiming. Returns {retries read, entries read}.
+# consumer group (from id 0) the first time. Reading fewer than asked (nothing new is left), it
+# settles the queue's place in the active set: removed when the queue holds nothing, else due when
+# its next retry is, or when entries held by a source (this one's too) may need reclaiming.
+# Returns {retries read, entries read, 1 when nothing new is left else 0}.
 TAKE = """
 local now = tonumber(ARGV[4])
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)
@@ -175,7 +177,9 @@ if KEYS[2] ~= KEYS[1] then
 end
 local entries = read(KEYS[1], count - #retried)
 if entries['err'] then return entries end
-if #retried == 0 and #entries == 0 then
+local drained = 0
+if #retried + #entries < count then
+  drained = 1
   local held = redis.call('XLEN', KEYS[1])
   if KEYS[2] ~= KEYS[1] then held = held + redis.call('XLEN', KEYS[2]) end
   local next = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
@@ -188,5 +192,5 @@ if #retried == 0 and #entries == 0 then
     redis.call('ZADD', KEYS[4], 'XX', at, ARGV[6])
   end
 end
-return {retried, entries}
+return {retried, entries, drained}
 """

@@ -164,6 +164,7 @@ class Source:
         drained = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(drained), name="source-heartbeat")
         listener = asyncio.create_task(self._listen(), name="source-wake-listener")
+        measuring = asyncio.create_task(self._measuring(drained), name="source-queue-metrics")
         settings = self.settings
         log.info("source %s delivering %s (group %s) %s, %d at a time, at most %d per Service", self.name,
                  "a queue per Service" if settings.queue_mode == PER_SERVICE else f"the stream {settings.stream}",
@@ -174,6 +175,7 @@ class Source:
         finally:
             drained.set()
             await heartbeat
+            await measuring
             listener.cancel()
             await asyncio.wait({listener}, timeout=MAX_BLOCK + 1)  # redis-py may swallow the cancellation
             await self._leave_groups()
@@ -213,6 +215,8 @@ class Source:
             namespace, service = labels_of(member)
             state = self.queues[member] = QueueState(
                 self.layout.member(member), self.metrics.service_in_flight.labels(namespace, service))
+            # reclaim is for entries a dead source left: not on first sight, when a queue is new and busy
+            state.reclaimed_at = time.monotonic() - self.reclaim_interval / 2
         state.woken += 1
         self.waiting[member] = None
         self.nudge.set()
@@ -245,28 +249,40 @@ class Source:
                         self._woke(as_text(member))
 
     async def _scan(self, full: bool) -> None:
-        """Queues in the active set due now: every one (full), or those whose time came (a due retry, a reclaim)."""
+        """Wake the queues of the active set whose time came (a due retry, a reclaim check); a full scan also
+        those marked "now", the single stream when it holds anything, and forgets the queues that left."""
         layout = self.layout
         single = layout.single
+        now = time.time()
         woken = {member: state.woken for member, state in self.queues.items()}
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(layout.active, "-inf" if full else "(0", repr(time.time()))
             if full:
+                pipe.zrange(layout.active, 0, -1, withscores=True)
                 pipe.xlen(single.stream)
                 pipe.zcard(single.retries)
+            else:
+                pipe.zrangebyscore(layout.active, "(0", repr(now), withscores=True)
             replies = await pipe.execute()
-        members = {as_text(member) for member in replies[0]}
+        active = {as_text(member): score for member, score in replies[0]}
         if full and (replies[1] or replies[2]):
-            members.add(SINGLE)  # requests queued before per-Service queues, or by a RedisStreamSource install
-        for member in members:
-            self._woke(member)
-        if full:
-            for member in [m for m, state in self.queues.items() if m not in members and not state.in_flight
+            active[SINGLE] = 0.0  # requests queued before per-Service queues, or by a RedisStreamSource install
+        for member, score in active.items():
+            if score <= now:
+                self._woke(member)
+        if full:  # a queue still in the active set keeps its state (when it was last reclaimed)
+            for member in [m for m, state in self.queues.items() if m not in active and not state.in_flight
                            and woken.get(m) == state.woken]:  # not woken while the scan was out
                 del self.queues[member]
                 self.waiting.pop(member, None)
                 self.metrics.forget(member)
-            await self._measure()
+
+    async def _measuring(self, drained: asyncio.Event) -> None:
+        """Refresh the per-Service queue metrics every SCAN_INTERVAL, beside the loop (it never waits for them)."""
+        while not await wait_event(drained, SCAN_INTERVAL):
+            try:
+                await self._measure()
+            except Exception as exc:  # Redis down: the loop says so; the gauges keep their last values
+                log.debug("source %s cannot measure its queues: %s", self.name, exc)
 
     async def _measure(self) -> None:
         """Queued requests and the oldest one's age, per known queue: for the metrics."""
@@ -321,7 +337,8 @@ class Source:
         return grants
 
     async def _take_round(self) -> bool:
-        """Read the granted queues (reclaiming first where it is time); whether any entry was started."""
+        """Read the granted queues (reclaiming first where it is time); whether anything changed: an entry
+        started, or a queue found drained (the next round may grant its slots to one that has work)."""
         grants = self._grants()
         if not grants:
             return False
@@ -352,7 +369,7 @@ class Source:
                 queue = state.queue
                 await self.take(keys=[queue.stream, queue.retry_stream, queue.retries, self.layout.active],
                           args=[self.settings.group, self.name, room, wall, STREAM_FIELD, queue.member,
-                                self.reclaim_interval], client=pipe)
+                                self.settings.visibility_timeout], client=pipe)
             replies = await pipe.execute(raise_on_error=False)
         for (state, _), before, reply in zip(grants, woken, replies):
             member = state.queue.member
@@ -361,11 +378,10 @@ class Source:
                                             type(reply).__name__, reply)
                 self.waiting.pop(member, None)  # the next full scan looks again
                 continue
-            retried, entries = reply
-            if not retried and not entries:
-                if state.woken == before:  # no wake-up came in while reading
-                    self.waiting.pop(member, None)
-                continue
+            retried, entries, drained = reply
+            if drained and state.woken == before:  # nothing new left, and no wake-up came in while reading
+                if self.waiting.pop(member, False) is None:
+                    started += not (retried or entries)
             for stream, found in zip((state.queue.retry_stream, state.queue.stream), (retried, entries)):
                 for entry_id, flat in found:
                     self._start(state, (stream, as_text(entry_id)), _fields(flat))
