@@ -92,6 +92,32 @@ def test_throughput_series_fills_quiet_seconds_with_zeros(tmp_path):
     assert report.throughput_series(entry) == ([0, 1, 2, 3], [3, 0, 0, 4])
 
 
+def test_throughput_chart_leaves_out_the_partial_first_and_last_seconds(tmp_path):
+    per_second = {1000: 3, 1001: 40, 1002: 0, 1003: 44, 1004: 9}
+    write_run(tmp_path, "sync", locust_row("sync", histogram={5: 96}, per_second=per_second, start=1000.7))
+    [entry] = report.load_results(tmp_path, ["sync"])
+    assert report.whole_seconds(entry) == ([1, 2, 3], [40, 0, 44])
+
+
+def test_rates_are_smoothed_with_a_centred_moving_average():
+    assert report.moving_average([0, 10, 20, 60], 3) == [5, 10, 30, 40]
+    assert report.moving_average([7], 3) == [7]
+
+
+def test_throughput_chart_has_one_panel_per_async_scenario_beside_sync(tmp_path):
+    write_run(tmp_path, "sync", locust_row("sync", histogram={5: 1}))
+    write_run(tmp_path, "follow", locust_row("async follow: accepted", histogram={1: 1}),
+              locust_row("async follow: completed", "ASYNC", histogram={9: 1}))
+    write_run(tmp_path, "always", locust_row("async always: accepted", histogram={1: 1}))
+    panels = report.throughput_panels(report.load_results(tmp_path, ["sync", "follow", "always"]))
+    assert [(title, [e.name for e in shown]) for title, shown in panels] == [
+        ("follow vs sync", ["sync", "async follow: accepted", "async follow: completed"]),
+        ("always vs sync", ["sync", "async always: accepted"]),
+    ]
+    assert [title for title, _ in report.throughput_panels(report.load_results(tmp_path, ["always"]))] == ["always"]
+    assert [title for title, _ in report.throughput_panels(report.load_results(tmp_path, ["sync"]))] == ["sync"]
+
+
 def test_report_writes_markdown_and_both_charts(tmp_path):
     write_run(tmp_path, "sync", locust_row("sync", histogram={20: 50, 25: 50}, per_second={1000: 50, 1001: 50}))
     write_run(
