@@ -32,14 +32,8 @@ if ! "$python" -m venv --clear "$venv" >/dev/null 2>&1; then
         "$python" -m venv --clear "$venv"  # says why it failed
         exit 1
     fi
-    as_root=()
-    if [ "$(id -u)" -ne 0 ]; then
-        as_root=(sudo)
-    fi
     echo "venv: installing python$version-venv (python3 -m venv needs it on Debian and Ubuntu)"
-    export DEBIAN_FRONTEND=noninteractive
-    "${as_root[@]}" apt-get update -qq
-    "${as_root[@]}" apt-get install -y -qq "python$version-venv" >/dev/null
+    "$BASH" scripts/apt-install.sh "python$version-venv"
     "$python" -m venv --clear "$venv"
 fi
 echo "venv: made $venv with $("$venv/bin/python" -V) (activate it with: . $venv/bin/activate)"

@@ -47,7 +47,8 @@ def machine(tmp_path):
     """A checkout holding the script, and a PATH with the stand-ins and the few tools the script uses."""
     checkout = tmp_path / "checkout"
     (checkout / "scripts").mkdir(parents=True)
-    shutil.copy2(REPO / "scripts" / "venv.sh", checkout / "scripts" / "venv.sh")
+    for script in ("venv.sh", "apt-install.sh"):
+        shutil.copy2(REPO / "scripts" / script, checkout / "scripts" / script)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("dirname", "id"):
@@ -57,6 +58,7 @@ def machine(tmp_path):
     env = {"PATH": str(bin_dir), "FAKE": str(fake), "REAL_PYTHON": REAL_PYTHON, "HOME": str(tmp_path)}
 
     def install(name: str, text: str) -> None:
+        (bin_dir / name).unlink(missing_ok=True)  # replace a link to the real tool, never write through it
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
 
