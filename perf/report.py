@@ -203,8 +203,8 @@ def whole_seconds(entry: Entry) -> tuple[list[int], list[int]]:
 def moving_average(values: Sequence[float], window: int) -> list[float]:
     """Centred moving average; near the ends it averages the values there are."""
     half = window // 2
-    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
-            for i in range(len(values))]
+    windows = (values[max(0, i - half):i + half + 1] for i in range(len(values)))
+    return [sum(around) / len(around) for around in windows]
 
 
 def throughput_panels(entries: Sequence[Entry]) -> list[tuple[str, list[Entry]]]:
@@ -236,11 +236,12 @@ def throughput_chart(entries: Sequence[Entry], path: Path) -> Path:
             xs, ys = whole_seconds(e)
             if not xs:
                 continue
-            sync = e.scenario == SYNC_SCENARIO
-            ax.plot(xs, moving_average(ys, SMOOTHING_SECONDS), label=label(e, ": "),
-                    color="0.55" if sync else f"C{drawn}", linestyle="-" if sync else styles[drawn % len(styles)],
-                    linewidth=1.5 if sync else 1.8)
-            drawn += 0 if sync else 1
+            if e.scenario == SYNC_SCENARIO:  # the reference, in grey
+                style = {"color": "0.55", "linewidth": 1.5}
+            else:
+                style = {"color": f"C{drawn}", "linestyle": styles[drawn % len(styles)], "linewidth": 1.8}
+                drawn += 1
+            ax.plot(xs, moving_average(ys, SMOOTHING_SECONDS), label=label(e, ": "), **style)
         ax.set_title(title, fontsize=9, loc="left")
         ax.set_ylabel("requests/s", fontsize=8)
         ax.set_ylim(bottom=0)
