@@ -50,7 +50,7 @@ def test_every_option_states_its_default_once(command, monkeypatch):
 
 @pytest.mark.parametrize("command, option, default", [
     ("producer", "--port", "(env PORT; default: 8080)"),
-    ("producer", "--allowed-hosts", "(env ALLOWED_HOSTS; default: .svc.cluster.local)"),
+    ("producer", "--request-size-limit", "(env REQUEST_SIZE_LIMIT; default: 6000000)"),
     ("source", "--sink-url", "(env SINK_URL or K_SINK; default: unset)"),
     ("source", "--consumer-name", "(env CONSUMER_NAME; default: unset)"),
     ("controller", "--health-port", "(env HEALTH_PORT; default: 8081)"),
