@@ -271,7 +271,7 @@ class ControllerSettings:
                                     "seconds a leader's Lease holds without renewal before a standby takes over")
     lease_renew_period: float = setting("LEASE_RENEW_PERIOD", "2", positive_float,
                                         "seconds between a leader's renewals and a standby's attempts")
-    identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (default: host name and pid)")
+    identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (unset: its host name and pid)")
 
     def __post_init__(self) -> None:
         if self.lease_name and self.lease_renew_period * 2 > self.lease_duration:
