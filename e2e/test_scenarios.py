@@ -140,6 +140,18 @@ async def test_producer_refuses_targets_outside_the_allowed_hosts(client: Client
     assert await entries_added(redis, backend.stream) == before
 
 
+@pytest.mark.parametrize("service", [SERVICE_CONDITIONAL, SERVICE_ALWAYS])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_status_path_is_never_queued_or_replayed(client: Client, backend: Backend, redis, service, method):
+    """A write to the status path once made its replay come back to the producer and be queued again, forever."""
+    before = await entries_added(redis, backend.stream)
+    reply = await client.request(service, method, "/.well-known/async-requests/x", data=b"x", prefer_async=True)
+    assert reply.status == 405, reply.body
+    assert reply.headers["Allow"] == "GET, HEAD"
+    await asyncio.sleep(1.0)  # a replay loop would have added entries by now
+    assert await entries_added(redis, backend.stream) == before
+
+
 async def test_too_large_body_is_refused_and_nothing_queued(client: Client, backend: Backend, redis):
     before = await entries_added(redis, backend.stream)
     reply = await client.request(SERVICE_CONDITIONAL, "POST", "/big", data=b"x" * 7_000_000, prefer_async=True)

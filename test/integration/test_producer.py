@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from async_component.dataplane import producer
 from async_component.dataplane.envelope import Envelope
@@ -106,10 +107,26 @@ async def test_prefer_with_only_respond_async_is_dropped_and_any_path_is_queued(
         assert all(name.lower() != "prefer" for name, _ in Envelope.from_stream_fields(fields).headers)
 
 
-async def test_post_to_the_status_prefix_is_queued_not_read(base, http, redis_client):
-    async with http.post(f"{base}{STATUS_PATH_PREFIX}abc", data=b"x", headers=ASYNC) as resp:
-        assert resp.status == 202
-    assert await entry_count(redis_client) == 1
+@pytest.mark.parametrize("path", [f"{STATUS_PATH_PREFIX}abc", f"{STATUS_PATH_PREFIX}1-0.abc?x=1",
+                                  "/a/../.well-known/async-requests/abc", "//.well-known//async-requests/abc",
+                                  "/%2Ewell-known/async-requests/abc"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_other_methods_on_the_status_path_get_405_and_are_never_queued(base, http, redis_client, path, method):
+    """Queued, such a request's replay would come back to the producer and be queued again, without end."""
+    async with http.request(method, URL(base + path, encoded=True), data=b"x", headers=ASYNC) as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "GET, HEAD"
+        assert "not allowed" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 0
+    async with http.get(base + "/metrics") as resp:
+        assert 'async_producer_rejected_total{reason="method_not_allowed"} 1.0' in await resp.text()
+
+
+async def test_paths_near_the_status_prefix_are_queued(base, http, redis_client):
+    for path in ("/.well-known/async-requests", "/.well-known/other/x", "/x/.well-known/async-requests/a"):
+        async with http.post(URL(base + path, encoded=True), data=b"x", headers=ASYNC) as resp:
+            assert resp.status == 202, path
+    assert await entry_count(redis_client) == 3
 
 
 async def test_target_with_port_is_kept_in_the_url(base, http, redis_client):

@@ -356,3 +356,23 @@ def test_status_patch_skips_absent_fields_that_stay_absent():
     desired = r.parent_status(kingress(), None, now=NOW)
     patch = r.status_patch({}, desired)
     assert set(patch) == {"conditions", "observedGeneration"}
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/.well-known/async-requests/x", True),
+    ("/.well-known/async-requests/", True),
+    ("/a/../.well-known/async-requests/x", True),
+    ("/./.well-known/async-requests/x", True),
+    ("//.well-known//async-requests/x", True),
+    ("/%2Ewell-known/async-requests/x", True),
+    ("/%2e%77ell-known/async-requests/x", True),
+    ("/.well-known/async-requests", False),
+    ("/.well-known/async-requests%2Fx", False),
+    ("/x/.well-known/async-requests/a", False),
+    ("/%zz/.well-known/async-requests/a", False),
+    ("/work", False),
+    ("/", False),
+])
+def test_status_path_under_every_spelling_envoy_may_normalise(path, expected):
+    """The producer refuses to queue these, and the replay to send them: they route to the producer."""
+    assert r.is_status_path(path) is expected

@@ -40,7 +40,7 @@ from .records import (
     retry_key,
 )
 from .redisconn import make_redis, redis_address
-from ..controller.resources import PREFER_HEADER, RESPOND_SYNC
+from ..controller.resources import PREFER_HEADER, RESPOND_SYNC, is_status_path
 from .retries import RetryMover, backoff, replay_retryable
 from ..settings import ConsumerSettings, ReplaySettings
 from ..logthrottle import LogThrottle
@@ -253,6 +253,10 @@ class Consumer:
             return self.malformed(event_id, str(exc))
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id)
+        if is_status_path(target.partition("?")[0]):
+            # routed to the producer, not the Service: it would be queued again, without end
+            refused = Replayed(error=f"the target {target[:200]!r} is the status path: it is never replayed")
+            return await self._finish(key, envelope, attempt, host, refused, settle)
         running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time())
         try:
             args = [running.to_json(), self.retention_ms, attempt]
@@ -266,6 +270,10 @@ class Consumer:
             return Answer(200, {"id": envelope.id, "state": state, "duplicate": True})
 
         replayed = await self.replay(envelope, attempt, host, target)
+        return await self._finish(key, envelope, attempt, host, replayed, settle)
+
+    async def _finish(self, key: str, envelope: Envelope, attempt: int, host: str,
+                      replayed: Replayed, settle: str | None) -> Answer:
         try:
             state = await self._record_outcome(key, envelope, attempt, host, replayed, settle)
         except Exception as exc:  # the outcome is not durable: let the source deliver again

@@ -2,7 +2,8 @@
 
 Every request that carries ``Async-Original-Host`` came through an async route
 of the network layer, whatever its method and path: a GET or HEAD under
-``STATUS_PATH_PREFIX`` reads a queued request's status, anything else is
+``STATUS_PATH_PREFIX`` reads a queued request's status, another method there
+gets 405 (queued, its replay would be routed back here), anything else is
 queued. Requests without that header only reach the probes. The target host must
 be on ``ALLOWED_HOSTS``, so the producer can never be used to reach arbitrary
 hosts. A 202 is only sent once Redis has stored the stream entry.
@@ -40,7 +41,9 @@ from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
 from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
 from .redisconn import make_redis, redis_address
-from ..controller.resources import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH_PREFIX
+from ..controller.resources import (
+    ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
+)
 from ..settings import ProducerSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ WARNING_INTERVAL = 10.0
 VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
 _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
+REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed")
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -70,6 +74,7 @@ _DROPPED_RAW = frozenset(name.encode("latin-1") for name in DROPPED_REQUEST_HEAD
 _PREFER_RAW = _PREFER.encode("latin-1")
 _ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
 _READS = ("GET", "HEAD")
+_ALLOW = ("Allow", ", ".join(STATUS_METHODS))
 _NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower()}
 """Recorded response headers the status resource does not repeat (it writes its own)."""
 
@@ -183,7 +188,7 @@ class Metrics:
         )
         # label lookups take a lock and a dict walk: bind the children once
         self.rejected_for = {reason: self.rejected.labels(reason)
-                             for reason in ("forbidden_host", "too_large", "redis_unavailable", "bad_request")}
+                             for reason in REJECT_REASONS}
         self.batch_seconds = Histogram(
             "async_producer_batch_seconds", "Time from a batch of writes being sent to Redis acknowledging it",
             registry=registry, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
@@ -246,8 +251,12 @@ class Producer:
         if status:
             self.metrics.rejected_for[_REJECT_REASONS[status]].inc()
             return error_response(status, message)
-        if request.method in _READS and request.path.startswith(STATUS_PATH_PREFIX):
-            return await self.status(request, host)
+        if is_status_path(request.path):
+            if request.method in _READS:
+                return await self.status(request, host)
+            # never queued: its replay would come back here and be queued again, without end
+            self.metrics.rejected_for["method_not_allowed"].inc()
+            return error_response(405, f"{request.method} is not allowed on the status path", _ALLOW)
         return await self.enqueue(request, host)
 
     async def probe(self, request: Request) -> Response:
