@@ -173,6 +173,12 @@ def status_retention_setting() -> Any:
     return setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
 
 
+def redis_check_setting() -> Any:
+    """Declared by the producer's and the source's settings alike (one field object per class)."""
+    return setting("REDIS_CHECK_INTERVAL", "30", positive_float,
+                   "seconds between checks that Redis runs with maxmemory-policy noeviction and appendonly yes")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServiceSettings(RedisSettings):
     """What the producer and the consumer share: an HTTP port and the request records."""
@@ -190,6 +196,7 @@ class ProducerSettings(ServiceSettings):
         "comma-separated target hosts; an entry starting with '.' allows every host ending with it",
     )
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
+    redis_check_interval: float = redis_check_setting()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +231,7 @@ class SourceSettings(ReplaySettings):
     visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
     delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event (with SINK_URL)")
     health_port: int = setting("HEALTH_PORT", "8081", port, "port for /healthz, /readyz and /metrics (0: none)")
+    redis_check_interval: float = redis_check_setting()
 
 
 @dataclasses.dataclass(frozen=True)

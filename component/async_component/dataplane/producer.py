@@ -40,6 +40,7 @@ from .enqueuer import Enqueuer
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
 from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
+from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
 from ..controller.resources import (
     ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
@@ -238,6 +239,9 @@ class Producer:
         self._verdicts: dict[str, tuple[str, int, str]] = {}
         self.registry = registry
         self.new_request_id = RequestIds()
+        self.redis_check: RedisCheck | None = None
+        self.stopping = asyncio.Event()
+        self.check_task: asyncio.Task | None = None
 
     # routing
 
@@ -297,6 +301,9 @@ class Producer:
     # queueing
 
     async def enqueue(self, request: Request, host: str) -> Response:
+        if self.redis_check.evicting is not None:  # a 202 would promise what Redis may not keep
+            self.metrics.rejected_for["redis_unavailable"].inc()
+            return error_response(503, self.redis_check.evicting, ("Retry-After", RETRY_AFTER_SECONDS))
         try:
             target = request_target(request.target)
         except BadRequest as exc:
@@ -399,8 +406,14 @@ class Producer:
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
         self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, on_batch=self.metrics.batch_written)
+        self.redis_check = RedisCheck(self.redis, self.settings.redis_check_interval, who="producer")
+        await self.redis_check.check()
+        self.check_task = asyncio.create_task(self.redis_check.run(self.stopping), name="redis-check")
 
     async def stop(self) -> None:
+        self.stopping.set()
+        if self.check_task is not None:
+            await self.check_task
         if self.enqueuer is not None:
             await self.enqueuer.close()
         if self.owns_redis:
@@ -408,6 +421,7 @@ class Producer:
 
     async def ready(self) -> None:
         await self.redis.ping()
+        self.redis_check.require()
 
 
 def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = None) -> Server:
