@@ -92,6 +92,13 @@ def optional(parser: Callable[[str], T]) -> Callable[[str], T | None]:
     return parse
 
 
+def port_list(raw: str) -> tuple[int, ...]:
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    if not all(item.isascii() and item.isdigit() and 0 < int(item) <= 65535 for item in items):
+        raise ValueError("must be comma-separated TCP port numbers (1-65535)")
+    return tuple(sorted({int(item) for item in items}))
+
+
 def host_suffixes(raw: str) -> tuple[str, ...]:
     items = tuple(item.strip().lower() for item in raw.split(",") if item.strip())
     if not items:
@@ -194,6 +201,10 @@ class ProducerSettings(ServiceSettings):
     allowed_hosts: tuple[str, ...] = setting(
         "ALLOWED_HOSTS", ".svc.cluster.local", host_suffixes,
         "comma-separated target hosts; an entry starting with '.' allows every host ending with it",
+    )
+    allowed_ports: tuple[int, ...] = setting(
+        "ALLOWED_PORTS", "", port_list,
+        "comma-separated ports a target host may name besides 80, the port of every Knative Service",
     )
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
     redis_check_interval: float = redis_check_setting()

@@ -129,11 +129,28 @@ async def test_paths_near_the_status_prefix_are_queued(base, http, redis_client)
     assert await entry_count(redis_client) == 3
 
 
-async def test_target_with_port_is_kept_in_the_url(base, http, redis_client):
-    async with http.post(f"{base}/p", headers={"Async-Original-Host": HOST.upper() + ":8080"}) as resp:
-        assert resp.status == 202
+async def test_target_with_an_allowed_port_is_kept_in_the_url(redis_url, http, redis_client):
+    server = await start_producer(settings := settings_for(redis_url, allowed_ports=(8080,)))
+    try:
+        async with http.post(f"http://127.0.0.1:{settings.port}/p",
+                             headers={"Async-Original-Host": HOST.upper() + ":8080"}) as resp:
+            assert resp.status == 202
+    finally:
+        await server.close()
     [(_, fields)] = await stream_entries(redis_client)
     assert Envelope.from_stream_fields(fields).url == f"http://{HOST}:8080/p"
+
+
+@pytest.mark.parametrize("host, status", [
+    (f"{HOST}:6379", 403), (f"{HOST}:8080", 403), (f"{HOST}:\uff16\uff13\uff17\uff19", 400),
+    (f"{HOST}:\u0666\u0663\u0667\u0669", 400),
+])
+async def test_a_port_other_than_the_services_is_refused_by_default(base, http, redis_client, host, status):
+    """An open relay to any port of any Service (Redis's, say) otherwise; other scripts' digits read as ports too."""
+    async with http.post(f"{base}/p", data=b"x", headers={"Async-Original-Host": host}) as resp:
+        assert resp.status == status
+        assert "port" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 0
 
 
 @pytest.mark.parametrize("host", ["evil.example.com", "svc.cluster.local", "x.svc.cluster.local.evil.com"])

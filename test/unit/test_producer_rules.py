@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
-from async_component.dataplane.producer import BadRequest, forwarded_headers, host_allowed, target_host, validate, without_respond_async
+from async_component.dataplane.producer import (
+    BadRequest, forwarded_headers, host_allowed, port_allowed, target_host, validate, without_respond_async,
+)
 from async_component.settings import ProducerSettings, SettingsError
 
 
@@ -19,10 +21,23 @@ def test_target_host_normalises(raw, expected):
     assert target_host(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["", "a b", "a..b", "a.-b", "a/b", "a:0", "a:65536", "a:", "[::1]", "user@a", "a" * 64 + ".b"])
+@pytest.mark.parametrize("raw", ["", "a b", "a..b", "a.-b", "a/b", "a:0", "a:65536", "a:", "[::1]", "user@a", "a" * 64 + ".b",
+                                 "a:\uff16\uff13\uff17\uff19", "a:\u0666\u0663\u0667\u0669", "a:6379\u0663", "a:+80"])
 def test_target_host_rejects_malformed(raw):
     with pytest.raises(BadRequest):
         target_host(raw)
+
+
+@pytest.mark.parametrize("host, allowed_ports, expected", [
+    ("s.ns.svc.cluster.local", (), True),
+    ("s.ns.svc.cluster.local:80", (), True),
+    ("s.ns.svc.cluster.local:6379", (), False),
+    ("s.ns.svc.cluster.local:8080", (), False),
+    ("s.ns.svc.cluster.local:8080", (8080,), True),
+    ("s.ns.svc.cluster.local:6379", (8080,), False),
+])
+def test_only_the_service_port_and_allowed_ports_pass(host, allowed_ports, expected):
+    assert port_allowed(host, allowed_ports) is expected
 
 
 def test_allow_list_exact_and_suffix():

@@ -87,15 +87,27 @@ class BadRequest(Exception):
 # --- what a request says
 
 
+SERVICE_PORT = 80
+"""The port of every Knative Service: a target host may name it without ``ALLOWED_PORTS``."""
+_PORT = re.compile(r"[0-9]{1,5}")
+"""ASCII digits only: int() also reads other scripts' digits."""
+
+
 def target_host(value: str) -> str:
     """``Async-Original-Host`` as ``host`` or ``host:port``, lowercase; raises :class:`BadRequest`."""
     text = value.strip().lower()
     host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
-    if sep and not (port.isdigit() and len(port) <= 5 and 0 < int(port) <= 65535):
+    if sep and not (_PORT.fullmatch(port) and 0 < int(port) <= 65535):
         raise BadRequest(f"{ORIGINAL_HOST_HEADER} has an invalid port: {value!r}")
     if len(host) > 253 or not _HOST.fullmatch(host):
         raise BadRequest(f"{ORIGINAL_HOST_HEADER} is not a valid host name: {value!r}")
     return f"{host}:{port}" if sep else host
+
+
+def port_allowed(host: str, allowed_ports: Iterable[int]) -> bool:
+    """No port, the Service's own, or one of ``allowed_ports``: never a Redis or metadata port by default."""
+    _, sep, port = host.rpartition(":")
+    return not sep or int(port) == SERVICE_PORT or int(port) in allowed_ports
 
 
 def host_allowed(host: str, allowed: Iterable[str]) -> bool:
@@ -284,8 +296,12 @@ class Producer:
             except BadRequest as exc:
                 verdict = ("", 400, str(exc))
             else:
-                allowed = host_allowed(host, self.settings.allowed_hosts)
-                verdict = (host, 0, "") if allowed else ("", 403, f"target host {host!r} is not allowed by this producer")
+                if not host_allowed(host, self.settings.allowed_hosts):
+                    verdict = ("", 403, f"target host {host!r} is not allowed by this producer")
+                elif not port_allowed(host, self.settings.allowed_ports):
+                    verdict = ("", 403, f"target port of {host!r} is not allowed by this producer")
+                else:
+                    verdict = (host, 0, "")
             if len(self._verdicts) >= VERDICT_CACHE_SIZE:
                 self._verdicts.clear()
             self._verdicts[value] = verdict
