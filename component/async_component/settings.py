@@ -207,6 +207,12 @@ class ProducerSettings(ServiceSettings):
         "comma-separated ports a target host may name besides 80, the port of every Knative Service",
     )
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
+    header_timeout: float = setting("HEADER_TIMEOUT", "10", positive_float,
+                                    "seconds from a request's first byte to the end of its headers (else 408)")
+    body_min_rate: int = setting("BODY_MIN_RATE", "1024", positive_int,
+                                 "bytes per second a body must average after HEADER_TIMEOUT seconds of grace (else 408)")
+    max_connections: int = setting("MAX_CONNECTIONS", "1000", positive_int,
+                                   "open connections per worker; more are answered 503 and closed")
     redis_check_interval: float = redis_check_setting()
 
 

@@ -252,3 +252,82 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer(serve
     [(status, _, body)] = responses(await asyncio.wait_for(reader.read(), 5))
     assert status == 200 and json.loads(body)["path"] == "/half"
     writer.close()
+
+
+async def dribble(port: int, data: bytes, interval: float, *, first: bytes = b"",
+                  until: float = 10) -> tuple[bytes, float]:
+    """Send ``first``, then ``data`` one byte per ``interval`` (a slowloris); the answer and when it came."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(first)
+    read = asyncio.create_task(reader.read())
+    try:
+        for byte in data:
+            if read.done():
+                break
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(interval)
+        answer = await asyncio.wait_for(read, until)
+        return answer, loop.time() - started
+    finally:
+        writer.close()
+
+
+async def test_headers_dribbled_a_byte_at_a_time_are_cut_off_after_the_header_timeout():
+    """Each byte restarts the stall timeout; the whole header block still has a deadline."""
+    server = Server(Echo(), max_body=LIMIT, request_timeout=5, header_timeout=0.5)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n\r\n"
+        answer, elapsed = await dribble(port, request, 0.05)
+        [(status, headers, body)] = responses(answer)
+        assert status == 408 and headers["connection"] == ["close"]
+        assert b"headers" in body
+        assert elapsed < 3
+    finally:
+        await server.close()
+
+
+async def test_a_body_slower_than_the_minimum_rate_is_cut_off():
+    server = Server(Echo(), max_body=100_000, request_timeout=5, header_timeout=0.5, body_min_rate=100)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        answer, elapsed = await dribble(port, b"x" * 1000, 0.02, first=head)
+        # the headers arrive in time; the body at ~50 B/s falls behind 0.5 s + 1 s per 100 B
+        [(status, _, body)] = responses(answer)
+        assert status == 408 and b"slower" in body
+        assert elapsed < 4
+        fast, _ = await dribble(port, b"x" * 100, 0.001,
+                                first=head.replace(b"1000", b"100").replace(b"Host: x", b"Host: x\r\nConnection: close"))
+        assert responses(fast)[0][0] == 200
+    finally:
+        await server.close()
+
+
+async def test_connections_over_the_cap_are_refused_with_one_log_line(caplog):
+    server = Server(Echo(), max_body=LIMIT, max_connections=2)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        for _ in range(3):
+            [(status, headers, _)] = responses(await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+            assert status == 503 and headers["connection"] == ["close"]
+        capped = [r for r in caplog.records if "connection cap" in r.getMessage()]
+        assert len(capped) == 1 and "2" in capped[0].getMessage()
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.1)
+        [(status, _, _)] = responses(await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        assert status == 200
+    finally:
+        await server.close()

@@ -517,3 +517,21 @@ def test_a_taken_port_is_a_one_line_error(redis_url, workers):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "cannot listen on 127.0.0.1" in result.stderr
+
+
+async def test_a_client_trickling_its_headers_is_cut_off_after_header_timeout(redis_url):
+    settings = settings_for(redis_url, header_timeout=0.3)
+    server = await start_producer(settings)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nAsync-Original-Host: " + HOST.encode() + b"\r\n")
+        started = time.monotonic()
+        answer = asyncio.create_task(reader.read())
+        while not answer.done() and time.monotonic() - started < 5:
+            writer.write(b"X")  # one byte of a header name at a time: each restarts the stall timeout
+            await asyncio.sleep(0.05)
+        assert (await answer).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - started < 2
+        writer.close()
+    finally:
+        await server.close()

@@ -9,7 +9,10 @@ issue's target of 0.8 x a bare aiohttp handler. This server covers what a
 producer behind Kourier, Istio or a kubelet probe meets: keep-alive and
 pipelining (answers in request order), Content-Length and chunked bodies with
 a size limit (413), ``Expect: 100-continue``, HEAD, malformed requests (400,
-then close), idle and slow connections timed out, and a graceful stop. No TLS,
+then close), idle and slow connections timed out (a header block must be
+complete within ``header_timeout``, a body must keep up a minimum rate, so a
+client trickling bytes cannot hold a connection), a cap on open connections,
+and a graceful stop. No TLS,
 HTTP/2 or upgrades: the network layer in front terminates those.
 """
 
@@ -38,6 +41,12 @@ IDLE_TIMEOUT = 75.0
 """Seconds a keep-alive connection may wait for its next request."""
 REQUEST_TIMEOUT = 60.0
 """Seconds a request that started arriving may go without a new byte."""
+HEADER_TIMEOUT = 10.0
+"""Seconds from a request's first byte to the end of its header block, however steadily it trickles in."""
+BODY_MIN_RATE = 1024
+"""Bytes per second a body must average: it gets ``header_timeout`` seconds, plus one per this many bytes."""
+MAX_CONNECTIONS = 1000
+"""Open connections per worker; more are answered 503 and closed."""
 LINGER = 5.0
 """Seconds a refused request's unread body is still read (and dropped) after the answer, so that
 closing with unread bytes does not reset the connection before the client read the answer."""
@@ -147,6 +156,9 @@ class _Connection(asyncio.Protocol):
         self.runner: asyncio.Task | None = None
         self.last_active = 0.0
         self.in_message = False
+        self.headers_done = False
+        self.started = 0.0
+        """When the request's first byte came, then when its header block was complete."""
         self.refused = False
         self.paused = False
         self.writing_paused: asyncio.Future | None = None
@@ -165,10 +177,18 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.last_active = self.loop.time()
+        if len(self.server.connections) >= self.server.max_connections:
+            self.refused = True
+            self.server.over_capacity()
+            transport.write(encode(_plain(503, "too many connections, try again later"), keep_alive=False))  # type: ignore[attr-defined]
+            self._linger()
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        if self in self.server.connections:
+            self.server.connections.discard(self)
+            self.server.under_capacity()
         self.queue.clear()  # never answered: as if the client had not sent them
         if self.writing_paused is not None and not self.writing_paused.done():
             self.writing_paused.set_result(None)
@@ -206,6 +226,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_message = True
+        self.headers_done = False
+        self.started = self.last_active  # when the bytes that hold its start arrived
         self._reset()
 
     def on_url(self, url: bytes) -> None:
@@ -221,6 +243,8 @@ class _Connection(asyncio.Protocol):
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.headers_done = True
+        self.started = self.last_active
         if self.refused:
             return
         length = expect = None
@@ -334,10 +358,17 @@ class _Connection(asyncio.Protocol):
         """Close the connection if it waited too long for a request, or for the rest of one."""
         if self.runner is not None or self.transport.is_closing():
             return
-        if self.in_message and now - self.last_active > self.server.request_timeout:
-            self._refuse(408, f"the request stalled for {self.server.request_timeout:g} seconds")
-        elif not self.in_message and now - self.last_active > self.server.idle_timeout:
-            self.transport.close()
+        server = self.server
+        if not self.in_message:
+            if now - self.last_active > server.idle_timeout:
+                self.transport.close()
+        elif now - self.last_active > server.request_timeout:
+            self._refuse(408, f"the request stalled for {server.request_timeout:g} seconds")
+        elif not self.headers_done:
+            if now - self.started > server.header_timeout:
+                self._refuse(408, f"the request headers took longer than {server.header_timeout:g} seconds")
+        elif now - self.started > server.header_timeout + self.body_bytes / server.body_min_rate:
+            self._refuse(408, f"the body arrived slower than {server.body_min_rate} bytes per second")
 
     @property
     def idle(self) -> bool:
@@ -349,11 +380,18 @@ class Server:
 
     def __init__(self, respond: Callable[[Request], Awaitable[Response]], *, max_body: int,
                  idle_timeout: float = IDLE_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT,
+                 header_timeout: float = HEADER_TIMEOUT, body_min_rate: int = BODY_MIN_RATE,
+                 max_connections: int = MAX_CONNECTIONS,
                  on_refused: Callable[[int], None] = lambda status: None) -> None:
         self.respond = respond
         self.max_body = max_body
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.body_min_rate = body_min_rate
+        self.max_connections = max_connections
+        self.turned_away = 0
+        """Connections refused since the cap was last reached (0: below the cap)."""
         self.on_refused = on_refused
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
         """Run before the socket listens, in order."""
@@ -377,6 +415,18 @@ class Server:
             await self._cleanup()
             raise
         self._sweeper = self.loop.create_task(self._sweep())
+
+    def over_capacity(self) -> None:
+        if not self.turned_away:
+            log.warning("connection cap reached: %d connections open in this worker (MAX_CONNECTIONS); "
+                        "new connections get 503 until some close", self.max_connections)
+        self.turned_away += 1
+        self.on_refused(503)
+
+    def under_capacity(self) -> None:
+        if self.turned_away and len(self.connections) < self.max_connections:
+            log.info("below the connection cap again; %d connections were refused meanwhile", self.turned_away)
+            self.turned_away = 0
 
     @property
     def port(self) -> int:
@@ -411,7 +461,8 @@ class Server:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(min(SWEEP_INTERVAL, self.idle_timeout / 2, self.request_timeout / 2))
+            await asyncio.sleep(min(SWEEP_INTERVAL, self.idle_timeout / 2, self.request_timeout / 2,
+                                    self.header_timeout / 2))
             now = self.loop.time()
             for connection in list(self.connections):
                 connection.sweep(now)

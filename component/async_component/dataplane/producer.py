@@ -58,7 +58,8 @@ WARNING_INTERVAL = 10.0
 VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
 _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
-REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed")
+REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed",
+                  "too_many_connections")
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -308,9 +309,11 @@ class Producer:
         return verdict
 
     def refused(self, status: int) -> None:
-        """The server answered on its own (oversized, malformed or too slow a request)."""
+        """The server answered on its own (oversized, malformed or too slow a request, too many connections)."""
         if status == 413:
             self.metrics.rejected_for["too_large"].inc()
+        elif status == 503:
+            self.metrics.rejected_for["too_many_connections"].inc()
         elif status != 408:
             self.metrics.rejected_for["bad_request"].inc()
 
@@ -444,7 +447,9 @@ def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = No
     """The producer; creates its Redis client on startup unless ``redis`` is given (then the caller closes it)."""
     producer = Producer(settings, CollectorRegistry())
     producer.redis = redis
-    server = Server(producer.respond, max_body=settings.request_size_limit, on_refused=producer.refused)
+    server = Server(producer.respond, max_body=settings.request_size_limit, header_timeout=settings.header_timeout,
+                    body_min_rate=settings.body_min_rate, max_connections=settings.max_connections,
+                    on_refused=producer.refused)
     server.on_startup.append(producer.start)
     server.on_cleanup.append(producer.stop)
     return server
