@@ -35,6 +35,10 @@ MAX_TARGET_BYTES = 8190
 """Longest request target (as aiohttp's default line limit)."""
 MAX_HEADER_BYTES = 65536
 """All header names and values of one request together."""
+MAX_HEADER_FIELDS = 100
+"""Header fields of one request: a replay adds a few of its own, and its client (aiohttp) and the gateways in
+its way (aiohttp locally, Envoy in a cluster) refuse a request with more than 128 (aiohttp) or 100 (Envoy)."""
+HTTP_VERSIONS = ("1.1", "1.0")
 MAX_PIPELINED = 32
 """Complete requests waiting on one connection before it stops reading."""
 IDLE_TIMEOUT = 75.0
@@ -157,6 +161,11 @@ class _Connection(asyncio.Protocol):
         self.last_active = 0.0
         self.in_message = False
         self.headers_done = False
+        self.version = "1.1"
+        self.chunk_open = False
+        """Inside a chunk whose data has not all arrived."""
+        self.chunk_checked = False
+        self.chunk_bytes = 0
         self.started = 0.0
         """When the request's first byte came, then when its header block was complete."""
         self.refused = False
@@ -199,6 +208,8 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self.chunk_open and not self.chunk_checked:
+                self._check_chunk_size(data)
         except httptools.HttpParserUpgrade:
             # the request asking for it is answered as plain HTTP, then the connection closes:
             # the other protocol is not spoken here
@@ -239,6 +250,10 @@ class _Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
             self._refuse(431, f"the request headers are larger than {MAX_HEADER_BYTES} bytes")
+        elif self.headers_done:
+            pass  # a chunked body's trailer: not part of the request that is replayed
+        elif len(self.headers) >= MAX_HEADER_FIELDS:
+            self._refuse(431, f"the request has more than {MAX_HEADER_FIELDS} header fields")
         elif not self.refused:
             self.headers.append((name, value))
 
@@ -248,16 +263,26 @@ class _Connection(asyncio.Protocol):
         if self.refused:
             return
         length = expect = None
+        hosts = 0
         for name, value in self.headers:
             lower = name.lower()
             if lower == b"content-length":
                 length = value
+            elif lower == b"host":
+                hosts += 1
             elif lower == b"expect":
                 expect = value
+        self.version = version = self.parser.get_http_version()
+        if version not in HTTP_VERSIONS:
+            self._refuse(400, f"HTTP/{version} is not spoken here (HTTP/1.1 and HTTP/1.0 are)")
+            return
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._refuse(400, "an HTTP/1.1 request must have exactly one Host header")
+            return
         if length is not None and int(length) > self.server.max_body:  # llhttp let only digits through
             self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
             return
-        if expect is not None and self.parser.get_http_version() == "1.1":
+        if expect is not None and version == "1.1":
             if expect.lower() != b"100-continue":
                 self._refuse(417, f"unsupported Expect: {expect.decode('latin-1')}")
                 return
@@ -266,9 +291,39 @@ class _Connection(asyncio.Protocol):
             else:
                 self.queue.append(_CONTINUE)
 
+    def on_chunk_header(self) -> None:
+        self.chunk_open, self.chunk_checked, self.chunk_bytes = True, False, 0
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_open = False
+
+    def _check_chunk_size(self, data: bytes) -> None:
+        """Refuse at once a chunk that announces more than the body limit allows (413).
+
+        llhttp does not tell a chunk's size, and a client that announces a huge one need not send
+        it. A chunk still open when ``data`` is consumed ends ``data``, so its size line ends where
+        the chunk's bytes received so far begin. A line begun in an earlier read yields only its
+        last digits, a smaller number: never a refusal by mistake.
+        """
+        self.chunk_checked = True
+        end = len(data) - self.chunk_bytes
+        if end <= 0 or data[end - 1:end] != b"\n":
+            return  # the size line came in an earlier read
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        digits = data[start:end].partition(b";")[0].strip(b" \t\r\n")
+        try:
+            size = int(digits, 16)
+        except ValueError:
+            return
+        if size > self.server.max_body - (self.body_bytes - self.chunk_bytes):
+            self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
+            self.body = []
+
     def on_body(self, chunk: bytes) -> None:
         if self.refused:
             return
+        if self.chunk_open:
+            self.chunk_bytes += len(chunk)
         self.body_bytes += len(chunk)
         if self.body_bytes > self.server.max_body:
             self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
@@ -291,7 +346,7 @@ class _Connection(asyncio.Protocol):
     def _request(self, body: bytes) -> Request:
         parser = self.parser
         return Request(parser.get_method().decode("latin-1"), self.target.decode("latin-1"),
-                       parser.get_http_version(), self.headers, body, parser.should_keep_alive())
+                       self.version, self.headers, body, parser.should_keep_alive())
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` after what is already queued, then close: the rest of the stream is not read."""
