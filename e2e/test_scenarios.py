@@ -159,6 +159,16 @@ async def test_too_large_body_is_refused_and_nothing_queued(client: Client, back
     assert await entries_added(redis, backend.stream) == before
 
 
+@pytest.mark.parametrize("prefer_async", [True, False])
+async def test_a_body_sent_after_100_continue_arrives(client: Client, prefer_async):
+    reply = await client.request(SERVICE_CONDITIONAL, "POST", "/continued?sleep=0", data=b"x" * 100_000,
+                                 headers=[("Expect", "100-continue")], prefer_async=prefer_async)
+    if prefer_async:
+        assert reply.status == 202
+        reply, _ = await client.follow(SERVICE_CONDITIONAL, reply)
+    assert reply.status == 200 and reply.json()["body_length"] == 100_000
+
+
 async def test_retryable_failures_are_retried_until_success(client: Client):
     accepted = await client.request(SERVICE_CONDITIONAL, "GET", "/flaky?sleep=0&fail_attempts=2", prefer_async=True)
     assert accepted.status == 202
