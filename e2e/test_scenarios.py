@@ -86,6 +86,24 @@ async def test_always_async_service_queues_without_the_header(client: Client):
     assert final.json()["path"] == "/always"
 
 
+@pytest.mark.parametrize("service", [SERVICE_CONDITIONAL, SERVICE_ALWAYS])
+async def test_other_preferences_reach_the_service_beside_respond_sync(client: Client, backend: Backend, redis,
+                                                                       service):
+    """Only respond-async is replaced; the replay still reaches the Service, never the producer again."""
+    before = await entries_added(redis, backend.stream)
+    prefer = "respond-async, return=minimal" if service == SERVICE_ALWAYS else "respond-async"
+    headers = [("Prefer", prefer), ("Prefer", "handling=lenient")] if service == SERVICE_ALWAYS else []
+    accepted = await client.request(service, "POST", "/prefer?sleep=0", data=b"x", headers=headers,
+                                    prefer_async=service == SERVICE_CONDITIONAL)
+    assert accepted.status == 202, accepted.body
+    final, _ = await client.follow(service, accepted)
+    assert final.status == 200 and final.headers["Async-Request-State"] == "succeeded"
+    expected = ["respond-sync, return=minimal, handling=lenient"] if service == SERVICE_ALWAYS else ["respond-sync"]
+    assert echo_headers(final.json(), "Prefer") == expected
+    await asyncio.sleep(0.5)
+    assert await entries_added(redis, backend.stream) == before + 1
+
+
 async def test_plain_service_ignores_the_async_preference(client: Client):
     reply = await client.request(SERVICE_PLAIN, "GET", "/plain?sleep=0", prefer_async=True)
     assert reply.status == 200

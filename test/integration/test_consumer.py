@@ -161,7 +161,8 @@ async def test_redis_stream_source_event_is_replayed_byte_for_byte(base, http, r
     assert (seen["method"], seen["raw_path"], seen["body"]) == ("PUT", "/items/a%2Fb?q=1&q=2&z=%20", body)
     assert target.header(0, "X-Tag") == ["one", "two"]
     assert target.header(0, "Content-Type") == ["application/octet-stream"]
-    assert target.header(0, "Prefer") == ["respond-sync"]
+    assert target.header(0, "Prefer") == ["respond-sync, wait=5, handling=lenient"]  # only respond-async is ours
+    assert target.header(0, "Async-Replay") == ["true"]
     assert target.header(0, "Async-Request-Id") == [envelope.id]
     assert target.header(0, "Async-Attempt") == ["1"]
     assert target.header(0, "User-Agent") == [] and target.header(0, "Accept-Encoding") == []

@@ -122,6 +122,15 @@ async def test_other_methods_on_the_status_path_get_405_and_are_never_queued(bas
         assert 'async_producer_rejected_total{reason="method_not_allowed"} 1.0' in await resp.text()
 
 
+async def test_a_replay_routed_back_to_the_producer_gets_508_and_is_not_queued(base, http, redis_client):
+    """A network layer that sends a replay here instead of to its Service would otherwise loop without end."""
+    headers = {**ASYNC, "Prefer": "respond-sync, return=minimal", "Async-Replay": "true"}
+    async with http.post(f"{base}/work", data=b"x", headers=headers) as resp:
+        assert resp.status == 508
+        assert "Async-Replay" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 0
+
+
 async def test_paths_near_the_status_prefix_are_queued(base, http, redis_client):
     for path in ("/.well-known/async-requests", "/.well-known/other/x", "/x/.well-known/async-requests/a"):
         async with http.post(URL(base + path, encoded=True), data=b"x", headers=ASYNC) as resp:

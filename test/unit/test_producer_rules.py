@@ -6,8 +6,10 @@ import dataclasses
 
 import pytest
 
+from async_component.dataplane.preferences import replay_preference
 from async_component.dataplane.producer import (
-    BadRequest, forwarded_headers, host_allowed, port_allowed, target_host, validate, without_respond_async,
+    BadRequest, ReplayLoop, forwarded_headers, host_allowed, port_allowed, target_host, validate,
+    without_respond_async,
 )
 from async_component.settings import ProducerSettings, SettingsError
 
@@ -62,6 +64,22 @@ def test_allow_list_exact_and_suffix():
 ])
 def test_prefer_loses_only_respond_async(value, expected):
     assert without_respond_async(value) == expected
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([], "respond-sync"),
+    (["return=minimal"], "respond-sync, return=minimal"),
+    (["respond-async, return=minimal", "handling=lenient"], "respond-sync, return=minimal, handling=lenient"),
+    (["respond-sync", "wait=5"], "respond-sync, wait=5"),
+    (['foo="a, respond-async"'], 'respond-sync, foo="a, respond-async"'),
+])
+def test_the_replay_says_respond_sync_first_and_keeps_the_other_preferences(values, expected):
+    assert replay_preference(values) == expected
+
+
+def test_a_replay_routed_back_to_the_producer_is_refused_not_queued():
+    with pytest.raises(ReplayLoop):
+        forwarded_headers([(b"Host", b"producer"), (b"Async-Replay", b"true")])
 
 
 def test_forwarded_headers_keep_order_and_repeats_and_drop_transport_headers():

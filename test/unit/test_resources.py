@@ -76,6 +76,7 @@ def to_producer(path: str | None = None, headers: dict | None = None, append: di
 STATUS_PATH = to_producer(r.STATUS_PATH_PREFIX)
 ASYNC = {r.PREFER_HEADER: {"exact": r.RESPOND_ASYNC}}
 SYNC = {r.PREFER_HEADER: {"exact": r.RESPOND_SYNC}}
+REPLAY = {"Async-Replay": {"exact": "true"}}
 TAG = {"Knative-Serving-Tag": {"exact": "blue"}}
 TAG_APPEND = {"Knative-Serving-Tag": "blue"}
 
@@ -90,6 +91,8 @@ ALWAYS_PATHS = [
     STATUS_PATH,
     {**TAG_PATH, "headers": {**TAG, **SYNC}},
     {**DEFAULT_PATH, "headers": SYNC},
+    {**TAG_PATH, "headers": {**TAG, **REPLAY}},  # a replay whose Prefer says more than respond-sync
+    {**DEFAULT_PATH, "headers": REPLAY},
     to_producer(headers=TAG, append=TAG_APPEND),
     to_producer(),
 ]
@@ -116,7 +119,8 @@ def test_paths_of_each_mode(mode, first_rule_paths):
     ("mode", "paths"),
     [
         (r.MODE_CONDITIONAL, [STATUS_PATH, to_producer(headers=ASYNC), DEFAULT_PATH]),
-        (r.MODE_ALWAYS, [STATUS_PATH, {**DEFAULT_PATH, "headers": SYNC}, to_producer()]),
+        (r.MODE_ALWAYS, [STATUS_PATH, {**DEFAULT_PATH, "headers": SYNC}, {**DEFAULT_PATH, "headers": REPLAY},
+                         to_producer()]),
     ],
 )
 def test_cluster_local_rule_keeps_hosts_and_visibility(mode, paths):

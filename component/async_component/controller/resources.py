@@ -29,6 +29,11 @@ PREFER_HEADER = "Prefer"
 RESPOND_ASYNC = "respond-async"
 RESPOND_SYNC = "respond-sync"
 ORIGINAL_HOST_HEADER = "Async-Original-Host"
+REPLAY_HEADER = "Async-Replay"
+REPLAY_VALUE = "true"
+"""Every replay carries ``Async-Replay: true``: always-mode routes send it to the Service whatever else its
+``Prefer`` says (``respond-sync, return=minimal`` does not match ``respond-sync`` exactly), and a producer that
+gets one anyway refuses it (508) instead of queueing the request again."""
 
 STATUS_PATH_PREFIX = "/.well-known/async-requests/"
 """Requests under this prefix read a queued request's status from the producer."""
@@ -197,17 +202,20 @@ def _rule_paths(parent: Mapping[str, Any], paths: list[dict[str, Any]], mode: st
             for p in paths
         ]
         return [status, *to_producer, *copy.deepcopy(paths)]
-    # always: only requests that say respond-sync (the consumer's replays) reach the Service
-    sync = []
+    # always: only requests that say respond-sync, and replays, reach the Service
+    sync, replays = [], []
     for p in paths:
         kept = copy.deepcopy(p)
         kept["headers"] = _with_prefer(p, RESPOND_SYNC)
         sync.append(kept)
+        replay = copy.deepcopy(p)
+        replay["headers"] = {**copy.deepcopy(dict(p.get("headers") or {})), REPLAY_HEADER: {"exact": REPLAY_VALUE}}
+        replays.append(replay)
     to_producer = [
         _producer_path(parent, producer_host, path=p, headers=p.get("headers") or {})
         for p in paths
     ]
-    return [status, *sync, *to_producer]
+    return [status, *sync, *replays, *to_producer]
 
 
 def _set_defaults(spec: dict[str, Any]) -> None:

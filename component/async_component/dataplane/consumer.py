@@ -8,7 +8,8 @@ share it: the HTTP app (:func:`make_app`), which receives the request as a
 CloudEvent from our source or from Knative's RedisStreamSource (binary or
 structured mode) and answers with the :class:`Answer`; and a source delivering
 in-process (:mod:`.source`), which hands it stream entries directly. The
-replay carries ``Prefer: respond-sync`` so the network layer routes it to the
+replay carries ``Prefer: respond-sync`` (before the request's other
+preferences) and ``Async-Replay: true`` so the network layer routes it to the
 Service itself, not back to the producer.
 """
 
@@ -40,7 +41,8 @@ from .records import (
     retry_key,
 )
 from .redisconn import make_redis, redis_address
-from ..controller.resources import PREFER_HEADER, RESPOND_SYNC, is_status_path
+from ..controller.resources import PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, RESPOND_SYNC, is_status_path
+from .preferences import replay_preference
 from .retries import RetryMover, backoff, replay_retryable
 from ..settings import ConsumerSettings, ReplaySettings
 from ..logthrottle import LogThrottle
@@ -54,7 +56,8 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "Async-Request-Id"
 ATTEMPT_HEADER = "Async-Attempt"
-REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(), "host"})
+REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(),
+                              REPLAY_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
 
 MAX_EVENT_SIZE = 64 * 1024 * 1024
@@ -142,9 +145,15 @@ def split_url(url: str) -> tuple[str, str]:
     return parts.netloc.lower(), (rest if rest.startswith("/") else "/" + rest)
 
 
+_PREFER = PREFER_HEADER.lower()
+
+
 def replay_headers(envelope: Envelope, attempt: int, host: str | None) -> CIMultiDict:
+    """The queued headers, with ``respond-sync`` before the request's other preferences, and the replay's own."""
     headers = CIMultiDict((k, v) for k, v in envelope.headers if k.lower() not in REPLACED_HEADERS)
-    headers[PREFER_HEADER] = RESPOND_SYNC
+    prefer = [v for k, v in envelope.headers if k.lower() == _PREFER]
+    headers[PREFER_HEADER] = replay_preference(prefer) if prefer else RESPOND_SYNC
+    headers[REPLAY_HEADER] = REPLAY_VALUE
     headers[REQUEST_ID_HEADER] = envelope.id
     headers[ATTEMPT_HEADER] = str(attempt)
     if host is not None:

@@ -36,6 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
+from . import preferences
 from .enqueuer import Enqueuer
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
@@ -43,7 +44,8 @@ from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, recor
 from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
 from ..controller.resources import (
-    ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
+    ORIGINAL_HOST_HEADER, PREFER_HEADER, REPLAY_HEADER, RESPOND_ASYNC, STATUS_METHODS, STATUS_PATH_PREFIX,
+    is_status_path,
 )
 from ..settings import ProducerSettings, SettingsError
 
@@ -59,7 +61,7 @@ VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
 _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
 REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed",
-                  "too_many_connections")
+                  "too_many_connections", "replay_loop")
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -68,11 +70,11 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 LOCATION_SEPARATOR = "."
 """Between entry id and request id in a status path: in neither alphabet."""
-_PREFERENCES = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
 
 _PREFER = PREFER_HEADER.lower()
-DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower()}
+DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower(), REPLAY_HEADER.lower()}
 _DROPPED_RAW = frozenset(name.encode("latin-1") for name in DROPPED_REQUEST_HEADERS)
+_REPLAY_RAW = REPLAY_HEADER.lower().encode("latin-1")
 _PREFER_RAW = _PREFER.encode("latin-1")
 _ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
 _READS = ("GET", "HEAD")
@@ -83,6 +85,10 @@ _NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower()}
 
 class BadRequest(Exception):
     """The request cannot be queued as sent (400)."""
+
+
+class ReplayLoop(Exception):
+    """A replay was routed here instead of to its Service (508): queued, it would come back again and again."""
 
 
 # --- what a request says
@@ -119,12 +125,7 @@ def host_allowed(host: str, allowed: Iterable[str]) -> bool:
 
 def without_respond_async(value: str) -> str:
     """``Prefer`` without the ``respond-async`` preference ('' when nothing else is left)."""
-    kept = [
-        part.strip()
-        for part in _PREFERENCES.findall(value)
-        if part.strip() and re.split(r"[=;]", part, maxsplit=1)[0].strip().lower() != RESPOND_ASYNC
-    ]
-    return ", ".join(kept)
+    return preferences.without(value, RESPOND_ASYNC)
 
 
 def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
@@ -140,6 +141,9 @@ def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
     for raw_name, raw_value in raw_headers:
         lower = raw_name.lower()
         if lower in dropped:
+            if lower == _REPLAY_RAW:
+                raise ReplayLoop(f"a replay ({REPLAY_HEADER}) reached the producer instead of its Service: "
+                                 "check the network layer's routes")
             continue
         if lower == _PREFER_RAW:
             if raw_value == b"respond-async":  # what almost every async request says: nothing left
@@ -329,7 +333,12 @@ class Producer:
             self.metrics.rejected_for["bad_request"].inc()
             return error_response(400, str(exc))
         connection = request.values(b"connection")
-        headers = forwarded_headers(request.headers, [header_text(v) for v in connection] if connection else None)
+        try:
+            headers = forwarded_headers(request.headers, [header_text(v) for v in connection] if connection else None)
+        except ReplayLoop as exc:
+            log.error("not queued: %s %s for %s: %s", request.method, request.target[:200], host, exc)
+            self.metrics.rejected_for["replay_loop"].inc()
+            return error_response(508, str(exc))
         request_id = self.new_request_id()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
                                  time.time())
