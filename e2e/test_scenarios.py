@@ -17,11 +17,13 @@ import os
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from async_component.dataplane.envelope import Envelope, event_attributes, event_data
 from async_component.dataplane.records import RUNNING, Record, record_key
 from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL, SERVICE_PLAIN, Backend
-from client import Client
+from client import Client, Reply
 
 
 @pytest.fixture
@@ -132,6 +134,28 @@ async def test_binary_body_repeated_headers_and_query_arrive_unchanged(client: C
     assert echo["query_string"] == "sleep=0&tag=a&tag=b&empty="
     assert echo_headers(echo, "X-Repeated") == ["one", "two"]
     assert echo_headers(echo, "Content-Type") == ["application/octet-stream"]
+
+
+async def test_header_bytes_that_are_not_utf8_reach_the_service_unchanged(client: Client, backend: Backend):
+    """Like the body, a header value is bytes: ff fe 80 arrives as ff fe 80, not re-encoded as UTF-8."""
+    url = URL(backend.gateway_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(b"GET /binary-header?sleep=0 HTTP/1.1\r\nHost: " + backend.host(SERVICE_CONDITIONAL).encode()
+                     + b"\r\nPrefer: respond-async\r\nX-Binary: a\xff\xfe\x80z\r\nX-Utf8: caf\xc3\xa9\r\n"
+                     b"Connection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert head[0].startswith("HTTP/1.1 202 "), answer
+    location = next(line.split(": ", 1)[1] for line in head if line.lower().startswith("location:"))
+    accepted = Reply(202, CIMultiDictProxy(CIMultiDict(Location=location)), b"", 0.0)
+    final, _ = await client.follow(SERVICE_CONDITIONAL, accepted)
+    assert final.status == 200, final.body
+    echo = final.json()
+    assert [v.encode("utf-8", "surrogateescape") for v in echo_headers(echo, "X-Binary")] == [b"a\xff\xfe\x80z"]
+    assert echo_headers(echo, "X-Utf8") == ["caf\u00e9"]
 
 
 async def test_client_sent_original_host_cannot_redirect_the_request(client: Client):

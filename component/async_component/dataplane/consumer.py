@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import httptools
 import redis.asyncio as aioredis
 from aiohttp import hdrs, web
 from cloudevents.v1.http import from_http
@@ -34,6 +35,7 @@ from redis.exceptions import NoScriptError
 from yarl import URL
 
 from .. import logs, probes
+from . import rawhttp
 from .batching import Batcher
 from .envelope import STREAM_FIELD, Envelope, EnvelopeError, header_text
 from .records import (
@@ -345,13 +347,18 @@ class Consumer:
         headers = replay_headers(envelope, attempt, host if gateway else None)
         started = time.perf_counter()
         try:
-            async with self.session.request(envelope.method, url, headers=headers, data=envelope.body or None,
-                                            allow_redirects=False) as resp:
-                body = await resp.read()
-                recorded = RecordedResponse(resp.status, response_headers(_raw_headers(resp.raw_headers)), body)
+            if rawhttp.has_binary(headers.items()):  # aiohttp would not send these bytes as they are
+                raw = await rawhttp.exchange(envelope.method, str(url), headers.items(), envelope.body,
+                                             timeout=self.settings.request_timeout)
+                recorded = RecordedResponse(raw.status, response_headers(_raw_headers(raw.headers)), bytes(raw.body))
+            else:
+                async with self.session.request(envelope.method, url, headers=headers, data=envelope.body or None,
+                                                allow_redirects=False) as resp:
+                    body = await resp.read()
+                    recorded = RecordedResponse(resp.status, response_headers(_raw_headers(resp.raw_headers)), body)
         except aiohttp.InvalidURL as exc:
             return Replayed(error=f"invalid URL {exc}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, httptools.HttpParserError) as exc:
             error = (f"no answer within {self.settings.request_timeout:g}s" if isinstance(exc, TimeoutError)
                      else f"{type(exc).__name__}: {exc}")
             log.info("request %s attempt %d: %s %s failed: %s", envelope.id, attempt, envelope.method, url, error)

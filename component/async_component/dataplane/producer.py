@@ -39,7 +39,7 @@ from .. import logs, probes
 from . import preferences
 from .enqueuer import Enqueuer
 from .http1 import Request, Response, Server, json_response
-from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
+from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
 from .records import HOP_BY_HOP, PENDING_STATES, QUEUED, RETRYING, Record, record_key
 from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
@@ -148,11 +148,11 @@ def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
         if lower == _PREFER_RAW:
             if raw_value == b"respond-async":  # what almost every async request says: nothing left
                 continue
-            value = without_respond_async(header_text(raw_value))
+            value = without_respond_async(header_value(raw_value))
             if not value:
                 continue
         else:
-            value = header_text(raw_value)
+            value = header_value(raw_value)  # the bytes sent, whatever they are: the replay sends them back
         result.append((raw_name.decode("latin-1"), value))  # a name is a token: ASCII
     return result
 
