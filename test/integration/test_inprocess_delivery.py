@@ -168,6 +168,25 @@ async def test_503_forever_is_dead_lettered_after_max_attempts(redis_url, redis_
     assert Envelope.from_stream_fields(dead).id == envelope.id and dead[b"status"] == b"503"
 
 
+@pytest.mark.parametrize("path", ["/.well-known/async-requests/x", "/a/..//.well-known/async-requests/x?q=1",
+                                  "/%2Ewell-known/async-requests/x"])
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_an_entry_for_the_status_path_is_dead_lettered_never_replayed(redis_url, redis_client, path, over_http):
+    """Replayed, it would reach the producer, not the Service, and be queued again without end."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        sink_url = await stack.enter_async_context(http_consumer(redis_url)) if over_http else None
+        await stack.enter_async_context(running(source_settings(redis_url, sink_url=sink_url)))
+        envelope = await queue(redis_client, target, path)
+        assert await eventually(finished(redis_client, envelope))
+        assert await eventually(settled(redis_client))
+    assert target.seen == []
+    record = await record_of(redis_client, envelope.id)
+    assert record.state == FAILED and "status path" in record.error
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == envelope.id and b"status path" in dead[b"error"]
+    assert await redis_client.xinfo_stream(STREAM) and (await redis_client.xinfo_stream(STREAM))["entries-added"] == 1
+
+
 async def test_a_finished_request_delivered_again_is_acknowledged_without_a_replay(redis_url, redis_client):
     """A source that died between recording the outcome and acknowledging leaves the entry to be delivered again."""
     async with service() as target:

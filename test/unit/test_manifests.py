@@ -495,6 +495,20 @@ def test_redis_processes_share_one_redis_stream_and_key_space():
     assert refs == {json.dumps({"secretKeyRef": {"name": "async-redis", "key": "url"}}, sort_keys=True)}
 
 
+def test_the_e2e_redis_meets_the_redis_requirements():
+    """component/config/README.md asks for noeviction and appendonly yes; every Redis the project starts has them."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "e2e" / "kind" / "manifests" / "redis.yaml").read_text()) if d]
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    options = dict(zip(args[::2], args[1::2]))
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] in ("everysec", "always")
+    assert options["--maxmemory-policy"] == "noeviction"
+    readme = (CONFIG / "README.md").read_text()
+    assert "maxmemory-policy noeviction" in readme and "appendonly yes" in readme
+
+
 def test_the_redis_secret_holds_a_placeholder_url_the_processes_accept():
     secret = find(plain_objects(), ("v1", "Secret"), "async-redis")
     assert secret["metadata"]["namespace"] == NAMESPACE

@@ -32,6 +32,7 @@ from .. import logs, probes
 from .batching import Batcher
 from .delivery import DeliveryFailed, make_delivery
 from .envelope import as_text
+from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from ..protocol import dead_letter_entry
@@ -96,19 +97,23 @@ class Source:
         self.sink_throttle = LogThrottle(log)
         self.reclaim_cursor = "0-0"
         self.acks: Batcher[str, None] = Batcher(self._ack_batch)
+        self.redis_check = RedisCheck(self.redis, settings.redis_check_interval, who="source")
 
     def stop(self) -> None:
         self.stopping.set()
 
     async def ready(self) -> None:
         await self.redis.ping()
+        self.redis_check.require()
 
     # --- the loop
 
     async def run(self) -> None:
         await self.delivery.start()
+        await self.redis_check.check()
         drained = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(drained), name="source-heartbeat")
+        checks = asyncio.create_task(self.redis_check.run(drained), name="redis-check")
         log.info("source %s delivering %s (group %s) %s, %d at a time", self.name, self.settings.stream,
                  self.settings.group, self.delivery.description, self.settings.concurrency)
         try:
@@ -117,6 +122,7 @@ class Source:
         finally:
             drained.set()
             await heartbeat
+            await checks
             await self._leave_group()
             await self.delivery.close()
             if self.owns_redis:
