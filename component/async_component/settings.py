@@ -131,10 +131,11 @@ def log_level(raw: str) -> str:
     return value
 
 
-def setting(env: str, default: str, parse: Callable[[str], Any], help: str, *, alias: str = "") -> Any:
-    """Declare a field read from ``env`` (or ``alias``), with ``default`` as raw text."""
+def setting(env: str, default: str, parse: Callable[[str], Any], help: str, *, alias: str = "",
+            secret: bool = False) -> Any:
+    """Declare a field read from ``env`` (or ``alias``), with ``default`` as raw text; a secret stays out of repr."""
     return dataclasses.field(
-        default=parse(default),
+        default=parse(default), repr=not secret,
         metadata={"env": env, "alias": alias, "raw_default": default, "parse": parse, "help": help},
     )
 
@@ -175,6 +176,11 @@ def load(cls: type[S], environ: Mapping[str, str] | None = None, overrides: Mapp
 @dataclasses.dataclass(frozen=True)
 class RedisSettings:
     redis_url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0", redis_url, "Redis URL (redis:// or rediss:// for TLS)")
+    redis_username: str | None = setting(
+        "REDIS_USERNAME", "", optional(str), "Redis ACL user, when REDIS_URL names none (from the Secret's username key)")
+    redis_password: str | None = setting(
+        "REDIS_PASSWORD", "", optional(str), "Redis password, when REDIS_URL holds none (from the Secret's password key)",
+        secret=True)
     redis_ca_file: str | None = setting("REDIS_CA_FILE", "", optional(str), "PEM file of the CA that signed the Redis server's TLS certificate")
     stream: str = setting("STREAM_NAME", DEFAULT_STREAM, str, "Redis stream that holds queued requests")
     key_prefix: str = setting("KEY_PREFIX", DEFAULT_KEY_PREFIX, str, "prefix of the status, retry and dead-letter keys")
@@ -282,7 +288,20 @@ class ControllerSettings:
     system_namespace: str = setting("SYSTEM_NAMESPACE", DEFAULT_SYSTEM_NAMESPACE, str, "namespace where the producer runs")
     cluster_domain: str = cluster_domain_setting()
     log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
-    health_port: int = setting("HEALTH_PORT", "8081", port, "port for kopf's liveness endpoint /healthz (0: none)")
+    health_port: int = setting("HEALTH_PORT", "8081", port, "port for the liveness endpoint /healthz, which says standby or leading (0: none)")
+    lease_name: str = setting(
+        "LEASE_NAME", "async-controller", str,
+        "Lease in SYSTEM_NAMESPACE that elects the one active replica ('': no election, run at once)")
+    lease_duration: float = setting("LEASE_DURATION", "15", positive_float,
+                                    "seconds a leader's Lease holds without renewal before a standby takes over")
+    lease_renew_period: float = setting("LEASE_RENEW_PERIOD", "2", positive_float,
+                                        "seconds between a leader's renewals and a standby's attempts")
+    identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (default: host name and pid)")
+
+    def __post_init__(self) -> None:
+        if self.lease_name and self.lease_renew_period * 2 > self.lease_duration:
+            raise SettingsError("LEASE_RENEW_PERIOD must be at most half of LEASE_DURATION, or a leader loses its Lease "
+                                "between two renewals")
 
     @property
     def producer_host(self) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import kmock
 
 INGRESS_RESOURCE = "networking.internal.knative.dev/v1alpha1/ingresses"
+LEASE_RESOURCE = "coordination.k8s.io/v1/leases"
 
 WRITE_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE)
 RECENT_REQUESTS = 32
@@ -42,6 +43,9 @@ class Emulator(kmock.KubernetesEmulator):
                 verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
                 subresources={"status"} if plural != "events" else set(),
             )
+        self.resources[LEASE_RESOURCE] = kmock.ResourceInfo(
+            kind="Lease", namespaced=True, verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
+        )
         self.resources[INGRESS_RESOURCE] = kmock.ResourceInfo(
             kind="Ingress", singular="ingress", namespaced=True, shortnames={"kingress", "king"},
             verbs={"create", "delete", "get", "list", "patch", "update", "watch"}, subresources={"status"},

@@ -12,9 +12,7 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 import kmock
@@ -23,23 +21,15 @@ import pytest
 
 from async_component.controller import resources as r
 from async_component.controller.kubeapi import INGRESSES, SERVICES, KubeApi
-from async_component.local.ports import free_port
 from async_component.settings import INGRESS_CLASSES
 
+from .controller_process import Operator, start_operator
 from .knative_models import NetworkLayer, Serving
 from .kube_emulator import EmulatorThread
 
 KOURIER = INGRESS_CLASSES[0]
 PRODUCER = "async-producer.knative-system.svc.cluster.local"
 DEADLINE = 15.0  # generous: polls return as soon as the check passes
-
-
-class Operator:
-    def __init__(self, process: subprocess.Popen, log_path: Path, health_url: str) -> None:
-        self.process, self.log_path, self.health_url = process, log_path, health_url
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.fixture(scope="module")
@@ -50,40 +40,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def operator(cluster: EmulatorThread, tmp_path_factory: pytest.TempPathFactory):
-    workdir = tmp_path_factory.mktemp("controller")
-    kubeconfig = workdir / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: emulator\n"
-        f"clusters: [{{name: emulator, cluster: {{server: '{cluster.url}'}}}}]\n"
-        "users: [{name: tester, user: {}}]\n"
-        "contexts: [{name: emulator, context: {cluster: emulator, user: tester}}]\n"
-    )
-    health_port = free_port()
-    env = dict(os.environ, KUBECONFIG=str(kubeconfig), HEALTH_PORT=str(health_port),
-               SYSTEM_NAMESPACE="knative-system", LOG_LEVEL="INFO")
-    env.pop("INGRESS_CLASS_NAME", None)
-    log_path = workdir / "controller.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "async_component", "controller"],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    operator = Operator(process, log_path, f"http://127.0.0.1:{health_port}/healthz")
-    deadline = time.monotonic() + 2 * DEADLINE  # a busy machine imports kopf slowly
-    while True:
-        try:
-            with urllib.request.urlopen(operator.health_url, timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the controller did not start:\n{operator.log_tail()}")
-            time.sleep(0.05)
+    operator = start_operator(cluster.url, tmp_path_factory.mktemp("controller"))
     yield operator
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    operator.stop()
 
 
 @pytest.fixture

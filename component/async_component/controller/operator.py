@@ -22,16 +22,22 @@ the parent over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import logging
+import os
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import kopf
+from aiohttp import web
 
 from .. import logs
 from .drift import drift_patch
 from .kubeapi import INGRESSES, SERVICES, ApiError, KubeApi, Resource
+from .leader import LeaderElector
 from .resources import (
     ASYNC_INGRESS_CLASS,
     LAYER_FINALIZER,
@@ -287,16 +293,78 @@ def run(settings: ControllerSettings) -> int:
     logs.configure("controller", settings.log_level)
     if settings.log_level != "DEBUG":  # kopf logs every handler call; ours say what changed
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    return asyncio.run(_run(settings))
+
+
+async def _run(settings: ControllerSettings) -> int:
     operator_settings = make_operator_settings()
     reconciler = Reconciler(KubeApi(login=functools.partial(login, operator_settings)), settings)
-    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    identity = settings.identity or f"{socket.gethostname()}-{os.getpid()}"
+    state = {"state": "standby" if settings.lease_name else "leading", "identity": identity}
+    async with liveness_endpoint(settings.health_port, state):
+        if not settings.lease_name:
+            await _operate(settings, operator_settings, reconciler, identity, None)
+            return 0
+        # Its own client: kopf's cleanup closes the reconciler's, and the Lease outlives kopf.
+        elector = LeaderElector(KubeApi(login=functools.partial(login, operator_settings)),
+                                settings.system_namespace, settings.lease_name, identity,
+                                duration=settings.lease_duration, renew_period=settings.lease_renew_period)
+        try:
+            await elector.acquire()
+            state["state"] = "leading"
+            lost = await _operate(settings, operator_settings, reconciler, identity, elector)
+            if lost:
+                return 1  # the pod restarts and stands by
+            await elector.release()
+            return 0
+        finally:
+            await elector.api.close()
+
+
+async def _operate(settings: ControllerSettings, operator_settings: kopf.OperatorSettings, reconciler: Reconciler,
+                   identity: str, elector: LeaderElector | None) -> bool:
+    """Run kopf until it stops (a signal) or the Lease is lost; True when lost."""
     log.info("watching Ingresses of class %s cluster-wide; children get class %s, producer %s, cluster domain %s",
              ASYNC_INGRESS_CLASS, settings.ingress_class, settings.producer_host, settings.cluster_domain)
-    asyncio.run(kopf.operator(
-        registry=make_registry(reconciler, operator_settings),
-        settings=operator_settings,
-        clusterwide=True,
-        standalone=True,
-        liveness_endpoint=liveness,
-    ))
-    return 0
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(_stop_when_lost(elector, stop)) if elector else None
+    try:
+        await kopf.operator(
+            registry=make_registry(reconciler, operator_settings),
+            settings=operator_settings,
+            identity=identity,  # kopf types it as a NewType of str; no getpass (any UID works)
+            clusterwide=True,
+            standalone=True,
+            stop_flag=stop,
+        )
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+    return keeper is not None and keeper.done() and not keeper.cancelled() and keeper.result()
+
+
+async def _stop_when_lost(elector: LeaderElector, stop: asyncio.Event) -> bool:
+    await elector.keep()
+    stop.set()
+    return True
+
+
+@contextlib.asynccontextmanager
+async def liveness_endpoint(port: int, state: dict[str, str]) -> AsyncIterator[None]:
+    """``/healthz`` for the process's whole life, standing by or leading (so no gap at a handover)."""
+    if not port:
+        yield
+        return
+    app = web.Application()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()

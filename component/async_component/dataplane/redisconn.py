@@ -19,6 +19,11 @@ def make_redis(settings: RedisSettings, *, socket_timeout: float | None = 5.0, m
     }
     if settings.redis_ca_file:
         kwargs["ssl_ca_certs"] = settings.redis_ca_file
+    # Credentials in the URL win (redis-py lets them override these); separate ones need no URL-encoding.
+    if settings.redis_username:
+        kwargs["username"] = settings.redis_username
+    if settings.redis_password:
+        kwargs["password"] = settings.redis_password
     return aioredis.Redis.from_url(settings.redis_url, **kwargs)
 
 
