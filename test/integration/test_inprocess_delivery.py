@@ -187,6 +187,36 @@ async def test_an_entry_for_the_status_path_is_dead_lettered_never_replayed(redi
     assert await redis_client.xinfo_stream(STREAM) and (await redis_client.xinfo_stream(STREAM))["entries-added"] == 1
 
 
+def poison(target: Service, **changes) -> dict:
+    """A stream entry the producer never writes: its envelope with ``changes``."""
+    doc = json.loads(Envelope.new("POST", f"http://{target.host}/work", [], b"x", accepted_at=1.0).to_json())
+    return {"data": json.dumps({**doc, **changes})}
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"url": "http://[::1/x"}, "does not parse"),
+    ({"url": "http://a.b.svc.cluster.local:port/x"}, "does not parse"),
+    ({"url": "mailto:a@b"}, "not an http(s) URL"),
+    ({"attempt": 2**70}, "attempt must be"),
+    ({"accepted_at": float("nan")}, "accepted_at must be"),
+    ({"body_encoding": "rot13"}, "body_encoding"),
+])
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_a_poison_entry_is_dead_lettered_with_its_reason(redis_url, redis_client, changes, reason, over_http):
+    """Before: a URL that does not parse crashed the delivery again after each reclaim; attempt 2**70 passed
+    for "Redis unavailable" and was retried without end. Neither reached a dead letter."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        sink_url = await stack.enter_async_context(http_consumer(redis_url)) if over_http else None
+        await stack.enter_async_context(running(source_settings(redis_url, sink_url=sink_url)))
+        fields = poison(target, **changes)
+        await redis_client.xadd(STREAM, fields)
+        assert await eventually(settled(redis_client), timeout=5)
+    assert target.seen == []
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert dead[b"data"] == fields["data"].encode() and dead[b"status"] == b"400"
+    assert reason.encode() in dead[b"error"], dead[b"error"]
+
+
 async def test_a_finished_request_delivered_again_is_acknowledged_without_a_replay(redis_url, redis_client):
     """A source that died between recording the outcome and acknowledging leaves the entry to be delivered again."""
     async with service() as target:

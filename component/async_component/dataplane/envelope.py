@@ -20,6 +20,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 import os
 import secrets
 import time
@@ -36,6 +37,8 @@ EVENT_TYPE = "dev.knative.sources.redisstream"
 EVENT_CONTENT_TYPE = "application/json"
 
 _ENCODINGS = ("utf-8", "base64")
+MAX_ATTEMPT = 2**31 - 1
+"""Attempts already made, at most: no MAX_ATTEMPTS comes near it, and Redis and Lua count it exactly."""
 
 
 class EnvelopeError(ValueError):
@@ -209,10 +212,10 @@ class Envelope:
             raise EnvelopeError("headers must be a list of [name, value] string pairs")
         if "binary_headers" in doc:
             headers = _from_binary_safe(headers, doc["binary_headers"])
-        if not isinstance(accepted_at, (int, float)) or isinstance(accepted_at, bool):
-            raise EnvelopeError("accepted_at must be a number")
-        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
-            raise EnvelopeError("attempt must be a non-negative integer")
+        if not isinstance(accepted_at, (int, float)) or isinstance(accepted_at, bool) or not math.isfinite(accepted_at):
+            raise EnvelopeError("accepted_at must be a finite number")
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or not 0 <= attempt <= MAX_ATTEMPT:
+            raise EnvelopeError(f"attempt must be an integer from 0 to {MAX_ATTEMPT}")
         raw = decode_body(body, encoding)
         return cls(
             id=request_id,

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from aiohttp import hdrs
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from yarl import URL
 
 from . import rawhttp
@@ -57,6 +57,9 @@ Settle = Callable[..., None]
 REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(),
                               REPLAY_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
+
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+"""What an unreachable or refusing Redis raises: worth delivering again later, unlike any other error."""
 
 MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
@@ -101,7 +104,11 @@ class Replayed:
 
 def split_url(url: str) -> tuple[str, str]:
     """``(host[:port], path?query)`` of a stored URL, the target kept exactly as stored."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise EnvelopeError(f"the queued URL does not parse ({exc}): {url[:200]!r}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise EnvelopeError(f"the queued URL is not an http(s) URL: {url!r}")
     rest = url.split("://", 1)[1][len(parts.netloc):]
@@ -232,8 +239,10 @@ class Replayer:
         try:
             args = [running.to_json(), self.retention_ms, attempt]
             done_state = await self.starts.submit((key, args))
-        except Exception as exc:  # Redis down: nothing replayed yet; the source delivers again later
+        except REDIS_ERRORS as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
+        except Exception as exc:  # not Redis: this request would fail the same way every time
+            return self.unreplayable(event_id, envelope, exc)
         if done_state:
             state = done_state.decode()
             self.metrics.events_by["duplicate"].inc()
@@ -254,8 +263,10 @@ class Replayer:
                       replayed: Replayed, settle: str | None) -> Answer:
         try:
             state = await self._record_outcome(key, envelope, attempt, host, replayed, settle)
-        except Exception as exc:  # the outcome is not durable: let the source deliver again
+        except REDIS_ERRORS as exc:  # the outcome is not durable: let the source deliver again
             return self._unavailable(envelope, "recording the outcome of", exc)
+        except Exception as exc:  # not Redis: recording it would fail the same way every time
+            return self.unreplayable(envelope.id, envelope, exc)
         self.metrics.events_by["replayed"].inc()
         self.metrics.replays_by[state].inc()
         return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt})
@@ -266,6 +277,11 @@ class Replayer:
             message = message[:ERROR_BODY_LIMIT] + "..."
         log.warning("rejected a malformed event (ce-id %s): %s", event_id, message)
         return error_answer(400, message)
+
+    def unreplayable(self, event_id: str, envelope: Envelope, exc: BaseException) -> Answer:
+        """A request the core cannot handle (a bug or an input it did not foresee): 400, so it is dead-lettered."""
+        log.error("request %s cannot be replayed", envelope.id, exc_info=exc)
+        return self.malformed(event_id, f"request {envelope.id} cannot be replayed: {type(exc).__name__}: {exc}")
 
     def _unavailable(self, envelope: Envelope, what: str, exc: BaseException) -> Answer:
         self.metrics.events_by["redis_unavailable"].inc()
