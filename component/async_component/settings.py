@@ -257,6 +257,10 @@ class ReplaySettings(RedisSettings):
     retry_max_delay: float = setting("RETRY_MAX_DELAY", "300", non_negative_float, "longest retry delay in seconds")
     request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
     dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts, or are malformed")
+    dead_letter_max_length: int = setting(
+        "DEAD_LETTER_MAX_LENGTH", "100000", positive_int,
+        "entries the dead-letter stream keeps, the oldest trimmed first (approximately: up to a node of 100 more)",
+    )
     target_gateway_url: str | None = setting(
         "TARGET_GATEWAY_URL", "", optional(http_url),
         "send replayed requests to this gateway with the target's Host header instead of resolving the target host",
@@ -279,6 +283,10 @@ class SourceSettings(ReplaySettings):
     visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
     delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event (with SINK_URL)")
     health_port: int = setting("HEALTH_PORT", "8081", port, "port for /healthz, /readyz and /metrics (0: none)")
+    max_deliveries: int = setting(
+        "MAX_DELIVERIES", "5", positive_int,
+        "deliveries of one entry without an outcome (its process died each time) before it is dead-lettered",
+    )
     redis_check_interval: float = redis_check_setting()
 
 

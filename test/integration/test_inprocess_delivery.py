@@ -26,7 +26,7 @@ from async_component.settings import ConsumerSettings, SourceSettings
 
 from .aioserve import serve
 from .scripted import ScriptedServer, serving
-from .sourcerun import DEAD, STREAM, eventually, has, pending, running, settled, source_process
+from .sourcerun import DEAD, GROUP, STREAM, eventually, has, pending, running, settled, source_process
 
 class Service(ScriptedServer):
     """The Knative Service a request is replayed to: remembers (path, Async-Attempt) of each request."""
@@ -306,6 +306,44 @@ async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(
             assert heir.metrics.reclaimed._value.get() == 3
     assert sorted(target.seen) == sorted([(f"/n/{n}", "1") for n in range(3)] * 2)
     assert {(await record_of(redis_client, e.id)).state for e in envelopes} == {SUCCEEDED}
+
+
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_delivered_again(redis_url, redis_client,
+                                                                                             over_http):
+    """Delivered MAX_DELIVERIES times without an outcome (each process holding it died): the next reclaim gives up."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        doomed, survivor = await queue(redis_client, target, "/doomed"), await queue(redis_client, target, "/survivor")
+        await redis_client.xgroup_create(STREAM, GROUP, id="0")
+        ids = [entry_id for _, entries in await redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=2)
+               for entry_id, _ in entries]  # delivered once each
+        for _ in range(2):  # two more deaths for the doomed one: delivered 3 times
+            await redis_client.xclaim(STREAM, GROUP, "dead", min_idle_time=0, message_ids=ids[:1])
+        sink_url = await stack.enter_async_context(http_consumer(redis_url)) if over_http else None
+        settings = source_settings(redis_url, sink_url=sink_url, max_deliveries=3)
+        source = await stack.enter_async_context(running(settings))
+        assert await eventually(settled(redis_client))
+        assert source.metrics.delivered.labels("dead_lettered")._value.get() == 1
+    assert target.seen == [("/survivor", "1")]  # reclaimed a second time: still within the cap
+    assert (await record_of(redis_client, survivor.id)).state == SUCCEEDED
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == doomed.id
+    assert dead[b"error"].startswith(b"delivered 4 times without an outcome (MAX_DELIVERIES is 3)")
+
+
+async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries(redis_url, redis_client):
+    """Trimmed as entries are added, by the source (malformed entries) and by the replay (failed requests)."""
+    await redis_client.config_set("stream-node-max-entries", 10)  # approximate trimming drops whole nodes
+    async with service() as target, running(source_settings(redis_url, dead_letter_max_length=20, max_attempts=1)):
+        target.statuses = [404] * 50
+        for n in range(50):
+            await redis_client.xadd(STREAM, {"data": f"not a queued request {n}"})
+            await queue(redis_client, target, f"/missing/{n}")
+        assert await eventually(settled(redis_client))
+    assert len(target.seen) == 50
+    assert 20 <= await redis_client.xlen(DEAD) <= 30
+    kept = [fields[b"data"] for _, fields in await redis_client.xrange(DEAD)]
+    assert b"not a queued request 49" in kept and b"not a queued request 0" not in kept  # the oldest go first
 
 
 async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(redis_url, redis_client):

@@ -34,6 +34,7 @@ from yarl import URL
 
 from . import rawhttp
 from .batching import Batcher
+from .deadletters import add_dead_letter
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
@@ -380,7 +381,7 @@ class Replayer:
                                  None if replayed.response is None else replayed.response.status)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(key, record.to_json(), px=self.retention_ms)
-            pipe.xadd(settings.dead_letter_stream, dead)
+            add_dead_letter(pipe, settings, dead)
             self._settle(pipe, *entries)
             await pipe.execute()
         self.metrics.dead_lettered.inc()
