@@ -61,6 +61,9 @@ def poll(check, timeout: float = 30.0, interval: float = 0.05):
     (CONDITIONAL, "/.well-known/async-requests/abc", {}, "producer"),
     (ALWAYS, "/", {}, "producer"),
     (ALWAYS, "/", {"Prefer": "respond-sync"}, "app"),
+    (ALWAYS, "/", {"Prefer": "respond-sync, return=minimal"}, "producer"),
+    (ALWAYS, "/", {"Prefer": "respond-sync, return=minimal", "Async-Replay": "true"}, "app"),
+    (CONDITIONAL, "/", {"Prefer": "respond-sync, return=minimal", "Async-Replay": "true"}, "app"),
 ])
 def test_route_table_of_the_sample_services(service, path, headers, goes_to):
     routes = cluster_routes(load_services(APP_DIR), app_address="127.0.0.1:1", producer_address="127.0.0.1:2")

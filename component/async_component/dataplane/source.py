@@ -20,8 +20,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from collections.abc import Awaitable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -30,8 +30,10 @@ from redis.exceptions import ResponseError
 
 from .. import logs, probes
 from .batching import Batcher
+from .deadletters import add_dead_letter
 from .delivery import DeliveryFailed, make_delivery
 from .envelope import as_text
+from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from ..protocol import dead_letter_entry
@@ -96,19 +98,23 @@ class Source:
         self.sink_throttle = LogThrottle(log)
         self.reclaim_cursor = "0-0"
         self.acks: Batcher[str, None] = Batcher(self._ack_batch)
+        self.redis_check = RedisCheck(self.redis, settings.redis_check_interval, who="source")
 
     def stop(self) -> None:
         self.stopping.set()
 
     async def ready(self) -> None:
         await self.redis.ping()
+        self.redis_check.require()
 
     # --- the loop
 
     async def run(self) -> None:
         await self.delivery.start()
+        await self.redis_check.check()
         drained = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(drained), name="source-heartbeat")
+        checks = asyncio.create_task(self.redis_check.run(drained), name="redis-check")
         log.info("source %s delivering %s (group %s) %s, %d at a time", self.name, self.settings.stream,
                  self.settings.group, self.delivery.description, self.settings.concurrency)
         try:
@@ -117,6 +123,7 @@ class Source:
         finally:
             drained.set()
             await heartbeat
+            await checks
             await self._leave_group()
             await self.delivery.close()
             if self.owns_redis:
@@ -185,10 +192,40 @@ class Source:
         entries = [(as_text(entry_id), fields) for entry_id, fields in claimed
                    if fields is not None and as_text(entry_id) not in self.in_flight]
         if entries:
+            entries = await self._without_overdelivered(entries)
+        if entries:
             self.metrics.reclaimed.inc(len(entries))
             log.info("source %s reclaimed %d entries left pending past %gs: %s", self.name, len(entries),
                      settings.visibility_timeout, ", ".join(entry_id for entry_id, _ in entries))
         return entries, cursor == "0-0"
+
+    async def _without_overdelivered(self, entries: list[tuple[str, Mapping]]) -> list[tuple[str, Mapping]]:
+        """``entries`` but those delivered more than MAX_DELIVERIES times, which are dead-lettered instead.
+
+        A reclaimed entry was left by a process that died holding it; one that has come back this
+        often may be what kills it (too large, or a bug it triggers), so it is not tried again.
+        """
+        settings = self.settings
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in entries:
+                pipe.xpending_range(settings.stream, settings.group, min=entry_id, max=entry_id, count=1)
+            replies = await pipe.execute()
+        kept = []
+        for (entry_id, fields), reply in zip(entries, replies):
+            deliveries = reply[0]["times_delivered"] if reply else 0
+            if deliveries <= settings.max_deliveries:
+                kept.append((entry_id, fields))
+                continue
+            reason = (f"delivered {deliveries} times without an outcome (MAX_DELIVERIES is {settings.max_deliveries}):"
+                      " the process handling it may have died on it each time")
+            self._track(entry_id, self._give_up(entry_id, fields, reason))
+        return kept
+
+    async def _give_up(self, entry_id: str, fields: Mapping, reason: str) -> None:
+        if await self._settle(entry_id, dead_letter_entry(fields, reason)):
+            self.metrics.delivered_as["dead_lettered"].inc()
+            log.error("entry %s sent to %s, never delivered again: %s", entry_id, self.settings.dead_letter_stream,
+                      reason)
 
     async def _heartbeat(self, drained: asyncio.Event) -> None:
         """Reset the idle time of entries still being delivered, so no other source reclaims them."""
@@ -232,7 +269,11 @@ class Source:
     def _start(self, entry_id: str, fields: Mapping) -> None:
         if entry_id in self.in_flight:
             return
-        task = asyncio.create_task(self._deliver(entry_id, fields), name=f"deliver-{entry_id}")
+        self._track(entry_id, self._deliver(entry_id, fields))
+
+    def _track(self, entry_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` on the entry as an in-flight task (kept fresh, drained on stop)."""
+        task = asyncio.create_task(work, name=f"deliver-{entry_id}")
         self.in_flight[entry_id] = task
         task.add_done_callback(lambda task: self._finished(entry_id, task))
 
@@ -281,7 +322,7 @@ class Source:
                     await self.acks.submit(entry_id)
                 else:
                     async with self.redis.pipeline(transaction=True) as pipe:
-                        pipe.xadd(settings.dead_letter_stream, dict(dead_letter))
+                        add_dead_letter(pipe, settings, dead_letter)
                         self.settle_in(pipe, entry_id)
                         await pipe.execute()
                 return True
