@@ -16,11 +16,13 @@ import os
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from async_component.dataplane.envelope import Envelope, binary_event, event_source
 from async_component.dataplane.records import RUNNING, Record, record_key
 from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL, SERVICE_PLAIN, Backend
-from client import Client
+from client import Client, Reply
 
 
 @pytest.fixture
@@ -102,6 +104,24 @@ async def test_always_async_service_queues_without_the_header(client: Client):
     assert final.json()["path"] == "/always"
 
 
+@pytest.mark.parametrize("service", [SERVICE_CONDITIONAL, SERVICE_ALWAYS])
+async def test_other_preferences_reach_the_service_beside_respond_sync(client: Client, backend: Backend, redis,
+                                                                       service):
+    """Only respond-async is replaced; the replay still reaches the Service, never the producer again."""
+    before = await entries_added(redis, backend.stream)
+    prefer = "respond-async, return=minimal" if service == SERVICE_ALWAYS else "respond-async"
+    headers = [("Prefer", prefer), ("Prefer", "handling=lenient")] if service == SERVICE_ALWAYS else []
+    accepted = await client.request(service, "POST", "/prefer?sleep=0", data=b"x", headers=headers,
+                                    prefer_async=service == SERVICE_CONDITIONAL)
+    assert accepted.status == 202, accepted.body
+    final, _ = await client.follow(service, accepted)
+    assert final.status == 200 and final.headers["Async-Request-State"] == "succeeded"
+    expected = ["respond-sync, return=minimal, handling=lenient"] if service == SERVICE_ALWAYS else ["respond-sync"]
+    assert echo_headers(final.json(), "Prefer") == expected
+    await asyncio.sleep(0.5)
+    assert await entries_added(redis, backend.stream) == before + 1
+
+
 async def test_plain_service_ignores_the_async_preference(client: Client):
     reply = await client.request(SERVICE_PLAIN, "GET", "/plain?sleep=0", prefer_async=True)
     assert reply.status == 200
@@ -132,6 +152,28 @@ async def test_binary_body_repeated_headers_and_query_arrive_unchanged(client: C
     assert echo_headers(echo, "Content-Type") == ["application/octet-stream"]
 
 
+async def test_header_bytes_that_are_not_utf8_reach_the_service_unchanged(client: Client, backend: Backend):
+    """Like the body, a header value is bytes: ff fe 80 arrives as ff fe 80, not re-encoded as UTF-8."""
+    url = URL(backend.gateway_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(b"GET /binary-header?sleep=0 HTTP/1.1\r\nHost: " + backend.host(SERVICE_CONDITIONAL).encode()
+                     + b"\r\nPrefer: respond-async\r\nX-Binary: a\xff\xfe\x80z\r\nX-Utf8: caf\xc3\xa9\r\n"
+                     b"Connection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert head[0].startswith("HTTP/1.1 202 "), answer
+    location = next(line.split(": ", 1)[1] for line in head if line.lower().startswith("location:"))
+    accepted = Reply(202, CIMultiDictProxy(CIMultiDict(Location=location)), b"", 0.0)
+    final, _ = await client.follow(SERVICE_CONDITIONAL, accepted)
+    assert final.status == 200, final.body
+    echo = final.json()
+    assert [v.encode("utf-8", "surrogateescape") for v in echo_headers(echo, "X-Binary")] == [b"a\xff\xfe\x80z"]
+    assert echo_headers(echo, "X-Utf8") == ["caf\u00e9"]
+
+
 async def test_client_sent_original_host_cannot_redirect_the_request(client: Client):
     accepted = await client.request(
         SERVICE_CONDITIONAL, "GET", "/spoof?sleep=0",
@@ -156,11 +198,33 @@ async def test_producer_refuses_targets_outside_the_allowed_hosts(client: Client
     assert await entries_added(redis, backend.stream) == before
 
 
+@pytest.mark.parametrize("service", [SERVICE_CONDITIONAL, SERVICE_ALWAYS])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_status_path_is_never_queued_or_replayed(client: Client, backend: Backend, redis, service, method):
+    """A write to the status path once made its replay come back to the producer and be queued again, forever."""
+    before = await entries_added(redis, backend.stream)
+    reply = await client.request(service, method, "/.well-known/async-requests/x", data=b"x", prefer_async=True)
+    assert reply.status == 405, reply.body
+    assert reply.headers["Allow"] == "GET, HEAD"
+    await asyncio.sleep(1.0)  # a replay loop would have added entries by now
+    assert await entries_added(redis, backend.stream) == before
+
+
 async def test_too_large_body_is_refused_and_nothing_queued(client: Client, backend: Backend, redis):
     before = await entries_added(redis, backend.stream)
     reply = await client.request(SERVICE_CONDITIONAL, "POST", "/big", data=b"x" * 7_000_000, prefer_async=True)
     assert reply.status == 413
     assert await entries_added(redis, backend.stream) == before
+
+
+@pytest.mark.parametrize("prefer_async", [True, False])
+async def test_a_body_sent_after_100_continue_arrives(client: Client, prefer_async):
+    reply = await client.request(SERVICE_CONDITIONAL, "POST", "/continued?sleep=0", data=b"x" * 100_000,
+                                 headers=[("Expect", "100-continue")], prefer_async=prefer_async)
+    if prefer_async:
+        assert reply.status == 202
+        reply, _ = await client.follow(SERVICE_CONDITIONAL, reply)
+    assert reply.status == 200 and reply.json()["body_length"] == 100_000
 
 
 async def test_retryable_failures_are_retried_until_success(client: Client):

@@ -45,6 +45,7 @@ import figures
 import machine
 import servers
 import wrk
+from async_component.cli import HelpFormatter
 from async_component.dataplane.enqueuer import Enqueuer
 from async_component.dataplane.envelope import Envelope
 from async_component.dataplane.queues import Layout
@@ -544,7 +545,9 @@ def bench_many_services(services: int = 1000, each: int = 10) -> tuple[list[Figu
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Component benchmarks on 127.0.0.1, reported as ratios.")
+    parser = argparse.ArgumentParser(description="Component benchmarks on 127.0.0.1, reported as ratios. "
+                                     "Exits 1 when a target is missed (after writing the results).",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated benchmarks to run (1-6)")
     parser.add_argument("--seconds", type=float, default=15.0, help="wrk duration per producer/bare run")
     parser.add_argument("--workers", default="1,2", help="producer (and bare handler) worker counts to compare")
@@ -619,11 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     (folder / "bench.json").write_text(figures.to_json(found, facts) + "\n")
     print(text)
     print(f"results: {folder}/bench.md and bench.json")
-    for figure in found:
-        if figure.met is False:
-            print(f"MISSED: {figure.bench}: {figure.name}: {figures.fmt_value(figure.value, figure.unit)}"
-                  f" (target {figure.target})", file=sys.stderr)
-    return 0
+    for figure in figures.missed(found):
+        print(f"MISSED: {figure.bench}: {figure.name}: {figures.fmt_value(figure.value, figure.unit)}"
+              f" (target {figure.target})", file=sys.stderr)
+    if status := figures.exit_status(found):
+        print(f"bench: MISSED {len(figures.missed(found))} target(s): {figures.summary_line(found)}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -25,11 +25,55 @@ ATTEMPT_HEADER = "Async-Attempt"
 """On every replay: 1 for the first."""
 STATE_HEADER = "Async-Request-State"
 """On a status answer: the request's state."""
+REPLAY_HEADER = "Async-Replay"
+REPLAY_VALUE = "true"
+"""Every replay carries ``Async-Replay: true``: always-mode routes send it to the Service whatever else its
+``Prefer`` says (``respond-sync, return=minimal`` does not match ``respond-sync`` exactly), and a producer that
+gets one anyway refuses it (508) instead of queueing the request again."""
 
 # --- the status resource
 
 STATUS_PATH_PREFIX = "/.well-known/async-requests/"
 """Requests under this prefix read a queued request's status from the producer."""
+STATUS_METHODS = ("GET", "HEAD")
+"""What the status path answers; anything else there gets 405 and is never queued."""
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def is_status_path(path: str) -> bool:
+    """Whether a network layer may route ``path`` (no query) to the status path.
+
+    Envoy may normalise a path before matching it (percent-decoding unreserved characters,
+    removing dot segments, merging slashes), so the check is made on that form too: a
+    request queued under any spelling of the prefix would be replayed back to the producer.
+    """
+    if path.startswith(STATUS_PATH_PREFIX):
+        return True
+    if "%" not in path and "/." not in path and "//" not in path:
+        return False
+    return normalized_path(path).startswith(STATUS_PATH_PREFIX)
+
+
+def normalized_path(path: str) -> str:
+    """``path`` with unreserved characters percent-decoded, slashes merged and dot segments removed."""
+    parts = path.split("%")
+    decoded = [parts[0]]
+    for part in parts[1:]:
+        try:
+            char = chr(int(part[:2], 16)) if len(part) >= 2 else ""
+        except ValueError:
+            char = ""
+        decoded.append(char + part[2:] if char in _UNRESERVED and char else "%" + part)
+    segments: list[str] = []
+    for segment in "".join(decoded).split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    trailing = "/" if path.endswith(("/", "/.", "/..")) and segments else ""
+    return "/" + "/".join(segments) + trailing
 
 # --- headers of one hop only
 

@@ -93,6 +93,13 @@ def optional(parser: Callable[[str], T]) -> Callable[[str], T | None]:
     return parse
 
 
+def port_list(raw: str) -> tuple[int, ...]:
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    if not all(item.isascii() and item.isdigit() and 0 < int(item) <= 65535 for item in items):
+        raise ValueError("must be comma-separated TCP port numbers (1-65535)")
+    return tuple(sorted({int(item) for item in items}))
+
+
 def host_suffixes(raw: str) -> tuple[str, ...]:
     items = tuple(item.strip().lower() for item in raw.split(",") if item.strip())
     if not items:
@@ -211,6 +218,12 @@ def status_retention_setting() -> Any:
     return setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
 
 
+def redis_check_setting() -> Any:
+    """Declared by the producer's and the source's settings alike (one field object per class)."""
+    return setting("REDIS_CHECK_INTERVAL", "30", positive_float,
+                   "seconds between checks that Redis runs with maxmemory-policy noeviction and appendonly yes")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServiceSettings(RedisSettings):
     """What the producer and the consumer share: an HTTP port and the request records."""
@@ -229,11 +242,22 @@ class ProducerSettings(ServiceSettings):
         " (empty: .svc.<CLUSTER_DOMAIN>, every Service in the cluster)",
     )
     cluster_domain: str = cluster_domain_setting()
+    allowed_ports: tuple[int, ...] = setting(
+        "ALLOWED_PORTS", "", port_list,
+        "comma-separated ports a target host may name besides 80, the port of every Knative Service",
+    )
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
     max_queued_per_service: int = setting(
         "MAX_QUEUED_PER_SERVICE", "100000", positive_int,
         "requests queued for one Service (waiting, in flight or retrying) before the producer answers 503",
     )
+    header_timeout: float = setting("HEADER_TIMEOUT", "10", positive_float,
+                                    "seconds from a request's first byte to the end of its headers (else 408)")
+    body_min_rate: int = setting("BODY_MIN_RATE", "1024", positive_int,
+                                 "bytes per second a body must average after HEADER_TIMEOUT seconds of grace (else 408)")
+    max_connections: int = setting("MAX_CONNECTIONS", "1000", positive_int,
+                                   "open connections per worker; more are answered 503 and closed")
+    redis_check_interval: float = redis_check_setting()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -251,6 +275,10 @@ class ReplaySettings(RedisSettings):
     retry_max_delay: float = setting("RETRY_MAX_DELAY", "300", non_negative_float, "longest retry delay in seconds")
     request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
     dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts, or are malformed")
+    dead_letter_max_length: int = setting(
+        "DEAD_LETTER_MAX_LENGTH", "100000", positive_int,
+        "entries the dead-letter stream keeps, the oldest trimmed first (approximately: up to a node of 100 more)",
+    )
     target_gateway_url: str | None = setting(
         "TARGET_GATEWAY_URL", "", optional(http_url),
         "send replayed requests to this gateway with the target's Host header instead of resolving the target host",
@@ -268,7 +296,7 @@ class SourceSettings(ReplaySettings):
 
     sink_url: str | None = setting("SINK_URL", "", optional(http_url), "URL of a consumer to post CloudEvents to (unset: replay in this process)", alias="K_SINK")
     group: str = setting("CONSUMER_GROUP", DEFAULT_GROUP, str, "Redis consumer group shared by all source processes")
-    consumer_name: str = setting("CONSUMER_NAME", "", str, "this process's name in the group (default: host name and pid)")
+    consumer_name: str = setting("CONSUMER_NAME", "", str, "this process's name in the group (unset: its host name and pid)")
     concurrency: int = setting("CONCURRENCY", "32", positive_int, "deliveries in flight at once")
     max_inflight_per_service: int = setting(
         "MAX_INFLIGHT_PER_SERVICE", "8", positive_int,
@@ -278,6 +306,11 @@ class SourceSettings(ReplaySettings):
     visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
     delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event (with SINK_URL)")
     health_port: int = setting("HEALTH_PORT", "8081", port, "port for /healthz, /readyz and /metrics (0: none)")
+    max_deliveries: int = setting(
+        "MAX_DELIVERIES", "5", positive_int,
+        "deliveries of one entry without an outcome (its process died each time) before it is dead-lettered",
+    )
+    redis_check_interval: float = redis_check_setting()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +327,7 @@ class ControllerSettings:
                                     "seconds a leader's Lease holds without renewal before a standby takes over")
     lease_renew_period: float = setting("LEASE_RENEW_PERIOD", "2", positive_float,
                                         "seconds between a leader's renewals and a standby's attempts")
-    identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (default: host name and pid)")
+    identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (unset: its host name and pid)")
 
     def __post_init__(self) -> None:
         if self.lease_name and self.lease_renew_period * 2 > self.lease_duration:

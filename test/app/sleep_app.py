@@ -88,7 +88,8 @@ def _attempt(request: web.Request) -> int:
 
 
 def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")
+    """Bytes that are not UTF-8 as surrogate escapes (JSON \\udcXX), so a client can tell exactly what arrived."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _echo(request: web.Request, digest: str, length: int, slept: float) -> dict:

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -16,7 +17,7 @@ from cloudevents.v1.http import CloudEvent
 
 from async_component.dataplane import sink
 from async_component.dataplane import envelope as wire
-from async_component.dataplane.envelope import Envelope, event_attributes, event_data
+from async_component.dataplane.envelope import Envelope, event_attributes, event_data, header_value
 from async_component.local.ports import free_port
 from async_component.dataplane.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings
@@ -41,7 +42,8 @@ class Target(ScriptedServer):
 
     async def record(self, request: web.Request) -> dict:
         seen = {"method": request.method, "raw_path": request.raw_path,
-                "headers": list(request.headers.items()), "body": await request.read()}
+                "headers": list(request.headers.items()), "raw_headers": list(request.raw_headers),
+                "body": await request.read()}
         if self.on_request is not None:
             self.on_request()
         return seen
@@ -151,7 +153,8 @@ async def test_redis_stream_source_event_is_replayed_byte_for_byte(base, http, r
     assert (seen["method"], seen["raw_path"], seen["body"]) == ("PUT", "/items/a%2Fb?q=1&q=2&z=%20", body)
     assert target.header(0, "X-Tag") == ["one", "two"]
     assert target.header(0, "Content-Type") == ["application/octet-stream"]
-    assert target.header(0, "Prefer") == ["respond-sync"]
+    assert target.header(0, "Prefer") == ["respond-sync, wait=5, handling=lenient"]  # only respond-async is ours
+    assert target.header(0, "Async-Replay") == ["true"]
     assert target.header(0, "Async-Request-Id") == [envelope.id]
     assert target.header(0, "Async-Attempt") == ["1"]
     assert target.header(0, "User-Agent") == [] and target.header(0, "Accept-Encoding") == []
@@ -164,6 +167,33 @@ async def test_redis_stream_source_event_is_replayed_byte_for_byte(base, http, r
     assert ("Content-Encoding", "gzip") in record.response.headers
     assert all(k.lower() not in ("content-length", "transfer-encoding") for k, _ in record.response.headers)
     assert 86000 < await redis_client.ttl(record_key("async", envelope.id, f"127.0.0.1:{target.port}")) <= 86400
+
+
+@pytest.mark.parametrize("through_gateway", [False, True])
+async def test_header_bytes_that_are_not_utf8_are_replayed_unchanged(redis_url, http, redis_client, target,
+                                                                    through_gateway):
+    """aiohttp writes header text as UTF-8 (and drops what is not): such a request goes out byte for byte."""
+    changes = {"target_gateway_url": target.base} if through_gateway else {}
+    runner = await start_consumer(settings := settings_for(redis_url, **changes))
+    try:
+        headers = [("X-Binary", header_value(b"a\xff\xfe\x80z")), ("X-Utf8", "caf\u00e9"),
+                   ("Prefer", "return=minimal")]
+        envelope = Envelope.new("PATCH", "http://sleep.default.svc.cluster.local/b?x=1" if through_gateway
+                                else f"{target.base}/b?x=1", headers, b"body \xff")
+        entry_id = await queue(redis_client, envelope)
+        status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
+                                 *binary_event(entry_id, await fields_of(redis_client, entry_id)))
+    finally:
+        await runner.cleanup()
+    assert (status, doc["state"]) == (200, SUCCEEDED)
+    [seen] = target.seen
+    raw = dict(seen["raw_headers"])
+    assert raw[b"X-Binary"] == b"a\xff\xfe\x80z" and raw[b"X-Utf8"] == "caf\u00e9".encode()
+    assert raw[b"Prefer"] == b"respond-sync, return=minimal" and raw[b"Async-Replay"] == b"true"
+    assert (seen["method"], seen["raw_path"], seen["body"]) == ("PATCH", "/b?x=1", b"body \xff")
+    assert raw[b"Host"] == (b"sleep.default.svc.cluster.local" if through_gateway else f"127.0.0.1:{target.port}".encode())
+    record = await record_of(redis_client, envelope.id)
+    assert record.response.status == 200 and gzip.decompress(record.response.body) == b"reply to body \xff"
 
 
 async def fields_of(redis_client, entry_id: str):
@@ -237,6 +267,63 @@ async def test_gateway_gets_the_request_with_the_target_host(redis_url, http, re
     assert target.seen[0]["raw_path"] == "/x?y=1"
     assert target.header(0, "Host") == ["sleep.default.svc.cluster.local"]
     assert (await record_of(redis_client, envelope.id)).host == "sleep.default.svc.cluster.local"
+
+
+# --- Knative's RedisStreamSource, as its receive adapter sends events
+
+VECTORS = Path(__file__).parent.parent / "vectors" / "redisstreamsource"
+
+
+def go_json(value) -> str:
+    """JSON as Go's encoder writes it: compact, with &, < and > escaped."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+async def send_recorded(port: int, headers: list[list[str]], body: bytes) -> tuple[int, dict]:
+    """One request exactly as recorded (header order and case), but for Host and Content-Length; its answer."""
+    head = [f"{k}: {v}" for k, v in headers if k.lower() not in ("host", "content-length")]
+    request = "\r\n".join(["POST / HTTP/1.1", f"Host: 127.0.0.1:{port}", *head, f"Content-Length: {len(body)}", "", ""])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request.encode("latin-1") + body)
+        status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        answer = await reader.readexactly(length)
+    finally:
+        writer.close()
+    return int(status_line.split()[1]), json.loads(answer)
+
+
+@pytest.mark.parametrize("escaped", [False, True])
+async def test_the_adapters_own_event_is_replayed(redis_url, redis_client, target, escaped):
+    """The recorded adapter request (compact JSON, Go's escapes, ce-time in nanoseconds, Kn-Namespace, Traceparent)."""
+    vector = json.loads((VECTORS / "binary-mode-event.json").read_text())
+    body = vector["body"].encode()
+    [field, document] = json.loads(body)
+    envelope = Envelope.from_json(document)
+    if escaped:  # the sample has no character Go escapes: one that has them all
+        doc = dict(json.loads(document), url="http://127.0.0.1:18081/echo?a=1&b=<2>", body="<a & b>")
+        body = go_json([field, go_json(doc)]).encode()
+        assert b"\\u0026" in body and b"&" not in body
+    settings = settings_for(redis_url, target_gateway_url=target.base)
+    runner = await start_consumer(settings)
+    try:
+        status, doc = await send_recorded(settings.port, vector["headers"], body)
+    finally:
+        await runner.cleanup()
+    assert (status, doc["state"], doc["attempt"]) == (200, SUCCEEDED, 1)
+    [seen] = target.seen
+    assert seen["method"] == "POST"
+    assert (seen["raw_path"], seen["body"]) == (("/echo?a=1&b=<2>", b"<a & b>") if escaped else ("/echo?sleep=0", b"hello"))
+    assert target.header(0, "Host") == ["127.0.0.1:18081"]
+    assert target.header(0, "User-Agent") == ["curl/7.88.1"] and target.header(0, "Content-Type") == ["text/plain"]
+    assert target.header(0, "Traceparent") == [] and target.header(0, "Kn-Namespace") == []  # the event's, not the request's
+    assert (await record_of(redis_client, envelope.id)).state == SUCCEEDED
 
 
 # --- retries and failures

@@ -152,13 +152,69 @@ async def test_expect_100_continue_is_honoured_and_other_expectations_refused(se
     (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", 400),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (n, b"v" * 1000) for n in range(70)) + b"\r\n", 431),
-], ids=["garbage", "bad-length", "long-target", "huge-headers"])
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % n for n in range(100)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: v\r\n" * 5000 + b"\r\n", 431),
+], ids=["garbage", "bad-length", "long-target", "huge-headers", "no-host", "two-hosts", "two-hosts-http10",
+        "http2-request-line", "101-fields", "5000-fields"])
 async def test_malformed_requests_get_a_status_and_a_message_then_close(served, raw, status):
     echo, _, port, refused = served
     [(got, headers, body)] = responses(await exchange(port, raw))
     assert got == status and headers["connection"] == ["close"]
     assert json.loads(body)["error"]
     assert echo.seen == [] and refused == [status]
+
+
+async def test_an_http10_request_needs_no_host_and_100_header_fields_pass(served):
+    echo, _, port, _ = served
+    [(status, _, _)] = responses(await exchange(port, b"GET /old HTTP/1.0\r\n\r\n"))
+    assert status == 200
+    many = b"GET /many HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
+        b"X-%d: v\r\n" % n for n in range(98)) + b"\r\n"
+    [(status, _, body)] = responses(await exchange(port, many))
+    assert status == 200 and len(json.loads(body)["headers"]) == 100
+
+
+async def test_chunked_trailers_are_dropped_not_taken_for_headers(served):
+    echo, _, port, _ = served
+    raw = (b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sneaky\r\nConnection: close\r\n\r\n"
+           b"5\r\nhello\r\n0\r\nX-Sneaky: yes\r\nHost: evil\r\n\r\n")
+    [(status, _, body)] = responses(await exchange(port, raw))
+    assert status == 200
+    echoed = json.loads(body)
+    assert echoed["body"] == "hello"
+    assert [name for name, _ in echoed["headers"]] == ["Host", "Transfer-Encoding", "Trailer", "Connection"]
+
+
+@pytest.mark.parametrize("size_line", [b"3e9\r\n", b"FFFFFFFF\r\n", b"3E9;ext=1\r\n", b"400\r\nxyz"])
+@pytest.mark.parametrize("split", [False, True])
+async def test_a_chunk_announcing_more_than_the_limit_is_refused_at_once(served, size_line, split):
+    """Not after the stall timeout: the client need never send the chunk it announced."""
+    echo, _, port, refused = served
+    head = b"POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"5\r\nhello\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if split:  # the size line in a read of its own
+        writer.write(head)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(size_line)
+    else:
+        writer.write(head + size_line)
+    [(status, headers, _)] = responses(await asyncio.wait_for(reader.read(), 2))
+    assert status == 413 and headers["connection"] == ["close"]
+    assert echo.seen == [] and refused == [413]
+    writer.close()
+
+
+async def test_a_chunk_that_fits_the_limit_is_not_refused(served):
+    echo, _, port, _ = served
+    raw = (b"POST /fits HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+           b"1F4\r\n" + b"a" * 500 + b"\r\n1F4\r\n" + b"b" * 500 + b"\r\n0\r\n\r\n")
+    [(status, _, body)] = responses(await exchange(port, raw))
+    assert status == 200 and len(json.loads(body)["body"]) == 1000
 
 
 async def test_head_answers_the_length_without_a_body(served):
@@ -252,3 +308,82 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer(serve
     [(status, _, body)] = responses(await asyncio.wait_for(reader.read(), 5))
     assert status == 200 and json.loads(body)["path"] == "/half"
     writer.close()
+
+
+async def dribble(port: int, data: bytes, interval: float, *, first: bytes = b"",
+                  until: float = 10) -> tuple[bytes, float]:
+    """Send ``first``, then ``data`` one byte per ``interval`` (a slowloris); the answer and when it came."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(first)
+    read = asyncio.create_task(reader.read())
+    try:
+        for byte in data:
+            if read.done():
+                break
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(interval)
+        answer = await asyncio.wait_for(read, until)
+        return answer, loop.time() - started
+    finally:
+        writer.close()
+
+
+async def test_headers_dribbled_a_byte_at_a_time_are_cut_off_after_the_header_timeout():
+    """Each byte restarts the stall timeout; the whole header block still has a deadline."""
+    server = Server(Echo(), max_body=LIMIT, request_timeout=5, header_timeout=0.5)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n\r\n"
+        answer, elapsed = await dribble(port, request, 0.05)
+        [(status, headers, body)] = responses(answer)
+        assert status == 408 and headers["connection"] == ["close"]
+        assert b"headers" in body
+        assert elapsed < 3
+    finally:
+        await server.close()
+
+
+async def test_a_body_slower_than_the_minimum_rate_is_cut_off():
+    server = Server(Echo(), max_body=100_000, request_timeout=5, header_timeout=0.5, body_min_rate=100)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        answer, elapsed = await dribble(port, b"x" * 1000, 0.02, first=head)
+        # the headers arrive in time; the body at ~50 B/s falls behind 0.5 s + 1 s per 100 B
+        [(status, _, body)] = responses(answer)
+        assert status == 408 and b"slower" in body
+        assert elapsed < 4
+        fast, _ = await dribble(port, b"x" * 100, 0.001,
+                                first=head.replace(b"1000", b"100").replace(b"Host: x", b"Host: x\r\nConnection: close"))
+        assert responses(fast)[0][0] == 200
+    finally:
+        await server.close()
+
+
+async def test_connections_over_the_cap_are_refused_with_one_log_line(caplog):
+    server = Server(Echo(), max_body=LIMIT, max_connections=2)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        for _ in range(3):
+            [(status, headers, _)] = responses(await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+            assert status == 503 and headers["connection"] == ["close"]
+        capped = [r for r in caplog.records if "connection cap" in r.getMessage()]
+        assert len(capped) == 1 and "2" in capped[0].getMessage()
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.1)
+        [(status, _, _)] = responses(await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        assert status == 200
+    finally:
+        await server.close()

@@ -26,7 +26,7 @@ from async_component.settings import ConsumerSettings, SourceSettings
 
 from .aioserve import serve
 from .scripted import ScriptedServer, serving
-from .sourcerun import DEAD, STREAM, eventually, has, pending, running, settled, source_process
+from .sourcerun import DEAD, GROUP, STREAM, eventually, has, pending, running, settled, source_process
 
 class Service(ScriptedServer):
     """The Knative Service a request is replayed to: remembers (path, Async-Attempt) of each request."""
@@ -169,6 +169,55 @@ async def test_503_forever_is_dead_lettered_after_max_attempts(redis_url, redis_
     assert Envelope.from_stream_fields(dead).id == envelope.id and dead[b"status"] == b"503"
 
 
+@pytest.mark.parametrize("path", ["/.well-known/async-requests/x", "/a/..//.well-known/async-requests/x?q=1",
+                                  "/%2Ewell-known/async-requests/x"])
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_an_entry_for_the_status_path_is_dead_lettered_never_replayed(redis_url, redis_client, path, over_http):
+    """Replayed, it would reach the producer, not the Service, and be queued again without end."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        sink_url = await stack.enter_async_context(http_consumer(redis_url)) if over_http else None
+        await stack.enter_async_context(running(source_settings(redis_url, sink_url=sink_url)))
+        envelope = await queue(redis_client, target, path)
+        assert await eventually(finished(redis_client, envelope))
+        assert await eventually(settled(redis_client))
+    assert target.seen == []
+    record = await record_of(redis_client, envelope.id)
+    assert record.state == FAILED and "status path" in record.error
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == envelope.id and b"status path" in dead[b"error"]
+    assert await redis_client.xinfo_stream(STREAM) and (await redis_client.xinfo_stream(STREAM))["entries-added"] == 1
+
+
+def poison(target: Service, **changes) -> dict:
+    """A stream entry the producer never writes: its envelope with ``changes``."""
+    doc = json.loads(Envelope.new("POST", f"http://{target.host}/work", [], b"x", accepted_at=1.0).to_json())
+    return {"data": json.dumps({**doc, **changes})}
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"url": "http://[::1/x"}, "does not parse"),
+    ({"url": "http://a.b.svc.cluster.local:port/x"}, "does not parse"),
+    ({"url": "mailto:a@b"}, "not an http(s) URL"),
+    ({"attempt": 2**70}, "attempt must be"),
+    ({"accepted_at": float("nan")}, "accepted_at must be"),
+    ({"body_encoding": "rot13"}, "body_encoding"),
+])
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_a_poison_entry_is_dead_lettered_with_its_reason(redis_url, redis_client, changes, reason, over_http):
+    """Before: a URL that does not parse crashed the delivery again after each reclaim; attempt 2**70 passed
+    for "Redis unavailable" and was retried without end. Neither reached a dead letter."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        sink_url = await stack.enter_async_context(http_consumer(redis_url)) if over_http else None
+        await stack.enter_async_context(running(source_settings(redis_url, sink_url=sink_url)))
+        fields = poison(target, **changes)
+        await redis_client.xadd(STREAM, fields)
+        assert await eventually(settled(redis_client), timeout=5)
+    assert target.seen == []
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert dead[b"data"] == fields["data"].encode() and dead[b"status"] == b"400"
+    assert reason.encode() in dead[b"error"], dead[b"error"]
+
+
 async def test_a_finished_request_delivered_again_is_acknowledged_without_a_replay(redis_url, redis_client):
     """A source that died between recording the outcome and acknowledging leaves the entry to be delivered again."""
     async with service() as target:
@@ -258,6 +307,44 @@ async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(
             assert heir.metrics.reclaimed._value.get() == 3
     assert sorted(target.seen) == sorted([(f"/n/{n}", "1") for n in range(3)] * 2)
     assert {(await record_of(redis_client, e.id)).state for e in envelopes} == {SUCCEEDED}
+
+
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_delivered_again(redis_url, redis_client,
+                                                                                             over_http):
+    """Delivered MAX_DELIVERIES times without an outcome (each process holding it died): the next reclaim gives up."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        doomed, survivor = await queue(redis_client, target, "/doomed"), await queue(redis_client, target, "/survivor")
+        await redis_client.xgroup_create(STREAM, GROUP, id="0")
+        ids = [entry_id for _, entries in await redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=2)
+               for entry_id, _ in entries]  # delivered once each
+        for _ in range(2):  # two more deaths for the doomed one: delivered 3 times
+            await redis_client.xclaim(STREAM, GROUP, "dead", min_idle_time=0, message_ids=ids[:1])
+        sink_url = await stack.enter_async_context(http_consumer(redis_url)) if over_http else None
+        settings = source_settings(redis_url, sink_url=sink_url, max_deliveries=3)
+        source = await stack.enter_async_context(running(settings))
+        assert await eventually(settled(redis_client))
+        assert source.metrics.delivered.labels("dead_lettered")._value.get() == 1
+    assert target.seen == [("/survivor", "1")]  # reclaimed a second time: still within the cap
+    assert (await record_of(redis_client, survivor.id)).state == SUCCEEDED
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == doomed.id
+    assert dead[b"error"].startswith(b"delivered 4 times without an outcome (MAX_DELIVERIES is 3)")
+
+
+async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries(redis_url, redis_client):
+    """Trimmed as entries are added, by the source (malformed entries) and by the replay (failed requests)."""
+    await redis_client.config_set("stream-node-max-entries", 10)  # approximate trimming drops whole nodes
+    async with service() as target, running(source_settings(redis_url, dead_letter_max_length=20, max_attempts=1)):
+        target.statuses = [404] * 50
+        for n in range(50):
+            await redis_client.xadd(STREAM, {"data": f"not a queued request {n}"})
+            await queue(redis_client, target, f"/missing/{n}")
+        assert await eventually(settled(redis_client))
+    assert len(target.seen) == 50
+    assert 20 <= await redis_client.xlen(DEAD) <= 30
+    kept = [fields[b"data"] for _, fields in await redis_client.xrange(DEAD)]
+    assert b"not a queued request 49" in kept and b"not a queued request 0" not in kept  # the oldest go first
 
 
 async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(redis_url, redis_client):

@@ -74,6 +74,9 @@ def accepted_then_finished(stack: LocalStack, service: str, path: str):
     (CONDITIONAL, "/.well-known/async-requests/abc", {}, "producer"),
     (ALWAYS, "/", {}, "producer"),
     (ALWAYS, "/", {"Prefer": "respond-sync"}, "app"),
+    (ALWAYS, "/", {"Prefer": "respond-sync, return=minimal"}, "producer"),
+    (ALWAYS, "/", {"Prefer": "respond-sync, return=minimal", "Async-Replay": "true"}, "app"),
+    (CONDITIONAL, "/", {"Prefer": "respond-sync, return=minimal", "Async-Replay": "true"}, "app"),
 ])
 def test_route_table_of_the_sample_services(service, path, headers, goes_to):
     routes = cluster_routes(load_services(APP_DIR), app_address="127.0.0.1:1", producer_address="127.0.0.1:2")
@@ -371,3 +374,11 @@ def test_command_without_redis_server_fails_in_one_line_and_leaves_nothing(tmp_p
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("async-component local: error: redis-server not found on PATH"), err
     assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--retry-base-delay", "--retry-delay"])
+def test_retry_base_delay_and_its_old_spelling_both_reach_the_stack(tmp_path, flag):
+    process = run_local(tmp_path, "--port", str(free_port()), flag, "-1")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert err.strip().splitlines() == ["async-component local: error: retry delay -1.0 must be >= 0 seconds"]

@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from async_component.dataplane import producer
 from async_component.dataplane.envelope import Envelope
@@ -111,17 +112,59 @@ async def test_prefer_with_only_respond_async_is_dropped_and_any_path_is_queued(
         assert all(name.lower() != "prefer" for name, _ in Envelope.from_stream_fields(fields).headers)
 
 
-async def test_post_to_the_status_prefix_is_queued_not_read(base, http, redis_client):
-    async with http.post(f"{base}{STATUS_PATH_PREFIX}abc", data=b"x", headers=ASYNC) as resp:
-        assert resp.status == 202
-    assert await entry_count(redis_client) == 1
+@pytest.mark.parametrize("path", [f"{STATUS_PATH_PREFIX}abc", f"{STATUS_PATH_PREFIX}1-0.abc?x=1",
+                                  "/a/../.well-known/async-requests/abc", "//.well-known//async-requests/abc",
+                                  "/%2Ewell-known/async-requests/abc"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_other_methods_on_the_status_path_get_405_and_are_never_queued(base, http, redis_client, path, method):
+    """Queued, such a request's replay would come back to the producer and be queued again, without end."""
+    async with http.request(method, URL(base + path, encoded=True), data=b"x", headers=ASYNC) as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "GET, HEAD"
+        assert "not allowed" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 0
+    async with http.get(base + "/metrics") as resp:
+        assert 'async_producer_rejected_total{reason="method_not_allowed"} 1.0' in await resp.text()
 
 
-async def test_target_with_port_is_kept_in_the_url(base, http, redis_client):
-    async with http.post(f"{base}/p", headers={"Async-Original-Host": HOST.upper() + ":8080"}) as resp:
-        assert resp.status == 202
+async def test_a_replay_routed_back_to_the_producer_gets_508_and_is_not_queued(base, http, redis_client):
+    """A network layer that sends a replay here instead of to its Service would otherwise loop without end."""
+    headers = {**ASYNC, "Prefer": "respond-sync, return=minimal", "Async-Replay": "true"}
+    async with http.post(f"{base}/work", data=b"x", headers=headers) as resp:
+        assert resp.status == 508
+        assert "Async-Replay" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 0
+
+
+async def test_paths_near_the_status_prefix_are_queued(base, http, redis_client):
+    for path in ("/.well-known/async-requests", "/.well-known/other/x", "/x/.well-known/async-requests/a"):
+        async with http.post(URL(base + path, encoded=True), data=b"x", headers=ASYNC) as resp:
+            assert resp.status == 202, path
+    assert await entry_count(redis_client) == 3
+
+
+async def test_target_with_an_allowed_port_is_kept_in_the_url(redis_url, http, redis_client):
+    server = await start_producer(settings := settings_for(redis_url, allowed_ports=(8080,)))
+    try:
+        async with http.post(f"http://127.0.0.1:{settings.port}/p",
+                             headers={"Async-Original-Host": HOST.upper() + ":8080"}) as resp:
+            assert resp.status == 202
+    finally:
+        await server.close()
     [(_, fields)] = await stream_entries(redis_client)
     assert Envelope.from_stream_fields(fields).url == f"http://{HOST}:8080/p"
+
+
+@pytest.mark.parametrize("host, status", [
+    (f"{HOST}:6379", 403), (f"{HOST}:8080", 403), (f"{HOST}:\uff16\uff13\uff17\uff19", 400),
+    (f"{HOST}:\u0666\u0663\u0667\u0669", 400),
+])
+async def test_a_port_other_than_the_services_is_refused_by_default(base, http, redis_client, host, status):
+    """An open relay to any port of any Service (Redis's, say) otherwise; other scripts' digits read as ports too."""
+    async with http.post(f"{base}/p", data=b"x", headers={"Async-Original-Host": host}) as resp:
+        assert resp.status == status
+        assert "port" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 0
 
 
 @pytest.mark.parametrize("host", ["evil.example.com", "svc.cluster.local", "x.svc.cluster.local.evil.com"])
@@ -548,3 +591,21 @@ def test_a_taken_port_is_a_one_line_error(redis_url, workers):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "cannot listen on 127.0.0.1" in result.stderr
+
+
+async def test_a_client_trickling_its_headers_is_cut_off_after_header_timeout(redis_url):
+    settings = settings_for(redis_url, header_timeout=0.3)
+    server = await start_producer(settings)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nAsync-Original-Host: " + HOST.encode() + b"\r\n")
+        started = time.monotonic()
+        answer = asyncio.create_task(reader.read())
+        while not answer.done() and time.monotonic() - started < 5:
+            writer.write(b"X")  # one byte of a header name at a time: each restarts the stall timeout
+            await asyncio.sleep(0.05)
+        assert (await answer).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - started < 2
+        writer.close()
+    finally:
+        await server.close()

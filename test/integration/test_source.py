@@ -87,7 +87,8 @@ async def test_entries_are_sent_as_redis_stream_source_events_and_acked_after_2x
     for (entry_id, envelope), (headers, event) in zip([*before, after], sink.delivered):
         assert event["id"] == entry_id
         assert event["type"] == "dev.knative.sources.redisstream"
-        assert event["source"] == f"redis://127.0.0.1:{redis_server.port}/{STREAM}"
+        # as the adapter names it with ADDRESS=REDIS_URL: the database number kept
+        assert event["source"] == f"redis://127.0.0.1:{redis_server.port}/0/{STREAM}"
         assert event["datacontenttype"] == "application/json"
         assert headers["ce-id"] == entry_id and headers["Content-Type"] == "application/json"  # binary mode
         assert event.data == ["data", envelope.to_json()]

@@ -9,7 +9,7 @@ from cloudevents.v1.http import from_http
 
 from async_component.dataplane.envelope import (
     EVENT_TYPE, Envelope, EnvelopeError, RequestIds, binary_event, envelope_json, event_attributes, event_data,
-    event_envelope, event_source, new_request_id,
+    event_envelope, event_source, header_value, new_request_id,
 )
 
 
@@ -26,6 +26,32 @@ def test_any_body_survives_a_round_trip(body):
     decoded = Envelope.from_stream_fields(original.to_stream_fields())
     assert decoded == original
     assert decoded.body == body
+
+
+def test_header_bytes_that_are_not_utf8_survive_a_round_trip():
+    value = header_value(b"a\xff\xfe\x80z")
+    original = Envelope.new("GET", "http://s.n.svc.cluster.local/", [("X-Utf8", "caf\u00e9"), ("X-Binary", value)], b"")
+    doc = json.loads(original.to_json())
+    assert doc["headers"] == [["X-Utf8", "caf\u00e9"], ["X-Binary", base64.b64encode(b"a\xff\xfe\x80z").decode()]]
+    assert doc["binary_headers"] == [1]
+    decoded = Envelope.from_stream_fields(original.to_stream_fields())
+    assert decoded == original
+    assert decoded.headers[1][1].encode("utf-8", "surrogateescape") == b"a\xff\xfe\x80z"
+    assert "binary_headers" not in json.loads(sample().to_json())  # UTF-8 headers: the document as before
+
+
+def test_an_entry_queued_before_binary_headers_existed_still_decodes():
+    old = ('{"v":1,"id":"r1","method":"GET","url":"http://s.n.svc.cluster.local/","headers":[["X-Latin","caf\u00e9"]],'
+           '"body":"","body_encoding":"utf-8","accepted_at":1.0,"attempt":0}')
+    assert Envelope.from_json(old).headers == (("X-Latin", "caf\u00e9"),)
+
+
+@pytest.mark.parametrize("binary", [[5], ["0"], [True], 0, [0]])
+def test_bad_binary_header_lists_are_refused(binary):
+    doc = json.loads(sample().to_json())
+    doc["binary_headers"] = binary  # [0]: the value "1" is not base64
+    with pytest.raises(EnvelopeError):
+        Envelope.from_json(json.dumps(doc))
 
 
 def test_repeated_headers_keep_their_order():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from async_component.local import gateway, knative_serving as serving
 from async_component.controller import resources
@@ -218,6 +220,11 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
 @pytest.fixture
 async def upstream_port():
     app = web.Application(client_max_size=16 * 1024 * 1024)
+
+    async def refuse_before_the_body(request: web.Request) -> web.Response:  # as the producer does past its limit
+        return web.json_response({"error": "too large"}, status=413)
+
+    app.router.add_route("*", "/refuse", echo, expect_handler=refuse_before_the_body)
     app.router.add_route("*", "/{tail:.*}", echo)
     runner, port = await serve(app)
     yield port
@@ -275,6 +282,29 @@ async def test_proxy_passes_error_statuses_through(http, gateway_url):
         assert response.status == 503
         seen, body = split_echo(await response.read())
     assert body == b"x"
+
+
+async def test_expect_100_continue_waits_for_the_upstream_which_may_refuse_the_body(gateway_url, upstream_port):
+    """A 7 MB body announced with Expect: 100-continue hears the producer's 413 first, never a 100 (as Envoy
+    proxying the expectation); a body the upstream takes gets the upstream's 100, then arrives whole."""
+    url = URL(gateway_url)
+
+    async def send(path: bytes, length: int) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: p.example.com\r\nContent-Length: %d\r\n"
+                     b"Expect: 100-continue\r\n\r\n" % length)
+        return await asyncio.wait_for(reader.readline(), 5), reader, writer
+
+    status_line, _, writer = await send(b"/refuse", 7_000_000)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413 "), status_line
+
+    status_line, reader, writer = await send(b"/taken", 5)
+    assert status_line == b"HTTP/1.1 100 Continue\r\n"
+    assert await reader.readline() == b"\r\n"
+    writer.write(b"hello")
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
 
 
 @pytest.mark.parametrize(("host", "path", "status"), [

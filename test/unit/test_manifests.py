@@ -608,6 +608,20 @@ def test_redis_processes_share_one_redis_stream_and_key_space():
                                                                    "optional": True}}
 
 
+def test_the_e2e_redis_meets_the_redis_requirements():
+    """component/config/README.md asks for noeviction and appendonly yes; every Redis the project starts has them."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "e2e" / "kind" / "manifests" / "redis.yaml").read_text()) if d]
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    options = dict(zip(args[::2], args[1::2]))
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] in ("everysec", "always")
+    assert options["--maxmemory-policy"] == "noeviction"
+    readme = (CONFIG / "README.md").read_text()
+    assert "maxmemory-policy noeviction" in readme and "appendonly yes" in readme
+
+
 def test_no_secret_is_shipped_and_the_processes_take_what_the_user_creates(tls_render):
     """Re-applying the manifests must never reset the user's Secret: none is shipped."""
     for objects in (plain_objects(), *renders().values(), tls_render):

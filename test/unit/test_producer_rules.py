@@ -6,7 +6,11 @@ import dataclasses
 
 import pytest
 
-from async_component.dataplane.producer import BadRequest, forwarded_headers, host_allowed, target_host, validate, without_respond_async
+from async_component.dataplane.preferences import replay_preference
+from async_component.dataplane.producer import (
+    BadRequest, ReplayLoop, forwarded_headers, host_allowed, port_allowed, target_host, validate,
+    without_respond_async,
+)
 from async_component.settings import ProducerSettings, SettingsError
 
 
@@ -19,10 +23,23 @@ def test_target_host_normalises(raw, expected):
     assert target_host(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["", "a b", "a..b", "a.-b", "a/b", "a:0", "a:65536", "a:", "[::1]", "user@a", "a" * 64 + ".b"])
+@pytest.mark.parametrize("raw", ["", "a b", "a..b", "a.-b", "a/b", "a:0", "a:65536", "a:", "[::1]", "user@a", "a" * 64 + ".b",
+                                 "a:\uff16\uff13\uff17\uff19", "a:\u0666\u0663\u0667\u0669", "a:6379\u0663", "a:+80"])
 def test_target_host_rejects_malformed(raw):
     with pytest.raises(BadRequest):
         target_host(raw)
+
+
+@pytest.mark.parametrize("host, allowed_ports, expected", [
+    ("s.ns.svc.cluster.local", (), True),
+    ("s.ns.svc.cluster.local:80", (), True),
+    ("s.ns.svc.cluster.local:6379", (), False),
+    ("s.ns.svc.cluster.local:8080", (), False),
+    ("s.ns.svc.cluster.local:8080", (8080,), True),
+    ("s.ns.svc.cluster.local:6379", (8080,), False),
+])
+def test_only_the_service_port_and_allowed_ports_pass(host, allowed_ports, expected):
+    assert port_allowed(host, allowed_ports) is expected
 
 
 def test_allow_list_exact_and_suffix():
@@ -49,6 +66,22 @@ def test_prefer_loses_only_respond_async(value, expected):
     assert without_respond_async(value) == expected
 
 
+@pytest.mark.parametrize("values, expected", [
+    ([], "respond-sync"),
+    (["return=minimal"], "respond-sync, return=minimal"),
+    (["respond-async, return=minimal", "handling=lenient"], "respond-sync, return=minimal, handling=lenient"),
+    (["respond-sync", "wait=5"], "respond-sync, wait=5"),
+    (['foo="a, respond-async"'], 'respond-sync, foo="a, respond-async"'),
+])
+def test_the_replay_says_respond_sync_first_and_keeps_the_other_preferences(values, expected):
+    assert replay_preference(values) == expected
+
+
+def test_a_replay_routed_back_to_the_producer_is_refused_not_queued():
+    with pytest.raises(ReplayLoop):
+        forwarded_headers([(b"Host", b"producer"), (b"Async-Replay", b"true")])
+
+
 def test_forwarded_headers_keep_order_and_repeats_and_drop_transport_headers():
     raw = [
         (b"Host", b"producer"), (b"Content-Length", b"3"), (b"Async-Original-Host", b"a.b"),
@@ -58,7 +91,7 @@ def test_forwarded_headers_keep_order_and_repeats_and_drop_transport_headers():
         (b"X-Utf8", "caf\xe9".encode("utf-8")),
     ]
     assert forwarded_headers(raw, ["keep-alive, X-Private"]) == [
-        ("X-A", "1"), ("Prefer", "wait=5"), ("X-A", "2"), ("X-Latin", "caf\xe9"), ("X-Utf8", "caf\xe9"),
+        ("X-A", "1"), ("Prefer", "wait=5"), ("X-A", "2"), ("X-Latin", "caf\udce9"), ("X-Utf8", "caf\xe9"),
     ]
 
 

@@ -80,6 +80,7 @@ ASYNC = {r.PREFER_HEADER: {"exact": r.RESPOND_ASYNC}}
 SYNC = {r.PREFER_HEADER: {"exact": r.RESPOND_SYNC}}
 ASYNCS = [{r.PREFER_HEADER: {"exact": v}} for v in ("respond-async", "Respond-Async", "RESPOND-ASYNC")]
 SYNCS = [{r.PREFER_HEADER: {"exact": v}} for v in ("respond-sync", "Respond-Sync", "RESPOND-SYNC")]
+REPLAY = {"Async-Replay": {"exact": "true"}}
 TAG = {"Knative-Serving-Tag": {"exact": "blue"}}
 TAG_APPEND = {"Knative-Serving-Tag": "blue"}
 
@@ -94,6 +95,8 @@ ALWAYS_PATHS = [
     STATUS_PATH,
     *[{**TAG_PATH, "headers": {**TAG, **s}} for s in SYNCS],
     *[{**DEFAULT_PATH, "headers": s} for s in SYNCS],
+    {**TAG_PATH, "headers": {**TAG, **REPLAY}},  # a replay whose Prefer says more than respond-sync
+    {**DEFAULT_PATH, "headers": REPLAY},
     to_producer(headers=TAG, append=TAG_APPEND),
     to_producer(),
 ]
@@ -120,7 +123,8 @@ def test_paths_of_each_mode(mode, first_rule_paths):
     ("mode", "paths"),
     [
         (r.MODE_CONDITIONAL, [STATUS_PATH, *[to_producer(headers=a) for a in ASYNCS], DEFAULT_PATH]),
-        (r.MODE_ALWAYS, [STATUS_PATH, *[{**DEFAULT_PATH, "headers": s} for s in SYNCS], to_producer()]),
+        (r.MODE_ALWAYS, [STATUS_PATH, *[{**DEFAULT_PATH, "headers": s} for s in SYNCS],
+                         {**DEFAULT_PATH, "headers": REPLAY}, to_producer()]),
     ],
 )
 def test_cluster_local_rule_keeps_hosts_and_visibility(mode, paths):
@@ -486,3 +490,23 @@ def test_domain_mapping_async_path_replays_to_its_rewrite_host():
 )
 def test_prefer_case_variants(value, variants):
     assert r.prefer_variants(value) == variants
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/.well-known/async-requests/x", True),
+    ("/.well-known/async-requests/", True),
+    ("/a/../.well-known/async-requests/x", True),
+    ("/./.well-known/async-requests/x", True),
+    ("//.well-known//async-requests/x", True),
+    ("/%2Ewell-known/async-requests/x", True),
+    ("/%2e%77ell-known/async-requests/x", True),
+    ("/.well-known/async-requests", False),
+    ("/.well-known/async-requests%2Fx", False),
+    ("/x/.well-known/async-requests/a", False),
+    ("/%zz/.well-known/async-requests/a", False),
+    ("/work", False),
+    ("/", False),
+])
+def test_status_path_under_every_spelling_envoy_may_normalise(path, expected):
+    """The producer refuses to queue these, and the replay to send them: they route to the producer."""
+    assert protocol.is_status_path(path) is expected

@@ -14,7 +14,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..protocol import ORIGINAL_HOST_HEADER, PREFER_HEADER, RESPOND_ASYNC, RESPOND_SYNC, STATUS_PATH_PREFIX
+from ..protocol import (
+    ORIGINAL_HOST_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, RESPOND_ASYNC, RESPOND_SYNC, STATUS_PATH_PREFIX,
+)
 
 INGRESS_API_VERSION = "networking.internal.knative.dev/v1alpha1"
 INGRESS_KIND = "Ingress"
@@ -309,18 +311,21 @@ def _rule_paths(parent: Mapping[str, Any], paths: list[dict[str, Any]], mode: st
             for p in paths for variant in prefer_variants(RESPOND_ASYNC)
         ]
         return [status, *to_producer, *copy.deepcopy(paths)]
-    # always: only requests that say respond-sync (the consumer's replays) reach the Service
-    sync = []
+    # always: only requests that say respond-sync, and replays, reach the Service
+    sync, replays = [], []
     for p in paths:
         for variant in prefer_variants(RESPOND_SYNC):
             kept = copy.deepcopy(p)
             kept["headers"] = _with_prefer(p, variant)
             sync.append(kept)
+        replay = copy.deepcopy(p)
+        replay["headers"] = {**copy.deepcopy(dict(p.get("headers") or {})), REPLAY_HEADER: {"exact": REPLAY_VALUE}}
+        replays.append(replay)
     to_producer = [
         _producer_path(parent, producer_host, replay_host, path=p, headers=p.get("headers") or {})
         for p in paths
     ]
-    return [status, *sync, *to_producer]
+    return [status, *sync, *replays, *to_producer]
 
 
 def _set_defaults(spec: dict[str, Any]) -> None:

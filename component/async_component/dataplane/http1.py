@@ -9,7 +9,10 @@ issue's target of 0.8 x a bare aiohttp handler. This server covers what a
 producer behind Kourier, Istio or a kubelet probe meets: keep-alive and
 pipelining (answers in request order), Content-Length and chunked bodies with
 a size limit (413), ``Expect: 100-continue``, HEAD, malformed requests (400,
-then close), idle and slow connections timed out, and a graceful stop. No TLS,
+then close), idle and slow connections timed out (a header block must be
+complete within ``header_timeout``, a body must keep up a minimum rate, so a
+client trickling bytes cannot hold a connection), a cap on open connections,
+and a graceful stop. No TLS,
 HTTP/2 or upgrades: the network layer in front terminates those.
 """
 
@@ -32,12 +35,22 @@ MAX_TARGET_BYTES = 8190
 """Longest request target (as aiohttp's default line limit)."""
 MAX_HEADER_BYTES = 65536
 """All header names and values of one request together."""
+MAX_HEADER_FIELDS = 100
+"""Header fields of one request: a replay adds a few of its own, and its client (aiohttp) and the gateways in
+its way (aiohttp locally, Envoy in a cluster) refuse a request with more than 128 (aiohttp) or 100 (Envoy)."""
+HTTP_VERSIONS = ("1.1", "1.0")
 MAX_PIPELINED = 32
 """Complete requests waiting on one connection before it stops reading."""
 IDLE_TIMEOUT = 75.0
 """Seconds a keep-alive connection may wait for its next request."""
 REQUEST_TIMEOUT = 60.0
 """Seconds a request that started arriving may go without a new byte."""
+HEADER_TIMEOUT = 10.0
+"""Seconds from a request's first byte to the end of its header block, however steadily it trickles in."""
+BODY_MIN_RATE = 1024
+"""Bytes per second a body must average: it gets ``header_timeout`` seconds, plus one per this many bytes."""
+MAX_CONNECTIONS = 1000
+"""Open connections per worker; more are answered 503 and closed."""
 LINGER = 5.0
 """Seconds a refused request's unread body is still read (and dropped) after the answer, so that
 closing with unread bytes does not reset the connection before the client read the answer."""
@@ -147,6 +160,14 @@ class _Connection(asyncio.Protocol):
         self.runner: asyncio.Task | None = None
         self.last_active = 0.0
         self.in_message = False
+        self.headers_done = False
+        self.version = "1.1"
+        self.chunk_open = False
+        """Inside a chunk whose data has not all arrived."""
+        self.chunk_checked = False
+        self.chunk_bytes = 0
+        self.started = 0.0
+        """When the request's first byte came, then when its header block was complete."""
         self.refused = False
         self.paused = False
         self.writing_paused: asyncio.Future | None = None
@@ -165,10 +186,18 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.last_active = self.loop.time()
+        if len(self.server.connections) >= self.server.max_connections:
+            self.refused = True
+            self.server.over_capacity()
+            transport.write(encode(_plain(503, "too many connections, try again later"), keep_alive=False))  # type: ignore[attr-defined]
+            self._linger()
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        if self in self.server.connections:
+            self.server.connections.discard(self)
+            self.server.under_capacity()
         self.queue.clear()  # never answered: as if the client had not sent them
         if self.writing_paused is not None and not self.writing_paused.done():
             self.writing_paused.set_result(None)
@@ -179,6 +208,8 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self.chunk_open and not self.chunk_checked:
+                self._check_chunk_size(data)
         except httptools.HttpParserUpgrade:
             # the request asking for it is answered as plain HTTP, then the connection closes:
             # the other protocol is not spoken here
@@ -206,6 +237,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_message = True
+        self.headers_done = False
+        self.started = self.last_active  # when the bytes that hold its start arrived
         self._reset()
 
     def on_url(self, url: bytes) -> None:
@@ -217,23 +250,39 @@ class _Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
             self._refuse(431, f"the request headers are larger than {MAX_HEADER_BYTES} bytes")
+        elif self.headers_done:
+            pass  # a chunked body's trailer: not part of the request that is replayed
+        elif len(self.headers) >= MAX_HEADER_FIELDS:
+            self._refuse(431, f"the request has more than {MAX_HEADER_FIELDS} header fields")
         elif not self.refused:
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.headers_done = True
+        self.started = self.last_active
         if self.refused:
             return
         length = expect = None
+        hosts = 0
         for name, value in self.headers:
             lower = name.lower()
             if lower == b"content-length":
                 length = value
+            elif lower == b"host":
+                hosts += 1
             elif lower == b"expect":
                 expect = value
+        self.version = version = self.parser.get_http_version()
+        if version not in HTTP_VERSIONS:
+            self._refuse(400, f"HTTP/{version} is not spoken here (HTTP/1.1 and HTTP/1.0 are)")
+            return
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._refuse(400, "an HTTP/1.1 request must have exactly one Host header")
+            return
         if length is not None and int(length) > self.server.max_body:  # llhttp let only digits through
             self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
             return
-        if expect is not None and self.parser.get_http_version() == "1.1":
+        if expect is not None and version == "1.1":
             if expect.lower() != b"100-continue":
                 self._refuse(417, f"unsupported Expect: {expect.decode('latin-1')}")
                 return
@@ -242,9 +291,39 @@ class _Connection(asyncio.Protocol):
             else:
                 self.queue.append(_CONTINUE)
 
+    def on_chunk_header(self) -> None:
+        self.chunk_open, self.chunk_checked, self.chunk_bytes = True, False, 0
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_open = False
+
+    def _check_chunk_size(self, data: bytes) -> None:
+        """Refuse at once a chunk that announces more than the body limit allows (413).
+
+        llhttp does not tell a chunk's size, and a client that announces a huge one need not send
+        it. A chunk still open when ``data`` is consumed ends ``data``, so its size line ends where
+        the chunk's bytes received so far begin. A line begun in an earlier read yields only its
+        last digits, a smaller number: never a refusal by mistake.
+        """
+        self.chunk_checked = True
+        end = len(data) - self.chunk_bytes
+        if end <= 0 or data[end - 1:end] != b"\n":
+            return  # the size line came in an earlier read
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        digits = data[start:end].partition(b";")[0].strip(b" \t\r\n")
+        try:
+            size = int(digits, 16)
+        except ValueError:
+            return
+        if size > self.server.max_body - (self.body_bytes - self.chunk_bytes):
+            self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
+            self.body = []
+
     def on_body(self, chunk: bytes) -> None:
         if self.refused:
             return
+        if self.chunk_open:
+            self.chunk_bytes += len(chunk)
         self.body_bytes += len(chunk)
         if self.body_bytes > self.server.max_body:
             self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
@@ -267,7 +346,7 @@ class _Connection(asyncio.Protocol):
     def _request(self, body: bytes) -> Request:
         parser = self.parser
         return Request(parser.get_method().decode("latin-1"), self.target.decode("latin-1"),
-                       parser.get_http_version(), self.headers, body, parser.should_keep_alive())
+                       self.version, self.headers, body, parser.should_keep_alive())
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` after what is already queued, then close: the rest of the stream is not read."""
@@ -334,10 +413,17 @@ class _Connection(asyncio.Protocol):
         """Close the connection if it waited too long for a request, or for the rest of one."""
         if self.runner is not None or self.transport.is_closing():
             return
-        if self.in_message and now - self.last_active > self.server.request_timeout:
-            self._refuse(408, f"the request stalled for {self.server.request_timeout:g} seconds")
-        elif not self.in_message and now - self.last_active > self.server.idle_timeout:
-            self.transport.close()
+        server = self.server
+        if not self.in_message:
+            if now - self.last_active > server.idle_timeout:
+                self.transport.close()
+        elif now - self.last_active > server.request_timeout:
+            self._refuse(408, f"the request stalled for {server.request_timeout:g} seconds")
+        elif not self.headers_done:
+            if now - self.started > server.header_timeout:
+                self._refuse(408, f"the request headers took longer than {server.header_timeout:g} seconds")
+        elif now - self.started > server.header_timeout + self.body_bytes / server.body_min_rate:
+            self._refuse(408, f"the body arrived slower than {server.body_min_rate} bytes per second")
 
     @property
     def idle(self) -> bool:
@@ -349,11 +435,18 @@ class Server:
 
     def __init__(self, respond: Callable[[Request], Awaitable[Response]], *, max_body: int,
                  idle_timeout: float = IDLE_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT,
+                 header_timeout: float = HEADER_TIMEOUT, body_min_rate: int = BODY_MIN_RATE,
+                 max_connections: int = MAX_CONNECTIONS,
                  on_refused: Callable[[int], None] = lambda status: None) -> None:
         self.respond = respond
         self.max_body = max_body
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.body_min_rate = body_min_rate
+        self.max_connections = max_connections
+        self.turned_away = 0
+        """Connections refused since the cap was last reached (0: below the cap)."""
         self.on_refused = on_refused
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
         """Run before the socket listens, in order."""
@@ -377,6 +470,18 @@ class Server:
             await self._cleanup()
             raise
         self._sweeper = self.loop.create_task(self._sweep())
+
+    def over_capacity(self) -> None:
+        if not self.turned_away:
+            log.warning("connection cap reached: %d connections open in this worker (MAX_CONNECTIONS); "
+                        "new connections get 503 until some close", self.max_connections)
+        self.turned_away += 1
+        self.on_refused(503)
+
+    def under_capacity(self) -> None:
+        if self.turned_away and len(self.connections) < self.max_connections:
+            log.info("below the connection cap again; %d connections were refused meanwhile", self.turned_away)
+            self.turned_away = 0
 
     @property
     def port(self) -> int:
@@ -411,7 +516,8 @@ class Server:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(min(SWEEP_INTERVAL, self.idle_timeout / 2, self.request_timeout / 2))
+            await asyncio.sleep(min(SWEEP_INTERVAL, self.idle_timeout / 2, self.request_timeout / 2,
+                                    self.header_timeout / 2))
             now = self.loop.time()
             for connection in list(self.connections):
                 connection.sweep(now)

@@ -2,7 +2,8 @@
 
 Every request that carries ``Async-Original-Host`` came through an async route
 of the network layer, whatever its method and path: a GET or HEAD under
-``STATUS_PATH_PREFIX`` reads a queued request's status, anything else is
+``STATUS_PATH_PREFIX`` reads a queued request's status, another method there
+gets 405 (queued, its replay would be routed back here), anything else is
 queued. Requests without that header only reach the probes. The target host must
 be on ``ALLOWED_HOSTS``, so the producer can never be used to reach arbitrary
 hosts. A 202 is only sent once Redis has stored the stream entry.
@@ -32,15 +33,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
+from . import preferences
 from .enqueuer import Enqueuer, QueueFull
 from .http1 import Request, Response, Server, json_response
-from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text
+from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
 from .queues import PER_SERVICE, Layout, Queue, labels_of
 from .records import PENDING_STATES, QUEUED, RETRYING, Record, legacy_record_key, record_key
 from .prefork import run_workers
+from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
 from ..protocol import (
-    HOP_BY_HOP, ORIGINAL_HOST_HEADER, PREFER_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER, STATUS_PATH_PREFIX,
+    HOP_BY_HOP, ORIGINAL_HOST_HEADER, PREFER_HEADER, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
+    STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
 )
 from ..logthrottle import LogThrottle
 from ..settings import ProducerSettings, SettingsError
@@ -54,6 +58,8 @@ QUEUE_FULL_RETRY_AFTER_SECONDS = "10"
 VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
 _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
+REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed",
+                  "too_many_connections", "replay_loop", "queue_full")
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -62,14 +68,15 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 LOCATION_SEPARATOR = "."
 """Between entry id and request id in a status path: in neither alphabet."""
-_PREFERENCES = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
 
 _PREFER = PREFER_HEADER.lower()
-DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower()}
+DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower(), REPLAY_HEADER.lower()}
 _DROPPED_RAW = frozenset(name.encode("latin-1") for name in DROPPED_REQUEST_HEADERS)
+_REPLAY_RAW = REPLAY_HEADER.lower().encode("latin-1")
 _PREFER_RAW = _PREFER.encode("latin-1")
 _ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
 _READS = ("GET", "HEAD")
+_ALLOW = ("Allow", ", ".join(STATUS_METHODS))
 _NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower()}
 """Recorded response headers the status resource does not repeat (it writes its own)."""
 
@@ -78,18 +85,34 @@ class BadRequest(Exception):
     """The request cannot be queued as sent (400)."""
 
 
+class ReplayLoop(Exception):
+    """A replay was routed here instead of to its Service (508): queued, it would come back again and again."""
+
+
 # --- what a request says
+
+
+SERVICE_PORT = 80
+"""The port of every Knative Service: a target host may name it without ``ALLOWED_PORTS``."""
+_PORT = re.compile(r"[0-9]{1,5}")
+"""ASCII digits only: int() also reads other scripts' digits."""
 
 
 def target_host(value: str) -> str:
     """``Async-Original-Host`` as ``host`` or ``host:port``, lowercase; raises :class:`BadRequest`."""
     text = value.strip().lower()
     host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
-    if sep and not (port.isdigit() and len(port) <= 5 and 0 < int(port) <= 65535):
+    if sep and not (_PORT.fullmatch(port) and 0 < int(port) <= 65535):
         raise BadRequest(f"{ORIGINAL_HOST_HEADER} has an invalid port: {value!r}")
     if len(host) > 253 or not _HOST.fullmatch(host):
         raise BadRequest(f"{ORIGINAL_HOST_HEADER} is not a valid host name: {value!r}")
     return f"{host}:{port}" if sep else host
+
+
+def port_allowed(host: str, allowed_ports: Iterable[int]) -> bool:
+    """No port, the Service's own, or one of ``allowed_ports``: never a Redis or metadata port by default."""
+    _, sep, port = host.rpartition(":")
+    return not sep or int(port) == SERVICE_PORT or int(port) in allowed_ports
 
 
 def host_allowed(host: str, allowed: Iterable[str]) -> bool:
@@ -100,12 +123,7 @@ def host_allowed(host: str, allowed: Iterable[str]) -> bool:
 
 def without_respond_async(value: str) -> str:
     """``Prefer`` without the ``respond-async`` preference ('' when nothing else is left)."""
-    kept = [
-        part.strip()
-        for part in _PREFERENCES.findall(value)
-        if part.strip() and re.split(r"[=;]", part, maxsplit=1)[0].strip().lower() != RESPOND_ASYNC
-    ]
-    return ", ".join(kept)
+    return preferences.without(value, RESPOND_ASYNC)
 
 
 def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
@@ -121,15 +139,18 @@ def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
     for raw_name, raw_value in raw_headers:
         lower = raw_name.lower()
         if lower in dropped:
+            if lower == _REPLAY_RAW:
+                raise ReplayLoop(f"a replay ({REPLAY_HEADER}) reached the producer instead of its Service: "
+                                 "check the network layer's routes")
             continue
         if lower == _PREFER_RAW:
             if raw_value == b"respond-async":  # what almost every async request says: nothing left
                 continue
-            value = without_respond_async(header_text(raw_value))
+            value = without_respond_async(header_value(raw_value))
             if not value:
                 continue
         else:
-            value = header_text(raw_value)
+            value = header_value(raw_value)  # the bytes sent, whatever they are: the replay sends them back
         result.append((raw_name.decode("latin-1"), value))  # a name is a token: ASCII
     return result
 
@@ -189,8 +210,8 @@ class Metrics:
             "async_producer_rejected_total", "Async requests not queued, by reason", ["reason"], registry=registry
         )
         # label lookups take a lock and a dict walk: bind the children once
-        self.rejected_for = {reason: self.rejected.labels(reason) for reason in
-                             ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "queue_full")}
+        self.rejected_for = {reason: self.rejected.labels(reason)
+                             for reason in REJECT_REASONS}
         self.queue_full = Counter(
             "async_producer_queue_full_total", "Requests refused with 503 because their Service's queue was full",
             ["namespace", "service"], registry=registry,
@@ -228,6 +249,9 @@ class Producer:
         self._queues: dict[str, Queue] = {}
         self.registry = registry
         self.new_request_id = RequestIds()
+        self.redis_check: RedisCheck | None = None
+        self.stopping = asyncio.Event()
+        self.check_task: asyncio.Task | None = None
 
     # routing
 
@@ -241,8 +265,12 @@ class Producer:
         if status:
             self.metrics.rejected_for[_REJECT_REASONS[status]].inc()
             return error_response(status, message)
-        if request.method in _READS and request.path.startswith(STATUS_PATH_PREFIX):
-            return await self.status(request, host)
+        if is_status_path(request.path):
+            if request.method in _READS:
+                return await self.status(request, host)
+            # never queued: its replay would come back here and be queued again, without end
+            self.metrics.rejected_for["method_not_allowed"].inc()
+            return error_response(405, f"{request.method} is not allowed on the status path", _ALLOW)
         return await self.enqueue(request, host)
 
     async def probe(self, request: Request) -> Response:
@@ -266,30 +294,44 @@ class Producer:
             except BadRequest as exc:
                 verdict = ("", 400, str(exc))
             else:
-                allowed = host_allowed(host, self.settings.allowed_hosts)
-                verdict = (host, 0, "") if allowed else ("", 403, f"target host {host!r} is not allowed by this producer")
+                if not host_allowed(host, self.settings.allowed_hosts):
+                    verdict = ("", 403, f"target host {host!r} is not allowed by this producer")
+                elif not port_allowed(host, self.settings.allowed_ports):
+                    verdict = ("", 403, f"target port of {host!r} is not allowed by this producer")
+                else:
+                    verdict = (host, 0, "")
             if len(self._verdicts) >= VERDICT_CACHE_SIZE:
                 self._verdicts.clear()
             self._verdicts[value] = verdict
         return verdict
 
     def refused(self, status: int) -> None:
-        """The server answered on its own (oversized, malformed or too slow a request)."""
+        """The server answered on its own (oversized, malformed or too slow a request, too many connections)."""
         if status == 413:
             self.metrics.rejected_for["too_large"].inc()
+        elif status == 503:
+            self.metrics.rejected_for["too_many_connections"].inc()
         elif status != 408:
             self.metrics.rejected_for["bad_request"].inc()
 
     # queueing
 
     async def enqueue(self, request: Request, host: str) -> Response:
+        if self.redis_check.evicting is not None:  # a 202 would promise what Redis may not keep
+            self.metrics.rejected_for["redis_unavailable"].inc()
+            return error_response(503, self.redis_check.evicting, ("Retry-After", RETRY_AFTER_SECONDS))
         try:
             target = request_target(request.target)
         except BadRequest as exc:
             self.metrics.rejected_for["bad_request"].inc()
             return error_response(400, str(exc))
         connection = request.values(b"connection")
-        headers = forwarded_headers(request.headers, [header_text(v) for v in connection] if connection else None)
+        try:
+            headers = forwarded_headers(request.headers, [header_text(v) for v in connection] if connection else None)
+        except ReplayLoop as exc:
+            log.error("not queued: %s %s for %s: %s", request.method, request.target[:200], host, exc)
+            self.metrics.rejected_for["replay_loop"].inc()
+            return error_response(508, str(exc))
         request_id = self.new_request_id()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
                                  time.time())
@@ -416,8 +458,14 @@ class Producer:
             self.owns_redis = True
         self.enqueuer = Enqueuer(self.redis, layout=self.layout, max_queued=self.settings.max_queued_per_service,
                                  on_batch=self.metrics.batch_written)
+        self.redis_check = RedisCheck(self.redis, self.settings.redis_check_interval, who="producer")
+        await self.redis_check.check()
+        self.check_task = asyncio.create_task(self.redis_check.run(self.stopping), name="redis-check")
 
     async def stop(self) -> None:
+        self.stopping.set()
+        if self.check_task is not None:
+            await self.check_task
         if self.enqueuer is not None:
             await self.enqueuer.close()
         if self.owns_redis:
@@ -425,13 +473,16 @@ class Producer:
 
     async def ready(self) -> None:
         await self.redis.ping()
+        self.redis_check.require()
 
 
 def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = None) -> Server:
     """The producer; creates its Redis client on startup unless ``redis`` is given (then the caller closes it)."""
     producer = Producer(settings, CollectorRegistry())
     producer.redis = redis
-    server = Server(producer.respond, max_body=settings.request_size_limit, on_refused=producer.refused)
+    server = Server(producer.respond, max_body=settings.request_size_limit, header_timeout=settings.header_timeout,
+                    body_min_rate=settings.body_min_rate, max_connections=settings.max_connections,
+                    on_refused=producer.refused)
     server.on_startup.append(producer.start)
     server.on_cleanup.append(producer.stop)
     return server

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import redis.asyncio as aioredis
 
 from ..settings import RedisSettings
@@ -26,9 +28,11 @@ def make_redis(settings: RedisSettings, *, socket_timeout: float | None = 5.0, m
 
 
 def redis_address(settings: RedisSettings) -> str:
-    """The address as RedisStreamSource names it in an event's source (no credentials)."""
-    from urllib.parse import urlsplit
+    """``REDIS_URL`` as RedisStreamSource's ``ADDRESS`` names it in an event's source, never with credentials.
 
+    Scheme, host, port and database path are kept as written (``redis://redis:6379/0``: the
+    adapter's ``ce-source`` is ``<ADDRESS>/<stream>``); a user, a password and query
+    parameters (which may hold one) are left out.
+    """
     parts = urlsplit(settings.redis_url)
-    host = parts.hostname or parts.path
-    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"

@@ -7,7 +7,8 @@ between only means a redelivery, never a lost request. Two callers share it:
 the consumer's CloudEvents sink (:mod:`.sink`), which answers its events with
 the :class:`Answer`; and a source delivering in-process (:mod:`.delivery`),
 which hands it stream entries directly. The replay carries
-``Prefer: respond-sync`` so the network layer routes it to the Service itself,
+``Prefer: respond-sync`` (before the request's other preferences) and
+``Async-Replay: true`` so the network layer routes it to the Service itself,
 not back to the producer.
 """
 
@@ -23,14 +24,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import httptools
 import redis.asyncio as aioredis
 from aiohttp import hdrs
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from yarl import URL
 
+from . import rawhttp
 from .batching import Batcher
+from .deadletters import add_dead_letter
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
@@ -38,7 +42,11 @@ from .records import (
     retry_key,
 )
 from .redisconn import make_redis
-from ..protocol import ATTEMPT_HEADER, PREFER_HEADER, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry
+from ..protocol import (
+    ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
+    is_status_path,
+)
+from .preferences import replay_preference
 from .retries import RetryMover, backoff, replay_retryable, retry_after
 from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
@@ -48,8 +56,12 @@ log = logging.getLogger(__name__)
 Settle = Callable[..., None]
 """``settle(pipe, *entry_ids)``: add what settles these stream entries to the transaction ``pipe``."""
 
-REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(), "host"})
+REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(),
+                              REPLAY_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
+
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+"""What an unreachable or refusing Redis raises: worth delivering again later, unlike any other error."""
 
 MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
@@ -94,16 +106,26 @@ class Replayed:
 
 def split_url(url: str) -> tuple[str, str]:
     """``(host[:port], path?query)`` of a stored URL, the target kept exactly as stored."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise EnvelopeError(f"the queued URL does not parse ({exc}): {url[:200]!r}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise EnvelopeError(f"the queued URL is not an http(s) URL: {url!r}")
     rest = url.split("://", 1)[1][len(parts.netloc):]
     return parts.netloc.lower(), (rest if rest.startswith("/") else "/" + rest)
 
 
+_PREFER = PREFER_HEADER.lower()
+
+
 def replay_headers(envelope: Envelope, attempt: int, host: str | None) -> CIMultiDict:
+    """The queued headers, with ``respond-sync`` before the request's other preferences, and the replay's own."""
     headers = CIMultiDict((k, v) for k, v in envelope.headers if k.lower() not in REPLACED_HEADERS)
-    headers[PREFER_HEADER] = RESPOND_SYNC
+    prefer = [v for k, v in envelope.headers if k.lower() == _PREFER]
+    headers[PREFER_HEADER] = replay_preference(prefer) if prefer else RESPOND_SYNC
+    headers[REPLAY_HEADER] = REPLAY_VALUE
     headers[REQUEST_ID_HEADER] = envelope.id
     headers[ATTEMPT_HEADER] = str(attempt)
     if host is not None:
@@ -247,13 +269,19 @@ class Replayer:
             return self.malformed(event_id, str(exc))
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id, host)
+        if is_status_path(target.partition("?")[0]):
+            # routed to the producer, not the Service: it would be queued again, without end
+            refused = Replayed(error=f"the target {target[:200]!r} is the status path: it is never replayed")
+            return await self._finish(key, envelope, attempt, host, refused, settle, retry_queue)
         now = time.time()
         running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=now)
         try:
             args = [running.to_json(), attempt]
             done_state = await self.starts.submit((key, args))
-        except Exception as exc:  # Redis down: nothing replayed yet; the source delivers again later
+        except REDIS_ERRORS as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
+        except Exception as exc:  # not Redis: this request would fail the same way every time
+            return self.unreplayable(event_id, envelope, exc)
         if done_state:
             state = done_state.decode()
             self.metrics.events_by["duplicate"].inc()
@@ -270,10 +298,16 @@ class Replayer:
         if attempt == 1:
             self.metrics.queued_for(host, max(0.0, now - envelope.accepted_at))
         replayed = await self.replay(envelope, attempt, host, target)
+        return await self._finish(key, envelope, attempt, host, replayed, settle, retry_queue)
+
+    async def _finish(self, key: str, envelope: Envelope, attempt: int, host: str,
+                      replayed: Replayed, settle: Any, retry_queue: Queue | None) -> Answer:
         try:
             state = await self._record_outcome(key, envelope, attempt, host, replayed, settle, retry_queue)
-        except Exception as exc:  # the outcome is not durable: let the source deliver again
+        except REDIS_ERRORS as exc:  # the outcome is not durable: let the source deliver again
             return self._unavailable(envelope, "recording the outcome of", exc)
+        except Exception as exc:  # not Redis: recording it would fail the same way every time
+            return self.unreplayable(envelope.id, envelope, exc)
         self.metrics.events_by["replayed"].inc()
         self.metrics.replays_by[state].inc()
         return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt})
@@ -284,6 +318,11 @@ class Replayer:
             message = message[:ERROR_BODY_LIMIT] + "..."
         log.warning("rejected a malformed event (ce-id %s): %s", event_id, message)
         return error_answer(400, message)
+
+    def unreplayable(self, event_id: str, envelope: Envelope, exc: BaseException) -> Answer:
+        """A request the core cannot handle (a bug or an input it did not foresee): 400, so it is dead-lettered."""
+        log.error("request %s cannot be replayed", envelope.id, exc_info=exc)
+        return self.malformed(event_id, f"request {envelope.id} cannot be replayed: {type(exc).__name__}: {exc}")
 
     def _unavailable(self, envelope: Envelope, what: str, exc: BaseException) -> Answer:
         self.metrics.events_by["redis_unavailable"].inc()
@@ -331,13 +370,18 @@ class Replayer:
         headers = replay_headers(envelope, attempt, host if gateway else None)
         started = time.perf_counter()
         try:
-            async with self.session.request(envelope.method, url, headers=headers, data=envelope.body or None,
-                                            allow_redirects=False) as resp:
-                body = await resp.read()
-                recorded = RecordedResponse(resp.status, response_headers(_raw_headers(resp.raw_headers)), body)
+            if rawhttp.has_binary(headers.items()):  # aiohttp would not send these bytes as they are
+                raw = await rawhttp.exchange(envelope.method, str(url), headers.items(), envelope.body,
+                                             timeout=self.settings.request_timeout)
+                recorded = RecordedResponse(raw.status, response_headers(_raw_headers(raw.headers)), bytes(raw.body))
+            else:
+                async with self.session.request(envelope.method, url, headers=headers, data=envelope.body or None,
+                                                allow_redirects=False) as resp:
+                    body = await resp.read()
+                    recorded = RecordedResponse(resp.status, response_headers(_raw_headers(resp.raw_headers)), body)
         except aiohttp.InvalidURL as exc:
             return Replayed(error=f"invalid URL {exc}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, httptools.HttpParserError) as exc:
             error = (f"no answer within {self.settings.request_timeout:g}s" if isinstance(exc, TimeoutError)
                      else f"{type(exc).__name__}: {exc}")
             log.info("request %s attempt %d: %s %s failed: %s", envelope.id, attempt, envelope.method, url, error)
@@ -391,7 +435,7 @@ class Replayer:
                                  service=service_tag(host))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(key, record.to_json(), px=self.retention_ms)
-            pipe.xadd(settings.dead_letter_stream, dead)
+            add_dead_letter(pipe, settings, dead)
             self._settle(pipe, *entries)
             await pipe.execute()
         self.metrics.dead_lettered.inc()

@@ -29,7 +29,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -38,9 +39,11 @@ from redis.exceptions import ResponseError
 
 from .. import logs, probes
 from .batching import Batcher
+from .deadletters import add_dead_letter
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope
 from .queues import PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
+from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from .envelope import STREAM_FIELD
@@ -149,6 +152,7 @@ class Source:
         self.sink_throttle = LogThrottle(log)
         self.take = self.redis.register_script(TAKE)
         self.acks: Batcher[EntryRef, None] = Batcher(self._ack_batch)
+        self.redis_check = RedisCheck(self.redis, settings.redis_check_interval, who="source")
 
     def stop(self) -> None:
         self.stopping.set()
@@ -156,15 +160,18 @@ class Source:
 
     async def ready(self) -> None:
         await self.redis.ping()
+        self.redis_check.require()
 
     # --- the loop
 
     async def run(self) -> None:
         await self.delivery.start()
+        await self.redis_check.check()
         drained = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(drained), name="source-heartbeat")
         listener = asyncio.create_task(self._listen(), name="source-wake-listener")
         measuring = asyncio.create_task(self._measuring(drained), name="source-queue-metrics")
+        checks = asyncio.create_task(self.redis_check.run(drained), name="redis-check")
         settings = self.settings
         log.info("source %s delivering %s (group %s) %s, %d at a time, at most %d per Service", self.name,
                  "a queue per Service" if settings.queue_mode == PER_SERVICE else f"the stream {settings.stream}",
@@ -176,6 +183,7 @@ class Source:
             drained.set()
             await heartbeat
             await measuring
+            await checks
             listener.cancel()
             await asyncio.wait({listener}, timeout=MAX_BLOCK + 1)  # redis-py may swallow the cancellation
             await self._leave_groups()
@@ -404,11 +412,42 @@ class Source:
             entries = [(state, (stream, as_text(entry_id)), fields) for entry_id, fields in reply[1]
                        if fields is not None and (stream, as_text(entry_id)) not in self.in_flight]
             if entries:
+                entries = await self._without_overdelivered(entries)
+            if entries:
                 self.metrics.reclaimed.inc(len(entries))
                 log.info("source %s reclaimed %d entries of %s left pending past %gs: %s", self.name, len(entries),
                          stream, settings.visibility_timeout, ", ".join(ref[1] for _, ref, _ in entries))
             found += entries
         return found
+
+    async def _without_overdelivered(self, entries: list[tuple[QueueState, EntryRef, Mapping]]
+                                     ) -> list[tuple[QueueState, EntryRef, Mapping]]:
+        """``entries`` but those delivered more than MAX_DELIVERIES times, which are dead-lettered instead.
+
+        A reclaimed entry was left by a process that died holding it; one that has come back this
+        often may be what kills it (too large, or a bug it triggers), so it is not tried again.
+        """
+        settings = self.settings
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, (stream, entry_id), _ in entries:
+                pipe.xpending_range(stream, settings.group, min=entry_id, max=entry_id, count=1)
+            replies = await pipe.execute()
+        kept = []
+        for (state, ref, fields), reply in zip(entries, replies):
+            deliveries = reply[0]["times_delivered"] if reply else 0
+            if deliveries <= settings.max_deliveries:
+                kept.append((state, ref, fields))
+                continue
+            reason = (f"delivered {deliveries} times without an outcome (MAX_DELIVERIES is {settings.max_deliveries}):"
+                      " the process handling it may have died on it each time")
+            self._track(state, ref, self._give_up(state, ref, fields, reason))
+        return kept
+
+    async def _give_up(self, state: QueueState, ref: EntryRef, fields: Mapping, reason: str) -> None:
+        if await self._settle(ref, dead_letter_entry(fields, reason, service=self._service(state, fields))):
+            self.metrics.delivered_as["dead_lettered"].inc()
+            log.error("entry %s of %s sent to %s, never delivered again: %s", ref[1], ref[0],
+                      self.settings.dead_letter_stream, reason)
 
     async def _heartbeat(self, drained: asyncio.Event) -> None:
         """Reset the idle time of entries still being delivered, so no other source reclaims them."""
@@ -464,7 +503,11 @@ class Source:
     def _start(self, state: QueueState, ref: EntryRef, fields: Mapping) -> None:
         if ref in self.in_flight:
             return
-        task = asyncio.create_task(self._deliver(state, ref, fields), name=f"deliver-{ref[1]}")
+        self._track(state, ref, self._deliver(state, ref, fields))
+
+    def _track(self, state: QueueState, ref: EntryRef, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` on the entry as an in-flight task (kept fresh, counted against its queue, drained on stop)."""
+        task = asyncio.create_task(work, name=f"deliver-{ref[1]}")
         self.in_flight[ref] = task
         state.in_flight += 1
         state.gauge.inc()
@@ -497,8 +540,8 @@ class Source:
             if reply is not None:
                 reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
-                service = state.queue.member if state.queue.member != SINGLE else _service_of_entry(fields)
-                if await self._settle(ref, dead_letter_entry(fields, reason, reply.status, service=service)):
+                if await self._settle(ref, dead_letter_entry(fields, reason, reply.status,
+                                                             service=self._service(state, fields))):
                     self.metrics.delivered_as["dead_lettered"].inc()
                     log.warning("entry %s of %s rejected by the sink, sent to %s: %s", entry_id, ref[0],
                                 self.settings.dead_letter_stream, reason)
@@ -520,7 +563,7 @@ class Source:
                     await self.acks.submit(ref)
                 else:
                     async with self.redis.pipeline(transaction=True) as pipe:
-                        pipe.xadd(settings.dead_letter_stream, dict(dead_letter))
+                        add_dead_letter(pipe, settings, dead_letter)
                         self.settle_in(pipe, ref)
                         await pipe.execute()
                 return True
@@ -547,6 +590,11 @@ class Source:
         for stream, ids in _by_stream(refs).items():
             pipe.xack(stream, self.settings.group, *ids)
             pipe.xdel(stream, *ids)
+
+    @staticmethod
+    def _service(state: QueueState, fields: Mapping) -> str | None:
+        """The Service an entry is for, as its dead letter names it."""
+        return state.queue.member if state.queue.member != SINGLE else _service_of_entry(fields)
 
     # --- waiting
 

@@ -1,9 +1,12 @@
 """A throwaway ``redis-server`` on loopback, for the local stack and the tests.
 
 It runs from PATH in its own temp dir and is gone (process and dir) after
-:meth:`RedisServer.stop`. :meth:`RedisServer.kill` shuts it down with a final
-snapshot in that dir, so :meth:`RedisServer.start` brings it back with its data,
-as a restarted Redis with persistence would.
+:meth:`RedisServer.stop`. It runs as the project asks every Redis to run
+(component/config/README.md): ``appendonly yes`` with ``appendfsync
+everysec`` and ``maxmemory-policy noeviction``, so even a killed server comes
+back from its dir with every write it acknowledged (short of a machine crash);
+:meth:`RedisServer.kill` shuts it down cleanly and :meth:`RedisServer.start`
+brings it back with its data.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class RedisServer:
             self.dir = Path(tempfile.mkdtemp(prefix="async-component-redis-"))
         self.process = subprocess.Popen(
             [path, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "3600 1", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"],
+             "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+             "--save", "", "--protected-mode", "yes", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=DIE_WITH_PARENT,
             process_group=0,  # a terminal's Ctrl-C goes to whoever started it, which stops it last
         )

@@ -1,0 +1,100 @@
+"""One HTTP/1.1 exchange whose header bytes go out exactly as received, for what aiohttp cannot send.
+
+A header value may hold bytes that are not UTF-8 (RFC 9110 allows any octet
+but controls); the envelope keeps them as surrogate escapes. aiohttp writes
+header values as UTF-8 text (its C writer silently drops surrogates), so a
+request holding such a value is sent through here instead: one connection,
+``Connection: close``, the response read whole with httptools. Rare, so
+simple; everything else keeps aiohttp's pooled connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import httptools
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+READ_SIZE = 65536
+
+
+def has_binary(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether a header value holds bytes that are not UTF-8 (as surrogate escapes)."""
+    return any(_ESCAPED.search(value) for _, value in headers)
+
+
+class RawResponse:
+    __slots__ = ("status", "headers", "body", "head_done", "complete")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.head_done = False
+        self.complete = False
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body += chunk
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def request_bytes(method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+    """The request as sent; raises ValueError for a line break in a header (it would split the request)."""
+    parts = urlsplit(url)
+    target = url.split("://", 1)[1][len(parts.netloc):] or "/"
+    host = next((v for k, v in headers if k.lower() == "host"), parts.netloc)
+    lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", host.encode("utf-8", "surrogateescape")]
+    for name, value in headers:
+        if name.lower() in _FRAMING:
+            continue
+        raw = value.encode("utf-8", "surrogateescape")
+        if b"\r" in raw or b"\n" in raw or "\r" in name or "\n" in name:
+            raise ValueError(f"header {name!r} contains a line break")
+        lines += (b"\r\n", name.encode("latin-1"), b": ", raw)
+    lines.append(b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    return b"".join(lines) + body
+
+
+async def exchange(method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                   timeout: float) -> RawResponse:
+    """Send one request to ``url`` and read its whole response.
+
+    Raises TimeoutError, OSError (no connection, cut off) or httptools.HttpParserError (not HTTP).
+    """
+    headers = list(headers)
+    data = request_bytes(method, url, headers, body)
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    context = ssl.create_default_context() if parts.scheme == "https" else None
+    response = RawResponse()
+    parser = httptools.HttpResponseParser(response)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
+        try:
+            writer.write(data)
+            await writer.drain()
+            while not response.complete:
+                chunk = await reader.read(READ_SIZE)
+                if not chunk:
+                    break
+                parser.feed_data(chunk)
+        finally:
+            writer.close()
+    if not response.head_done:
+        raise ConnectionResetError("the connection closed before a response")
+    response.status = parser.get_status_code()
+    return response  # incomplete only when the body ran to the close (HEAD, or no length given)
