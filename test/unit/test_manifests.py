@@ -504,15 +504,18 @@ def test_the_controller_points_children_at_the_producer_service():
     assert controller.producer_host == f"{producer['metadata']['name']}.{producer['metadata']['namespace']}.svc.cluster.local"
 
 
-def test_the_controller_and_the_producer_agree_on_the_cluster_domain():
-    """Children replay to <service>.<ns>.svc.<domain>; the producer must accept exactly those hosts."""
+def test_the_controller_and_the_data_plane_agree_on_the_cluster_domain():
+    """Children replay to <service>.<ns>.svc.<domain>; the producer, and the replays, must allow exactly those hosts."""
     objects = plain_objects()
-    controller = process_settings(find(objects, ("apps/v1", "Deployment"), "async-controller"), objects)
-    producer = process_settings(find(objects, KSVC, "async-producer"), objects)
-    for obj in (find(objects, ("apps/v1", "Deployment"), "async-controller"), find(objects, KSVC, "async-producer")):
-        assert "CLUSTER_DOMAIN" in env_of(obj), obj["metadata"]["name"]
-    assert controller.cluster_domain == producer.cluster_domain
-    assert producer.allowed_hosts == (f".svc.{controller.cluster_domain}",)
+    controller_obj = find(objects, ("apps/v1", "Deployment"), "async-controller")
+    controller = process_settings(controller_obj, objects)
+    assert "CLUSTER_DOMAIN" in env_of(controller_obj)
+    assert "CLUSTER_DOMAIN" in find(objects, ("v1", "ConfigMap"), DATAPLANE_CONFIG)["data"]
+    for obj in dataplane_workloads(objects):
+        process = process_settings(obj, objects)
+        assert process.cluster_domain == controller.cluster_domain, obj["metadata"]["name"]
+        assert process.allowed_hosts == (f".svc.{controller.cluster_domain}",), obj["metadata"]["name"]
+        assert process.allowed_ports == (), obj["metadata"]["name"]
 
 
 def test_producer_and_consumer_are_cluster_local_and_kept_warm():

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError, RedisError
 from yarl import URL
 
-from . import rawhttp
+from . import rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
@@ -181,7 +181,7 @@ class Metrics:
         self.events = Counter("async_consumer_events_total", "Events received, by how they were answered", ["result"],
                               registry=registry)
         self.events_by = {result: self.events.labels(result)
-                          for result in ("replayed", "duplicate", "malformed", "redis_unavailable")}
+                          for result in ("replayed", "duplicate", "malformed", "refused", "redis_unavailable")}
 
 
 class Replayer:
@@ -230,6 +230,11 @@ class Replayer:
             host, target = split_url(envelope.url)
         except EnvelopeError as exc:
             return self.malformed(event_id, str(exc))
+        refused = self.target_refusal(host)
+        if refused is not None:  # sent by no producer of ours: never called, never recorded
+            self.metrics.events_by["refused"].inc()
+            log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
+            return error_answer(400, f"request {envelope.id} is not replayed: {refused}")
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id)
         if is_status_path(target.partition("?")[0]):
@@ -278,6 +283,13 @@ class Replayer:
             message = message[:ERROR_BODY_LIMIT] + "..."
         log.warning("rejected a malformed event (ce-id %s): %s", event_id, message)
         return error_answer(400, message)
+
+    def target_refusal(self, host: str) -> str | None:
+        """Why the target-host policy (the producer's) refuses the queued URL's ``host``, or None."""
+        try:
+            return targets.refusal(targets.target_host(host, "the queued URL's host"), self.settings)
+        except targets.BadTarget as exc:
+            return str(exc)
 
     def unreplayable(self, event_id: str, envelope: Envelope, exc: BaseException) -> Answer:
         """A request the core cannot handle (a bug or an input it did not foresee): 400, so it is dead-lettered."""

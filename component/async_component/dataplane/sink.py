@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from .. import logs, probes
 from ..settings import ConsumerSettings
 from .envelope import EnvelopeError, event_envelope
+from . import targets
 from .redisconn import redis_address
 from .replay import MOVER_INTERVAL, Replayer, replay_route
 
@@ -66,6 +67,10 @@ def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
     app.router.add_post("/", EventEndpoint(replayer).receive)
     app.cleanup_ctx.append(replaying)
     return app
+
+
+validate = targets.validate
+"""For the CLI: an ALLOWED_HOSTS entry that is no host name or suffix is an error at start."""
 
 
 def run(settings: ConsumerSettings) -> int:

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import ResponseError
 
 from .. import logs, probes
+from . import targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .delivery import DeliveryFailed, make_delivery
@@ -405,6 +406,10 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+
+
+validate = targets.validate
+"""For the CLI: an ALLOWED_HOSTS entry that is no host name or suffix is an error at start."""
 
 
 def run(settings: SourceSettings) -> int:

@@ -314,7 +314,9 @@ class LocalStack:
         base["PYTHONUNBUFFERED"] = "1"
         redis = {"REDIS_URL": self.redis_url, "STREAM_NAME": self.stream, "KEY_PREFIX": self.key_prefix,
                  "DEAD_LETTER_STREAM": self.dead_letter_stream, "LOG_LEVEL": self.log_level}
-        replay = {"MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
+        # the producer's target-host policy, which the replays apply again (dataplane-config.yaml)
+        targets = {"ALLOWED_HOSTS": ",".join(allowed_hosts)}
+        replay = {**targets, "MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
                   "TARGET_GATEWAY_URL": self.gateway_url}
         command = [sys.executable, "-m", "async_component"]
         url = f"http://{LOOPBACK}:{{}}".format
@@ -325,7 +327,7 @@ class LocalStack:
                     url(ports["app"]) + "/healthz?sleep=0"),
             Process("producer", [*command, "producer"],
                     {**base, **redis, "PORT": str(ports["producer"]), "HOST": LOOPBACK,
-                     "ALLOWED_HOSTS": ",".join(allowed_hosts), "WORKERS": str(self.producer_workers)},
+                     **targets, "WORKERS": str(self.producer_workers)},
                     url(ports["producer"]) + "/readyz"),
             Process("consumer", [*command, "consumer"],
                     {**base, **redis, **replay, "PORT": str(ports["consumer"]), "HOST": LOOPBACK},
