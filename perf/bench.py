@@ -39,6 +39,7 @@ import figures
 import machine
 import servers
 import wrk
+from async_component.cli import HelpFormatter
 from async_component.dataplane.envelope import Envelope
 from async_component.dataplane.records import Record, record_key
 from async_component.local.redisserver import RedisServer
@@ -413,7 +414,9 @@ async def _target_host(stack) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Component benchmarks on 127.0.0.1, reported as ratios.")
+    parser = argparse.ArgumentParser(description="Component benchmarks on 127.0.0.1, reported as ratios. "
+                                     "Exits 1 when a target is missed (after writing the results).",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--only", default="1,2,3,4", help="comma-separated benchmarks to run (1-4)")
     parser.add_argument("--seconds", type=float, default=15.0, help="wrk duration per producer/bare run")
     parser.add_argument("--workers", default="1,2", help="producer (and bare handler) worker counts to compare")
@@ -484,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     (folder / "bench.json").write_text(figures.to_json(found, facts) + "\n")
     print(text)
     print(f"results: {folder}/bench.md and bench.json")
-    return 0
+    if status := figures.exit_status(found):
+        print(f"bench: MISSED {len(figures.missed(found))} target(s): {figures.summary_line(found)}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

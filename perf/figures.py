@@ -53,11 +53,20 @@ def markdown_table(figures: Sequence[Figure]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def missed(figures: Sequence[Figure]) -> list[Figure]:
+    return [f for f in figures if f.met is False]
+
+
 def summary_line(figures: Sequence[Figure]) -> str:
     judged = [f for f in figures if f.met is not None]
-    missed = [f"{f.bench}: {f.name}" for f in judged if not f.met]
-    text = f"{len(judged) - len(missed)} of {len(judged)} targets met"
-    return text + (f"; missed: {'; '.join(missed)}" if missed else "")
+    misses = [f"{f.bench}: {f.name}" for f in missed(figures)]
+    text = f"{len(judged) - len(misses)} of {len(judged)} targets met"
+    return text + (f"; MISSED: {'; '.join(misses)}" if misses else "")
+
+
+def exit_status(figures: Sequence[Figure]) -> int:
+    """1 when a target was missed, so ``tox -e bench`` (and a script around it) fails; 0 otherwise."""
+    return 1 if missed(figures) else 0
 
 
 def to_json(figures: Sequence[Figure], facts: Mapping[str, object]) -> str:

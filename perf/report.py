@@ -180,6 +180,10 @@ def latency_chart(entries: Sequence[Entry], path: Path) -> Path:
     return Path(path)
 
 
+SMOOTHING_SECONDS = 3
+"""Width of the centred moving average drawn in the throughput chart."""
+
+
 def throughput_series(entry: Entry) -> tuple[list[int], list[int]]:
     """Seconds since the scenario started and requests completed in each (gaps are zeros)."""
     if not entry.per_second:
@@ -190,21 +194,64 @@ def throughput_series(entry: Entry) -> tuple[list[int], list[int]]:
     return [s - first for s in seconds], [entry.per_second.get(s, 0) for s in seconds]
 
 
-def throughput_chart(entries: Sequence[Entry], path: Path) -> Path:
-    """Requests per second over time, one line per entry, each from its own scenario's start."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4))
+def whole_seconds(entry: Entry) -> tuple[list[int], list[int]]:
+    """:func:`throughput_series` without its first and last second, which the run only partly covers."""
+    xs, ys = throughput_series(entry)
+    return xs[1:-1], ys[1:-1]
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average; near the ends it averages the values there are."""
+    half = window // 2
+    windows = (values[max(0, i - half):i + half + 1] for i in range(len(values)))
+    return [sum(around) / len(around) for around in windows]
+
+
+def throughput_panels(entries: Sequence[Entry]) -> list[tuple[str, list[Entry]]]:
+    """One panel per async scenario, each with the sync run beside it (the sync run alone without any)."""
+    sync = [e for e in entries if e.scenario == SYNC_SCENARIO]
+    others: dict[str, list[Entry]] = {}
     for e in entries:
-        xs, ys = throughput_series(e)
-        if xs:
-            ax.plot(xs, ys, label=label(e, ": "), linewidth=1.5)
-    ax.set_xlabel("seconds since the scenario started")
-    ax.set_ylabel("requests/s")
-    ax.set_title("Throughput over time")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, loc="best")
+        if e.scenario != SYNC_SCENARIO:
+            others.setdefault(e.scenario, []).append(e)
+    if not others:
+        return [(SYNC_SCENARIO, sync)] if sync else []
+    return [(f"{scenario} vs {SYNC_SCENARIO}" if sync else scenario, sync + group)
+            for scenario, group in others.items()]
+
+
+def throughput_chart(entries: Sequence[Entry], path: Path) -> Path:
+    """Requests per second over time: a panel per async scenario next to the sync run, on one scale.
+
+    Locust counts the requests of each wall-clock second; the first and last seconds of a
+    run are partial and left out, and a moving average takes out the second-to-second noise."""
+    plt = _pyplot()
+    panels = throughput_panels([e for e in entries if e.per_second]) or [("no requests", [])]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.6 + 2.2 * len(panels)), sharex=True, sharey=True,
+                             squeeze=False)
+    styles = ("-", "--", ":")
+    for ax, (title, shown) in zip(axes[:, 0], panels):
+        drawn = 0
+        for e in shown:
+            xs, ys = whole_seconds(e)
+            if not xs:
+                continue
+            if e.scenario == SYNC_SCENARIO:  # the reference, in grey
+                style = {"color": "0.55", "linewidth": 1.5}
+            else:
+                style = {"color": f"C{drawn}", "linestyle": styles[drawn % len(styles)], "linewidth": 1.8}
+                drawn += 1
+            ax.plot(xs, moving_average(ys, SMOOTHING_SECONDS), label=label(e, ": "), **style)
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_ylabel("requests/s", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1, 0].set_xlabel("seconds since the scenario started")
+    fig.suptitle(f"Throughput over time ({SMOOTHING_SECONDS} s moving average, partial first and last seconds "
+                 f"left out)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

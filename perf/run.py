@@ -24,6 +24,7 @@ from pathlib import Path
 
 import machine
 import report
+from async_component.cli import HelpFormatter
 
 PERF = Path(__file__).resolve().parent
 LOCUSTFILE = PERF / "locustfile.py"
@@ -110,8 +111,17 @@ def run_scenario(args: argparse.Namespace, where: Target, folder: Path, scenario
     return process.returncode
 
 
-def wait_for_backlog(where: Target, timeout: float) -> tuple[int, float] | None:
-    """Wait until the queue is empty so the next scenario starts clean: (backlog, seconds), None without Redis."""
+def backlog_note(scenario: str, backlog: int, waited: float, left: int, *, last: bool) -> str:
+    """What the report says about the requests a scenario left queued, and what came after them."""
+    after = "the run ended" if last else "the next scenario started"
+    text = f"{scenario} left {backlog:,} requests queued; {after} after {waited:.0f} s of waiting for them"
+    return text + (f", with {left:,} still queued" if left else "")
+
+
+def wait_for_backlog(where: Target, timeout: float) -> tuple[int, float, int] | None:
+    """Wait until the queue is empty so the next scenario starts clean.
+
+    Returns (backlog at the start, seconds waited, backlog left), or None without Redis."""
     if not where.redis_url:
         return None
     import redis
@@ -129,14 +139,16 @@ def wait_for_backlog(where: Target, timeout: float) -> tuple[int, float] | None:
             tick += 1
             time.sleep(0.5)
         if first:
-            status(f"  queue drained: {first:,} requests in {time.monotonic() - started:.0f} s", 0, final=True)
-        return first, time.monotonic() - started
+            status(f"  queue drained: {first - left:,} of {first:,} requests in {time.monotonic() - started:.0f} s",
+                   0, final=True)
+        return first, time.monotonic() - started, left
     finally:
         client.close()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Locust: sync versus async calls of the sample app, with a report.")
+    parser = argparse.ArgumentParser(description="Locust: sync versus async calls of the sample app, with a report.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--url", help="gateway to load (default: start the local stack); e.g. http://127.0.0.1:31080")
     parser.add_argument("--domain", default="default.example.com", help="domain of the sample Services' hosts with --url")
     parser.add_argument("--redis-url", help="with --url: the stack's Redis, to wait for the queue between scenarios")
@@ -177,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(scenario)
             drained = wait_for_backlog(where, args.drain_timeout)
             if drained and drained[0]:
-                notes.append(f"{scenario} left {drained[0]:,} requests queued; the next scenario started after "
-                             f"{drained[1]:.0f} s of waiting for them")
+                notes.append(backlog_note(scenario, *drained, last=number == len(args.scenarios)))
     facts.update({
         "target": where.description,
         "users": f"{args.users} per scenario, spawned {'at once' if not args.spawn_rate else f'{args.spawn_rate:g}/s'}, "

@@ -9,11 +9,5 @@ if ! command -v apt-get >/dev/null 2>&1; then
     echo "redis-server is not on PATH and there is no apt-get here: install Redis with your package manager" >&2
     exit 1
 fi
-as_root=()
-if [ "$(id -u)" -ne 0 ]; then
-    as_root=(sudo)
-fi
 echo "installing redis-server"
-export DEBIAN_FRONTEND=noninteractive
-"${as_root[@]}" apt-get update -qq
-"${as_root[@]}" apt-get install -y -qq redis-server >/dev/null
+"$BASH" "$(dirname "$0")/apt-install.sh" redis-server

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from . import __version__
 from .settings import ConsumerSettings, ControllerSettings, ProducerSettings, SettingsError, SourceSettings, flag_name, load
@@ -25,6 +26,26 @@ COMMANDS: dict[str, tuple[str, type | None, str]] = {
 }
 
 
+STATES_DEFAULT = re.compile(r"\bdefault:")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """States an option's default once: the one its help names, else argparse's, none for an option without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (STATES_DEFAULT.search(text) or action.required or not action.option_strings or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def setting_help(meta: Mapping[str, str]) -> str:
+    """A settings field's help: what it does, its environment variable and its default, each once."""
+    alias = f" or {meta['alias']}" if meta["alias"] else ""
+    return f"{meta['help']} (env {meta['env']}{alias}; default: {meta['raw_default'] or 'unset'})"
+
+
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """``chosen``: the only command whose own module is imported to declare flags."""
     parser = argparse.ArgumentParser(prog="async-component", description="Call any Knative Service asynchronously.")
@@ -32,17 +53,14 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, settings_cls, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=HelpFormatter)
         if settings_cls is None:
             if name == chosen:
                 importlib.import_module(module).add_arguments(cmd)
             continue
         for field in dataclasses.fields(settings_cls):
-            meta = field.metadata
-            env = meta["env"]
-            alias = f" or {meta['alias']}" if meta["alias"] else ""
-            cmd.add_argument(flag_name(env), dest=env, metavar=env, default=None,
-                             help=f"{meta['help']} (env {env}{alias}; default {meta['raw_default']!r})")
+            env = field.metadata["env"]
+            cmd.add_argument(flag_name(env), dest=env, metavar=env, default=None, help=setting_help(field.metadata))
     return parser
 
 

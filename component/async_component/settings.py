@@ -284,7 +284,7 @@ class SourceSettings(ReplaySettings):
 
     sink_url: str | None = setting("SINK_URL", "", optional(http_url), "URL of a consumer to post CloudEvents to (unset: replay in this process)", alias="K_SINK")
     group: str = setting("CONSUMER_GROUP", DEFAULT_GROUP, str, "Redis consumer group shared by all source processes")
-    consumer_name: str = setting("CONSUMER_NAME", "", str, "this process's name in the group (default: host name and pid)")
+    consumer_name: str = setting("CONSUMER_NAME", "", str, "this process's name in the group (unset: its host name and pid)")
     concurrency: int = setting("CONCURRENCY", "32", positive_int, "deliveries in flight at once")
     visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
     delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event (with SINK_URL)")
@@ -310,7 +310,7 @@ class ControllerSettings:
                                     "seconds a leader's Lease holds without renewal before a standby takes over")
     lease_renew_period: float = setting("LEASE_RENEW_PERIOD", "2", positive_float,
                                         "seconds between a leader's renewals and a standby's attempts")
-    identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (default: host name and pid)")
+    identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (unset: its host name and pid)")
 
     def __post_init__(self) -> None:
         if self.lease_name and self.lease_renew_period * 2 > self.lease_duration:

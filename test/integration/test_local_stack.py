@@ -351,3 +351,11 @@ def test_command_without_redis_server_fails_in_one_line_and_leaves_nothing(tmp_p
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("async-component local: error: redis-server not found on PATH"), err
     assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--retry-base-delay", "--retry-delay"])
+def test_retry_base_delay_and_its_old_spelling_both_reach_the_stack(tmp_path, flag):
+    process = run_local(tmp_path, "--port", str(free_port()), flag, "-1")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert err.strip().splitlines() == ["async-component local: error: retry delay -1.0 must be >= 0 seconds"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -91,6 +92,32 @@ def test_throughput_series_fills_quiet_seconds_with_zeros(tmp_path):
     assert report.throughput_series(entry) == ([0, 1, 2, 3], [3, 0, 0, 4])
 
 
+def test_throughput_chart_leaves_out_the_partial_first_and_last_seconds(tmp_path):
+    per_second = {1000: 3, 1001: 40, 1002: 0, 1003: 44, 1004: 9}
+    write_run(tmp_path, "sync", locust_row("sync", histogram={5: 96}, per_second=per_second, start=1000.7))
+    [entry] = report.load_results(tmp_path, ["sync"])
+    assert report.whole_seconds(entry) == ([1, 2, 3], [40, 0, 44])
+
+
+def test_rates_are_smoothed_with_a_centred_moving_average():
+    assert report.moving_average([0, 10, 20, 60], 3) == [5, 10, 30, 40]
+    assert report.moving_average([7], 3) == [7]
+
+
+def test_throughput_chart_has_one_panel_per_async_scenario_beside_sync(tmp_path):
+    write_run(tmp_path, "sync", locust_row("sync", histogram={5: 1}))
+    write_run(tmp_path, "follow", locust_row("async follow: accepted", histogram={1: 1}),
+              locust_row("async follow: completed", "ASYNC", histogram={9: 1}))
+    write_run(tmp_path, "always", locust_row("async always: accepted", histogram={1: 1}))
+    panels = report.throughput_panels(report.load_results(tmp_path, ["sync", "follow", "always"]))
+    assert [(title, [e.name for e in shown]) for title, shown in panels] == [
+        ("follow vs sync", ["sync", "async follow: accepted", "async follow: completed"]),
+        ("always vs sync", ["sync", "async always: accepted"]),
+    ]
+    assert [title for title, _ in report.throughput_panels(report.load_results(tmp_path, ["always"]))] == ["always"]
+    assert [title for title, _ in report.throughput_panels(report.load_results(tmp_path, ["sync"]))] == ["sync"]
+
+
 def test_report_writes_markdown_and_both_charts(tmp_path):
     write_run(tmp_path, "sync", locust_row("sync", histogram={20: 50, 25: 50}, per_second={1000: 50, 1001: 50}))
     write_run(
@@ -131,7 +158,7 @@ def test_bench_table_shows_value_reference_ratio_and_verdict():
     assert lines[3] == "| 1 producer, 1 worker | p99 latency | 12.3 ms | bare 8 ms |  | <= 10 ms | **no** |"
     assert lines[4] == "| 4 storage | Redis bytes per request | 1,400 B | 1 KiB body | 1.37 | <= 1,536 B | yes |"
     assert lines[5] == "| 3 added latency | median async | 3.50 ms |  |  |  |  |"
-    assert figures.summary_line(rows) == "2 of 3 targets met; missed: 1 producer, 1 worker: p99 latency"
+    assert figures.summary_line(rows) == "2 of 3 targets met; MISSED: 1 producer, 1 worker: p99 latency"
 
 
 def test_bench_json_keeps_every_figure_and_the_facts():
@@ -170,3 +197,60 @@ def test_wrk_rounds_combine_into_one_rate_with_median_percentiles():
     combined = wrk.combine(rounds)
     assert combined.rate == 2000 and combined.errors == 1
     assert (combined.p50_ms, combined.p99_ms, combined.max_ms) == (2.0, 7.0, 30.0)
+
+
+def test_a_missed_target_is_shouted_and_fails_the_run():
+    met = figures.Figure("2 drain", "rate", 900.0, "req/s", target=">= 0.5 x sync", met=True)
+    context = figures.Figure("2 drain", "rate via the consumer", 700.0, "req/s")
+    miss = figures.Figure("3 added latency", "median", 7.0, "ms", target="<= 5 ms", met=False)
+    assert figures.exit_status([met, context]) == 0
+    assert figures.exit_status([met, context, miss]) == 1
+    assert figures.summary_line([met, context, miss]) == "1 of 2 targets met; MISSED: 3 added latency: median"
+
+
+# --- the scripts, without running a benchmark or Locust
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))  # the scripts import their neighbours by name
+    monkeypatch.setenv("COLUMNS", "200")
+    return load("bench"), load("run")
+
+
+@pytest.mark.parametrize("met, code", [(True, 0), (False, 1)])
+def test_bench_exits_non_zero_when_a_target_is_missed(scripts, monkeypatch, tmp_path, capsys, met, code):
+    bench, _ = scripts
+    found = [figures.Figure("4 storage", "Redis bytes per request", 1400, "B", target="<= 1,536 B", met=True),
+             figures.Figure("3 added latency", "median", 4.0, "ms", target="<= 5 ms", met=met)]
+    monkeypatch.setattr(bench, "run", lambda args: (found, []))
+    assert bench.main(["--only", "3,4", "--results", str(tmp_path)]) == code
+    out, err = capsys.readouterr()
+    [folder] = tmp_path.iterdir()
+    assert (folder / "bench.md").exists() and (folder / "bench.json").exists(), "results are written either way"
+    if met:
+        assert "2 of 2 targets met" in out and "MISSED" not in out + err
+    else:
+        assert "1 of 2 targets met; MISSED: 3 added latency: median" in out
+        assert err.splitlines()[-1].startswith("bench: MISSED 1 target(s)")
+
+
+@pytest.mark.parametrize("script, option, shown", [
+    (0, "--seconds", "(default: 15.0)"), (0, "--workers", "(default: 1,2)"), (0, "--quiet-load", "(default: 0)"),
+    (1, "--users", "(default: 20)"), (1, "--spawn-rate", "(default: all at once)"),
+])
+def test_perf_scripts_help_states_each_default_once(scripts, capsys, script, option, shown):
+    with pytest.raises(SystemExit):
+        scripts[script].parse_args(["--help"])
+    blocks = re.split(r"\n  (?=-)", capsys.readouterr().out)
+    [block] = [" ".join(block.split()) for block in blocks if block.startswith(option + " ")]
+    assert block.endswith(shown) and block.count("default") == 1
+
+
+def test_the_last_scenario_backlog_note_says_the_run_ended(scripts):
+    _, run = scripts
+    assert run.backlog_note("conditional", 3656, 2.2, 0, last=False) == (
+        "conditional left 3,656 requests queued; the next scenario started after 2 s of waiting for them")
+    assert run.backlog_note("always", 4068, 2.4, 0, last=True) == (
+        "always left 4,068 requests queued; the run ended after 2 s of waiting for them")
+    assert run.backlog_note("always", 4068, 120, 9, last=True).endswith("waiting for them, with 9 still queued")

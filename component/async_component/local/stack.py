@@ -351,10 +351,13 @@ class LocalStack:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1")
-    parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a throwaway redis-server")
-    parser.add_argument("--sleep-seconds", type=float, default=10.0, help="the sample app's default sleep")
+    parser.add_argument("--redis-url", default=None, help="Redis to use (default: a throwaway redis-server on a free port)")
+    parser.add_argument("--sleep-seconds", type=float, default=10.0, help="the sample app's sleep when a request has no ?sleep=")
     parser.add_argument("--max-attempts", type=int, default=3, help="attempts before a request is dead-lettered")
-    parser.add_argument("--retry-delay", type=float, default=1.0, help="first retry delay in seconds (doubled each attempt)")
+    parser.add_argument("--retry-base-delay", type=float, default=1.0, dest="retry_delay", metavar="SECONDS",
+                        help="first retry delay, doubled each attempt (the replaying processes' RETRY_BASE_DELAY)")
+    parser.add_argument("--retry-delay", type=float, dest="retry_delay", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # the old spelling, kept working
     parser.add_argument("--producer-workers", type=int, default=1, help="producer worker processes")
     parser.add_argument("--cluster-domain", default=DEFAULT_CLUSTER_DOMAIN,
                         help="the cluster DNS domain the modelled Services live under, <name>.<namespace>.svc.<domain> (default: cluster.local)")
