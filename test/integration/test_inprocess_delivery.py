@@ -368,6 +368,41 @@ async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries
     assert b"not a queued request 49" in kept and b"not a queued request 0" not in kept  # the oldest go first
 
 
+def read_until(stream, text: bytes) -> bool:
+    """Read a process's output until a line holds ``text``; whether one did before it ended."""
+    for line in stream:
+        if text in line:
+            return True
+    return False
+
+
+@pytest.mark.slow
+async def test_sigterm_during_a_long_replay_lets_it_finish_and_reads_nothing_new(redis_url, redis_client):
+    """The source used to give its replays 20 s on SIGTERM: a longer one was cut, and replayed again elsewhere."""
+    async with service() as target:
+        target.delay = 22
+        first = await queue(redis_client, target, "/first")
+        process = source_process(redis_url, {"REQUEST_TIMEOUT": "40", **loopback_env(target)})
+        try:
+            assert await eventually(lambda: has(target.seen, 1), 20)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(read_until, process.stderr, b"stopping: waiting up to")
+            second = await queue(redis_client, target, "/second")  # queued while the source drains
+            returncode = await asyncio.to_thread(process.wait, 40)
+        finally:
+            process.kill()
+            process.communicate()
+        assert returncode == 0
+        assert (await record_of(redis_client, first.id)).state == SUCCEEDED
+        assert await pending(redis_client) == 0 and await redis_client.xlen(STREAM) == 1  # the second, never read
+        target.delay = 0
+        async with running(source_settings(redis_url, consumer_name="heir")):
+            assert await eventually(finished(redis_client, second))
+            assert await eventually(settled(redis_client))
+            await asyncio.sleep(1.5)  # past VISIBILITY_TIMEOUT: anything left over would be reclaimed by now
+    assert target.seen == [("/first", "1"), ("/second", "1")]
+
+
 async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(redis_url, redis_client):
     health = free_port()
     async with service() as target:

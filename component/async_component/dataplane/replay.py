@@ -62,6 +62,9 @@ REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), 
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 """What an unreachable or refusing Redis raises: worth delivering again later, unlike any other error."""
 
+RECORD_MARGIN = 10.0
+"""Seconds past REQUEST_TIMEOUT a stopping process gives a replay in flight: to record its outcome and settle it."""
+
 MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
 
@@ -155,6 +158,14 @@ class Answer:
 
 def error_answer(status: int, message: str) -> Answer:
     return Answer(status, {"error": message})
+
+
+def replay_grace(settings: ReplaySettings) -> float:
+    """How long a stopping process waits for its replays in flight: the longest one may take, and its record.
+
+    Cut short, a replay stays unsettled and is replayed again by another process: its Service is called twice.
+    """
+    return settings.request_timeout + RECORD_MARGIN
 
 
 def replay_route(settings: ReplaySettings) -> str:

@@ -33,6 +33,7 @@ from . import targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .delivery import DeliveryFailed, make_delivery
+from .replay import RECORD_MARGIN, replay_grace
 from .envelope import as_text
 from .redischeck import RedisCheck
 from .redisconn import make_redis
@@ -54,8 +55,15 @@ MAX_BLOCK = 2.0
 """Longest XREADGROUP BLOCK, in seconds: below the Redis client's socket timeout."""
 RETRY_BASE = 0.1
 RETRY_CAP = 10.0
-STOP_GRACE = 20.0
-"""Seconds a stopping source waits for its in-flight deliveries."""
+
+
+def drain_grace(settings: SourceSettings) -> float:
+    """Seconds a stopping source waits for its deliveries in flight: the longest one may take, so none is cut.
+
+    In-process, a replay (REQUEST_TIMEOUT) and its record; with SINK_URL, the consumer's answer
+    (DELIVERY_TIMEOUT). The pod's terminationGracePeriodSeconds must be longer (source.yaml).
+    """
+    return settings.delivery_timeout + RECORD_MARGIN if settings.sink_url else replay_grace(settings)
 
 
 def consumer_name(settings: SourceSettings) -> str:
@@ -82,14 +90,15 @@ class Source:
 
     def __init__(self, settings: SourceSettings, *, redis: aioredis.Redis | None = None,
                  registry: CollectorRegistry | None = None, retry_base: float = RETRY_BASE,
-                 retry_cap: float = RETRY_CAP, stop_grace: float = STOP_GRACE) -> None:
+                 retry_cap: float = RETRY_CAP, stop_grace: float | None = None) -> None:
         self.settings = settings
         self.name = consumer_name(settings)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.owns_redis = redis is None
         self.redis = make_redis(settings) if redis is None else redis
-        self.retry_base, self.retry_cap, self.stop_grace = retry_base, retry_cap, stop_grace
+        self.retry_base, self.retry_cap = retry_base, retry_cap
+        self.stop_grace = drain_grace(settings) if stop_grace is None else stop_grace
         self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in)
         self.in_flight: dict[str, asyncio.Task] = {}
         self.metrics.in_flight.set_function(lambda: len(self.in_flight))  # read when scraped, not set per entry

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .. import logs
-from ..dataplane.source import STOP_GRACE as SOURCE_STOP_GRACE
+from ..dataplane.source import drain_grace
 from ..settings import (
     DEFAULT_CLUSTER_DOMAIN, DEFAULT_DEAD_LETTER_STREAM, DEFAULT_KEY_PREFIX, DEFAULT_STREAM, ConsumerSettings,
     ControllerSettings, ProducerSettings, SourceSettings, dns_domain, redis_url as parse_redis_url,
@@ -56,13 +56,14 @@ NAMESPACE = "default"
 COMPONENTS = ("app", "producer", "consumer", "source", "gateway")
 """Supervised processes, in the order their readiness is awaited (Redis comes first, unsupervised)."""
 
-STOP_STAGES = (
-    (("gateway", "producer"), STOP_GRACE_SECONDS),
-    (("source", "consumer"), SOURCE_STOP_GRACE + STOP_GRACE_SECONDS),
-    (("app",), STOP_GRACE_SECONDS),
-)
-"""Dependency order, each stage with its grace seconds: no new requests, then the work in flight, then
-the app it goes to; Redis after all of them. The source may take its own stop grace to drain."""
+def stop_stages(source: SourceSettings) -> tuple[tuple[tuple[str, ...], float], ...]:
+    """Dependency order, each stage with its grace seconds: no new requests, then the work in flight, then
+    the app it goes to; Redis after all of them. The source (and the consumer) may take its drain grace."""
+    return (
+        (("gateway", "producer"), STOP_GRACE_SECONDS),
+        (("source", "consumer"), drain_grace(source) + STOP_GRACE_SECONDS),
+        (("app",), STOP_GRACE_SECONDS),
+    )
 
 _SETTINGS_ENV = frozenset(
     name
@@ -205,14 +206,15 @@ class LocalStack:
         return self
 
     def stop(self) -> None:
-        """Stop every process in dependency order (:data:`STOP_STAGES`), Redis last; remove the temp dirs.
+        """Stop every process in dependency order (:func:`stop_stages`), Redis last; remove the temp dirs.
 
         Each stage gets SIGTERM and its grace period before SIGKILL.
         """
         if not self._started:
             return
         if self._supervisor is not None:
-            self._supervisor.stop(STOP_STAGES)
+            source = SourceSettings(sink_url=None if self.replay_in_source else self.consumer_url)
+            self._supervisor.stop(stop_stages(source))
             self._supervisor = None
         if self._redis is not None:
             self._redis.stop()
