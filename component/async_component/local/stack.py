@@ -364,6 +364,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-domain", default=DEFAULT_CLUSTER_DOMAIN,
                         help="the cluster DNS domain the modelled Services live under, <name>.<namespace>.svc.<domain> (default: cluster.local)")
     parser.add_argument("--app-dir", default=None, help="directory of sleep_app.py and the Service manifests (default: test/app)")
+    parser.add_argument("--via-consumer", action="store_true",
+                        help="the source posts each queued request to the consumer as a CloudEvent (its SINK_URL), and"
+                             " the consumer replays it: the RedisStreamSource topology (default: the source replays"
+                             " in-process, as the base manifests do)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level of every component")
 
 
@@ -384,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
             port=args.port, redis_url=args.redis_url, sleep_seconds=args.sleep_seconds, max_attempts=args.max_attempts,
             retry_delay=args.retry_delay, producer_workers=args.producer_workers, app_dir=args.app_dir,
             log_level=args.log_level, output=sys.stderr, cluster_domain=args.cluster_domain,
+            replay_in_source=not args.via_consumer,
         )
         stack.start()
         ready = True
