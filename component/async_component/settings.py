@@ -234,8 +234,9 @@ class ServiceSettings(RedisSettings):
 
 
 @dataclasses.dataclass(frozen=True)
-class ProducerSettings(ServiceSettings):
-    request_size_limit: int = setting("REQUEST_SIZE_LIMIT", "6000000", positive_int, "largest accepted body in bytes")
+class TargetSettings(RedisSettings):
+    """Which Services a request may be sent to: checked by the producer, and again by whatever replays it."""
+
     allowed_hosts: tuple[str, ...] = setting(
         "ALLOWED_HOSTS", "", optional(host_suffixes),
         "comma-separated target hosts; an entry starting with '.' allows every host ending with it"
@@ -246,6 +247,16 @@ class ProducerSettings(ServiceSettings):
         "ALLOWED_PORTS", "", port_list,
         "comma-separated ports a target host may name besides 80, the port of every Knative Service",
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.allowed_hosts:  # frozen: set once, here
+            object.__setattr__(self, "allowed_hosts", (f".svc.{self.cluster_domain}",))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProducerSettings(ServiceSettings, TargetSettings):
+    request_size_limit: int = setting("REQUEST_SIZE_LIMIT", "6000000", positive_int, "largest accepted body in bytes")
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
     max_queued_per_service: int = setting(
         "MAX_QUEUED_PER_SERVICE", "100000", positive_int,
@@ -259,14 +270,9 @@ class ProducerSettings(ServiceSettings):
                                    "open connections per worker; more are answered 503 and closed")
     redis_check_interval: float = redis_check_setting()
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.allowed_hosts:  # frozen: set once, here
-            object.__setattr__(self, "allowed_hosts", (f".svc.{self.cluster_domain}",))
-
 
 @dataclasses.dataclass(frozen=True)
-class ReplaySettings(RedisSettings):
+class ReplaySettings(TargetSettings):
     """How a queued request is replayed and its outcome recorded: by the consumer, or by a source delivering in-process."""
 
     status_retention: float = status_retention_setting()

@@ -12,6 +12,9 @@ from async_component.local.ports import free_port
 
 from .aioserve import serve
 
+LOOPBACK_TARGETS = {"allowed_hosts": ("127.0.0.1", ".svc.cluster.local"), "allowed_ports": range(1, 65536)}
+"""Target-host policy settings under which a replay may reach these fake Services (loopback, any free port)."""
+
 
 class ScriptedServer:
     """Answers each request with the next of ``statuses`` (then 200), after ``delay``.

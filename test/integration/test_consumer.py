@@ -23,7 +23,7 @@ from async_component.dataplane.records import FAILED, QUEUED, RETRYING, SUCCEEDE
 from async_component.settings import ConsumerSettings
 
 from .aioserve import serve
-from .scripted import ScriptedServer, serving
+from .scripted import LOOPBACK_TARGETS, ScriptedServer, serving
 
 STREAM = "async-requests"
 DEAD = "async-requests-dead"
@@ -66,7 +66,7 @@ async def target():
 def settings_for(redis_url: str, **changes) -> ConsumerSettings:
     """The consumer behind Knative's RedisStreamSource: events from the single stream, retries back to it."""
     base = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
-                            retry_max_delay=0.2, request_timeout=2.0, max_attempts=3)
+                            retry_max_delay=0.2, request_timeout=2.0, max_attempts=3, **LOOPBACK_TARGETS)
     return dataclasses.replace(base, **changes)
 
 
@@ -267,6 +267,31 @@ async def test_gateway_gets_the_request_with_the_target_host(redis_url, http, re
     assert target.seen[0]["raw_path"] == "/x?y=1"
     assert target.header(0, "Host") == ["sleep.default.svc.cluster.local"]
     assert (await record_of(redis_client, envelope.id)).host == "sleep.default.svc.cluster.local"
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://169.254.169.254/latest/meta-data/", "target host '169.254.169.254' is not allowed"),
+    ("http://sleep.default.svc.cluster.local:6379/", "target port of 'sleep.default.svc.cluster.local:6379'"),
+    ("http://redis.default.svc.cluster.local.evil.example/", "is not allowed"),
+    ("http://user@sleep.default.svc.cluster.local/", "not a valid host name"),
+])
+async def test_a_target_outside_the_producers_policy_is_refused_never_called(redis_url, http, redis_client, target,
+                                                                            url, reason):
+    """Any pod can post an event: the consumer sends only what the producer would have queued (400 otherwise)."""
+    settings = settings_for(redis_url, target_gateway_url=target.base, allowed_hosts=(".svc.cluster.local",),
+                            allowed_ports=())  # the defaults; the gateway would pass anything on
+    runner = await start_consumer(settings)
+    try:
+        envelope = Envelope.new("GET", url, [], b"")
+        entry_id = await queue(redis_client, envelope)
+        await redis_client.delete(record_key("async", envelope.id, url.split("/")[2]))
+        status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
+                                 *binary_event(entry_id, envelope.to_stream_fields()))
+    finally:
+        await runner.cleanup()
+    assert status == 400 and reason in doc["error"], doc
+    assert target.seen == []
+    assert await redis_client.keys(f"async:*req:{envelope.id}") == []
 
 
 # --- Knative's RedisStreamSource, as its receive adapter sends events

@@ -25,7 +25,7 @@ from async_component.dataplane.records import FAILED, RETRYING, SUCCEEDED, Recor
 from async_component.settings import ConsumerSettings, SourceSettings
 
 from .aioserve import serve
-from .scripted import ScriptedServer, serving
+from .scripted import LOOPBACK_TARGETS, ScriptedServer, serving
 from .sourcerun import DEAD, GROUP, STREAM, eventually, has, pending, running, settled, source_process
 
 class Service(ScriptedServer):
@@ -44,9 +44,15 @@ def service():
     return serving(Service())
 
 
+def loopback_env(target: Service) -> dict[str, str]:
+    """The target-host policy of a source process that replays to ``target``."""
+    return {"ALLOWED_HOSTS": "127.0.0.1", "ALLOWED_PORTS": str(target.port)}
+
+
 def source_settings(redis_url: str, **changes) -> SourceSettings:
     base = SourceSettings(redis_url=redis_url, visibility_timeout=1.0, health_port=0, concurrency=4,
-                          consumer_name="first", retry_base_delay=0.05, retry_max_delay=0.1, request_timeout=2.0)
+                          consumer_name="first", retry_base_delay=0.05, retry_max_delay=0.1, request_timeout=2.0,
+                          **LOOPBACK_TARGETS)
     return dataclasses.replace(base, **changes)
 
 
@@ -54,7 +60,7 @@ def source_settings(redis_url: str, **changes) -> SourceSettings:
 async def http_consumer(redis_url: str):
     """The HTTP path's consumer, with the same replay settings as :func:`source_settings`."""
     settings = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
-                                retry_max_delay=0.1, request_timeout=2.0)
+                                retry_max_delay=0.1, request_timeout=2.0, **LOOPBACK_TARGETS)
     runner = await serve(sink.make_app(settings, mover_interval=0.05), settings.port)
     try:
         yield f"http://127.0.0.1:{settings.port}/"
@@ -218,6 +224,22 @@ async def test_a_poison_entry_is_dead_lettered_with_its_reason(redis_url, redis_
     assert reason.encode() in dead[b"error"], dead[b"error"]
 
 
+async def test_a_target_outside_the_producers_policy_is_dead_lettered_never_called(redis_url, redis_client):
+    """Anyone who reaches Redis can queue an entry: the source replays only what the producer would have queued."""
+    async with service() as target:
+        settings = source_settings(redis_url, target_gateway_url=f"http://{target.host}",
+                                   allowed_hosts=(".svc.cluster.local",), allowed_ports=())
+        async with running(settings):
+            envelope = Envelope.new("GET", "http://169.254.169.254/latest/meta-data/", [], b"")
+            await redis_client.xadd(STREAM, envelope.to_stream_fields())
+            assert await eventually(settled(redis_client))
+    assert target.seen == []
+    assert await record_of(redis_client, envelope.id) is None
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == envelope.id and dead[b"status"] == b"400"
+    assert b"target host '169.254.169.254' is not allowed (ALLOWED_HOSTS)" in dead[b"error"]
+
+
 async def test_a_finished_request_delivered_again_is_acknowledged_without_a_replay(redis_url, redis_client):
     """A source that died between recording the outcome and acknowledging leaves the entry to be delivered again."""
     async with service() as target:
@@ -292,7 +314,7 @@ async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(
     async with service() as target:
         target.delay = 30  # the doomed source is killed while the Service works
         envelopes = [await queue(redis_client, target, f"/n/{n}") for n in range(3)]
-        process = source_process(redis_url, {"CONSUMER_NAME": "doomed"})
+        process = source_process(redis_url, {"CONSUMER_NAME": "doomed", **loopback_env(target)})
         try:
             assert await eventually(lambda: has(target.seen, 3), 20)
         finally:
@@ -347,10 +369,46 @@ async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries
     assert b"not a queued request 49" in kept and b"not a queued request 0" not in kept  # the oldest go first
 
 
+def read_until(stream, text: bytes) -> bool:
+    """Read a process's output until a line holds ``text``; whether one did before it ended."""
+    for line in stream:
+        if text in line:
+            return True
+    return False
+
+
+@pytest.mark.slow
+async def test_sigterm_during_a_long_replay_lets_it_finish_and_reads_nothing_new(redis_url, redis_client):
+    """The source used to give its replays 20 s on SIGTERM: a longer one was cut, and replayed again elsewhere."""
+    async with service() as target:
+        target.delay = 22
+        first = await queue(redis_client, target, "/first")
+        process = source_process(redis_url, {"REQUEST_TIMEOUT": "40", **loopback_env(target)})
+        try:
+            assert await eventually(lambda: has(target.seen, 1), 20)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(read_until, process.stderr, b"stopping: waiting up to")
+            second = await queue(redis_client, target, "/second")  # queued while the source drains
+            returncode = await asyncio.to_thread(process.wait, 40)
+        finally:
+            process.kill()
+            process.communicate()
+        assert returncode == 0
+        assert (await record_of(redis_client, first.id)).state == SUCCEEDED
+        assert await pending(redis_client) == 0 and await redis_client.xlen(STREAM) == 1  # the second, never read
+        target.delay = 0
+        async with running(source_settings(redis_url, consumer_name="heir")):
+            assert await eventually(finished(redis_client, second))
+            assert await eventually(settled(redis_client))
+            await asyncio.sleep(1.5)  # past VISIBILITY_TIMEOUT: anything left over would be reclaimed by now
+    assert target.seen == [("/first", "1"), ("/second", "1")]
+
+
 async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(redis_url, redis_client):
     health = free_port()
     async with service() as target:
-        process = source_process(redis_url, {"HEALTH_PORT": str(health), "STATUS_RETENTION_SECONDS": "60"})
+        process = source_process(redis_url, {"HEALTH_PORT": str(health), "STATUS_RETENTION_SECONDS": "60",
+                                             **loopback_env(target)})
         try:
             envelope = await queue(redis_client, target)
             assert await eventually(finished(redis_client, envelope), 20)

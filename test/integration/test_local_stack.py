@@ -287,6 +287,27 @@ def test_command_serves_restarts_and_stops_cleanly_on_sigint(tmp_path):
     assert list(tmp_path.iterdir()) == [], "temp dirs are removed"
 
 
+@pytest.mark.slow
+def test_via_consumer_runs_the_topology_where_the_source_posts_cloudevents_to_the_consumer(tmp_path):
+    port = free_port()
+    process = run_local(tmp_path, "--port", str(port), "--via-consumer")
+    out, err = Lines(process.stdout), Lines(process.stderr)
+    try:
+        out.wait_for("ready")
+        assert re.search(r"source +\| .*delivering .* to http://127\.0\.0\.1:\d+ as CloudEvents", err.text())
+        status, headers, _ = http(f"http://127.0.0.1:{port}/?sleep=0", f"{ALWAYS}.default.example.com")
+        assert status == 202
+        request_id, location = headers["Async-Request-Id"], headers["Location"]
+        status, headers, _ = poll(lambda: (answer := http(f"http://127.0.0.1:{port}{location}",
+                                                          f"{ALWAYS}.default.example.com"))[0] != 202 and answer)
+        assert status == 200 and headers["Async-Request-State"] == "succeeded"
+        err.wait_for(rf"consumer +\| .*request {request_id} attempt 1: GET .* answered 200")  # replayed there
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(30)
+    assert code == 0, err.text()
+
+
 class Deaths:
     """When each of some processes was last seen alive, watched from a thread."""
 

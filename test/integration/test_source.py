@@ -24,7 +24,7 @@ from async_component.settings import ConsumerSettings, SourceSettings
 from async_component.dataplane.source import Source
 
 from .aioserve import serve
-from .scripted import ScriptedServer, serving
+from .scripted import LOOPBACK_TARGETS, ScriptedServer, serving
 from .sourcerun import DEAD, STREAM, eventually, has, pending, running, settled, source_process
 
 
@@ -250,7 +250,8 @@ async def test_503_twice_then_200_succeeds_on_attempt_3_through_source_consumer_
         return web.Response(status=statuses.pop(0) if statuses else 200, text="done")
 
     target, consumer_settings = web.Application(), ConsumerSettings(
-        redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05, retry_max_delay=0.1)
+        redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05, retry_max_delay=0.1,
+        **LOOPBACK_TARGETS)
     target.router.add_route("*", "/{tail:.*}", service)
     target_port = free_port()
     runners = [await serve(target, target_port),

@@ -29,6 +29,8 @@ import pytest
 import yaml
 
 from async_component import cli, settings
+from async_component.dataplane.replay import replay_grace
+from async_component.dataplane.source import drain_grace
 from async_component.controller.resources import INGRESS_CLASS_ANNOTATION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -504,15 +506,18 @@ def test_the_controller_points_children_at_the_producer_service():
     assert controller.producer_host == f"{producer['metadata']['name']}.{producer['metadata']['namespace']}.svc.cluster.local"
 
 
-def test_the_controller_and_the_producer_agree_on_the_cluster_domain():
-    """Children replay to <service>.<ns>.svc.<domain>; the producer must accept exactly those hosts."""
+def test_the_controller_and_the_data_plane_agree_on_the_cluster_domain():
+    """Children replay to <service>.<ns>.svc.<domain>; the producer, and the replays, must allow exactly those hosts."""
     objects = plain_objects()
-    controller = process_settings(find(objects, ("apps/v1", "Deployment"), "async-controller"), objects)
-    producer = process_settings(find(objects, KSVC, "async-producer"), objects)
-    for obj in (find(objects, ("apps/v1", "Deployment"), "async-controller"), find(objects, KSVC, "async-producer")):
-        assert "CLUSTER_DOMAIN" in env_of(obj), obj["metadata"]["name"]
-    assert controller.cluster_domain == producer.cluster_domain
-    assert producer.allowed_hosts == (f".svc.{controller.cluster_domain}",)
+    controller_obj = find(objects, ("apps/v1", "Deployment"), "async-controller")
+    controller = process_settings(controller_obj, objects)
+    assert "CLUSTER_DOMAIN" in env_of(controller_obj)
+    assert "CLUSTER_DOMAIN" in find(objects, ("v1", "ConfigMap"), DATAPLANE_CONFIG)["data"]
+    for obj in dataplane_workloads(objects):
+        process = process_settings(obj, objects)
+        assert process.cluster_domain == controller.cluster_domain, obj["metadata"]["name"]
+        assert process.allowed_hosts == (f".svc.{controller.cluster_domain}",), obj["metadata"]["name"]
+        assert process.allowed_ports == (), obj["metadata"]["name"]
 
 
 def test_producer_and_consumer_are_cluster_local_and_kept_warm():
@@ -583,6 +588,22 @@ def test_timeouts_nest():
         assert field in spec, f"consumer.yaml: set {field} explicitly"
         assert consumer.request_timeout + margin <= spec[field] <= KNATIVE_MAX_REVISION_TIMEOUT, field
     assert spec["responseStartTimeoutSeconds"] <= spec["timeoutSeconds"]
+
+
+def test_a_stopping_source_finishes_its_replays_before_the_pod_is_killed():
+    """SIGTERM during a replay must not make the Service be called twice: the pod outlives the source's drain."""
+    objects = plain_objects()
+    source_obj = find(objects, ("apps/v1", "Deployment"), "async-source")
+    grace = pod_spec(source_obj).get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+    environ = resolve_env(source_obj, objects)
+    for sink_url in (None, "http://async-consumer.knative-serving.svc.cluster.local"):  # both ways README documents
+        source = settings.load(settings.SourceSettings, environ={**environ, **({"SINK_URL": sink_url} if sink_url else {})})
+        longest = source.delivery_timeout if sink_url else source.request_timeout
+        assert longest < drain_grace(source) <= grace - 5, (sink_url, drain_grace(source), grace)
+    consumer_obj = find(objects, KSVC, "async-consumer")
+    consumer = process_settings(consumer_obj, objects)
+    # Knative gives a revision's pods timeoutSeconds to finish; the consumer's own drain fits in it
+    assert replay_grace(consumer) < pod_spec(consumer_obj)["timeoutSeconds"]
 
 
 SHARED_REDIS_LAYOUT = ("REDIS_URL", "STREAM_NAME", "KEY_PREFIX", "DEAD_LETTER_STREAM", "STATUS_RETENTION_SECONDS")

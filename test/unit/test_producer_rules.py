@@ -7,10 +7,8 @@ import dataclasses
 import pytest
 
 from async_component.dataplane.preferences import replay_preference
-from async_component.dataplane.producer import (
-    BadRequest, ReplayLoop, forwarded_headers, host_allowed, port_allowed, target_host, validate,
-    without_respond_async,
-)
+from async_component.dataplane.producer import ReplayLoop, forwarded_headers, validate, without_respond_async
+from async_component.dataplane.targets import BadTarget, host_allowed, port_allowed, target_host
 from async_component.settings import ProducerSettings, SettingsError
 
 
@@ -26,7 +24,7 @@ def test_target_host_normalises(raw, expected):
 @pytest.mark.parametrize("raw", ["", "a b", "a..b", "a.-b", "a/b", "a:0", "a:65536", "a:", "[::1]", "user@a", "a" * 64 + ".b",
                                  "a:\uff16\uff13\uff17\uff19", "a:\u0666\u0663\u0667\u0669", "a:6379\u0663", "a:+80"])
 def test_target_host_rejects_malformed(raw):
-    with pytest.raises(BadRequest):
+    with pytest.raises(BadTarget):
         target_host(raw)
 
 

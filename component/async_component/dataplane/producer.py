@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
-from . import preferences
+from . import preferences, targets
 from .enqueuer import Enqueuer, QueueFull
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
@@ -42,12 +42,13 @@ from .records import PENDING_STATES, QUEUED, RETRYING, Record, legacy_record_key
 from .prefork import run_workers
 from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
+from .targets import BadTarget, target_host
 from ..protocol import (
     HOP_BY_HOP, ORIGINAL_HOST_HEADER, PREFER_HEADER, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
     STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
 )
 from ..logthrottle import LogThrottle
-from ..settings import ProducerSettings, SettingsError
+from ..settings import ProducerSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,6 @@ _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
 REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed",
                   "too_many_connections", "replay_loop", "queue_full")
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_ALLOWED_ENTRY = re.compile(rf"\.?{_HOST.pattern}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 LOCATION_SEPARATOR = "."
@@ -90,35 +88,6 @@ class ReplayLoop(Exception):
 
 
 # --- what a request says
-
-
-SERVICE_PORT = 80
-"""The port of every Knative Service: a target host may name it without ``ALLOWED_PORTS``."""
-_PORT = re.compile(r"[0-9]{1,5}")
-"""ASCII digits only: int() also reads other scripts' digits."""
-
-
-def target_host(value: str) -> str:
-    """``Async-Original-Host`` as ``host`` or ``host:port``, lowercase; raises :class:`BadRequest`."""
-    text = value.strip().lower()
-    host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
-    if sep and not (_PORT.fullmatch(port) and 0 < int(port) <= 65535):
-        raise BadRequest(f"{ORIGINAL_HOST_HEADER} has an invalid port: {value!r}")
-    if len(host) > 253 or not _HOST.fullmatch(host):
-        raise BadRequest(f"{ORIGINAL_HOST_HEADER} is not a valid host name: {value!r}")
-    return f"{host}:{port}" if sep else host
-
-
-def port_allowed(host: str, allowed_ports: Iterable[int]) -> bool:
-    """No port, the Service's own, or one of ``allowed_ports``: never a Redis or metadata port by default."""
-    _, sep, port = host.rpartition(":")
-    return not sep or int(port) == SERVICE_PORT or int(port) in allowed_ports
-
-
-def host_allowed(host: str, allowed: Iterable[str]) -> bool:
-    """Exact entries match one host, entries starting with '.' match every host ending with them."""
-    name = host.partition(":")[0]
-    return any(name.endswith(entry) if entry.startswith(".") else name == entry for entry in allowed)
 
 
 def without_respond_async(value: str) -> str:
@@ -291,15 +260,11 @@ class Producer:
         if verdict is None:
             try:
                 host = target_host(value)
-            except BadRequest as exc:
+            except BadTarget as exc:
                 verdict = ("", 400, str(exc))
             else:
-                if not host_allowed(host, self.settings.allowed_hosts):
-                    verdict = ("", 403, f"target host {host!r} is not allowed by this producer")
-                elif not port_allowed(host, self.settings.allowed_ports):
-                    verdict = ("", 403, f"target port of {host!r} is not allowed by this producer")
-                else:
-                    verdict = (host, 0, "")
+                refused = targets.refusal(host, self.settings)
+                verdict = ("", 403, f"{refused}: not queued by this producer") if refused else (host, 0, "")
             if len(self._verdicts) >= VERDICT_CACHE_SIZE:
                 self._verdicts.clear()
             self._verdicts[value] = verdict
@@ -492,12 +457,7 @@ def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = No
 
 
 def validate(settings: ProducerSettings) -> ProducerSettings:
-    for entry in settings.allowed_hosts:
-        if not _ALLOWED_ENTRY.fullmatch(entry) or len(entry) > 254:
-            raise SettingsError(
-                f"ALLOWED_HOSTS entry {entry!r} is not a host name or a '.'-prefixed host suffix (wildcards are not supported)"
-            )
-    return settings
+    return targets.validate(settings)
 
 
 def serve(settings: ProducerSettings, *, reuse_port: bool = False) -> int:

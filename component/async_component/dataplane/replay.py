@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError, RedisError
 from yarl import URL
 
-from . import rawhttp
+from . import rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
@@ -62,6 +62,9 @@ REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), 
 
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 """What an unreachable or refusing Redis raises: worth delivering again later, unlike any other error."""
+
+RECORD_MARGIN = 10.0
+"""Seconds past REQUEST_TIMEOUT a stopping process gives a replay in flight: to record its outcome and settle it."""
 
 MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
@@ -158,6 +161,14 @@ def error_answer(status: int, message: str) -> Answer:
     return Answer(status, {"error": message})
 
 
+def replay_grace(settings: ReplaySettings) -> float:
+    """How long a stopping process waits for its replays in flight: the longest one may take, and its record.
+
+    Cut short, a replay stays unsettled and is replayed again by another process: its Service is called twice.
+    """
+    return settings.request_timeout + RECORD_MARGIN
+
+
 def replay_route(settings: ReplaySettings) -> str:
     """For the startup log line."""
     return f"through {settings.target_gateway_url}" if settings.target_gateway_url else "directly"
@@ -182,7 +193,7 @@ class Metrics:
         self.events = Counter("async_consumer_events_total", "Events received, by how they were answered", ["result"],
                               registry=registry)
         self.events_by = {result: self.events.labels(result)
-                          for result in ("replayed", "duplicate", "malformed", "redis_unavailable")}
+                          for result in ("replayed", "duplicate", "malformed", "refused", "redis_unavailable")}
         self.outcomes = Counter(
             "async_service_outcomes_total",
             "Attempts per Service by outcome: succeeded, failed (finished without success), retried, dead_lettered",
@@ -267,6 +278,11 @@ class Replayer:
             host, target = split_url(envelope.url)
         except EnvelopeError as exc:
             return self.malformed(event_id, str(exc))
+        refused = self.target_refusal(host)
+        if refused is not None:  # sent by no producer of ours: never called, never recorded
+            self.metrics.events_by["refused"].inc()
+            log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
+            return error_answer(400, f"request {envelope.id} is not replayed: {refused}")
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id, host)
         if is_status_path(target.partition("?")[0]):
@@ -318,6 +334,13 @@ class Replayer:
             message = message[:ERROR_BODY_LIMIT] + "..."
         log.warning("rejected a malformed event (ce-id %s): %s", event_id, message)
         return error_answer(400, message)
+
+    def target_refusal(self, host: str) -> str | None:
+        """Why the target-host policy (the producer's) refuses the queued URL's ``host``, or None."""
+        try:
+            return targets.refusal(targets.target_host(host, "the queued URL's host"), self.settings)
+        except targets.BadTarget as exc:
+            return str(exc)
 
     def unreplayable(self, event_id: str, envelope: Envelope, exc: BaseException) -> Answer:
         """A request the core cannot handle (a bug or an input it did not foresee): 400, so it is dead-lettered."""

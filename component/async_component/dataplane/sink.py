@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry
 from .. import logs, probes
 from ..settings import ConsumerSettings
 from .envelope import EnvelopeError, event_envelope
+from . import targets
 from .redisconn import redis_address
-from .replay import MOVER_INTERVAL, Replayer, replay_route
+from .replay import MOVER_INTERVAL, Replayer, replay_grace, replay_route
 
 try:  # less CPU per event; plain asyncio works too
     from uvloop import new_event_loop
@@ -75,10 +76,15 @@ def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
     return app
 
 
+validate = targets.validate
+"""For the CLI: an ALLOWED_HOSTS entry that is no host name or suffix is an error at start."""
+
+
 def run(settings: ConsumerSettings) -> int:
     logs.configure("consumer", settings.log_level)
     log.info("consumer listening on %s:%d, redis %s, stream %s, replaying %s", settings.host, settings.port,
              redis_address(settings), settings.stream, replay_route(settings))
+    # on SIGTERM, the replays in flight finish (aiohttp's default 60 s would cut a longer one: replayed twice)
     web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
-                loop=new_event_loop())
+                loop=new_event_loop(), shutdown_timeout=replay_grace(settings))
     return 0

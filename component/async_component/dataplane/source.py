@@ -38,11 +38,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import ResponseError
 
 from .. import logs, probes
+from . import targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope
 from .queues import PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
+from .replay import RECORD_MARGIN, replay_grace
 from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
@@ -66,8 +68,15 @@ SCAN_INTERVAL = 5.0
 """Longest time between full scans of the active set (and of the single stream): what a missed wake costs."""
 RETRY_BASE = 0.1
 RETRY_CAP = 10.0
-STOP_GRACE = 20.0
-"""Seconds a stopping source waits for its in-flight deliveries."""
+
+
+def drain_grace(settings: SourceSettings) -> float:
+    """Seconds a stopping source waits for its deliveries in flight: the longest one may take, so none is cut.
+
+    In-process, a replay (REQUEST_TIMEOUT) and its record; with SINK_URL, the consumer's answer
+    (DELIVERY_TIMEOUT). The pod's terminationGracePeriodSeconds must be longer (source.yaml).
+    """
+    return settings.delivery_timeout + RECORD_MARGIN if settings.sink_url else replay_grace(settings)
 
 
 def consumer_name(settings: SourceSettings) -> str:
@@ -124,14 +133,15 @@ class Source:
 
     def __init__(self, settings: SourceSettings, *, redis: aioredis.Redis | None = None,
                  registry: CollectorRegistry | None = None, retry_base: float = RETRY_BASE,
-                 retry_cap: float = RETRY_CAP, stop_grace: float = STOP_GRACE) -> None:
+                 retry_cap: float = RETRY_CAP, stop_grace: float | None = None) -> None:
         self.settings = settings
         self.name = consumer_name(settings)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.owns_redis = redis is None
         self.redis = make_redis(settings) if redis is None else redis
-        self.retry_base, self.retry_cap, self.stop_grace = retry_base, retry_cap, stop_grace
+        self.retry_base, self.retry_cap = retry_base, retry_cap
+        self.stop_grace = drain_grace(settings) if stop_grace is None else stop_grace
         self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in)
         self.layout = Layout.of(settings)
         self.per_service_cap = (settings.max_inflight_per_service if settings.queue_mode == PER_SERVICE
@@ -400,13 +410,13 @@ class Source:
         """Entries of these queues left pending past the visibility timeout by a source that died."""
         settings = self.settings
         idle = round(settings.visibility_timeout * 1000)
-        targets = [(state, stream, room) for state, room in due for stream in state.queue.streams]
+        claims = [(state, stream, room) for state, room in due for stream in state.queue.streams]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for state, stream, room in targets:
+            for state, stream, room in claims:
                 pipe.xautoclaim(stream, settings.group, self.name, min_idle_time=idle, start_id="0-0", count=room)
             replies = await pipe.execute(raise_on_error=False)
         found = []
-        for (state, stream, room), reply in zip(targets, replies):
+        for (state, stream, room), reply in zip(claims, replies):
             if isinstance(reply, Exception):  # NOGROUP: nothing was ever read from it
                 continue
             entries = [(state, (stream, as_text(entry_id)), fields) for entry_id, fields in reply[1]
@@ -662,6 +672,10 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+
+
+validate = targets.validate
+"""For the CLI: an ALLOWED_HOSTS entry that is no host name or suffix is an error at start."""
 
 
 def run(settings: SourceSettings) -> int:

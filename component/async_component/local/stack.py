@@ -35,7 +35,7 @@ from typing import TextIO
 
 from .. import logs
 from ..dataplane.queues import PER_SERVICE, QUEUE_MODES
-from ..dataplane.source import STOP_GRACE as SOURCE_STOP_GRACE
+from ..dataplane.source import drain_grace
 from ..settings import (
     DEFAULT_CLUSTER_DOMAIN, DEFAULT_DEAD_LETTER_STREAM, DEFAULT_KEY_PREFIX, DEFAULT_STREAM, ConsumerSettings,
     ControllerSettings, ProducerSettings, SourceSettings, dns_domain, redis_url as parse_redis_url,
@@ -57,13 +57,14 @@ NAMESPACE = "default"
 COMPONENTS = ("app", "producer", "consumer", "source", "gateway")
 """Supervised processes, in the order their readiness is awaited (Redis comes first, unsupervised)."""
 
-STOP_STAGES = (
-    (("gateway", "producer"), STOP_GRACE_SECONDS),
-    (("source", "consumer"), SOURCE_STOP_GRACE + STOP_GRACE_SECONDS),
-    (("app",), STOP_GRACE_SECONDS),
-)
-"""Dependency order, each stage with its grace seconds: no new requests, then the work in flight, then
-the app it goes to; Redis after all of them. The source may take its own stop grace to drain."""
+def stop_stages(source: SourceSettings) -> tuple[tuple[tuple[str, ...], float], ...]:
+    """Dependency order, each stage with its grace seconds: no new requests, then the work in flight, then
+    the app it goes to; Redis after all of them. The source (and the consumer) may take its drain grace."""
+    return (
+        (("gateway", "producer"), STOP_GRACE_SECONDS),
+        (("source", "consumer"), drain_grace(source) + STOP_GRACE_SECONDS),
+        (("app",), STOP_GRACE_SECONDS),
+    )
 
 _SETTINGS_ENV = frozenset(
     name
@@ -220,14 +221,15 @@ class LocalStack:
         return self
 
     def stop(self) -> None:
-        """Stop every process in dependency order (:data:`STOP_STAGES`), Redis last; remove the temp dirs.
+        """Stop every process in dependency order (:func:`stop_stages`), Redis last; remove the temp dirs.
 
         Each stage gets SIGTERM and its grace period before SIGKILL.
         """
         if not self._started:
             return
         if self._supervisor is not None:
-            self._supervisor.stop(STOP_STAGES)
+            source = SourceSettings(sink_url=None if self.replay_in_source else self.consumer_url)
+            self._supervisor.stop(stop_stages(source))
             self._supervisor = None
         if self._redis is not None:
             self._redis.stop()
@@ -333,7 +335,9 @@ class LocalStack:
         caps = {name: str(value) for name, value in (("MAX_INFLIGHT_PER_SERVICE", self.max_inflight_per_service),
                                                      ("MAX_QUEUED_PER_SERVICE", self.max_queued_per_service))
                 if value is not None}
-        replay = {"MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
+        # the producer's target-host policy, which the replays apply again (dataplane-config.yaml)
+        targets = {"ALLOWED_HOSTS": ",".join(allowed_hosts)}
+        replay = {**targets, "MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
                   "TARGET_GATEWAY_URL": self.gateway_url}
         command = [sys.executable, "-m", "async_component"]
         url = f"http://{LOOPBACK}:{{}}".format
@@ -344,7 +348,7 @@ class LocalStack:
                     url(ports["app"]) + "/healthz?sleep=0"),
             Process("producer", [*command, "producer"],
                     {**base, **redis, "PORT": str(ports["producer"]), "HOST": LOOPBACK,
-                     "ALLOWED_HOSTS": ",".join(allowed_hosts), "WORKERS": str(self.producer_workers),
+                     **targets, "WORKERS": str(self.producer_workers),
                      **{k: v for k, v in caps.items() if k == "MAX_QUEUED_PER_SERVICE"}},
                     url(ports["producer"]) + "/readyz"),
             Process("consumer", [*command, "consumer"],
@@ -384,6 +388,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-domain", default=DEFAULT_CLUSTER_DOMAIN,
                         help="the cluster DNS domain the modelled Services live under, <name>.<namespace>.svc.<domain> (default: cluster.local)")
     parser.add_argument("--app-dir", default=None, help="directory of sleep_app.py and the Service manifests (default: test/app)")
+    parser.add_argument("--via-consumer", action="store_true",
+                        help="the source posts each queued request to the consumer as a CloudEvent (its SINK_URL), and"
+                             " the consumer replays it: the RedisStreamSource topology (default: the source replays"
+                             " in-process, as the base manifests do)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level of every component")
 
 
@@ -405,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
             retry_delay=args.retry_delay, producer_workers=args.producer_workers, app_dir=args.app_dir,
             queue_mode=args.queue_mode,
             log_level=args.log_level, output=sys.stderr, cluster_domain=args.cluster_domain,
+            replay_in_source=not args.via_consumer,
         )
         stack.start()
         ready = True
