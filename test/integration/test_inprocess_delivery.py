@@ -21,7 +21,7 @@ from aiohttp import web
 from async_component.dataplane import sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
-from async_component.dataplane.records import FAILED, RETRYING, SUCCEEDED, Record, record_key, retry_key
+from async_component.dataplane.records import FAILED, RETRYING, RUNNING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings, SourceSettings
 
 from .aioserve import serve
@@ -337,6 +337,9 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
     """Delivered MAX_DELIVERIES times without an outcome (each process holding it died): the next reclaim gives up."""
     async with service() as target, contextlib.AsyncExitStack() as stack:
         doomed, survivor = await queue(redis_client, target, "/doomed"), await queue(redis_client, target, "/survivor")
+        # what the last process to die on it left: a running record, which never expires by itself
+        await redis_client.set(record_key("async", doomed.id, target.host),
+                               Record(state=RUNNING, host=target.host, attempts=3).to_json())
         await redis_client.xgroup_create(STREAM, GROUP, id="0")
         ids = [entry_id for _, entries in await redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=2)
                for entry_id, _ in entries]  # delivered once each
@@ -352,6 +355,9 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
     [(_, dead)] = await redis_client.xrange(DEAD)
     assert Envelope.from_stream_fields(dead).id == doomed.id
     assert dead[b"error"].startswith(b"delivered 4 times without an outcome (MAX_DELIVERIES is 3)")
+    record = await record_of(redis_client, doomed.id)
+    assert record.state == FAILED and record.error.startswith("delivered 4 times without an outcome")
+    assert 0 < await redis_client.ttl(record_key("async", doomed.id, target.host)) <= 86400  # one retention
 
 
 async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries(redis_url, redis_client):

@@ -45,6 +45,7 @@ from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope
 from .queues import PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
 from .replay import RECORD_MARGIN, replay_grace
+from .records import FAILED, Record, record_key
 from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
@@ -454,7 +455,16 @@ class Source:
         return kept
 
     async def _give_up(self, state: QueueState, ref: EntryRef, fields: Mapping, reason: str) -> None:
-        if await self._settle(ref, dead_letter_entry(fields, reason, service=self._service(state, fields))):
+        """Dead-letter the entry and record its request as failed: its `running` record would never expire."""
+        try:
+            envelope = entry_envelope(fields)
+            host = envelope.url.partition("://")[2].partition("/")[0]
+            failed = (record_key(self.settings.key_prefix, envelope.id, host),
+                      Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason).to_json())
+        except EnvelopeError:
+            failed = None
+        dead = dead_letter_entry(fields, reason, service=self._service(state, fields))
+        if await self._settle(ref, dead, failed):
             self.metrics.delivered_as["dead_lettered"].inc()
             log.error("entry %s of %s sent to %s, never delivered again: %s", ref[1], ref[0],
                       self.settings.dead_letter_stream, reason)
@@ -563,8 +573,10 @@ class Source:
             if await self._sleep(delay):
                 return  # stopping: the entry stays pending for a source to reclaim
 
-    async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None) -> bool:
-        """Acknowledge and delete the entry (after copying it to the dead-letter stream); False if stopped first."""
+    async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None,
+                      record: tuple[str, str] | None = None) -> bool:
+        """Acknowledge and delete the entry (after copying it to the dead-letter stream, and writing ``record``,
+        a final record's key and JSON, which expires one retention later); False if stopped first."""
         settings = self.settings
         failures = 0
         while True:
@@ -574,6 +586,8 @@ class Source:
                 else:
                     async with self.redis.pipeline(transaction=True) as pipe:
                         add_dead_letter(pipe, settings, dead_letter)
+                        if record is not None:
+                            pipe.set(record[0], record[1], px=max(1, round(settings.status_retention * 1000)))
                         self.settle_in(pipe, ref)
                         await pipe.execute()
                 return True
