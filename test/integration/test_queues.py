@@ -232,6 +232,7 @@ async def test_a_drained_service_leaves_the_active_set_and_idle_services_cost_no
     async with running(settings_for(redis_url, gateway, concurrency=32)):
         assert await eventually(all_in(redis_client, SUCCEEDED, done), 60)
         assert await eventually(lambda: _zero(redis_client.zcard(LAYOUT.active)))
+        assert await redis_client.keys("async:*:rq") == []  # no retry streams where no retry came due
         await asyncio.sleep(0.5)
         before = await _commands(redis_client)
         await asyncio.sleep(2.0)

@@ -171,7 +171,7 @@ local function read(stream, count)
 end
 local count = tonumber(ARGV[3])
 local retried = {}
-if KEYS[2] ~= KEYS[1] then
+if KEYS[2] ~= KEYS[1] and redis.call('EXISTS', KEYS[2]) == 1 then  -- no retry stream until a retry comes due
   retried = read(KEYS[2], count)
   if retried['err'] then return retried end
 end
