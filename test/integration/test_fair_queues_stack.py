@@ -80,9 +80,11 @@ async def client(stack):
 
 
 async def test_kill_9_of_the_source_with_several_services_queued_loses_nothing(stack, client):
-    locations = [(service, await client.accept(service, f"/survive/{n}?sleep=0.5"))
-                 for n in range(8) for service in ("alpha", "beta", "gamma")]
-    await asyncio.sleep(1.0)  # some delivered, some in flight, most queued
+    locations = [(service, await client.accept(service, f"/survive/{n}?sleep=1.5"))
+                 for n in range(16) for service in ("alpha", "beta", "gamma")]
+    await asyncio.sleep(0.5)
+    # killed with each Service's first 8 in flight and 8 more queued
+    assert {await client.status(service, location) for service, location in locations[-3:]} == {(202, "queued")}
     stack.kill("source")
     stack.wait_ready("source", timeout=30)
     finals = await asyncio.gather(*(client.finish(service, location) for service, location in locations))
