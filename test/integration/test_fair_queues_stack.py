@@ -102,3 +102,22 @@ async def test_a_slow_and_a_hung_service_never_delay_a_third(stack, client):
     assert await client.status("flooded-slow", slow[-1]) == (202, "queued")
     assert await client.status("flooded-hung", hung[-1]) == (202, "queued")
     assert await client.status("flooded-hung", hung[0]) == (202, "running")
+
+
+async def test_a_full_queue_answers_503_while_another_service_still_gets_202(tmp_path):
+    """MAX_QUEUED_PER_SERVICE counts what a Service has queued or in flight; nothing is queued past it."""
+    shutil.copy(APP_DIR / "sleep_app.py", tmp_path / "sleep_app.py")
+    for name in ("alpha", "beta"):
+        (tmp_path / f"{name}.yml").write_text(MANIFEST.format(name=name))
+    with LocalStack(port=free_port(), sleep_seconds=0, app_dir=tmp_path, max_queued_per_service=3) as small:
+        async with aiohttp.ClientSession() as session:
+            client = Client(small, session)
+            for n in range(3):
+                await client.accept("alpha", f"/held/{n}?sleep=30")
+            headers = {"Host": small.host("alpha"), "Prefer": "respond-async"}
+            async with session.post(small.gateway_url + "/one-more", headers=headers) as response:
+                assert response.status == 503
+                assert response.headers["Retry-After"] == "10"
+                assert "queue of Service default/alpha is full" in (await response.json())["error"]
+            location = await client.accept("beta", "/other?sleep=0")
+            assert await client.finish("beta", location) == (200, "succeeded")
