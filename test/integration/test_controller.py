@@ -1,8 +1,11 @@
-"""The real operator (``async-component controller``) against kmock's Kubernetes emulator.
+"""The real operator (``async-component controller``) against kmock's Kubernetes emulator,
+and with ``--kube`` against a real kube-apiserver too.
 
-One emulator (its own thread) and one operator process serve the module; each
-test works in its own namespace and talks to the emulator over HTTP, as
-kubectl would.
+One cluster per backend (the emulator in its own thread, or the session's
+control plane) and one operator process serve the module; each test works in
+its own namespace and talks to the cluster over HTTP, as kubectl would. On
+the real API server the operator logs in as the async-controller
+ServiceAccount, so a verb missing from its ClusterRole fails these tests.
 """
 
 from __future__ import annotations
@@ -15,14 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-import kmock
-import kopf
 import pytest
 
 from async_component.controller import resources as r
 from async_component.controller.kubeapi import INGRESSES, SERVICES, KubeApi
 from async_component.settings import INGRESS_CLASSES
 
+from .controller_backends import KmockCluster, KubeCluster
 from .controller_process import Operator, start_operator
 from .knative_models import NetworkLayer, Serving
 from .kube_emulator import EmulatorThread
@@ -32,29 +34,42 @@ PRODUCER = "async-producer.knative-system.svc.cluster.local"
 DEADLINE = 15.0  # generous: polls return as soon as the check passes
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that reaches a cluster runs on kmock, and with --kube on the real API server too."""
+    if "cluster" in metafunc.fixturenames:
+        backends = ["kmock", "kube"] if metafunc.config.getoption("--kube") else ["kmock"]
+        metafunc.parametrize("cluster", backends, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request: pytest.FixtureRequest):
+    if request.param == "kube":
+        yield KubeCluster(request.getfixturevalue("kube"))
+        return
     with EmulatorThread() as emulator:
-        yield emulator
+        yield KmockCluster(emulator)
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: EmulatorThread, tmp_path_factory: pytest.TempPathFactory):
-    operator = start_operator(cluster.url, tmp_path_factory.mktemp("controller"))
+def operator(cluster: KmockCluster | KubeCluster, tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("controller")
+    operator = start_operator(cluster.url, workdir, kubeconfig=cluster.operator_kubeconfig(workdir / "kubeconfig"))
     yield operator
     operator.stop()
 
 
 @pytest.fixture
-async def api(cluster: EmulatorThread, operator: Operator):
-    client = KubeApi(kopf.ConnectionInfo(server=cluster.url))
+async def api(cluster: KmockCluster | KubeCluster, operator: Operator):
+    client = KubeApi(cluster.admin_info())
     yield client
     await client.close()
 
 
 @pytest.fixture
-def namespace(request: pytest.FixtureRequest) -> str:
-    return request.node.name.replace("_", "-")[:63].strip("-").lower()
+def namespace(request: pytest.FixtureRequest, cluster: KmockCluster | KubeCluster) -> str:
+    name = request.node.originalname.replace("_", "-")[:63].strip("-").lower()
+    cluster.prepare_namespace(name)
+    return name
 
 
 @pytest.fixture
@@ -209,12 +224,6 @@ async def test_parent_ready_follows_the_child(api, eventually, namespace):
     await eventually(parent_not_ready)
 
 
-async def list_events(cluster: EmulatorThread, namespace: str) -> list[dict]:
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"{cluster.url}/api/v1/namespaces/{namespace}/events") as resp:
-        return (await resp.json())["items"]
-
-
 async def test_invalid_mode_is_reported_and_builds_nothing(api, eventually, namespace, cluster):
     await api.create(INGRESSES, kingress("hello", namespace, mode="sometimes"))
 
@@ -222,7 +231,7 @@ async def test_invalid_mode_is_reported_and_builds_nothing(api, eventually, name
         ready = condition(await api.get(INGRESSES, namespace, "hello"))
         assert ready.get("status") == "False" and ready.get("reason") == r.REASON_INVALID_MODE, ready
         assert "'sometimes'" in ready["message"]
-        events = [e for e in await list_events(cluster, namespace) if e.get("reason") == r.REASON_INVALID_MODE]
+        events = [e for e in await cluster.list_events(namespace) if e.get("reason") == r.REASON_INVALID_MODE]
         assert events, "no InvalidAsyncMode event"
         assert events[0]["type"] == "Warning"
         assert events[0]["involvedObject"]["name"] == "hello"
@@ -237,10 +246,24 @@ async def test_invalid_mode_is_reported_and_builds_nothing(api, eventually, name
 
 
 async def test_a_failed_api_call_is_retried(api, eventually, namespace, cluster, operator):
-    cluster.emulator.fail_next(kmock.action.CREATE, "services", namespace)
+    cluster.fail_next("create", "services", namespace)
     await api.create(INGRESSES, kingress("hello", namespace))
     await wait_for_children(api, eventually, namespace, "hello")
     assert f"Ingress {namespace}/hello: reconcile failed (ApiError: POST" in operator.log_tail(100)
+
+
+async def test_a_conflict_on_update_is_retried(api, eventually, namespace, cluster, operator):
+    cluster.fail_next("update", "ingresses/status", namespace, status=409)
+    await api.create(INGRESSES, kingress("hello", namespace))
+    await wait_for_children(api, eventually, namespace, "hello")
+
+    async def status_written() -> None:
+        ready = condition(await api.get(INGRESSES, namespace, "hello"))
+        assert ready.get("reason") == r.REASON_CHILD_NOT_READY, ready
+
+    await eventually(status_written)
+    assert f"Ingress {namespace}/hello: reconcile failed (ApiError: PATCH" in operator.log_tail(100)
+    assert ": 409 " in operator.log_tail(100)
 
 
 async def test_deleted_children_are_recreated(api, eventually, namespace):
