@@ -122,8 +122,9 @@ def main() -> int:
     versions = load()
     binaries = build.ensure(versions)
     load_before = machine.load()
-    with tempfile.TemporaryDirectory(prefix="kube-bench-") as tmp, ControlPlane(binaries, Path(tmp)) as cp:
-        install.prepare(cp, versions)
+    crds = install.crds_for(versions)
+    with tempfile.TemporaryDirectory(prefix="kube-bench-") as tmp, ControlPlane(binaries, Path(tmp), crds=crds) as cp:
+        install.prepare(cp)
         cp.ensure_namespace(NAMESPACE)
         kubeconfig = install.controller_kubeconfig(cp, Path(tmp) / "controller.kubeconfig")
         health = free_port()

@@ -57,8 +57,9 @@ def kube(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     out = reporter.write_line if reporter is not None else print
     versions = load()
     binaries = build.ensure(versions, out=out)
-    with ControlPlane(binaries, tmp_path_factory.mktemp("kube"), out=out) as control_plane:
-        install.prepare(control_plane, versions)
+    crds = install.crds_for(versions)
+    with ControlPlane(binaries, tmp_path_factory.mktemp("kube"), crds=crds, out=out) as control_plane:
+        install.prepare(control_plane)
         with FaultWebhook(control_plane) as faults:
             yield KubeSession(control_plane, faults, versions)
 

@@ -16,6 +16,7 @@ import os
 import signal
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -80,10 +81,12 @@ def kubeconfig_text(server: str, ca_file: Path, token: str, user: str = "admin")
 
 
 class ControlPlane:
-    """Start with ``with ControlPlane(binaries, workdir) as cp:``; everything stops on exit."""
+    """Start with ``with ControlPlane(binaries, workdir, crds=...) as cp:``; everything stops on exit."""
 
-    def __init__(self, binaries: Binaries, workdir: Path, *, out: Callable[[str], None] = print) -> None:
+    def __init__(self, binaries: Binaries, workdir: Path, *, crds: Iterable[dict[str, Any]] = (),
+                 out: Callable[[str], None] = print) -> None:
         self.binaries = binaries
+        self.crds = list(crds)
         self.workdir = workdir
         self.pki = workdir / "pki"
         self.out = out
@@ -103,9 +106,11 @@ class ControlPlane:
         return self.workdir / f"{name}.log"
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        # The death signal fires when the starting *thread* ends: only the main thread's outlives the run.
+        on_main_thread = threading.current_thread() is threading.main_thread()
         with self._log(name).open("ab") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       preexec_fn=DIE_WITH_PARENT)
+                                       preexec_fn=DIE_WITH_PARENT if on_main_thread else None)
         self._processes[name] = process
         return process
 
@@ -156,6 +161,8 @@ class ControlPlane:
             f"--service-account-signing-key-file={self.pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--authorization-mode=RBAC", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # as hardened clusters (OpenShift) do: setting blockOwnerDeletion needs update on the owner's finalizers
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             "--profiling=false", "--v=1",
         ])
         self._wait("kube-apiserver", lambda: self._api_ok("/readyz"), 180)
@@ -184,6 +191,8 @@ class ControlPlane:
             self.admin_kubeconfig.write_text(kubeconfig_text(self.url, self.ca_file, self.admin_token))
             self.start_etcd()
             self.start_apiserver()
+            if self.crds:  # before the garbage collector starts, so it watches them from its first sync on
+                self.install_crds(self.crds)
             self.start_controller_manager()
         except BaseException:
             self.stop()
@@ -222,13 +231,13 @@ class ControlPlane:
 
     def request(self, method: str, path: str, body: Any = None, *, timeout: float = 30,
                 content_type: str = "application/json") -> Any:
-        """An admin request; its JSON answer (urllib.error.HTTPError on 4xx/5xx)."""
+        """An admin request; its JSON answer, or its text (urllib.error.HTTPError on 4xx/5xx)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.admin_token}", "Content-Type": content_type})
         with urllib.request.urlopen(request, timeout=timeout, context=self.ssl_context()) as resp:
-            raw = resp.read()
-        return json.loads(raw) if raw else None
+            raw, is_json = resp.read(), resp.headers.get_content_type() == "application/json"
+        return json.loads(raw) if raw and is_json else raw.decode(errors="replace")
 
     def _default_service_account_exists(self) -> bool:
         try:

@@ -26,9 +26,13 @@ def render(control_plane: ControlPlane, path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def prepare(control_plane: ControlPlane, versions: Versions) -> None:
-    """Knative Serving's CRDs, its namespace, and the controller's RBAC from the kourier overlay."""
-    control_plane.install_crds(crds.serving_crds(versions))
+def crds_for(versions: Versions) -> list[dict[str, Any]]:
+    """What the control plane installs before its controllers start: Knative Serving's CRDs."""
+    return crds.serving_crds(versions)
+
+
+def prepare(control_plane: ControlPlane) -> None:
+    """Knative's namespace and the controller's RBAC from the kourier overlay."""
     control_plane.ensure_namespace(SYSTEM_NAMESPACE)
     rbac = [obj for obj in render(control_plane, CONFIG / "overlays" / "kourier") if obj["kind"] in RBAC_KINDS]
     if not any(obj["kind"] == "ServiceAccount" and obj["metadata"]["name"] == CONTROLLER_ACCOUNT for obj in rbac):

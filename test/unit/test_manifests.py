@@ -82,6 +82,8 @@ EXPECTED_RULES = {
     # (apiGroup, resource): verbs -- what controller.py and kubeapi.py call, plus kopf's list/watch
     ("networking.internal.knative.dev", "ingresses"): {"get", "list", "watch", "create", "patch", "delete"},
     ("networking.internal.knative.dev", "ingresses/status"): {"patch"},
+    # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
+    ("networking.internal.knative.dev", "ingresses/finalizers"): {"update"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "events"): {"create"},
 }
