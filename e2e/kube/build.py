@@ -147,7 +147,7 @@ def ensure(versions: Versions | None = None, *, out: Callable[[str], None] = pri
             wrapper = kubernetes_wrapper(versions.kubernetes, Path(info["GoMod"]).read_text())
             _write_module(kube_dir / "src", wrapper, "kubebuild")
         with progress.step(f"go build {', '.join(KUBE_COMMANDS)} {versions.kubernetes} "
-                           "(a first build takes 20-40 min on 2 cores)"):
+                           "(a first build: about 10 min on 2 cores)"):
             _go_build(kube_dir / "src", kube_dir / "bin",
                       {name: f"{KUBERNETES_MODULE}/cmd/{name}" for name in KUBE_COMMANDS},
                       version_ldflags(versions.kubernetes))
