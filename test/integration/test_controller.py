@@ -30,7 +30,8 @@ from .knative_models import NetworkLayer, Serving
 from .kube_emulator import EmulatorThread
 
 KOURIER = INGRESS_CLASSES[0]
-PRODUCER = "async-producer.knative-system.svc.cluster.local"
+SYSTEM_NAMESPACE = "knative-serving"  # where the manifests run the controller and grant its Lease
+PRODUCER = f"async-producer.{SYSTEM_NAMESPACE}.svc.cluster.local"
 DEADLINE = 15.0  # generous: polls return as soon as the check passes
 
 
@@ -54,7 +55,8 @@ def cluster(request: pytest.FixtureRequest):
 @pytest.fixture(scope="module")
 def operator(cluster: KmockCluster | KubeCluster, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("controller")
-    operator = start_operator(cluster.url, workdir, kubeconfig=cluster.operator_kubeconfig(workdir / "kubeconfig"))
+    operator = start_operator(cluster.url, workdir, kubeconfig=cluster.operator_kubeconfig(workdir / "kubeconfig"),
+                              SYSTEM_NAMESPACE=SYSTEM_NAMESPACE)
     yield operator
     operator.stop()
 

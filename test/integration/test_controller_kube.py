@@ -16,6 +16,7 @@ from async_component.controller.kubeapi import INGRESSES, SERVICES, KubeApi
 from .controller_backends import KubeCluster
 from .controller_process import start_operator
 from .test_controller import (  # noqa: F401  (fixtures used by name)
+    SYSTEM_NAMESPACE,
     api,
     children,
     eventually,
@@ -32,7 +33,8 @@ def cluster(kube) -> KubeCluster:
 
 @pytest.fixture
 def operator(cluster: KubeCluster, tmp_path):
-    operator = start_operator(cluster.url, tmp_path, kubeconfig=cluster.operator_kubeconfig(tmp_path / "kubeconfig"))
+    operator = start_operator(cluster.url, tmp_path, kubeconfig=cluster.operator_kubeconfig(tmp_path / "kubeconfig"),
+                              SYSTEM_NAMESPACE=SYSTEM_NAMESPACE)
     yield operator
     operator.stop()
 
