@@ -13,7 +13,6 @@ from kube.controlplane import ControlPlane, kubeconfig_text
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "component" / "config"
-OVERLAYS = ("kourier", "istio")
 SYSTEM_NAMESPACE = "knative-serving"  # where Knative, and so the component's overlays, live
 CONTROLLER_ACCOUNT = "async-controller"
 CONTROLLER_USER = f"system:serviceaccount:{SYSTEM_NAMESPACE}:{CONTROLLER_ACCOUNT}"

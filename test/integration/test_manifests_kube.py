@@ -1,6 +1,7 @@
 """The component's manifests, server-side applied to a real API server (``--kube``).
 
-test/unit/test_manifests.py checks them against JSON schemas; here the API
+Every overlay (kourier, istio, openshift) and kourier with the redis-tls
+component. test/unit/test_manifests.py checks them against JSON schemas; here the API
 server itself judges them, with Knative Serving's own CRD schemas, strict field
 validation (an unknown field is an error, not silently pruned) and admission.
 """
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+OVERLAYS = sorted(path.name for path in (Path(__file__).resolve().parents[2] / "component" / "config" / "overlays").iterdir())
 
 
 def install():
@@ -50,7 +53,7 @@ def apply_and_compare(kube, objects: list[dict[str, Any]]) -> None:
         assert not lost, f"{obj['kind']} {obj['metadata']['name']}: the API server dropped or changed {lost}"
 
 
-@pytest.mark.parametrize("overlay", ["kourier", "istio"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_is_accepted_server_side(kube, overlay):
     objects = install().render(kube.control_plane, install().CONFIG / "overlays" / overlay)
     assert {"Deployment", "Service", "ClusterRole"} <= {obj["kind"] for obj in objects}
