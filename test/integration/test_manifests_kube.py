@@ -9,28 +9,28 @@ validation (an unknown field is an error, not silently pruned) and admission.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-OVERLAYS = sorted(path.name for path in (Path(__file__).resolve().parents[2] / "component" / "config" / "overlays").iterdir())
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "e2e"))
 
+from kube.install import CONFIG, render  # noqa: E402
 
-def install():
-    from kube import install as module
-
-    return module
+OVERLAYS = sorted(path.name for path in (CONFIG / "overlays").iterdir())
 
 
 def stored(kube, obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as the API server keeps it."""
+    group = obj["apiVersion"].rpartition("/")[0]
+    resource = f"{obj['kind'].lower()}.{group}" if group else obj["kind"].lower()
     meta = obj["metadata"]
-    args = ["get", f"{obj['kind'].lower()}.{obj['apiVersion'].split('/')[0]}" if "/" in obj["apiVersion"]
-            else obj["kind"].lower(), meta["name"], "-o", "yaml"]
-    if "namespace" in meta:
-        args += ["-n", meta["namespace"]]
-    return yaml.safe_load(kube.control_plane.kubectl(*args).stdout)
+    namespace = ["-n", meta["namespace"]] if "namespace" in meta else []
+    return yaml.safe_load(kube.control_plane.kubectl("get", resource, meta["name"], *namespace, "-o", "yaml").stdout)
 
 
 def missing(applied: Any, found: Any, path: str = "") -> list[str]:
@@ -55,19 +55,18 @@ def apply_and_compare(kube, objects: list[dict[str, Any]]) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_is_accepted_server_side(kube, overlay):
-    objects = install().render(kube.control_plane, install().CONFIG / "overlays" / overlay)
+    objects = render(kube.control_plane, CONFIG / "overlays" / overlay)
     assert {"Deployment", "Service", "ClusterRole"} <= {obj["kind"] for obj in objects}
     apply_and_compare(kube, objects)
 
 
 def test_redis_tls_component_is_accepted_server_side(kube, tmp_path: Path):
-    config = install().CONFIG
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(config / "overlays" / "kourier", tmp_path)],
-        "components": [os.path.relpath(config / "components" / "redis-tls", tmp_path)],
+        "resources": [os.path.relpath(CONFIG / "overlays" / "kourier", tmp_path)],
+        "components": [os.path.relpath(CONFIG / "components" / "redis-tls", tmp_path)],
     }))
-    objects = install().render(kube.control_plane, tmp_path)
+    objects = render(kube.control_plane, tmp_path)
     mounted = [obj for obj in objects if obj["kind"] == "Service" and "REDIS_CA_FILE" in yaml.safe_dump(obj)]
     assert mounted, "the redis-tls component changed no Knative Service"
     apply_and_compare(kube, objects)
@@ -75,7 +74,7 @@ def test_redis_tls_component_is_accepted_server_side(kube, tmp_path: Path):
 
 def test_a_field_knatives_schema_does_not_know_is_refused(kube):
     """The check above can fail: the real schema refuses what it does not describe."""
-    objects = install().render(kube.control_plane, install().CONFIG / "overlays" / "kourier")
+    objects = render(kube.control_plane, CONFIG / "overlays" / "kourier")
     service = next(obj for obj in objects if obj["apiVersion"].startswith("serving.knative.dev/"))
     service["spec"]["template"]["spec"]["containerz"] = []
     result = kube.control_plane.apply([service], check=False)
