@@ -19,6 +19,10 @@ from typing import Any
 class GoError(RuntimeError):
     """The go command is missing or failed; the message carries its output."""
 
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+
 
 def go_binary() -> str:
     found = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
@@ -41,15 +45,21 @@ def run_go(*args: str, cwd: Path | None = None, nice: bool = False, timeout: flo
     result = subprocess.run(command, cwd=cwd, env=go_env(), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-30:])
-        raise GoError(f"`go {' '.join(args)}` failed (exit {result.returncode}):\n{tail}")
+        raise GoError(f"`go {' '.join(args)}` failed (exit {result.returncode}):\n{tail}", result.stdout)
     return result.stdout
 
 
 def download(module: str, version: str) -> dict[str, Any]:
     """``go mod download -json module@version``: its Dir (sources) and GoMod (go.mod file) among others."""
-    info = json.loads(run_go("mod", "download", "-json", f"{module}@{version}", timeout=600))
+    try:
+        info = json.loads(run_go("mod", "download", "-json", f"{module}@{version}", timeout=600))
+    except GoError as exc:  # -json still prints the module with its Error: say just that
+        try:
+            info = json.loads(exc.output)
+        except ValueError:
+            raise exc from None
     if info.get("Error"):
-        raise GoError(f"{module}@{version}: {info['Error']}")
+        raise GoError(info["Error"])  # it names the module and version
     return info
 
 
