@@ -603,8 +603,11 @@ class FakeCluster:
                 "app.kubernetes.io/component": "source"}}}})
         if args[:3] == ("get", "configmap/config-network", "-n"):
             return json.dumps({"data": {"ingress-class": self.ingress_class}})
-        if args[:2] == ("get", "ksvc"):
-            return json.dumps({"metadata": {"name": args[2], "annotations": self.annotations[args[2]]}})
+        if args[:2] == ("get", "ksvc"):  # Serving has made each spec its Ready revision
+            ready = {"observedGeneration": 1, "latestReadyRevisionName": "r-1", "latestCreatedRevisionName": "r-1",
+                     "conditions": [{"type": "Ready", "status": "True"}]}
+            return json.dumps({"metadata": {"name": args[2], "generation": 1,
+                                            "annotations": self.annotations[args[2]]}, "status": ready})
         if args[:2] == ("get", switches.INGRESS_RESOURCE):
             ready = {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]}
             items = [{"metadata": {"name": name, "generation": 1,
@@ -722,6 +725,12 @@ def test_redis_stream_source_replaces_our_source_and_hands_back(fake_cluster, re
             assert cluster.pods["app.kubernetes.io/component=source"] == []
             direct.xadd(names.stream, {"data": "delivered by the RedisStreamSource"})
         assert cluster.pods["app.kubernetes.io/component=source"] == [pod("s-2")]
+    # the producer queued in the single stream while the adapter ran, and per Service again after
+    modes = [json.loads(args[-1]) for args in cluster.calls if args[:2] == ("patch", switches.DATAPLANE_CONFIG)]
+    assert modes == [{"data": {"QUEUE_MODE": "single-stream"}}, {"data": {"QUEUE_MODE": "per-service"}}]
+    revisions = [args for args in cluster.calls if args[:3] == ("patch", "ksvc", "async-producer")]
+    assert [json.loads(args[-1])["spec"]["template"]["metadata"]["annotations"] for args in revisions] == [
+        {switches.QUEUE_MODE_ANNOTATION: "single-stream"}, {switches.QUEUE_MODE_ANNOTATION: "per-service"}]
     calls = [args[:3] for args in cluster.calls]
     order = [calls.index(("delete", "secret", "tls-secret")),
              calls.index(("rollout", "restart", "statefulset/redis-controller-manager")),
