@@ -766,6 +766,40 @@ def test_the_keda_component_scales_the_source_on_its_stream(options_render):
         "per Service" in (KEDA_COMPONENT / "scaled-object.yaml").read_text()
 
 
+# --- metrics
+
+
+def template_labels(obj: dict) -> dict:
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def scrape_annotations(annotations: dict) -> tuple[str, int, str]:
+    return annotations["prometheus.io/scrape"], int(annotations["prometheus.io/port"]), annotations["prometheus.io/path"]
+
+
+def test_every_process_is_scraped_where_it_serves_metrics():
+    objects = plain_objects()
+    source = find(objects, ("apps/v1", "Deployment"), "async-source")
+    service = find(objects, ("v1", "Service"), "async-source-metrics")
+    # the Service's selector picks the source's pods and no other workload's
+    assert service["spec"]["selector"].items() <= template_labels(source).items()
+    assert [o["metadata"]["name"] for o in workloads(objects)
+            if service["spec"]["selector"].items() <= template_labels(o).items()] == ["async-source"]
+    (port,) = service["spec"]["ports"]
+    health_port = process_settings(source, objects).health_port
+    assert probe_port(source, {"httpGet": {"port": port["targetPort"]}}) == health_port == port["port"]
+    assert scrape_annotations(service["metadata"]["annotations"]) == ("true", port["port"], "/metrics")
+    assert "prometheus.io/scrape" not in source["spec"]["template"]["metadata"].get("annotations", {}), \
+        "annotated once: a Prometheus that discovers both pods and endpoints would scrape it twice"
+    # the components that patch the workloads select them by component: not the Service
+    assert service["metadata"]["labels"]["app.kubernetes.io/component"] not in ("producer", "consumer", "source")
+    for name in ("async-producer", "async-consumer"):
+        ksvc = find(objects, KSVC, name)
+        annotations = ksvc["spec"]["template"]["metadata"]["annotations"]
+        assert scrape_annotations(annotations) == ("true", process_settings(ksvc, objects).port, "/metrics")
+        assert container(ksvc)["ports"][0]["containerPort"] == process_settings(ksvc, objects).port
+
+
 # --- release YAML
 
 
