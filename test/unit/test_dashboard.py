@@ -1,8 +1,8 @@
-"""The Grafana dashboard asks only for metrics and labels the processes export.
+"""The Grafana dashboard and the KEDA trigger ask only for metrics and labels the processes export.
 
-A query naming a metric nobody registers draws an empty panel without an
-error; so the dashboard's PromQL is read here and checked against the
-registries of the real producer, source and consumer objects.
+A query naming a metric nobody registers draws an empty panel, or scales on
+nothing, without an error; so their PromQL is read here and checked against
+the registries of the real producer, source and consumer objects.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from async_component.dataplane.producer import Producer
@@ -21,7 +22,9 @@ from async_component.dataplane.source import Source
 from async_component.settings import ConsumerSettings, ProducerSettings, SourceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-DASHBOARD = ROOT / "component" / "config" / "components" / "monitoring" / "async-component.json"
+COMPONENTS = ROOT / "component" / "config" / "components"
+DASHBOARD = COMPONENTS / "monitoring" / "async-component.json"
+SCALED_OBJECT = COMPONENTS / "keda" / "scaled-object.yaml"
 
 # The samples each metric type exposes, by suffix of the family's name.
 SAMPLE_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",),
@@ -166,6 +169,19 @@ def test_the_check_refuses_what_would_draw_an_empty_panel(case, exported):
     assert case["error"] in " ".join(problems(case["expr"], case["legend"], exported))
     right = {"expr": "sum by (reason) (rate(async_producer_rejected_total[5m]))", "legend": "{{reason}}"}
     assert problems(right["expr"], right["legend"], exported) == []
+
+
+def keda_queries() -> list[str]:
+    (scaled,) = yaml.safe_load_all(SCALED_OBJECT.read_text())
+    return [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+
+
+def test_keda_scales_on_every_services_queue_as_the_source_exports_it(exported):
+    (query,) = keda_queries()
+    assert problems(query, "", exported) == []
+    # every replica reports each Service's queue: max per Service, then the sum over Services
+    assert {"async_service_queued", "async_service_in_flight"} <= set(terms(query).metrics)
+    assert "max by (namespace, service) (async_service_queued)" in " ".join(query.split())
 
 
 def test_the_dashboard_shows_queues_outcomes_the_producer_and_refusals():

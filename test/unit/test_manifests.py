@@ -741,7 +741,11 @@ def test_only_the_gateway_and_knative_reach_the_producer(overlay):
 # --- KEDA
 
 
-def test_the_keda_component_scales_the_source_on_its_stream(options_render):
+PROMETHEUS_TRIGGER = {"serverAddress", "query", "threshold", "activationThreshold", "namespace", "customHeaders",
+                      "queryParameters", "ignoreNullValues", "unsafeSsl", "authModes"}
+
+
+def test_the_keda_component_scales_the_source_on_its_queues_depth(options_render):
     objects = options_render
     (scaled,) = [o for o in objects if key(o) == SCALED_OBJECT]
     source = find(objects, ("apps/v1", "Deployment"), "async-source")
@@ -752,23 +756,28 @@ def test_the_keda_component_scales_the_source_on_its_stream(options_render):
     assert spec["scaleTargetRef"] == {"name": source["metadata"]["name"]}
     assert "replicas" not in source["spec"], "KEDA's autoscaler owns the count; apply must not reset it"
     assert 2 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], "the disruption budget keeps a spare"
+    # the per-Service queues' depth through Prometheus (the query's metrics: test_dashboard.py), not one stream
     (trigger,) = spec["triggers"]
-    assert trigger["type"] == "redis-streams"
+    assert trigger["type"] == "prometheus"
     meta = trigger["metadata"]
-    assert set(meta) <= {"address", "databaseIndex", "usernameFromEnv", "passwordFromEnv", "stream", "consumerGroup",
-                         "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount", "enableTLS",
-                         "unsafeSsl"}
+    assert set(meta) <= PROMETHEUS_TRIGGER and {"serverAddress", "query", "threshold"} <= set(meta)
     assert all(isinstance(v, str) for v in meta.values()), "KEDA's trigger metadata is a map of strings"
-    values = process_settings(source, objects)
-    assert meta["stream"] == values.stream
-    # no consumerGroup: KEDA then scales on the stream's length, queued plus in delivery
-    assert "consumerGroup" not in meta and int(meta["streamLength"]) > 0
-    for variable in (meta["usernameFromEnv"], meta["passwordFromEnv"]):
-        assert variable in env_of(source)
-    redis = urlsplit(USER_SECRET["url"])
-    assert meta["address"] == f"{redis.hostname}:{redis.port}" and meta["databaseIndex"] == redis.path.strip("/")
-    assert "per-Service" in (KEDA_COMPONENT / "scaled-object.yaml").read_text() or \
-        "per Service" in (KEDA_COMPONENT / "scaled-object.yaml").read_text()
+    assert float(meta["threshold"]) > 0
+    address = urlsplit(meta["serverAddress"])
+    assert address.scheme in ("http", "https") and address.hostname and address.port, meta["serverAddress"]
+
+
+def test_the_keda_prometheus_address_is_patched_in_the_users_overlay(tmp_path):
+    """The README's patch: a user's overlay points the trigger at their Prometheus."""
+    mine = "http://prometheus.observability.svc:9090"
+    overlay = write_overlay(tmp_path / "mine", resources=[CONFIG / "overlays" / "kourier"], components=[KEDA_COMPONENT],
+                            patches=[{"target": {"kind": "ScaledObject", "name": "async-source"},
+                                      "patch": yaml.safe_dump([{"op": "replace", "value": mine,
+                                                                "path": "/spec/triggers/0/metadata/serverAddress"}])}])
+    (scaled,) = [o for o in kustomize(overlay) if key(o) == SCALED_OBJECT]
+    assert scaled["spec"]["triggers"][0]["metadata"]["serverAddress"] == mine
+    readme = (CONFIG / "README.md").read_text()
+    assert "/spec/triggers/0/metadata/serverAddress" in readme, "README shows the patch"
 
 
 # --- metrics
