@@ -44,7 +44,7 @@ from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
 from .targets import BadTarget, target_host
 from ..protocol import (
-    HOP_BY_HOP, ORIGINAL_HOST_HEADER, PREFER_HEADER, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
+    HOP_BY_HOP, ORIGINAL_HOST_HEADER, POLICY_HEADER, PREFER_HEADER, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
     STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
 )
 from ..logthrottle import LogThrottle
@@ -68,7 +68,8 @@ LOCATION_SEPARATOR = "."
 """Between entry id and request id in a status path: in neither alphabet."""
 
 _PREFER = PREFER_HEADER.lower()
-DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower(), REPLAY_HEADER.lower()}
+DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower(), REPLAY_HEADER.lower(),
+                                        POLICY_HEADER.lower()}
 _DROPPED_RAW = frozenset(name.encode("latin-1") for name in DROPPED_REQUEST_HEADERS)
 _REPLAY_RAW = REPLAY_HEADER.lower().encode("latin-1")
 _PREFER_RAW = _PREFER.encode("latin-1")
