@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -232,3 +233,12 @@ _FIELD_PARSERS = {
     "max_queued": _count, "on_success_sink": _url, "on_failure_sink": _url,
 }
 DEFAULT_POLICY = DeliveryPolicy()
+
+
+@functools.lru_cache(maxsize=1024)
+def policy_of(text: str | None) -> DeliveryPolicy:
+    """:meth:`DeliveryPolicy.decode`, remembered per header value (a few Services send almost every request).
+
+    None or '' (a request queued before policies, or by a route without one): the cluster's defaults.
+    """
+    return DeliveryPolicy.decode(text) if text else DEFAULT_POLICY

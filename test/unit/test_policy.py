@@ -150,3 +150,17 @@ def test_the_producer_routes_carry_the_policy():
     (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
     assert (ready["status"], ready["reason"]) == ("False", r.REASON_INVALID_POLICY)
     assert p.RETRY in ready["message"] and "'many'" in ready["message"]
+
+
+def test_the_replay_terms_are_the_policy_over_the_cluster_defaults():
+    from async_component.dataplane.replay import delivery_terms
+    from async_component.settings import ReplaySettings
+
+    cluster = ReplaySettings(max_attempts=4, retry_base_delay=2.0, request_timeout=30.0, status_retention=60.0)
+    defaults = delivery_terms(cluster, protocol.DEFAULT_POLICY)
+    assert (defaults.max_attempts, defaults.base_delay, defaults.linear, defaults.timeout, defaults.retry_on,
+            defaults.max_age, defaults.retention_ms) == (4, 2.0, False, 30.0, ("429", "502", "503", "504"), None, 60000)
+    own = delivery_terms(cluster, DeliveryPolicy(retry=0, backoff_policy="linear", backoff_delay=0.0, timeout=1.0,
+                                                 retry_on=("5xx",), max_age=2.0, retention=3600.0))
+    assert (own.max_attempts, own.base_delay, own.linear, own.timeout, own.retry_on, own.max_age,
+            own.retention_ms) == (1, 0.0, True, 1.0, ("5xx",), 2.0, 3600000)

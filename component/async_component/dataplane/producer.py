@@ -44,7 +44,7 @@ from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
 from .targets import BadTarget, target_host
 from ..protocol import (
-    HOP_BY_HOP, ORIGINAL_HOST_HEADER, POLICY_HEADER, PREFER_HEADER, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
+    HOP_BY_HOP, ORIGINAL_HOST_HEADER, POLICY_HEADER, PREFER_HEADER, policy_of, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
     STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
 )
 from ..logthrottle import LogThrottle
@@ -74,6 +74,7 @@ _DROPPED_RAW = frozenset(name.encode("latin-1") for name in DROPPED_REQUEST_HEAD
 _REPLAY_RAW = REPLAY_HEADER.lower().encode("latin-1")
 _PREFER_RAW = _PREFER.encode("latin-1")
 _ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
+_POLICY_RAW = POLICY_HEADER.lower().encode("latin-1")
 _READS = ("GET", "HEAD")
 _ALLOW = ("Allow", ", ".join(STATUS_METHODS))
 _NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower()}
@@ -124,6 +125,23 @@ def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
         result.append((raw_name.decode("latin-1"), value))  # a name is a token: ASCII
     return result
 
+
+
+def request_policy(values: list[bytes]) -> str:
+    """The Service's delivery policy the route appended ('' when none: the cluster's defaults); raises BadRequest.
+
+    Decoded only to check it (remembered per value); the envelope keeps the text.
+    """
+    if not values:
+        return ""
+    if len(values) > 1:
+        raise BadRequest(f"{POLICY_HEADER} must appear once")
+    text = header_text(values[0])
+    try:
+        policy_of(text)
+    except ValueError as exc:  # a controller newer than this producer, or a hand-made route
+        raise BadRequest(str(exc)) from None
+    return text
 
 
 def _queued_record(entries: list, request_id: str, host: str, retention: float | None) -> Record | None:
@@ -291,6 +309,13 @@ class Producer:
         except BadRequest as exc:
             self.metrics.rejected_for["bad_request"].inc()
             return error_response(400, str(exc))
+        try:
+            policy = request_policy(request.values(_POLICY_RAW))
+        except BadRequest as exc:
+            log.error("not queued: %s %s for %s: %s", request.method, request.target[:200], host, exc)
+            self.metrics.rejected_for["bad_request"].inc()
+            return error_response(400, str(exc))
+        # TODO(#12): the policy's max_queued and max_inflight are this Service's caps once per-Service queues land
         connection = request.values(b"connection")
         try:
             headers = forwarded_headers(request.headers, [header_text(v) for v in connection] if connection else None)
@@ -300,7 +325,7 @@ class Producer:
             return error_response(508, str(exc))
         request_id = self.new_request_id()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
-                                 time.time())
+                                 time.time(), 0, policy)
         queue = self._queue(host)
         try:
             entry_id = (await self.enqueuer.enqueue(queue, document)).decode()
