@@ -298,6 +298,13 @@ class ReplaySettings(TargetSettings):
     max_age: float | None = setting("MAX_AGE", "", optional(positive_float),
                                     "seconds after its acceptance a request not yet finished ends expired (empty: never)")
     request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
+    notification_body_limit: int = setting(
+        "NOTIFICATION_BODY_LIMIT", "65536", positive_int,
+        "bytes of the Service's response body a completion event carries (the rest is cut, body_truncated says so)")
+    notification_attempts: int = setting("NOTIFICATION_ATTEMPTS", "5", positive_int,
+                                         "attempts to post one completion event to its sink before it is dropped")
+    notification_timeout: float = setting("NOTIFICATION_TIMEOUT", "10", positive_float,
+                                          "seconds a sink may take to answer one completion event")
     dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts, or are malformed")
     dead_letter_max_length: int = setting(
         "DEAD_LETTER_MAX_LENGTH", "100000", positive_int,

@@ -9,11 +9,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
+import threading
 import time
-from pathlib import Path
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
+from cloudevents.v1.http import from_http
 
 from async_component.dataplane.records import Record, record_key
 from async_component.local.ports import free_port
@@ -23,13 +26,59 @@ from .test_local_stack import APP_DIR, http, poll
 
 ASYNC_CLASS = "async.ingress.networking.knative.dev"
 FAST_RETRIES = {"async.knative.dev/backoff-delay": "PT0.05S"}
+SINK_PORT = free_port()
+SINK = f"http://127.0.0.1:{SINK_PORT}"
 SERVICES = {
     "defaults": {},
     "retry5": {"async.knative.dev/retry": "5", **FAST_RETRIES},
     "retry5xx": {"async.knative.dev/retry-on": "5xx", **FAST_RETRIES},
     "maxage": {"async.knative.dev/max-age": "PT2S"},
     "timeout": {"async.knative.dev/timeout": "PT1S", **FAST_RETRIES},
+    "notified": {"async.knative.dev/on-success-sink": f"{SINK}/ok?from=notified",
+                 "async.knative.dev/on-failure-sink": f"{SINK}/ko", **FAST_RETRIES},
+    "badsink": {"async.knative.dev/on-success-sink": f"{SINK}/broken"},
 }
+
+
+class Sink(ThreadingHTTPServer):
+    """A CloudEvents sink (the SDK reads each event); the first post of every event is answered 503, and
+    every post to /broken 500, so the notifier's retries show."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", SINK_PORT), SinkHandler)
+        self.events: list[tuple[str, object]] = []
+        self.posts: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+
+class SinkHandler(BaseHTTPRequestHandler):
+    server: Sink
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        event = from_http(dict(self.headers.items()), body)
+        with self.server.lock:
+            first = all(event["id"] != seen for _, seen in self.server.posts)
+            self.server.posts.append((self.path, event["id"]))
+            status = 500 if self.path == "/broken" else 503 if first else 200
+            if status == 200:
+                self.server.events.append((self.path, event, dict(self.headers.items())))
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def sink():
+    server = Sink()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 def manifest(name: str, annotations: dict[str, str]) -> str:
@@ -43,7 +92,7 @@ def manifest(name: str, annotations: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+def stack(tmp_path_factory: pytest.TempPathFactory, sink):
     app_dir = tmp_path_factory.mktemp("policy-app")
     shutil.copy(APP_DIR / "sleep_app.py", app_dir)
     for name, annotations in SERVICES.items():
@@ -146,3 +195,49 @@ def test_a_client_cannot_choose_its_own_policy(stack, store):
     request_id, _ = accept(stack, "defaults", "/?fail_attempts=4", {"Async-Policy": "v1;retry=9"})
     record = finished(stack, store, "defaults", request_id)
     assert (record.state, record.attempts) == ("failed", 3), "the route's policy replaced the client's"
+
+
+def received(sink: Sink, request_id: str, timeout: float = 30.0):
+    return poll(lambda: next(((path, event, headers) for path, event, headers in list(sink.events)
+                              if event["subject"] == request_id), None), timeout)
+
+
+def test_sinks_receive_succeeded_and_failed_events_with_subject_and_data(stack, store, sink):
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "congo=t61rcWkgMzE"}
+    ok_id, ok_location = accept(stack, "notified", "/done?sleep=0", trace)
+    ko_id, ko_location = accept(stack, "notified", "/broken?status=404")
+
+    path, event, headers = received(sink, ok_id)
+    assert path == "/ok?from=notified"
+    assert event["type"] == "dev.knative.async.request.succeeded" and event["subject"] == ok_id
+    data = event.data
+    assert (data["service"], data["status"], data["attempts"]) == ("notified.default.svc.cluster.local", 200, 1)
+    assert data["location"] == f"/.well-known/async-requests/{ok_id}"
+    status, _, body = http(stack.gateway_url + data["location"], stack.host("notified"))
+    assert status == 200, "the event's Location reads the result"
+    assert json.loads(data["body"])["path"] == "/done" and data["body_encoding"] == "utf-8"
+    assert (event["traceparent"], event["tracestate"]) == (trace["traceparent"], trace["tracestate"])
+    assert headers["traceparent"] == trace["traceparent"], "the POST continues the client's trace"
+
+    path, event, _ = received(sink, ko_id)
+    assert path == "/ko" and event["type"] == "dev.knative.async.request.failed" and event["subject"] == ko_id
+    assert (event.data["status"], event.data["attempts"]) == (404, 1)
+    assert [p for p, i in sink.posts if i == event["id"]] == ["/ko", "/ko"], "posted again after the sink's 503"
+    assert http(stack.gateway_url + ko_location, stack.host("notified"))[0] == 404
+    assert finished(stack, store, "notified", ok_id).state == "succeeded"
+
+
+def test_a_failing_sink_never_changes_the_requests_state(stack, store, sink):
+    request_id, location = accept(stack, "badsink", "/?sleep=0")
+    assert finished(stack, store, "badsink", request_id).state == "succeeded"
+
+    def gave_up() -> str | None:
+        metrics = "".join(urllib.request.urlopen(stack.source_url + "/metrics").read().decode()) + "".join(
+            urllib.request.urlopen(stack.consumer_url + "/metrics").read().decode())
+        return metrics if 'async_notifications_total{result="failed"} 1.0' in metrics else None
+
+    metrics = poll(gave_up, 60)
+    assert 'async_notifications_total{result="sent"}' in metrics
+    assert len([p for p, _ in sink.posts if p == "/broken"]) == 5, "NOTIFICATION_ATTEMPTS posts"
+    status, headers, _ = http(stack.gateway_url + location, stack.host("badsink"))
+    assert status == 200 and headers["Async-Request-State"] == "succeeded"

@@ -35,6 +35,7 @@ from yarl import URL
 from . import rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
+from .notifications import Notifier, add_notification, notification, sink_for
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
@@ -52,6 +53,9 @@ from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
 
 log = logging.getLogger(__name__)
+
+FinalWrite = tuple[str, "bytes | str", "str | None", int, "dict[str, str] | None"]
+"""A final record: its key, JSON, the stream entry it settles, its lifetime (ms), the notification it sends."""
 
 Settle = Callable[..., None]
 """``settle(pipe, *entry_ids)``: add what settles these stream entries to the transaction ``pipe``."""
@@ -270,6 +274,7 @@ class Replayer:
         self.settle = settle
         self.layout = Layout.of(settings)
         self.metrics = Metrics(registry)
+        self.registry = registry
         self.redis = redis
         self.owns_redis = False
         self.session: aiohttp.ClientSession | None = None
@@ -280,7 +285,8 @@ class Replayer:
         self._terms: dict[str, Terms] = {}
         self.start_script = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
-        self.sets: Batcher[tuple[str, bytes | str, str | None, int], None] | None = None
+        self.sets: Batcher[FinalWrite, None] | None = None
+        self.notifier_task: asyncio.Task | None = None
 
     def terms(self, envelope: Envelope) -> Terms:
         """The request's terms, remembered per policy (a few Services send almost every request)."""
@@ -413,12 +419,15 @@ class Replayer:
                     results[i] = exc
         return results
 
-    async def _set_batch(self, items: list[tuple[str, bytes | str, str | None, int]]) -> list[None]:
-        """Final records written in the same loop pass, with the entries they settle, in one round trip."""
-        entries = [entry for _, _, entry, _ in items if entry is not None]
-        async with self.redis.pipeline(transaction=bool(entries)) as pipe:
-            for key, value, _, retention_ms in items:
+    async def _set_batch(self, items: list[FinalWrite]) -> list[None]:
+        """Final records written in the same loop pass, with the entries they settle and the notifications
+        they send, in one round trip."""
+        entries = [entry for _, _, entry, _, _ in items if entry is not None]
+        notifying = any(notice is not None for *_, notice in items)
+        async with self.redis.pipeline(transaction=bool(entries) or notifying) as pipe:
+            for key, value, _, retention_ms, notice in items:
                 pipe.set(key, value, px=retention_ms)
+                add_notification(pipe, self.settings.key_prefix, notice)
             self._settle(pipe, *entries)
             results = await pipe.execute(raise_on_error=False)
         return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
@@ -481,7 +490,8 @@ class Replayer:
         terms = self.terms(envelope)
         if replayed.ok:
             await self.sets.submit((key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
-                                        response=replayed.response).to_json(), settle, terms.retention_ms))
+                                        response=replayed.response).to_json(), settle, terms.retention_ms,
+                                    self._notice(envelope, SUCCEEDED, host, attempt, replayed, now)))
             self.metrics.outcome(host, SUCCEEDED)
             return SUCCEEDED
         settings = self.settings
@@ -495,7 +505,8 @@ class Replayer:
             attempts = attempt if replayed.attempted else attempt - 1
             await self.sets.submit((key, Record(state=EXPIRED, host=host, attempts=attempts, updated_at=now,
                                                 error=replayed.error, response=replayed.response).to_json(),
-                                    settle, terms.retention_ms))
+                                    settle, terms.retention_ms,
+                                    self._notice(envelope, EXPIRED, host, attempts, replayed, now)))
             self.metrics.expired.inc()
             self.metrics.outcome(host, EXPIRED)
             log.warning("request %s expired: %s", envelope.id, replayed.error)
@@ -522,6 +533,7 @@ class Replayer:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(key, record.to_json(), px=terms.retention_ms)
             add_dead_letter(pipe, settings, dead)
+            add_notification(pipe, settings.key_prefix, self._notice(envelope, FAILED, host, attempt, replayed, now))
             self._settle(pipe, *entries)
             await pipe.execute()
         self.metrics.dead_lettered.inc()
@@ -530,6 +542,16 @@ class Replayer:
         log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
                     settings.dead_letter_stream)
         return FAILED
+
+    def _notice(self, envelope: Envelope, state: str, host: str, attempts: int, replayed: Replayed,
+                now: float) -> dict[str, str] | None:
+        """The completion event the Service's policy asks for (None: no sink for this outcome)."""
+        sink = sink_for(envelope.delivery_policy, state)
+        if sink is None:
+            return None
+        return notification(sink=sink, state=state, request_id=envelope.id, host=host, attempts=attempts,
+                            response=replayed.response, error=replayed.error, request_headers=envelope.headers,
+                            body_limit=self.settings.notification_body_limit, finished_at=now)
 
     # --- lifecycle
 
@@ -553,11 +575,16 @@ class Replayer:
         mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix),
                            stream=self.settings.stream, on_moved=self.metrics.retries_moved.inc)
         self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
+        notifier = Notifier(self.redis, self.session, self.registry, prefix=self.settings.key_prefix,
+                            attempts=self.settings.notification_attempts, timeout=self.settings.notification_timeout)
+        self.notifier_task = asyncio.create_task(notifier.run(self.stopping), name="notifier")
 
     async def stop(self) -> None:
         self.stopping.set()
         if self.mover_task is not None:
             await self.mover_task
+        if self.notifier_task is not None:
+            await self.notifier_task
         if self.session is not None:
             await self.session.close()
         if self.owns_redis:

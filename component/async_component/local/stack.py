@@ -100,7 +100,8 @@ class LocalStack:
     callback if blocking matters).
 
     Attributes: ``gateway_url`` (send requests here with a Service's Host),
-    ``producer_url``, ``consumer_url``, ``app_url``, ``redis_url``, ``stream``,
+    ``producer_url``, ``consumer_url``, ``app_url``, ``source_url`` (its
+    probes and metrics), ``redis_url``, ``stream``,
     ``dead_letter_stream``, ``key_prefix``, ``services`` (names from the
     manifests). Methods: :meth:`host` (a Service's external host),
     :meth:`pid`, :meth:`kill` (the supervisor restarts the component),
@@ -205,6 +206,7 @@ class LocalStack:
         self.producer_url = f"http://{LOOPBACK}:{self._ports['producer']}"
         self.consumer_url = f"http://{LOOPBACK}:{self._ports['consumer']}"
         self.app_url = f"http://{LOOPBACK}:{self._ports['app']}"
+        self.source_url = f"http://{LOOPBACK}:{self._ports['source']}"
         self.services: list[str] = []
         self.example_service = ""
         """A conditionally async Service, for the quick-start hint."""
