@@ -132,10 +132,6 @@ def backoff_policy(raw: str) -> str:
     return raw
 
 
-def status_codes(raw: str) -> tuple[str, ...]:
-    return status_set(raw)
-
-
 def log_level(raw: str) -> str:
     value = raw.upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -293,7 +289,7 @@ class ReplaySettings(TargetSettings):
     retry_max_delay: float = setting("RETRY_MAX_DELAY", "300", non_negative_float, "longest retry delay in seconds")
     backoff_policy: str = setting("BACKOFF_POLICY", "exponential", backoff_policy,
                                   "exponential (the delay doubles each retry) or linear (it grows by RETRY_BASE_DELAY)")
-    retry_on: tuple[str, ...] = setting("RETRY_ON", "429,502,503,504", status_codes,
+    retry_on: tuple[str, ...] = setting("RETRY_ON", "429,502,503,504", status_set,
                                         "Service answers that are retried: status codes and classes such as 5xx")
     max_age: float | None = setting("MAX_AGE", "", optional(positive_float),
                                     "seconds after its acceptance a request not yet finished ends expired (empty: never)")

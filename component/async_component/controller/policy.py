@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..protocol import BACKOFF_POLICIES, DeliveryPolicy, status_set
+from ..protocol import DeliveryPolicy, status_set
+from ..settings import backoff_policy
 
 PREFIX = "async.knative.dev/"
 RETRY = PREFIX + "retry"
@@ -74,12 +75,6 @@ def count(limit: int, minimum: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
-
-
-def backoff_policy(text: str) -> str:
-    if text.strip() not in BACKOFF_POLICIES:
-        raise ValueError("must be " + " or ".join(BACKOFF_POLICIES))
-    return text.strip()
 
 
 def sink_url(text: str) -> str:
