@@ -37,6 +37,7 @@ SERVICES = {
     "notified": {"async.knative.dev/on-success-sink": f"{SINK}/ok?from=notified",
                  "async.knative.dev/on-failure-sink": f"{SINK}/ko", **FAST_RETRIES},
     "badsink": {"async.knative.dev/on-success-sink": f"{SINK}/broken"},
+    "narrow": {"async.knative.dev/max-inflight": "2"},
 }
 
 
@@ -241,3 +242,14 @@ def test_a_failing_sink_never_changes_the_requests_state(stack, store, sink):
     assert len([p for p, _ in sink.posts if p == "/broken"]) == 5, "NOTIFICATION_ATTEMPTS posts"
     status, headers, _ = http(stack.gateway_url + location, stack.host("badsink"))
     assert status == 200 and headers["Async-Request-State"] == "succeeded"
+
+
+def test_max_inflight_2_replays_two_at_a_time(stack, store):
+    warm, _ = accept(stack, "narrow", "/?sleep=0")  # the source learns the cap from the Service's requests
+    finished(stack, store, "narrow", warm)
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        accepted = list(pool.map(lambda i: accept(stack, "narrow", f"/narrow/{i}?sleep=1"), range(6)))
+    records = [finished(stack, store, "narrow", request_id) for request_id, _ in accepted]
+    assert all(record.state == "succeeded" for record in records)
+    assert time.monotonic() - started >= 2.9, "six 1 s requests, two at a time, take three rounds"

@@ -480,6 +480,19 @@ async def test_a_full_queue_answers_503_and_queues_nothing_while_another_service
         await server.close()
 
 
+async def test_a_services_max_queued_policy_is_its_queues_cap(base, http, redis_client):
+    capped = {**ASYNC, "Async-Policy": "v1;queued=2"}
+    for _ in range(2):
+        async with http.post(f"{base}/x", headers=capped) as resp:
+            assert resp.status == 202
+    async with http.post(f"{base}/x", headers=capped) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "10"
+        assert "at most 2)" in (await resp.json())["error"]
+    async with http.post(f"{base}/x", headers={**ASYNC, "Async-Policy": "v1;queued=5"}) as resp:
+        assert resp.status == 202, "the cap follows the policy in force"
+    assert await entry_count(redis_client) == 3
+
+
 async def test_a_request_queued_in_the_single_stream_before_an_upgrade_still_reads_queued(
         redis_url, http, redis_client):
     envelope = Envelope.new("POST", f"http://{HOST}/old", [], b"")

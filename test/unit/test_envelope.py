@@ -9,7 +9,8 @@ from cloudevents.v1.http import from_http
 
 from async_component.protocol import DEFAULT_POLICY
 from async_component.dataplane.envelope import (
-    EVENT_TYPE, Envelope, EnvelopeError, RequestIds, binary_event, envelope_json, event_attributes, event_data,
+    EVENT_TYPE, Envelope, EnvelopeError, RequestIds, binary_event, entry_policy, envelope_json, event_attributes,
+    event_data,
     event_envelope, event_source, header_value, new_request_id,
 )
 
@@ -178,3 +179,12 @@ def test_an_entry_with_a_policy_this_build_cannot_read_is_malformed(policy):
     document["policy"] = policy
     with pytest.raises(EnvelopeError, match="policy"):
         Envelope.from_json(json.dumps(document))
+
+
+@pytest.mark.parametrize("policy", ["", "v1;inflight=2;queued=5"])
+def test_a_stream_entrys_policy_is_found_without_decoding_it(policy):
+    decoy = '"policy":"v1;inflight=99"'
+    envelope = Envelope.new("POST", "http://hello.demo.svc/", [["X-Decoy", decoy]], decoy.encode(), policy=policy)
+    fields = envelope.to_stream_fields()
+    assert entry_policy(fields) == entry_policy({k.encode(): v.encode() for k, v in fields.items()}) == \
+        ("" if policy == "" else policy)

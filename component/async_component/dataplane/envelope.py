@@ -268,6 +268,26 @@ class Envelope:
         return cls.from_json(items[STREAM_FIELD])
 
 
+_POLICY_KEY = b'"policy":"'
+
+
+def entry_policy(fields: Mapping[Any, Any]) -> str:
+    """The policy text of a stream entry's document, found without decoding the document ('' when none).
+
+    JSON escapes every quote inside a string, so ``"policy":"`` unescaped is only ever the top-level key,
+    and a policy's text holds no quote (``protocol.DeliveryPolicy``).
+    """
+    raw = fields.get(STREAM_FIELD.encode()) or fields.get(STREAM_FIELD) or b""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    start = raw.find(_POLICY_KEY)
+    if start < 0:
+        return ""
+    start += len(_POLICY_KEY)
+    end = raw.find(b'"', start)
+    return raw[start:end].decode("ascii", "replace") if end > 0 else ""
+
+
 def as_text(value: Any) -> str:
     """Redis replies come as bytes; field names and ids are text."""
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)

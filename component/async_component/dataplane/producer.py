@@ -315,7 +315,6 @@ class Producer:
             log.error("not queued: %s %s for %s: %s", request.method, request.target[:200], host, exc)
             self.metrics.rejected_for["bad_request"].inc()
             return error_response(400, str(exc))
-        # TODO(#12): the policy's max_queued and max_inflight are this Service's caps once per-Service queues land
         connection = request.values(b"connection")
         try:
             headers = forwarded_headers(request.headers, [header_text(v) for v in connection] if connection else None)
@@ -327,10 +326,11 @@ class Producer:
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
                                  time.time(), 0, policy)
         queue = self._queue(host)
+        max_queued = policy_of(policy).max_queued if policy else None
         try:
-            entry_id = (await self.enqueuer.enqueue(queue, document)).decode()
+            entry_id = (await self.enqueuer.enqueue(queue, document, max_queued)).decode()
         except QueueFull as exc:
-            return self._queue_full(queue, str(exc))
+            return self._queue_full(queue, str(exc), max_queued)
         except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
         location = f"{STATUS_PATH_PREFIX}{entry_id}{LOCATION_SEPARATOR}{request_id}"
@@ -347,14 +347,14 @@ class Producer:
             queue = self._queues[host] = self.layout.for_host(host)
         return queue
 
-    def _queue_full(self, queue: Queue, detail: str) -> Response:
+    def _queue_full(self, queue: Queue, detail: str, cap: int | None) -> Response:
         namespace, service = labels_of(queue.member)
         self.metrics.rejected_for["queue_full"].inc()
         self.metrics.queue_full.labels(namespace, service).inc()
         self.redis_throttle.warning("queue of %s is full (%s), answering 503", queue.member, detail)
         return error_response(
             503, f"the queue of Service {queue.member} is full ({detail}; at most"
-                 f" {self.settings.max_queued_per_service}): nothing was queued, try again later",
+                 f" {self.settings.max_queued_per_service if cap is None else cap}): nothing was queued, try again later",
             ("Retry-After", QUEUE_FULL_RETRY_AFTER_SECONDS))
 
     def _unavailable(self, what: str, exc: BaseException) -> Response:
