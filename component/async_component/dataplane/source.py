@@ -41,6 +41,7 @@ from .. import logs, probes
 from . import targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
+from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
 from .queues import PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
@@ -457,16 +458,26 @@ class Source:
         return kept
 
     async def _give_up(self, state: QueueState, ref: EntryRef, fields: Mapping, reason: str) -> None:
-        """Dead-letter the entry and record its request as failed: its `running` record would never expire."""
+        """Dead-letter the entry and record its request as failed: its `running` record would never expire.
+
+        Its Service's failure sink, if it has one, hears of it as of any other failure.
+        """
+        notice = None
         try:
             envelope = entry_envelope(fields)
             host = envelope.url.partition("://")[2].partition("/")[0]
             failed = (record_key(self.settings.key_prefix, envelope.id, host),
                       Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason).to_json())
+            sink = sink_for(envelope.delivery_policy, FAILED)
+            if sink is not None:
+                notice = notification(sink=sink, state=FAILED, request_id=envelope.id, host=host,
+                                      attempts=envelope.attempt + 1, response=None, error=reason,
+                                      request_headers=envelope.headers,
+                                      body_limit=self.settings.notification_body_limit, finished_at=time.time())
         except EnvelopeError:
             failed = None
         dead = dead_letter_entry(fields, reason, service=self._service(state, fields))
-        if await self._settle(ref, dead, failed):
+        if await self._settle(ref, dead, failed, notice):
             self.metrics.delivered_as["dead_lettered"].inc()
             log.error("entry %s of %s sent to %s, never delivered again: %s", ref[1], ref[0],
                       self.settings.dead_letter_stream, reason)
@@ -597,9 +608,10 @@ class Source:
                 return  # stopping: the entry stays pending for a source to reclaim
 
     async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None,
-                      record: tuple[str, str] | None = None) -> bool:
+                      record: tuple[str, str] | None = None, notice: Mapping | None = None) -> bool:
         """Acknowledge and delete the entry (after copying it to the dead-letter stream, and writing ``record``,
-        a final record's key and JSON, which expires one retention later); False if stopped first."""
+        a final record's key and JSON, which expires one retention later, and ``notice``, its completion
+        event); False if stopped first."""
         settings = self.settings
         failures = 0
         while True:
@@ -611,6 +623,7 @@ class Source:
                         add_dead_letter(pipe, settings, dead_letter)
                         if record is not None:
                             pipe.set(record[0], record[1], px=max(1, round(settings.status_retention * 1000)))
+                        add_notification(pipe, settings.key_prefix, notice)
                         self.settle_in(pipe, ref)
                         await pipe.execute()
                 return True
