@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .protocol import BACKOFF_POLICIES, status_set
+
 T = TypeVar("T")
 
 DEFAULT_STREAM = "async-requests"
@@ -121,6 +123,12 @@ def dns_domain(raw: str) -> str:
 def ingress_class(raw: str) -> str:
     if raw not in INGRESS_CLASSES:
         raise ValueError("must be one of " + ", ".join(INGRESS_CLASSES))
+    return raw
+
+
+def backoff_policy(raw: str) -> str:
+    if raw not in BACKOFF_POLICIES:
+        raise ValueError("must be " + " or ".join(BACKOFF_POLICIES))
     return raw
 
 
@@ -279,7 +287,20 @@ class ReplaySettings(TargetSettings):
     max_attempts: int = setting("MAX_ATTEMPTS", "3", positive_int, "attempts before a request is dead-lettered")
     retry_base_delay: float = setting("RETRY_BASE_DELAY", "1", non_negative_float, "first retry delay in seconds (doubled each attempt, with jitter)")
     retry_max_delay: float = setting("RETRY_MAX_DELAY", "300", non_negative_float, "longest retry delay in seconds")
+    backoff_policy: str = setting("BACKOFF_POLICY", "exponential", backoff_policy,
+                                  "exponential (the delay doubles each retry) or linear (it grows by RETRY_BASE_DELAY)")
+    retry_on: tuple[str, ...] = setting("RETRY_ON", "429,502,503,504", status_set,
+                                        "Service answers that are retried: status codes and classes such as 5xx")
+    max_age: float | None = setting("MAX_AGE", "", optional(positive_float),
+                                    "seconds after its acceptance a request not yet finished ends expired (empty: never)")
     request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
+    notification_body_limit: int = setting(
+        "NOTIFICATION_BODY_LIMIT", "65536", positive_int,
+        "bytes of the Service's response body a completion event carries (the rest is cut, body_truncated says so)")
+    notification_attempts: int = setting("NOTIFICATION_ATTEMPTS", "5", positive_int,
+                                         "attempts to post one completion event to its sink before it is dropped")
+    notification_timeout: float = setting("NOTIFICATION_TIMEOUT", "10", positive_float,
+                                          "seconds a sink may take to answer one completion event")
     dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts, or are malformed")
     dead_letter_max_length: int = setting(
         "DEAD_LETTER_MAX_LENGTH", "100000", positive_int,

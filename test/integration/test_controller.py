@@ -248,6 +248,35 @@ async def test_invalid_mode_is_reported_and_builds_nothing(api, eventually, name
     await wait_for_children(api, eventually, namespace, "hello")
 
 
+async def test_an_invalid_policy_is_reported_and_the_child_keeps_the_last_good_one(api, eventually, namespace, cluster):
+    await api.create(INGRESSES, kingress("hello", namespace))
+    before, _ = await wait_for_children(api, eventually, namespace, "hello")
+    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {"async.knative.dev/timeout": "5s"}}})
+
+    async def reported() -> None:
+        ready = condition(await api.get(INGRESSES, namespace, "hello"))
+        assert ready.get("status") == "False" and ready.get("reason") == r.REASON_INVALID_POLICY, ready
+        assert "async.knative.dev/timeout" in ready["message"] and "'5s'" in ready["message"]
+        events = [e for e in await list_events(cluster, namespace) if e.get("reason") == r.REASON_INVALID_POLICY]
+        assert events, "no InvalidAsyncPolicy event"
+        assert events[0]["type"] == "Warning" and events[0]["involvedObject"]["name"] == "hello"
+        assert "async.knative.dev/timeout" in events[0]["message"]
+
+    await eventually(reported)
+    after, _ = await children(api, namespace, "hello")
+    assert after["spec"] == before["spec"] and after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+    # fixed: the producer routes carry the new policy
+    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {"async.knative.dev/timeout": "PT5S"}}})
+
+    async def policy_routed() -> None:
+        child, _ = await children(api, namespace, "hello")
+        split = child["spec"]["rules"][0]["http"]["paths"][1]["splits"][0]
+        assert split["appendHeaders"]["Async-Policy"] == "v1;timeout=5", split
+
+    await eventually(policy_routed)
+
+
 async def test_a_failed_api_call_is_retried(api, eventually, namespace, cluster, operator):
     cluster.fail_next("create", "services", namespace)
     await api.create(INGRESSES, kingress("hello", namespace))
@@ -473,7 +502,7 @@ async def test_a_domain_mapping_parent_too_long_for_a_label_gets_valid_children(
         ingress, service = await both()
         assert service["metadata"]["labels"][r.PARENT_LABEL] != name  # hashed: a label value holds 63 characters
         replay = ingress["spec"]["rules"][0]["http"]["paths"][1]["splits"][0]["appendHeaders"]
-        assert replay == {r.ORIGINAL_HOST_HEADER: f"hello.{namespace}.svc.cluster.local"}
+        assert replay[r.ORIGINAL_HOST_HEADER] == f"hello.{namespace}.svc.cluster.local"
 
     await eventually(built)
     # a child's event finds its parent by its owner reference, whatever its label holds

@@ -22,6 +22,7 @@ from async_component.dataplane import sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import FAILED, RETRYING, RUNNING, SUCCEEDED, Record, record_key, retry_key
+from async_component.protocol import DeliveryPolicy
 from async_component.settings import ConsumerSettings, SourceSettings
 
 from .aioserve import serve
@@ -42,6 +43,13 @@ class Service(ScriptedServer):
 
 def service():
     return serving(Service())
+
+
+class Notified(ScriptedServer):
+    """A completion sink: remembers (path, ce-type, ce-subject) of each event."""
+
+    async def record(self, request: web.Request) -> tuple[str, str, str]:
+        return request.path, request.headers.get("ce-type", ""), request.headers.get("ce-subject", "")
 
 
 def loopback_env(target: Service) -> dict[str, str]:
@@ -68,10 +76,11 @@ async def http_consumer(redis_url: str):
         await runner.cleanup()
 
 
-async def queue(redis_client, target: Service, path: str = "/work", request_id: str | None = None) -> Envelope:
+async def queue(redis_client, target: Service, path: str = "/work", request_id: str | None = None,
+                policy: str = "") -> Envelope:
     """What the producer writes for an accepted request."""
     envelope = Envelope.new("POST", f"http://{target.host}{path}", [("Content-Type", "text/plain")], path.encode(),
-                            request_id=request_id, accepted_at=1.0)
+                            request_id=request_id, accepted_at=1.0, policy=policy)
     await redis_client.xadd(STREAM, envelope.to_stream_fields())
     return envelope
 
@@ -335,8 +344,10 @@ async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(
 async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_delivered_again(redis_url, redis_client,
                                                                                              over_http):
     """Delivered MAX_DELIVERIES times without an outcome (each process holding it died): the next reclaim gives up."""
-    async with service() as target, contextlib.AsyncExitStack() as stack:
-        doomed, survivor = await queue(redis_client, target, "/doomed"), await queue(redis_client, target, "/survivor")
+    async with service() as target, serving(Notified()) as sink, contextlib.AsyncExitStack() as stack:
+        told = DeliveryPolicy(on_failure_sink=sink.url + "failed").encode()
+        doomed = await queue(redis_client, target, "/doomed", policy=told)
+        survivor = await queue(redis_client, target, "/survivor", policy=told)
         # what the last process to die on it left: a running record, which never expires by itself
         await redis_client.set(record_key("async", doomed.id, target.host),
                                Record(state=RUNNING, host=target.host, attempts=3).to_json())
@@ -350,6 +361,11 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
         source = await stack.enter_async_context(running(settings))
         assert await eventually(settled(redis_client))
         assert source.metrics.delivered.labels("dead_lettered")._value.get() == 1
+        async def told() -> bool:
+            return bool(sink.seen)
+
+        assert await eventually(told), "its failure sink hears of it"
+    assert sink.seen == [("/failed", "dev.knative.async.request.failed", doomed.id)]
     assert target.seen == [("/survivor", "1")]  # reclaimed a second time: still within the cap
     assert (await record_of(redis_client, survivor.id)).state == SUCCEEDED
     [(_, dead)] = await redis_client.xrange(DEAD)

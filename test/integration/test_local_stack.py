@@ -89,6 +89,24 @@ def test_route_table_of_the_sample_services(service, path, headers, goes_to):
             assert dict(target.set_headers)[protocol.ORIGINAL_HOST_HEADER] == f"{service}.default.svc.cluster.local"
 
 
+def test_the_policy_service_routes_its_annotations_to_the_producer():
+    router = Router(cluster_routes(load_services(APP_DIR), app_address="127.0.0.1:1", producer_address="127.0.0.1:2"))
+    target = router.match("helloworld-sleep-policy.default.example.com", "/", {"Prefer": "respond-async"})
+    policy = protocol.DeliveryPolicy.decode(dict(target.set_headers)[protocol.POLICY_HEADER])
+    assert (policy.retry, policy.backoff_policy, policy.timeout, policy.retry_on) == (5, "linear", 5.0, ("429", "5xx"))
+    plain = router.match(f"{CONDITIONAL}.default.example.com", "/", {"Prefer": "respond-async"})
+    assert dict(plain.set_headers)[protocol.POLICY_HEADER] == "v1", "a Service without policy annotations: defaults"
+
+
+def test_an_invalid_policy_annotation_is_refused_in_one_line(tmp_path):
+    (tmp_path / "bad.yml").write_text(
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: bad\n  namespace: default\n"
+        "  annotations:\n    networking.knative.dev/ingress.class: async.ingress.networking.knative.dev\n"
+        "    async.knative.dev/max-age: 2s\nspec: {template: {spec: {containers: [{image: x}]}}}\n")
+    with pytest.raises(StackError, match=r"Service default/bad: annotation async.knative.dev/max-age='2s' is invalid"):
+        cluster_routes(load_services(tmp_path), app_address="127.0.0.1:1", producer_address="127.0.0.1:2")
+
+
 def test_route_table_follows_the_cluster_domain():
     routes = cluster_routes(load_services(APP_DIR), app_address="127.0.0.1:1", producer_address="127.0.0.1:2",
                             cluster_domain="corp.internal")

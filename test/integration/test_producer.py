@@ -136,6 +136,24 @@ async def test_a_replay_routed_back_to_the_producer_gets_508_and_is_not_queued(b
     assert await entry_count(redis_client) == 0
 
 
+async def test_the_routes_policy_is_recorded_with_the_request_and_not_replayed(base, http, redis_client):
+    async with http.post(f"{base}/work", data=b"x", headers={**ASYNC, "Async-Policy": "v1;retry=5;age=2"}) as resp:
+        assert resp.status == 202
+    ((_, fields),) = await stream_entries(redis_client)
+    envelope = Envelope.from_stream_fields(fields)
+    assert envelope.policy == "v1;retry=5;age=2"
+    assert all(name.lower() != "async-policy" for name, _ in envelope.headers)
+
+
+@pytest.mark.parametrize("values", [["v2;retry=5"], ["v1;retry=many"], ["v1", "v1;retry=5"]])
+async def test_a_policy_the_producer_cannot_read_is_refused_and_not_queued(base, http, redis_client, values):
+    headers = [*ASYNC.items(), *(("Async-Policy", value) for value in values)]
+    async with http.post(f"{base}/work", data=b"x", headers=headers) as resp:
+        assert resp.status == 400
+        assert "Async-Policy" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 0
+
+
 async def test_paths_near_the_status_prefix_are_queued(base, http, redis_client):
     for path in ("/.well-known/async-requests", "/.well-known/other/x", "/x/.well-known/async-requests/a"):
         async with http.post(URL(base + path, encoded=True), data=b"x", headers=ASYNC) as resp:
@@ -460,6 +478,19 @@ async def test_a_full_queue_answers_503_and_queues_nothing_while_another_service
         assert 'async_producer_rejected_total{reason="queue_full"} 1.0' in metrics
     finally:
         await server.close()
+
+
+async def test_a_services_max_queued_policy_is_its_queues_cap(base, http, redis_client):
+    capped = {**ASYNC, "Async-Policy": "v1;queued=2"}
+    for _ in range(2):
+        async with http.post(f"{base}/x", headers=capped) as resp:
+            assert resp.status == 202
+    async with http.post(f"{base}/x", headers=capped) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "10"
+        assert "at most 2)" in (await resp.json())["error"]
+    async with http.post(f"{base}/x", headers={**ASYNC, "Async-Policy": "v1;queued=5"}) as resp:
+        assert resp.status == 202, "the cap follows the policy in force"
+    assert await entry_count(redis_client) == 3
 
 
 async def test_a_request_queued_in_the_single_stream_before_an_upgrade_still_reads_queued(

@@ -7,8 +7,10 @@ import pytest
 from cloudevents.v1.conversion import to_structured
 from cloudevents.v1.http import from_http
 
+from async_component.protocol import DEFAULT_POLICY
 from async_component.dataplane.envelope import (
-    EVENT_TYPE, Envelope, EnvelopeError, RequestIds, binary_event, envelope_json, event_attributes, event_data,
+    EVENT_TYPE, Envelope, EnvelopeError, RequestIds, binary_event, entry_policy, envelope_json, event_attributes,
+    event_data,
     event_envelope, event_source, header_value, new_request_id,
 )
 
@@ -153,3 +155,36 @@ def test_binary_event_is_the_redis_stream_source_event_and_decodes_to_the_envelo
 def test_an_event_without_a_queued_request_is_refused_with_a_reason(headers, body, message):
     with pytest.raises(EnvelopeError, match=message):
         event_envelope(headers, body)
+
+
+def test_the_policy_in_force_at_acceptance_travels_with_the_request():
+    original = Envelope.new("POST", "http://hello.demo.svc/x", [], b"", policy="v1;retry=5;age=2")
+    document = json.loads(original.to_json())
+    assert document["policy"] == "v1;retry=5;age=2"
+    decoded = Envelope.from_json(original.next_attempt().to_json())
+    assert decoded.policy == original.policy and decoded.delivery_policy.retry == 5
+    assert "policy" not in json.loads(Envelope.new("GET", "http://h/", [], b"", policy="v1").to_json()), \
+        "the defaults cost no bytes"
+
+
+def test_an_entry_queued_before_policies_existed_gets_the_cluster_defaults():
+    document = json.loads(Envelope.new("GET", "http://hello.demo.svc/", [], b"").to_json())
+    assert "policy" not in document
+    assert Envelope.from_json(json.dumps(document)).delivery_policy == DEFAULT_POLICY
+
+
+@pytest.mark.parametrize("policy", ["v9", "v1;retry=x", 5])
+def test_an_entry_with_a_policy_this_build_cannot_read_is_malformed(policy):
+    document = json.loads(Envelope.new("GET", "http://hello.demo.svc/", [], b"").to_json())
+    document["policy"] = policy
+    with pytest.raises(EnvelopeError, match="policy"):
+        Envelope.from_json(json.dumps(document))
+
+
+@pytest.mark.parametrize("policy", ["", "v1;inflight=2;queued=5"])
+def test_a_stream_entrys_policy_is_found_without_decoding_it(policy):
+    decoy = '"policy":"v1;inflight=99"'
+    envelope = Envelope.new("POST", "http://hello.demo.svc/", [["X-Decoy", decoy]], decoy.encode(), policy=policy)
+    fields = envelope.to_stream_fields()
+    assert entry_policy(fields) == entry_policy({k.encode(): v.encode() for k, v in fields.items()}) == \
+        ("" if policy == "" else policy)

@@ -92,9 +92,10 @@ class MemoryKubeApi:
 # --- objects
 
 
-def parent(mode: str | None = None, *, ingress_class: str = r.ASYNC_INGRESS_CLASS, **meta) -> dict:
+def parent(mode: str | None = None, *, ingress_class: str = r.ASYNC_INGRESS_CLASS, annotations_extra: dict | None = None,
+           **meta) -> dict:
     """The Ingress Knative Serving makes for Service ``hello``."""
-    annotations = {r.INGRESS_CLASS_ANNOTATION: ingress_class}
+    annotations = {r.INGRESS_CLASS_ANNOTATION: ingress_class, **(annotations_extra or {})}
     if mode is not None:
         annotations[r.MODE_ANNOTATION] = mode
     return {
@@ -180,6 +181,13 @@ ROWS = [
     dict(name="an invalid mode builds nothing and says why, with a warning event",
          objects=[parent("sometimes")],
          status=ready("False", r.REASON_INVALID_MODE), events=[r.REASON_INVALID_MODE]),
+    dict(name="an invalid policy leaves the existing child as it is and says which annotation, with a warning event",
+         objects=[parent(annotations_extra={"async.knative.dev/retry": "many"}), READY_CHILD, async_service(PARENT)],
+         status=ready("False", r.REASON_INVALID_POLICY), events=[r.REASON_INVALID_POLICY],
+         load_balancer=READY_CHILD["status"]["publicLoadBalancer"]),
+    dict(name="a policy change rewrites the child Ingress's producer routes",
+         objects=[parent(annotations_extra={"async.knative.dev/retry": "5"}), READY_CHILD, async_service(PARENT)],
+         patches=[("Ingress hello-new", ["metadata", "spec"])], status=ready("Unknown", r.REASON_CHILD_NOT_READY)),
     dict(name="an object someone else made in a child's place is left alone and reported",
          objects=[PARENT, foreign(async_service(PARENT))],
          creates=["Ingress hello-new"], status=ready("False", r.REASON_NOT_OWNED)),

@@ -58,7 +58,8 @@ def kingress(mode: str | None = None, *, rules: list | None = None, **meta) -> d
     }
 
 
-ORIGINAL_HOST = {protocol.ORIGINAL_HOST_HEADER: "hello.demo.svc.cluster.local"}
+DEFAULT_POLICY = {protocol.POLICY_HEADER: "v1"}
+ORIGINAL_HOST = {protocol.ORIGINAL_HOST_HEADER: "hello.demo.svc.cluster.local", **DEFAULT_POLICY}
 
 
 def to_producer(path: str | None = None, headers: dict | None = None, append: dict | None = None) -> dict:
@@ -469,7 +470,7 @@ def test_replay_host_per_rule(name, rules, cluster_domain, hosts):
         to_producer_paths = [p for p in made_rule["http"]["paths"] if p.get("rewriteHost") == PRODUCER]
         assert to_producer_paths
         for path in to_producer_paths:  # the status path and every async match
-            assert path["splits"][0]["appendHeaders"] == {r.ORIGINAL_HOST_HEADER: host}
+            assert path["splits"][0]["appendHeaders"] == {r.ORIGINAL_HOST_HEADER: host, **DEFAULT_POLICY}
 
 
 def test_domain_mapping_async_path_replays_to_its_rewrite_host():
@@ -477,7 +478,7 @@ def test_domain_mapping_async_path_replays_to_its_rewrite_host():
     paths = child(parent)["spec"]["rules"][0]["http"]["paths"]
     assert paths[1]["headers"] == ASYNCS[0]
     assert paths[1]["rewriteHost"] == PRODUCER
-    assert paths[1]["splits"][0]["appendHeaders"] == {r.ORIGINAL_HOST_HEADER: "hello.demo.svc.cluster.local"}
+    assert paths[1]["splits"][0]["appendHeaders"] == ORIGINAL_HOST
     assert paths[-1] == DM_PATH  # synchronous requests still go the DomainMapping's way
 
 

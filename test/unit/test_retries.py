@@ -76,3 +76,15 @@ def test_throttle_logs_once_per_interval_and_counts_the_rest(caplog):
         throttle.last -= 61
         assert throttle.warning("down: %s", "d") is True
     assert caplog.messages == ["down: a", "down: d (2 similar failures not logged)"]
+
+
+@pytest.mark.parametrize("attempt, high", [(1, 0.5), (2, 1.0), (3, 1.5), (40, 5.0)])
+def test_linear_backoff_grows_by_the_base_delay(attempt, high):
+    assert backoff(attempt, 0.5, 5.0, rand=lambda: 1.0, linear=True) == high
+    assert backoff(attempt, 0.5, 5.0, rand=lambda: 0.0, linear=True) == high / 2
+
+
+@pytest.mark.parametrize("retry_on, status, retryable", [(("5xx",), 500, True), (("5xx",), 429, False),
+                                                         (("429", "5xx"), 429, True), (("404",), 404, True)])
+def test_replay_retries_what_the_policy_names(retry_on, status, retryable):
+    assert replay_retryable(status, retry_on) is retryable

@@ -43,9 +43,11 @@ from .resources import (
     LAYER_FINALIZER,
     PARENT_LABEL,
     REASON_INVALID_MODE,
+    REASON_INVALID_POLICY,
     InvalidAsyncMode,
-    async_mode,
+    InvalidAsyncPolicy,
     async_service_name,
+    check_parent,
     child_ingress_name,
     hand_back_patch,
     has_layer_finalizer,
@@ -169,8 +171,8 @@ class Reconciler:
 
         foreign: list[str] = []
         try:
-            async_mode(parent)
-        except InvalidAsyncMode:
+            check_parent(parent)
+        except (InvalidAsyncMode, InvalidAsyncPolicy):  # the child keeps serving what it did: see the status
             child = await self.api.get(INGRESSES, namespace, child_ingress_name(parent))
         else:
             producer = self.settings.producer_host
@@ -189,8 +191,8 @@ class Reconciler:
             ready = next(c for c in status["conditions"] if c["type"] == "Ready")
             log.info("Ingress %s/%s: Ready=%s%s", namespace, name, ready["status"],
                      f" ({ready['reason']}: {ready.get('message', '')})" if "reason" in ready else "")
-            if ready.get("reason") == REASON_INVALID_MODE:
-                kopf.warn(parent, reason=REASON_INVALID_MODE, message=ready.get("message", ""))
+            if ready.get("reason") in (REASON_INVALID_MODE, REASON_INVALID_POLICY):
+                kopf.warn(parent, reason=ready["reason"], message=ready.get("message", ""))
         return False
 
     async def _apply(self, resource: Resource, desired: dict[str, Any], parent_name: str,

@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..protocol import (
-    ORIGINAL_HOST_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, RESPOND_ASYNC, RESPOND_SYNC, STATUS_PATH_PREFIX,
+    ORIGINAL_HOST_HEADER, POLICY_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, RESPOND_ASYNC, RESPOND_SYNC,
+    STATUS_PATH_PREFIX,
 )
+from .policy import InvalidAsyncPolicy, delivery_policy
 
 INGRESS_API_VERSION = "networking.internal.knative.dev/v1alpha1"
 INGRESS_KIND = "Ingress"
@@ -51,6 +53,7 @@ CONDITION_LOAD_BALANCER_READY = "LoadBalancerReady"
 CONDITION_NETWORK_CONFIGURED = "NetworkConfigured"
 
 REASON_INVALID_MODE = "InvalidAsyncMode"
+REASON_INVALID_POLICY = "InvalidAsyncPolicy"
 REASON_CHILD_MISSING = "ChildIngressMissing"
 REASON_CHILD_NOT_READY = "ChildIngressNotReady"
 REASON_NOT_OWNED = "NotOwned"
@@ -102,6 +105,17 @@ def async_mode(ingress: Mapping[str, Any]) -> str:
             f"annotation {MODE_ANNOTATION}={mode!r} is not one of {', '.join(MODES)}"
         )
     return mode
+
+
+def policy_header(ingress: Mapping[str, Any]) -> str:
+    """The :data:`POLICY_HEADER` value the producer routes append; raises :class:`InvalidAsyncPolicy`."""
+    return delivery_policy(_annotations(ingress)).encode()
+
+
+def check_parent(ingress: Mapping[str, Any]) -> None:
+    """Raises :class:`InvalidAsyncMode` or :class:`InvalidAsyncPolicy` when the parent's annotations are unusable."""
+    async_mode(ingress)
+    policy_header(ingress)
 
 
 def prefer_variants(value: str) -> tuple[str, ...]:
@@ -269,7 +283,7 @@ def _child_metadata(parent: Mapping[str, Any], name: str) -> dict[str, Any]:
     }
 
 
-def _producer_path(parent: Mapping[str, Any], producer_host: str, replay_host: str, *,
+def _producer_path(parent: Mapping[str, Any], producer_host: str, replay_host: str, policy: str, *,
                    path: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, Any]:
     """Same match as ``path`` (path prefix, ``headers``), sent to the producer instead."""
     meta = parent["metadata"]
@@ -289,7 +303,7 @@ def _producer_path(parent: Mapping[str, Any], producer_host: str, replay_host: s
             "servicePort": ASYNC_SERVICE_PORT,
             "percent": 100,
             # a DomainMapping's path names its backend's host itself
-            "appendHeaders": {ORIGINAL_HOST_HEADER: path.get("rewriteHost") or replay_host},
+            "appendHeaders": {ORIGINAL_HOST_HEADER: path.get("rewriteHost") or replay_host, POLICY_HEADER: policy},
         }
     ]
     return result
@@ -302,12 +316,12 @@ def _with_prefer(path: Mapping[str, Any], value: str) -> dict[str, Any]:
 
 
 def _rule_paths(parent: Mapping[str, Any], paths: list[dict[str, Any]], mode: str, producer_host: str,
-                replay_host: str) -> list[dict[str, Any]]:
+                replay_host: str, policy: str) -> list[dict[str, Any]]:
     """First match wins: the status prefix, then async matches, then the Service."""
-    status = _producer_path(parent, producer_host, replay_host, path={"path": STATUS_PATH_PREFIX}, headers={})
+    status = _producer_path(parent, producer_host, replay_host, policy, path={"path": STATUS_PATH_PREFIX}, headers={})
     if mode == MODE_CONDITIONAL:
         to_producer = [
-            _producer_path(parent, producer_host, replay_host, path=p, headers=_with_prefer(p, variant))
+            _producer_path(parent, producer_host, replay_host, policy, path=p, headers=_with_prefer(p, variant))
             for p in paths for variant in prefer_variants(RESPOND_ASYNC)
         ]
         return [status, *to_producer, *copy.deepcopy(paths)]
@@ -322,7 +336,7 @@ def _rule_paths(parent: Mapping[str, Any], paths: list[dict[str, Any]], mode: st
         replay["headers"] = {**copy.deepcopy(dict(p.get("headers") or {})), REPLAY_HEADER: {"exact": REPLAY_VALUE}}
         replays.append(replay)
     to_producer = [
-        _producer_path(parent, producer_host, replay_host, path=p, headers=p.get("headers") or {})
+        _producer_path(parent, producer_host, replay_host, policy, path=p, headers=p.get("headers") or {})
         for p in paths
     ]
     return [status, *sync, *replays, *to_producer]
@@ -342,9 +356,11 @@ def make_child_ingress(parent: Mapping[str, Any], *, ingress_class: str, produce
                        cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> dict[str, Any]:
     """The Ingress for the real network layer: async requests go to the producer.
 
-    Raises :class:`InvalidAsyncMode` for an unknown mode annotation.
+    Raises :class:`InvalidAsyncMode` for an unknown mode annotation, :class:`InvalidAsyncPolicy` for a
+    policy annotation it cannot use.
     """
     mode = async_mode(parent)
+    policy = policy_header(parent)
     annotations = {k: v for k, v in _annotations(parent).items() if k != LAST_APPLIED_ANNOTATION}
     annotations[INGRESS_CLASS_ANNOTATION] = ingress_class
     metadata = _child_metadata(parent, child_ingress_name(parent))
@@ -355,7 +371,7 @@ def make_child_ingress(parent: Mapping[str, Any], *, ingress_class: str, produce
     for rule, replay_host in zip(spec.get("rules") or [], replay_hosts(parent, cluster_domain)):
         rule = dict(rule)
         http = dict(rule.get("http") or {})
-        http["paths"] = _rule_paths(parent, list(http.get("paths") or []), mode, producer_host, replay_host)
+        http["paths"] = _rule_paths(parent, list(http.get("paths") or []), mode, producer_host, replay_host, policy)
         rule["http"] = http
         rules.append(rule)
     spec["rules"] = rules
@@ -437,7 +453,7 @@ def parent_status(parent: Mapping[str, Any], child: Mapping[str, Any] | None, *,
     """
     child_ref = f"Ingress {parent['metadata']['namespace']}/{child_ingress_name(parent)}"
     try:
-        async_mode(parent)
+        check_parent(parent)
         if foreign:
             network = _condition(CONDITION_NETWORK_CONFIGURED, "False", REASON_NOT_OWNED,
                                  f"There is an existing {' and '.join(foreign)} that this controller does not own")
@@ -447,6 +463,8 @@ def parent_status(parent: Mapping[str, Any], child: Mapping[str, Any] | None, *,
             network = _condition(CONDITION_NETWORK_CONFIGURED, "True")
     except InvalidAsyncMode as exc:
         network = _condition(CONDITION_NETWORK_CONFIGURED, "False", REASON_INVALID_MODE, str(exc))
+    except InvalidAsyncPolicy as exc:
+        network = _condition(CONDITION_NETWORK_CONFIGURED, "False", REASON_INVALID_POLICY, str(exc))
     if child is None:
         balancer = _condition(CONDITION_LOAD_BALANCER_READY, "Unknown", REASON_CHILD_MISSING, f"{child_ref} does not exist yet")
     else:

@@ -7,7 +7,9 @@ the record when it starts the request). The requests of a batch go to Redis in
 one round trip: one script call per queue in the batch (one call in all when
 they are for one Service), each of which checks the queue's cap, appends, and
 marks the queue active. A request whose XADD fails, or whose queue is full,
-gets its own error; the others of the batch are unaffected.
+gets its own error; the others of the batch are unaffected. A request may bring
+its Service's own cap (its ``max-queued`` policy); requests of one queue with
+different caps (a policy that just changed) go in separate calls.
 """
 
 from __future__ import annotations
@@ -39,35 +41,36 @@ class Enqueuer:
         self.redis = redis
         self.script = redis.register_script(ENQUEUE)
         self.on_batch = on_batch
-        self.batcher: Batcher[tuple[Queue, bytes], bytes] = Batcher(self._send, max_batch=max_batch)
+        self.batcher: Batcher[tuple[Queue, bytes, int], bytes] = Batcher(self._send, max_batch=max_batch)
 
-    def enqueue(self, queue: Queue, envelope_json: bytes) -> asyncio.Future[bytes]:
+    def enqueue(self, queue: Queue, envelope_json: bytes, max_queued: int | None = None) -> asyncio.Future[bytes]:
         """Append one envelope (its JSON) to ``queue``; the future gets its entry id once Redis acknowledged it.
 
-        Its exception is :class:`QueueFull` when the queue is at its cap.
+        Its exception is :class:`QueueFull` when the queue holds ``max_queued`` (None: the producer's
+        MAX_QUEUED_PER_SERVICE) requests.
         """
-        return self.batcher.submit((queue, envelope_json))
+        return self.batcher.submit((queue, envelope_json, self.max_queued if max_queued is None else max_queued))
 
     async def close(self) -> None:
         await self.batcher.close()
 
-    def _call(self, queue: Queue, documents: list[bytes], client=None):
+    def _call(self, queue: Queue, cap: int, documents: list[bytes], client=None):
         layout = self.layout
         return self.script(keys=[queue.stream, queue.retry_stream, queue.retries, layout.active, layout.wake],
-                           args=[STREAM_FIELD, self.max_queued, queue.member, *documents], client=client)
+                           args=[STREAM_FIELD, cap, queue.member, *documents], client=client)
 
-    async def _send(self, batch: list[tuple[Queue, bytes]]) -> list:
+    async def _send(self, batch: list[tuple[Queue, bytes, int]]) -> list:
         started = time.perf_counter()
-        first = batch[0][0]
-        if all(queue is first or queue == first for queue, _ in batch):  # the usual case: one Service
-            results = await self._call(first, [document for _, document in batch])
+        first, _, cap = batch[0]
+        if all((queue is first or queue == first) and limit == cap for queue, _, limit in batch):  # the usual case
+            results = await self._call(first, cap, [document for _, document, _ in batch])
         else:
-            groups: dict[Queue, list[int]] = {}
-            for n, (queue, _) in enumerate(batch):
-                groups.setdefault(queue, []).append(n)
+            groups: dict[tuple[Queue, int], list[int]] = {}
+            for n, (queue, _, limit) in enumerate(batch):
+                groups.setdefault((queue, limit), []).append(n)
             async with self.redis.pipeline(transaction=False) as pipe:
-                for queue, members in groups.items():
-                    await self._call(queue, [batch[n][1] for n in members], client=pipe)
+                for (queue, limit), members in groups.items():
+                    await self._call(queue, limit, [batch[n][1] for n in members], client=pipe)
                 replies = await pipe.execute(raise_on_error=False)
             results = [None] * len(batch)
             for (queue, members), reply in zip(groups.items(), replies):

@@ -44,7 +44,7 @@ from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
 from .targets import BadTarget, target_host
 from ..protocol import (
-    HOP_BY_HOP, ORIGINAL_HOST_HEADER, PREFER_HEADER, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
+    HOP_BY_HOP, ORIGINAL_HOST_HEADER, POLICY_HEADER, PREFER_HEADER, policy_of, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
     STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
 )
 from ..logthrottle import LogThrottle
@@ -68,11 +68,13 @@ LOCATION_SEPARATOR = "."
 """Between entry id and request id in a status path: in neither alphabet."""
 
 _PREFER = PREFER_HEADER.lower()
-DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower(), REPLAY_HEADER.lower()}
+DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {"proxy-connection", ORIGINAL_HOST_HEADER.lower(), REPLAY_HEADER.lower(),
+                                        POLICY_HEADER.lower()}
 _DROPPED_RAW = frozenset(name.encode("latin-1") for name in DROPPED_REQUEST_HEADERS)
 _REPLAY_RAW = REPLAY_HEADER.lower().encode("latin-1")
 _PREFER_RAW = _PREFER.encode("latin-1")
 _ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
+_POLICY_RAW = POLICY_HEADER.lower().encode("latin-1")
 _READS = ("GET", "HEAD")
 _ALLOW = ("Allow", ", ".join(STATUS_METHODS))
 _NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower()}
@@ -123,6 +125,23 @@ def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
         result.append((raw_name.decode("latin-1"), value))  # a name is a token: ASCII
     return result
 
+
+
+def request_policy(values: list[bytes]) -> str:
+    """The Service's delivery policy the route appended ('' when none: the cluster's defaults); raises BadRequest.
+
+    Decoded only to check it (remembered per value); the envelope keeps the text.
+    """
+    if not values:
+        return ""
+    if len(values) > 1:
+        raise BadRequest(f"{POLICY_HEADER} must appear once")
+    text = header_text(values[0])
+    try:
+        policy_of(text)
+    except ValueError as exc:  # a controller newer than this producer, or a hand-made route
+        raise BadRequest(str(exc)) from None
+    return text
 
 
 def _queued_record(entries: list, request_id: str, host: str, retention: float | None) -> Record | None:
@@ -290,6 +309,12 @@ class Producer:
         except BadRequest as exc:
             self.metrics.rejected_for["bad_request"].inc()
             return error_response(400, str(exc))
+        try:
+            policy = request_policy(request.values(_POLICY_RAW))
+        except BadRequest as exc:
+            log.error("not queued: %s %s for %s: %s", request.method, request.target[:200], host, exc)
+            self.metrics.rejected_for["bad_request"].inc()
+            return error_response(400, str(exc))
         connection = request.values(b"connection")
         try:
             headers = forwarded_headers(request.headers, [header_text(v) for v in connection] if connection else None)
@@ -299,12 +324,13 @@ class Producer:
             return error_response(508, str(exc))
         request_id = self.new_request_id()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
-                                 time.time())
+                                 time.time(), 0, policy)
         queue = self._queue(host)
+        max_queued = policy_of(policy).max_queued if policy else None
         try:
-            entry_id = (await self.enqueuer.enqueue(queue, document)).decode()
+            entry_id = (await self.enqueuer.enqueue(queue, document, max_queued)).decode()
         except QueueFull as exc:
-            return self._queue_full(queue, str(exc))
+            return self._queue_full(queue, str(exc), max_queued)
         except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
         location = f"{STATUS_PATH_PREFIX}{entry_id}{LOCATION_SEPARATOR}{request_id}"
@@ -321,14 +347,14 @@ class Producer:
             queue = self._queues[host] = self.layout.for_host(host)
         return queue
 
-    def _queue_full(self, queue: Queue, detail: str) -> Response:
+    def _queue_full(self, queue: Queue, detail: str, cap: int | None) -> Response:
         namespace, service = labels_of(queue.member)
         self.metrics.rejected_for["queue_full"].inc()
         self.metrics.queue_full.labels(namespace, service).inc()
         self.redis_throttle.warning("queue of %s is full (%s), answering 503", queue.member, detail)
         return error_response(
             503, f"the queue of Service {queue.member} is full ({detail}; at most"
-                 f" {self.settings.max_queued_per_service}): nothing was queued, try again later",
+                 f" {self.settings.max_queued_per_service if cap is None else cap}): nothing was queued, try again later",
             ("Retry-After", QUEUE_FULL_RETRY_AFTER_SECONDS))
 
     def _unavailable(self, what: str, exc: BaseException) -> Response:

@@ -5,7 +5,8 @@ One Redis string per request, ``<prefix>:{<namespace>/<service>}:req:<id>``
 The producer writes none: a request without a record is ``queued`` as long as
 its stream entry exists (the producer's status resource checks). The replay
 creates it as ``running``, then moves it to ``retrying``, ``succeeded`` or
-``failed`` with the Service's recorded response. A record of a request still
+``failed`` with the Service's recorded response, or ``expired`` past its
+Service's max-age. A record of a request still
 running or retrying never expires, however long the request waits; a finished
 one expires one retention period later.
 """
@@ -29,8 +30,10 @@ RUNNING = "running"
 RETRYING = "retrying"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
+EXPIRED = "expired"
+"""Not finished within its Service's max-age: never replayed after that."""
 PENDING_STATES = (QUEUED, RUNNING, RETRYING)
-FINAL_STATES = (SUCCEEDED, FAILED)
+FINAL_STATES = (SUCCEEDED, FAILED, EXPIRED)
 
 
 def record_key(prefix: str, request_id: str, host: str) -> str:

@@ -35,15 +35,16 @@ from yarl import URL
 from . import rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
+from .notifications import Notifier, add_notification, notification, sink_for
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
-    FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
+    EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
     retry_key,
 )
 from .redisconn import make_redis
 from ..protocol import (
-    ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
+    BACKOFF_LINEAR, DeliveryPolicy, ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
     is_status_path,
 )
 from .preferences import replay_preference
@@ -52,6 +53,9 @@ from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
 
 log = logging.getLogger(__name__)
+
+FinalWrite = tuple[str, "bytes | str", "str | None", int, "dict[str, str] | None"]
+"""A final record: its key, JSON, the stream entry it settles, its lifetime (ms), the notification it sends."""
 
 Settle = Callable[..., None]
 """``settle(pipe, *entry_ids)``: add what settles these stream entries to the transaction ``pipe``."""
@@ -95,12 +99,41 @@ return false
 
 
 @dataclasses.dataclass(frozen=True)
+class Terms:
+    """How one Service's requests are delivered: its policy (``protocol.DeliveryPolicy``) over the cluster's defaults."""
+
+    max_attempts: int
+    base_delay: float
+    linear: bool
+    timeout: float
+    retry_on: tuple[str, ...]
+    max_age: float | None
+    retention_ms: int
+
+
+def delivery_terms(settings: ReplaySettings, policy: DeliveryPolicy) -> Terms:
+    retention = settings.status_retention if policy.retention is None else policy.retention
+    return Terms(
+        max_attempts=settings.max_attempts if policy.retry is None else policy.retry + 1,
+        base_delay=settings.retry_base_delay if policy.backoff_delay is None else policy.backoff_delay,
+        linear=(policy.backoff_policy or settings.backoff_policy) == BACKOFF_LINEAR,
+        timeout=settings.request_timeout if policy.timeout is None else policy.timeout,
+        retry_on=settings.retry_on if policy.retry_on is None else policy.retry_on,
+        max_age=settings.max_age if policy.max_age is None else policy.max_age,
+        retention_ms=max(1, round(retention * 1000)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Replayed:
     """What one replay came to: a response, or the error that prevented one."""
 
     response: RecordedResponse | None = None
     error: str | None = None
     retryable: bool = False
+    expired: bool = False
+    attempted: bool = True
+    """False: ended before this attempt was made (past its max-age)."""
 
     @property
     def ok(self) -> bool:
@@ -178,7 +211,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.replays = Counter("async_consumer_replays_total", "Replays to the Service, by outcome", ["outcome"],
                                registry=registry)
-        self.replays_by = {outcome: self.replays.labels(outcome) for outcome in (SUCCEEDED, RETRYING, FAILED)}
+        self.replays_by = {outcome: self.replays.labels(outcome) for outcome in (SUCCEEDED, RETRYING, FAILED, EXPIRED)}
         self.replay_seconds = Histogram(
             "async_consumer_replay_seconds", "Time from sending the replay to having the Service's full response",
             registry=registry,
@@ -188,6 +221,8 @@ class Metrics:
                                          registry=registry)
         self.retries_moved = Counter("async_consumer_retries_moved_total", "Due retries moved back to the stream",
                                      registry=registry)
+        self.expired = Counter("async_consumer_expired_total", "Requests that ended expired (past their max-age)",
+                               registry=registry)
         self.dead_lettered = Counter("async_consumer_dead_lettered_total", "Requests sent to the dead-letter stream",
                                      registry=registry)
         self.events = Counter("async_consumer_events_total", "Events received, by how they were answered", ["result"],
@@ -196,7 +231,8 @@ class Metrics:
                           for result in ("replayed", "duplicate", "malformed", "refused", "redis_unavailable")}
         self.outcomes = Counter(
             "async_service_outcomes_total",
-            "Attempts per Service by outcome: succeeded, failed (finished without success), retried, dead_lettered",
+            "Attempts per Service by outcome: succeeded, failed (finished without success), retried, dead_lettered, "
+            "expired",
             ["namespace", "service", "outcome"], registry=registry,
         )
         self.delivery_latency = Histogram(
@@ -238,6 +274,7 @@ class Replayer:
         self.settle = settle
         self.layout = Layout.of(settings)
         self.metrics = Metrics(registry)
+        self.registry = registry
         self.redis = redis
         self.owns_redis = False
         self.session: aiohttp.ClientSession | None = None
@@ -245,10 +282,20 @@ class Replayer:
         self.mover_task: asyncio.Task | None = None
         self.stopping = asyncio.Event()
         self.throttle = LogThrottle(log)
-        self.retention_ms = max(1, round(settings.status_retention * 1000))
+        self._terms: dict[str, Terms] = {}
         self.start_script = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
-        self.sets: Batcher[tuple[str, bytes | str, str | None], None] | None = None
+        self.sets: Batcher[FinalWrite, None] | None = None
+        self.notifier_task: asyncio.Task | None = None
+
+    def terms(self, envelope: Envelope) -> Terms:
+        """The request's terms, remembered per policy (a few Services send almost every request)."""
+        terms = self._terms.get(envelope.policy)
+        if terms is None:
+            if len(self._terms) >= 1024:
+                self._terms.clear()
+            terms = self._terms[envelope.policy] = delivery_terms(self.settings, envelope.delivery_policy)
+        return terms
 
     # --- one queued request
 
@@ -289,6 +336,7 @@ class Replayer:
             # routed to the producer, not the Service: it would be queued again, without end
             refused = Replayed(error=f"the target {target[:200]!r} is the status path: it is never replayed")
             return await self._finish(key, envelope, attempt, host, refused, settle, retry_queue)
+        terms = self.terms(envelope)
         now = time.time()
         running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=now)
         try:
@@ -313,6 +361,10 @@ class Replayer:
 
         if attempt == 1:
             self.metrics.queued_for(host, max(0.0, now - envelope.accepted_at))
+        if terms.max_age is not None and time.time() >= envelope.accepted_at + terms.max_age:
+            expired = Replayed(error=f"not finished within its max-age of {terms.max_age:g}s: never replayed",
+                               expired=True, attempted=False)
+            return await self._finish(key, envelope, attempt, host, expired, settle, retry_queue)
         replayed = await self.replay(envelope, attempt, host, target)
         return await self._finish(key, envelope, attempt, host, replayed, settle, retry_queue)
 
@@ -367,12 +419,15 @@ class Replayer:
                     results[i] = exc
         return results
 
-    async def _set_batch(self, items: list[tuple[str, bytes | str, str | None]]) -> list[None]:
-        """Final records written in the same loop pass, with the entries they settle, in one round trip."""
-        entries = [entry for _, _, entry in items if entry is not None]
-        async with self.redis.pipeline(transaction=bool(entries)) as pipe:
-            for key, value, _ in items:
-                pipe.set(key, value, px=self.retention_ms)
+    async def _set_batch(self, items: list[FinalWrite]) -> list[None]:
+        """Final records written in the same loop pass, with the entries they settle and the notifications
+        they send, in one round trip."""
+        entries = [entry for _, _, entry, _, _ in items if entry is not None]
+        notifying = any(notice is not None for *_, notice in items)
+        async with self.redis.pipeline(transaction=bool(entries) or notifying) as pipe:
+            for key, value, _, retention_ms, notice in items:
+                pipe.set(key, value, px=retention_ms)
+                add_notification(pipe, self.settings.key_prefix, notice)
             self._settle(pipe, *entries)
             results = await pipe.execute(raise_on_error=False)
         return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
@@ -391,21 +446,23 @@ class Replayer:
         gateway = self.settings.target_gateway_url
         url = URL(gateway + target if gateway else envelope.url, encoded=True)
         headers = replay_headers(envelope, attempt, host if gateway else None)
+        terms = self.terms(envelope)
         started = time.perf_counter()
         try:
             if rawhttp.has_binary(headers.items()):  # aiohttp would not send these bytes as they are
                 raw = await rawhttp.exchange(envelope.method, str(url), headers.items(), envelope.body,
-                                             timeout=self.settings.request_timeout)
+                                             timeout=terms.timeout)
                 recorded = RecordedResponse(raw.status, response_headers(_raw_headers(raw.headers)), bytes(raw.body))
             else:
                 async with self.session.request(envelope.method, url, headers=headers, data=envelope.body or None,
-                                                allow_redirects=False) as resp:
+                                                allow_redirects=False,
+                                                timeout=aiohttp.ClientTimeout(total=terms.timeout)) as resp:
                     body = await resp.read()
                     recorded = RecordedResponse(resp.status, response_headers(_raw_headers(resp.raw_headers)), body)
         except aiohttp.InvalidURL as exc:
             return Replayed(error=f"invalid URL {exc}")
         except (aiohttp.ClientError, TimeoutError, OSError, httptools.HttpParserError) as exc:
-            error = (f"no answer within {self.settings.request_timeout:g}s" if isinstance(exc, TimeoutError)
+            error = (f"no answer within {terms.timeout:g}s" if isinstance(exc, TimeoutError)
                      else f"{type(exc).__name__}: {exc}")
             log.info("request %s attempt %d: %s %s failed: %s", envelope.id, attempt, envelope.method, url, error)
             return Replayed(error=error, retryable=True)
@@ -415,29 +472,46 @@ class Replayer:
         log.info("request %s attempt %d: %s %s answered %d", envelope.id, attempt, envelope.method, url,
                  recorded.status)
         error = None if 200 <= recorded.status < 400 else f"the Service answered {recorded.status}"
-        return Replayed(response=recorded, error=error, retryable=replay_retryable(recorded.status))
+        return Replayed(response=recorded, error=error, retryable=replay_retryable(recorded.status, terms.retry_on))
 
-    def retry_delay(self, attempt: int, replayed: Replayed) -> float:
-        """The Service's ``Retry-After`` on a 429 or 503, else exponential backoff; capped by RETRY_MAX_DELAY."""
+    def retry_delay(self, attempt: int, replayed: Replayed, terms: Terms) -> float:
+        """The Service's ``Retry-After`` on a 429 or 503, else the request's backoff; capped by RETRY_MAX_DELAY."""
         settings = self.settings
         asked = None if replayed.response is None else retry_after(replayed.response.status,
                                                                     replayed.response.headers)
         if asked is not None:
             return min(asked, settings.retry_max_delay)
-        return backoff(attempt, settings.retry_base_delay, settings.retry_max_delay)
+        return backoff(attempt, terms.base_delay, settings.retry_max_delay, linear=terms.linear)
 
     async def _record_outcome(self, key: str, envelope: Envelope, attempt: int, host: str, replayed: Replayed,
                               settle: Any, retry_queue: Queue | None = None) -> str:
         now = time.time()
         entries = () if settle is None else (settle,)
+        terms = self.terms(envelope)
         if replayed.ok:
             await self.sets.submit((key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
-                                        response=replayed.response).to_json(), settle))
+                                        response=replayed.response).to_json(), settle, terms.retention_ms,
+                                    self._notice(envelope, SUCCEEDED, host, attempt, replayed, now)))
             self.metrics.outcome(host, SUCCEEDED)
             return SUCCEEDED
         settings = self.settings
-        if replayed.retryable and attempt < settings.max_attempts:
-            due = now + self.retry_delay(attempt, replayed)
+        if replayed.retryable and attempt < terms.max_attempts:
+            due = now + self.retry_delay(attempt, replayed, terms)
+            if terms.max_age is not None and due >= envelope.accepted_at + terms.max_age:
+                replayed = dataclasses.replace(
+                    replayed, expired=True, error=f"{replayed.error}; the next attempt would come after its max-age "
+                                                  f"of {terms.max_age:g}s: never replayed")
+        if replayed.expired:
+            attempts = attempt if replayed.attempted else attempt - 1
+            await self.sets.submit((key, Record(state=EXPIRED, host=host, attempts=attempts, updated_at=now,
+                                                error=replayed.error, response=replayed.response).to_json(),
+                                    settle, terms.retention_ms,
+                                    self._notice(envelope, EXPIRED, host, attempts, replayed, now)))
+            self.metrics.expired.inc()
+            self.metrics.outcome(host, EXPIRED)
+            log.warning("request %s expired: %s", envelope.id, replayed.error)
+            return EXPIRED
+        if replayed.retryable and attempt < terms.max_attempts:
             record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
                             next_attempt_at=due)
             queue = retry_queue or self.layout.for_host(host)
@@ -457,8 +531,9 @@ class Replayer:
                                  None if replayed.response is None else replayed.response.status,
                                  service=service_tag(host))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(key, record.to_json(), px=self.retention_ms)
+            pipe.set(key, record.to_json(), px=terms.retention_ms)
             add_dead_letter(pipe, settings, dead)
+            add_notification(pipe, settings.key_prefix, self._notice(envelope, FAILED, host, attempt, replayed, now))
             self._settle(pipe, *entries)
             await pipe.execute()
         self.metrics.dead_lettered.inc()
@@ -467,6 +542,16 @@ class Replayer:
         log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
                     settings.dead_letter_stream)
         return FAILED
+
+    def _notice(self, envelope: Envelope, state: str, host: str, attempts: int, replayed: Replayed,
+                now: float) -> dict[str, str] | None:
+        """The completion event the Service's policy asks for (None: no sink for this outcome)."""
+        sink = sink_for(envelope.delivery_policy, state)
+        if sink is None:
+            return None
+        return notification(sink=sink, state=state, request_id=envelope.id, host=host, attempts=attempts,
+                            response=replayed.response, error=replayed.error, request_headers=envelope.headers,
+                            body_limit=self.settings.notification_body_limit, finished_at=now)
 
     # --- lifecycle
 
@@ -490,11 +575,16 @@ class Replayer:
         mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix),
                            stream=self.settings.stream, on_moved=self.metrics.retries_moved.inc)
         self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
+        notifier = Notifier(self.redis, self.session, self.registry, prefix=self.settings.key_prefix,
+                            attempts=self.settings.notification_attempts, timeout=self.settings.notification_timeout)
+        self.notifier_task = asyncio.create_task(notifier.run(self.stopping), name="notifier")
 
     async def stop(self) -> None:
         self.stopping.set()
         if self.mover_task is not None:
             await self.mover_task
+        if self.notifier_task is not None:
+            await self.notifier_task
         if self.session is not None:
             await self.session.close()
         if self.owns_redis:

@@ -18,12 +18,13 @@ from email.utils import parsedate_to_datetime
 import redis.asyncio as aioredis
 
 from .envelope import STREAM_FIELD
+from ..protocol import status_matches
 from ..logthrottle import LogThrottle
 
 log = logging.getLogger(__name__)
 
-REPLAY_RETRY_STATUSES = frozenset({429, 502, 503, 504})
-"""Service answers worth another attempt; anything else non-2xx/3xx is final."""
+REPLAY_RETRY_STATUSES = ("429", "502", "503", "504")
+"""Service answers worth another attempt by default (RETRY_ON); anything else non-2xx/3xx is final."""
 
 SINK_RETRY_STATUSES = frozenset({408, 429})
 """Sink 4xx answers that mean "not now" rather than "never"."""
@@ -34,9 +35,14 @@ RETRY = "retry"
 REJECTED = "rejected"
 
 
-def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
-    """Delay before retry number ``attempt`` (1-based): doubling from ``base``, capped, jittered to [0.5, 1.0]."""
-    exponent = min(max(attempt - 1, 0), 64)  # 2**64 * base is past any cap; avoids float overflow
+def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random, *,
+            linear: bool = False) -> float:
+    """Delay before retry number ``attempt`` (1-based): doubling from ``base`` (``linear``: ``base`` times
+    ``attempt``, as Knative's linear backoffPolicy), capped, jittered to [0.5, 1.0]."""
+    attempt = max(attempt, 1)
+    if linear:
+        return min(cap, base * attempt) * (0.5 + 0.5 * rand())
+    exponent = min(attempt - 1, 64)  # 2**64 * base is past any cap; avoids float overflow
     return min(cap, base * 2.0**exponent) * (0.5 + 0.5 * rand())
 
 
@@ -77,8 +83,9 @@ def retry_after(status: int, headers: Iterable[tuple[str, str]], now: float | No
     return None
 
 
-def replay_retryable(status: int) -> bool:
-    return status in REPLAY_RETRY_STATUSES
+def replay_retryable(status: int, retry_on: tuple[str, ...] = REPLAY_RETRY_STATUSES) -> bool:
+    """``retry_on``: status codes and classes (``5xx``), as :func:`protocol.status_set` reads them."""
+    return status_matches(retry_on, status)
 
 
 def sink_verdict(status: int) -> str:

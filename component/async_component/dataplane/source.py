@@ -41,8 +41,9 @@ from .. import logs, probes
 from . import targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
+from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
-from .envelope import EnvelopeError, as_text, entry_envelope
+from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
 from .queues import PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
 from .replay import RECORD_MARGIN, replay_grace
 from .records import FAILED, Record, record_key
@@ -50,7 +51,7 @@ from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from .envelope import STREAM_FIELD
-from ..protocol import dead_letter_entry
+from ..protocol import dead_letter_entry, policy_of
 from ..settings import SourceSettings
 from ..logthrottle import LogThrottle
 
@@ -147,6 +148,8 @@ class Source:
         self.layout = Layout.of(settings)
         self.per_service_cap = (settings.max_inflight_per_service if settings.queue_mode == PER_SERVICE
                                 else settings.concurrency)
+        self.service_caps: dict[str, int] = {}
+        """A Service's own max-inflight (its policy), learned from the requests read from its queue."""
         self.reclaim_interval = settings.visibility_timeout / 2
         self.scan_interval = min(self.reclaim_interval, SCAN_INTERVAL)
         self.queues: dict[str, QueueState] = {}
@@ -339,14 +342,14 @@ class Source:
         members = list(self.waiting)
         if not members:
             return []
-        cap = self.per_service_cap
-        min_read = max(1, cap // 2)  # a busy queue is read a few entries at a time, not one per freed slot
         start = self.next_turn % len(members)
         grants = []
         for n in range(len(members)):
             if free <= 0:
                 break
             state = self.queues[members[(start + n) % len(members)]]
+            cap = self.cap_of(state)
+            min_read = max(1, cap // 2)  # a busy queue is read a few entries at a time, not one per freed slot
             room = min(cap - state.in_flight, free)
             if room <= 0 or (room < min_read and state.in_flight):
                 continue
@@ -374,7 +377,7 @@ class Source:
             free = self.settings.concurrency - len(self.in_flight)
             regrants = []
             for state, _ in grants:  # the reclaimed entries took slots
-                room = min(self.per_service_cap - state.in_flight, free)
+                room = min(self.cap_of(state) - state.in_flight, free)
                 if room > 0:
                     regrants.append((state, room))
                     free -= room
@@ -455,16 +458,26 @@ class Source:
         return kept
 
     async def _give_up(self, state: QueueState, ref: EntryRef, fields: Mapping, reason: str) -> None:
-        """Dead-letter the entry and record its request as failed: its `running` record would never expire."""
+        """Dead-letter the entry and record its request as failed: its `running` record would never expire.
+
+        Its Service's failure sink, if it has one, hears of it as of any other failure.
+        """
+        notice = None
         try:
             envelope = entry_envelope(fields)
             host = envelope.url.partition("://")[2].partition("/")[0]
             failed = (record_key(self.settings.key_prefix, envelope.id, host),
                       Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason).to_json())
+            sink = sink_for(envelope.delivery_policy, FAILED)
+            if sink is not None:
+                notice = notification(sink=sink, state=FAILED, request_id=envelope.id, host=host,
+                                      attempts=envelope.attempt + 1, response=None, error=reason,
+                                      request_headers=envelope.headers,
+                                      body_limit=self.settings.notification_body_limit, finished_at=time.time())
         except EnvelopeError:
             failed = None
         dead = dead_letter_entry(fields, reason, service=self._service(state, fields))
-        if await self._settle(ref, dead, failed):
+        if await self._settle(ref, dead, failed, notice):
             self.metrics.delivered_as["dead_lettered"].inc()
             log.error("entry %s of %s sent to %s, never delivered again: %s", ref[1], ref[0],
                       self.settings.dead_letter_stream, reason)
@@ -520,9 +533,30 @@ class Source:
 
     # --- one entry
 
+    def cap_of(self, state: QueueState) -> int:
+        """Deliveries this source may have in flight for the queue's Service."""
+        return self.service_caps.get(state.queue.member, self.per_service_cap)
+
+    def _learn_cap(self, state: QueueState, fields: Mapping) -> None:
+        """The Service's max-inflight, from the policy its newest request was accepted under."""
+        if self.settings.queue_mode != PER_SERVICE:
+            return
+        try:
+            cap = policy_of(entry_policy(fields)).max_inflight
+        except ValueError:  # the replay reports the malformed entry
+            return
+        member = state.queue.member
+        if cap is None:
+            self.service_caps.pop(member, None)
+        elif self.service_caps.get(member) != cap:
+            if len(self.service_caps) >= 10_000:
+                self.service_caps.clear()
+            self.service_caps[member] = cap
+
     def _start(self, state: QueueState, ref: EntryRef, fields: Mapping) -> None:
         if ref in self.in_flight:
             return
+        self._learn_cap(state, fields)
         self._track(state, ref, self._deliver(state, ref, fields))
 
     def _track(self, state: QueueState, ref: EntryRef, work: Coroutine[Any, Any, None]) -> None:
@@ -574,9 +608,10 @@ class Source:
                 return  # stopping: the entry stays pending for a source to reclaim
 
     async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None,
-                      record: tuple[str, str] | None = None) -> bool:
+                      record: tuple[str, str] | None = None, notice: Mapping | None = None) -> bool:
         """Acknowledge and delete the entry (after copying it to the dead-letter stream, and writing ``record``,
-        a final record's key and JSON, which expires one retention later); False if stopped first."""
+        a final record's key and JSON, which expires one retention later, and ``notice``, its completion
+        event); False if stopped first."""
         settings = self.settings
         failures = 0
         while True:
@@ -588,6 +623,7 @@ class Source:
                         add_dead_letter(pipe, settings, dead_letter)
                         if record is not None:
                             pipe.set(record[0], record[1], px=max(1, round(settings.status_retention * 1000)))
+                        add_notification(pipe, settings.key_prefix, notice)
                         self.settle_in(pipe, ref)
                         await pipe.execute()
                 return True

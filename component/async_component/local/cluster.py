@@ -63,9 +63,13 @@ def cluster_routes(ksvcs: list[dict[str, Any]], *, app_address: str, producer_ad
         ingresses.append(parent)
         services[(serving.namespace(ksvc), serving.revision_name(ksvc))] = app_address
         if resources.is_async_ingress(parent):
-            ingresses.append(resources.make_child_ingress(
-                parent, ingress_class=controller.ingress_class, producer_host=controller.producer_host,
-                cluster_domain=cluster_domain))
+            try:
+                child = resources.make_child_ingress(parent, ingress_class=controller.ingress_class,
+                                                     producer_host=controller.producer_host,
+                                                     cluster_domain=cluster_domain)
+            except (resources.InvalidAsyncMode, resources.InvalidAsyncPolicy) as exc:  # a cluster's parent says so
+                raise StackError(f"Service {serving.namespace(ksvc)}/{ksvc['metadata']['name']}: {exc}") from None
+            ingresses.append(child)
             services.update(service_targets([resources.make_async_service(parent, producer_host=controller.producer_host)]))
     return Routes(tuple(ingresses), services, {controller.producer_host: producer_address},
                   ingress_class=controller.ingress_class)

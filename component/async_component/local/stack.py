@@ -30,6 +30,7 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -38,7 +39,8 @@ from ..dataplane.queues import PER_SERVICE, QUEUE_MODES
 from ..dataplane.source import drain_grace
 from ..settings import (
     DEFAULT_CLUSTER_DOMAIN, DEFAULT_DEAD_LETTER_STREAM, DEFAULT_KEY_PREFIX, DEFAULT_STREAM, ConsumerSettings,
-    ControllerSettings, ProducerSettings, SourceSettings, dns_domain, redis_url as parse_redis_url,
+    ControllerSettings, ProducerSettings, ReplaySettings, SettingsError, SourceSettings, dns_domain, flag_name, load,
+    redis_url as parse_redis_url,
 )
 from . import StackError
 from . import knative_serving as serving
@@ -65,6 +67,9 @@ def stop_stages(source: SourceSettings) -> tuple[tuple[tuple[str, ...], float], 
         (("source", "consumer"), drain_grace(source) + STOP_GRACE_SECONDS),
         (("app",), STOP_GRACE_SECONDS),
     )
+
+DELIVERY_DEFAULTS = ("BACKOFF_POLICY", "RETRY_ON", "MAX_AGE", "REQUEST_TIMEOUT", "STATUS_RETENTION_SECONDS")
+"""Cluster-wide delivery defaults (the ConfigMap's, in a cluster) that ``async-component local`` takes as flags."""
 
 _SETTINGS_ENV = frozenset(
     name
@@ -95,7 +100,8 @@ class LocalStack:
     callback if blocking matters).
 
     Attributes: ``gateway_url`` (send requests here with a Service's Host),
-    ``producer_url``, ``consumer_url``, ``app_url``, ``redis_url``, ``stream``,
+    ``producer_url``, ``consumer_url``, ``app_url``, ``source_url`` (its
+    probes and metrics), ``redis_url``, ``stream``,
     ``dead_letter_stream``, ``key_prefix``, ``services`` (names from the
     manifests). Methods: :meth:`host` (a Service's external host),
     :meth:`pid`, :meth:`kill` (the supervisor restarts the component),
@@ -139,6 +145,7 @@ class LocalStack:
         queue_mode: str = PER_SERVICE,
         max_inflight_per_service: int | None = None,
         max_queued_per_service: int | None = None,
+        delivery: Mapping[str, str] | None = None,
     ) -> None:
         problems = [
             f"{name} {value!r} {rule}" for name, value, ok, rule in [
@@ -164,6 +171,11 @@ class LocalStack:
             cluster_domain = dns_domain(cluster_domain)
         except ValueError as exc:
             problems.append(f"cluster domain {cluster_domain!r} {exc}")
+        self.delivery = dict(delivery or {})
+        try:
+            load(ReplaySettings, {}, self.delivery)
+        except SettingsError as exc:
+            problems.append(str(exc))
         if problems:
             raise StackError("; ".join(problems))
 
@@ -194,6 +206,7 @@ class LocalStack:
         self.producer_url = f"http://{LOOPBACK}:{self._ports['producer']}"
         self.consumer_url = f"http://{LOOPBACK}:{self._ports['consumer']}"
         self.app_url = f"http://{LOOPBACK}:{self._ports['app']}"
+        self.source_url = f"http://{LOOPBACK}:{self._ports['source']}"
         self.services: list[str] = []
         self.example_service = ""
         """A conditionally async Service, for the quick-start hint."""
@@ -338,7 +351,7 @@ class LocalStack:
         # the producer's target-host policy, which the replays apply again (dataplane-config.yaml)
         targets = {"ALLOWED_HOSTS": ",".join(allowed_hosts)}
         replay = {**targets, "MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
-                  "TARGET_GATEWAY_URL": self.gateway_url}
+                  "TARGET_GATEWAY_URL": self.gateway_url, **self.delivery}
         command = [sys.executable, "-m", "async_component"]
         url = f"http://{LOOPBACK}:{{}}".format
         ports = self._ports
@@ -349,7 +362,8 @@ class LocalStack:
             Process("producer", [*command, "producer"],
                     {**base, **redis, "PORT": str(ports["producer"]), "HOST": LOOPBACK,
                      **targets, "WORKERS": str(self.producer_workers),
-                     **{k: v for k, v in caps.items() if k == "MAX_QUEUED_PER_SERVICE"}},
+                     **{k: v for k, v in caps.items() if k == "MAX_QUEUED_PER_SERVICE"},
+                     **{k: v for k, v in self.delivery.items() if k == "STATUS_RETENTION_SECONDS"}},
                     url(ports["producer"]) + "/readyz"),
             Process("consumer", [*command, "consumer"],
                     {**base, **redis, **replay, "PORT": str(ports["consumer"]), "HOST": LOOPBACK},
@@ -381,6 +395,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first retry delay, doubled each attempt (the replaying processes' RETRY_BASE_DELAY)")
     parser.add_argument("--retry-delay", type=float, dest="retry_delay", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)  # the old spelling, kept working
+    replay_fields = {field.metadata["env"]: field.metadata for field in dataclasses.fields(ReplaySettings)}
+    for env in DELIVERY_DEFAULTS:
+        meta = replay_fields[env]
+        parser.add_argument(flag_name(env), dest=env, metavar=env.rpartition("_")[2], default=None,
+                            help=f"{meta['help']}; a Service's annotations override it (the replaying processes' "
+                                 f"{env}, default: {meta['raw_default'] or 'unset'})")
     parser.add_argument("--producer-workers", type=int, default=1, help="producer worker processes")
     parser.add_argument("--queue-mode", default=PER_SERVICE, choices=QUEUE_MODES,
                         help="per-service: a queue per Service, served fairly; single-stream: one stream for"
@@ -414,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
             queue_mode=args.queue_mode,
             log_level=args.log_level, output=sys.stderr, cluster_domain=args.cluster_domain,
             replay_in_source=not args.via_consumer,
+            delivery={env: getattr(args, env) for env in DELIVERY_DEFAULTS if getattr(args, env) is not None},
         )
         stack.start()
         ready = True
