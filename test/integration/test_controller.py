@@ -257,7 +257,7 @@ async def test_an_invalid_policy_is_reported_and_the_child_keeps_the_last_good_o
         ready = condition(await api.get(INGRESSES, namespace, "hello"))
         assert ready.get("status") == "False" and ready.get("reason") == r.REASON_INVALID_POLICY, ready
         assert "async.knative.dev/timeout" in ready["message"] and "'5s'" in ready["message"]
-        events = [e for e in await list_events(cluster, namespace) if e.get("reason") == r.REASON_INVALID_POLICY]
+        events = [e for e in await cluster.list_events(namespace) if e.get("reason") == r.REASON_INVALID_POLICY]
         assert events, "no InvalidAsyncPolicy event"
         assert events[0]["type"] == "Warning" and events[0]["involvedObject"]["name"] == "hello"
         assert "async.knative.dev/timeout" in events[0]["message"]
