@@ -17,6 +17,17 @@ class back and drops the finalizer, so the layer forgets it; Serving then
 re-creates the Ingress, in the async class, and it gets its children. When a
 parent leaves the async class, its children are deleted, and the layer takes
 the parent over.
+
+Serving's Route reconciler puts its class back on the Ingress even while it
+is deleting. If that lands while the API server already removes the Ingress
+(an update that empties the finalizers deletes whatever state is stored by
+then: the resourceVersion precondition of the release is checked before, and
+Serving's guarded update can still land in between), the Ingress leaves with
+the async class, the layer never sees it go and keeps a stale translation.
+The controller sees that in the Ingress's DELETED event (the last stored
+state) and hands the re-created Ingress over once more: it gives it the
+layer's finalizer back (the layer does hold a translation of that name), so
+the same delete, hand-back and release runs again.
 """
 
 from __future__ import annotations
@@ -69,6 +80,9 @@ SERVICE_SELECTOR = (SERVICES.version, SERVICES.plural)
 
 Key = tuple[str, str]
 
+RELEASE_ATTEMPTS = 5
+RELEASE_BACKOFF = 0.05  # seconds, doubled per attempt
+
 
 def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     """In a pod, its service account; elsewhere, the kubeconfig (``KUBECONFIG`` or ~/.kube/config)."""
@@ -97,6 +111,23 @@ class Reconciler:
         self._retries: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._children: dict[Key, set[str]] = {}
+        self._handed: set[str] = set()
+        """UIDs of Ingresses handed back to the layer, until their DELETED event."""
+        self._stale: set[Key] = set()
+        """Parents that left the API in the async class after a hand-back: the layer still translates them."""
+
+    def deleted(self, ingress: dict[str, Any]) -> None:
+        """An Ingress's DELETED event: did one that was handed back leave in the layer's class?"""
+        meta = ingress.get("metadata") or {}
+        if meta.get("uid") not in self._handed:
+            return
+        self._handed.discard(meta["uid"])
+        if is_async_ingress(ingress):
+            key = (meta.get("namespace"), meta.get("name"))
+            self._stale.add(key)
+            log.warning("Ingress %s/%s left the API in class %s although it was handed back (Knative Serving put "
+                        "its class back meanwhile): the network layer keeps its translation; handing the re-created "
+                        "Ingress over once more", *key, ASYNC_INGRESS_CLASS)
 
     def note_child(self, namespace: str, parent: str, child: str, *, exists: bool) -> None:
         """Remember which parents have children, so an event of a non-async Ingress costs no API call."""
@@ -156,12 +187,22 @@ class Reconciler:
             return True
         meta = parent["metadata"]
         if not is_async_ingress(parent):
+            self._stale.discard((namespace, name))  # in the layer's class again: the layer serves it anew
             await self._remove_children(namespace, name, "its parent Ingress left the async class")
             return False
         if meta.get("deletionTimestamp"):
             if has_layer_finalizer(parent):
                 await self._release(parent)
             return False
+        if (namespace, name) in self._stale and not has_layer_finalizer(parent):
+            await self.api.patch(INGRESSES, namespace, name, {"metadata": {
+                "resourceVersion": meta.get("resourceVersion"),
+                "finalizers": [*(meta.get("finalizers") or []), LAYER_FINALIZER]}})
+            self._stale.discard((namespace, name))
+            log.info("Ingress %s/%s: gave it back the finalizer %s (the network layer still translates it), "
+                     "so it is handed over once more", namespace, name, LAYER_FINALIZER)
+            return False
+        self._stale.discard((namespace, name))
         if has_layer_finalizer(parent):
             log.info("Ingress %s/%s became async while the network layer still serves it (finalizer %s): "
                      "deleting it, so the layer drops its translation and Knative Serving re-creates it",
@@ -225,15 +266,41 @@ class Reconciler:
         return updated
 
     async def _release(self, parent: dict[str, Any]) -> None:
-        """Let a deleting async Ingress go that the network layer still holds (see the module docstring)."""
+        """Let a deleting async Ingress go that the network layer still holds (see the module docstring).
+
+        Serving may put its class back after the hand-back: the release, guarded
+        by the hand-back's resourceVersion, then fails with 409, and the
+        hand-back is done again, a few times with a short backoff before the
+        reconcile's own retry takes over.
+        """
         meta = parent["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        handed = await self.api.patch(INGRESSES, namespace, name, hand_back_patch(parent, self.settings.ingress_class))
-        if handed is None or not has_layer_finalizer(handed):
+        layer_class = self.settings.ingress_class
+        current: dict[str, Any] | None = parent
+        for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            if current is None or not has_layer_finalizer(current):
+                return
+            if is_async_ingress(current):
+                current = await self.api.patch(INGRESSES, namespace, name, hand_back_patch(current, layer_class))
+                if current is None:
+                    return
+                self._handed.add(current["metadata"]["uid"])
+                if not has_layer_finalizer(current):
+                    return
+            try:
+                await self.api.patch(INGRESSES, namespace, name, release_patch(current))
+            except ApiError as exc:
+                if exc.status != 409 or attempt == RELEASE_ATTEMPTS:
+                    raise
+                log.info("Ingress %s/%s: its class changed after the hand-back (Knative Serving puts its own "
+                         "back); handing it back again (attempt %d of %d)", namespace, name, attempt + 1,
+                         RELEASE_ATTEMPTS)
+                await asyncio.sleep(RELEASE_BACKOFF * 2 ** (attempt - 1))
+                current = await self.api.get(INGRESSES, namespace, name)
+                continue
+            log.info("Ingress %s/%s: handed back to class %s and released from finalizer %s, "
+                     "so the network layer forgets it", namespace, name, layer_class, LAYER_FINALIZER)
             return
-        await self.api.patch(INGRESSES, namespace, name, release_patch(handed))
-        log.info("Ingress %s/%s: handed back to class %s and released from finalizer %s, "
-                 "so the network layer forgets it", namespace, name, self.settings.ingress_class, LAYER_FINALIZER)
 
     async def _remove_children(self, namespace: str, parent_name: str, why: str) -> None:
         stub = {"metadata": {"name": parent_name, "namespace": namespace}}
@@ -264,7 +331,9 @@ def make_registry(reconciler: Reconciler, operator_settings: kopf.OperatorSettin
 
     # Every Ingress but our children: a parent that leaves the async class must lose its children.
     @kopf.on.event(*INGRESS_SELECTOR, labels={PARENT_LABEL: kopf.ABSENT}, registry=registry)
-    async def parent_changed(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
+    async def parent_changed(type: str | None, body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
+        if type == "DELETED":
+            reconciler.deleted(dict(body))
         if reconciler.concerns(dict(body)):
             await reconciler.reconcile(namespace, name)
 
