@@ -11,6 +11,7 @@ ServiceAccount, so a verb missing from its ClusterRole fails these tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -379,18 +380,31 @@ async def settle(eventually, check) -> None:
     await eventually(check, timeout=2 * DEADLINE)
 
 
-async def test_turning_async_on_for_a_service_the_layer_already_serves(api, eventually, namespace, cluster, operator):
+@contextlib.asynccontextmanager
+async def knative(api, cluster, namespace: str, serving_class: str):
+    """The network layer (Kourier) and Serving's Route for a Service "hello" that wants ``serving_class``."""
     async with NetworkLayer(api, cluster.admin_info(), namespace, KOURIER) as layer, \
             Serving(api, cluster.admin_info(), namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
-                    KOURIER) as serving:
-        first = await api.create(INGRESSES, kingress("hello", namespace, ingress_class=KOURIER))
+                    serving_class) as serving:
+        yield layer, serving
 
-        async def translated() -> None:
-            assert layer.translated.keys() == {"hello"}
-            parent = await api.get(INGRESSES, namespace, "hello")
-            assert parent["metadata"].get("finalizers") == [r.LAYER_FINALIZER]
 
-        await settle(eventually, translated)
+async def served_by_the_layer(api, eventually, layer, namespace: str) -> dict:
+    """Ingress "hello" made in the layer's class, once the layer translates it and holds it with its finalizer."""
+    await api.create(INGRESSES, kingress("hello", namespace, ingress_class=KOURIER))
+
+    async def translated() -> None:
+        assert layer.translated.keys() == {"hello"}
+        parent = await api.get(INGRESSES, namespace, "hello")
+        assert parent["metadata"].get("finalizers") == [r.LAYER_FINALIZER]
+
+    await settle(eventually, translated)
+    return await api.get(INGRESSES, namespace, "hello")
+
+
+async def test_turning_async_on_for_a_service_the_layer_already_serves(api, eventually, namespace, cluster, operator):
+    async with knative(api, cluster, namespace, KOURIER) as (layer, serving):
+        first = await served_by_the_layer(api, eventually, layer, namespace)
         await serving.switch(r.ASYNC_INGRESS_CLASS)
 
         async def async_now() -> None:
@@ -410,9 +424,7 @@ async def test_turning_async_on_for_a_service_the_layer_already_serves(api, even
 
 async def test_turning_async_off_deletes_the_children_and_the_layer_takes_over(api, eventually, namespace, cluster,
                                                                                operator):
-    async with NetworkLayer(api, cluster.admin_info(), namespace, KOURIER) as layer, \
-            Serving(api, cluster.admin_info(), namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
-                    r.ASYNC_INGRESS_CLASS) as serving:
+    async with knative(api, cluster, namespace, r.ASYNC_INGRESS_CLASS) as (layer, serving):
         await api.create(INGRESSES, kingress("hello", namespace))
 
         async def async_ready() -> None:
@@ -453,18 +465,8 @@ async def test_an_ingress_that_leaves_in_the_async_class_after_the_hand_back_is_
     while the release deletes the Ingress; here another finalizer holds the
     Ingress until Serving has put its class back, so it happens every time.
     """
-    async with NetworkLayer(api, cluster.admin_info(), namespace, KOURIER) as layer, \
-            Serving(api, cluster.admin_info(), namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
-                    KOURIER) as serving:
-        await api.create(INGRESSES, kingress("hello", namespace, ingress_class=KOURIER))
-
-        async def translated() -> None:
-            assert layer.translated.keys() == {"hello"}
-            parent = await api.get(INGRESSES, namespace, "hello")
-            assert parent["metadata"].get("finalizers") == [r.LAYER_FINALIZER]
-
-        await settle(eventually, translated)
-        parent = await api.get(INGRESSES, namespace, "hello")
+    async with knative(api, cluster, namespace, KOURIER) as (layer, serving):
+        parent = await served_by_the_layer(api, eventually, layer, namespace)
         await api.patch(INGRESSES, namespace, "hello", {"metadata": {
             "resourceVersion": parent["metadata"]["resourceVersion"], "finalizers": [r.LAYER_FINALIZER, HOLD]}})
         await serving.switch(r.ASYNC_INGRESS_CLASS)
@@ -489,9 +491,7 @@ async def test_an_ingress_that_leaves_in_the_async_class_after_the_hand_back_is_
 
 
 async def test_deleting_a_service_right_after_the_switch_leaves_nothing_behind(api, eventually, namespace, cluster):
-    async with NetworkLayer(api, cluster.admin_info(), namespace, KOURIER) as layer, \
-            Serving(api, cluster.admin_info(), namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
-                    KOURIER) as serving:
+    async with knative(api, cluster, namespace, KOURIER) as (layer, serving):
         await api.create(INGRESSES, kingress("hello", namespace, ingress_class=KOURIER))
 
         async def translated() -> None:
