@@ -117,12 +117,12 @@ class Reconciler:
         """Parents that left the API in the async class after a hand-back: the layer still translates them."""
 
     def deleted(self, ingress: dict[str, Any]) -> None:
-        """An Ingress's DELETED event: did one that was handed back leave in the layer's class?"""
+        """An Ingress's DELETED event: did one the layer held leave in the async class, unseen by the layer?"""
         meta = ingress.get("metadata") or {}
-        if meta.get("uid") not in self._handed:
-            return
-        self._handed.discard(meta["uid"])
-        if is_async_ingress(ingress):
+        handed = meta.get("uid") in self._handed
+        self._handed.discard(meta.get("uid"))
+        # the layer's finalizer in the last state: it held the Ingress, whoever handed it back (another leader too)
+        if is_async_ingress(ingress) and (handed or has_layer_finalizer(ingress)):
             key = (meta.get("namespace"), meta.get("name"))
             self._stale.add(key)
             log.warning("Ingress %s/%s left the API in class %s although it was handed back (Knative Serving put "
