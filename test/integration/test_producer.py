@@ -63,7 +63,7 @@ async def entry_count(redis_client, stream="async-requests"):
 async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, redis_client):
     body = os.urandom(4096) + b"\xff\xfe"  # not UTF-8
     headers = [
-        ("Async-Original-Host", HOST), ("Prefer", "wait=5, respond-async; x=1, handling=lenient"),
+        ("Async-Original-Host", HOST), ("Prefer", "wait=0, respond-async; x=1, handling=lenient"),
         ("X-Tag", "one"), ("X-Tag", "two"), ("Content-Type", "application/octet-stream"),
         ("Connection", "keep-alive, X-Hop"), ("X-Hop", "dropped"),
     ]
@@ -74,7 +74,9 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
         location = resp.headers["Location"]
     [(entry_id, fields)] = await stream_entries(redis_client)
     assert location == f"{STATUS_PATH_PREFIX}{entry_id.decode()}.{request_id}"
-    assert doc == {"id": request_id, "state": "queued", "status_url": location}
+    assert doc == {"id": request_id, "state": "queued", "accepted_at": doc["accepted_at"], "status_url": location}
+    assert resp.headers["Preference-Applied"] == "respond-async"
+    assert resp.headers["Retry-After"] == "1"
 
     envelope = Envelope.from_stream_fields(fields)
     assert envelope.id == request_id
@@ -83,7 +85,7 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
     assert envelope.body == body
     names = [name.lower() for name, _ in envelope.headers]
     assert [v for n, v in envelope.headers if n.lower() == "x-tag"] == ["one", "two"]
-    assert ("Prefer", "wait=5, handling=lenient") in envelope.headers
+    assert ("Prefer", "wait=0, handling=lenient") in envelope.headers
     for gone in ("host", "content-length", "async-original-host", "connection", "x-hop"):
         assert gone not in names
     assert ("Content-Type", "application/octet-stream") in envelope.headers
@@ -92,7 +94,8 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
         assert resp.status == 202 and resp.headers["Async-Request-State"] == QUEUED
         status = await resp.json()
     assert (status["id"], status["state"], status["attempts"]) == (request_id, QUEUED, 0)
-    assert status["updated_at"] == envelope.accepted_at
+    assert status["updated_at"] == status["accepted_at"] == envelope.accepted_at == doc["accepted_at"]
+    assert status["status_url"] == location
     assert await redis_client.keys("async:*") == []  # the entry is all a queued request costs
 
 
@@ -413,15 +416,35 @@ async def test_an_entry_older_than_the_status_retention_says_nothing(redis_url, 
 
 async def test_status_retrying_reports_next_attempt(base, http, redis_client):
     await put_record(redis_client, "r1", Record(state=RETRYING, host=HOST, attempts=2, updated_at=10.0,
-                                                error="503 from the Service", next_attempt_at=42.5))
+                                                error="503 from the Service", next_attempt_at=42.5,
+                                                accepted_at=9.0))
     await put_record(redis_client, "r2", Record(state=RUNNING, host=HOST, attempts=1, updated_at=11.0))
     async with http.get(f"{base}{STATUS_PATH_PREFIX}r1", headers=ASYNC) as resp:
         assert resp.status == 202 and resp.headers["Async-Request-State"] == RETRYING
         doc = await resp.json()
     assert doc["attempts"] == 2 and doc["next_attempt_at"] == 42.5 and doc["updated_at"] == 10.0
+    assert doc["accepted_at"] == 9.0 and doc["status_url"] == f"{STATUS_PATH_PREFIX}r1"
     async with http.get(f"{base}{STATUS_PATH_PREFIX}r2", headers=ASYNC) as resp:
         assert resp.status == 202 and resp.headers["Async-Request-State"] == RUNNING
+        assert resp.headers["Location"] == f"{STATUS_PATH_PREFIX}r2"
         assert "next_attempt_at" not in await resp.json()
+
+
+async def test_every_202_suggests_the_polling_interval(redis_url, http, redis_client):
+    settings = settings_for(redis_url, poll_interval=7)
+    server = await start_producer(settings)
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        async with http.post(f"{base}/x", headers=ASYNC) as resp:
+            assert resp.status == 202 and resp.headers["Retry-After"] == "7"
+            assert resp.headers["Preference-Applied"] == "respond-async"
+            location = resp.headers["Location"]
+        async with http.get(base + location, headers=ASYNC) as resp:
+            assert resp.status == 202 and resp.headers["Retry-After"] == "7"
+            assert resp.headers["Location"] == location
+            assert "Preference-Applied" not in resp.headers
+    finally:
+        await server.close()
 
 
 async def test_status_replays_the_recorded_response(base, http, redis_client):

@@ -52,6 +52,8 @@ from ..settings import ProducerSettings
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = "1"
+PREFERENCE_APPLIED = ("Preference-Applied", RESPOND_ASYNC)
+"""On the accept 202 (RFC 7240): the request was handled asynchronously, as asked (or as the Service always does)."""
 
 VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
@@ -138,7 +140,8 @@ def _queued_record(entries: list, request_id: str, host: str, retention: float) 
         return None  # another request's entry, or another Service's request: do not confirm it exists
     if envelope.accepted_at + retention < time.time():
         return None
-    return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
+    return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at,
+                  accepted_at=envelope.accepted_at)
 
 
 def request_target(target: str) -> str:
@@ -205,6 +208,8 @@ class Producer:
         self.redis_check: RedisCheck | None = None
         self.stopping = asyncio.Event()
         self.check_task: asyncio.Task | None = None
+        self.retry_after = ("Retry-After", str(settings.poll_interval))
+        """On every 202: the suggested polling interval."""
 
     # routing
 
@@ -282,17 +287,22 @@ class Producer:
             self.metrics.rejected_for["replay_loop"].inc()
             return error_response(508, str(exc))
         request_id = self.new_request_id()
+        accepted_at = time.time()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
-                                 time.time())
+                                 accepted_at)
         try:
             entry_id = (await self.enqueuer.enqueue(document)).decode()
         except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
+        return self._accepted(request_id, entry_id, accepted_at)
+
+    def _accepted(self, request_id: str, entry_id: str, accepted_at: float) -> Response:
         location = f"{STATUS_PATH_PREFIX}{entry_id}{LOCATION_SEPARATOR}{request_id}"
         # ids are URL-safe base64 and entry ids digits and '-': the JSON needs no escaping
-        body = f'{{"id":"{request_id}","state":"{QUEUED}","status_url":"{location}"}}'.encode()
+        body = (f'{{"id":"{request_id}","state":"{QUEUED}","accepted_at":{accepted_at!r},'
+                f'"status_url":"{location}"}}').encode()
         return Response(202, body, [("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id),
-                                    ("Location", location)])
+                                    ("Location", location), self.retry_after, PREFERENCE_APPLIED])
 
     def _unavailable(self, what: str, exc: BaseException) -> Response:
         self.metrics.rejected_for["redis_unavailable"].inc()
@@ -320,7 +330,7 @@ class Producer:
             record = _queued_record(entries, request_id, host, self.settings.status_retention)
             if record is None:
                 return self._not_found(request_id)
-            return self._pending(request_id, record)
+            return self._pending(request_id, record, request.path)
         try:
             record = Record.from_json(raw)
         except ValueError as exc:
@@ -330,7 +340,7 @@ class Producer:
         if record.host != host:  # another Service's request: do not even confirm it exists
             return self._not_found(request_id)
         if record.state in PENDING_STATES:
-            return self._pending(request_id, record)
+            return self._pending(request_id, record, request.path)
         self.metrics.status_reads.labels(record.state).inc()
         response = record.response
         if response is None or not 200 <= response.status <= 599:
@@ -356,14 +366,18 @@ class Producer:
             entries, raw = await pipe.execute()
         return raw, entries
 
-    def _pending(self, request_id: str, record: Record) -> Response:
+    def _pending(self, request_id: str, record: Record, location: str) -> Response:
+        """202 with what a poller needs: the state, its attempts, when to look again and where."""
         self.metrics.status_reads.labels(record.state).inc()
         doc = {"id": request_id, "state": record.state, "attempts": record.attempts, "updated_at": record.updated_at}
+        if record.accepted_at is not None:
+            doc["accepted_at"] = record.accepted_at
         if record.state == RETRYING and record.next_attempt_at is not None:
             doc["next_attempt_at"] = record.next_attempt_at
         if record.error is not None:
             doc["error"] = record.error
-        return json_response(202, doc, [(STATE_HEADER, record.state)])
+        doc["status_url"] = location
+        return json_response(202, doc, [(STATE_HEADER, record.state), ("Location", location), self.retry_after])
 
     def _not_found(self, request_id: str) -> Response:
         self.metrics.status_reads.labels("not_found").inc()

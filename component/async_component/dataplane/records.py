@@ -56,6 +56,8 @@ class Record:
     error: str | None = None
     next_attempt_at: float | None = None
     response: RecordedResponse | None = None
+    accepted_at: float | None = None
+    """When the producer accepted the request (None in records written before it was kept)."""
 
     @property
     def finished(self) -> bool:
@@ -68,6 +70,8 @@ class Record:
             doc["error"] = self.error
         if self.next_attempt_at is not None:
             doc["next_attempt_at"] = self.next_attempt_at
+        if self.accepted_at is not None:
+            doc["accepted_at"] = self.accepted_at
         if self.response is not None:
             body, encoding = encode_body(self.response.body)
             doc["response"] = {"status": self.response.status,
@@ -87,6 +91,7 @@ class Record:
                 updated_at=float(doc.get("updated_at", 0.0)),
                 error=doc.get("error"),
                 next_attempt_at=doc.get("next_attempt_at"),
+                accepted_at=doc.get("accepted_at"),
                 response=None if response is None else RecordedResponse(
                     status=int(response["status"]),
                     headers=tuple((str(k), str(v)) for k, v in response["headers"]),

@@ -252,7 +252,8 @@ class Replayer:
             # routed to the producer, not the Service: it would be queued again, without end
             refused = Replayed(error=f"the target {target[:200]!r} is the status path: it is never replayed")
             return await self._finish(key, envelope, attempt, host, refused, settle)
-        running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time())
+        running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time(),
+                         accepted_at=envelope.accepted_at)
         try:
             args = [running.to_json(), self.retention_ms, attempt]
             done_state = await self.starts.submit((key, args))
@@ -383,13 +384,13 @@ class Replayer:
         entries = () if settle is None else (settle,)
         if replayed.ok:
             await self.sets.submit((key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
-                                        response=replayed.response).to_json(), settle))
+                                        response=replayed.response, accepted_at=envelope.accepted_at).to_json(), settle))
             return SUCCEEDED
         settings = self.settings
         if replayed.retryable and attempt < settings.max_attempts:
             due = now + backoff(attempt, settings.retry_base_delay, settings.retry_max_delay)
             record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
-                            next_attempt_at=due)
+                            next_attempt_at=due, accepted_at=envelope.accepted_at)
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zadd(retry_key(settings.key_prefix), {envelope.next_attempt().to_json(): due})
                 pipe.set(key, record.to_json(), px=self.retention_ms)
@@ -399,7 +400,7 @@ class Replayer:
             log.info("request %s attempt %d: %s; retry in %.3fs", envelope.id, attempt, replayed.error, due - now)
             return RETRYING
         record = Record(state=FAILED, host=host, attempts=attempt, updated_at=now, error=replayed.error,
-                        response=replayed.response)
+                        response=replayed.response, accepted_at=envelope.accepted_at)
         dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
                                  None if replayed.response is None else replayed.response.status)
         async with self.redis.pipeline(transaction=True) as pipe:
