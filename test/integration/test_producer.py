@@ -567,3 +567,54 @@ async def test_a_client_trickling_its_headers_is_cut_off_after_header_timeout(re
         writer.close()
     finally:
         await server.close()
+
+
+# --- Prefer: wait=N
+
+
+async def test_wait_answers_the_recorded_response_once_the_replay_announces_it(base, http, redis_client):
+    async def finish_it():
+        while not (entries := await stream_entries(redis_client)):
+            await asyncio.sleep(0.02)
+        request_id = Envelope.from_stream_fields(entries[0][1]).id
+        response = RecordedResponse(status=201, headers=(("X-App", "yes"),), body=b"made")
+        await put_record(redis_client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
+                                                          response=response))
+        await redis_client.publish("async:finished", record_key("async", request_id))
+
+    finisher = asyncio.create_task(finish_it())
+    started = time.monotonic()
+    async with http.post(f"{base}/x", headers={**ASYNC, "Prefer": "respond-async, wait=20"}) as resp:
+        assert resp.status == 201 and await resp.read() == b"made"
+        assert resp.headers["X-App"] == "yes" and resp.headers["Async-Request-State"] == SUCCEEDED
+        assert resp.headers["Async-Request-Id"]
+    assert time.monotonic() - started < 10
+    await finisher
+
+
+async def test_wait_is_capped_by_max_wait(redis_url, http):
+    settings = settings_for(redis_url, max_wait=0.5)
+    server = await start_producer(settings)
+    try:
+        started = time.monotonic()
+        async with http.post(f"http://127.0.0.1:{settings.port}/x",
+                             headers={**ASYNC, "Prefer": "respond-async, wait=30"}) as resp:
+            assert resp.status == 202 and resp.headers["Location"]
+        assert 0.4 <= time.monotonic() - started < 5
+    finally:
+        await server.close()
+
+
+async def test_a_stopping_producer_answers_its_waiting_requests_202_and_keeps_them_queued(settings, http,
+                                                                                      redis_client):
+    server = await start_producer(settings)
+    request = asyncio.create_task(http.post(f"http://127.0.0.1:{settings.port}/x",
+                                            headers={**ASYNC, "Prefer": "respond-async, wait=30"}))
+    while not await stream_entries(redis_client):
+        await asyncio.sleep(0.02)
+    started = time.monotonic()
+    await server.close()
+    async with await request as resp:
+        assert resp.status == 202 and resp.headers["Location"]
+    assert time.monotonic() - started < 5
+    assert await entry_count(redis_client) == 1

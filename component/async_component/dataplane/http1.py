@@ -450,6 +450,8 @@ class Server:
         self.on_refused = on_refused
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
         """Run before the socket listens, in order."""
+        self.on_closing: list[Callable[[], None]] = []
+        """Called when :meth:`close` begins, before waiting for the requests in progress."""
         self.on_cleanup: list[Callable[[], Awaitable[None]]] = []
         """Run after the last connection closed (or the start failed), in order."""
         self.connections: set[_Connection] = set()
@@ -494,6 +496,8 @@ class Server:
         self.closing = True
         if self._server is not None:
             self._server.close()
+        for hook in self.on_closing:
+            hook()
         deadline = self.loop.time() + grace
         while True:
             for connection in list(self.connections):

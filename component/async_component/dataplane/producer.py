@@ -37,11 +37,12 @@ from . import preferences, targets
 from .enqueuer import Enqueuer
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
-from .records import PENDING_STATES, QUEUED, RETRYING, Record, record_key
+from .records import PENDING_STATES, QUEUED, RETRYING, Record, finished_channel, record_key
 from .prefork import run_workers
 from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
 from .targets import BadTarget, target_host
+from .waiting import Finished, wait_preference
 from ..protocol import (
     HOP_BY_HOP, ORIGINAL_HOST_HEADER, PREFER_HEADER, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
     STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
@@ -74,7 +75,7 @@ _PREFER_RAW = _PREFER.encode("latin-1")
 _ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
 _READS = ("GET", "HEAD")
 _ALLOW = ("Allow", ", ".join(STATUS_METHODS))
-_NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower()}
+_NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower(), REQUEST_ID_HEADER.lower()}
 """Recorded response headers the status resource does not repeat (it writes its own)."""
 
 
@@ -208,6 +209,8 @@ class Producer:
         self.redis_check: RedisCheck | None = None
         self.stopping = asyncio.Event()
         self.check_task: asyncio.Task | None = None
+        self.finished: Finished | None = None
+        self.finished_task: asyncio.Task | None = None
         self.retry_after = ("Retry-After", str(settings.poll_interval))
         """On every 202: the suggested polling interval."""
 
@@ -286,14 +289,44 @@ class Producer:
             log.error("not queued: %s %s for %s: %s", request.method, request.target[:200], host, exc)
             self.metrics.rejected_for["replay_loop"].inc()
             return error_response(508, str(exc))
+        prefer = request.values(_PREFER_RAW)
+        wait = self._wait_seconds(prefer) if prefer else 0
         request_id = self.new_request_id()
         accepted_at = time.time()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
                                  accepted_at)
+        if wait:  # before it is queued: its outcome cannot be announced before anyone listens
+            key = record_key(self.settings.key_prefix, request_id)
+            waiter = self.finished.register(key)
         try:
             entry_id = (await self.enqueuer.enqueue(document)).decode()
         except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
+            if wait:
+                self.finished.unregister(key, waiter)
             return self._unavailable("queueing a request", exc)
+        if wait:
+            await self.finished.wait(key, waiter, accepted_at + wait - time.time())
+            return await self._outcome_or_accepted(request_id, entry_id, accepted_at, key, host)
+        return self._accepted(request_id, entry_id, accepted_at)
+
+    def _wait_seconds(self, prefer: list[bytes]) -> float:
+        """``Prefer: wait=N`` capped at ``MAX_WAIT``; 0 for the usual bare ``respond-async``."""
+        if all(value == b"respond-async" for value in prefer):
+            return 0
+        asked = wait_preference([header_text(value) for value in prefer])
+        return 0 if asked is None else min(asked, self.settings.max_wait)
+
+    async def _outcome_or_accepted(self, request_id: str, entry_id: str, accepted_at: float, key: str,
+                                   host: str) -> Response:
+        """After a wait: the recorded response if the request finished, else the usual 202 (it stays queued)."""
+        try:
+            raw = await self.redis.get(key)
+            record = None if raw is None else Record.from_json(raw)
+        except Exception as exc:  # the request is queued all the same: the client polls
+            self._redis_failed("reading the outcome of a waiting request", exc)
+            record = None
+        if record is not None and record.finished and record.host == host:
+            return self._final(request_id, record)
         return self._accepted(request_id, entry_id, accepted_at)
 
     def _accepted(self, request_id: str, entry_id: str, accepted_at: float) -> Response:
@@ -342,12 +375,18 @@ class Producer:
         if record.state in PENDING_STATES:
             return self._pending(request_id, record, request.path)
         self.metrics.status_reads.labels(record.state).inc()
+        return self._final(request_id, record)
+
+    @staticmethod
+    def _final(request_id: str, record: Record) -> Response:
+        """The Service's recorded response, with the request's state and id."""
+        own = [(STATE_HEADER, record.state), (REQUEST_ID_HEADER, request_id)]
         response = record.response
         if response is None or not 200 <= response.status <= 599:
             message = record.error or f"request finished as {record.state} without a response"
-            return json_response(502, {"id": request_id, "error": message}, [(STATE_HEADER, record.state)])
+            return json_response(502, {"id": request_id, "error": message}, own)
         headers = [(k, v) for k, v in response.headers if k.lower() not in _NOT_REPLAYED]
-        headers.append((STATE_HEADER, record.state))
+        headers.extend(own)
         return Response(response.status, response.body, headers)
 
     async def _read_status(self, request_id: str, entry_id: str) -> tuple[bytes | None, list]:
@@ -396,11 +435,15 @@ class Producer:
         self.redis_check = RedisCheck(self.redis, self.settings.redis_check_interval, who="producer")
         await self.redis_check.check()
         self.check_task = asyncio.create_task(self.redis_check.run(self.stopping), name="redis-check")
+        self.finished = Finished(self.redis, finished_channel(self.settings.key_prefix))
+        self.finished_task = asyncio.create_task(self.finished.run(self.stopping), name="finished-subscription")
 
     async def stop(self) -> None:
         self.stopping.set()
         if self.check_task is not None:
             await self.check_task
+        if self.finished_task is not None:
+            await self.finished_task
         if self.enqueuer is not None:
             await self.enqueuer.close()
         if self.owns_redis:
@@ -409,6 +452,11 @@ class Producer:
     async def ready(self) -> None:
         await self.redis.ping()
         self.redis_check.require()
+
+    def release_waiters(self) -> None:
+        """Stopping: requests waiting for their outcome answer now, with a 202 unless they finished."""
+        if self.finished is not None:
+            self.finished.release_all()
 
 
 def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = None) -> Server:
@@ -419,6 +467,7 @@ def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = No
                     body_min_rate=settings.body_min_rate, max_connections=settings.max_connections,
                     on_refused=producer.refused)
     server.on_startup.append(producer.start)
+    server.on_closing.append(producer.release_waiters)
     server.on_cleanup.append(producer.stop)
     return server
 

@@ -34,6 +34,11 @@ def record_key(prefix: str, request_id: str) -> str:
     return f"{prefix}:req:{request_id}"
 
 
+def finished_channel(prefix: str) -> str:
+    """Pub/sub channel on which the replay announces the record key of every request that finished."""
+    return f"{prefix}:finished"
+
+
 def retry_key(prefix: str) -> str:
     """Sorted set of envelopes waiting for their next attempt, scored by due time."""
     return f"{prefix}:retries"

@@ -37,8 +37,8 @@ from .batching import Batcher
 from .deadletters import add_dead_letter
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .records import (
-    FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
-    retry_key,
+    FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel, record_key,
+    response_headers, retry_key,
 )
 from .redisconn import make_redis
 from ..protocol import (
@@ -216,6 +216,7 @@ class Replayer:
         self.stopping = asyncio.Event()
         self.throttle = LogThrottle(log)
         self.retention_ms = max(1, round(settings.status_retention * 1000))
+        self.finished = finished_channel(settings.key_prefix)
         self.start_script = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
         self.sets: Batcher[tuple[str, bytes | str, str | None], None] | None = None
@@ -335,6 +336,8 @@ class Replayer:
             for key, value, _ in items:
                 pipe.set(key, value, px=self.retention_ms)
             self._settle(pipe, *entries)
+            for key, _, _ in items:  # after the records: a woken waiter reads them
+                pipe.publish(self.finished, key)
             results = await pipe.execute(raise_on_error=False)
         return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
 
@@ -407,6 +410,7 @@ class Replayer:
             pipe.set(key, record.to_json(), px=self.retention_ms)
             add_dead_letter(pipe, settings, dead)
             self._settle(pipe, *entries)
+            pipe.publish(self.finished, key)
             await pipe.execute()
         self.metrics.dead_lettered.inc()
         log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
