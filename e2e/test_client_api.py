@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL
+import asyncio
+import uuid
+
+from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL, Backend
 from client import Client
-from test_scenarios import client, echo_headers, redis  # noqa: F401 - fixtures shared with the scenarios
+from test_scenarios import client, echo_headers, entries_added, redis  # noqa: F401 - fixtures shared with the scenarios
 
 
 async def test_wait_answers_the_apps_response_when_it_finishes_in_time(client: Client):
@@ -35,3 +38,37 @@ async def test_wait_in_conditional_mode_is_not_routed_async_unless_spelled_exact
                                  headers=[("Prefer", "respond-async, wait=5")])
     assert reply.status == 200 and "Async-Request-Id" not in reply.headers
     assert echo_headers(reply.json(), "Async-Attempt") == []
+
+
+async def test_the_same_idempotency_key_twice_is_replayed_once_with_the_same_location(client: Client,
+                                                                                   backend: Backend, redis):
+    before = await entries_added(redis, backend.stream)
+    headers = [("Idempotency-Key", f'"{uuid.uuid4()}"')]
+    first = await client.request(SERVICE_CONDITIONAL, "POST", "/once?sleep=0", data=b"pay", headers=headers,
+                                 prefer_async=True)
+    again = await client.request(SERVICE_CONDITIONAL, "POST", "/once?sleep=0", data=b"pay", headers=headers,
+                                 prefer_async=True)
+    assert first.status == 202, first.body
+    assert again.status in (200, 202), again.body  # the first 202 again, or its final response
+    assert again.headers["Async-Request-Id"] == first.headers["Async-Request-Id"]
+    if again.status == 202:
+        assert again.headers["Location"] == first.headers["Location"]
+    final, _ = await client.follow(SERVICE_CONDITIONAL, first)
+    assert final.status == 200 and echo_headers(final.json(), "Async-Attempt") == ["1"]
+    after = await client.request(SERVICE_CONDITIONAL, "POST", "/once?sleep=0", data=b"pay", headers=headers,
+                                 prefer_async=True)
+    assert after.status == 200 and after.body == final.body  # finished: its response
+    await asyncio.sleep(0.5)
+    assert await entries_added(redis, backend.stream) == before + 1
+
+
+async def test_the_same_idempotency_key_with_another_body_is_422(client: Client, backend: Backend, redis):
+    before = await entries_added(redis, backend.stream)
+    headers = [("Idempotency-Key", f"k-{uuid.uuid4()}")]
+    first = await client.request(SERVICE_CONDITIONAL, "POST", "/k?sleep=0", data=b"one", headers=headers,
+                                 prefer_async=True)
+    assert first.status == 202, first.body
+    other = await client.request(SERVICE_CONDITIONAL, "POST", "/k?sleep=0", data=b"two", headers=headers,
+                                 prefer_async=True)
+    assert other.status == 422, other.body
+    assert await entries_added(redis, backend.stream) == before + 1

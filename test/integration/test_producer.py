@@ -618,3 +618,75 @@ async def test_a_stopping_producer_answers_its_waiting_requests_202_and_keeps_th
         assert resp.status == 202 and resp.headers["Location"]
     assert time.monotonic() - started < 5
     assert await entry_count(redis_client) == 1
+
+
+# --- Idempotency-Key
+
+
+async def test_the_same_idempotency_key_is_queued_once_and_answered_with_the_first_202(base, http, redis_client):
+    headers = {**ASYNC, "Idempotency-Key": '"order-1"'}
+    async with http.post(f"{base}/x?a=1", data=b"same", headers=headers) as resp:
+        assert resp.status == 202
+        first = (resp.headers["Location"], resp.headers["Async-Request-Id"])
+    async with http.post(f"{base}/x?a=1", data=b"same", headers={**ASYNC, "Idempotency-Key": "order-1"}) as resp:
+        assert resp.status == 202 and resp.headers["Retry-After"] == "1"
+        assert (resp.headers["Location"], resp.headers["Async-Request-Id"]) == first
+        assert (await resp.json())["state"] == QUEUED
+    assert await entry_count(redis_client) == 1
+    # another Service's key of the same name is another key
+    other = {"Async-Original-Host": "other.default.svc.cluster.local", "Idempotency-Key": '"order-1"'}
+    async with http.post(f"{base}/x?a=1", data=b"same", headers=other) as resp:
+        assert resp.status == 202 and resp.headers["Location"] != first[0]
+    assert await entry_count(redis_client) == 2
+    assert await redis_client.pttl("async:{default/sleep}:idem:order-1") > 86_000_000
+
+
+async def test_the_same_key_answers_the_final_response_once_finished(base, http, redis_client):
+    headers = {**ASYNC, "Idempotency-Key": "k2"}
+    async with http.put(f"{base}/y", data=b"1", headers=headers) as resp:
+        request_id = resp.headers["Async-Request-Id"]
+    await put_record(redis_client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
+                                                      response=RecordedResponse(200, (), b"done")))
+    async with http.put(f"{base}/y", data=b"1", headers=headers) as resp:
+        assert resp.status == 200 and await resp.read() == b"done"
+        assert resp.headers["Async-Request-Id"] == request_id
+        assert resp.headers["Async-Request-State"] == SUCCEEDED
+    assert await entry_count(redis_client) == 1
+
+
+@pytest.mark.parametrize("changed", [("PUT", "/x", b"one"), ("POST", "/z", b"one"), ("POST", "/x?q", b"one"),
+                                     ("POST", "/x", b"two")])
+async def test_the_same_key_with_another_request_is_422(base, http, redis_client, changed):
+    headers = {**ASYNC, "Idempotency-Key": '"k3"'}
+    async with http.post(f"{base}/x", data=b"one", headers=headers) as resp:
+        assert resp.status == 202
+    method, path, body = changed
+    async with http.request(method, f"{base}{path}", data=body, headers=headers) as resp:
+        assert resp.status == 422
+        assert "Idempotency-Key" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 1
+
+
+async def test_a_malformed_idempotency_key_is_400_and_nothing_queued(base, http, redis_client):
+    for value in ('"open', "two words", '""'):
+        async with http.post(f"{base}/x", headers={**ASYNC, "Idempotency-Key": value}) as resp:
+            assert resp.status == 400, value
+    async with http.post(f"{base}/x", headers=[*ASYNC.items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]) as resp:
+        assert resp.status == 400
+    assert await entry_count(redis_client) == 0
+
+
+async def test_keyed_and_plain_requests_in_one_batch_are_each_queued(base, http, redis_client):
+    async def post(n):
+        headers = {**ASYNC, "Idempotency-Key": f"b{n % 5}"} if n % 2 else ASYNC
+        async with http.post(f"{base}/b{n % 5 if n % 2 else n}", headers=headers) as resp:
+            assert resp.status == 202
+            return resp.headers["Location"]
+
+    locations = await asyncio.gather(*(post(n) for n in range(40)))
+    keyed = {n % 5: set() for n in range(40) if n % 2}
+    for n, location in enumerate(locations):
+        if n % 2:
+            keyed[n % 5].add(location)
+    assert all(len(seen) == 1 for seen in keyed.values())
+    assert await entry_count(redis_client) == 20 + 5

@@ -33,8 +33,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
-from . import preferences, targets
-from .enqueuer import Enqueuer
+from . import idempotency, preferences, targets
+from .enqueuer import Enqueuer, Keyed, KeyReused, Seen
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
 from .records import PENDING_STATES, QUEUED, RETRYING, Record, finished_channel, record_key
@@ -60,7 +60,7 @@ VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
 _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
 REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed",
-                  "too_many_connections", "replay_loop")
+                  "too_many_connections", "replay_loop", "idempotency_key_reused")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -73,6 +73,7 @@ _DROPPED_RAW = frozenset(name.encode("latin-1") for name in DROPPED_REQUEST_HEAD
 _REPLAY_RAW = REPLAY_HEADER.lower().encode("latin-1")
 _PREFER_RAW = _PREFER.encode("latin-1")
 _ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
+_IDEMPOTENCY_RAW = idempotency.HEADER.lower().encode("latin-1")
 _READS = ("GET", "HEAD")
 _ALLOW = ("Allow", ", ".join(STATUS_METHODS))
 _NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower(), REQUEST_ID_HEADER.lower()}
@@ -295,19 +296,68 @@ class Producer:
         accepted_at = time.time()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
                                  accepted_at)
+        idempotency_key = request.values(_IDEMPOTENCY_RAW)
+        if idempotency_key:
+            try:
+                keyed = Keyed(document, idempotency.key_name(
+                    self.settings.key_prefix, host, idempotency.parse_key([header_text(v) for v in idempotency_key])),
+                    idempotency.fingerprint(request.method, target, request.body), request_id)
+            except idempotency.BadKey as exc:
+                self.metrics.rejected_for["bad_request"].inc()
+                return error_response(400, str(exc))
         if wait:  # before it is queued: its outcome cannot be announced before anyone listens
             key = record_key(self.settings.key_prefix, request_id)
             waiter = self.finished.register(key)
         try:
-            entry_id = (await self.enqueuer.enqueue(document)).decode()
-        except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
+            queued = await (self.enqueuer.enqueue_once(keyed) if idempotency_key else self.enqueuer.enqueue(document))
+        except Exception as exc:
             if wait:
                 self.finished.unregister(key, waiter)
+            if isinstance(exc, KeyReused):
+                self.metrics.rejected_for["idempotency_key_reused"].inc()
+                return error_response(422, f"{idempotency.HEADER}: {exc}: its method, path, query or body differ")
+            # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
+        if type(queued) is Seen:
+            if wait:
+                self.finished.unregister(key, waiter)
+            return await self._seen(queued, host, accepted_at + wait if wait else 0)
+        entry_id = queued.decode()
         if wait:
             await self.finished.wait(key, waiter, accepted_at + wait - time.time())
             return await self._outcome_or_accepted(request_id, entry_id, accepted_at, key, host)
         return self._accepted(request_id, entry_id, accepted_at)
+
+    async def _seen(self, seen: Seen, host: str, deadline: float) -> Response:
+        """A request sent again with its key: the first one's 202 (after a wait, if asked) or final response."""
+        key = record_key(self.settings.key_prefix, seen.request_id)
+        waiter = self.finished.register(key) if deadline else None
+        answer = await self._first_request(seen, host)
+        if waiter is None or answer.status != 202:
+            if waiter is not None:
+                self.finished.unregister(key, waiter)
+            return answer
+        await self.finished.wait(key, waiter, deadline - time.time())
+        return await self._first_request(seen, host)
+
+    async def _first_request(self, seen: Seen, host: str) -> Response:
+        try:
+            raw, entries = await self._read_status(seen.request_id, seen.entry_id)
+            record = None if raw is None else Record.from_json(raw)
+        except Exception as exc:
+            self._redis_failed("reading the request an idempotency key names", exc)
+            return error_response(503, "the request status is unavailable, try again later",
+                                  ("Retry-After", RETRY_AFTER_SECONDS))
+        if record is None or record.host != host:
+            record = _queued_record(entries, seen.request_id, host, self.settings.status_retention)
+        if record is not None and record.finished:
+            return self._final(seen.request_id, record)
+        location = f"{STATUS_PATH_PREFIX}{seen.entry_id}{LOCATION_SEPARATOR}{seen.request_id}"
+        doc = {"id": seen.request_id, "state": QUEUED if record is None else record.state, "status_url": location}
+        if record is not None and record.accepted_at is not None:
+            doc["accepted_at"] = record.accepted_at
+        return json_response(202, doc, [(REQUEST_ID_HEADER, seen.request_id), ("Location", location),
+                                        self.retry_after, PREFERENCE_APPLIED])
 
     def _wait_seconds(self, prefer: list[bytes]) -> float:
         """``Prefer: wait=N`` capped at ``MAX_WAIT``; 0 for the usual bare ``respond-async``."""
@@ -431,7 +481,8 @@ class Producer:
             # and a quick 503 is the client's cue to retry
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
-        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, on_batch=self.metrics.batch_written)
+        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, key_retention=self.settings.status_retention,
+                                 on_batch=self.metrics.batch_written)
         self.redis_check = RedisCheck(self.redis, self.settings.redis_check_interval, who="producer")
         await self.redis_check.check()
         self.check_task = asyncio.create_task(self.redis_check.run(self.stopping), name="redis-check")

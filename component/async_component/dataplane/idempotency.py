@@ -1,0 +1,64 @@
+"""``Idempotency-Key`` (IETF httpapi draft): a request sent again with its key is not queued again.
+
+The key is a Structured Field string (``"abc"``, as the draft says) or a bare
+token (``abc``). It is scoped per Service: its Redis key is under the Service's
+hash tag ``{<namespace>/<name>}`` (the tag of the Service's queue), and holds the
+request's fingerprint (method, path and query, body), stream entry id and
+request id. The check and the write happen in the producer's batched enqueue
+script (:mod:`.enqueuer`), so a key costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+HEADER = "Idempotency-Key"
+MAX_LENGTH = 255
+
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~:/-]+")
+"""A Structured Field token's characters, a digit first allowed too: a UUID or a number is a common bare key."""
+
+
+class BadKey(ValueError):
+    """The header is not one key (400)."""
+
+
+def parse_key(values: list[str]) -> str:
+    """The key of the request's ``Idempotency-Key`` field(s); raises :class:`BadKey`."""
+    if len(values) != 1:
+        raise BadKey(f"{HEADER} must appear once")
+    text = values[0].strip(" \t")
+    string = _SF_STRING.fullmatch(text)
+    if string:
+        key = re.sub(r'\\(["\\])', r"\1", string.group(1))
+    elif _TOKEN.fullmatch(text):
+        key = text
+    else:
+        raise BadKey(f"{HEADER} must be a quoted string or a token: {text[:100]!r}")
+    if not key or len(key) > MAX_LENGTH:
+        raise BadKey(f"{HEADER} must hold 1 to {MAX_LENGTH} characters")
+    return key
+
+
+def fingerprint(method: str, target: str, body: bytes) -> str:
+    """What makes a request the same request: method, path and query, body."""
+    digest = hashlib.sha256(method.encode("latin-1"))
+    digest.update(b"\n" + target.encode("latin-1", "surrogateescape") + b"\n")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def service_tag(host: str) -> str:
+    """``namespace/name`` of a Service's cluster-local host (any port), else the host itself: its hash tag."""
+    name = host.partition(":")[0]
+    labels = name.split(".")
+    if len(labels) >= 4 and labels[2] == "svc" and labels[0] and labels[1]:
+        return f"{labels[1]}/{labels[0]}"
+    return name
+
+
+def key_name(prefix: str, host: str, key: str) -> str:
+    """The Redis key of an idempotency key for the Service of ``host``."""
+    return f"{prefix}:{{{service_tag(host)}}}:idem:{key}"
