@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+
 from backend import SERVICE_ALWAYS, SERVICE_CONDITIONAL, Backend
 from client import Client
 from test_scenarios import client, echo_headers, entries_added, redis  # noqa: F401 - fixtures shared with the scenarios
@@ -72,3 +74,40 @@ async def test_the_same_idempotency_key_with_another_body_is_422(client: Client,
                                  prefer_async=True)
     assert other.status == 422, other.body
     assert await entries_added(redis, backend.stream) == before + 1
+
+
+async def poll_state(client: Client, service: str, location: str, state: str, timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        reply = await client.request(service, "GET", location)
+        if reply.headers.get("Async-Request-State") == state:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"never {state}: {reply.status} {reply.body!r}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("service", [SERVICE_CONDITIONAL, SERVICE_ALWAYS])
+async def test_delete_while_running_is_409(client: Client, service):
+    accepted = await client.request(service, "POST", "/busy?sleep=3", prefer_async=service == SERVICE_CONDITIONAL)
+    assert accepted.status == 202, accepted.body
+    location = accepted.headers["Location"]
+    await poll_state(client, service, location, "running")
+    reply = await client.request(service, "DELETE", location)
+    assert reply.status == 409, reply.body
+    assert reply.headers["Async-Request-State"] == "running" and reply.json()["state"] == "running"
+    final, _ = await client.follow(service, accepted)
+    assert final.status == 200 and final.json()["path"] == "/busy"
+
+
+@pytest.mark.parametrize("service", [SERVICE_CONDITIONAL, SERVICE_ALWAYS])
+async def test_delete_after_finishing_is_204_then_404(client: Client, backend: Backend, redis, service):
+    accepted = await client.request(service, "GET", "/done?sleep=0", prefer_async=service == SERVICE_CONDITIONAL)
+    final, _ = await client.follow(service, accepted)
+    assert final.status == 200
+    before = await entries_added(redis, backend.stream)
+    location = accepted.headers["Location"]
+    reply = await client.request(service, "DELETE", location)
+    assert reply.status == 204 and reply.body == b""
+    assert (await client.request(service, "GET", location)).status == 404
+    assert (await client.request(service, "DELETE", location)).status == 404
+    assert await entries_added(redis, backend.stream) == before  # a DELETE is never queued

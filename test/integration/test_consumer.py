@@ -9,6 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web
@@ -19,7 +20,7 @@ from async_component.dataplane import sink
 from async_component.dataplane import envelope as wire
 from async_component.dataplane.envelope import Envelope, event_attributes, event_data, header_value
 from async_component.local.ports import free_port
-from async_component.dataplane.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
+from async_component.dataplane.records import CANCELED, FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings
 
 from .aioserve import serve
@@ -507,6 +508,28 @@ async def test_redelivered_event_of_a_finished_request_is_not_replayed(base, htt
     status, doc = await post(http, base, *event)
     assert (status, doc) == (200, {"id": envelope.id, "state": SUCCEEDED, "duplicate": True})
     assert len(target.seen) == 1
+
+
+async def test_a_canceled_request_is_settled_without_being_replayed(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    canceled = Record(state=CANCELED, host=urlsplit(envelope.url).netloc, attempts=1, updated_at=1.0)
+    await redis_client.set(record_key("async", envelope.id), canceled.to_json())
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc) == (200, {"id": envelope.id, "state": CANCELED, "duplicate": True})
+    assert target.seen == []
+
+
+async def test_the_replay_announces_each_final_outcome_for_waiting_requests(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe("async:finished")
+        assert (await post(http, base, *binary_event(entry_id, envelope.to_stream_fields())))[1]["state"] == SUCCEEDED
+        message = None
+        while message is None:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+    assert message["data"] == record_key("async", envelope.id).encode()
 
 
 async def test_redelivered_event_of_an_attempt_that_scheduled_a_retry_is_not_replayed(base, http, redis_client,

@@ -18,7 +18,9 @@ from yarl import URL
 from async_component.dataplane import producer
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
-from async_component.dataplane.records import FAILED, QUEUED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key
+from async_component.dataplane.records import (
+    CANCELED, FAILED, QUEUED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key,
+)
 from async_component.protocol import STATUS_PATH_PREFIX
 from async_component.settings import ProducerSettings
 
@@ -113,12 +115,16 @@ async def test_prefer_with_only_respond_async_is_dropped_and_any_path_is_queued(
 @pytest.mark.parametrize("path", [f"{STATUS_PATH_PREFIX}abc", f"{STATUS_PATH_PREFIX}1-0.abc?x=1",
                                   "/a/../.well-known/async-requests/abc", "//.well-known//async-requests/abc",
                                   "/%2Ewell-known/async-requests/abc"])
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "OPTIONS", "DELETE"])
 async def test_other_methods_on_the_status_path_get_405_and_are_never_queued(base, http, redis_client, path, method):
     """Queued, such a request's replay would come back to the producer and be queued again, without end."""
     async with http.request(method, URL(base + path, encoded=True), data=b"x", headers=ASYNC) as resp:
+        if method == "DELETE":  # cancels; there is no such request
+            assert resp.status == 404
+            assert await entry_count(redis_client) == 0
+            return
         assert resp.status == 405
-        assert resp.headers["Allow"] == "GET, HEAD"
+        assert resp.headers["Allow"] == "GET, HEAD, DELETE"
         assert "not allowed" in (await resp.json())["error"]
     assert await entry_count(redis_client) == 0
     async with http.get(base + "/metrics") as resp:
@@ -690,3 +696,69 @@ async def test_keyed_and_plain_requests_in_one_batch_are_each_queued(base, http,
             keyed[n % 5].add(location)
     assert all(len(seen) == 1 for seen in keyed.values())
     assert await entry_count(redis_client) == 20 + 5
+
+
+# --- DELETE <Location>
+
+
+async def accept(base, http, path="/c"):
+    async with http.post(f"{base}{path}", headers=ASYNC) as resp:
+        assert resp.status == 202
+        return resp.headers["Location"], resp.headers["Async-Request-Id"]
+
+
+async def test_delete_of_a_queued_request_cancels_it_and_get_reads_canceled(base, http, redis_client):
+    location, request_id = await accept(base, http)
+    async with http.delete(base + location, headers=ASYNC) as resp:
+        assert resp.status == 200 and resp.headers["Async-Request-State"] == CANCELED
+        doc = await resp.json()
+    assert (doc["id"], doc["state"], doc["attempts"], doc["status_url"]) == (request_id, CANCELED, 0, location)
+    assert doc["accepted_at"] > 0
+    async with http.get(base + location, headers=ASYNC) as resp:
+        assert resp.status == 410 and resp.headers["Async-Request-State"] == CANCELED
+        assert (await resp.json())["state"] == CANCELED
+    async with http.delete(base + location, headers=ASYNC) as resp:  # again: still canceled
+        assert resp.status == 200 and (await resp.json())["state"] == CANCELED
+    record = Record.from_json(await redis_client.get(record_key("async", request_id)))
+    assert record.state == CANCELED and await redis_client.pttl(record_key("async", request_id)) > 0
+
+
+async def test_delete_of_a_retrying_request_cancels_it(base, http, redis_client):
+    await put_record(redis_client, "r1", Record(state=RETRYING, host=HOST, attempts=1, updated_at=10.0,
+                                                error="the Service answered 503", next_attempt_at=99.0,
+                                                accepted_at=9.0))
+    async with http.delete(f"{base}{STATUS_PATH_PREFIX}r1", headers=ASYNC) as resp:
+        assert resp.status == 200
+        doc = await resp.json()
+    assert doc["state"] == CANCELED and doc["attempts"] == 1 and doc["accepted_at"] == 9.0
+    assert "next_attempt_at" not in doc
+
+
+async def test_delete_of_a_running_request_is_409(base, http, redis_client):
+    await put_record(redis_client, "r2", Record(state=RUNNING, host=HOST, attempts=1, updated_at=10.0))
+    async with http.delete(f"{base}{STATUS_PATH_PREFIX}r2", headers=ASYNC) as resp:
+        assert resp.status == 409 and resp.headers["Async-Request-State"] == RUNNING
+        doc = await resp.json()
+    assert doc["state"] == RUNNING and "running" in doc["error"]
+    assert Record.from_json(await redis_client.get(record_key("async", "r2"))).state == RUNNING
+
+
+@pytest.mark.parametrize("state", [SUCCEEDED, FAILED])
+async def test_delete_of_a_finished_request_is_204_and_forgets_it(base, http, redis_client, state):
+    location, request_id = await accept(base, http)
+    await put_record(redis_client, request_id, Record(state=state, host=HOST, attempts=1, updated_at=1.0,
+                                                      response=RecordedResponse(200, (), b"ok")))
+    async with http.delete(base + location, headers=ASYNC) as resp:
+        assert resp.status == 204 and await resp.read() == b""
+        assert "Content-Length" not in resp.headers
+    for method in ("GET", "DELETE"):
+        async with http.request(method, base + location, headers=ASYNC) as resp:
+            assert resp.status == 404, method
+    assert await entry_count(redis_client) == 0  # a source that keeps delivered entries cannot make it queued again
+
+
+async def test_delete_through_another_services_route_is_404(base, http, redis_client):
+    location, request_id = await accept(base, http)
+    async with http.delete(base + location, headers={"Async-Original-Host": "other.default.svc.cluster.local"}) as resp:
+        assert resp.status == 404
+    assert await redis_client.get(record_key("async", request_id)) is None

@@ -128,7 +128,8 @@ def _date() -> bytes:
 def encode(response: Response, *, keep_alive: bool, head: bool = False, version: str = "1.1") -> bytes:
     """The response's bytes (header text as UTF-8, as aiohttp sends it)."""
     parts = [_STATUS_LINES.get(response.status) or _status_line(response.status), _date(),
-             b"Content-Length: %d\r\n" % len(response.body)]
+             # a 204 has no body, and no Content-Length (RFC 9110, 8.6)
+             b"" if response.status == 204 else b"Content-Length: %d\r\n" % len(response.body)]
     for name, value in response.headers:
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} contains a line break")

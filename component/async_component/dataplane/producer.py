@@ -2,9 +2,9 @@
 
 Every request that carries ``Async-Original-Host`` came through an async route
 of the network layer, whatever its method and path: a GET or HEAD under
-``STATUS_PATH_PREFIX`` reads a queued request's status, another method there
-gets 405 (queued, its replay would be routed back here), anything else is
-queued. Requests without that header only reach the probes. The target host must
+``STATUS_PATH_PREFIX`` reads a queued request's status, a DELETE cancels the
+request (:mod:`.cancel`), another method there gets 405 (queued, its replay
+would be routed back here), anything else is queued. Requests without that header only reach the probes. The target host must
 be on ``ALLOWED_HOSTS``, so the producer can never be used to reach arbitrary
 hosts. A 202 is only sent once Redis has stored the stream entry.
 
@@ -37,7 +37,8 @@ from . import idempotency, preferences, targets
 from .enqueuer import Enqueuer, Keyed, KeyReused, Seen
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
-from .records import PENDING_STATES, QUEUED, RETRYING, Record, finished_channel, record_key
+from .cancel import DELETED, MISSING, Canceler
+from .records import CANCELED, PENDING_STATES, QUEUED, RETRYING, RUNNING, Record, finished_channel, record_key
 from .prefork import run_workers
 from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
@@ -53,6 +54,8 @@ from ..settings import ProducerSettings
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = "1"
+CANCELED_STATUS = 410
+"""A status read of a canceled request: Gone, its response will never exist (with the JSON status)."""
 PREFERENCE_APPLIED = ("Preference-Applied", RESPOND_ASYNC)
 """On the accept 202 (RFC 7240): the request was handled asynchronously, as asked (or as the Service always does)."""
 
@@ -211,6 +214,7 @@ class Producer:
         self.stopping = asyncio.Event()
         self.check_task: asyncio.Task | None = None
         self.finished: Finished | None = None
+        self.canceler: Canceler | None = None
         self.finished_task: asyncio.Task | None = None
         self.retry_after = ("Retry-After", str(settings.poll_interval))
         """On every 202: the suggested polling interval."""
@@ -230,6 +234,8 @@ class Producer:
         if is_status_path(request.path):
             if request.method in _READS:
                 return await self.status(request, host)
+            if request.method == "DELETE":
+                return await self.cancel(request, host)
             # never queued: its replay would come back here and be queued again, without end
             self.metrics.rejected_for["method_not_allowed"].inc()
             return error_response(405, f"{request.method} is not allowed on the status path", _ALLOW)
@@ -399,9 +405,9 @@ class Producer:
 
     async def status(self, request: Request, host: str) -> Response:
         """``<entry id>.<request id>`` (what ``Location`` says) or ``<request id>`` alone (record only)."""
-        entry_id, _, request_id = request.path[len(STATUS_PATH_PREFIX):].rpartition(LOCATION_SEPARATOR)
-        if not _REQUEST_ID.fullmatch(request_id) or (entry_id and not _ENTRY_ID.fullmatch(entry_id)):
-            return self._not_found(request_id)
+        entry_id, request_id = self._status_ids(request.path)
+        if request_id is None:
+            return self._not_found(request.path[len(STATUS_PATH_PREFIX):])
         try:
             raw, entries = await self._read_status(request_id, entry_id)
         except Exception as exc:  # Redis down: the status is unknown, not absent
@@ -427,10 +433,39 @@ class Producer:
         self.metrics.status_reads.labels(record.state).inc()
         return self._final(request_id, record)
 
+    async def cancel(self, request: Request, host: str) -> Response:
+        """``DELETE <Location>``: 200 canceled (queued or retrying), 409 running, 204 finished (forgotten)."""
+        entry_id, request_id = self._status_ids(request.path)
+        if request_id is None:
+            return self._not_found("")
+        try:
+            outcome = await self.canceler.cancel(record_key(self.settings.key_prefix, request_id), entry_id,
+                                                 request_id, host, time.time())
+        except Exception as exc:
+            self._redis_failed("canceling a request", exc)
+            return error_response(503, "the request status is unavailable, try again later",
+                                  ("Retry-After", RETRY_AFTER_SECONDS))
+        if outcome.found == MISSING:
+            return self._not_found(request_id)
+        if outcome.found == DELETED:
+            log.info("request %s: its %s outcome deleted by the client", request_id, outcome.record.state)
+            return Response(204, b"", [(STATE_HEADER, outcome.record.state)])
+        if outcome.found == RUNNING:
+            return json_response(409, {**self._status_document(request_id, outcome.record, request.path),
+                                       "error": "the request is running: it cannot be recalled"},
+                                 [(STATE_HEADER, RUNNING)])
+        if outcome.found != CANCELED:
+            log.info("request %s: canceled by the client while %s", request_id, outcome.found)
+        return json_response(200, self._status_document(request_id, outcome.record, request.path),
+                             [(STATE_HEADER, CANCELED)])
+
     @staticmethod
     def _final(request_id: str, record: Record) -> Response:
         """The Service's recorded response, with the request's state and id."""
         own = [(STATE_HEADER, record.state), (REQUEST_ID_HEADER, request_id)]
+        if record.state == CANCELED:  # never replayed: there is no response, and there will be none
+            return json_response(CANCELED_STATUS, {"id": request_id, "state": CANCELED, "attempts": record.attempts,
+                                                   "updated_at": record.updated_at}, own)
         response = record.response
         if response is None or not 200 <= response.status <= 599:
             message = record.error or f"request finished as {record.state} without a response"
@@ -438,6 +473,14 @@ class Producer:
         headers = [(k, v) for k, v in response.headers if k.lower() not in _NOT_REPLAYED]
         headers.extend(own)
         return Response(response.status, response.body, headers)
+
+    @staticmethod
+    def _status_ids(path: str) -> tuple[str, str | None]:
+        """``(entry id or '', request id)`` of a status path, the request id None when it is not one."""
+        entry_id, _, request_id = path[len(STATUS_PATH_PREFIX):].rpartition(LOCATION_SEPARATOR)
+        if not _REQUEST_ID.fullmatch(request_id) or (entry_id and not _ENTRY_ID.fullmatch(entry_id)):
+            return "", None
+        return entry_id, request_id
 
     async def _read_status(self, request_id: str, entry_id: str) -> tuple[bytes | None, list]:
         """The record, and the stream entry when ``entry_id`` is given, in one round trip.
@@ -458,6 +501,11 @@ class Producer:
     def _pending(self, request_id: str, record: Record, location: str) -> Response:
         """202 with what a poller needs: the state, its attempts, when to look again and where."""
         self.metrics.status_reads.labels(record.state).inc()
+        return json_response(202, self._status_document(request_id, record, location),
+                             [(STATE_HEADER, record.state), ("Location", location), self.retry_after])
+
+    @staticmethod
+    def _status_document(request_id: str, record: Record, location: str) -> dict:
         doc = {"id": request_id, "state": record.state, "attempts": record.attempts, "updated_at": record.updated_at}
         if record.accepted_at is not None:
             doc["accepted_at"] = record.accepted_at
@@ -466,7 +514,7 @@ class Producer:
         if record.error is not None:
             doc["error"] = record.error
         doc["status_url"] = location
-        return json_response(202, doc, [(STATE_HEADER, record.state), ("Location", location), self.retry_after])
+        return doc
 
     def _not_found(self, request_id: str) -> Response:
         self.metrics.status_reads.labels("not_found").inc()
@@ -487,6 +535,8 @@ class Producer:
         await self.redis_check.check()
         self.check_task = asyncio.create_task(self.redis_check.run(self.stopping), name="redis-check")
         self.finished = Finished(self.redis, finished_channel(self.settings.key_prefix))
+        self.canceler = Canceler(self.redis, stream=self.settings.stream, channel=self.finished.channel,
+                                 retention=self.settings.status_retention)
         self.finished_task = asyncio.create_task(self.finished.run(self.stopping), name="finished-subscription")
 
     async def stop(self) -> None:

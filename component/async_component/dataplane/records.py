@@ -5,7 +5,8 @@ document that expires after the retention period. The producer writes none:
 a request without a record is ``queued`` as long as its stream entry exists
 (the producer's status resource checks). The consumer creates it as
 ``running``, then moves it to ``retrying``, ``succeeded`` or ``failed`` with
-the Service's recorded response.
+the Service's recorded response; the producer moves a request that has not
+started (or is waiting for a retry) to ``canceled`` (:mod:`.cancel`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ RUNNING = "running"
 RETRYING = "retrying"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
+CANCELED = "canceled"
+"""Canceled by the client (``DELETE <Location>``) before it ran, or before its next attempt: never replayed."""
 PENDING_STATES = (QUEUED, RUNNING, RETRYING)
-FINAL_STATES = (SUCCEEDED, FAILED)
+FINAL_STATES = (SUCCEEDED, FAILED, CANCELED)
 
 
 def record_key(prefix: str, request_id: str) -> str:
