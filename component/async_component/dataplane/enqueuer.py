@@ -65,7 +65,7 @@ class KeyReused(Exception):
     """The idempotency key was first sent with another request (422)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class Keyed:
     """A request with an ``Idempotency-Key``: queued unless its key is held."""
 

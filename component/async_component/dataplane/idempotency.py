@@ -32,7 +32,9 @@ def parse_key(values: list[str]) -> str:
     text = values[0].strip(" \t")
     string = _SF_STRING.fullmatch(text)
     if string:
-        key = re.sub(r'\\(["\\])', r"\1", string.group(1))
+        key = string.group(1)
+        if "\\" in key:
+            key = re.sub(r'\\(["\\])', r"\1", key)
     elif _TOKEN.fullmatch(text):
         key = text
     else:
