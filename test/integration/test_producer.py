@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -36,6 +37,17 @@ async def start_producer(settings: ProducerSettings):
     server = producer.make_server(settings)
     await server.start(settings.host, settings.port)
     return server
+
+
+@contextlib.asynccontextmanager
+async def producer_with(redis_url: str, **changes):
+    """A producer with settings changed from the defaults; yields its base URL."""
+    settings = settings_for(redis_url, **changes)
+    server = await start_producer(settings)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        await server.close()
 
 
 @pytest.fixture
@@ -437,10 +449,7 @@ async def test_status_retrying_reports_next_attempt(base, http, redis_client):
 
 
 async def test_every_202_suggests_the_polling_interval(redis_url, http, redis_client):
-    settings = settings_for(redis_url, poll_interval=7)
-    server = await start_producer(settings)
-    try:
-        base = f"http://127.0.0.1:{settings.port}"
+    async with producer_with(redis_url, poll_interval=7) as base:
         async with http.post(f"{base}/x", headers=ASYNC) as resp:
             assert resp.status == 202 and resp.headers["Retry-After"] == "7"
             assert resp.headers["Preference-Applied"] == "respond-async"
@@ -449,8 +458,6 @@ async def test_every_202_suggests_the_polling_interval(redis_url, http, redis_cl
             assert resp.status == 202 and resp.headers["Retry-After"] == "7"
             assert resp.headers["Location"] == location
             assert "Preference-Applied" not in resp.headers
-    finally:
-        await server.close()
 
 
 async def test_status_replays_the_recorded_response(base, http, redis_client):
@@ -599,16 +606,11 @@ async def test_wait_answers_the_recorded_response_once_the_replay_announces_it(b
 
 
 async def test_wait_is_capped_by_max_wait(redis_url, http):
-    settings = settings_for(redis_url, max_wait=0.5)
-    server = await start_producer(settings)
-    try:
+    async with producer_with(redis_url, max_wait=0.5) as base:
         started = time.monotonic()
-        async with http.post(f"http://127.0.0.1:{settings.port}/x",
-                             headers={**ASYNC, "Prefer": "respond-async, wait=30"}) as resp:
+        async with http.post(f"{base}/x", headers={**ASYNC, "Prefer": "respond-async, wait=30"}) as resp:
             assert resp.status == 202 and resp.headers["Location"]
         assert 0.4 <= time.monotonic() - started < 5
-    finally:
-        await server.close()
 
 
 async def test_a_stopping_producer_answers_its_waiting_requests_202_and_keeps_them_queued(settings, http,
