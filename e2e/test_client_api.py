@@ -111,3 +111,20 @@ async def test_delete_after_finishing_is_204_then_404(client: Client, backend: B
     assert (await client.request(service, "GET", location)).status == 404
     assert (await client.request(service, "DELETE", location)).status == 404
     assert await entries_added(redis, backend.stream) == before  # a DELETE is never queued
+
+
+async def test_a_producer_killed_during_a_wait_loses_nothing(client: Client, backend: Backend, redis):
+    """The client gets an error it can retry; retried with its Idempotency-Key, it gets the one request's answer."""
+    before = await entries_added(redis, backend.stream)
+    headers = [("Prefer", "respond-async, wait=20"), ("Idempotency-Key", f'"{uuid.uuid4()}"')]
+    waiting = asyncio.create_task(client.request(SERVICE_ALWAYS, "POST", "/crash?sleep=2", data=b"x", headers=headers))
+    while await entries_added(redis, backend.stream) == before:
+        await asyncio.sleep(0.02)
+    await asyncio.get_running_loop().run_in_executor(None, backend.kill, "producer")
+    reply = await waiting
+    assert reply.status in (202, 502, 503), reply.body  # a 202, or an error worth retrying
+    await asyncio.get_running_loop().run_in_executor(None, backend.wait_ready, "producer")
+    again = await client.request(SERVICE_ALWAYS, "POST", "/crash?sleep=2", data=b"x", headers=headers)
+    assert again.status == 200, again.body
+    assert again.json()["path"] == "/crash" and echo_headers(again.json(), "Async-Attempt") == ["1"]
+    assert await entries_added(redis, backend.stream) == before + 1
