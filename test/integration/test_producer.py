@@ -764,3 +764,24 @@ async def test_delete_through_another_services_route_is_404(base, http, redis_cl
     async with http.delete(base + location, headers={"Async-Original-Host": "other.default.svc.cluster.local"}) as resp:
         assert resp.status == 404
     assert await redis_client.get(record_key("async", request_id)) is None
+
+
+async def test_a_repeated_key_with_wait_waits_for_the_first_requests_outcome(base, http, redis_client):
+    headers = {**ASYNC, "Idempotency-Key": "k-wait"}
+    async with http.post(f"{base}/w", data=b"1", headers=headers) as resp:
+        request_id = resp.headers["Async-Request-Id"]
+
+    async def finish_it():
+        await asyncio.sleep(0.5)
+        await put_record(redis_client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
+                                                          response=RecordedResponse(200, (), b"first")))
+        await redis_client.publish("async:finished", record_key("async", request_id))
+
+    finisher = asyncio.create_task(finish_it())
+    started = time.monotonic()
+    async with http.post(f"{base}/w", data=b"1", headers={**headers, "Prefer": "respond-async, wait=20"}) as resp:
+        assert resp.status == 200 and await resp.read() == b"first"
+        assert resp.headers["Async-Request-Id"] == request_id
+    assert 0.4 <= time.monotonic() - started < 10
+    await finisher
+    assert await entry_count(redis_client) == 1
