@@ -16,7 +16,7 @@ from aiohttp import web
 from cloudevents.v1.conversion import to_structured
 from cloudevents.v1.http import CloudEvent
 
-from async_component.dataplane import sink
+from async_component.dataplane import idempotency, sink
 from async_component.dataplane import envelope as wire
 from async_component.dataplane.envelope import Envelope, event_attributes, event_data, header_value
 from async_component.local.ports import free_port
@@ -530,6 +530,21 @@ async def test_the_replay_announces_each_final_outcome_for_waiting_requests(base
         while message is None:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
     assert message["data"] == record_key("async", envelope.id).encode()
+
+
+@pytest.mark.parametrize("statuses", [[200], [500]])
+async def test_the_final_outcome_renews_the_idempotency_key_for_the_results_retention(base, http, redis_client,
+                                                                                       target, statuses):
+    envelope = envelope_for(target, headers=[("Idempotency-Key", '"order-9"')])
+    host = urlsplit(envelope.url).netloc
+    key = idempotency.key_name("async", host, "order-9")
+    await redis_client.set(key, "fingerprint 1-0 id", px=5000)  # as the producer left it, nearly expired
+    target.statuses = statuses
+    entry_id = await queue(redis_client, envelope)
+    await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert await redis_client.pttl(key) > 5000
+    assert await redis_client.pttl(key) == pytest.approx(await redis_client.pttl(record_key("async", envelope.id)),
+                                                         abs=2000)
 
 
 async def test_redelivered_event_of_an_attempt_that_scheduled_a_retry_is_not_replayed(base, http, redis_client,

@@ -785,3 +785,19 @@ async def test_a_repeated_key_with_wait_waits_for_the_first_requests_outcome(bas
     assert 0.4 <= time.monotonic() - started < 10
     await finisher
     assert await entry_count(redis_client) == 1
+
+
+async def test_delete_of_a_finished_request_frees_its_idempotency_key(base, http, redis_client):
+    headers = {**ASYNC, "Idempotency-Key": "k-del"}
+    async with http.post(f"{base}/d", data=b"1", headers=headers) as resp:
+        location, request_id = resp.headers["Location"], resp.headers["Async-Request-Id"]
+    await put_record(redis_client, request_id, Record(
+        state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0, response=RecordedResponse(200, (), b"ok"),
+        idempotency_key="async:{default/sleep}:idem:k-del"))
+    async with http.delete(base + location, headers=ASYNC) as resp:
+        assert resp.status == 204
+    async with http.post(f"{base}/d", data=b"1", headers=headers) as resp:
+        assert resp.status == 202 and resp.headers["Async-Request-Id"] != request_id  # queued anew
+        new_id = resp.headers["Async-Request-Id"]
+    [(_, fields)] = await stream_entries(redis_client)  # the first entry went with its record
+    assert Envelope.from_stream_fields(fields).id == new_id

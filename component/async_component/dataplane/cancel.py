@@ -9,7 +9,8 @@ canceled before its attempt starts or found running, never both:
   and the replay settles it without replaying it;
 - running: nothing changes (the caller answers 409);
 - finished: the record is deleted (and the entry, if a source keeps delivered
-  entries), so the request is unknown from then on;
+  entries, and its idempotency key), so the request is unknown from then on and
+  its key may be used again;
 - canceled already: nothing changes.
 """
 
@@ -35,6 +36,9 @@ if raw then
   local state = doc['state']
   if state == '%(succeeded)s' or state == '%(failed)s' then
     redis.call('DEL', KEYS[1])
+    if type(doc['idempotency_key']) == 'string' then  -- the key answers with this result: gone with it
+      redis.call('DEL', doc['idempotency_key'])
+    end
     if ARGV[1] ~= '' then
       redis.call('XDEL', KEYS[2], ARGV[1])
     end

@@ -5,7 +5,10 @@ token (``abc``). It is scoped per Service: its Redis key is under the Service's
 hash tag ``{<namespace>/<name>}`` (the tag of the Service's queue), and holds the
 request's fingerprint (method, path and query, body), stream entry id and
 request id. The check and the write happen in the producer's batched enqueue
-script (:mod:`.enqueuer`), so a key costs no extra round trip.
+script (:mod:`.enqueuer`), so a key costs no extra round trip. The key is kept
+``STATUS_RETENTION_SECONDS`` from acceptance, and the replay renews it to as
+long again when it records the final outcome (the header travels with the
+queued request), so the key lasts as long as the result it answers with.
 """
 
 from __future__ import annotations
@@ -64,3 +67,17 @@ def service_tag(host: str) -> str:
 def key_name(prefix: str, host: str, key: str) -> str:
     """The Redis key of an idempotency key for the Service of ``host``."""
     return f"{prefix}:{{{service_tag(host)}}}:idem:{key}"
+
+
+_HEADER_LOWER = HEADER.lower()
+
+
+def queued_key_name(prefix: str, host: str, headers) -> str | None:
+    """The Redis key of a queued request's ``Idempotency-Key`` header (its ``(name, value)`` pairs), if it had one."""
+    values = [value for name, value in headers if name.lower() == _HEADER_LOWER]
+    if not values:
+        return None
+    try:
+        return key_name(prefix, host, parse_key(values))
+    except BadKey:
+        return None

@@ -66,6 +66,8 @@ class Record:
     response: RecordedResponse | None = None
     accepted_at: float | None = None
     """When the producer accepted the request (None in records written before it was kept)."""
+    idempotency_key: str | None = None
+    """The Redis key of the request's ``Idempotency-Key``, in a final record: deleted with the record."""
 
     @property
     def finished(self) -> bool:
@@ -80,6 +82,8 @@ class Record:
             doc["next_attempt_at"] = self.next_attempt_at
         if self.accepted_at is not None:
             doc["accepted_at"] = self.accepted_at
+        if self.idempotency_key is not None:
+            doc["idempotency_key"] = self.idempotency_key
         if self.response is not None:
             body, encoding = encode_body(self.response.body)
             doc["response"] = {"status": self.response.status,
@@ -100,6 +104,7 @@ class Record:
                 error=doc.get("error"),
                 next_attempt_at=doc.get("next_attempt_at"),
                 accepted_at=doc.get("accepted_at"),
+                idempotency_key=doc.get("idempotency_key"),
                 response=None if response is None else RecordedResponse(
                     status=int(response["status"]),
                     headers=tuple((str(k), str(v)) for k, v in response["headers"]),

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError, RedisError
 from yarl import URL
 
-from . import rawhttp, targets
+from . import idempotency, rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
@@ -219,7 +219,7 @@ class Replayer:
         self.finished = finished_channel(settings.key_prefix)
         self.start_script = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
-        self.sets: Batcher[tuple[str, bytes | str, str | None], None] | None = None
+        self.sets: Batcher[tuple[str, bytes | str, str | None, str | None], None] | None = None
 
     # --- one queued request
 
@@ -329,15 +329,20 @@ class Replayer:
                     results[i] = exc
         return results
 
-    async def _set_batch(self, items: list[tuple[str, bytes | str, str | None]]) -> list[None]:
-        """Final records written in the same loop pass, with the entries they settle, in one round trip."""
-        entries = [entry for _, _, entry in items if entry is not None]
+    async def _set_batch(self, items: list[tuple[str, bytes | str, str | None, str | None]]) -> list[None]:
+        """Final records written in the same loop pass, with the entries they settle, in one round trip.
+
+        An item's last part: its idempotency key, kept as long as the record from now on.
+        """
+        entries = [entry for _, _, entry, _ in items if entry is not None]
         async with self.redis.pipeline(transaction=bool(entries)) as pipe:
-            for key, value, _ in items:
+            for key, value, _, _ in items:
                 pipe.set(key, value, px=self.retention_ms)
             self._settle(pipe, *entries)
-            for key, _, _ in items:  # after the records: a woken waiter reads them
+            for key, _, _, idempotency_key in items:  # after the records: a woken waiter reads them
                 pipe.publish(self.finished, key)
+                if idempotency_key is not None:
+                    pipe.pexpire(idempotency_key, self.retention_ms)
             results = await pipe.execute(raise_on_error=False)
         return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
 
@@ -385,9 +390,12 @@ class Replayer:
                               settle: str | None) -> str:
         now = time.time()
         entries = () if settle is None else (settle,)
+        idempotency_key = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
         if replayed.ok:
             await self.sets.submit((key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
-                                        response=replayed.response, accepted_at=envelope.accepted_at).to_json(), settle))
+                                        response=replayed.response, accepted_at=envelope.accepted_at,
+                                        idempotency_key=idempotency_key).to_json(),
+                                    settle, idempotency_key))
             return SUCCEEDED
         settings = self.settings
         if replayed.retryable and attempt < settings.max_attempts:
@@ -403,7 +411,8 @@ class Replayer:
             log.info("request %s attempt %d: %s; retry in %.3fs", envelope.id, attempt, replayed.error, due - now)
             return RETRYING
         record = Record(state=FAILED, host=host, attempts=attempt, updated_at=now, error=replayed.error,
-                        response=replayed.response, accepted_at=envelope.accepted_at)
+                        response=replayed.response, accepted_at=envelope.accepted_at,
+                        idempotency_key=idempotency_key)
         dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
                                  None if replayed.response is None else replayed.response.status)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -411,6 +420,8 @@ class Replayer:
             add_dead_letter(pipe, settings, dead)
             self._settle(pipe, *entries)
             pipe.publish(self.finished, key)
+            if idempotency_key is not None:
+                pipe.pexpire(idempotency_key, self.retention_ms)
             await pipe.execute()
         self.metrics.dead_lettered.inc()
         log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
