@@ -611,6 +611,8 @@ async def test_wait_is_capped_by_max_wait(redis_url, http):
         async with http.post(f"{base}/x", headers={**ASYNC, "Prefer": "respond-async, wait=30"}) as resp:
             assert resp.status == 202 and resp.headers["Location"]
         assert 0.4 <= time.monotonic() - started < 5
+        async with http.get(base + "/metrics") as resp:
+            assert 'async_producer_waits_total{result="accepted"} 1.0' in await resp.text()
 
 
 async def test_a_stopping_producer_answers_its_waiting_requests_202_and_keeps_them_queued(settings, http,
@@ -641,6 +643,8 @@ async def test_the_same_idempotency_key_is_queued_once_and_answered_with_the_fir
         assert (resp.headers["Location"], resp.headers["Async-Request-Id"]) == first
         assert (await resp.json())["state"] == QUEUED
     assert await entry_count(redis_client) == 1
+    async with http.get(base + "/metrics") as resp:
+        assert "async_producer_idempotent_repeats_total 1.0" in await resp.text()
     # another Service's key of the same name is another key
     other = {"Async-Original-Host": "other.default.svc.cluster.local", "Idempotency-Key": '"order-1"'}
     async with http.post(f"{base}/x?a=1", data=b"same", headers=other) as resp:
@@ -721,6 +725,10 @@ async def test_delete_of_a_queued_request_cancels_it_and_get_reads_canceled(base
         assert (await resp.json())["state"] == CANCELED
     async with http.delete(base + location, headers=ASYNC) as resp:  # again: still canceled
         assert resp.status == 200 and (await resp.json())["state"] == CANCELED
+    async with http.get(base + "/metrics") as resp:
+        metrics = await resp.text()
+    assert 'async_producer_cancels_total{found="queued"} 1.0' in metrics
+    assert 'async_producer_cancels_total{found="canceled"} 1.0' in metrics
     record = Record.from_json(await redis_client.get(record_key("async", request_id)))
     assert record.state == CANCELED and await redis_client.pttl(record_key("async", request_id)) > 0
 

@@ -190,6 +190,14 @@ class Metrics:
         self.status_reads = Counter(
             "async_producer_status_reads_total", "Status reads, by what they found", ["result"], registry=registry
         )
+        self.waits = Counter("async_producer_waits_total",
+                             "Prefer: wait requests, by how they were answered (answered: the recorded response; "
+                             "accepted: the 202)", ["result"], registry=registry)
+        self.repeats = Counter("async_producer_idempotent_repeats_total",
+                               "Requests not queued because their Idempotency-Key named an earlier one",
+                               registry=registry)
+        self.cancels = Counter("async_producer_cancels_total", "DELETEs of a Location, by the state found",
+                               ["found"], registry=registry)
 
 
     def batch_written(self, size: int, queued: int, seconds: float) -> None:
@@ -325,13 +333,16 @@ class Producer:
             # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
         if type(queued) is Seen:
+            self.metrics.repeats.inc()
             if wait:
                 self.finished.unregister(key, waiter)
             return await self._seen(queued, host, accepted_at + wait if wait else 0)
         entry_id = queued.decode()
         if wait:
             await self.finished.wait(key, waiter, accepted_at + wait - time.time())
-            return await self._outcome_or_accepted(request_id, entry_id, accepted_at, key, host)
+            answer = await self._outcome_or_accepted(request_id, entry_id, accepted_at, key, host)
+            self.metrics.waits.labels("accepted" if answer.status == 202 else "answered").inc()
+            return answer
         return self._accepted(request_id, entry_id, accepted_at)
 
     async def _seen(self, seen: Seen, host: str, deadline: float) -> Response:
@@ -445,6 +456,7 @@ class Producer:
             self._redis_failed("canceling a request", exc)
             return error_response(503, "the request status is unavailable, try again later",
                                   ("Retry-After", RETRY_AFTER_SECONDS))
+        self.metrics.cancels.labels(outcome.found).inc()
         if outcome.found == MISSING:
             return self._not_found(request_id)
         if outcome.found == DELETED:
