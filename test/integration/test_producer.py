@@ -14,6 +14,7 @@ import time
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from yarl import URL
 
 from async_component.dataplane import producer
@@ -809,3 +810,37 @@ async def test_delete_of_a_finished_request_frees_its_idempotency_key(base, http
         new_id = resp.headers["Async-Request-Id"]
     [(_, fields)] = await stream_entries(redis_client)  # the first entry went with its record
     assert Envelope.from_stream_fields(fields).id == new_id
+
+
+async def test_the_wait_subscription_comes_back_after_a_redis_restart(settings, http, redis_server):
+    server = await start_producer(settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        redis_server.kill()
+        await asyncio.sleep(0.5)  # the subscription notices and waits to reconnect
+        redis_server.start()
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            deadline = time.monotonic() + 10
+            while (await client.pubsub_numsub("async:finished"))[0][1] < 1:  # subscribed again
+                assert time.monotonic() < deadline, "the producer never subscribed again"
+                await asyncio.sleep(0.1)
+
+            async def finish_it():
+                while not (entries := await stream_entries(client)):
+                    await asyncio.sleep(0.02)
+                request_id = Envelope.from_stream_fields(entries[0][1]).id
+                await put_record(client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
+                                                            response=RecordedResponse(200, (), b"back")))
+                await client.publish("async:finished", record_key("async", request_id))
+
+            finisher = asyncio.create_task(finish_it())
+            started = time.monotonic()
+            async with http.post(f"{base}/x", headers={**ASYNC, "Prefer": "respond-async, wait=20"}) as resp:
+                assert resp.status == 200 and await resp.read() == b"back"
+            assert time.monotonic() - started < 10
+            await finisher
+        finally:
+            await client.aclose()
+    finally:
+        await server.close()
