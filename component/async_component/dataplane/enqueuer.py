@@ -1,4 +1,4 @@
-"""The producer's Redis write: stream entries, batched.
+"""The producer's Redis write: stream entries, batched (with their idempotency keys, :mod:`.idempotency`).
 
 A request is queued by one XADD of its envelope; there is no status record
 at accept time (the status resource reads ``queued`` from the stream entry
@@ -114,7 +114,8 @@ class Enqueuer:
         else:
             ids = await self.script(keys=self.keys, args=[STREAM_FIELD, *batch])
         if self.on_batch is not None:
-            self.on_batch(len(batch), sum(1 for i in ids if not isinstance(i, (Exception, Seen))), time.perf_counter() - started)
+            queued = sum(1 for i in ids if not isinstance(i, (Exception, Seen)))
+            self.on_batch(len(batch), queued, time.perf_counter() - started)
         return ids
 
     async def _send_keyed(self, batch: list[bytes | Keyed]) -> list:

@@ -4,9 +4,9 @@ Every request that carries ``Async-Original-Host`` came through an async route
 of the network layer, whatever its method and path: a GET or HEAD under
 ``STATUS_PATH_PREFIX`` reads a queued request's status, a DELETE cancels the
 request (:mod:`.cancel`), another method there gets 405 (queued, its replay
-would be routed back here), anything else is queued. Requests without that header only reach the probes. The target host must
-be on ``ALLOWED_HOSTS``, so the producer can never be used to reach arbitrary
-hosts. A 202 is only sent once Redis has stored the stream entry.
+would be routed back here), anything else is queued. Requests without that
+header only reach the probes. The target host must be on ``ALLOWED_HOSTS``, so
+the producer can never be used to reach arbitrary hosts. A 202 is only sent once Redis has stored the stream entry.
 
 No status record is written at accept time: the ``Location`` names both the
 stream entry and the request (``<entry id>.<request id>``), and while the
