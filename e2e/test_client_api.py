@@ -44,7 +44,7 @@ async def test_wait_in_conditional_mode_is_not_routed_async_unless_spelled_exact
 
 async def test_the_same_idempotency_key_twice_is_replayed_once_with_the_same_location(client: Client,
                                                                                    backend: Backend, redis):
-    before = await entries_added(redis, backend.stream)
+    before = await entries_added(redis, backend)
     headers = [("Idempotency-Key", f'"{uuid.uuid4()}"')]
     first = await client.request(SERVICE_CONDITIONAL, "POST", "/once?sleep=0", data=b"pay", headers=headers,
                                  prefer_async=True)
@@ -61,11 +61,11 @@ async def test_the_same_idempotency_key_twice_is_replayed_once_with_the_same_loc
                                  prefer_async=True)
     assert after.status == 200 and after.body == final.body  # finished: its response
     await asyncio.sleep(0.5)
-    assert await entries_added(redis, backend.stream) == before + 1
+    assert await entries_added(redis, backend) == before + 1
 
 
 async def test_the_same_idempotency_key_with_another_body_is_422(client: Client, backend: Backend, redis):
-    before = await entries_added(redis, backend.stream)
+    before = await entries_added(redis, backend)
     headers = [("Idempotency-Key", f"k-{uuid.uuid4()}")]
     first = await client.request(SERVICE_CONDITIONAL, "POST", "/k?sleep=0", data=b"one", headers=headers,
                                  prefer_async=True)
@@ -73,7 +73,7 @@ async def test_the_same_idempotency_key_with_another_body_is_422(client: Client,
     other = await client.request(SERVICE_CONDITIONAL, "POST", "/k?sleep=0", data=b"two", headers=headers,
                                  prefer_async=True)
     assert other.status == 422, other.body
-    assert await entries_added(redis, backend.stream) == before + 1
+    assert await entries_added(redis, backend) == before + 1
 
 
 async def poll_state(client: Client, service: str, location: str, state: str, timeout: float = 30) -> None:
@@ -104,21 +104,21 @@ async def test_delete_after_finishing_is_204_then_404(client: Client, backend: B
     accepted = await client.request(service, "GET", "/done?sleep=0", prefer_async=service == SERVICE_CONDITIONAL)
     final, _ = await client.follow(service, accepted)
     assert final.status == 200
-    before = await entries_added(redis, backend.stream)
+    before = await entries_added(redis, backend)
     location = accepted.headers["Location"]
     reply = await client.request(service, "DELETE", location)
     assert reply.status == 204 and reply.body == b""
     assert (await client.request(service, "GET", location)).status == 404
     assert (await client.request(service, "DELETE", location)).status == 404
-    assert await entries_added(redis, backend.stream) == before  # a DELETE is never queued
+    assert await entries_added(redis, backend) == before  # a DELETE is never queued
 
 
 async def test_a_producer_killed_during_a_wait_loses_nothing(client: Client, backend: Backend, redis):
     """The client gets an error it can retry; retried with its Idempotency-Key, it gets the one request's answer."""
-    before = await entries_added(redis, backend.stream)
+    before = await entries_added(redis, backend)
     headers = [("Prefer", "respond-async, wait=20"), ("Idempotency-Key", f'"{uuid.uuid4()}"')]
     waiting = asyncio.create_task(client.request(SERVICE_ALWAYS, "POST", "/crash?sleep=2", data=b"x", headers=headers))
-    while await entries_added(redis, backend.stream) == before:
+    while await entries_added(redis, backend) == before:
         await asyncio.sleep(0.02)
     await asyncio.get_running_loop().run_in_executor(None, backend.kill, "producer")
     reply = await waiting
@@ -127,4 +127,4 @@ async def test_a_producer_killed_during_a_wait_loses_nothing(client: Client, bac
     again = await client.request(SERVICE_ALWAYS, "POST", "/crash?sleep=2", data=b"x", headers=headers)
     assert again.status == 200, again.body
     assert again.json()["path"] == "/crash" and echo_headers(again.json(), "Async-Attempt") == ["1"]
-    assert await entries_added(redis, backend.stream) == before + 1
+    assert await entries_added(redis, backend) == before + 1

@@ -38,12 +38,19 @@ async def redis(backend: Backend):
     await client.aclose()
 
 
-async def entries_added(redis: aioredis.Redis, stream: str) -> int:
-    """Entries ever written to the stream: unaffected by the source deleting delivered ones."""
-    try:
-        return int((await redis.xinfo_stream(stream))["entries-added"])
-    except aioredis.ResponseError:  # no such stream yet
-        return 0
+async def entries_added(redis: aioredis.Redis, backend: Backend) -> int:
+    """Entries ever written to any queue (each Service's, and the single stream): unaffected by the source
+    deleting delivered ones."""
+    streams = [backend.stream]
+    async for key in redis.scan_iter(match=f"{backend.key_prefix}:{{*}}:q", count=1000):
+        streams.append(key)
+    total = 0
+    for stream in streams:
+        try:
+            total += int((await redis.xinfo_stream(stream))["entries-added"])
+        except aioredis.ResponseError:  # no such stream yet
+            pass
+    return total
 
 
 def redis_stream_source_event(backend: Backend, entry_id: str, envelope: Envelope) -> tuple[dict, bytes]:
@@ -108,7 +115,7 @@ async def test_always_async_service_queues_without_the_header(client: Client):
 async def test_other_preferences_reach_the_service_beside_respond_sync(client: Client, backend: Backend, redis,
                                                                        service):
     """Only respond-async is replaced; the replay still reaches the Service, never the producer again."""
-    before = await entries_added(redis, backend.stream)
+    before = await entries_added(redis, backend)
     prefer = "respond-async, return=minimal" if service == SERVICE_ALWAYS else "respond-async"
     headers = [("Prefer", prefer), ("Prefer", "handling=lenient")] if service == SERVICE_ALWAYS else []
     accepted = await client.request(service, "POST", "/prefer?sleep=0", data=b"x", headers=headers,
@@ -119,7 +126,7 @@ async def test_other_preferences_reach_the_service_beside_respond_sync(client: C
     expected = ["respond-sync, return=minimal, handling=lenient"] if service == SERVICE_ALWAYS else ["respond-sync"]
     assert echo_headers(final.json(), "Prefer") == expected
     await asyncio.sleep(0.5)
-    assert await entries_added(redis, backend.stream) == before + 1
+    assert await entries_added(redis, backend) == before + 1
 
 
 async def test_plain_service_ignores_the_async_preference(client: Client):
@@ -188,33 +195,33 @@ async def test_client_sent_original_host_cannot_redirect_the_request(client: Cli
 
 
 async def test_producer_refuses_targets_outside_the_allowed_hosts(client: Client, backend: Backend, redis):
-    before = await entries_added(redis, backend.stream)
+    before = await entries_added(redis, backend)
     async with client.session.post(
         backend.producer_url + "/anything", data=b"x",
         headers={"Async-Original-Host": "evil.example.org", "Prefer": "respond-async"},
     ) as response:
         assert response.status == 403
         assert "error" in await response.json()
-    assert await entries_added(redis, backend.stream) == before
+    assert await entries_added(redis, backend) == before
 
 
 @pytest.mark.parametrize("service", [SERVICE_CONDITIONAL, SERVICE_ALWAYS])
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
 async def test_status_path_is_never_queued_or_replayed(client: Client, backend: Backend, redis, service, method):
     """A write to the status path once made its replay come back to the producer and be queued again, forever."""
-    before = await entries_added(redis, backend.stream)
+    before = await entries_added(redis, backend)
     reply = await client.request(service, method, "/.well-known/async-requests/x", data=b"x", prefer_async=True)
     assert reply.status == 405, reply.body
     assert reply.headers["Allow"] == "GET, HEAD, DELETE"
     await asyncio.sleep(1.0)  # a replay loop would have added entries by now
-    assert await entries_added(redis, backend.stream) == before
+    assert await entries_added(redis, backend) == before
 
 
 async def test_too_large_body_is_refused_and_nothing_queued(client: Client, backend: Backend, redis):
-    before = await entries_added(redis, backend.stream)
+    before = await entries_added(redis, backend)
     reply = await client.request(SERVICE_CONDITIONAL, "POST", "/big", data=b"x" * 7_000_000, prefer_async=True)
     assert reply.status == 413
-    assert await entries_added(redis, backend.stream) == before
+    assert await entries_added(redis, backend) == before
 
 
 @pytest.mark.parametrize("prefer_async", [True, False])
@@ -340,7 +347,7 @@ async def test_an_event_cut_off_by_a_consumer_crash_is_replayed_when_delivered_a
             return None
 
     first = asyncio.create_task(deliver())
-    key = record_key(backend.key_prefix, envelope.id)
+    key = record_key(backend.key_prefix, envelope.id, envelope.url.split("/")[2])
     for _ in range(200):  # until the consumer has started the replay (the app sleeps 2 s)
         raw = await redis.get(key)
         if raw is not None and Record.from_json(raw).state == RUNNING:

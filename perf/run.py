@@ -126,12 +126,15 @@ def wait_for_backlog(where: Target, timeout: float) -> tuple[int, float, int] | 
         return None
     import redis
 
-    from async_component.dataplane.records import retry_key
+    from async_component.dataplane.queues import Layout
 
     client = redis.Redis.from_url(where.redis_url)
+    layout = Layout(where.key_prefix, where.stream)
     try:
         def backlog() -> int:
-            return client.xlen(where.stream) + client.zcard(retry_key(where.key_prefix))
+            """Every queue that may hold work (the active set), and the single stream."""
+            queues = [layout.single] + [layout.member(m.decode()) for m in client.zrange(layout.active, 0, -1)]
+            return sum(sum(client.xlen(s) for s in queue.streams) + client.zcard(queue.retries) for queue in queues)
 
         first, started, tick = backlog(), time.monotonic(), 0
         while (left := backlog()) > 0 and time.monotonic() - started < timeout:

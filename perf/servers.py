@@ -84,10 +84,14 @@ class Server:
 
 
 def producer(redis_url: str, workers: int, stream: str = "async-requests") -> Server:
-    """``async-component producer`` as the Deployment runs it, with ``WORKERS`` processes."""
+    """``async-component producer`` as the Deployment runs it, with ``WORKERS`` processes.
+
+    Its Service's queue is uncapped here: wrk queues far more than the default 100,000 with no source
+    draining, and a 503 for a full queue would be counted as an error.
+    """
     port = free_port()
     env = {"REDIS_URL": redis_url, "PORT": str(port), "HOST": "127.0.0.1", "WORKERS": str(workers),
-           "STREAM_NAME": stream, "LOG_LEVEL": "WARNING"}
+           "STREAM_NAME": stream, "LOG_LEVEL": "WARNING", "MAX_QUEUED_PER_SERVICE": str(10**9)}
     return Server(f"producer ({workers} worker{'s' if workers > 1 else ''})",
                   [sys.executable, "-m", "async_component", "producer"], env, port)
 

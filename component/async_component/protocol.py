@@ -89,11 +89,16 @@ DEAD_LETTER_ERROR_FIELD = "error"
 """Why the request ended here."""
 DEAD_LETTER_STATUS_FIELD = "status"
 """The last HTTP status, when there was one."""
+DEAD_LETTER_SERVICE_FIELD = "service"
+"""The target Service, ``<namespace>/<name>`` (or the target host when it is not a Service's), when known."""
 
 
-def dead_letter_entry(fields: Mapping[Any, Any], error: str, status: int | None = None) -> dict[Any, Any]:
-    """A dead-letter stream entry: the queued entry's own fields, plus why it failed and its last status."""
+def dead_letter_entry(fields: Mapping[Any, Any], error: str, status: int | None = None,
+                      service: str | None = None) -> dict[Any, Any]:
+    """A dead-letter stream entry: the queued entry's own fields, plus why it failed, its last status, its Service."""
     entry = {**fields, DEAD_LETTER_ERROR_FIELD: error}
     if status is not None:
         entry[DEAD_LETTER_STATUS_FIELD] = str(status)
+    if service:
+        entry[DEAD_LETTER_SERVICE_FIELD] = service
     return entry

@@ -131,6 +131,13 @@ def log_level(raw: str) -> str:
     return value
 
 
+def queue_mode(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("per-service", "single-stream"):
+        raise ValueError("must be per-service or single-stream")
+    return value
+
+
 def setting(env: str, default: str, parse: Callable[[str], Any], help: str, *, alias: str = "",
             secret: bool = False) -> Any:
     """Declare a field read from ``env`` (or ``alias``), with ``default`` as raw text; a secret stays out of repr."""
@@ -182,8 +189,15 @@ class RedisSettings:
         "REDIS_PASSWORD", "", optional(str), "Redis password, when REDIS_URL holds none (from the Secret's password key)",
         secret=True)
     redis_ca_file: str | None = setting("REDIS_CA_FILE", "", optional(str), "PEM file of the CA that signed the Redis server's TLS certificate")
-    stream: str = setting("STREAM_NAME", DEFAULT_STREAM, str, "Redis stream that holds queued requests")
+    stream: str = setting(
+        "STREAM_NAME", DEFAULT_STREAM, str,
+        "the single stream of QUEUE_MODE=single-stream (per-service: still drained, for requests queued before)")
     key_prefix: str = setting("KEY_PREFIX", DEFAULT_KEY_PREFIX, str, "prefix of the status, retry and dead-letter keys")
+    queue_mode: str = setting(
+        "QUEUE_MODE", "per-service", queue_mode,
+        "per-service: one queue per target Service, served fairly; single-stream: every request in STREAM_NAME"
+        " (for Knative's RedisStreamSource, which reads one stream)",
+    )
     log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
 
     def __post_init__(self) -> None:
@@ -244,6 +258,10 @@ class TargetSettings(RedisSettings):
 class ProducerSettings(ServiceSettings, TargetSettings):
     request_size_limit: int = setting("REQUEST_SIZE_LIMIT", "6000000", positive_int, "largest accepted body in bytes")
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
+    max_queued_per_service: int = setting(
+        "MAX_QUEUED_PER_SERVICE", "100000", positive_int,
+        "requests queued for one Service (waiting, in flight or retrying) before the producer answers 503",
+    )
     header_timeout: float = setting("HEADER_TIMEOUT", "10", positive_float,
                                     "seconds from a request's first byte to the end of its headers (else 408)")
     body_min_rate: int = setting("BODY_MIN_RATE", "1024", positive_int,
@@ -290,6 +308,11 @@ class SourceSettings(ReplaySettings):
     group: str = setting("CONSUMER_GROUP", DEFAULT_GROUP, str, "Redis consumer group shared by all source processes")
     consumer_name: str = setting("CONSUMER_NAME", "", str, "this process's name in the group (unset: its host name and pid)")
     concurrency: int = setting("CONCURRENCY", "32", positive_int, "deliveries in flight at once")
+    max_inflight_per_service: int = setting(
+        "MAX_INFLIGHT_PER_SERVICE", "8", positive_int,
+        "deliveries in flight at once to one Service (within CONCURRENCY), so a slow or hung Service holds"
+        " only its own slots",
+    )
     visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
     delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event (with SINK_URL)")
     health_port: int = setting("HEALTH_PORT", "8081", port, "port for /healthz, /readyz and /metrics (0: none)")

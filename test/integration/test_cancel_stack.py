@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from async_component.dataplane.queues import Layout
 from async_component.local.ports import free_port
 from async_component.local.stack import LocalStack
 
@@ -34,8 +35,10 @@ def test_delete_while_retrying_cancels_and_the_request_is_never_attempted_again(
 
         client = redis.Redis.from_url(stack.redis_url)
         try:
-            # the retry comes due (2 s to 4 s, jittered) and is settled without a replay
-            poll(lambda: client.zcard(f"{stack.key_prefix}:retries") == 0, timeout=15)
+            # the retry comes due (2 s to 4 s, jittered), is moved to the retry stream and settled without a replay
+            queue = Layout(stack.key_prefix, stack.stream).for_host(f"{CONDITIONAL}.default.svc.cluster.local")
+            assert client.zcard(queue.retries) == 1
+            poll(lambda: client.zcard(queue.retries) == 0 and client.xlen(queue.retry_stream) == 0, timeout=15)
             time.sleep(1.0)
             status, headers, body = http(stack.gateway_url + location, host)
             assert status == 410 and headers["Async-Request-State"] == "canceled", body

@@ -65,6 +65,7 @@ async def target():
 
 
 def settings_for(redis_url: str, **changes) -> ConsumerSettings:
+    """The consumer behind Knative's RedisStreamSource: events from the single stream, retries back to it."""
     base = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
                             retry_max_delay=0.2, request_timeout=2.0, max_attempts=3, **LOOPBACK_TARGETS)
     return dataclasses.replace(base, **changes)
@@ -91,7 +92,7 @@ async def queue(redis_client, envelope: Envelope) -> str:
     """What the producer writes for an accepted request."""
     host = envelope.url.split("/")[2]
     entry_id = await redis_client.xadd(STREAM, envelope.to_stream_fields())
-    await redis_client.set(record_key("async", envelope.id), Record(state=QUEUED, host=host).to_json())
+    await redis_client.set(record_key("async", envelope.id, host), Record(state=QUEUED, host=host).to_json())
     return entry_id.decode()
 
 
@@ -117,7 +118,8 @@ async def deliver_new(http, base: str, redis_client, last: list[str]) -> list[in
 
 
 async def record_of(redis_client, request_id: str) -> Record:
-    return Record.from_json(await redis_client.get(record_key("async", request_id)))
+    [key] = await redis_client.keys(f"async:*:req:{request_id}")
+    return Record.from_json(await redis_client.get(key))
 
 
 async def eventually(check, timeout: float = 10.0):
@@ -165,7 +167,7 @@ async def test_redis_stream_source_event_is_replayed_byte_for_byte(base, http, r
     assert [v for k, v in record.response.headers if k == "X-Reply"] == ["a", "b"]
     assert ("Content-Encoding", "gzip") in record.response.headers
     assert all(k.lower() not in ("content-length", "transfer-encoding") for k, _ in record.response.headers)
-    assert 86000 < await redis_client.ttl(record_key("async", envelope.id)) <= 86400
+    assert 86000 < await redis_client.ttl(record_key("async", envelope.id, f"127.0.0.1:{target.port}")) <= 86400
 
 
 @pytest.mark.parametrize("through_gateway", [False, True])
@@ -283,14 +285,14 @@ async def test_a_target_outside_the_producers_policy_is_refused_never_called(red
     try:
         envelope = Envelope.new("GET", url, [], b"")
         entry_id = await queue(redis_client, envelope)
-        await redis_client.delete(record_key("async", envelope.id))
+        await redis_client.delete(record_key("async", envelope.id, url.split("/")[2]))
         status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
                                  *binary_event(entry_id, envelope.to_stream_fields()))
     finally:
         await runner.cleanup()
     assert status == 400 and reason in doc["error"], doc
     assert target.seen == []
-    assert await redis_client.get(record_key("async", envelope.id)) is None
+    assert await redis_client.keys(f"async:*req:{envelope.id}") == []
 
 
 # --- Knative's RedisStreamSource, as its receive adapter sends events
@@ -514,7 +516,7 @@ async def test_a_canceled_request_is_settled_without_being_replayed(base, http, 
     envelope = envelope_for(target)
     entry_id = await queue(redis_client, envelope)
     canceled = Record(state=CANCELED, host=urlsplit(envelope.url).netloc, attempts=1, updated_at=1.0)
-    await redis_client.set(record_key("async", envelope.id), canceled.to_json())
+    await redis_client.set(record_key("async", envelope.id, urlsplit(envelope.url).netloc), canceled.to_json())
     status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
     assert (status, doc) == (200, {"id": envelope.id, "state": CANCELED, "duplicate": True})
     assert target.seen == []
@@ -529,7 +531,7 @@ async def test_the_replay_announces_each_final_outcome_for_waiting_requests(base
         message = None
         while message is None:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-    assert message["data"] == record_key("async", envelope.id).encode()
+    assert message["data"] == record_key("async", envelope.id, urlsplit(envelope.url).netloc).encode()
 
 
 @pytest.mark.parametrize("statuses", [[200], [500]])
@@ -543,8 +545,8 @@ async def test_the_final_outcome_renews_the_idempotency_key_for_the_results_rete
     entry_id = await queue(redis_client, envelope)
     await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
     assert await redis_client.pttl(key) > 5000
-    assert await redis_client.pttl(key) == pytest.approx(await redis_client.pttl(record_key("async", envelope.id)),
-                                                         abs=2000)
+    record_ttl = await redis_client.pttl(record_key("async", envelope.id, host))
+    assert await redis_client.pttl(key) == pytest.approx(record_ttl, abs=2000)
 
 
 async def test_redelivered_event_of_an_attempt_that_scheduled_a_retry_is_not_replayed(base, http, redis_client,

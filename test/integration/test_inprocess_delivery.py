@@ -21,7 +21,7 @@ from aiohttp import web
 from async_component.dataplane import sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
-from async_component.dataplane.records import FAILED, RETRYING, SUCCEEDED, Record, record_key, retry_key
+from async_component.dataplane.records import FAILED, RETRYING, RUNNING, SUCCEEDED, Record, record_key, retry_key
 from async_component.settings import ConsumerSettings, SourceSettings
 
 from .aioserve import serve
@@ -77,7 +77,8 @@ async def queue(redis_client, target: Service, path: str = "/work", request_id: 
 
 
 async def record_of(redis_client, request_id: str) -> Record | None:
-    raw = await redis_client.get(record_key("async", request_id))
+    keys = await redis_client.keys(f"async:*:req:{request_id}")
+    raw = await redis_client.get(keys[0]) if keys else None
     return None if raw is None else Record.from_json(raw)
 
 
@@ -104,7 +105,7 @@ async def test_an_entry_is_replayed_recorded_acknowledged_and_deleted(redis_url,
         assert await eventually(finished(redis_client, envelope))
         assert await eventually(settled(redis_client))
         assert source.metrics.delivered.labels("delivered")._value.get() == 1
-        assert await redis_client.ttl(record_key("async", envelope.id)) > 86000
+        assert await redis_client.ttl(record_key("async", envelope.id, target.host)) > 86000
     assert target.seen == [("/work", "1")]
     record = await record_of(redis_client, envelope.id)
     assert (record.state, record.attempts, record.host) == (SUCCEEDED, 1, target.host)
@@ -244,7 +245,7 @@ async def test_a_finished_request_delivered_again_is_acknowledged_without_a_repl
     async with service() as target:
         envelope = Envelope.new("GET", f"http://{target.host}/once", [], b"")
         done = Record(state=SUCCEEDED, host=target.host, attempts=1, updated_at=1.0)
-        await redis_client.set(record_key("async", envelope.id), done.to_json())
+        await redis_client.set(record_key("async", envelope.id, target.host), done.to_json())
         await redis_client.xadd(STREAM, envelope.to_stream_fields())
         async with running(source_settings(redis_url)) as source:
             assert await eventually(settled(redis_client))
@@ -336,6 +337,9 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
     """Delivered MAX_DELIVERIES times without an outcome (each process holding it died): the next reclaim gives up."""
     async with service() as target, contextlib.AsyncExitStack() as stack:
         doomed, survivor = await queue(redis_client, target, "/doomed"), await queue(redis_client, target, "/survivor")
+        # what the last process to die on it left: a running record, which never expires by itself
+        await redis_client.set(record_key("async", doomed.id, target.host),
+                               Record(state=RUNNING, host=target.host, attempts=3).to_json())
         await redis_client.xgroup_create(STREAM, GROUP, id="0")
         ids = [entry_id for _, entries in await redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=2)
                for entry_id, _ in entries]  # delivered once each
@@ -351,6 +355,9 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
     [(_, dead)] = await redis_client.xrange(DEAD)
     assert Envelope.from_stream_fields(dead).id == doomed.id
     assert dead[b"error"].startswith(b"delivered 4 times without an outcome (MAX_DELIVERIES is 3)")
+    record = await record_of(redis_client, doomed.id)
+    assert record.state == FAILED and record.error.startswith("delivered 4 times without an outcome")
+    assert 0 < await redis_client.ttl(record_key("async", doomed.id, target.host)) <= 86400  # one retention
 
 
 async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries(redis_url, redis_client):
@@ -411,7 +418,7 @@ async def test_process_without_a_sink_url_replays_in_process_and_serves_probes(r
         try:
             envelope = await queue(redis_client, target)
             assert await eventually(finished(redis_client, envelope), 20)
-            assert 0 < await redis_client.ttl(record_key("async", envelope.id)) <= 60
+            assert 0 < await redis_client.ttl(record_key("async", envelope.id, target.host)) <= 60
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"http://127.0.0.1:{health}/readyz") as resp:
                     assert resp.status == 200

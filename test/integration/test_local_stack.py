@@ -50,6 +50,19 @@ def poll(check, timeout: float = 30.0, interval: float = 0.05):
         time.sleep(interval)
 
 
+def accepted_then_finished(stack: LocalStack, service: str, path: str):
+    """Send an async request (the Service is always async): 202, then poll its Location until it is final."""
+    status, headers, _ = http(stack.gateway_url + path, stack.host(service))
+    assert status == 202
+    location = headers["Location"]
+
+    def finished():
+        answer = http(stack.gateway_url + location, stack.host(service))
+        return answer if answer[0] != 202 else None
+
+    return poll(finished)
+
+
 # --- the route table the stack hands to its gateway (no processes)
 
 
@@ -147,18 +160,28 @@ def test_a_stack_whose_source_posts_to_the_consumer_replays_through_the_consumer
     """Also under another cluster domain: child rules, the producer's allowed hosts and the replays follow it."""
     with LocalStack(port=free_port(), sleep_seconds=0, app_dir=APP_DIR, replay_in_source=False,
                     cluster_domain="corp.internal") as stack:
-        status, headers, _ = http(stack.gateway_url + "/via?sleep=0", stack.host(ALWAYS))
-        assert status == 202
-        location = headers["Location"]
-
-        def finished():
-            answer = http(stack.gateway_url + location, stack.host(ALWAYS))
-            return answer if answer[0] != 202 else None
-
-        status, headers, _ = poll(finished)
+        status, headers, _ = accepted_then_finished(stack, ALWAYS, "/via?sleep=0")
         assert status == 200 and headers["Async-Request-State"] == "succeeded"
         _, _, metrics = http(stack.consumer_url + "/metrics", "localhost")
         assert re.search(rb'async_consumer_replays_total\{outcome="succeeded"\} 1\.0', metrics), metrics[-2000:]
+
+
+@pytest.mark.slow
+def test_the_single_stream_layout_queues_and_retries_in_the_one_stream_a_redis_stream_source_reads():
+    """QUEUE_MODE=single-stream with the source posting CloudEvents to the consumer: RedisStreamSource's topology."""
+    import redis
+
+    with LocalStack(port=free_port(), sleep_seconds=0, app_dir=APP_DIR, replay_in_source=False,
+                    queue_mode="single-stream", retry_delay=0.1) as stack:
+        outcomes = [accepted_then_finished(stack, ALWAYS, path)
+                    for path in ("/fine?sleep=0", "/failing?sleep=0&status=503")]
+        assert [(status, headers["Async-Request-State"]) for status, headers, _ in outcomes] == [
+            (200, "succeeded"), (503, "failed")]
+        client = redis.Redis.from_url(stack.redis_url)
+        # both requests and the failing one's two retries went through the one stream; no per-Service queue
+        assert client.xinfo_stream(stack.stream)["entries-added"] == 4
+        assert client.keys("async:*:q") == [] and client.keys("async:*:r") == []
+        client.close()
 
 
 def test_killed_component_is_restarted_and_the_restart_logged(stack):

@@ -64,11 +64,15 @@ async def base(settings):
 
 
 
-async def stream_entries(redis_client, stream="async-requests"):
+QUEUE = "async:{default/sleep}:q"
+"""The stream of HOST's Service."""
+
+
+async def stream_entries(redis_client, stream=QUEUE):
     return await redis_client.xrange(stream)
 
 
-async def entry_count(redis_client, stream="async-requests"):
+async def entry_count(redis_client, stream=QUEUE):
     return await redis_client.xlen(stream)
 
 
@@ -111,7 +115,8 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
     assert (status["id"], status["state"], status["attempts"]) == (request_id, QUEUED, 0)
     assert status["updated_at"] == status["accepted_at"] == envelope.accepted_at == doc["accepted_at"]
     assert status["status_url"] == location
-    assert await redis_client.keys("async:*") == []  # the entry is all a queued request costs
+    # the entry is all a queued request costs, besides its Service's place in the active set
+    assert sorted(await redis_client.keys("async*")) == [b"async:active", b"async:wake", QUEUE.encode()]
 
 
 async def test_prefer_with_only_respond_async_is_dropped_and_any_path_is_queued(base, http, redis_client):
@@ -215,7 +220,10 @@ async def test_exact_and_suffix_entries(redis_url, http, redis_client):
         for host, status in expected.items():
             async with http.post(f"{base}/", headers={"Async-Original-Host": host}) as resp:
                 assert resp.status == status, host
-        assert await entry_count(redis_client) == 4
+        queues = [key for key in await redis_client.keys("async:*:q")]
+        assert sorted(queues) == [b"async:{a.apps.internal}:q", b"async:{a.b.apps.internal}:q",
+                                  b"async:{api.example.com}:q"]  # hosts that are not a Service's queue apart
+        assert sum([await redis_client.xlen(key) for key in queues]) == 4
     finally:
         await server.close()
 
@@ -336,7 +344,7 @@ async def test_redis_failures_are_logged_once_per_interval(base, http, redis_ser
 
 
 async def test_error_reply_answers_503(base, http, redis_client):
-    await redis_client.set("async-requests", "not a stream")
+    await redis_client.set(QUEUE, "not a stream")
     async with http.post(f"{base}/x", headers=ASYNC) as resp:
         assert resp.status == 503
         assert resp.headers["Retry-After"]
@@ -369,7 +377,7 @@ async def test_concurrent_requests_get_distinct_ids_and_all_entries(base, http, 
 
 
 async def put_record(redis_client, request_id: str, record: Record) -> None:
-    await redis_client.set(record_key("async", request_id), record.to_json())
+    await redis_client.set(record_key("async", request_id, HOST), record.to_json())
 
 
 async def test_status_of_unknown_request_is_404(base, http):
@@ -406,18 +414,19 @@ async def test_status_needs_the_request_id_and_follows_the_record(base, http, re
             assert resp.status == 404, path
     # the consumer's records answer through both forms, and after the entry is gone
     await put_record(redis_client, request_id, Record(state=RUNNING, host=HOST, attempts=1, updated_at=5.0))
-    await redis_client.xdel("async-requests", entry_id)
+    await redis_client.xdel(QUEUE, entry_id)
     for path in (location, STATUS_PATH_PREFIX + request_id):
         async with http.get(base + path, headers=ASYNC) as resp:
             assert resp.status == 202 and resp.headers["Async-Request-State"] == RUNNING, path
-    await redis_client.delete(record_key("async", request_id))
+    await redis_client.delete(record_key("async", request_id, HOST))
     async with http.get(base + location, headers=ASYNC) as resp:
         assert resp.status == 404
 
 
-async def test_an_entry_older_than_the_status_retention_says_nothing(redis_url, http, redis_client):
+async def test_in_the_single_stream_an_entry_older_than_the_status_retention_says_nothing(
+        redis_url, http, redis_client):
     """A source that keeps delivered entries (RedisStreamSource) must not make them queued again."""
-    settings = settings_for(redis_url, status_retention=0.2)
+    settings = settings_for(redis_url, status_retention=0.2, queue_mode="single-stream")
     server = await start_producer(settings)
     try:
         base = f"http://127.0.0.1:{settings.port}"
@@ -428,7 +437,63 @@ async def test_an_entry_older_than_the_status_retention_says_nothing(redis_url, 
         await asyncio.sleep(0.3)
         async with http.get(base + location, headers=ASYNC) as resp:
             assert resp.status == 404
-        assert await entry_count(redis_client) == 1
+        assert await entry_count(redis_client, "async-requests") == 1
+        assert await entry_count(redis_client) == 0  # the single stream only
+    finally:
+        await server.close()
+
+
+async def test_a_request_queued_longer_than_the_status_retention_still_reads_queued(redis_url, http, redis_client):
+    settings = settings_for(redis_url, status_retention=0.2)
+    server = await start_producer(settings)
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        async with http.post(f"{base}/x", headers=ASYNC) as resp:
+            location = resp.headers["Location"]
+        await asyncio.sleep(0.5)
+        async with http.get(base + location, headers=ASYNC) as resp:
+            assert resp.status == 202
+            assert (await resp.json())["state"] == QUEUED
+    finally:
+        await server.close()
+
+
+async def test_a_full_queue_answers_503_and_queues_nothing_while_another_service_gets_202(
+        redis_url, http, redis_client):
+    settings = settings_for(redis_url, max_queued_per_service=2)
+    server = await start_producer(settings)
+    other = {"Async-Original-Host": "other.default.svc.cluster.local"}
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        for _ in range(2):
+            async with http.post(f"{base}/x", headers=ASYNC) as resp:
+                assert resp.status == 202
+        async with http.post(f"{base}/x", headers=ASYNC) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "10"
+            message = (await resp.json())["error"]
+        assert "queue of Service default/sleep is full" in message and "nothing was queued" in message
+        async with http.post(f"{base}/x", headers=other) as resp:
+            assert resp.status == 202
+        assert await entry_count(redis_client) == 2
+        async with http.get(f"{base}/metrics") as resp:
+            metrics = await resp.text()
+        assert 'async_producer_queue_full_total{namespace="default",service="sleep"} 1.0' in metrics
+        assert 'async_producer_rejected_total{reason="queue_full"} 1.0' in metrics
+    finally:
+        await server.close()
+
+
+async def test_a_request_queued_in_the_single_stream_before_an_upgrade_still_reads_queued(
+        redis_url, http, redis_client):
+    envelope = Envelope.new("POST", f"http://{HOST}/old", [], b"")
+    entry_id = (await redis_client.xadd("async-requests", envelope.to_stream_fields())).decode()
+    settings = settings_for(redis_url)
+    server = await start_producer(settings)
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        async with http.get(f"{base}{STATUS_PATH_PREFIX}{entry_id}.{envelope.id}", headers=ASYNC) as resp:
+            assert resp.status == 202 and (await resp.json())["state"] == QUEUED
     finally:
         await server.close()
 
@@ -594,7 +659,7 @@ async def test_wait_answers_the_recorded_response_once_the_replay_announces_it(b
         response = RecordedResponse(status=201, headers=(("X-App", "yes"),), body=b"made")
         await put_record(redis_client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
                                                           response=response))
-        await redis_client.publish("async:finished", record_key("async", request_id))
+        await redis_client.publish("async:finished", record_key("async", request_id, HOST))
 
     finisher = asyncio.create_task(finish_it())
     started = time.monotonic()
@@ -650,7 +715,7 @@ async def test_the_same_idempotency_key_is_queued_once_and_answered_with_the_fir
     other = {"Async-Original-Host": "other.default.svc.cluster.local", "Idempotency-Key": '"order-1"'}
     async with http.post(f"{base}/x?a=1", data=b"same", headers=other) as resp:
         assert resp.status == 202 and resp.headers["Location"] != first[0]
-    assert await entry_count(redis_client) == 2
+    assert await entry_count(redis_client) == 1 and await entry_count(redis_client, "async:{default/other}:q") == 1
     assert await redis_client.pttl("async:{default/sleep}:idem:order-1") > 86_000_000
 
 
@@ -730,8 +795,8 @@ async def test_delete_of_a_queued_request_cancels_it_and_get_reads_canceled(base
         metrics = await resp.text()
     assert 'async_producer_cancels_total{found="queued"} 1.0' in metrics
     assert 'async_producer_cancels_total{found="canceled"} 1.0' in metrics
-    record = Record.from_json(await redis_client.get(record_key("async", request_id)))
-    assert record.state == CANCELED and await redis_client.pttl(record_key("async", request_id)) > 0
+    record = Record.from_json(await redis_client.get(record_key("async", request_id, HOST)))
+    assert record.state == CANCELED and await redis_client.pttl(record_key("async", request_id, HOST)) > 0
 
 
 async def test_delete_of_a_retrying_request_cancels_it(base, http, redis_client):
@@ -751,7 +816,7 @@ async def test_delete_of_a_running_request_is_409(base, http, redis_client):
         assert resp.status == 409 and resp.headers["Async-Request-State"] == RUNNING
         doc = await resp.json()
     assert doc["state"] == RUNNING and "running" in doc["error"]
-    assert Record.from_json(await redis_client.get(record_key("async", "r2"))).state == RUNNING
+    assert Record.from_json(await redis_client.get(record_key("async", "r2", HOST))).state == RUNNING
 
 
 @pytest.mark.parametrize("state", [SUCCEEDED, FAILED])
@@ -772,7 +837,7 @@ async def test_delete_through_another_services_route_is_404(base, http, redis_cl
     location, request_id = await accept(base, http)
     async with http.delete(base + location, headers={"Async-Original-Host": "other.default.svc.cluster.local"}) as resp:
         assert resp.status == 404
-    assert await redis_client.get(record_key("async", request_id)) is None
+    assert await redis_client.get(record_key("async", request_id, HOST)) is None
 
 
 async def test_a_repeated_key_with_wait_waits_for_the_first_requests_outcome(base, http, redis_client):
@@ -784,7 +849,7 @@ async def test_a_repeated_key_with_wait_waits_for_the_first_requests_outcome(bas
         await asyncio.sleep(0.5)
         await put_record(redis_client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
                                                           response=RecordedResponse(200, (), b"first")))
-        await redis_client.publish("async:finished", record_key("async", request_id))
+        await redis_client.publish("async:finished", record_key("async", request_id, HOST))
 
     finisher = asyncio.create_task(finish_it())
     started = time.monotonic()
@@ -832,7 +897,7 @@ async def test_the_wait_subscription_comes_back_after_a_redis_restart(settings, 
                 request_id = Envelope.from_stream_fields(entries[0][1]).id
                 await put_record(client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
                                                             response=RecordedResponse(200, (), b"back")))
-                await client.publish("async:finished", record_key("async", request_id))
+                await client.publish("async:finished", record_key("async", request_id, HOST))
 
             finisher = asyncio.create_task(finish_it())
             started = time.monotonic()

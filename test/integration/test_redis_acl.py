@@ -15,6 +15,7 @@ from urllib.parse import quote
 import pytest
 import redis.exceptions
 
+from async_component.dataplane.queues import Layout
 from async_component.dataplane import producer
 from async_component.dataplane.redisconn import make_redis
 from async_component.local.ports import free_port
@@ -85,5 +86,5 @@ async def test_the_producer_queues_with_the_acl_user(acl_redis, http):
     finally:
         await server.close()
     client = make_redis(settings)
-    assert await client.xlen(settings.stream) == 1
+    assert await client.xlen(Layout.of(settings).for_host("sleep.default.svc.cluster.local").stream) == 1
     await client.aclose()

@@ -68,7 +68,7 @@ async def queue(redis_client, path: str = "/work", host: str = "target.default.s
     """What the producer writes for an accepted request."""
     envelope = Envelope.new("POST", f"http://{host}{path}", [("Content-Type", "text/plain")], path.encode())
     entry_id = (await redis_client.xadd(stream, envelope.to_stream_fields())).decode()
-    await redis_client.set(record_key("async", envelope.id), Record(state=QUEUED, host=host).to_json())
+    await redis_client.set(record_key("async", envelope.id, host), Record(state=QUEUED, host=host).to_json())
     return entry_id, envelope
 
 
@@ -130,7 +130,7 @@ async def test_sink_4xx_sends_the_entry_to_the_dead_letter_stream_and_acks_it(re
         assert source.metrics.delivered.labels("dead_lettered")._value.get() == 1
     [(_, dead)] = await redis_client.xrange(DEAD)
     assert dead == {b"data": envelope.to_json().encode(), b"error": b"sink answered 400: sink says 400",
-                    b"status": b"400"}
+                    b"status": b"400", b"service": b"default/target"}
     assert sink.received == [entry_id] and sink.delivered == []
 
 
@@ -260,7 +260,7 @@ async def test_503_twice_then_200_succeeds_on_attempt_3_through_source_consumer_
         _, envelope = await queue(redis_client, "/flaky", host=f"127.0.0.1:{target_port}")
 
         async def succeeded():
-            raw = await redis_client.get(record_key("async", envelope.id))
+            raw = await redis_client.get(record_key("async", envelope.id, f"127.0.0.1:{target_port}"))
             return Record.from_json(raw).state == SUCCEEDED
 
         async with running(settings_for(redis_url, f"http://127.0.0.1:{consumer_settings.port}/")):
@@ -270,5 +270,5 @@ async def test_503_twice_then_200_succeeds_on_attempt_3_through_source_consumer_
         for runner in runners:
             await runner.cleanup()
     assert attempts == ["1", "2", "3"]
-    record = Record.from_json(await redis_client.get(record_key("async", envelope.id)))
+    record = Record.from_json(await redis_client.get(record_key("async", envelope.id, f"127.0.0.1:{target_port}")))
     assert (record.attempts, record.response.status, record.response.body) == (3, 200, b"done")

@@ -17,6 +17,9 @@ def test_defaults_are_sane():
     consumer = load(ConsumerSettings, {})
     assert consumer.max_attempts == 3 and consumer.retry_base_delay <= 2
     assert load(ControllerSettings, {}).ingress_class == "kourier.ingress.networking.knative.dev"
+    assert producer.queue_mode == "per-service" and producer.max_queued_per_service == 100_000
+    source = load(SourceSettings, {})
+    assert (source.concurrency, source.max_inflight_per_service) == (32, 8)  # four hung Services to fill a source
 
 
 def test_environment_is_read_and_flags_win():
@@ -51,6 +54,9 @@ def test_the_source_reads_the_replay_settings_for_in_process_delivery():
     (SourceSettings, {"MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS='0' is invalid"),
     (ControllerSettings, {"INGRESS_CLASS_NAME": "contour.ingress.networking.knative.dev"}, "must be one of"),
     (ControllerSettings, {"LOG_LEVEL": "loud"}, "DEBUG"),
+    (ProducerSettings, {"QUEUE_MODE": "one"}, "QUEUE_MODE='one' is invalid: must be per-service or single-stream"),
+    (ProducerSettings, {"MAX_QUEUED_PER_SERVICE": "0"}, "positive integer"),
+    (SourceSettings, {"MAX_INFLIGHT_PER_SERVICE": "none"}, "positive integer"),
 ])
 def test_bad_values_give_a_one_line_reason(cls, env, fragment):
     with pytest.raises(SettingsError) as info:

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from .records import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, Record
 
-# KEYS[1] the record, KEYS[2] the stream; ARGV[1] the entry id ('' when the status path named none), ARGV[2] the
+# KEYS[1] the record, KEYS[2] the Service's stream (both under the Service's hash tag); ARGV[1] the entry id ('' when the status path named none), ARGV[2] the
 # request id, ARGV[3] the target host, ARGV[4] now, ARGV[5] the record's lifetime (ms), ARGV[6] the channel on
 # which final outcomes are announced. Returns {what was found, the record as it is now (or was, when deleted)}.
 CANCEL_SCRIPT = """
@@ -90,13 +90,13 @@ class Canceled:
 
 
 class Canceler:
-    def __init__(self, redis: aioredis.Redis, *, stream: str, channel: str, retention: float) -> None:
+    def __init__(self, redis: aioredis.Redis, *, channel: str, retention: float) -> None:
         self.script = redis.register_script(CANCEL_SCRIPT)
-        self.stream = stream
         self.channel = channel
         self.retention_ms = max(1, round(retention * 1000))
 
-    async def cancel(self, key: str, entry_id: str, request_id: str, host: str, now: float) -> Canceled:
-        found, raw = await self.script(keys=[key, self.stream],
+    async def cancel(self, key: str, stream: str, entry_id: str, request_id: str, host: str, now: float) -> Canceled:
+        """``key``: the request's record; ``stream``: its Service's stream, where ``entry_id`` is."""
+        found, raw = await self.script(keys=[key, stream],
                                        args=[entry_id, request_id, host, repr(now), self.retention_ms, self.channel])
         return Canceled(found.decode(), None if not raw else Record.from_json(raw))

@@ -33,6 +33,10 @@ class Reply:
     """The answer's body (only kept when it is not 2xx): for the log and the dead-letter entry."""
 
 
+EntryRef = tuple[str, str]
+"""``(stream, entry id)``: which entry of which queue's stream."""
+
+
 class DeliveryFailed(Exception):
     """No answer at all (connection refused, timeout): try again later."""
 
@@ -47,7 +51,7 @@ class Delivery(Protocol):
 
     async def close(self) -> None: ...
 
-    async def send(self, entry_id: str, fields: Mapping) -> Reply:
+    async def send(self, ref: EntryRef, fields: Mapping) -> Reply:
         """Deliver one entry; raises :class:`DeliveryFailed` when there is no answer."""
 
 
@@ -57,7 +61,7 @@ class HttpDelivery:
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
         self.url = settings.sink_url
-        self.event_source = event_source(redis_address(settings), settings.stream)
+        self.address = redis_address(settings)
         self.session: aiohttp.ClientSession | None = None
         self.description = f"to {self.url} as CloudEvents"
         self.settles = False
@@ -72,8 +76,9 @@ class HttpDelivery:
         if self.session is not None:
             await self.session.close()
 
-    async def send(self, entry_id: str, fields: Mapping) -> Reply:
-        headers, body = binary_event(self.event_source, entry_id, fields)
+    async def send(self, ref: EntryRef, fields: Mapping) -> Reply:
+        stream, entry_id = ref
+        headers, body = binary_event(event_source(self.address, stream), entry_id, fields)
         try:
             async with self.session.post(self.url, data=body, headers=headers) as resp:
                 return Reply(resp.status, as_text((await resp.read())[:ERROR_BODY_LIMIT]))
@@ -98,8 +103,8 @@ class InProcessDelivery:
     async def close(self) -> None:
         await self.replayer.stop()
 
-    async def send(self, entry_id: str, fields: Mapping) -> Reply:
-        answer = await self.replayer.handle_entry(entry_id, fields)
+    async def send(self, ref: EntryRef, fields: Mapping) -> Reply:
+        answer = await self.replayer.handle_entry(ref[1], fields, ref=ref)
         return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text())
 
 

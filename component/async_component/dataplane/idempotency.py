@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from .queues import service_tag
+
 HEADER = "Idempotency-Key"
 MAX_LENGTH = 255
 
@@ -48,20 +50,13 @@ def parse_key(values: list[str]) -> str:
 
 
 def fingerprint(method: str, target: str, body: bytes) -> str:
-    """What makes a request the same request: method, path and query, body."""
-    digest = hashlib.sha256(method.encode("latin-1"))
-    digest.update(b"\n" + target.encode("latin-1", "surrogateescape") + b"\n")
-    digest.update(body)
-    return digest.hexdigest()
+    """What makes a request the same request: method, path and query, body (hex: the claim is text)."""
+    return hashlib.sha256(f"{method}\n{target}\n".encode("latin-1", "surrogateescape") + body).hexdigest()
 
 
-def service_tag(host: str) -> str:
-    """``namespace/name`` of a Service's cluster-local host (any port), else the host itself: its hash tag."""
-    name = host.partition(":")[0]
-    labels = name.split(".")
-    if len(labels) >= 4 and labels[2] == "svc" and labels[0] and labels[1]:
-        return f"{labels[1]}/{labels[0]}"
-    return name
+def claim(method: str, target: str, body: bytes, request_id: str, key_name: str) -> str:
+    """What the enqueue script stores under the key, or compares with what it holds (:data:`.queues.ENQUEUE`)."""
+    return f"{fingerprint(method, target, body)} {request_id} {key_name}"
 
 
 def key_name(prefix: str, host: str, key: str) -> str:

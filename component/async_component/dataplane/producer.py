@@ -34,11 +34,14 @@ from redis.backoff import NoBackoff
 
 from .. import logs, probes
 from . import idempotency, preferences, targets
-from .enqueuer import Enqueuer, Keyed, KeyReused, Seen
+from .enqueuer import Enqueuer, Keyed, KeyReused, QueueFull, Seen
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
 from .cancel import DELETED, MISSING, Canceler
-from .records import CANCELED, PENDING_STATES, QUEUED, RETRYING, RUNNING, Record, finished_channel, record_key
+from .queues import PER_SERVICE, Layout, Queue, labels_of
+from .records import (
+    CANCELED, PENDING_STATES, QUEUED, RETRYING, RUNNING, Record, finished_channel, legacy_record_key, record_key,
+)
 from .prefork import run_workers
 from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
@@ -58,12 +61,14 @@ CANCELED_STATUS = 410
 """A status read of a canceled request: Gone, its response will never exist (with the JSON status)."""
 PREFERENCE_APPLIED = ("Preference-Applied", RESPOND_ASYNC)
 """On the accept 202 (RFC 7240): the request was handled asynchronously, as asked (or as the Service always does)."""
+QUEUE_FULL_RETRY_AFTER_SECONDS = "10"
+"""A full queue drains at its Service's pace: come back later than after an outage blip."""
 
 VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
 _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
 REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed",
-                  "too_many_connections", "replay_loop", "idempotency_key_reused")
+                  "too_many_connections", "replay_loop", "queue_full", "idempotency_key_reused")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -129,21 +134,28 @@ def forwarded_headers(raw_headers: Iterable[tuple[bytes, bytes]],
 
 
 
-def _queued_record(entries: list, request_id: str, host: str, retention: float) -> Record | None:
-    """``queued`` when the stream entry holds this request for this host, else None.
+def _queued_record(entries: list, request_id: str, host: str, retention: float | None) -> Record | None:
+    """``queued`` when a stream entry holds this request for this host, else None.
 
-    Past the status retention an entry says nothing, as its record would have expired: a
-    source that does not delete delivered entries (RedisStreamSource) leaves them behind.
+    ``retention``: in the single-stream layout an entry older than the status retention says
+    nothing, as Knative's RedisStreamSource leaves delivered entries behind; our sources delete
+    each entry once its outcome is recorded, so in the per-Service layout (None) an entry means
+    the request is still queued, however long it has waited.
     """
-    if not entries:
+    envelope = None
+    for found in entries:
+        if not found:
+            continue
+        try:
+            candidate = Envelope.from_stream_fields(found[0][1])
+        except EnvelopeError:
+            continue
+        if candidate.id == request_id and candidate.url.startswith(f"http://{host}/"):
+            envelope = candidate
+            break
+    if envelope is None:  # another request's entry, or another Service's request: do not confirm it exists
         return None
-    try:
-        envelope = Envelope.from_stream_fields(entries[0][1])
-    except EnvelopeError:
-        return None
-    if envelope.id != request_id or not envelope.url.startswith(f"http://{host}/"):
-        return None  # another request's entry, or another Service's request: do not confirm it exists
-    if envelope.accepted_at + retention < time.time():
+    if retention is not None and envelope.accepted_at + retention < time.time():
         return None
     return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at,
                   accepted_at=envelope.accepted_at)
@@ -179,6 +191,10 @@ class Metrics:
         # label lookups take a lock and a dict walk: bind the children once
         self.rejected_for = {reason: self.rejected.labels(reason)
                              for reason in REJECT_REASONS}
+        self.queue_full = Counter(
+            "async_producer_queue_full_total", "Requests refused with 503 because their Service's queue was full",
+            ["namespace", "service"], registry=registry,
+        )
         self.batch_seconds = Histogram(
             "async_producer_batch_seconds", "Time from a batch of writes being sent to Redis acknowledging it",
             registry=registry, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
@@ -216,6 +232,8 @@ class Producer:
         self.owns_redis = False
         self.enqueuer: Enqueuer | None = None
         self._verdicts: dict[str, tuple[str, int, str]] = {}
+        self.layout = Layout.of(settings)
+        self._queues: dict[str, Queue] = {}
         self.registry = registry
         self.new_request_id = RequestIds()
         self.redis_check: RedisCheck | None = None
@@ -310,26 +328,30 @@ class Producer:
         accepted_at = time.time()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
                                  accepted_at)
+        queue = self._queue(host)
         idempotency_key = request.values(_IDEMPOTENCY_RAW)
         if idempotency_key:
             try:
-                keyed = Keyed(document, idempotency.key_name(
-                    self.settings.key_prefix, host, idempotency.parse_key([header_text(v) for v in idempotency_key])),
-                    idempotency.fingerprint(request.method, target, request.body), request_id)
+                key_name = idempotency.key_name(
+                    self.settings.key_prefix, host, idempotency.parse_key([header_text(v) for v in idempotency_key]))
+                keyed = Keyed(document, idempotency.claim(request.method, target, request.body, request_id, key_name))
             except idempotency.BadKey as exc:
                 self.metrics.rejected_for["bad_request"].inc()
                 return error_response(400, str(exc))
         if wait:  # before it is queued: its outcome cannot be announced before anyone listens
-            key = record_key(self.settings.key_prefix, request_id)
+            key = record_key(self.settings.key_prefix, request_id, host)
             waiter = self.finished.register(key)
         try:
-            queued = await (self.enqueuer.enqueue_once(keyed) if idempotency_key else self.enqueuer.enqueue(document))
+            queued = await (self.enqueuer.enqueue_once(queue, keyed) if idempotency_key
+                            else self.enqueuer.enqueue(queue, document))
         except Exception as exc:
             if wait:
                 self.finished.unregister(key, waiter)
             if isinstance(exc, KeyReused):
                 self.metrics.rejected_for["idempotency_key_reused"].inc()
                 return error_response(422, f"{idempotency.HEADER}: {exc}: its method, path, query or body differ")
+            if isinstance(exc, QueueFull):
+                return self._queue_full(queue, str(exc))
             # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
         if type(queued) is Seen:
@@ -347,7 +369,7 @@ class Producer:
 
     async def _seen(self, seen: Seen, host: str, deadline: float) -> Response:
         """A request sent again with its key: the first one's 202 (after a wait, if asked) or final response."""
-        key = record_key(self.settings.key_prefix, seen.request_id)
+        key = record_key(self.settings.key_prefix, seen.request_id, host)
         waiter = self.finished.register(key) if deadline else None
         answer = await self._first_request(seen, host)
         if waiter is None or answer.status != 202:
@@ -359,14 +381,14 @@ class Producer:
 
     async def _first_request(self, seen: Seen, host: str) -> Response:
         try:
-            raw, entries = await self._read_status(seen.request_id, seen.entry_id)
+            raw, entries = await self._read_status(seen.request_id, seen.entry_id, host)
             record = None if raw is None else Record.from_json(raw)
         except Exception as exc:
             self._redis_failed("reading the request an idempotency key names", exc)
             return error_response(503, "the request status is unavailable, try again later",
                                   ("Retry-After", RETRY_AFTER_SECONDS))
         if record is None or record.host != host:
-            record = _queued_record(entries, seen.request_id, host, self.settings.status_retention)
+            record = _queued_record(entries, seen.request_id, host, self._entry_retention)
         if record is not None and record.finished:
             return self._final(seen.request_id, record)
         location = f"{STATUS_PATH_PREFIX}{seen.entry_id}{LOCATION_SEPARATOR}{seen.request_id}"
@@ -404,6 +426,24 @@ class Producer:
         return Response(202, body, [("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id),
                                     ("Location", location), self.retry_after, PREFERENCE_APPLIED])
 
+    def _queue(self, host: str) -> Queue:
+        queue = self._queues.get(host)
+        if queue is None:
+            if len(self._queues) >= VERDICT_CACHE_SIZE:
+                self._queues.clear()
+            queue = self._queues[host] = self.layout.for_host(host)
+        return queue
+
+    def _queue_full(self, queue: Queue, detail: str) -> Response:
+        namespace, service = labels_of(queue.member)
+        self.metrics.rejected_for["queue_full"].inc()
+        self.metrics.queue_full.labels(namespace, service).inc()
+        self.redis_throttle.warning("queue of %s is full (%s), answering 503", queue.member, detail)
+        return error_response(
+            503, f"the queue of Service {queue.member} is full ({detail}; at most"
+                 f" {self.settings.max_queued_per_service}): nothing was queued, try again later",
+            ("Retry-After", QUEUE_FULL_RETRY_AFTER_SECONDS))
+
     def _unavailable(self, what: str, exc: BaseException) -> Response:
         self.metrics.rejected_for["redis_unavailable"].inc()
         self._redis_failed(what, exc)
@@ -420,14 +460,14 @@ class Producer:
         if request_id is None:
             return self._not_found(request.path[len(STATUS_PATH_PREFIX):])
         try:
-            raw, entries = await self._read_status(request_id, entry_id)
+            raw, entries = await self._read_status(request_id, entry_id, host)
         except Exception as exc:  # Redis down: the status is unknown, not absent
             self.metrics.status_reads.labels("redis_unavailable").inc()
             self._redis_failed("reading a status", exc)
             return error_response(503, "the request status is unavailable, try again later",
                                   ("Retry-After", RETRY_AFTER_SECONDS))
         if raw is None:
-            record = _queued_record(entries, request_id, host, self.settings.status_retention)
+            record = _queued_record(entries, request_id, host, self._entry_retention)
             if record is None:
                 return self._not_found(request_id)
             return self._pending(request_id, record, request.path)
@@ -450,8 +490,8 @@ class Producer:
         if request_id is None:
             return self._not_found("")
         try:
-            outcome = await self.canceler.cancel(record_key(self.settings.key_prefix, request_id), entry_id,
-                                                 request_id, host, time.time())
+            outcome = await self.canceler.cancel(record_key(self.settings.key_prefix, request_id, host),
+                                                 self._queue(host).stream, entry_id, request_id, host, time.time())
         except Exception as exc:
             self._redis_failed("canceling a request", exc)
             return error_response(503, "the request status is unavailable, try again later",
@@ -494,21 +534,31 @@ class Producer:
             return "", None
         return entry_id, request_id
 
-    async def _read_status(self, request_id: str, entry_id: str) -> tuple[bytes | None, list]:
+    @property
+    def _entry_retention(self) -> float | None:
+        """How long a stream entry alone says its request is queued (see :func:`_queued_record`)."""
+        return None if self.layout.mode == PER_SERVICE else self.settings.status_retention
+
+    async def _read_status(self, request_id: str, entry_id: str, host: str) -> tuple[bytes | None, list]:
         """The record, and the stream entry when ``entry_id`` is given, in one round trip.
 
-        The entry is read first: the consumer writes the ``running`` record before the
+        The entry is read first: the replay writes the ``running`` record before the
         source deletes the entry, so an entry found missing here means the record (if
-        the request exists) was already there for the GET that follows.
+        the request exists) was already there for the GET that follows. The single
+        stream and the records' old keys are read too: what was queued before an
+        upgrade to per-Service queues does not vanish.
         """
-        key = record_key(self.settings.key_prefix, request_id)
-        if not entry_id:
-            return await self.redis.get(key), []
+        prefix = self.settings.key_prefix
+        streams = [self._queue(host).stream] if entry_id else []
+        if entry_id and self.layout.mode == PER_SERVICE:
+            streams.append(self.layout.single_stream)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xrange(self.settings.stream, entry_id, entry_id)
-            pipe.get(key)
-            entries, raw = await pipe.execute()
-        return raw, entries
+            for stream in streams:
+                pipe.xrange(stream, entry_id, entry_id)
+            pipe.get(record_key(prefix, request_id, host))
+            pipe.get(legacy_record_key(prefix, request_id))
+            *entries, raw, legacy = await pipe.execute()
+        return (raw if raw is not None else legacy), entries
 
     def _pending(self, request_id: str, record: Record, location: str) -> Response:
         """202 with what a poller needs: the state, its attempts, when to look again and where."""
@@ -541,14 +591,14 @@ class Producer:
             # and a quick 503 is the client's cue to retry
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
-        self.enqueuer = Enqueuer(self.redis, stream=self.settings.stream, key_retention=self.settings.status_retention,
+        self.enqueuer = Enqueuer(self.redis, layout=self.layout, max_queued=self.settings.max_queued_per_service,
+                                 key_retention=self.settings.status_retention,
                                  on_batch=self.metrics.batch_written)
         self.redis_check = RedisCheck(self.redis, self.settings.redis_check_interval, who="producer")
         await self.redis_check.check()
         self.check_task = asyncio.create_task(self.redis_check.run(self.stopping), name="redis-check")
         self.finished = Finished(self.redis, finished_channel(self.settings.key_prefix))
-        self.canceler = Canceler(self.redis, stream=self.settings.stream, channel=self.finished.channel,
-                                 retention=self.settings.status_retention)
+        self.canceler = Canceler(self.redis, channel=self.finished.channel, retention=self.settings.status_retention)
         self.finished_task = asyncio.create_task(self.finished.run(self.stopping), name="finished-subscription")
 
     async def stop(self) -> None:
@@ -618,8 +668,10 @@ async def _serve(settings: ProducerSettings, reuse_port: bool) -> int:
 
 def run(settings: ProducerSettings) -> int:
     logs.configure("producer", settings.log_level)
-    log.info("producer listening on %s:%d with %d worker(s), stream %s, redis %s, allowed hosts %s",
-             settings.host, settings.port, settings.workers, settings.stream, redis_address(settings),
+    queues = (f"a queue per Service (at most {settings.max_queued_per_service} requests each)"
+              if settings.queue_mode == PER_SERVICE else f"the single stream {settings.stream}")
+    log.info("producer listening on %s:%d with %d worker(s), queueing in %s, redis %s, allowed hosts %s",
+             settings.host, settings.port, settings.workers, queues, redis_address(settings),
              ",".join(settings.allowed_hosts))
     if settings.workers == 1:
         return serve(settings)

@@ -1,12 +1,15 @@
 """Request records: what the status resource reports, shared by producer and consumer.
 
-One Redis string per request, ``<prefix>:req:<id>``, holding a small JSON
-document that expires after the retention period. The producer writes none:
-a request without a record is ``queued`` as long as its stream entry exists
-(the producer's status resource checks). The consumer creates it as
-``running``, then moves it to ``retrying``, ``succeeded`` or ``failed`` with
-the Service's recorded response; the producer moves a request that has not
-started (or is waiting for a retry) to ``canceled`` (:mod:`.cancel`).
+One Redis string per request, ``<prefix>:{<namespace>/<service>}:req:<id>``
+(under its Service's hash tag, :mod:`.queues`), holding a small JSON document.
+The producer writes none: a request without a record is ``queued`` as long as
+its stream entry exists (the producer's status resource checks). The replay
+creates it as ``running``, then moves it to ``retrying``, ``succeeded`` or
+``failed`` with the Service's recorded response; the producer moves a request
+that has not started (or is waiting for a retry) to ``canceled``
+(:mod:`.cancel`). A record of a request still running or retrying never
+expires, however long the request waits; a finished or canceled one expires
+one retention period later.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import orjson
 
 from ..protocol import HOP_BY_HOP
 from .envelope import EnvelopeError, decode_body, encode_body
+from .queues import service_tag
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -33,7 +37,13 @@ PENDING_STATES = (QUEUED, RUNNING, RETRYING)
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELED)
 
 
-def record_key(prefix: str, request_id: str) -> str:
+def record_key(prefix: str, request_id: str, host: str) -> str:
+    """The record of a request for ``host`` (the target host, any port)."""
+    return f"{prefix}:{{{service_tag(host)}}}:req:{request_id}"
+
+
+def legacy_record_key(prefix: str, request_id: str) -> str:
+    """Where records were kept before per-Service queues: still read, so they do not vanish on upgrade."""
     return f"{prefix}:req:{request_id}"
 
 
@@ -43,7 +53,7 @@ def finished_channel(prefix: str) -> str:
 
 
 def retry_key(prefix: str) -> str:
-    """Sorted set of envelopes waiting for their next attempt, scored by due time."""
+    """The single stream's sorted set of envelopes waiting for their next attempt, scored by due time."""
     return f"{prefix}:retries"
 
 

@@ -36,6 +36,7 @@ from . import idempotency, rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
+from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
     FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel, record_key,
     response_headers, retry_key,
@@ -46,7 +47,7 @@ from ..protocol import (
     is_status_path,
 )
 from .preferences import replay_preference
-from .retries import RetryMover, backoff, replay_retryable
+from .retries import RetryMover, backoff, replay_retryable, retry_after
 from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
 
@@ -69,10 +70,10 @@ MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
 
 
-# KEYS[1] the record; ARGV[1] the running record, ARGV[2] its lifetime (ms), ARGV[3] the attempt about to start.
+# KEYS[1] the record; ARGV[1] the running record, ARGV[2] the attempt about to start.
 # One round trip: returns the state when the request is finished, or when this attempt already ended in a
-# scheduled retry (a redelivered event); else marks the request running and returns nil. The states are part
-# of the script's text, so each call sends only what varies.
+# scheduled retry (a redelivered event); else marks the request running (no expiry: a request in progress
+# never reads 404) and returns nil. The states are part of the script's text, so each call sends only what varies.
 START_SCRIPT = """
 local finished = {%(finished)s}
 local old = redis.call('GET', KEYS[1])
@@ -80,7 +81,7 @@ if old then
   local ok, doc = pcall(cjson.decode, old)
   if ok and type(doc) == 'table' then
     local state = doc['state']
-    if state == '%(retrying)s' and (tonumber(doc['attempts']) or 0) >= tonumber(ARGV[3]) then
+    if state == '%(retrying)s' and (tonumber(doc['attempts']) or 0) >= tonumber(ARGV[2]) then
       return state
     end
     if finished[state] then
@@ -88,7 +89,7 @@ if old then
     end
   end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1])
 return false
 """ % {"finished": ", ".join(f"['{state}'] = true" for state in FINAL_STATES), "retrying": RETRYING}
 
@@ -193,6 +194,34 @@ class Metrics:
                               registry=registry)
         self.events_by = {result: self.events.labels(result)
                           for result in ("replayed", "duplicate", "malformed", "refused", "redis_unavailable")}
+        self.outcomes = Counter(
+            "async_service_outcomes_total",
+            "Attempts per Service by outcome: succeeded, failed (finished without success), retried, dead_lettered",
+            ["namespace", "service", "outcome"], registry=registry,
+        )
+        self.delivery_latency = Histogram(
+            "async_service_delivery_latency_seconds",
+            "Per Service: from a request's acceptance to the start of its first replay (time spent queued)",
+            ["namespace", "service"], registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
+        )
+        self._children: dict[tuple, Any] = {}
+
+    def outcome(self, host: str, outcome: str) -> None:
+        self._child(self.outcomes, host, outcome).inc()
+
+    def queued_for(self, host: str, seconds: float) -> None:
+        self._child(self.delivery_latency, host).observe(seconds)
+
+    def _child(self, metric, host: str, *rest: str):
+        """Label lookups take a lock and a dict walk: each child is bound once."""
+        key = (metric, host, *rest)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > 10_000:
+                self._children.clear()
+            child = self._children[key] = metric.labels(*labels_of(service_tag(host)), *rest)
+        return child
 
 
 class Replayer:
@@ -207,6 +236,7 @@ class Replayer:
                  mover_interval: float = MOVER_INTERVAL, settle: Settle | None = None) -> None:
         self.settings = settings
         self.settle = settle
+        self.layout = Layout.of(settings)
         self.metrics = Metrics(registry)
         self.redis = redis
         self.owns_redis = False
@@ -223,21 +253,28 @@ class Replayer:
 
     # --- one queued request
 
-    async def handle_entry(self, entry_id: str, fields: Any) -> Answer:
+    async def handle_entry(self, entry_id: str, fields: Any, *, ref: Any = None) -> Answer:
         """A stream entry's fields, as a source delivering in-process reads them; 2xx once it is settled.
 
         The transaction that records the outcome also settles the entry, through the ``settle``
         hook (one round trip less per entry, and never an outcome without its ack or the
-        reverse); an entry whose request is already finished is settled on its own.
+        reverse); an entry whose request is already finished is settled on its own. ``ref``: what
+        the hook is given for this entry (default: ``entry_id``).
         """
         try:
             envelope = entry_envelope(fields)
         except EnvelopeError as exc:
             return self.malformed(entry_id, str(exc))
-        return await self.handle(entry_id, envelope, settle=entry_id)
+        return await self.handle(entry_id, envelope, settle=entry_id if ref is None else ref)
 
-    async def handle(self, event_id: str, envelope: Envelope, *, settle: str | None = None) -> Answer:
-        """Replay and record; ``settle``: a stream entry to settle (with the hook) with the outcome."""
+    async def handle(self, event_id: str, envelope: Envelope, *, settle: Any = None,
+                     retry_queue: Queue | None = None) -> Answer:
+        """Replay and record; ``settle``: a stream entry to settle (with the hook) with the outcome.
+
+        ``retry_queue``: where a retry waits (default: the request's own queue in this install's layout);
+        the sink passes the single stream's for an event read from it, so a retry goes back where
+        Knative's RedisStreamSource reads.
+        """
         try:
             host, target = split_url(envelope.url)
         except EnvelopeError as exc:
@@ -248,15 +285,15 @@ class Replayer:
             log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
             return error_answer(400, f"request {envelope.id} is not replayed: {refused}")
         attempt = envelope.attempt + 1
-        key = record_key(self.settings.key_prefix, envelope.id)
+        key = record_key(self.settings.key_prefix, envelope.id, host)
         if is_status_path(target.partition("?")[0]):
             # routed to the producer, not the Service: it would be queued again, without end
             refused = Replayed(error=f"the target {target[:200]!r} is the status path: it is never replayed")
-            return await self._finish(key, envelope, attempt, host, refused, settle)
-        running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=time.time(),
-                         accepted_at=envelope.accepted_at)
+            return await self._finish(key, envelope, attempt, host, refused, settle, retry_queue)
+        now = time.time()
+        running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=now, accepted_at=envelope.accepted_at)
         try:
-            args = [running.to_json(), self.retention_ms, attempt]
+            args = [running.to_json(), attempt]
             done_state = await self.starts.submit((key, args))
         except REDIS_ERRORS as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
@@ -275,13 +312,15 @@ class Replayer:
                     return self._unavailable(envelope, "settling a duplicate of", exc)
             return Answer(200, {"id": envelope.id, "state": state, "duplicate": True})
 
+        if attempt == 1:
+            self.metrics.queued_for(host, max(0.0, now - envelope.accepted_at))
         replayed = await self.replay(envelope, attempt, host, target)
-        return await self._finish(key, envelope, attempt, host, replayed, settle)
+        return await self._finish(key, envelope, attempt, host, replayed, settle, retry_queue)
 
     async def _finish(self, key: str, envelope: Envelope, attempt: int, host: str,
-                      replayed: Replayed, settle: str | None) -> Answer:
+                      replayed: Replayed, settle: Any, retry_queue: Queue | None) -> Answer:
         try:
-            state = await self._record_outcome(key, envelope, attempt, host, replayed, settle)
+            state = await self._record_outcome(key, envelope, attempt, host, replayed, settle, retry_queue)
         except REDIS_ERRORS as exc:  # the outcome is not durable: let the source deliver again
             return self._unavailable(envelope, "recording the outcome of", exc)
         except Exception as exc:  # not Redis: recording it would fail the same way every time
@@ -386,8 +425,17 @@ class Replayer:
         error = None if 200 <= recorded.status < 400 else f"the Service answered {recorded.status}"
         return Replayed(response=recorded, error=error, retryable=replay_retryable(recorded.status))
 
+    def retry_delay(self, attempt: int, replayed: Replayed) -> float:
+        """The Service's ``Retry-After`` on a 429 or 503, else exponential backoff; capped by RETRY_MAX_DELAY."""
+        settings = self.settings
+        asked = None if replayed.response is None else retry_after(replayed.response.status,
+                                                                    replayed.response.headers)
+        if asked is not None:
+            return min(asked, settings.retry_max_delay)
+        return backoff(attempt, settings.retry_base_delay, settings.retry_max_delay)
+
     async def _record_outcome(self, key: str, envelope: Envelope, attempt: int, host: str, replayed: Replayed,
-                              settle: str | None) -> str:
+                              settle: Any, retry_queue: Queue | None = None) -> str:
         now = time.time()
         entries = () if settle is None else (settle,)
         idempotency_key = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
@@ -396,25 +444,30 @@ class Replayer:
                                         response=replayed.response, accepted_at=envelope.accepted_at,
                                         idempotency_key=idempotency_key).to_json(),
                                     settle, idempotency_key))
+            self.metrics.outcome(host, SUCCEEDED)
             return SUCCEEDED
         settings = self.settings
         if replayed.retryable and attempt < settings.max_attempts:
-            due = now + backoff(attempt, settings.retry_base_delay, settings.retry_max_delay)
+            due = now + self.retry_delay(attempt, replayed)
             record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
                             next_attempt_at=due, accepted_at=envelope.accepted_at)
+            queue = retry_queue or self.layout.for_host(host)
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(retry_key(settings.key_prefix), {envelope.next_attempt().to_json(): due})
-                pipe.set(key, record.to_json(), px=self.retention_ms)
+                pipe.zadd(queue.retries, {envelope.next_attempt().to_json(): due})
+                pipe.zadd(self.layout.active, {queue.member: due}, lt=True)  # sources look again when it is due
+                pipe.set(key, record.to_json())  # no expiry while the request is pending
                 self._settle(pipe, *entries)
                 await pipe.execute()
             self.metrics.retries_scheduled.inc()
+            self.metrics.outcome(host, "retried")
             log.info("request %s attempt %d: %s; retry in %.3fs", envelope.id, attempt, replayed.error, due - now)
             return RETRYING
         record = Record(state=FAILED, host=host, attempts=attempt, updated_at=now, error=replayed.error,
                         response=replayed.response, accepted_at=envelope.accepted_at,
                         idempotency_key=idempotency_key)
         dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
-                                 None if replayed.response is None else replayed.response.status)
+                                 None if replayed.response is None else replayed.response.status,
+                                 service=service_tag(host))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(key, record.to_json(), px=self.retention_ms)
             add_dead_letter(pipe, settings, dead)
@@ -424,6 +477,8 @@ class Replayer:
                 pipe.pexpire(idempotency_key, self.retention_ms)
             await pipe.execute()
         self.metrics.dead_lettered.inc()
+        self.metrics.outcome(host, FAILED)
+        self.metrics.outcome(host, "dead_lettered")
         log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
                     settings.dead_letter_stream)
         return FAILED
@@ -444,8 +499,11 @@ class Replayer:
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one request's cookies into another's replay
             skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE),
         )
-        mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix), stream=self.settings.stream,
-                           on_moved=self.metrics.retries_moved.inc)
+        # The single stream's retries: its reader may be Knative's RedisStreamSource, which moves none itself
+        # (and in the per-Service layout, retries scheduled before the upgrade). Per-Service retries are moved
+        # by the source that reads their queue (queues.TAKE).
+        mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix),
+                           stream=self.settings.stream, on_moved=self.metrics.retries_moved.inc)
         self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
 
     async def stop(self) -> None:

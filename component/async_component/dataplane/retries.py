@@ -12,7 +12,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from email.utils import parsedate_to_datetime
 
 import redis.asyncio as aioredis
 
@@ -50,6 +51,30 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+"""Answers whose ``Retry-After`` sets the delay of the next attempt (RFC 9110 section 10.2.3)."""
+
+
+def retry_after(status: int, headers: Iterable[tuple[str, str]], now: float | None = None) -> float | None:
+    """Seconds the Service asked to wait (delay-seconds or an HTTP-date), for a 429 or 503; else None."""
+    if status not in RETRY_AFTER_STATUSES:
+        return None
+    for name, value in headers:
+        if name.lower() != "retry-after":
+            continue
+        value = value.strip()
+        if value.isdigit():
+            return float(value)
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return None
 
 
 def replay_retryable(status: int) -> bool:

@@ -35,10 +35,15 @@ MAX_EVENT_SIZE = 64 * 1024 * 1024
 """Largest event accepted: a 6 MB body grows by a third in base64, plus JSON escaping."""
 
 class EventEndpoint:
-    """``POST /``: one CloudEvent carrying a stream entry, answered with what the replay core made of it."""
+    """``POST /``: one CloudEvent carrying a stream entry, answered with what the replay core made of it.
 
-    def __init__(self, replayer: Replayer) -> None:
+    An event whose ``source`` names the single stream (``STREAM_NAME``: Knative's RedisStreamSource
+    reading it) has its retries sent back to that stream; any other goes to its Service's queue.
+    """
+
+    def __init__(self, replayer: Replayer, single_source_suffix: str) -> None:
         self.replayer = replayer
+        self.single_source_suffix = single_source_suffix
 
     async def receive(self, request: web.Request) -> web.Response:
         event_id = request.headers.get("ce-id", "?")
@@ -47,7 +52,9 @@ class EventEndpoint:
         except EnvelopeError as exc:
             answer = self.replayer.malformed(event_id, str(exc))
         else:
-            answer = await self.replayer.handle(event_id, envelope)
+            from_single = request.headers.get("ce-source", "").endswith(self.single_source_suffix)
+            answer = await self.replayer.handle(
+                event_id, envelope, retry_queue=self.replayer.layout.single if from_single else None)
         return web.json_response(answer.doc, status=answer.status)
 
 
@@ -64,7 +71,7 @@ def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
 
     app = web.Application(client_max_size=MAX_EVENT_SIZE)
     probes.add_probe_routes(app, registry, replayer.ready)
-    app.router.add_post("/", EventEndpoint(replayer).receive)
+    app.router.add_post("/", EventEndpoint(replayer, "/" + settings.stream).receive)
     app.cleanup_ctx.append(replaying)
     return app
 

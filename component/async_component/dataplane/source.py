@@ -1,4 +1,13 @@
-"""The source: delivers queued requests from the Redis stream, and acknowledges each only once it is handled.
+"""The source: delivers queued requests from the Services' queues fairly, and acknowledges each only once it is handled.
+
+Each Service has its own queue (:mod:`.queues`). The source learns which
+queues hold work from the active set and the wake stream the producer signals
+on, so an idle Service costs it nothing; it serves the queues with work in
+round robin, at most ``MAX_INFLIGHT_PER_SERVICE`` deliveries per Service within
+``CONCURRENCY``, so a slow or hung Service holds only its own slots. Reading a
+queue (:data:`.queues.TAKE`) first moves its due retries to its retry stream,
+and reads that before its newer requests. Several sources share every queue
+through its consumer group.
 
 Each entry goes either to a consumer over HTTP (``SINK_URL``), as exactly the
 CloudEvent Knative's RedisStreamSource sends, or, without a sink URL, to a
@@ -7,7 +16,7 @@ the outcome without another hop. Either way an entry is acknowledged only
 after a 2xx answer, and only by the source (:meth:`Source.settle_in`, which the
 replay core is handed as its settle hook): until then it stays pending in the consumer group. Entries
 left pending by a process that died are reclaimed by any source after
-``VISIBILITY_TIMEOUT``; a source keeps the entries it is still delivering
+``VISIBILITY_TIMEOUT`` (each active queue's streams are checked every half of it); a source keeps the entries it is still delivering
 fresh so they are not reclaimed under it. Delivery is therefore at least once.
 """
 
@@ -20,8 +29,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -32,12 +41,15 @@ from .. import logs, probes
 from . import targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
-from .delivery import DeliveryFailed, make_delivery
+from .delivery import DeliveryFailed, EntryRef, make_delivery
+from .envelope import EnvelopeError, as_text, entry_envelope
+from .queues import PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
 from .replay import RECORD_MARGIN, replay_grace
-from .envelope import as_text
+from .records import FAILED, Record, record_key
 from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
+from .envelope import STREAM_FIELD
 from ..protocol import dead_letter_entry
 from ..settings import SourceSettings
 from ..logthrottle import LogThrottle
@@ -49,10 +61,12 @@ except ImportError:  # pragma: no cover - uvloop is a dependency, but optional a
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 MAX_BLOCK = 2.0
-"""Longest XREADGROUP BLOCK, in seconds: below the Redis client's socket timeout."""
+"""Longest XREAD BLOCK on the wake stream, in seconds: below the Redis client's socket timeout."""
+POLL_INTERVAL = 0.2
+"""Seconds between looks at the active set for queues whose time came (a retry due, a reclaim check)."""
+SCAN_INTERVAL = 5.0
+"""Longest time between full scans of the active set (and of the single stream): what a missed wake costs."""
 RETRY_BASE = 0.1
 RETRY_CAP = 10.0
 
@@ -83,10 +97,40 @@ class Metrics:
         self.in_flight = Gauge("async_source_in_flight", "Entries being delivered", registry=registry)
         self.reclaimed = Counter("async_source_reclaimed_total", "Entries taken over from another source",
                                  registry=registry)
+        labels = ["namespace", "service"]
+        self.service_in_flight = Gauge("async_service_in_flight", "Requests being delivered by this source, per Service",
+                                       labels, registry=registry)
+        self.service_queued = Gauge(
+            "async_service_queued", "Requests queued per Service: waiting or waiting for a retry, not in flight"
+            " (refreshed every few seconds while the Service has work)", labels, registry=registry)
+        self.service_oldest = Gauge(
+            "async_service_oldest_queued_age_seconds",
+            "Age of the Service's oldest request not yet settled (0 when none)", labels, registry=registry)
+
+    def forget(self, member: str) -> None:
+        """An idle Service's series go, so the label sets stay bounded by the Services with work."""
+        for gauge in (self.service_in_flight, self.service_queued, self.service_oldest):
+            try:
+                gauge.remove(*labels_of(member))
+            except KeyError:
+                pass
+
+
+class QueueState:
+    """What this source knows of one queue: its deliveries in flight, its last reclaim, its wake-ups."""
+
+    __slots__ = ("queue", "in_flight", "reclaimed_at", "woken", "gauge")
+
+    def __init__(self, queue: Queue, gauge) -> None:
+        self.queue = queue
+        self.in_flight = 0
+        self.reclaimed_at = 0.0
+        self.woken = 0
+        self.gauge = gauge
 
 
 class Source:
-    """One member of the consumer group; :meth:`run` until :meth:`stop`."""
+    """One member of every queue's consumer group; :meth:`run` until :meth:`stop`."""
 
     def __init__(self, settings: SourceSettings, *, redis: aioredis.Redis | None = None,
                  registry: CollectorRegistry | None = None, retry_base: float = RETRY_BASE,
@@ -100,18 +144,30 @@ class Source:
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.stop_grace = drain_grace(settings) if stop_grace is None else stop_grace
         self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in)
-        self.in_flight: dict[str, asyncio.Task] = {}
+        self.layout = Layout.of(settings)
+        self.per_service_cap = (settings.max_inflight_per_service if settings.queue_mode == PER_SERVICE
+                                else settings.concurrency)
+        self.reclaim_interval = settings.visibility_timeout / 2
+        self.scan_interval = min(self.reclaim_interval, SCAN_INTERVAL)
+        self.queues: dict[str, QueueState] = {}
+        self.waiting: dict[str, None] = {}
+        """Queues that may have entries to read, in round-robin order."""
+        self.next_turn = 0
+        self.in_flight: dict[EntryRef, asyncio.Task] = {}
         self.metrics.in_flight.set_function(lambda: len(self.in_flight))  # read when scraped, not set per entry
         self.stopping = asyncio.Event()
-        self.slot_freed = asyncio.Event()
+        self.nudge = asyncio.Event()
+        """Set when there may be something to do: a queue woke, a slot freed, stopping."""
+        self.rescan = True
         self.redis_throttle = LogThrottle(log)
         self.sink_throttle = LogThrottle(log)
-        self.reclaim_cursor = "0-0"
-        self.acks: Batcher[str, None] = Batcher(self._ack_batch)
+        self.take = self.redis.register_script(TAKE)
+        self.acks: Batcher[EntryRef, None] = Batcher(self._ack_batch)
         self.redis_check = RedisCheck(self.redis, settings.redis_check_interval, who="source")
 
     def stop(self) -> None:
         self.stopping.set()
+        self.nudge.set()
 
     async def ready(self) -> None:
         await self.redis.ping()
@@ -124,92 +180,259 @@ class Source:
         await self.redis_check.check()
         drained = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(drained), name="source-heartbeat")
+        listener = asyncio.create_task(self._listen(), name="source-wake-listener")
+        measuring = asyncio.create_task(self._measuring(drained), name="source-queue-metrics")
         checks = asyncio.create_task(self.redis_check.run(drained), name="redis-check")
-        log.info("source %s delivering %s (group %s) %s, %d at a time", self.name, self.settings.stream,
-                 self.settings.group, self.delivery.description, self.settings.concurrency)
+        settings = self.settings
+        log.info("source %s delivering %s (group %s) %s, %d at a time, at most %d per Service", self.name,
+                 "a queue per Service" if settings.queue_mode == PER_SERVICE else f"the stream {settings.stream}",
+                 settings.group, self.delivery.description, settings.concurrency, self.per_service_cap)
         try:
             await self._loop()
             await self._drain()
         finally:
             drained.set()
             await heartbeat
+            await measuring
             await checks
-            await self._leave_group()
+            listener.cancel()
+            await asyncio.wait({listener}, timeout=MAX_BLOCK + 1)  # redis-py may swallow the cancellation
+            await self._leave_groups()
             await self.delivery.close()
             if self.owns_redis:
                 await self.redis.aclose()
         log.info("source %s stopped", self.name)
 
     async def _loop(self) -> None:
-        settings = self.settings
-        reclaim_interval = settings.visibility_timeout / 2
-        next_reclaim = 0.0
         failures = 0
-        group_ready = False
-        min_read = max(1, settings.concurrency // 4)
+        next_scan = next_poll = 0.0
         while not self.stopping.is_set():
-            self.slot_freed.clear()
-            free = settings.concurrency - len(self.in_flight)
-            if free < min_read and self.in_flight:  # under load, read in batches rather than one entry a time
-                await self._unless_stopped(self.slot_freed.wait())
-                continue
+            self.nudge.clear()
             try:
-                if not group_ready:
-                    await self._create_group()
-                    group_ready = True
                 now = time.monotonic()
-                if now >= next_reclaim:
-                    entries, done = await self._reclaim(free)
-                    if done:
-                        next_reclaim = now + reclaim_interval
-                else:
-                    block = min(next_reclaim - now, MAX_BLOCK)
-                    entries = await self._unless_stopped(self._read(free, block)) or []
+                if self.rescan or now >= next_scan:
+                    self.rescan = False
+                    await self._scan(full=True)
+                    next_scan, next_poll = now + self.scan_interval, now + POLL_INTERVAL
+                elif now >= next_poll:
+                    await self._scan(full=False)
+                    next_poll = now + POLL_INTERVAL
+                took = await self._take_round()
                 failures = 0
             except Exception as exc:  # Redis down or erroring: wait and try again, nothing is lost
                 failures += 1
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    group_ready = False
-                self.redis_throttle.warning("source %s cannot read %s: %s: %s", self.name, settings.stream,
+                self.redis_throttle.warning("source %s cannot read the queues: %s: %s", self.name,
                                             type(exc).__name__, exc)
                 await self._sleep(backoff(failures, self.retry_base, self.retry_cap))
                 continue
-            for entry_id, fields in entries:
-                self._start(entry_id, fields)
+            if not took:
+                await wait_event(self.nudge, max(0.0, min(next_scan, next_poll) - time.monotonic()))
 
-    async def _create_group(self) -> None:
-        """From id 0, so entries queued before the first source started are delivered too."""
-        try:
-            await self.redis.xgroup_create(self.settings.stream, self.settings.group, id="0", mkstream=True)
-            log.info("created consumer group %s on stream %s", self.settings.group, self.settings.stream)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    def _woke(self, member: str) -> None:
+        state = self.queues.get(member)
+        if state is None:
+            namespace, service = labels_of(member)
+            state = self.queues[member] = QueueState(
+                self.layout.member(member), self.metrics.service_in_flight.labels(namespace, service))
+            # reclaim is for entries a dead source left: not on first sight, when a queue is new and busy
+            state.reclaimed_at = time.monotonic() - self.reclaim_interval / 2
+        state.woken += 1
+        self.waiting[member] = None
+        self.nudge.set()
 
-    async def _read(self, count: int, block: float) -> list[tuple[str, Mapping]]:
-        reply = await self.redis.xreadgroup(self.settings.group, self.name, {self.settings.stream: ">"},
-                                            count=count, block=max(1, round(block * 1000)))
-        return [(as_text(entry_id), fields) for _, entries in reply or () for entry_id, fields in entries]
+    async def _listen(self) -> None:
+        """Follow the wake stream: the producer names a queue there when it gets work and was not marked."""
+        wake = self.layout.wake
+        last = None
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                if last is None:
+                    newest = await self.redis.xrevrange(wake, count=1)
+                    last = as_text(newest[0][0]) if newest else "0-0"
+                    self.rescan = True  # what came before the listener started is found by a full scan
+                    self.nudge.set()
+                reply = await self.redis.xread({wake: last}, count=1000, block=round(MAX_BLOCK * 1000))
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                self.redis_throttle.warning("source %s cannot read %s: %s: %s", self.name, wake,
+                                            type(exc).__name__, exc)
+                await self._sleep(backoff(failures, self.retry_base, self.retry_cap))
+                continue
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = as_text(entry_id)
+                    member = fields.get(b"q")
+                    if member is not None:
+                        self._woke(as_text(member))
 
-    async def _reclaim(self, count: int) -> tuple[list[tuple[str, Mapping]], bool]:
-        """Entries idle past the visibility timeout; and whether the whole pending list was scanned."""
+    async def _scan(self, full: bool) -> None:
+        """Wake the queues of the active set whose time came (a due retry, a reclaim check); a full scan also
+        those marked "now", the single stream when it holds anything, and forgets the queues that left."""
+        layout = self.layout
+        single = layout.single
+        now = time.time()
+        woken = {member: state.woken for member, state in self.queues.items()}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if full:
+                pipe.zrange(layout.active, 0, -1, withscores=True)
+                pipe.xlen(single.stream)
+                pipe.zcard(single.retries)
+            else:
+                pipe.zrangebyscore(layout.active, "(0", repr(now), withscores=True)
+            replies = await pipe.execute()
+        active = {as_text(member): score for member, score in replies[0]}
+        if full and (replies[1] or replies[2]):
+            active[SINGLE] = 0.0  # requests queued before per-Service queues, or by a RedisStreamSource install
+        for member, score in active.items():
+            if score <= now:
+                self._woke(member)
+        if full:  # a queue still in the active set keeps its state (when it was last reclaimed)
+            for member in [m for m, state in self.queues.items() if m not in active and not state.in_flight
+                           and woken.get(m) == state.woken]:  # not woken while the scan was out
+                del self.queues[member]
+                self.waiting.pop(member, None)
+                self.metrics.forget(member)
+
+    async def _measuring(self, drained: asyncio.Event) -> None:
+        """Refresh the per-Service queue metrics every SCAN_INTERVAL, beside the loop (it never waits for them)."""
+        while not await wait_event(drained, SCAN_INTERVAL):
+            try:
+                await self._measure()
+            except Exception as exc:  # Redis down: the loop says so; the gauges keep their last values
+                log.debug("source %s cannot measure its queues: %s", self.name, exc)
+
+    async def _measure(self) -> None:
+        """Queued requests and the oldest one's age, per known queue: for the metrics."""
+        states = list(self.queues.values())
+        if not states:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for state in states:
+                queue = state.queue
+                pipe.zcard(queue.retries)
+                for stream in queue.streams:
+                    pipe.xlen(stream)
+                    pipe.xpending(stream, self.settings.group)
+                    pipe.xrange(stream, count=1)
+            replies = iter(await pipe.execute(raise_on_error=False))
+        now_ms = time.time() * 1000
+        for state in states:
+            queued = _number(next(replies))
+            oldest = now_ms
+            for _ in state.queue.streams:
+                length, pending, first = next(replies), next(replies), next(replies)
+                queued += _number(length) - (pending["pending"] if isinstance(pending, dict) else 0)
+                if isinstance(first, list) and first:
+                    oldest = min(oldest, int(as_text(first[0][0]).partition("-")[0]))
+            labels = labels_of(state.queue.member)
+            self.metrics.service_queued.labels(*labels).set(max(0, queued))
+            self.metrics.service_oldest.labels(*labels).set(max(0.0, (now_ms - oldest) / 1000))
+
+    def _grants(self) -> list[tuple[QueueState, int]]:
+        """Round robin over the ready queues: each as many entries as its free slots allow, within CONCURRENCY."""
         settings = self.settings
-        reply = await self.redis.xautoclaim(settings.stream, settings.group, self.name,
-                                            min_idle_time=round(settings.visibility_timeout * 1000),
-                                            start_id=self.reclaim_cursor, count=count)
-        cursor, claimed = as_text(reply[0]), reply[1]
-        self.reclaim_cursor = cursor
-        entries = [(as_text(entry_id), fields) for entry_id, fields in claimed
-                   if fields is not None and as_text(entry_id) not in self.in_flight]
-        if entries:
-            entries = await self._without_overdelivered(entries)
-        if entries:
-            self.metrics.reclaimed.inc(len(entries))
-            log.info("source %s reclaimed %d entries left pending past %gs: %s", self.name, len(entries),
-                     settings.visibility_timeout, ", ".join(entry_id for entry_id, _ in entries))
-        return entries, cursor == "0-0"
+        free = settings.concurrency - len(self.in_flight)
+        if free < max(1, settings.concurrency // 4) and self.in_flight:
+            return []  # under load, read in batches rather than one entry a time
+        members = list(self.waiting)
+        if not members:
+            return []
+        cap = self.per_service_cap
+        min_read = max(1, cap // 2)  # a busy queue is read a few entries at a time, not one per freed slot
+        start = self.next_turn % len(members)
+        grants = []
+        for n in range(len(members)):
+            if free <= 0:
+                break
+            state = self.queues[members[(start + n) % len(members)]]
+            room = min(cap - state.in_flight, free)
+            if room <= 0 or (room < min_read and state.in_flight):
+                continue
+            grants.append((state, room))
+            free -= room
+            self.next_turn = start + n + 1
+        return grants
 
-    async def _without_overdelivered(self, entries: list[tuple[str, Mapping]]) -> list[tuple[str, Mapping]]:
+    async def _take_round(self) -> bool:
+        """Read the granted queues (reclaiming first where it is time); whether anything changed: an entry
+        started, or a queue found drained (the next round may grant its slots to one that has work)."""
+        grants = self._grants()
+        if not grants:
+            return False
+        started = 0
+        now = time.monotonic()
+        due = [(state, room) for state, room in grants if now - state.reclaimed_at >= self.reclaim_interval]
+        if due:
+            reclaimed = await self._reclaim(due)
+            for state, room in due:
+                state.reclaimed_at = now
+            for state, ref, fields in reclaimed:
+                self._start(state, ref, fields)
+                started += 1
+            free = self.settings.concurrency - len(self.in_flight)
+            regrants = []
+            for state, _ in grants:  # the reclaimed entries took slots
+                room = min(self.per_service_cap - state.in_flight, free)
+                if room > 0:
+                    regrants.append((state, room))
+                    free -= room
+            grants = regrants
+        if not grants:
+            return started > 0
+        woken = [state.woken for state, _ in grants]
+        wall = repr(time.time())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for state, room in grants:
+                queue = state.queue
+                await self.take(keys=[queue.stream, queue.retry_stream, queue.retries, self.layout.active],
+                          args=[self.settings.group, self.name, room, wall, STREAM_FIELD, queue.member,
+                                self.settings.visibility_timeout], client=pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        for (state, _), before, reply in zip(grants, woken, replies):
+            member = state.queue.member
+            if isinstance(reply, Exception):
+                self.redis_throttle.warning("source %s cannot read the queue of %s: %s: %s", self.name, member,
+                                            type(reply).__name__, reply)
+                self.waiting.pop(member, None)  # the next full scan looks again
+                continue
+            retried, entries, drained = reply
+            if drained and state.woken == before:  # nothing new left, and no wake-up came in while reading
+                if self.waiting.pop(member, False) is None:
+                    started += not (retried or entries)
+            for stream, found in zip((state.queue.retry_stream, state.queue.stream), (retried, entries)):
+                for entry_id, flat in found:
+                    self._start(state, (stream, as_text(entry_id)), _fields(flat))
+                    started += 1
+        return started > 0
+
+    async def _reclaim(self, due: list[tuple[QueueState, int]]) -> list[tuple[QueueState, EntryRef, Mapping]]:
+        """Entries of these queues left pending past the visibility timeout by a source that died."""
+        settings = self.settings
+        idle = round(settings.visibility_timeout * 1000)
+        claims = [(state, stream, room) for state, room in due for stream in state.queue.streams]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for state, stream, room in claims:
+                pipe.xautoclaim(stream, settings.group, self.name, min_idle_time=idle, start_id="0-0", count=room)
+            replies = await pipe.execute(raise_on_error=False)
+        found = []
+        for (state, stream, room), reply in zip(claims, replies):
+            if isinstance(reply, Exception):  # NOGROUP: nothing was ever read from it
+                continue
+            entries = [(state, (stream, as_text(entry_id)), fields) for entry_id, fields in reply[1]
+                       if fields is not None and (stream, as_text(entry_id)) not in self.in_flight]
+            if entries:
+                entries = await self._without_overdelivered(entries)
+            if entries:
+                self.metrics.reclaimed.inc(len(entries))
+                log.info("source %s reclaimed %d entries of %s left pending past %gs: %s", self.name, len(entries),
+                         stream, settings.visibility_timeout, ", ".join(ref[1] for _, ref, _ in entries))
+            found += entries
+        return found
+
+    async def _without_overdelivered(self, entries: list[tuple[QueueState, EntryRef, Mapping]]
+                                     ) -> list[tuple[QueueState, EntryRef, Mapping]]:
         """``entries`` but those delivered more than MAX_DELIVERIES times, which are dead-lettered instead.
 
         A reclaimed entry was left by a process that died holding it; one that has come back this
@@ -217,39 +440,51 @@ class Source:
         """
         settings = self.settings
         async with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id, _ in entries:
-                pipe.xpending_range(settings.stream, settings.group, min=entry_id, max=entry_id, count=1)
+            for _, (stream, entry_id), _ in entries:
+                pipe.xpending_range(stream, settings.group, min=entry_id, max=entry_id, count=1)
             replies = await pipe.execute()
         kept = []
-        for (entry_id, fields), reply in zip(entries, replies):
+        for (state, ref, fields), reply in zip(entries, replies):
             deliveries = reply[0]["times_delivered"] if reply else 0
             if deliveries <= settings.max_deliveries:
-                kept.append((entry_id, fields))
+                kept.append((state, ref, fields))
                 continue
             reason = (f"delivered {deliveries} times without an outcome (MAX_DELIVERIES is {settings.max_deliveries}):"
                       " the process handling it may have died on it each time")
-            self._track(entry_id, self._give_up(entry_id, fields, reason))
+            self._track(state, ref, self._give_up(state, ref, fields, reason))
         return kept
 
-    async def _give_up(self, entry_id: str, fields: Mapping, reason: str) -> None:
-        if await self._settle(entry_id, dead_letter_entry(fields, reason)):
+    async def _give_up(self, state: QueueState, ref: EntryRef, fields: Mapping, reason: str) -> None:
+        """Dead-letter the entry and record its request as failed: its `running` record would never expire."""
+        try:
+            envelope = entry_envelope(fields)
+            host = envelope.url.partition("://")[2].partition("/")[0]
+            failed = (record_key(self.settings.key_prefix, envelope.id, host),
+                      Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason).to_json())
+        except EnvelopeError:
+            failed = None
+        dead = dead_letter_entry(fields, reason, service=self._service(state, fields))
+        if await self._settle(ref, dead, failed):
             self.metrics.delivered_as["dead_lettered"].inc()
-            log.error("entry %s sent to %s, never delivered again: %s", entry_id, self.settings.dead_letter_stream,
-                      reason)
+            log.error("entry %s of %s sent to %s, never delivered again: %s", ref[1], ref[0],
+                      self.settings.dead_letter_stream, reason)
 
     async def _heartbeat(self, drained: asyncio.Event) -> None:
         """Reset the idle time of entries still being delivered, so no other source reclaims them."""
         settings = self.settings
         while not await wait_event(drained, settings.visibility_timeout / 3):
-            ids = list(self.in_flight)
-            if not ids:
+            refs = list(self.in_flight)
+            if not refs:
                 continue
             try:
-                await self.redis.xclaim(settings.stream, settings.group, self.name, min_idle_time=0,
-                                        message_ids=ids, justid=True)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for stream, ids in _by_stream(refs).items():
+                        pipe.xclaim(stream, settings.group, self.name, min_idle_time=0, message_ids=ids,
+                                    justid=True)
+                    await pipe.execute()
             except Exception as exc:  # Redis down: the entries may be reclaimed, delivered twice at worst
                 self.redis_throttle.warning("source %s cannot refresh %d in-flight entries: %s: %s",
-                                            self.name, len(ids), type(exc).__name__, exc)
+                                            self.name, len(refs), type(exc).__name__, exc)
 
     async def _drain(self) -> None:
         tasks = list(self.in_flight.values())
@@ -264,55 +499,71 @@ class Source:
             log.warning("source %s left %d deliveries unfinished; they stay pending for another source",
                         self.name, len(late))
 
-    async def _leave_group(self) -> None:
-        """Drop this process's name from the group when it holds nothing, so names do not pile up."""
+    async def _leave_groups(self) -> None:
+        """Drop this process's name from the groups where it holds nothing, so names do not pile up."""
+        streams = [stream for state in self.queues.values() for stream in state.queue.streams]
+        if not streams:
+            return
+        group = self.settings.group
         try:
-            pending = await self.redis.xpending_range(self.settings.stream, self.settings.group, min="-", max="+",
-                                                      count=1, consumername=self.name)
-            if not pending:
-                await self.redis.xgroup_delconsumer(self.settings.stream, self.settings.group, self.name)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.xpending_range(stream, group, min="-", max="+", count=1, consumername=self.name)
+                held = await pipe.execute(raise_on_error=False)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, pending in zip(streams, held):
+                    if pending == []:
+                        pipe.xgroup_delconsumer(stream, group, self.name)
+                await pipe.execute(raise_on_error=False)
         except Exception as exc:  # best effort: a stale name costs nothing but a line in XINFO
-            log.debug("source %s could not leave group: %s", self.name, exc)
+            log.debug("source %s could not leave its groups: %s", self.name, exc)
 
     # --- one entry
 
-    def _start(self, entry_id: str, fields: Mapping) -> None:
-        if entry_id in self.in_flight:
+    def _start(self, state: QueueState, ref: EntryRef, fields: Mapping) -> None:
+        if ref in self.in_flight:
             return
-        self._track(entry_id, self._deliver(entry_id, fields))
+        self._track(state, ref, self._deliver(state, ref, fields))
 
-    def _track(self, entry_id: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` on the entry as an in-flight task (kept fresh, drained on stop)."""
-        task = asyncio.create_task(work, name=f"deliver-{entry_id}")
-        self.in_flight[entry_id] = task
-        task.add_done_callback(lambda task: self._finished(entry_id, task))
+    def _track(self, state: QueueState, ref: EntryRef, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` on the entry as an in-flight task (kept fresh, counted against its queue, drained on stop)."""
+        task = asyncio.create_task(work, name=f"deliver-{ref[1]}")
+        self.in_flight[ref] = task
+        state.in_flight += 1
+        state.gauge.inc()
+        task.add_done_callback(lambda task: self._finished(state, ref, task))
 
-    def _finished(self, entry_id: str, task: asyncio.Task) -> None:
-        self.in_flight.pop(entry_id, None)
-        self.slot_freed.set()
+    def _finished(self, state: QueueState, ref: EntryRef, task: asyncio.Task) -> None:
+        self.in_flight.pop(ref, None)
+        state.in_flight -= 1
+        state.gauge.dec()
+        self.nudge.set()
         if not task.cancelled() and task.exception() is not None:
-            log.error("entry %s: delivery crashed, it stays pending for reclaim", entry_id, exc_info=task.exception())
+            log.error("entry %s of %s: delivery crashed, it stays pending for reclaim", ref[1], ref[0],
+                      exc_info=task.exception())
 
-    async def _deliver(self, entry_id: str, fields: Mapping) -> None:
+    async def _deliver(self, state: QueueState, ref: EntryRef, fields: Mapping) -> None:
         attempt = 0
+        entry_id = ref[1]
         while True:
             attempt += 1
             try:
-                reply = await self.delivery.send(entry_id, fields)
+                reply = await self.delivery.send(ref, fields)
                 verdict = sink_verdict(reply.status)
             except DeliveryFailed as exc:
                 reply, verdict, reason = None, "retry", str(exc)
             if verdict == DELIVERED:
-                if self.delivery.settles or await self._settle(entry_id):
+                if self.delivery.settles or await self._settle(ref):
                     self.metrics.delivered_as["delivered"].inc()
                     log.debug("entry %s delivered after %d attempt(s)", entry_id, attempt)
                 return
             if reply is not None:
                 reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
-                if await self._settle(entry_id, dead_letter_entry(fields, reason, reply.status)):
+                if await self._settle(ref, dead_letter_entry(fields, reason, reply.status,
+                                                             service=self._service(state, fields))):
                     self.metrics.delivered_as["dead_lettered"].inc()
-                    log.warning("entry %s rejected by the sink, sent to %s: %s", entry_id,
+                    log.warning("entry %s of %s rejected by the sink, sent to %s: %s", entry_id, ref[0],
                                 self.settings.dead_letter_stream, reason)
                 return
             self.metrics.delivered_as["failed"].inc()
@@ -322,42 +573,52 @@ class Source:
             if await self._sleep(delay):
                 return  # stopping: the entry stays pending for a source to reclaim
 
-    async def _settle(self, entry_id: str, dead_letter: Mapping | None = None) -> bool:
-        """Acknowledge and delete the entry (after copying it to the dead-letter stream); False if stopped first."""
+    async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None,
+                      record: tuple[str, str] | None = None) -> bool:
+        """Acknowledge and delete the entry (after copying it to the dead-letter stream, and writing ``record``,
+        a final record's key and JSON, which expires one retention later); False if stopped first."""
         settings = self.settings
         failures = 0
         while True:
             try:
                 if dead_letter is None:
-                    await self.acks.submit(entry_id)
+                    await self.acks.submit(ref)
                 else:
                     async with self.redis.pipeline(transaction=True) as pipe:
                         add_dead_letter(pipe, settings, dead_letter)
-                        self.settle_in(pipe, entry_id)
+                        if record is not None:
+                            pipe.set(record[0], record[1], px=max(1, round(settings.status_retention * 1000)))
+                        self.settle_in(pipe, ref)
                         await pipe.execute()
                 return True
             except Exception as exc:  # Redis down: keep trying; if we stop first, it is delivered again
                 failures += 1
-                self.redis_throttle.warning("source %s cannot acknowledge entry %s: %s: %s", self.name, entry_id,
+                self.redis_throttle.warning("source %s cannot acknowledge entry %s: %s: %s", self.name, ref[1],
                                             type(exc).__name__, exc)
                 if await self._sleep(backoff(failures, self.retry_base, self.retry_cap)):
                     return False
 
-    async def _ack_batch(self, ids: list[str]) -> list[None]:
+    async def _ack_batch(self, refs: list[EntryRef]) -> list[None]:
         """Ack and delete the entries delivered in the same loop pass (or while a batch was out) in one round trip."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            self.settle_in(pipe, *ids)
+            self.settle_in(pipe, *refs)
             await pipe.execute()
-        return [None] * len(ids)
+        return [None] * len(refs)
 
-    def settle_in(self, pipe, *entry_ids: str) -> None:
-        """Acknowledge and delete ``entry_ids`` in the transaction ``pipe``: the one place entries are settled.
+    def settle_in(self, pipe, *refs: EntryRef) -> None:
+        """Acknowledge and delete ``refs`` in the transaction ``pipe``: the one place entries are settled.
 
         The replay core gets this as its hook (in-process delivery), so an outcome and its
         entry's ack are written together or not at all.
         """
-        pipe.xack(self.settings.stream, self.settings.group, *entry_ids)
-        pipe.xdel(self.settings.stream, *entry_ids)
+        for stream, ids in _by_stream(refs).items():
+            pipe.xack(stream, self.settings.group, *ids)
+            pipe.xdel(stream, *ids)
+
+    @staticmethod
+    def _service(state: QueueState, fields: Mapping) -> str | None:
+        """The Service an entry is for, as its dead letter names it."""
+        return state.queue.member if state.queue.member != SINGLE else _service_of_entry(fields)
 
     # --- waiting
 
@@ -365,21 +626,31 @@ class Source:
         """Sleep unless stopping; whether the source is stopping."""
         return await wait_event(self.stopping, delay)
 
-    async def _unless_stopped(self, awaitable: Awaitable[T]) -> T | None:
-        """The result of ``awaitable``, or None if the source stops first (it is then cancelled)."""
-        task = asyncio.ensure_future(awaitable)
-        stopped = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if not task.done():
-            task.cancel()
-            # redis-py may swallow the cancellation; the read then ends with its BLOCK
-            await asyncio.wait({task}, timeout=MAX_BLOCK + 1)
-        if not task.done() or task.cancelled():
-            return None
-        return task.result()
+
+def _by_stream(refs: Iterable[EntryRef]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for stream, entry_id in refs:
+        grouped.setdefault(stream, []).append(entry_id)
+    return grouped
+
+
+def _fields(flat) -> dict:
+    """A stream entry's fields as a script returns them (a flat list) as XREADGROUP's client gives them."""
+    return {flat[n]: flat[n + 1] for n in range(0, len(flat) - 1, 2)}
+
+
+def _number(reply) -> int:
+    return reply if isinstance(reply, int) else 0
+
+
+def _service_of_entry(fields: Mapping) -> str | None:
+    """The Service of an entry of the single stream, for its dead letter; None when unreadable."""
+    try:
+        envelope = entry_envelope(fields)
+    except EnvelopeError:
+        return None
+    host = envelope.url.partition("://")[2].partition("/")[0]
+    return service_tag(host) if host else None
 
 
 # --- the process

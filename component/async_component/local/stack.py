@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .. import logs
+from ..dataplane.queues import PER_SERVICE, QUEUE_MODES
 from ..dataplane.source import drain_grace
 from ..settings import (
     DEFAULT_CLUSTER_DOMAIN, DEFAULT_DEAD_LETTER_STREAM, DEFAULT_KEY_PREFIX, DEFAULT_STREAM, ConsumerSettings,
@@ -106,8 +107,11 @@ class LocalStack:
     ``visibility_timeout`` become SLEEP_SECONDS, MAX_ATTEMPTS,
     RETRY_BASE_DELAY and VISIBILITY_TIMEOUT of the processes; keep them small
     in tests. ``replay_in_source=False`` gives the source ``SINK_URL``: it then
-    posts CloudEvents to the consumer, which replays them (the RedisStreamSource
-    topology). ``output``: a text stream that receives every component's log
+    posts CloudEvents to the consumer, which replays them; with
+    ``queue_mode="single-stream"`` too, that is the RedisStreamSource topology
+    (every request in the one stream). ``max_inflight_per_service`` and
+    ``max_queued_per_service`` become MAX_INFLIGHT_PER_SERVICE and
+    MAX_QUEUED_PER_SERVICE (unset: the processes' defaults). ``output``: a text stream that receives every component's log
     lines, prefixed with its name (default: kept only in memory, see
     :meth:`logs`); pass ``sys.stderr`` to watch them.
     """
@@ -132,6 +136,9 @@ class LocalStack:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         startup_timeout: float = 60.0,
         replay_in_source: bool = True,
+        queue_mode: str = PER_SERVICE,
+        max_inflight_per_service: int | None = None,
+        max_queued_per_service: int | None = None,
     ) -> None:
         problems = [
             f"{name} {value!r} {rule}" for name, value, ok, rule in [
@@ -141,6 +148,11 @@ class LocalStack:
                 ("retry delay", retry_delay, retry_delay >= 0, "must be >= 0 seconds"),
                 ("producer workers", producer_workers, isinstance(producer_workers, int) and producer_workers > 0, "must be a positive integer"),
                 ("visibility timeout", visibility_timeout, visibility_timeout > 0, "must be > 0 seconds"),
+                ("queue mode", queue_mode, queue_mode in QUEUE_MODES, "must be one of " + ", ".join(QUEUE_MODES)),
+                ("max in flight per Service", max_inflight_per_service,
+                 max_inflight_per_service is None or max_inflight_per_service > 0, "must be a positive integer"),
+                ("max queued per Service", max_queued_per_service,
+                 max_queued_per_service is None or max_queued_per_service > 0, "must be a positive integer"),
             ] if not ok
         ]
         if redis_url is not None:
@@ -170,6 +182,9 @@ class LocalStack:
         self.output = output
         self.startup_timeout = startup_timeout
         self.replay_in_source = replay_in_source
+        self.queue_mode = queue_mode
+        self.max_inflight_per_service = max_inflight_per_service
+        self.max_queued_per_service = max_queued_per_service
         self._app_dir_arg = app_dir
 
         self._redis = None if redis_url else RedisServer()
@@ -315,7 +330,11 @@ class LocalStack:
         base = {k: v for k, v in os.environ.items() if k not in _SETTINGS_ENV}
         base["PYTHONUNBUFFERED"] = "1"
         redis = {"REDIS_URL": self.redis_url, "STREAM_NAME": self.stream, "KEY_PREFIX": self.key_prefix,
-                 "DEAD_LETTER_STREAM": self.dead_letter_stream, "LOG_LEVEL": self.log_level}
+                 "DEAD_LETTER_STREAM": self.dead_letter_stream, "LOG_LEVEL": self.log_level,
+                 "QUEUE_MODE": self.queue_mode}
+        caps = {name: str(value) for name, value in (("MAX_INFLIGHT_PER_SERVICE", self.max_inflight_per_service),
+                                                     ("MAX_QUEUED_PER_SERVICE", self.max_queued_per_service))
+                if value is not None}
         # the producer's target-host policy, which the replays apply again (dataplane-config.yaml)
         targets = {"ALLOWED_HOSTS": ",".join(allowed_hosts)}
         replay = {**targets, "MAX_ATTEMPTS": str(self.max_attempts), "RETRY_BASE_DELAY": f"{self.retry_delay:g}",
@@ -329,7 +348,8 @@ class LocalStack:
                     url(ports["app"]) + "/healthz?sleep=0"),
             Process("producer", [*command, "producer"],
                     {**base, **redis, "PORT": str(ports["producer"]), "HOST": LOOPBACK,
-                     **targets, "WORKERS": str(self.producer_workers)},
+                     **targets, "WORKERS": str(self.producer_workers),
+                     **{k: v for k, v in caps.items() if k == "MAX_QUEUED_PER_SERVICE"}},
                     url(ports["producer"]) + "/readyz"),
             Process("consumer", [*command, "consumer"],
                     {**base, **redis, **replay, "PORT": str(ports["consumer"]), "HOST": LOOPBACK},
@@ -339,6 +359,7 @@ class LocalStack:
             Process("source", [*command, "source"],
                     {**base, **redis, **replay, "HEALTH_PORT": str(ports["source"]),
                      "VISIBILITY_TIMEOUT": f"{self.visibility_timeout:g}",
+                     **{k: v for k, v in caps.items() if k == "MAX_INFLIGHT_PER_SERVICE"},
                      **({} if self.replay_in_source else {"SINK_URL": self.consumer_url})},
                     url(ports["source"]) + "/readyz"),
             Process("gateway", [*command, "gateway", "--routes", str(routes_file), "--port", str(self.port),
@@ -361,6 +382,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-delay", type=float, dest="retry_delay", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)  # the old spelling, kept working
     parser.add_argument("--producer-workers", type=int, default=1, help="producer worker processes")
+    parser.add_argument("--queue-mode", default=PER_SERVICE, choices=QUEUE_MODES,
+                        help="per-service: a queue per Service, served fairly; single-stream: one stream for"
+                             " every request, as Knative's RedisStreamSource reads (default: per-service)")
     parser.add_argument("--cluster-domain", default=DEFAULT_CLUSTER_DOMAIN,
                         help="the cluster DNS domain the modelled Services live under, <name>.<namespace>.svc.<domain> (default: cluster.local)")
     parser.add_argument("--app-dir", default=None, help="directory of sleep_app.py and the Service manifests (default: test/app)")
@@ -387,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
         stack = LocalStack(
             port=args.port, redis_url=args.redis_url, sleep_seconds=args.sleep_seconds, max_attempts=args.max_attempts,
             retry_delay=args.retry_delay, producer_workers=args.producer_workers, app_dir=args.app_dir,
+            queue_mode=args.queue_mode,
             log_level=args.log_level, output=sys.stderr, cluster_domain=args.cluster_domain,
             replay_in_source=not args.via_consumer,
         )

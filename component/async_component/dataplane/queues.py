@@ -1,0 +1,221 @@
+"""Where queued requests live in Redis: one queue per target Service, and the active set that finds them.
+
+A Service (``<name>.<namespace>.svc.<domain>``, from the target host) has its
+own keys, all under one Redis Cluster hash tag ``{<namespace>/<name>}``:
+
+- ``<prefix>:{ns/name}:q``   its stream of accepted requests (consumer group ``CONSUMER_GROUP``);
+- ``<prefix>:{ns/name}:rq``  its stream of retries that came due, read before ``:q``, so a due
+  retry goes before the Service's newer requests;
+- ``<prefix>:{ns/name}:r``   its sorted set of retries waiting, scored by due time;
+- ``<prefix>:{ns/name}:req:<id>`` a request's record (:mod:`.records`).
+
+A host that is not a Service's cluster-local host (a DomainMapping's own domain)
+is its own queue, tagged by the host.
+
+Sources find work without looking at idle Services: ``<prefix>:active`` is a
+sorted set of the queues that may hold work, scored 0 for "now" (the producer
+wrote to it) or by the time to look again (its next retry comes due, or entries
+another source holds may need reclaiming). The producer's batch script marks a
+queue and, when it was not already marked "now", adds its name to the
+``<prefix>:wake`` stream every source listens on. The source's :data:`TAKE`
+script removes a queue from the active set, atomically, only when it holds
+nothing at all.
+
+The stream of the single-stream layout (``QUEUE_MODE=single-stream``, for
+Knative's RedisStreamSource, which reads one stream) is the queue
+:data:`SINGLE`: ``STREAM_NAME`` with the retry set ``<prefix>:retries``. In the
+per-Service layout sources drain it too, so requests queued before an upgrade
+are still delivered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PER_SERVICE = "per-service"
+SINGLE_STREAM = "single-stream"
+QUEUE_MODES = (PER_SERVICE, SINGLE_STREAM)
+
+SINGLE = "*"
+"""The active set's member for the single stream (no host is spelled so)."""
+
+WAKE_MAXLEN = 1000
+"""Wake signals kept; a source that falls further behind finds its queues in the next full scan."""
+
+
+def service_of(host: str) -> tuple[str, str]:
+    """``(namespace, name)`` of a Service's cluster-local host (any port), else ``("", host)``."""
+    name = host.partition(":")[0]
+    labels = name.split(".")
+    if len(labels) >= 4 and labels[2] == "svc" and labels[0] and labels[1]:
+        return labels[1], labels[0]
+    return "", name
+
+
+def service_tag(host: str) -> str:
+    """``namespace/name`` of the host's Service (or the host itself): the queue's name and hash tag."""
+    namespace, name = service_of(host)
+    return f"{namespace}/{name}" if namespace else name
+
+
+def labels_of(member: str) -> tuple[str, str]:
+    """The ``namespace`` and ``service`` metric labels of an active-set member."""
+    namespace, sep, name = member.partition("/")
+    return (namespace, name) if sep else ("", member)
+
+
+@dataclasses.dataclass(frozen=True)
+class Queue:
+    member: str
+    """Its name in the active set: the Service's tag, or :data:`SINGLE`."""
+    stream: str
+    retry_stream: str
+    """Due retries, read first (the single stream's retries go back to the stream itself)."""
+    retries: str
+    """Retries waiting, scored by due time."""
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return (self.stream,) if self.retry_stream == self.stream else (self.retry_stream, self.stream)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The key layout of one install: ``KEY_PREFIX``, ``STREAM_NAME`` and ``QUEUE_MODE``."""
+
+    prefix: str
+    single_stream: str
+    mode: str = PER_SERVICE
+
+    @classmethod
+    def of(cls, settings) -> Layout:
+        return cls(settings.key_prefix, settings.stream, settings.queue_mode)
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}:active"
+
+    @property
+    def wake(self) -> str:
+        return f"{self.prefix}:wake"
+
+    @property
+    def single(self) -> Queue:
+        return Queue(SINGLE, self.single_stream, self.single_stream, f"{self.prefix}:retries")
+
+    def member(self, member: str) -> Queue:
+        if member == SINGLE:
+            return self.single
+        base = f"{self.prefix}:{{{member}}}"
+        return Queue(member, f"{base}:q", f"{base}:rq", f"{base}:r")
+
+    def for_host(self, host: str) -> Queue:
+        """Where a request for ``host`` is queued, and its retries wait."""
+        return self.single if self.mode == SINGLE_STREAM else self.member(service_tag(host))
+
+
+# KEYS: the queue's stream, retry stream, retry set, the active set, the wake stream.
+# ARGV: the stream field, the cap on queued requests, the queue's member, how long a new idempotency key is kept
+#       (ms; 0: a call without keys), then per request its envelope, or (with keys) its envelope and its claim:
+#       '<fingerprint> <request id> <idempotency key>' ('' without a key).
+# Each envelope gets its entry id, or a QUEUEFULL error when the queue holds the cap already
+# (nothing written for it). Marks the queue active "now" and wakes the sources if it was not.
+# A request whose idempotency key is held gets {entry id, request id} of the request that took it
+# when the fingerprints match (nothing written), else an IDEMPOTENCY error; a new key is taken.
+# The keys are not in KEYS (two arguments a request, not three, to keep a keyed request cheap): each is
+# under its Service's hash tag, that of the queue in the per-Service layout, so it is in KEYS[1]'s slot.
+ENQUEUE = """
+local cap = tonumber(ARGV[2])
+local lifetime = tonumber(ARGV[4])
+local stride = lifetime > 0 and 2 or 1
+local queued = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3])
+if KEYS[2] ~= KEYS[1] then queued = queued + redis.call('XLEN', KEYS[2]) end
+local ids = {}
+local added = 0
+local n = 0
+for i = 5, #ARGV, stride do
+  n = n + 1
+  local fingerprint, request, key
+  if stride == 2 and ARGV[i + 1] ~= '' then
+    fingerprint, request, key = string.match(ARGV[i + 1], '^(%%x+) (%%S+) (.+)$')
+  end
+  local held = key and redis.call('GET', key)
+  if held then
+    local first, entry, first_request = string.match(held, '^(%%x+) (%%S+) (%%S+)$')
+    if first == fingerprint then
+      ids[n] = {entry, first_request}
+    else
+      ids[n] = {err = 'IDEMPOTENCY the key was used for another request'}
+    end
+  elseif queued >= cap then
+    ids[n] = {err = 'QUEUEFULL ' .. queued .. ' requests queued for this Service'}
+  else
+    ids[n] = redis.pcall('XADD', KEYS[1], '*', ARGV[1], ARGV[i])
+    if type(ids[n]) == 'string' then
+      added = added + 1
+      queued = queued + 1
+      if key then
+        redis.call('SET', key, fingerprint .. ' ' .. ids[n] .. ' ' .. request, 'PX', lifetime)
+      end
+    end
+  end
+end
+if added > 0 and redis.call('ZSCORE', KEYS[4], ARGV[3]) ~= '0' then
+  redis.call('ZADD', KEYS[4], 0, ARGV[3])
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', %(wake_maxlen)d, '*', 'q', ARGV[3])
+end
+return ids
+""" % {"wake_maxlen": WAKE_MAXLEN}
+
+# KEYS: the queue's stream, retry stream, retry set, the active set.
+# ARGV: group, consumer, most entries to read, now (epoch seconds), the stream field, the member,
+#       seconds before a queue holding only entries in flight is looked at again (for reclaim: the
+#       visibility timeout, before which no entry can be reclaimed).
+# Moves due retries to the retry stream, then reads new entries: due retries first. Creates the
+# consumer group (from id 0) the first time. Reading fewer than asked (nothing new is left), it
+# settles the queue's place in the active set: removed when the queue holds nothing, else due when
+# its next retry is, or when entries held by a source (this one's too) may need reclaiming.
+# Returns {retries read, entries read, 1 when nothing new is left else 0}.
+TAKE = """
+local now = tonumber(ARGV[4])
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)
+for _, member in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', ARGV[5], member)
+  redis.call('ZREM', KEYS[3], member)
+end
+local function read(stream, count)
+  if count <= 0 then return {} end
+  local reply = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', stream, '>')
+  if type(reply) == 'table' and reply['err'] then
+    if not string.find(reply['err'], 'NOGROUP') then return redis.error_reply(reply['err']) end
+    redis.pcall('XGROUP', 'CREATE', stream, ARGV[1], '0', 'MKSTREAM')
+    reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', stream, '>')
+  end
+  if not reply then return {} end
+  return reply[1][2]
+end
+local count = tonumber(ARGV[3])
+local retried = {}
+if KEYS[2] ~= KEYS[1] and redis.call('EXISTS', KEYS[2]) == 1 then  -- no retry stream until a retry comes due
+  retried = read(KEYS[2], count)
+  if retried['err'] then return retried end
+end
+local entries = read(KEYS[1], count - #retried)
+if entries['err'] then return entries end
+local drained = 0
+if #retried + #entries < count then
+  drained = 1
+  local held = redis.call('XLEN', KEYS[1])
+  if KEYS[2] ~= KEYS[1] then held = held + redis.call('XLEN', KEYS[2]) end
+  local next = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  if held == 0 and #next == 0 then
+    redis.call('ZREM', KEYS[4], ARGV[6])
+  else
+    local at = now + tonumber(ARGV[7])
+    if #next > 0 and tonumber(next[2]) < at then at = tonumber(next[2]) end
+    if held == 0 then at = tonumber(next[2]) end
+    redis.call('ZADD', KEYS[4], 'XX', at, ARGV[6])
+  end
+end
+return {retried, entries, drained}
+"""

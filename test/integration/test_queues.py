@@ -1,0 +1,289 @@
+"""Per-Service queues against a real redis-server: fairness, retries first, idle Services, several sources.
+
+Requests are queued the way the producer queues them (:class:`Enqueuer`) for
+Services ``<name>.default.svc.cluster.local``; sources replay them in-process
+through one gateway-like server (``TARGET_GATEWAY_URL``) that tells the
+Services apart by their Host header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+
+import pytest
+from aiohttp import web
+
+from async_component.dataplane.enqueuer import Enqueuer
+from async_component.dataplane.envelope import Envelope, envelope_json
+from async_component.dataplane.queues import Layout
+from async_component.dataplane.records import FAILED, RETRYING, SUCCEEDED, Record, record_key
+from async_component.settings import SourceSettings
+
+from .scripted import ScriptedServer, serving
+from .sourcerun import DEAD, eventually, running, source_process
+
+LAYOUT = Layout("async", "async-requests")
+
+
+def host(service: str) -> str:
+    return f"{service}.default.svc.cluster.local"
+
+
+class Gateway(ScriptedServer):
+    """Every Service's replays: ``/hang`` is held until released, ``/slow`` waits ``slow`` seconds,
+    ``/status/<code>`` answers that (with ``Retry-After`` from the query), anything else 200 at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = 1.0
+        self.started: list[tuple[str, str, str]] = []
+        self.finished: list[tuple[str, str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        seen = (request.headers["Host"].split(".")[0], request.path_qs, request.headers.get("Async-Attempt", ""))
+        self.started.append(seen)
+        if request.path == "/hang":
+            await self.release.wait()
+            return web.Response(status=503)
+        if request.path == "/slow":
+            await asyncio.sleep(self.slow)
+        status = 200
+        headers = {}
+        if request.path.startswith("/status/"):
+            status = int(request.path.rsplit("/", 1)[1])
+            if "retry_after" in request.query:
+                headers["Retry-After"] = request.query["retry_after"]
+            if self.statuses:
+                status = self.statuses.pop(0)
+        self.finished.append(seen)
+        return web.Response(status=status, text="done", headers=headers)
+
+    def in_flight(self, service: str) -> int:
+        return (sum(1 for s in self.started if s[0] == service)
+                - sum(1 for s in self.finished if s[0] == service))
+
+
+@pytest.fixture
+async def gateway():
+    async with serving(Gateway()) as server:
+        yield server
+
+
+def settings_for(redis_url: str, gateway: Gateway, **changes) -> SourceSettings:
+    base = SourceSettings(redis_url=redis_url, visibility_timeout=1.0, health_port=0, concurrency=8,
+                          max_inflight_per_service=2, consumer_name="first", retry_base_delay=0.05,
+                          retry_max_delay=0.1, request_timeout=30.0, target_gateway_url=gateway.url.rstrip("/"))
+    return dataclasses.replace(base, **changes)
+
+
+@contextlib.asynccontextmanager
+async def enqueuer(redis_client):
+    queue = Enqueuer(redis_client, layout=LAYOUT)
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+async def accept(enqueue: Enqueuer, service: str, path: str) -> str:
+    """Queue one request as the producer does; its request id."""
+    request_id = f"{service}-{path.strip('/').replace('/', '-')}-{time.monotonic_ns()}"
+    document = envelope_json(request_id, "GET", f"http://{host(service)}{path}", [], b"", time.time())
+    await enqueue.enqueue(LAYOUT.for_host(host(service)), document)
+    return request_id
+
+
+async def record(redis_client, service: str, request_id: str) -> Record | None:
+    raw = await redis_client.get(record_key("async", request_id, host(service)))
+    return None if raw is None else Record.from_json(raw)
+
+
+def all_in(redis_client, state: str, requests: list[tuple[str, str]]):
+    async def check() -> bool:
+        for service, request_id in requests:
+            found = await record(redis_client, service, request_id)
+            if found is None or found.state != state:
+                return False
+        return True
+    return check
+
+
+# --- fairness
+
+
+async def test_a_hung_and_a_slow_service_hold_only_their_own_slots(redis_url, redis_client, gateway):
+    gateway.slow = 5.0
+    async with enqueuer(redis_client) as enqueue:
+        for n in range(10):
+            await accept(enqueue, "hung", "/hang")
+            await accept(enqueue, "slow", "/slow")
+        async with running(settings_for(redis_url, gateway), stop_grace=0.5) as source:
+            assert await eventually(lambda: _true(gateway.in_flight("hung") == 2 and gateway.in_flight("slow") == 2))
+            hung = {"namespace": "default", "service": "hung"}
+            metric = source.registry.get_sample_value
+            assert metric("async_service_in_flight", hung) == 2
+            assert await eventually(lambda: _true(metric("async_service_queued", hung) == 8))
+            assert metric("async_service_oldest_queued_age_seconds", hung) > 0
+            quick = [("quick", await accept(enqueue, "quick", f"/q/{n}")) for n in range(10)]
+            assert await eventually(all_in(redis_client, SUCCEEDED, quick))
+            # the other two are still held at their cap, with their backlogs queued
+            assert gateway.in_flight("hung") == 2 and gateway.in_flight("slow") == 2
+            assert await redis_client.xlen(LAYOUT.for_host(host("hung")).stream) == 10
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_services_with_work_are_served_in_turn(redis_url, redis_client, gateway):
+    """One source slot: requests of three Services alternate rather than one Service's backlog going first."""
+    async with enqueuer(redis_client) as enqueue:
+        for service in ("a", "b", "c"):
+            for n in range(4):
+                await accept(enqueue, service, f"/n/{n}")
+        async with running(settings_for(redis_url, gateway, concurrency=1, max_inflight_per_service=1)):
+            assert await eventually(lambda: _true(len(gateway.finished) == 12))
+    order = [service for service, _, _ in gateway.started]
+    assert all(len(set(order[n:n + 3])) == 3 for n in range(0, 12, 3)), order
+
+
+# --- retries
+
+
+async def test_a_due_retry_goes_before_the_services_newer_requests(redis_url, redis_client, gateway):
+    queue = LAYOUT.for_host(host("a"))
+    retry = Envelope.new("GET", f"http://{host('a')}/the-retry", [], b"", request_id="retried").next_attempt()
+    await redis_client.zadd(queue.retries, {retry.to_json(): time.time() - 1})
+    await redis_client.zadd(LAYOUT.active, {queue.member: 1.0})
+    async with enqueuer(redis_client) as enqueue:
+        for n in range(5):
+            await accept(enqueue, "a", f"/newer/{n}")
+    async with running(settings_for(redis_url, gateway, concurrency=1, max_inflight_per_service=1)):
+        assert await eventually(lambda: _true(len(gateway.finished) == 6))
+    assert gateway.started[0] == ("a", "/the-retry", "2")
+    assert [path for _, path, _ in gateway.started[1:]] == [f"/newer/{n}" for n in range(5)]
+
+
+async def test_retry_after_of_a_503_sets_the_next_attempts_delay(redis_url, redis_client, gateway):
+    gateway.statuses = [503]  # then the path's own status: 200 below
+    async with enqueuer(redis_client) as enqueue:
+        request_id = await accept(enqueue, "a", "/status/200?retry_after=1")
+    settings = settings_for(redis_url, gateway, retry_base_delay=60.0, retry_max_delay=120.0)
+    async with running(settings):
+        assert await eventually(all_in(redis_client, RETRYING, [("a", request_id)]))
+        retrying = await record(redis_client, "a", request_id)
+        assert 0.9 <= retrying.next_attempt_at - retrying.updated_at <= 1.1  # not the 60 s backoff
+        assert await eventually(all_in(redis_client, SUCCEEDED, [("a", request_id)]))
+    assert [attempt for _, _, attempt in gateway.started] == ["1", "2"]
+
+
+async def test_retry_after_is_capped_by_the_longest_retry_delay(redis_url, redis_client, gateway):
+    gateway.statuses = [429]
+    async with enqueuer(redis_client) as enqueue:
+        request_id = await accept(enqueue, "a", "/status/200?retry_after=3600")
+    async with running(settings_for(redis_url, gateway, retry_base_delay=0.1, retry_max_delay=0.5)):
+        assert await eventually(all_in(redis_client, RETRYING, [("a", request_id)]))
+        retrying = await record(redis_client, "a", request_id)
+        assert retrying.next_attempt_at - retrying.updated_at <= 0.5
+        assert await eventually(all_in(redis_client, SUCCEEDED, [("a", request_id)]))
+
+
+async def test_a_request_waiting_for_a_retry_longer_than_the_retention_keeps_its_record(
+        redis_url, redis_client, gateway):
+    gateway.statuses = [503]
+    async with enqueuer(redis_client) as enqueue:
+        request_id = await accept(enqueue, "a", "/status/200?retry_after=2")
+    key = record_key("async", request_id, host("a"))
+    async with running(settings_for(redis_url, gateway, status_retention=0.5, retry_max_delay=5.0)):
+        assert await eventually(all_in(redis_client, RETRYING, [("a", request_id)]))
+        await asyncio.sleep(1.0)
+        assert (await record(redis_client, "a", request_id)).state == RETRYING
+        assert await redis_client.ttl(key) == -1  # no expiry while pending
+        assert await eventually(all_in(redis_client, SUCCEEDED, [("a", request_id)]))
+        assert 0 < await redis_client.pttl(key) <= 500  # one retention after it finished
+
+
+async def test_a_dead_letter_names_its_service_the_reason_and_the_last_status(redis_url, redis_client, gateway):
+    async with enqueuer(redis_client) as enqueue:
+        request_id = await accept(enqueue, "a", "/status/400")
+    async with running(settings_for(redis_url, gateway)) as source:
+        assert await eventually(all_in(redis_client, FAILED, [("a", request_id)]))
+    labels = {"namespace": "default", "service": "a"}
+    outcomes = {outcome: source.registry.get_sample_value("async_service_outcomes_total", {**labels, "outcome": outcome})
+                for outcome in ("failed", "dead_lettered", "succeeded")}
+    assert outcomes == {"failed": 1, "dead_lettered": 1, "succeeded": None}
+    assert source.registry.get_sample_value("async_service_delivery_latency_seconds_count", labels) == 1
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert dead[b"service"] == b"default/a"
+    assert dead[b"status"] == b"400" and dead[b"error"] == b"the Service answered 400"
+    assert Envelope.from_stream_fields(dead).id == request_id
+
+
+# --- idle Services, several sources, crashes
+
+
+async def test_a_drained_service_leaves_the_active_set_and_idle_services_cost_no_commands(
+        redis_url, redis_client, gateway):
+    async with enqueuer(redis_client) as enqueue:
+        done = [(f"s{n}", await accept(enqueue, f"s{n}", "/once")) for n in range(1000)]
+    async with running(settings_for(redis_url, gateway, concurrency=32)):
+        assert await eventually(all_in(redis_client, SUCCEEDED, done), 60)
+        assert await eventually(lambda: _zero(redis_client.zcard(LAYOUT.active)))
+        assert await redis_client.keys("async:*:rq") == []  # no retry streams where no retry came due
+        await asyncio.sleep(0.5)
+        before = await _commands(redis_client)
+        await asyncio.sleep(2.0)
+        spent = await _commands(redis_client) - before
+    # 1,000 idle Services, each with its stream and group still in Redis: the same few commands a second
+    # as with none (looks at the active set and the retry set, the wake stream's blocking read), not one per Service
+    assert spent < 100, spent
+
+
+async def _zero(awaitable) -> bool:
+    return await awaitable == 0
+
+
+async def _commands(redis_client) -> int:
+    stats = await redis_client.info("commandstats")
+    return sum(value["calls"] for name, value in stats.items()
+               if name not in ("cmdstat_info",))
+
+
+async def test_several_sources_share_a_backlog_over_many_services(redis_url, redis_client, gateway):
+    gateway.slow = 0.05
+    async with enqueuer(redis_client) as enqueue:
+        requests = [(f"s{n % 20}", await accept(enqueue, f"s{n % 20}", "/slow")) for n in range(200)]
+    settings = settings_for(redis_url, gateway)
+    async with running(dataclasses.replace(settings, consumer_name="one")) as one, \
+            running(dataclasses.replace(settings, consumer_name="two")) as two, \
+            running(dataclasses.replace(settings, consumer_name="three")) as three:
+        assert await eventually(all_in(redis_client, SUCCEEDED, requests), 60)
+    shares = [source.metrics.delivered.labels("delivered")._value.get() for source in (one, two, three)]
+    assert sum(shares) == 200 and min(shares) > 0, shares
+    assert len(gateway.finished) == 200
+
+
+async def test_kill_9_of_the_source_with_several_services_queued_loses_nothing(redis_url, redis_client, gateway):
+    gateway.slow = 0.3
+    async with enqueuer(redis_client) as enqueue:
+        requests = [(service, await accept(enqueue, service, "/slow")) for service in ("a", "b", "c")
+                    for _ in range(6)]
+    env = {"TARGET_GATEWAY_URL": gateway.url.rstrip("/"), "MAX_INFLIGHT_PER_SERVICE": "2", "CONSUMER_NAME": "doomed"}
+    doomed = source_process(redis_url, env)
+    try:
+        assert await eventually(lambda: _true(len(gateway.started) >= 4), 20)
+        doomed.kill()
+        doomed.wait(10)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    finished_before = len(gateway.finished)
+    assert finished_before < 18
+    async with running(settings_for(redis_url, gateway, consumer_name="heir")):
+        assert await eventually(all_in(redis_client, SUCCEEDED, requests), 30)
+    for service in ("a", "b", "c"):
+        queue = LAYOUT.for_host(host(service))
+        assert await redis_client.xlen(queue.stream) == 0
