@@ -9,7 +9,9 @@ re-creates it in the async class; on exit the controller deletes its children
 and the layer serves it again.
 
 ``redis_stream_source(backend)``: Knative's RedisStreamSource delivers to the
-consumer instead of our source; our source comes back on exit.
+consumer instead of our source, with the producer queueing in the single stream
+it reads (QUEUE_MODE=single-stream); the producer's per-Service queues and our
+source come back on exit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import redis
 from async_component.controller.resources import (
     ASYNC_INGRESS_CLASS, INGRESS_CLASS_ANNOTATION, LAYER_FINALIZER, PARENT_LABEL,
 )
+from async_component.dataplane.queues import PER_SERVICE, SINGLE_STREAM
 from backend import NAMESPACE, SERVICE_PLAIN
 
 from . import manifests, plan
@@ -38,6 +41,9 @@ REDIS_STREAM_SOURCE_MANIFEST = "component/config/optional/redis-stream-source.ya
 SOURCES_NAMESPACE = "knative-sources"
 SOURCES_CONTROLLER = "statefulset/redis-controller-manager"
 SOURCES_TLS_SECRET = "tls-secret"
+DATAPLANE_CONFIG = "configmap/async-dataplane"
+QUEUE_MODE_ANNOTATION = "async.knative.dev/queue-mode"
+"""On the producer's revision template: changing the ConfigMap alone reaches no running pod."""
 
 
 def _require_kind(backend: object) -> KindBackend:
@@ -131,6 +137,28 @@ def async_by_default(backend: object, *, services: tuple[str, ...] = (SERVICE_PL
             _wait_ingresses(kind, services, layer_class, timeout)
     finally:
         _unpin(kind, pinned)
+
+
+def revision_ready(service: dict) -> bool:
+    """A Knative Service has made its latest spec its Ready, serving revision."""
+    meta, status = service["metadata"], service.get("status") or {}
+    return (status.get("observedGeneration") == meta.get("generation")
+            and status.get("latestReadyRevisionName") == status.get("latestCreatedRevisionName")
+            and any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []))
+
+
+def set_queue_mode(kind: KindBackend, mode: str, timeout: float) -> None:
+    """The producer queues in ``mode``: set in the data plane's ConfigMap, read by a new producer revision.
+
+    component/config/README.md gives the same two changes in prose ("One stream").
+    """
+    workload = COMPONENTS["producer"]
+    kind.kubectl.run("patch", DATAPLANE_CONFIG, "-n", workload.namespace, "--type", "merge", "-p",
+                     json.dumps({"data": {"QUEUE_MODE": mode}}))
+    kind.kubectl.run("patch", "ksvc", workload.name, "-n", workload.namespace, "--type", "merge", "-p",
+                     json.dumps({"spec": {"template": {"metadata": {"annotations": {QUEUE_MODE_ANNOTATION: mode}}}}}))
+    poll(lambda: revision_ready(kind.kubectl.json("get", "ksvc", workload.name, "-n", workload.namespace)),
+         timeout, f"{workload.name} serving a revision with QUEUE_MODE={mode}")
 
 
 def group_names(client: redis.Redis, stream: str) -> set[str]:
@@ -239,6 +267,7 @@ def redis_stream_source(backend: object, *, timeout: float = 300.0) -> Iterator[
     try:
         for step in steps[:4]:  # the tls-secret, its controller, our source scaled to 0
             _run_step(kind, step, path, timeout)
+        set_queue_mode(kind, SINGLE_STREAM, timeout)  # the adapter reads one stream
         before = stream_readers(client)
         adapter: set[int] = set()
         try:
@@ -255,6 +284,7 @@ def redis_stream_source(backend: object, *, timeout: float = 300.0) -> Iterator[
             poll(lambda: not (adapter & {int(c["id"]) for c in client.client_list()}), timeout,
                  "the RedisStreamSource adapter disconnected from Redis")
             move_group_to_end(client, kind.stream, kind.group)
+            set_queue_mode(kind, PER_SERVICE, timeout)
             _scale_source(kind, replicas, timeout)
     finally:
         client.close()

@@ -4,6 +4,14 @@ Knative 1.22 needs Kubernetes >= 1.34; kind builds node images for 1.34 from
 v0.30.0 on, and pytest-kind's own default (kind v0.17) is far older, so the kind
 binary and the node image are pinned here too. The node image carries the digest
 kind's release notes list for it, as kind asks.
+
+The real control plane of the ``kube`` test backend (e2e/kube/) is built from
+the Go module proxy: kube-apiserver and kube-controller-manager at
+``kubernetes``, etcd at ``etcd`` (the version Kubernetes 1.34 itself requires).
+Knative's Go modules are tagged v0.<minor + 27>.<patch> beside each
+knative-v1.<minor>.<patch> release (1.22.1 is v0.49.1, whose knative.dev/pkg
+asks for Kubernetes >= 1.34 as Knative 1.22 does); the proxy serves only
+the v0 tags, see :func:`go_module_version`.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from collections.abc import Mapping
 
 MIN_KIND = (0, 30, 0)
 MIN_KUBERNETES_MINOR = 34
+KNATIVE_GO_MINOR_OFFSET = 27  # knative-v1.0.0 was tagged v0.27.0 too
 
 GITHUB_RELEASE = "https://github.com/{repo}/releases/download/knative-v{version}/{asset}"
 RELEASE_REPOS = {
@@ -56,6 +65,16 @@ class Versions:
     net_istio: str = _pin("NET_ISTIO_VERSION", "1.22.0", "net-istio and its Istio for kind")
     eventing: str = _pin("KNATIVE_EVENTING_VERSION", "1.22.2", "Knative Eventing")
     eventing_redis: str = _pin("EVENTING_REDIS_VERSION", "1.22.1", "eventing-redis (RedisStreamSource)")
+    kubernetes: str = _pin("KUBERNETES_VERSION", "v1.34.4",
+                           "kube-apiserver and kube-controller-manager built for the kube backend (>= 1.34)")
+    etcd: str = _pin("ETCD_VERSION", "v3.6.4", "etcd built for the kube backend (Kubernetes 1.34's own)")
+
+    def go_module_version(self, release: str) -> str:
+        """The Go module version of a Knative release: ``go_module_version("serving")`` is v0.49.1 for 1.22.1."""
+        major, minor, patch = _semver(getattr(self, release))
+        if major != 1:
+            raise VersionsError(f"{release} {getattr(self, release)}: only Knative 1.x maps onto Go module versions")
+        return f"v0.{minor + KNATIVE_GO_MINOR_OFFSET}.{patch}"
 
     def release_url(self, release: str, asset: str) -> str:
         """URL of a Knative release asset, e.g. ``release_url("serving", "serving-core.yaml")``."""
@@ -111,12 +130,17 @@ def load(environ: Mapping[str, str] | None = None) -> Versions:
         if version is None:
             raise VersionsError(f"{env}={raw!r} is not a version like 1.22.1")
         text = ".".join(map(str, version))
-        values[field.name] = f"v{text}" if field.name in ("kind", "kubectl") else text
+        values[field.name] = f"v{text}" if field.name in ("kind", "kubectl", "kubernetes", "etcd") else text
     versions = Versions(**values)
     if _semver(versions.kind) < MIN_KIND:
         raise VersionsError(
             f"KIND_VERSION={versions.kind} is too old: Knative needs Kubernetes >= 1.{MIN_KUBERNETES_MINOR}, "
             f"whose node images need kind >= v{'.'.join(map(str, MIN_KIND))}"
+        )
+    built_minor = _semver(versions.kubernetes)[1]
+    if built_minor < MIN_KUBERNETES_MINOR:
+        raise VersionsError(
+            f"KUBERNETES_VERSION={versions.kubernetes} is too old: Knative needs >= 1.{MIN_KUBERNETES_MINOR}"
         )
     minor = versions.kubernetes_minor
     if minor is not None and minor < MIN_KUBERNETES_MINOR:

@@ -1,4 +1,4 @@
-"""``async-component controller`` as a child process against the Kubernetes emulator."""
+"""``async-component controller`` as a child process, against the Kubernetes emulator or a real API server."""
 
 from __future__ import annotations
 
@@ -45,16 +45,23 @@ class Operator:
             self.process.wait()
 
 
-def start_operator(server_url: str, workdir: Path, name: str = "controller", **env: str) -> Operator:
-    """Start a controller on ``server_url`` and wait until its liveness endpoint answers."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    kubeconfig = workdir / "kubeconfig"
-    kubeconfig.write_text(
+def emulator_kubeconfig(server_url: str, path: Path) -> Path:
+    """A kubeconfig for the emulator, which needs no credentials."""
+    path.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: emulator\n"
         f"clusters: [{{name: emulator, cluster: {{server: '{server_url}'}}}}]\n"
         "users: [{name: tester, user: {}}]\n"
         "contexts: [{name: emulator, context: {cluster: emulator, user: tester}}]\n"
     )
+    return path
+
+
+def start_operator(server_url: str, workdir: Path, name: str = "controller", *, kubeconfig: Path | None = None,
+                   **env: str) -> Operator:
+    """Start a controller on ``server_url`` (or as ``kubeconfig`` says) and wait until its liveness endpoint answers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if kubeconfig is None:
+        kubeconfig = emulator_kubeconfig(server_url, workdir / "kubeconfig")
     health_port = free_port()
     environ = dict(os.environ, KUBECONFIG=str(kubeconfig), HEALTH_PORT=str(health_port),
                    SYSTEM_NAMESPACE="knative-system", LOG_LEVEL="INFO")

@@ -27,15 +27,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import kopf
 
 from async_component.controller import resources as r
 from async_component.controller.kubeapi import INGRESSES, ApiError, KubeApi
 
 
-async def watch_ingresses(url: str, namespace: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+async def watch_ingresses(info: kopf.ConnectionInfo, namespace: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     path = INGRESSES.path(namespace)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session, \
-            session.get(url + path, params={"watch": "true"}) as resp:
+    connector = aiohttp.TCPConnector(ssl=info.as_ssl_context())
+    async with aiohttp.ClientSession(connector=connector, headers=info.as_http_headers(),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session, \
+            session.get(info.server.rstrip("/") + path, params={"watch": "true"}) as resp:
         async for line in resp.content:
             if line.strip():
                 event = json.loads(line)
@@ -51,8 +54,8 @@ def hosts_of(ingress: dict[str, Any]) -> set[str]:
 
 
 class _Model:
-    def __init__(self, api: KubeApi, url: str, namespace: str) -> None:
-        self.api, self.url, self.namespace = api, url, namespace
+    def __init__(self, api: KubeApi, info: kopf.ConnectionInfo, namespace: str) -> None:
+        self.api, self.info, self.namespace = api, info, namespace
         self._task: asyncio.Task[None] | None = None
         self.errors: list[str] = []
 
@@ -60,7 +63,7 @@ class _Model:
         raise NotImplementedError
 
     async def _run(self) -> None:
-        async for type_, ingress in watch_ingresses(self.url, self.namespace):
+        async for type_, ingress in watch_ingresses(self.info, self.namespace):
             try:
                 await self.handle(type_, ingress)
             except ApiError as exc:  # a stale read: the next event brings a fresh one
@@ -78,8 +81,8 @@ class _Model:
 
 
 class NetworkLayer(_Model):
-    def __init__(self, api: KubeApi, url: str, namespace: str, ingress_class: str) -> None:
-        super().__init__(api, url, namespace)
+    def __init__(self, api: KubeApi, info: kopf.ConnectionInfo, namespace: str, ingress_class: str) -> None:
+        super().__init__(api, info, namespace)
         self.ingress_class = ingress_class
         self.translated: dict[str, set[str]] = {}
         """Ingress name -> the hosts the layer serves for it."""
@@ -121,9 +124,9 @@ class NetworkLayer(_Model):
 
 
 class Serving(_Model):
-    def __init__(self, api: KubeApi, url: str, namespace: str, name: str,
+    def __init__(self, api: KubeApi, info: kopf.ConnectionInfo, namespace: str, name: str,
                  make: Callable[[str], dict[str, Any]], ingress_class: str) -> None:
-        super().__init__(api, url, namespace)
+        super().__init__(api, info, namespace)
         self.name, self.make, self.ingress_class = name, make, ingress_class
         self.route_exists = True
         self.created = 0

@@ -17,6 +17,7 @@ import datetime
 import itertools
 import threading
 import uuid
+from http import HTTPStatus
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,7 +37,7 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
         self._writes = asyncio.Lock()
-        self._failures: list[tuple[kmock.action, str, str]] = []
+        self._failures: list[tuple[kmock.action, str, str, int]] = []
         for plural, kind in (("namespaces", "Namespace"), ("services", "Service"), ("events", "Event")):
             self.resources[f"v1/{plural}"] = kmock.ResourceInfo(
                 kind=kind, namespaced=plural != "namespaces",
@@ -51,18 +52,27 @@ class Emulator(kmock.KubernetesEmulator):
             verbs={"create", "delete", "get", "list", "patch", "update", "watch"}, subresources={"status"},
         )
 
-    def fail_next(self, action: kmock.action, plural: str, namespace: str, times: int = 1) -> None:
-        """Answer the next ``times`` such requests with 500 (callable from any thread)."""
-        self._failures.extend([(action, plural, namespace)] * times)
+    def fail_next(self, action: kmock.action, plural: str, namespace: str, times: int = 1, status: int = 500) -> None:
+        """Answer the next ``times`` such requests with ``status`` (callable from any thread).
+
+        ``plural`` names a subresource as ``ingresses/status``.
+        """
+        self._failures.extend([(action, plural, namespace, status)] * times)
 
     async def _handle(self, request: kmock.Request) -> Any:
         # kmock keeps every request and matches each new one against all of them:
         # a long test module would slow down quadratically. Recent ones are enough.
         del self._requests[:-RECENT_REQUESTS]
-        wanted = (request.action, request.resource and request.resource.plural, request.namespace)
-        if wanted in self._failures:
-            self._failures.remove(wanted)
-            raise kmock.KubernetesError(status=500, reason="InternalError", message="injected by the test")
+        plural = request.resource and request.resource.plural
+        if plural and request.subresource:
+            plural = f"{plural}/{request.subresource}"
+        wanted = (request.action, plural, request.namespace)
+        failure = next((f for f in self._failures if f[:3] == wanted), None)
+        if failure is not None:
+            self._failures.remove(failure)
+            status = failure[3]
+            raise kmock.KubernetesError(status=status, reason=HTTPStatus(status).phrase.replace(" ", ""),
+                                        message="injected by the test")
         if request.resource is None or request.action not in WRITE_ACTIONS or not isinstance(request.data, Mapping):
             return await super()._handle(request)
         async with self._writes:  # the emulator's own lock is taken inside; serialise around it

@@ -1,8 +1,11 @@
-"""The real operator (``async-component controller``) against kmock's Kubernetes emulator.
+"""The real operator (``async-component controller``) against kmock's Kubernetes emulator,
+and with ``--kube`` against a real kube-apiserver too.
 
-One emulator (its own thread) and one operator process serve the module; each
-test works in its own namespace and talks to the emulator over HTTP, as
-kubectl would.
+One cluster per backend (the emulator in its own thread, or the session's
+control plane) and one operator process serve the module; each test works in
+its own namespace and talks to the cluster over HTTP, as kubectl would. On
+the real API server the operator logs in as the async-controller
+ServiceAccount, so a verb missing from its ClusterRole fails these tests.
 """
 
 from __future__ import annotations
@@ -15,46 +18,61 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-import kmock
-import kopf
 import pytest
 
 from async_component.controller import resources as r
 from async_component.controller.kubeapi import INGRESSES, SERVICES, KubeApi
 from async_component.settings import INGRESS_CLASSES
 
+from .controller_backends import KmockCluster, KubeCluster
 from .controller_process import Operator, start_operator
 from .knative_models import NetworkLayer, Serving
 from .kube_emulator import EmulatorThread
 
 KOURIER = INGRESS_CLASSES[0]
-PRODUCER = "async-producer.knative-system.svc.cluster.local"
+SYSTEM_NAMESPACE = "knative-serving"  # where the manifests run the controller and grant its Lease
+PRODUCER = f"async-producer.{SYSTEM_NAMESPACE}.svc.cluster.local"
 DEADLINE = 15.0  # generous: polls return as soon as the check passes
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that reaches a cluster runs on kmock, and with --kube on the real API server too."""
+    if "cluster" in metafunc.fixturenames:
+        on_kube = metafunc.config.getoption("--kube") and not metafunc.definition.get_closest_marker("kmock_only")
+        backends = ["kmock", "kube"] if on_kube else ["kmock"]
+        metafunc.parametrize("cluster", backends, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request: pytest.FixtureRequest):
+    if request.param == "kube":
+        yield KubeCluster(request.getfixturevalue("kube"))
+        return
     with EmulatorThread() as emulator:
-        yield emulator
+        yield KmockCluster(emulator)
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: EmulatorThread, tmp_path_factory: pytest.TempPathFactory):
-    operator = start_operator(cluster.url, tmp_path_factory.mktemp("controller"))
+def operator(cluster: KmockCluster | KubeCluster, tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("controller")
+    operator = start_operator(cluster.url, workdir, kubeconfig=cluster.operator_kubeconfig(workdir / "kubeconfig"),
+                              SYSTEM_NAMESPACE=SYSTEM_NAMESPACE)
     yield operator
     operator.stop()
 
 
 @pytest.fixture
-async def api(cluster: EmulatorThread, operator: Operator):
-    client = KubeApi(kopf.ConnectionInfo(server=cluster.url))
+async def api(cluster: KmockCluster | KubeCluster, operator: Operator):
+    client = KubeApi(cluster.admin_info())
     yield client
     await client.close()
 
 
 @pytest.fixture
-def namespace(request: pytest.FixtureRequest) -> str:
-    return request.node.name.replace("_", "-")[:63].strip("-").lower()
+def namespace(request: pytest.FixtureRequest, cluster: KmockCluster | KubeCluster) -> str:
+    name = request.node.originalname.replace("_", "-")[:63].strip("-").lower()
+    cluster.prepare_namespace(name)
+    return name
 
 
 @pytest.fixture
@@ -209,12 +227,6 @@ async def test_parent_ready_follows_the_child(api, eventually, namespace):
     await eventually(parent_not_ready)
 
 
-async def list_events(cluster: EmulatorThread, namespace: str) -> list[dict]:
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"{cluster.url}/api/v1/namespaces/{namespace}/events") as resp:
-        return (await resp.json())["items"]
-
-
 async def test_invalid_mode_is_reported_and_builds_nothing(api, eventually, namespace, cluster):
     await api.create(INGRESSES, kingress("hello", namespace, mode="sometimes"))
 
@@ -222,7 +234,7 @@ async def test_invalid_mode_is_reported_and_builds_nothing(api, eventually, name
         ready = condition(await api.get(INGRESSES, namespace, "hello"))
         assert ready.get("status") == "False" and ready.get("reason") == r.REASON_INVALID_MODE, ready
         assert "'sometimes'" in ready["message"]
-        events = [e for e in await list_events(cluster, namespace) if e.get("reason") == r.REASON_INVALID_MODE]
+        events = [e for e in await cluster.list_events(namespace) if e.get("reason") == r.REASON_INVALID_MODE]
         assert events, "no InvalidAsyncMode event"
         assert events[0]["type"] == "Warning"
         assert events[0]["involvedObject"]["name"] == "hello"
@@ -237,10 +249,24 @@ async def test_invalid_mode_is_reported_and_builds_nothing(api, eventually, name
 
 
 async def test_a_failed_api_call_is_retried(api, eventually, namespace, cluster, operator):
-    cluster.emulator.fail_next(kmock.action.CREATE, "services", namespace)
+    cluster.fail_next("create", "services", namespace)
     await api.create(INGRESSES, kingress("hello", namespace))
     await wait_for_children(api, eventually, namespace, "hello")
     assert f"Ingress {namespace}/hello: reconcile failed (ApiError: POST" in operator.log_tail(100)
+
+
+async def test_a_conflict_on_update_is_retried(api, eventually, namespace, cluster, operator):
+    cluster.fail_next("update", "ingresses/status", namespace, status=409)
+    await api.create(INGRESSES, kingress("hello", namespace))
+    await wait_for_children(api, eventually, namespace, "hello")
+
+    async def status_written() -> None:
+        ready = condition(await api.get(INGRESSES, namespace, "hello"))
+        assert ready.get("reason") == r.REASON_CHILD_NOT_READY, ready
+
+    await eventually(status_written)
+    assert f"Ingress {namespace}/hello: reconcile failed (ApiError: PATCH" in operator.log_tail(100)
+    assert ": 409 " in operator.log_tail(100)
 
 
 async def test_deleted_children_are_recreated(api, eventually, namespace):
@@ -324,9 +350,20 @@ async def settle(eventually, check) -> None:
     await eventually(check, timeout=2 * DEADLINE)
 
 
+# On a real API server these race: Serving (the model, like the real Route
+# reconciler, which compares annotations without looking at deletionTimestamp)
+# puts its class back between the controller's hand-back and the release; the
+# Ingress then goes with the async class in its last stored state (the DELETED
+# event carries that state, not the release patch's), so the layer never sees
+# it leave and keeps a stale translation. Seen in about one run in three with
+# --kube; kmock serialises the writes and hides it. Reported with issue #15.
+CLASS_SWITCH_RACE = "the class switch races Serving on a real API server (see the comment above)"
+
+
+@pytest.mark.kmock_only(CLASS_SWITCH_RACE)
 async def test_turning_async_on_for_a_service_the_layer_already_serves(api, eventually, namespace, cluster, operator):
-    async with NetworkLayer(api, cluster.url, namespace, KOURIER) as layer, \
-            Serving(api, cluster.url, namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
+    async with NetworkLayer(api, cluster.admin_info(), namespace, KOURIER) as layer, \
+            Serving(api, cluster.admin_info(), namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
                     KOURIER) as serving:
         first = await api.create(INGRESSES, kingress("hello", namespace, ingress_class=KOURIER))
 
@@ -353,9 +390,10 @@ async def test_turning_async_on_for_a_service_the_layer_already_serves(api, even
         assert "became async while the network layer still serves it" in operator_log(operator, namespace)
 
 
+@pytest.mark.kmock_only(CLASS_SWITCH_RACE)
 async def test_turning_async_off_deletes_the_children_and_the_layer_takes_over(api, eventually, namespace, cluster):
-    async with NetworkLayer(api, cluster.url, namespace, KOURIER) as layer, \
-            Serving(api, cluster.url, namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
+    async with NetworkLayer(api, cluster.admin_info(), namespace, KOURIER) as layer, \
+            Serving(api, cluster.admin_info(), namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
                     r.ASYNC_INGRESS_CLASS) as serving:
         await api.create(INGRESSES, kingress("hello", namespace))
 
@@ -387,8 +425,8 @@ async def test_turning_async_off_deletes_the_children_and_the_layer_takes_over(a
 
 
 async def test_deleting_a_service_right_after_the_switch_leaves_nothing_behind(api, eventually, namespace, cluster):
-    async with NetworkLayer(api, cluster.url, namespace, KOURIER) as layer, \
-            Serving(api, cluster.url, namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
+    async with NetworkLayer(api, cluster.admin_info(), namespace, KOURIER) as layer, \
+            Serving(api, cluster.admin_info(), namespace, "hello", lambda c: kingress("hello", namespace, ingress_class=c),
                     KOURIER) as serving:
         await api.create(INGRESSES, kingress("hello", namespace, ingress_class=KOURIER))
 
@@ -416,6 +454,9 @@ def operator_log(operator: Operator, namespace: str) -> str:
 async def test_a_domain_mapping_parent_too_long_for_a_label_gets_valid_children(api, eventually, namespace):
     name = "shop." + "x" * 60 + ".example.com"  # a DomainMapping's Ingress is named after its domain
     parent = kingress(name, namespace)
+    # labelled as Knative labels a DomainMapping's Ingress (a label value holds 63 characters: not the name)
+    parent["metadata"]["labels"] = {"serving.knative.dev/domainMappingUID": "0b4a4a7e-5d0c-4b8e-9d0e-3c1f2b6a7d10",
+                                    "serving.knative.dev/domainMappingNamespace": namespace}
     parent["spec"]["rules"] = [{"hosts": [name], "visibility": r.VISIBILITY_EXTERNAL, "http": {"paths": [{
         "rewriteHost": f"hello.{namespace}.svc.cluster.local",
         "splits": [{"serviceName": "hello", "serviceNamespace": namespace, "servicePort": 80, "percent": 100}]}]}}]

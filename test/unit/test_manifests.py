@@ -45,6 +45,7 @@ GATEWAYS = {"kourier": ("kourier-system", {"app": "3scale-kourier-gateway"}),
 TLS_COMPONENT = CONFIG / "components" / "redis-tls"
 SECRET_NAME_COMPONENT = CONFIG / "components" / "redis-secret-name"
 KEDA_COMPONENT = CONFIG / "components" / "keda"
+MONITORING_COMPONENT = CONFIG / "components" / "monitoring"
 DATAPLANE_CONFIG = "async-dataplane"
 REDIS_SECRET = "async-redis"
 # The Secret the README has the user create (no manifest ships one): url, optional username and password.
@@ -56,6 +57,10 @@ KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 RELEASE_SCRIPT = ROOT / "scripts" / "render-release.py"
 RELEASE_DIR = ROOT / "release"
 SCALED_OBJECT = ("keda.sh/v1alpha1", "ScaledObject")
+SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
+POD_MONITOR = ("monitoring.coreos.com/v1", "PodMonitor")
+# The name Knative gives the user container's port in every revision's pods (knative.dev/serving UserPortName).
+KNATIVE_USER_PORT = "user-port"
 
 NAMESPACE = settings.DEFAULT_SYSTEM_NAMESPACE
 # Knative Serving 1.22 needs Kubernetes >= 1.34 (e2e/kind/versions.py); the
@@ -82,6 +87,8 @@ EXPECTED_RULES = {
     # (apiGroup, resource): verbs -- what controller.py and kubeapi.py call, plus kopf's list/watch
     ("networking.internal.knative.dev", "ingresses"): {"get", "list", "watch", "create", "patch", "delete"},
     ("networking.internal.knative.dev", "ingresses/status"): {"patch"},
+    # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
+    ("networking.internal.knative.dev", "ingresses/finalizers"): {"update"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "events"): {"create"},
 }
@@ -133,7 +140,7 @@ def tls_render(tmp_path_factory) -> tuple[dict, ...]:
     return kustomize(overlay)
 
 
-# A user's overlay with every optional component: TLS, their own Secret's name, KEDA.
+# A user's overlay with every optional component: TLS, their own Secret's name, KEDA, monitoring.
 MY_SECRET = "team-redis"
 
 
@@ -142,7 +149,7 @@ def options_render(tmp_path_factory) -> tuple[dict, ...]:
     overlay = write_overlay(
         tmp_path_factory.mktemp("options") / "overlay",
         resources=[CONFIG / "overlays" / "kourier"],
-        components=[TLS_COMPONENT, SECRET_NAME_COMPONENT, KEDA_COMPONENT],
+        components=[TLS_COMPONENT, SECRET_NAME_COMPONENT, KEDA_COMPONENT, MONITORING_COMPONENT],
         configMapGenerator=[{"name": "async-redis-secret-name", "literals": [f"name={MY_SECRET}"],
                              "options": {"disableNameSuffixHash": True,
                                          "annotations": {"config.kubernetes.io/local-config": "true"}}}])
@@ -285,11 +292,11 @@ def test_schema_versions_cover_the_kubernetes_knative_needs():
 @pytest.mark.parametrize("version", [MIN_KUBERNETES, NEWEST_KUBERNETES])
 def test_builtin_kinds_validate_against_the_kubernetes_schemas(version, tls_render, options_render):
     sets = {"plain files": plain_objects(), **renders(), "kourier + redis-tls": tls_render,
-            "kourier + redis-tls + redis-secret-name + keda": options_render, **releases()}
+            "kourier + every optional component": options_render, **releases()}
     for label, objects in sets.items():
         assert objects, label
         for obj in objects:
-            if key(obj) in (KSVC, REDIS_STREAM_SOURCE, SCALED_OBJECT):
+            if key(obj) in (KSVC, REDIS_STREAM_SOURCE, SCALED_OBJECT, SERVICE_MONITOR, POD_MONITOR):
                 continue
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -762,6 +769,91 @@ def test_the_keda_component_scales_the_source_on_its_stream(options_render):
     assert meta["address"] == f"{redis.hostname}:{redis.port}" and meta["databaseIndex"] == redis.path.strip("/")
     assert "per-Service" in (KEDA_COMPONENT / "scaled-object.yaml").read_text() or \
         "per Service" in (KEDA_COMPONENT / "scaled-object.yaml").read_text()
+
+
+# --- metrics
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In) against an object's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def template_labels(obj: dict) -> dict:
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def scrape_annotations(annotations: dict) -> tuple[str, int, str]:
+    return annotations["prometheus.io/scrape"], int(annotations["prometheus.io/port"]), annotations["prometheus.io/path"]
+
+
+def test_every_process_is_scraped_where_it_serves_metrics():
+    objects = plain_objects()
+    source = find(objects, ("apps/v1", "Deployment"), "async-source")
+    service = find(objects, ("v1", "Service"), "async-source-metrics")
+    # the Service's selector picks the source's pods and no other workload's
+    assert service["spec"]["selector"].items() <= template_labels(source).items()
+    assert [o["metadata"]["name"] for o in workloads(objects)
+            if service["spec"]["selector"].items() <= template_labels(o).items()] == ["async-source"]
+    (port,) = service["spec"]["ports"]
+    health_port = process_settings(source, objects).health_port
+    assert probe_port(source, {"httpGet": {"port": port["targetPort"]}}) == health_port == port["port"]
+    assert scrape_annotations(service["metadata"]["annotations"]) == ("true", port["port"], "/metrics")
+    assert "prometheus.io/scrape" not in source["spec"]["template"]["metadata"].get("annotations", {}), \
+        "annotated once: a Prometheus that discovers both pods and endpoints would scrape it twice"
+    # the components that patch the workloads select them by component: not the Service
+    assert service["metadata"]["labels"]["app.kubernetes.io/component"] not in ("producer", "consumer", "source")
+    for name in ("async-producer", "async-consumer"):
+        ksvc = find(objects, KSVC, name)
+        annotations = ksvc["spec"]["template"]["metadata"]["annotations"]
+        assert scrape_annotations(annotations) == ("true", process_settings(ksvc, objects).port, "/metrics")
+        assert container(ksvc)["ports"][0]["containerPort"] == process_settings(ksvc, objects).port
+
+
+MONITOR_ENDPOINT = {"port", "path", "interval", "scrapeTimeout", "honorLabels", "relabelings", "metricRelabelings",
+                    "scheme", "tlsConfig"}
+
+
+def test_the_monitoring_component_scrapes_the_source_producer_and_consumer(options_render):
+    objects = options_render
+    (service_monitor,) = [o for o in objects if key(o) == SERVICE_MONITOR]
+    (pod_monitor,) = [o for o in objects if key(o) == POD_MONITOR]
+    for monitor in (service_monitor, pod_monitor):
+        assert monitor["metadata"]["namespace"] == NAMESPACE
+        assert set(monitor["spec"]) <= {"selector", "endpoints", "podMetricsEndpoints", "namespaceSelector",
+                                        "jobLabel", "podTargetLabels", "targetLabels"}
+        (endpoint,) = monitor["spec"].get("endpoints") or monitor["spec"]["podMetricsEndpoints"]
+        assert set(endpoint) <= MONITOR_ENDPOINT
+        assert endpoint["path"] == "/metrics"
+        # the metrics' own namespace and service labels (the Service a request is for) beat the target's
+        assert endpoint["honorLabels"] is True
+    services = [o for o in objects if key(o) == ("v1", "Service")]
+    (scraped,) = [s for s in services if selects(service_monitor["spec"]["selector"], s["metadata"]["labels"])]
+    assert scraped["metadata"]["name"] == "async-source-metrics"
+    assert service_monitor["spec"]["endpoints"][0]["port"] == scraped["spec"]["ports"][0]["name"]
+    picked = sorted(o["metadata"]["name"] for o in workloads(objects)
+                    if selects(pod_monitor["spec"]["selector"], template_labels(o)))
+    assert picked == ["async-consumer", "async-producer"]
+    assert all(key(find(objects, KSVC, name)) == KSVC for name in picked)
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == KNATIVE_USER_PORT
+    # Prometheus's pods may reach the producer's serving port despite the gateway-only policy
+    (policy,) = [o for o in objects if key(o) == ("networking.k8s.io/v1", "NetworkPolicy")
+                 and o["metadata"]["name"] == "async-producer-metrics"]
+    producer = find(objects, KSVC, "async-producer")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= template_labels(producer).items()
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": process_settings(producer, objects).port, "protocol": "TCP"}]
+    assert all("podSelector" in peer and "namespaceSelector" in peer for peer in rule["from"]), "Prometheus only"
+    # the dashboard, for Grafana's sidecar
+    dashboard = find(objects, ("v1", "ConfigMap"), "async-component-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"] == {"async-component.json": (MONITORING_COMPONENT / "async-component.json").read_text()}
 
 
 # --- release YAML
