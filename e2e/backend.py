@@ -40,7 +40,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def kill(self, component: str) -> None:
-        """SIGKILL the component ("source" or "consumer"); the platform restarts it."""
+        """SIGKILL the component ("producer", "source" or "consumer"); the platform restarts it."""
 
     @abc.abstractmethod
     def wait_ready(self, component: str, timeout: float = 60.0) -> None:

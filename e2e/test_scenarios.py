@@ -206,13 +206,13 @@ async def test_producer_refuses_targets_outside_the_allowed_hosts(client: Client
 
 
 @pytest.mark.parametrize("service", [SERVICE_CONDITIONAL, SERVICE_ALWAYS])
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
 async def test_status_path_is_never_queued_or_replayed(client: Client, backend: Backend, redis, service, method):
     """A write to the status path once made its replay come back to the producer and be queued again, forever."""
     before = await entries_added(redis, backend)
     reply = await client.request(service, method, "/.well-known/async-requests/x", data=b"x", prefer_async=True)
     assert reply.status == 405, reply.body
-    assert reply.headers["Allow"] == "GET, HEAD"
+    assert reply.headers["Allow"] == "GET, HEAD, DELETE"
     await asyncio.sleep(1.0)  # a replay loop would have added entries by now
     assert await entries_added(redis, backend) == before
 

@@ -13,14 +13,17 @@
 5. fairness: 500 requests of 10 s to one Service, then 20 to another whose app answers
    at once: that one's 202 -> final p50 and max (again with 64 hung requests instead);
 6. many Services: 1,000 Services with 10 queued requests each drained, against one
-   Service with as many.
+   Service with as many;
+7. the client API: accept throughput with a new ``Idempotency-Key`` on every request
+   against none, and ``Prefer: respond-async, wait=10`` answered with the app's response
+   against a sync call, one at a time.
 
 Everything runs on 127.0.0.1 (a throwaway redis-server, the producer, and the local
 stack); the table goes to perf/results/bench-<UTC timestamp>/ (markdown and JSON)
 and to stdout. Numbers depend on the machine and on what else runs on it: the
 load average is recorded with the results.
 
-    python perf/bench.py [--only 1,3] [--seconds 15] [--workers 1,2]
+    python perf/bench.py [--only 1,3,7] [--seconds 15] [--workers 1,2]
 
 A missed target is printed as MISSED, on its own line, after the table.
 """
@@ -541,6 +544,78 @@ def bench_many_services(services: int = 1000, each: int = 10) -> tuple[list[Figu
                    ">= 0.8 x one Service", at_least(share, 0.8))], []
 
 
+# --- 7. the client API: Idempotency-Key's cost at accept, Prefer: wait's added latency
+
+
+def bench_idempotency(seconds: float, rounds: int = 3) -> tuple[list[Figure], list[str]]:
+    """One producer, loaded in alternating rounds with and without a new Idempotency-Key on every request."""
+    with RedisServer() as redis_server:
+        client = redis.Redis.from_url(redis_server.url)
+        with servers.producer(redis_server.url, 1) as producer:
+            progress(f"7. wrk -> producer with and without Idempotency-Key, {rounds} alternating rounds of "
+                     f"{seconds / rounds:.0f} s each")
+            for keys in (False, True):
+                wrk.run(producer.url + "/", seconds=2, keys=keys)
+            plain_rounds, keyed_rounds = [], []
+            for _ in range(rounds):
+                plain_rounds.append(wrk.run(producer.url + "/", seconds=seconds / rounds, keys=False))
+                before = client.xlen(queue_stream(wrk.DEFAULT_TARGET))
+                keyed_rounds.append(wrk.run(producer.url + "/", seconds=seconds / rounds, keys=True))
+                keyed_queued = client.xlen(queue_stream(wrk.DEFAULT_TARGET)) - before
+            plain, keyed = wrk.combine(plain_rounds), wrk.combine(keyed_rounds)
+            key_bytes = client.memory_usage(next(client.scan_iter(match="*:idem:*", count=1000)), samples=0)
+        client.close()
+    share = ratio(keyed.rate, plain.rate)
+    return [
+        Figure("7 client API", "throughput with a new Idempotency-Key on every request, 1 worker", keyed.rate,
+               "req/s", f"without a key {plain.rate:,.0f} req/s, same run", share, ">= 0.8 x without",
+               at_least(share, 0.8) and keyed.errors == 0),
+    ], [f"7: with keys p50 {keyed.p50_ms:.2f} ms, p99 {keyed.p99_ms:.1f} ms, {keyed.errors} errors; without "
+        f"p50 {plain.p50_ms:.2f} ms, p99 {plain.p99_ms:.1f} ms; the last keyed round queued {keyed_queued:,} "
+        f"requests for {keyed_rounds[-1].requests:,} answers (every key new); one key costs Redis about "
+        f"{key_bytes} B"]
+
+
+async def wait_latency(client: StackClient, samples: int) -> tuple[list[float], list[float]]:
+    """Sync calls, then ``Prefer: respond-async, wait=10`` calls of the always-async Service, one at a time."""
+    always = client.stack.host(OTHER_SERVICE)
+    waited_headers = {"Host": always, "Prefer": "respond-async, wait=10"}
+
+    async def waited() -> None:
+        async with client.session.get(client.stack.gateway_url + "/?sleep=0", headers=waited_headers) as response:
+            await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"a wait=10 call answered {response.status}, not the app's 200")
+
+    for _ in range(10):  # warm connections and code paths
+        await client.call()
+        await waited()
+    sync_ms, wait_ms = [], []
+    for _ in range(samples):
+        started = time.perf_counter()
+        await client.call()
+        sync_ms.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        await waited()
+        wait_ms.append((time.perf_counter() - started) * 1000)
+    return sync_ms, wait_ms
+
+
+async def bench_wait(stack, samples: int) -> tuple[list[Figure], list[str]]:
+    async with stack_client(stack) as client:
+        progress(f"7. {samples} sync calls and {samples} wait=10 calls, one at a time, interleaved")
+        sync_ms, wait_ms = await wait_latency(client, samples)
+    added = statistics.median(wait_ms) - statistics.median(sync_ms)
+    return [
+        Figure("7 client API", "Prefer: respond-async, wait=10 answered with the app's 200, minus a sync call "
+               "(medians, app answers at once)", added, "ms",
+               f"median sync call {statistics.median(sync_ms):.2f} ms, wait call {statistics.median(wait_ms):.2f} ms",
+               None, "<= 5 ms", at_most(added, 5.0)),
+    ], [f"7: wait p90 {quantile(wait_ms, 0.9):.2f} ms, sync p90 {quantile(sync_ms, 0.9):.2f} ms"]
+
+
+
+
 # --- the run
 
 
@@ -548,7 +623,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Component benchmarks on 127.0.0.1, reported as ratios. "
                                      "Exits 1 when a target is missed (after writing the results).",
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated benchmarks to run (1-6)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated benchmarks to run (1-7)")
     parser.add_argument("--seconds", type=float, default=15.0, help="wrk duration per producer/bare run")
     parser.add_argument("--workers", default="1,2", help="producer (and bare handler) worker counts to compare")
     parser.add_argument("--drain", type=int, default=5000, help="requests queued at once for the drain benchmark")
@@ -564,8 +639,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.queue = tuple(int(x) for x in args.queue.split(","))
     except ValueError:
         parser.error("--only, --workers and --queue take comma-separated integers")
-    if not args.only <= {1, 2, 3, 4, 5, 6} or len(args.queue) != 2 or args.queue[0] >= args.queue[1]:
-        parser.error("--only takes 1-6; --queue takes two increasing lengths")
+    if not args.only <= {1, 2, 3, 4, 5, 6, 7} or len(args.queue) != 2 or args.queue[0] >= args.queue[1]:
+        parser.error("--only takes 1-7; --queue takes two increasing lengths")
     return args
 
 
@@ -580,13 +655,17 @@ def run(args: argparse.Namespace) -> tuple[list[Figure], list[str]]:
 
     if 1 in args.only:
         step(bench_producer(args.seconds, args.workers))
+    if 7 in args.only:
+        step(bench_idempotency(args.seconds))
     if 4 in args.only:
         step(bench_storage(args.queue[0]))
-    if args.only & {2, 3, 4}:
+    if args.only & {2, 3, 4, 7}:
         with local_stack() as stack:
             if args.only & {2, 3}:
                 measured, more = asyncio.run(bench_drain_and_latency(stack, args.drain, args.samples))
                 step(([f for f in measured if int(f.bench[0]) in args.only], more))
+            if 7 in args.only:
+                step(asyncio.run(bench_wait(stack, args.samples)))
             if 4 in args.only:  # last: it leaves the app sleeping on requests
                 step(bench_queue_memory(stack, args.queue, {"producer": "producer",
                                                             "source": "source (replaying in-process)"}))

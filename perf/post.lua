@@ -1,7 +1,9 @@
 -- wrk script for the producer benchmark: POST a body the way an async route delivers it,
 -- and print a JSON summary line (latencies in microseconds) that perf/bench.py parses.
 -- Environment: WRK_BODY_BYTES (default 1024), WRK_TARGET_HOST (the Async-Original-Host),
--- WRK_MAX_REQUESTS (stop each thread after this many responses; 0 or unset: run for -d).
+-- WRK_MAX_REQUESTS (stop each thread after this many responses; 0 or unset: run for -d),
+-- WRK_KEYS ("on": a new Idempotency-Key on every request, "off": none, both building each request
+-- in request() so the two cost wrk the same; unset: one request built once), WRK_KEY_PREFIX (of those keys).
 
 local body_bytes = tonumber(os.getenv("WRK_BODY_BYTES") or "1024")
 local limit = tonumber(os.getenv("WRK_MAX_REQUESTS") or "0")
@@ -11,6 +13,27 @@ wrk.body = string.rep("x", body_bytes)
 wrk.headers["Content-Type"] = "application/octet-stream"
 wrk.headers["Prefer"] = "respond-async"
 wrk.headers["Async-Original-Host"] = os.getenv("WRK_TARGET_HOST") or "helloworld-sleep.default.svc.cluster.local"
+
+local keys = os.getenv("WRK_KEYS")
+if keys then
+  local threads = 0
+  function setup(thread)
+    threads = threads + 1
+    thread:set("prefix", (os.getenv("WRK_KEY_PREFIX") or "k") .. "-" .. threads .. "-")
+  end
+  local sent = 0
+  function request()
+    sent = sent + 1
+    local headers = {}
+    for name, value in pairs(wrk.headers) do
+      headers[name] = value
+    end
+    if keys == "on" then
+      headers["Idempotency-Key"] = prefix .. sent
+    end
+    return wrk.format(nil, nil, headers, nil)
+  end
+end
 
 if limit > 0 then
   local seen = 0

@@ -8,6 +8,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import uuid
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent / "post.lua"
@@ -54,8 +55,12 @@ def combine(rounds: list[WrkResult]) -> WrkResult:
 
 
 def run(url: str, *, seconds: float, connections: int = 64, threads: int = 1, body_bytes: int = 1024,
-        target_host: str = DEFAULT_TARGET, max_requests: int = 0) -> WrkResult:
-    """POST ``body_bytes`` to ``url`` (127.0.0.1 only) for ``seconds``, or until ``max_requests`` answers."""
+        target_host: str = DEFAULT_TARGET, max_requests: int = 0, keys: bool | None = None) -> WrkResult:
+    """POST ``body_bytes`` to ``url`` (127.0.0.1 only) for ``seconds``, or until ``max_requests`` answers.
+
+    ``keys``: True, a new ``Idempotency-Key`` on every request; False, none but each request built the same
+    way (the baseline for True); None, one request built once (fastest for wrk).
+    """
     if not url.startswith("http://127.0.0.1:"):
         raise WrkError(f"refusing to load {url}: benchmarks only target 127.0.0.1")
     executable = shutil.which("wrk")
@@ -63,6 +68,8 @@ def run(url: str, *, seconds: float, connections: int = 64, threads: int = 1, bo
         raise WrkError("wrk not found on PATH (Debian: apt-get install -y wrk)")
     env = {**os.environ, "WRK_BODY_BYTES": str(body_bytes), "WRK_TARGET_HOST": target_host,
            "WRK_MAX_REQUESTS": str(-(-max_requests // threads) if max_requests else 0)}
+    if keys is not None:
+        env.update(WRK_KEYS="on" if keys else "off", WRK_KEY_PREFIX=uuid.uuid4().hex)
     argv = [executable, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
             "-s", str(SCRIPT), url]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 30)

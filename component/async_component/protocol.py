@@ -40,8 +40,8 @@ gets one anyway refuses it (508) instead of queueing the request again."""
 
 STATUS_PATH_PREFIX = "/.well-known/async-requests/"
 """Requests under this prefix read a queued request's status from the producer."""
-STATUS_METHODS = ("GET", "HEAD")
-"""What the status path answers; anything else there gets 405 and is never queued."""
+STATUS_METHODS = ("GET", "HEAD", "DELETE")
+"""What the status path answers (DELETE cancels the request); anything else there gets 405 and is never queued."""
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 

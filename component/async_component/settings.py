@@ -277,6 +277,10 @@ class ProducerSettings(ServiceSettings, TargetSettings):
     max_connections: int = setting("MAX_CONNECTIONS", "1000", positive_int,
                                    "open connections per worker; more are answered 503 and closed")
     redis_check_interval: float = redis_check_setting()
+    poll_interval: int = setting("POLL_INTERVAL", "1", positive_int,
+                                 "seconds a client is asked to wait between status reads (Retry-After on every 202)")
+    max_wait: float = setting("MAX_WAIT", "30", non_negative_float,
+                              "longest Prefer: wait=N honoured, in seconds, before answering 202 (0: never wait)")
 
 
 @dataclasses.dataclass(frozen=True)

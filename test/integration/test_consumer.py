@@ -9,17 +9,20 @@ import json
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web
 from cloudevents.v1.conversion import to_structured
 from cloudevents.v1.http import CloudEvent
 
-from async_component.dataplane import sink
+from async_component.dataplane import idempotency, sink
 from async_component.dataplane import envelope as wire
 from async_component.dataplane.envelope import Envelope, event_attributes, event_data, header_value
 from async_component.local.ports import free_port
-from async_component.dataplane.records import FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key
+from async_component.dataplane.records import (
+    CANCELED, EXPIRED, FAILED, QUEUED, RETRYING, SUCCEEDED, Record, record_key, retry_key,
+)
 from async_component.settings import ConsumerSettings
 
 from .aioserve import serve
@@ -509,6 +512,76 @@ async def test_redelivered_event_of_a_finished_request_is_not_replayed(base, htt
     status, doc = await post(http, base, *event)
     assert (status, doc) == (200, {"id": envelope.id, "state": SUCCEEDED, "duplicate": True})
     assert len(target.seen) == 1
+
+
+async def test_a_canceled_request_is_settled_without_being_replayed(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    canceled = Record(state=CANCELED, host=urlsplit(envelope.url).netloc, attempts=1, updated_at=1.0)
+    await redis_client.set(record_key("async", envelope.id, urlsplit(envelope.url).netloc), canceled.to_json())
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc) == (200, {"id": envelope.id, "state": CANCELED, "duplicate": True})
+    assert target.seen == []
+
+
+async def replayed_and_announced(http, base, redis_client, envelope: Envelope) -> tuple[str, bytes]:
+    """Queue and replay ``envelope``: its final state, and the first record key announced to waiting producers."""
+    entry_id = await queue(redis_client, envelope)
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe("async:finished")
+        state = (await post(http, base, *binary_event(entry_id, envelope.to_stream_fields())))[1]["state"]
+        message = None
+        while message is None:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+    return state, message["data"]
+
+
+async def test_the_replay_announces_each_final_outcome_for_waiting_requests(base, http, redis_client, target):
+    envelope = envelope_for(target)
+    assert await replayed_and_announced(http, base, redis_client, envelope) == (
+        SUCCEEDED, record_key("async", envelope.id, urlsplit(envelope.url).netloc).encode())
+
+
+@pytest.mark.parametrize("statuses", [[200], [500]])
+async def test_the_final_outcome_renews_the_idempotency_key_for_the_results_retention(base, http, redis_client,
+                                                                                       target, statuses):
+    envelope = envelope_for(target, headers=[("Idempotency-Key", '"order-9"')])
+    host = urlsplit(envelope.url).netloc
+    key = idempotency.key_name("async", host, "order-9")
+    await redis_client.set(key, "fingerprint 1-0 id", px=5000)  # as the producer left it, nearly expired
+    target.statuses = statuses
+    entry_id = await queue(redis_client, envelope)
+    await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert await redis_client.pttl(key) > 5000
+    record_ttl = await redis_client.pttl(record_key("async", envelope.id, host))
+    assert await redis_client.pttl(key) == pytest.approx(record_ttl, abs=2000)
+
+
+async def test_a_request_that_expires_is_announced_and_keeps_its_key_for_the_services_retention(
+        base, http, redis_client, target):
+    envelope = dataclasses.replace(envelope_for(target, headers=[("Idempotency-Key", "late")]),
+                                   accepted_at=time.time() - 60, policy="v1;age=10;keep=600")
+    host = urlsplit(envelope.url).netloc
+    key = idempotency.key_name("async", host, "late")
+    await redis_client.set(key, "fingerprint 1-0 id", px=5000)
+    assert await replayed_and_announced(http, base, redis_client, envelope) == (
+        EXPIRED, record_key("async", envelope.id, host).encode()), "a waiting client hears of it"
+    assert target.seen == []
+    record = Record.from_json(await redis_client.get(record_key("async", envelope.id, host)))
+    assert record.state == EXPIRED and record.idempotency_key == key
+    assert 590_000 < await redis_client.pttl(key) <= 600_000, "the key lasts as long as the Service keeps the result"
+
+
+async def test_a_canceled_request_past_its_max_age_stays_canceled(base, http, redis_client, target):
+    envelope = dataclasses.replace(envelope_for(target), accepted_at=time.time() - 60, policy="v1;age=10")
+    host = urlsplit(envelope.url).netloc
+    entry_id = await queue(redis_client, envelope)
+    canceled = Record(state=CANCELED, host=host, attempts=0, updated_at=1.0)
+    await redis_client.set(record_key("async", envelope.id, host), canceled.to_json())
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc) == (200, {"id": envelope.id, "state": CANCELED, "duplicate": True})
+    assert Record.from_json(await redis_client.get(record_key("async", envelope.id, host))).state == CANCELED
+    assert target.seen == []
 
 
 async def test_redelivered_event_of_an_attempt_that_scheduled_a_retry_is_not_replayed(base, http, redis_client,

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import signal
+import time
 
 import aiohttp
 import pytest
@@ -344,7 +345,9 @@ async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(
 async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_delivered_again(redis_url, redis_client,
                                                                                              over_http):
     """Delivered MAX_DELIVERIES times without an outcome (each process holding it died): the next reclaim gives up."""
-    async with service() as target, serving(Notified()) as sink, contextlib.AsyncExitStack() as stack:
+    async with service() as target, serving(Notified()) as sink, contextlib.AsyncExitStack() as stack, \
+            redis_client.pubsub() as finished:
+        await finished.subscribe("async:finished")  # as a producer with a waiting client does
         told = DeliveryPolicy(on_failure_sink=sink.url + "failed").encode()
         doomed = await queue(redis_client, target, "/doomed", policy=told)
         survivor = await queue(redis_client, target, "/survivor", policy=told)
@@ -365,6 +368,12 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
             return bool(sink.seen)
 
         assert await eventually(told), "its failure sink hears of it"
+        announced, deadline = set(), time.monotonic() + 5
+        while record_key("async", doomed.id, target.host).encode() not in announced and time.monotonic() < deadline:
+            message = await finished.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if message is not None:
+                announced.add(message["data"])
+        assert record_key("async", doomed.id, target.host).encode() in announced, "a waiting client hears of it"
     assert sink.seen == [("/failed", "dev.knative.async.request.failed", doomed.id)]
     assert target.seen == [("/survivor", "1")]  # reclaimed a second time: still within the cap
     assert (await record_of(redis_client, survivor.id)).state == SUCCEEDED

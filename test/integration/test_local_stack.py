@@ -77,6 +77,12 @@ def accepted_then_finished(stack: LocalStack, service: str, path: str):
     (ALWAYS, "/", {"Prefer": "respond-sync, return=minimal"}, "producer"),
     (ALWAYS, "/", {"Prefer": "respond-sync, return=minimal", "Async-Replay": "true"}, "app"),
     (CONDITIONAL, "/", {"Prefer": "respond-sync, return=minimal", "Async-Replay": "true"}, "app"),
+    # the status path (GET reads, DELETE cancels) goes to the producer whatever else the request says
+    (ALWAYS, "/.well-known/async-requests/abc", {"Prefer": "respond-sync"}, "producer"),
+    (CONDITIONAL, "/.well-known/async-requests/abc", {"Prefer": "respond-async, wait=5"}, "producer"),
+    # Prefer is matched exactly: a wait preference routes async only on an always-async Service
+    (CONDITIONAL, "/", {"Prefer": "respond-async, wait=5"}, "app"),
+    (ALWAYS, "/", {"Prefer": "respond-async, wait=5"}, "producer"),
 ])
 def test_route_table_of_the_sample_services(service, path, headers, goes_to):
     routes = cluster_routes(load_services(APP_DIR), app_address="127.0.0.1:1", producer_address="127.0.0.1:2")

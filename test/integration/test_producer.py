@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -13,12 +14,15 @@ import time
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from yarl import URL
 
 from async_component.dataplane import producer
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
-from async_component.dataplane.records import FAILED, QUEUED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key
+from async_component.dataplane.records import (
+    CANCELED, EXPIRED, FAILED, QUEUED, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key,
+)
 from async_component.protocol import STATUS_PATH_PREFIX
 from async_component.settings import ProducerSettings
 
@@ -34,6 +38,17 @@ async def start_producer(settings: ProducerSettings):
     server = producer.make_server(settings)
     await server.start(settings.host, settings.port)
     return server
+
+
+@contextlib.asynccontextmanager
+async def producer_with(redis_url: str, **changes):
+    """A producer with settings changed from the defaults; yields its base URL."""
+    settings = settings_for(redis_url, **changes)
+    server = await start_producer(settings)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        await server.close()
 
 
 @pytest.fixture
@@ -67,7 +82,7 @@ async def entry_count(redis_client, stream=QUEUE):
 async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, redis_client):
     body = os.urandom(4096) + b"\xff\xfe"  # not UTF-8
     headers = [
-        ("Async-Original-Host", HOST), ("Prefer", "wait=5, respond-async; x=1, handling=lenient"),
+        ("Async-Original-Host", HOST), ("Prefer", "wait=0, respond-async; x=1, handling=lenient"),
         ("X-Tag", "one"), ("X-Tag", "two"), ("Content-Type", "application/octet-stream"),
         ("Connection", "keep-alive, X-Hop"), ("X-Hop", "dropped"),
     ]
@@ -78,7 +93,9 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
         location = resp.headers["Location"]
     [(entry_id, fields)] = await stream_entries(redis_client)
     assert location == f"{STATUS_PATH_PREFIX}{entry_id.decode()}.{request_id}"
-    assert doc == {"id": request_id, "state": "queued", "status_url": location}
+    assert doc == {"id": request_id, "state": "queued", "accepted_at": doc["accepted_at"], "status_url": location}
+    assert resp.headers["Preference-Applied"] == "respond-async"
+    assert resp.headers["Retry-After"] == "1"
 
     envelope = Envelope.from_stream_fields(fields)
     assert envelope.id == request_id
@@ -87,7 +104,7 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
     assert envelope.body == body
     names = [name.lower() for name, _ in envelope.headers]
     assert [v for n, v in envelope.headers if n.lower() == "x-tag"] == ["one", "two"]
-    assert ("Prefer", "wait=5, handling=lenient") in envelope.headers
+    assert ("Prefer", "wait=0, handling=lenient") in envelope.headers
     for gone in ("host", "content-length", "async-original-host", "connection", "x-hop"):
         assert gone not in names
     assert ("Content-Type", "application/octet-stream") in envelope.headers
@@ -96,7 +113,8 @@ async def test_enqueue_stores_the_request_exactly_and_answers_202(base, http, re
         assert resp.status == 202 and resp.headers["Async-Request-State"] == QUEUED
         status = await resp.json()
     assert (status["id"], status["state"], status["attempts"]) == (request_id, QUEUED, 0)
-    assert status["updated_at"] == envelope.accepted_at
+    assert status["updated_at"] == status["accepted_at"] == envelope.accepted_at == doc["accepted_at"]
+    assert status["status_url"] == location
     # the entry is all a queued request costs, besides its Service's place in the active set
     assert sorted(await redis_client.keys("async*")) == [b"async:active", b"async:wake", QUEUE.encode()]
 
@@ -115,12 +133,16 @@ async def test_prefer_with_only_respond_async_is_dropped_and_any_path_is_queued(
 @pytest.mark.parametrize("path", [f"{STATUS_PATH_PREFIX}abc", f"{STATUS_PATH_PREFIX}1-0.abc?x=1",
                                   "/a/../.well-known/async-requests/abc", "//.well-known//async-requests/abc",
                                   "/%2Ewell-known/async-requests/abc"])
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "OPTIONS", "DELETE"])
 async def test_other_methods_on_the_status_path_get_405_and_are_never_queued(base, http, redis_client, path, method):
     """Queued, such a request's replay would come back to the producer and be queued again, without end."""
     async with http.request(method, URL(base + path, encoded=True), data=b"x", headers=ASYNC) as resp:
+        if method == "DELETE":  # cancels; there is no such request
+            assert resp.status == 404
+            assert await entry_count(redis_client) == 0
+            return
         assert resp.status == 405
-        assert resp.headers["Allow"] == "GET, HEAD"
+        assert resp.headers["Allow"] == "GET, HEAD, DELETE"
         assert "not allowed" in (await resp.json())["error"]
     assert await entry_count(redis_client) == 0
     async with http.get(base + "/metrics") as resp:
@@ -509,15 +531,30 @@ async def test_a_request_queued_in_the_single_stream_before_an_upgrade_still_rea
 
 async def test_status_retrying_reports_next_attempt(base, http, redis_client):
     await put_record(redis_client, "r1", Record(state=RETRYING, host=HOST, attempts=2, updated_at=10.0,
-                                                error="503 from the Service", next_attempt_at=42.5))
+                                                error="503 from the Service", next_attempt_at=42.5,
+                                                accepted_at=9.0))
     await put_record(redis_client, "r2", Record(state=RUNNING, host=HOST, attempts=1, updated_at=11.0))
     async with http.get(f"{base}{STATUS_PATH_PREFIX}r1", headers=ASYNC) as resp:
         assert resp.status == 202 and resp.headers["Async-Request-State"] == RETRYING
         doc = await resp.json()
     assert doc["attempts"] == 2 and doc["next_attempt_at"] == 42.5 and doc["updated_at"] == 10.0
+    assert doc["accepted_at"] == 9.0 and doc["status_url"] == f"{STATUS_PATH_PREFIX}r1"
     async with http.get(f"{base}{STATUS_PATH_PREFIX}r2", headers=ASYNC) as resp:
         assert resp.status == 202 and resp.headers["Async-Request-State"] == RUNNING
+        assert resp.headers["Location"] == f"{STATUS_PATH_PREFIX}r2"
         assert "next_attempt_at" not in await resp.json()
+
+
+async def test_every_202_suggests_the_polling_interval(redis_url, http, redis_client):
+    async with producer_with(redis_url, poll_interval=7) as base:
+        async with http.post(f"{base}/x", headers=ASYNC) as resp:
+            assert resp.status == 202 and resp.headers["Retry-After"] == "7"
+            assert resp.headers["Preference-Applied"] == "respond-async"
+            location = resp.headers["Location"]
+        async with http.get(base + location, headers=ASYNC) as resp:
+            assert resp.status == 202 and resp.headers["Retry-After"] == "7"
+            assert resp.headers["Location"] == location
+            assert "Preference-Applied" not in resp.headers
 
 
 async def test_status_replays_the_recorded_response(base, http, redis_client):
@@ -640,3 +677,310 @@ async def test_a_client_trickling_its_headers_is_cut_off_after_header_timeout(re
         writer.close()
     finally:
         await server.close()
+
+
+# --- Prefer: wait=N
+
+
+async def test_wait_answers_the_recorded_response_once_the_replay_announces_it(base, http, redis_client):
+    async def finish_it():
+        while not (entries := await stream_entries(redis_client)):
+            await asyncio.sleep(0.02)
+        request_id = Envelope.from_stream_fields(entries[0][1]).id
+        response = RecordedResponse(status=201, headers=(("X-App", "yes"),), body=b"made")
+        await put_record(redis_client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
+                                                          response=response))
+        await redis_client.publish("async:finished", record_key("async", request_id, HOST))
+
+    finisher = asyncio.create_task(finish_it())
+    started = time.monotonic()
+    async with http.post(f"{base}/x", headers={**ASYNC, "Prefer": "respond-async, wait=20"}) as resp:
+        assert resp.status == 201 and await resp.read() == b"made"
+        assert resp.headers["X-App"] == "yes" and resp.headers["Async-Request-State"] == SUCCEEDED
+        assert resp.headers["Async-Request-Id"]
+    assert time.monotonic() - started < 10
+    await finisher
+
+
+async def test_wait_is_capped_by_max_wait(redis_url, http):
+    async with producer_with(redis_url, max_wait=0.5) as base:
+        started = time.monotonic()
+        async with http.post(f"{base}/x", headers={**ASYNC, "Prefer": "respond-async, wait=30"}) as resp:
+            assert resp.status == 202 and resp.headers["Location"]
+        assert 0.4 <= time.monotonic() - started < 5
+        async with http.get(base + "/metrics") as resp:
+            assert 'async_producer_waits_total{result="accepted"} 1.0' in await resp.text()
+
+
+async def test_a_stopping_producer_answers_its_waiting_requests_202_and_keeps_them_queued(settings, http,
+                                                                                      redis_client):
+    server = await start_producer(settings)
+    request = asyncio.create_task(http.post(f"http://127.0.0.1:{settings.port}/x",
+                                            headers={**ASYNC, "Prefer": "respond-async, wait=30"}))
+    while not await stream_entries(redis_client):
+        await asyncio.sleep(0.02)
+    started = time.monotonic()
+    await server.close()
+    async with await request as resp:
+        assert resp.status == 202 and resp.headers["Location"]
+    assert time.monotonic() - started < 5
+    assert await entry_count(redis_client) == 1
+
+
+# --- Idempotency-Key
+
+
+async def test_the_same_idempotency_key_is_queued_once_and_answered_with_the_first_202(base, http, redis_client):
+    headers = {**ASYNC, "Idempotency-Key": '"order-1"'}
+    async with http.post(f"{base}/x?a=1", data=b"same", headers=headers) as resp:
+        assert resp.status == 202
+        first = (resp.headers["Location"], resp.headers["Async-Request-Id"])
+    async with http.post(f"{base}/x?a=1", data=b"same", headers={**ASYNC, "Idempotency-Key": "order-1"}) as resp:
+        assert resp.status == 202 and resp.headers["Retry-After"] == "1"
+        assert (resp.headers["Location"], resp.headers["Async-Request-Id"]) == first
+        assert (await resp.json())["state"] == QUEUED
+    assert await entry_count(redis_client) == 1
+    async with http.get(base + "/metrics") as resp:
+        assert "async_producer_idempotent_repeats_total 1.0" in await resp.text()
+    # another Service's key of the same name is another key
+    other = {"Async-Original-Host": "other.default.svc.cluster.local", "Idempotency-Key": '"order-1"'}
+    async with http.post(f"{base}/x?a=1", data=b"same", headers=other) as resp:
+        assert resp.status == 202 and resp.headers["Location"] != first[0]
+    assert await entry_count(redis_client) == 1 and await entry_count(redis_client, "async:{default/other}:q") == 1
+    assert await redis_client.pttl("async:{default/sleep}:idem:order-1") > 86_000_000
+
+
+async def test_the_same_key_answers_the_final_response_once_finished(base, http, redis_client):
+    headers = {**ASYNC, "Idempotency-Key": "k2"}
+    async with http.put(f"{base}/y", data=b"1", headers=headers) as resp:
+        request_id = resp.headers["Async-Request-Id"]
+    await put_record(redis_client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
+                                                      response=RecordedResponse(200, (), b"done")))
+    async with http.put(f"{base}/y", data=b"1", headers=headers) as resp:
+        assert resp.status == 200 and await resp.read() == b"done"
+        assert resp.headers["Async-Request-Id"] == request_id
+        assert resp.headers["Async-Request-State"] == SUCCEEDED
+    assert await entry_count(redis_client) == 1
+
+
+@pytest.mark.parametrize("changed", [("PUT", "/x", b"one"), ("POST", "/z", b"one"), ("POST", "/x?q", b"one"),
+                                     ("POST", "/x", b"two")])
+async def test_the_same_key_with_another_request_is_422(base, http, redis_client, changed):
+    headers = {**ASYNC, "Idempotency-Key": '"k3"'}
+    async with http.post(f"{base}/x", data=b"one", headers=headers) as resp:
+        assert resp.status == 202
+    method, path, body = changed
+    async with http.request(method, f"{base}{path}", data=body, headers=headers) as resp:
+        assert resp.status == 422
+        assert "Idempotency-Key" in (await resp.json())["error"]
+    assert await entry_count(redis_client) == 1
+
+
+async def test_a_malformed_idempotency_key_is_400_and_nothing_queued(base, http, redis_client):
+    for value in ('"open', "two words", '""'):
+        async with http.post(f"{base}/x", headers={**ASYNC, "Idempotency-Key": value}) as resp:
+            assert resp.status == 400, value
+    async with http.post(f"{base}/x", headers=[*ASYNC.items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]) as resp:
+        assert resp.status == 400
+    assert await entry_count(redis_client) == 0
+
+
+async def test_keyed_and_plain_requests_in_one_batch_are_each_queued(base, http, redis_client):
+    async def post(n):
+        headers = {**ASYNC, "Idempotency-Key": f"b{n % 5}"} if n % 2 else ASYNC
+        async with http.post(f"{base}/b{n % 5 if n % 2 else n}", headers=headers) as resp:
+            assert resp.status == 202
+            return resp.headers["Location"]
+
+    locations = await asyncio.gather(*(post(n) for n in range(40)))
+    keyed = {n % 5: set() for n in range(40) if n % 2}
+    for n, location in enumerate(locations):
+        if n % 2:
+            keyed[n % 5].add(location)
+    assert all(len(seen) == 1 for seen in keyed.values())
+    assert await entry_count(redis_client) == 20 + 5
+
+
+# --- DELETE <Location>
+
+
+async def accept(base, http, path="/c"):
+    async with http.post(f"{base}{path}", headers=ASYNC) as resp:
+        assert resp.status == 202
+        return resp.headers["Location"], resp.headers["Async-Request-Id"]
+
+
+async def test_delete_of_a_queued_request_cancels_it_and_get_reads_canceled(base, http, redis_client):
+    location, request_id = await accept(base, http)
+    async with http.delete(base + location, headers=ASYNC) as resp:
+        assert resp.status == 200 and resp.headers["Async-Request-State"] == CANCELED
+        doc = await resp.json()
+    assert (doc["id"], doc["state"], doc["attempts"], doc["status_url"]) == (request_id, CANCELED, 0, location)
+    assert doc["accepted_at"] > 0
+    async with http.get(base + location, headers=ASYNC) as resp:
+        assert resp.status == 410 and resp.headers["Async-Request-State"] == CANCELED
+        assert (await resp.json())["state"] == CANCELED
+    async with http.delete(base + location, headers=ASYNC) as resp:  # again: still canceled
+        assert resp.status == 200 and (await resp.json())["state"] == CANCELED
+    async with http.get(base + "/metrics") as resp:
+        metrics = await resp.text()
+    assert 'async_producer_cancels_total{found="queued"} 1.0' in metrics
+    assert 'async_producer_cancels_total{found="canceled"} 1.0' in metrics
+    record = Record.from_json(await redis_client.get(record_key("async", request_id, HOST)))
+    assert record.state == CANCELED and await redis_client.pttl(record_key("async", request_id, HOST)) > 0
+
+
+async def test_delete_of_a_retrying_request_cancels_it(base, http, redis_client):
+    await put_record(redis_client, "r1", Record(state=RETRYING, host=HOST, attempts=1, updated_at=10.0,
+                                                error="the Service answered 503", next_attempt_at=99.0,
+                                                accepted_at=9.0))
+    async with http.delete(f"{base}{STATUS_PATH_PREFIX}r1", headers=ASYNC) as resp:
+        assert resp.status == 200
+        doc = await resp.json()
+    assert doc["state"] == CANCELED and doc["attempts"] == 1 and doc["accepted_at"] == 9.0
+    assert "next_attempt_at" not in doc
+
+
+async def test_delete_of_a_running_request_is_409(base, http, redis_client):
+    await put_record(redis_client, "r2", Record(state=RUNNING, host=HOST, attempts=1, updated_at=10.0))
+    async with http.delete(f"{base}{STATUS_PATH_PREFIX}r2", headers=ASYNC) as resp:
+        assert resp.status == 409 and resp.headers["Async-Request-State"] == RUNNING
+        doc = await resp.json()
+    assert doc["state"] == RUNNING and "running" in doc["error"]
+    assert Record.from_json(await redis_client.get(record_key("async", "r2", HOST))).state == RUNNING
+
+
+@pytest.mark.parametrize("state", [SUCCEEDED, FAILED, EXPIRED])
+async def test_delete_of_a_finished_request_is_204_and_forgets_it(base, http, redis_client, state):
+    location, request_id = await accept(base, http)
+    await put_record(redis_client, request_id, Record(state=state, host=HOST, attempts=1, updated_at=1.0,
+                                                      response=RecordedResponse(200, (), b"ok")))
+    async with http.delete(base + location, headers=ASYNC) as resp:
+        assert resp.status == 204 and await resp.read() == b""
+        assert "Content-Length" not in resp.headers
+    for method in ("GET", "DELETE"):
+        async with http.request(method, base + location, headers=ASYNC) as resp:
+            assert resp.status == 404, method
+    assert await entry_count(redis_client) == 0  # a source that keeps delivered entries cannot make it queued again
+
+
+async def test_delete_through_another_services_route_is_404(base, http, redis_client):
+    location, request_id = await accept(base, http)
+    async with http.delete(base + location, headers={"Async-Original-Host": "other.default.svc.cluster.local"}) as resp:
+        assert resp.status == 404
+    assert await redis_client.get(record_key("async", request_id, HOST)) is None
+
+
+async def test_a_repeated_key_with_wait_waits_for_the_first_requests_outcome(base, http, redis_client):
+    headers = {**ASYNC, "Idempotency-Key": "k-wait"}
+    async with http.post(f"{base}/w", data=b"1", headers=headers) as resp:
+        request_id = resp.headers["Async-Request-Id"]
+
+    async def finish_it():
+        await asyncio.sleep(0.5)
+        await put_record(redis_client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
+                                                          response=RecordedResponse(200, (), b"first")))
+        await redis_client.publish("async:finished", record_key("async", request_id, HOST))
+
+    finisher = asyncio.create_task(finish_it())
+    started = time.monotonic()
+    async with http.post(f"{base}/w", data=b"1", headers={**headers, "Prefer": "respond-async, wait=20"}) as resp:
+        assert resp.status == 200 and await resp.read() == b"first"
+        assert resp.headers["Async-Request-Id"] == request_id
+    assert 0.4 <= time.monotonic() - started < 10
+    await finisher
+    assert await entry_count(redis_client) == 1
+
+
+async def test_delete_of_a_finished_request_frees_its_idempotency_key(base, http, redis_client):
+    headers = {**ASYNC, "Idempotency-Key": "k-del"}
+    async with http.post(f"{base}/d", data=b"1", headers=headers) as resp:
+        location, request_id = resp.headers["Location"], resp.headers["Async-Request-Id"]
+    await put_record(redis_client, request_id, Record(
+        state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0, response=RecordedResponse(200, (), b"ok"),
+        idempotency_key="async:{default/sleep}:idem:k-del"))
+    async with http.delete(base + location, headers=ASYNC) as resp:
+        assert resp.status == 204
+    async with http.post(f"{base}/d", data=b"1", headers=headers) as resp:
+        assert resp.status == 202 and resp.headers["Async-Request-Id"] != request_id  # queued anew
+        new_id = resp.headers["Async-Request-Id"]
+    [(_, fields)] = await stream_entries(redis_client)  # the first entry went with its record
+    assert Envelope.from_stream_fields(fields).id == new_id
+
+
+async def test_the_wait_subscription_comes_back_after_a_redis_restart(settings, http, redis_server):
+    server = await start_producer(settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        redis_server.kill()
+        await asyncio.sleep(0.5)  # the subscription notices and waits to reconnect
+        redis_server.start()
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            deadline = time.monotonic() + 10
+            while (await client.pubsub_numsub("async:finished"))[0][1] < 1:  # subscribed again
+                assert time.monotonic() < deadline, "the producer never subscribed again"
+                await asyncio.sleep(0.1)
+
+            async def finish_it():
+                while not (entries := await stream_entries(client)):
+                    await asyncio.sleep(0.02)
+                request_id = Envelope.from_stream_fields(entries[0][1]).id
+                await put_record(client, request_id, Record(state=SUCCEEDED, host=HOST, attempts=1, updated_at=1.0,
+                                                            response=RecordedResponse(200, (), b"back")))
+                await client.publish("async:finished", record_key("async", request_id, HOST))
+
+            finisher = asyncio.create_task(finish_it())
+            started = time.monotonic()
+            async with http.post(f"{base}/x", headers={**ASYNC, "Prefer": "respond-async, wait=20"}) as resp:
+                assert resp.status == 200 and await resp.read() == b"back"
+            assert time.monotonic() - started < 10
+            await finisher
+        finally:
+            await client.aclose()
+    finally:
+        await server.close()
+
+
+async def test_an_idempotency_key_is_kept_for_the_services_retention(base, http, redis_client):
+    async with http.post(f"{base}/k", headers={**ASYNC, "Idempotency-Key": "kept", "Async-Policy": "v1;keep=600"}):
+        pass
+    assert 590_000 < await redis_client.pttl("async:{default/sleep}:idem:kept") <= 600_000
+    async with http.post(f"{base}/k", headers={**ASYNC, "Idempotency-Key": "default"}):
+        pass
+    assert await redis_client.pttl("async:{default/sleep}:idem:default") > 86_000_000
+
+
+async def test_a_keyed_request_meets_its_services_cap_and_a_repeat_is_still_answered(base, http, redis_client):
+    capped = {**ASYNC, "Async-Policy": "v1;queued=1"}
+    async with http.post(f"{base}/x", data=b"1", headers={**capped, "Idempotency-Key": "first"}) as resp:
+        assert resp.status == 202
+        first = resp.headers["Async-Request-Id"]
+    async with http.post(f"{base}/x", data=b"2", headers={**capped, "Idempotency-Key": "second"}) as resp:
+        assert resp.status == 503 and "at most 1)" in (await resp.json())["error"]
+    assert await redis_client.get("async:{default/sleep}:idem:second") is None, "a refused request takes no key"
+    async with http.post(f"{base}/x", data=b"1", headers={**capped, "Idempotency-Key": "first"}) as resp:
+        assert resp.status == 202 and resp.headers["Async-Request-Id"] == first
+    assert await entry_count(redis_client) == 1
+
+
+async def test_a_canceled_record_is_kept_for_the_services_retention(base, http, redis_client):
+    location, request_id = await accept(base, http)
+    async with http.delete(base + location, headers={**ASYNC, "Async-Policy": "v1;keep=600"}) as resp:
+        assert resp.status == 200
+    assert 590_000 < await redis_client.pttl(record_key("async", request_id, HOST)) <= 600_000
+
+
+async def test_wait_answers_an_expired_request(base, http, redis_client):
+    async def expire_it():
+        while not (ids := [Envelope.from_stream_fields(f).id for _, f in await stream_entries(redis_client)]):
+            await asyncio.sleep(0.05)
+        await put_record(redis_client, ids[0], Record(state=EXPIRED, host=HOST, attempts=0, updated_at=1.0,
+                                                      error="not finished within its max-age of 1s"))
+        await redis_client.publish("async:finished", record_key("async", ids[0], HOST))
+
+    expirer = asyncio.create_task(expire_it())
+    async with http.post(f"{base}/w", headers={**ASYNC, "Prefer": "respond-async, wait=20"}) as resp:
+        assert resp.status == 502 and resp.headers["Async-Request-State"] == EXPIRED
+        assert "max-age" in (await resp.json())["error"]
+    await expirer

@@ -135,6 +135,17 @@ def test_cluster_local_rule_keeps_hosts_and_visibility(mode, paths):
     assert rule["http"]["paths"] == paths
 
 
+@pytest.mark.parametrize("mode", [r.MODE_CONDITIONAL, r.MODE_ALWAYS])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
+def test_the_status_path_goes_to_the_producer_first_whatever_the_method_and_headers(mode, method):
+    """KIngress matches no method: a DELETE <Location> (cancel) reaches the producer as a GET does,
+    before any Prefer, tag or replay match could send it to the Service."""
+    for rule in child(kingress(mode))["spec"]["rules"]:
+        first, *_ = rule["http"]["paths"]
+        assert first == STATUS_PATH
+        assert all("method" not in str(key).lower() for path in rule["http"]["paths"] for key in path)
+
+
 def test_path_prefixes_are_kept_for_async_matches():
     rules = [{"hosts": ["api.example.com"], "visibility": r.VISIBILITY_EXTERNAL,
               "http": {"paths": [{"path": "/v1/", "splits": [split()]}, {"path": "/v2/", "splits": [split("v2")]}]}}]

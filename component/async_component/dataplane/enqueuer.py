@@ -7,9 +7,11 @@ the record when it starts the request). The requests of a batch go to Redis in
 one round trip: one script call per queue in the batch (one call in all when
 they are for one Service), each of which checks the queue's cap, appends, and
 marks the queue active. A request whose XADD fails, or whose queue is full,
-gets its own error; the others of the batch are unaffected. A request may bring
-its Service's own cap (its ``max-queued`` policy); requests of one queue with
-different caps (a policy that just changed) go in separate calls.
+gets its own error; the others of the batch are unaffected. A request with an
+``Idempotency-Key`` (:mod:`.idempotency`) is checked and its key taken in the
+same call. A request may bring its Service's own cap (its ``max-queued``
+policy) and key retention (its ``retention``); requests of one queue with
+different ones (a policy that just changed) go in separate calls.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -32,16 +35,47 @@ class QueueFull(Exception):
     """The Service's queue holds its cap of requests: nothing was written."""
 
 
+class KeyReused(Exception):
+    """The idempotency key was first sent with another request (422)."""
+
+
+class Keyed(NamedTuple):
+    """A request with an ``Idempotency-Key``: queued unless its key is held."""
+
+    envelope_json: bytes
+    claim: str
+    """``<fingerprint> <request id> <the key's Redis key>`` (:func:`.idempotency.claim`)."""
+
+
+class Seen(NamedTuple):
+    """The key was held by the same request: it was queued before, as this entry and request id."""
+
+    entry_id: str
+    request_id: str
+
+
+class Item(NamedTuple):
+    """One request of a batch: its queue, envelope (or keyed envelope), cap, and key retention (ms; 0: no key)."""
+
+    queue: Queue
+    request: bytes | Keyed
+    cap: int
+    retention_ms: int
+
+
 class Enqueuer:
     def __init__(self, redis: aioredis.Redis, *, layout: Layout, max_queued: int = DEFAULT_MAX_QUEUED,
-                 max_batch: int = 256, on_batch: Callable[[int, int, float], None] | None = None) -> None:
-        """``on_batch(size, queued, seconds)`` after each batch Redis answered."""
+                 max_batch: int = 256, key_retention: float = 86400,
+                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
+        """``on_batch(size, queued, seconds)`` after each batch Redis answered; ``key_retention``: seconds a new
+        idempotency key is kept."""
         self.layout = layout
         self.max_queued = max_queued
         self.redis = redis
         self.script = redis.register_script(ENQUEUE)
+        self.key_retention_ms = max(1, round(key_retention * 1000))
         self.on_batch = on_batch
-        self.batcher: Batcher[tuple[Queue, bytes, int], bytes] = Batcher(self._send, max_batch=max_batch)
+        self.batcher: Batcher[Item, bytes | Seen] = Batcher(self._send, max_batch=max_batch)
 
     def enqueue(self, queue: Queue, envelope_json: bytes, max_queued: int | None = None) -> asyncio.Future[bytes]:
         """Append one envelope (its JSON) to ``queue``; the future gets its entry id once Redis acknowledged it.
@@ -49,41 +83,64 @@ class Enqueuer:
         Its exception is :class:`QueueFull` when the queue holds ``max_queued`` (None: the producer's
         MAX_QUEUED_PER_SERVICE) requests.
         """
-        return self.batcher.submit((queue, envelope_json, self.max_queued if max_queued is None else max_queued))
+        return self.batcher.submit(Item(queue, envelope_json, self.max_queued if max_queued is None else max_queued, 0))
+
+    def enqueue_once(self, queue: Queue, request: Keyed, max_queued: int | None = None,
+                     key_retention: float | None = None) -> asyncio.Future[bytes | Seen]:
+        """Like :meth:`enqueue`, unless the key is held: then :class:`Seen`, or :class:`KeyReused` raised.
+
+        ``key_retention``: seconds a new key is kept (None: the producer's, STATUS_RETENTION).
+        """
+        retention_ms = self.key_retention_ms if key_retention is None else max(1, round(key_retention * 1000))
+        return self.batcher.submit(Item(queue, request, self.max_queued if max_queued is None else max_queued,
+                                        retention_ms))
 
     async def close(self) -> None:
         await self.batcher.close()
 
-    def _call(self, queue: Queue, cap: int, documents: list[bytes], client=None):
+    def _call(self, queue: Queue, cap: int, retention_ms: int, items: list[bytes | Keyed], client=None):
         layout = self.layout
-        return self.script(keys=[queue.stream, queue.retry_stream, queue.retries, layout.active, layout.wake],
-                           args=[STREAM_FIELD, cap, queue.member, *documents], client=client)
+        keys = [queue.stream, queue.retry_stream, queue.retries, layout.active, layout.wake]
+        if not any(type(item) is Keyed for item in items):
+            return self.script(keys=keys, args=[STREAM_FIELD, cap, queue.member, 0, *items], client=client)
+        args = [STREAM_FIELD, cap, queue.member, retention_ms]
+        for item in items:
+            args += (item.envelope_json, item.claim) if type(item) is Keyed else (item, "")
+        return self.script(keys=keys, args=args, client=client)
 
-    async def _send(self, batch: list[tuple[Queue, bytes, int]]) -> list:
+    async def _send(self, batch: list[Item]) -> list:
         started = time.perf_counter()
-        first, _, cap = batch[0]
-        if all((queue is first or queue == first) and limit == cap for queue, _, limit in batch):  # the usual case
-            results = await self._call(first, cap, [document for _, document, _ in batch])
+        first, _, cap, _ = batch[0]
+        retentions = {item.retention_ms for item in batch if item.retention_ms}
+        if len(retentions) <= 1 and all((item.queue is first or item.queue == first) and item.cap == cap
+                                        for item in batch):  # the usual case: one Service, one policy
+            results = await self._call(first, cap, max(retentions, default=0), [item.request for item in batch])
         else:
-            groups: dict[tuple[Queue, int], list[int]] = {}
-            for n, (queue, _, limit) in enumerate(batch):
-                groups.setdefault((queue, limit), []).append(n)
+            groups: dict[tuple[Queue, int, int], list[int]] = {}
+            for n, item in enumerate(batch):
+                groups.setdefault((item.queue, item.cap, item.retention_ms), []).append(n)
             async with self.redis.pipeline(transaction=False) as pipe:
-                for (queue, limit), members in groups.items():
-                    await self._call(queue, limit, [batch[n][1] for n in members], client=pipe)
+                for (queue, cap, retention_ms), members in groups.items():
+                    await self._call(queue, cap, retention_ms, [batch[n].request for n in members], client=pipe)
                 replies = await pipe.execute(raise_on_error=False)
             results = [None] * len(batch)
-            for (queue, members), reply in zip(groups.items(), replies):
+            for members, reply in zip(groups.values(), replies):
                 for i, n in enumerate(members):
                     results[n] = reply if isinstance(reply, Exception) else reply[i]
-        results = [_queue_full(result) for result in results]
+        results = [_result(result) for result in results]
         if self.on_batch is not None:
-            self.on_batch(len(batch), sum(1 for i in results if not isinstance(i, Exception)),
-                          time.perf_counter() - started)
+            queued = sum(1 for i in results if not isinstance(i, (Exception, Seen)))
+            self.on_batch(len(batch), queued, time.perf_counter() - started)
         return results
 
 
-def _queue_full(result):
-    if isinstance(result, ResponseError) and str(result).startswith("QUEUEFULL"):
-        return QueueFull(str(result).partition(" ")[2])
+def _result(result):
+    if isinstance(result, list):
+        return Seen(result[0].decode(), result[1].decode())
+    if isinstance(result, ResponseError):
+        reason, _, message = str(result).partition(" ")
+        if reason == "QUEUEFULL":
+            return QueueFull(message)
+        if reason == "IDEMPOTENCY":
+            return KeyReused(message)
     return result

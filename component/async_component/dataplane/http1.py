@@ -128,7 +128,8 @@ def _date() -> bytes:
 def encode(response: Response, *, keep_alive: bool, head: bool = False, version: str = "1.1") -> bytes:
     """The response's bytes (header text as UTF-8, as aiohttp sends it)."""
     parts = [_STATUS_LINES.get(response.status) or _status_line(response.status), _date(),
-             b"Content-Length: %d\r\n" % len(response.body)]
+             # a 204 has no body, and no Content-Length (RFC 9110, 8.6)
+             b"" if response.status == 204 else b"Content-Length: %d\r\n" % len(response.body)]
     for name, value in response.headers:
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} contains a line break")
@@ -450,6 +451,8 @@ class Server:
         self.on_refused = on_refused
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
         """Run before the socket listens, in order."""
+        self.on_closing: list[Callable[[], None]] = []
+        """Called when :meth:`close` begins, before waiting for the requests in progress."""
         self.on_cleanup: list[Callable[[], Awaitable[None]]] = []
         """Run after the last connection closed (or the start failed), in order."""
         self.connections: set[_Connection] = set()
@@ -494,6 +497,8 @@ class Server:
         self.closing = True
         if self._server is not None:
             self._server.close()
+        for hook in self.on_closing:
+            hook()
         deadline = self.loop.time() + grace
         while True:
             for connection in list(self.connections):

@@ -2,11 +2,11 @@
 
 Every request that carries ``Async-Original-Host`` came through an async route
 of the network layer, whatever its method and path: a GET or HEAD under
-``STATUS_PATH_PREFIX`` reads a queued request's status, another method there
-gets 405 (queued, its replay would be routed back here), anything else is
-queued. Requests without that header only reach the probes. The target host must
-be on ``ALLOWED_HOSTS``, so the producer can never be used to reach arbitrary
-hosts. A 202 is only sent once Redis has stored the stream entry.
+``STATUS_PATH_PREFIX`` reads a queued request's status, a DELETE cancels the
+request (:mod:`.cancel`), another method there gets 405 (queued, its replay
+would be routed back here), anything else is queued. Requests without that
+header only reach the probes. The target host must be on ``ALLOWED_HOSTS``, so
+the producer can never be used to reach arbitrary hosts. A 202 is only sent once Redis has stored the stream entry.
 
 No status record is written at accept time: the ``Location`` names both the
 stream entry and the request (``<entry id>.<request id>``), and while the
@@ -33,16 +33,20 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
-from . import preferences, targets
-from .enqueuer import Enqueuer, QueueFull
+from . import idempotency, preferences, targets
+from .enqueuer import Enqueuer, Keyed, KeyReused, QueueFull, Seen
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
+from .cancel import DELETED, MISSING, Canceler
 from .queues import PER_SERVICE, Layout, Queue, labels_of
-from .records import PENDING_STATES, QUEUED, RETRYING, Record, legacy_record_key, record_key
+from .records import (
+    CANCELED, PENDING_STATES, QUEUED, RETRYING, RUNNING, Record, finished_channel, legacy_record_key, record_key,
+)
 from .prefork import run_workers
 from .redischeck import RedisCheck
 from .redisconn import make_redis, redis_address
 from .targets import BadTarget, target_host
+from .waiting import Finished, wait_preference
 from ..protocol import (
     HOP_BY_HOP, ORIGINAL_HOST_HEADER, POLICY_HEADER, PREFER_HEADER, policy_of, REPLAY_HEADER, REQUEST_ID_HEADER, RESPOND_ASYNC, STATE_HEADER,
     STATUS_METHODS, STATUS_PATH_PREFIX, is_status_path,
@@ -53,6 +57,10 @@ from ..settings import ProducerSettings
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = "1"
+CANCELED_STATUS = 410
+"""A status read of a canceled request: Gone, its response will never exist (with the JSON status)."""
+PREFERENCE_APPLIED = ("Preference-Applied", RESPOND_ASYNC)
+"""On the accept 202 (RFC 7240): the request was handled asynchronously, as asked (or as the Service always does)."""
 QUEUE_FULL_RETRY_AFTER_SECONDS = "10"
 """A full queue drains at its Service's pace: come back later than after an outage blip."""
 
@@ -60,7 +68,7 @@ VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
 _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
 REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed",
-                  "too_many_connections", "replay_loop", "queue_full")
+                  "too_many_connections", "replay_loop", "queue_full", "idempotency_key_reused")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -75,9 +83,10 @@ _REPLAY_RAW = REPLAY_HEADER.lower().encode("latin-1")
 _PREFER_RAW = _PREFER.encode("latin-1")
 _ORIGINAL_HOST_RAW = ORIGINAL_HOST_HEADER.lower().encode("latin-1")
 _POLICY_RAW = POLICY_HEADER.lower().encode("latin-1")
+_IDEMPOTENCY_RAW = idempotency.HEADER.lower().encode("latin-1")
 _READS = ("GET", "HEAD")
 _ALLOW = ("Allow", ", ".join(STATUS_METHODS))
-_NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower()}
+_NOT_REPLAYED = HOP_BY_HOP | {"date", STATE_HEADER.lower(), REQUEST_ID_HEADER.lower()}
 """Recorded response headers the status resource does not repeat (it writes its own)."""
 
 
@@ -167,7 +176,8 @@ def _queued_record(entries: list, request_id: str, host: str, retention: float |
         return None
     if retention is not None and envelope.accepted_at + retention < time.time():
         return None
-    return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at)
+    return Record(state=QUEUED, host=host, attempts=0, updated_at=envelope.accepted_at,
+                  accepted_at=envelope.accepted_at)
 
 
 def request_target(target: str) -> str:
@@ -215,6 +225,14 @@ class Metrics:
         self.status_reads = Counter(
             "async_producer_status_reads_total", "Status reads, by what they found", ["result"], registry=registry
         )
+        self.waits = Counter("async_producer_waits_total",
+                             "Prefer: wait requests, by how they were answered (answered: the recorded response; "
+                             "accepted: the 202)", ["result"], registry=registry)
+        self.repeats = Counter("async_producer_idempotent_repeats_total",
+                               "Requests not queued because their Idempotency-Key named an earlier one",
+                               registry=registry)
+        self.cancels = Counter("async_producer_cancels_total", "DELETEs of a Location, by the state found",
+                               ["found"], registry=registry)
 
 
     def batch_written(self, size: int, queued: int, seconds: float) -> None:
@@ -240,6 +258,11 @@ class Producer:
         self.redis_check: RedisCheck | None = None
         self.stopping = asyncio.Event()
         self.check_task: asyncio.Task | None = None
+        self.finished: Finished | None = None
+        self.canceler: Canceler | None = None
+        self.finished_task: asyncio.Task | None = None
+        self.retry_after = ("Retry-After", str(settings.poll_interval))
+        """On every 202: the suggested polling interval."""
 
     # routing
 
@@ -256,6 +279,8 @@ class Producer:
         if is_status_path(request.path):
             if request.method in _READS:
                 return await self.status(request, host)
+            if request.method == "DELETE":
+                return await self.cancel(request, host)
             # never queued: its replay would come back here and be queued again, without end
             self.metrics.rejected_for["method_not_allowed"].inc()
             return error_response(405, f"{request.method} is not allowed on the status path", _ALLOW)
@@ -322,22 +347,111 @@ class Producer:
             log.error("not queued: %s %s for %s: %s", request.method, request.target[:200], host, exc)
             self.metrics.rejected_for["replay_loop"].inc()
             return error_response(508, str(exc))
+        prefer = request.values(_PREFER_RAW)
+        wait = self._wait_seconds(prefer) if prefer else 0
         request_id = self.new_request_id()
+        accepted_at = time.time()
         document = envelope_json(request_id, request.method, f"http://{host}{target}", headers, request.body,
-                                 time.time(), 0, policy)
+                                 accepted_at, 0, policy)
         queue = self._queue(host)
-        max_queued = policy_of(policy).max_queued if policy else None
+        service_policy = policy_of(policy)
+        max_queued = service_policy.max_queued
+        idempotency_key = request.values(_IDEMPOTENCY_RAW)
+        if idempotency_key:
+            try:
+                key_name = idempotency.key_name(
+                    self.settings.key_prefix, host, idempotency.parse_key([header_text(v) for v in idempotency_key]))
+                keyed = Keyed(document, idempotency.claim(request.method, target, request.body, request_id, key_name))
+            except idempotency.BadKey as exc:
+                self.metrics.rejected_for["bad_request"].inc()
+                return error_response(400, str(exc))
+        if wait:  # before it is queued: its outcome cannot be announced before anyone listens
+            key = record_key(self.settings.key_prefix, request_id, host)
+            waiter = self.finished.register(key)
         try:
-            entry_id = (await self.enqueuer.enqueue(queue, document, max_queued)).decode()
-        except QueueFull as exc:
-            return self._queue_full(queue, str(exc), max_queued)
-        except Exception as exc:  # connection refused, timeout, error reply: the request is not queued
+            queued = await (self.enqueuer.enqueue_once(queue, keyed, max_queued, service_policy.retention)
+                            if idempotency_key else self.enqueuer.enqueue(queue, document, max_queued))
+        except Exception as exc:
+            if wait:
+                self.finished.unregister(key, waiter)
+            if isinstance(exc, KeyReused):
+                self.metrics.rejected_for["idempotency_key_reused"].inc()
+                return error_response(422, f"{idempotency.HEADER}: {exc}: its method, path, query or body differ")
+            if isinstance(exc, QueueFull):
+                return self._queue_full(queue, str(exc), max_queued)
+            # connection refused, timeout, error reply: the request is not queued
             return self._unavailable("queueing a request", exc)
+        if type(queued) is Seen:
+            self.metrics.repeats.inc()
+            if wait:
+                self.finished.unregister(key, waiter)
+            return await self._seen(queued, host, accepted_at + wait if wait else 0)
+        entry_id = queued.decode()
+        if wait:
+            await self.finished.wait(key, waiter, accepted_at + wait - time.time())
+            answer = await self._outcome_or_accepted(request_id, entry_id, accepted_at, key, host)
+            self.metrics.waits.labels("accepted" if answer.status == 202 else "answered").inc()
+            return answer
+        return self._accepted(request_id, entry_id, accepted_at)
+
+    async def _seen(self, seen: Seen, host: str, deadline: float) -> Response:
+        """A request sent again with its key: the first one's 202 (after a wait, if asked) or final response."""
+        key = record_key(self.settings.key_prefix, seen.request_id, host)
+        waiter = self.finished.register(key) if deadline else None
+        answer = await self._first_request(seen, host)
+        if waiter is None or answer.status != 202:
+            if waiter is not None:
+                self.finished.unregister(key, waiter)
+            return answer
+        await self.finished.wait(key, waiter, deadline - time.time())
+        return await self._first_request(seen, host)
+
+    async def _first_request(self, seen: Seen, host: str) -> Response:
+        try:
+            raw, entries = await self._read_status(seen.request_id, seen.entry_id, host)
+            record = None if raw is None else Record.from_json(raw)
+        except Exception as exc:
+            self._redis_failed("reading the request an idempotency key names", exc)
+            return error_response(503, "the request status is unavailable, try again later",
+                                  ("Retry-After", RETRY_AFTER_SECONDS))
+        if record is None or record.host != host:
+            record = _queued_record(entries, seen.request_id, host, self._entry_retention)
+        if record is not None and record.finished:
+            return self._final(seen.request_id, record)
+        location = f"{STATUS_PATH_PREFIX}{seen.entry_id}{LOCATION_SEPARATOR}{seen.request_id}"
+        doc = {"id": seen.request_id, "state": QUEUED if record is None else record.state, "status_url": location}
+        if record is not None and record.accepted_at is not None:
+            doc["accepted_at"] = record.accepted_at
+        return json_response(202, doc, [(REQUEST_ID_HEADER, seen.request_id), ("Location", location),
+                                        self.retry_after, PREFERENCE_APPLIED])
+
+    def _wait_seconds(self, prefer: list[bytes]) -> float:
+        """``Prefer: wait=N`` capped at ``MAX_WAIT``; 0 for the usual bare ``respond-async``."""
+        if all(value == b"respond-async" for value in prefer):
+            return 0
+        asked = wait_preference([header_text(value) for value in prefer])
+        return 0 if asked is None else min(asked, self.settings.max_wait)
+
+    async def _outcome_or_accepted(self, request_id: str, entry_id: str, accepted_at: float, key: str,
+                                   host: str) -> Response:
+        """After a wait: the recorded response if the request finished, else the usual 202 (it stays queued)."""
+        try:
+            raw = await self.redis.get(key)
+            record = None if raw is None else Record.from_json(raw)
+        except Exception as exc:  # the request is queued all the same: the client polls
+            self._redis_failed("reading the outcome of a waiting request", exc)
+            record = None
+        if record is not None and record.finished and record.host == host:
+            return self._final(request_id, record)
+        return self._accepted(request_id, entry_id, accepted_at)
+
+    def _accepted(self, request_id: str, entry_id: str, accepted_at: float) -> Response:
         location = f"{STATUS_PATH_PREFIX}{entry_id}{LOCATION_SEPARATOR}{request_id}"
         # ids are URL-safe base64 and entry ids digits and '-': the JSON needs no escaping
-        body = f'{{"id":"{request_id}","state":"{QUEUED}","status_url":"{location}"}}'.encode()
+        body = (f'{{"id":"{request_id}","state":"{QUEUED}","accepted_at":{accepted_at!r},'
+                f'"status_url":"{location}"}}').encode()
         return Response(202, body, [("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id),
-                                    ("Location", location)])
+                                    ("Location", location), self.retry_after, PREFERENCE_APPLIED])
 
     def _queue(self, host: str) -> Queue:
         queue = self._queues.get(host)
@@ -369,9 +483,9 @@ class Producer:
 
     async def status(self, request: Request, host: str) -> Response:
         """``<entry id>.<request id>`` (what ``Location`` says) or ``<request id>`` alone (record only)."""
-        entry_id, _, request_id = request.path[len(STATUS_PATH_PREFIX):].rpartition(LOCATION_SEPARATOR)
-        if not _REQUEST_ID.fullmatch(request_id) or (entry_id and not _ENTRY_ID.fullmatch(entry_id)):
-            return self._not_found(request_id)
+        entry_id, request_id = self._status_ids(request.path)
+        if request_id is None:
+            return self._not_found(request.path[len(STATUS_PATH_PREFIX):])
         try:
             raw, entries = await self._read_status(request_id, entry_id, host)
         except Exception as exc:  # Redis down: the status is unknown, not absent
@@ -380,11 +494,10 @@ class Producer:
             return error_response(503, "the request status is unavailable, try again later",
                                   ("Retry-After", RETRY_AFTER_SECONDS))
         if raw is None:
-            retention = None if self.layout.mode == PER_SERVICE else self.settings.status_retention
-            record = _queued_record(entries, request_id, host, retention)
+            record = _queued_record(entries, request_id, host, self._entry_retention)
             if record is None:
                 return self._not_found(request_id)
-            return self._pending(request_id, record)
+            return self._pending(request_id, record, request.path)
         try:
             record = Record.from_json(raw)
         except ValueError as exc:
@@ -394,15 +507,70 @@ class Producer:
         if record.host != host:  # another Service's request: do not even confirm it exists
             return self._not_found(request_id)
         if record.state in PENDING_STATES:
-            return self._pending(request_id, record)
+            return self._pending(request_id, record, request.path)
         self.metrics.status_reads.labels(record.state).inc()
+        return self._final(request_id, record)
+
+    async def cancel(self, request: Request, host: str) -> Response:
+        """``DELETE <Location>``: 200 canceled (queued or retrying), 409 running, 204 finished (forgotten)."""
+        entry_id, request_id = self._status_ids(request.path)
+        if request_id is None:
+            return self._not_found("")
+        try:
+            policy = request_policy(request.values(_POLICY_RAW))
+        except BadRequest as exc:
+            self.metrics.rejected_for["bad_request"].inc()
+            return error_response(400, str(exc))
+        try:
+            outcome = await self.canceler.cancel(record_key(self.settings.key_prefix, request_id, host),
+                                                 self._queue(host).stream, entry_id, request_id, host, time.time(),
+                                                 policy_of(policy).retention)
+        except Exception as exc:
+            self._redis_failed("canceling a request", exc)
+            return error_response(503, "the request status is unavailable, try again later",
+                                  ("Retry-After", RETRY_AFTER_SECONDS))
+        self.metrics.cancels.labels(outcome.found).inc()
+        if outcome.found == MISSING:
+            return self._not_found(request_id)
+        if outcome.found == DELETED:
+            log.info("request %s: its %s outcome deleted by the client", request_id, outcome.record.state)
+            return Response(204, b"", [(STATE_HEADER, outcome.record.state)])
+        if outcome.found == RUNNING:
+            return json_response(409, {**self._status_document(request_id, outcome.record, request.path),
+                                       "error": "the request is running: it cannot be recalled"},
+                                 [(STATE_HEADER, RUNNING)])
+        if outcome.found != CANCELED:
+            log.info("request %s: canceled by the client while %s", request_id, outcome.found)
+        return json_response(200, self._status_document(request_id, outcome.record, request.path),
+                             [(STATE_HEADER, CANCELED)])
+
+    @staticmethod
+    def _final(request_id: str, record: Record) -> Response:
+        """The Service's recorded response, with the request's state and id."""
+        own = [(STATE_HEADER, record.state), (REQUEST_ID_HEADER, request_id)]
+        if record.state == CANCELED:  # never replayed: there is no response, and there will be none
+            return json_response(CANCELED_STATUS, {"id": request_id, "state": CANCELED, "attempts": record.attempts,
+                                                   "updated_at": record.updated_at}, own)
         response = record.response
         if response is None or not 200 <= response.status <= 599:
             message = record.error or f"request finished as {record.state} without a response"
-            return json_response(502, {"id": request_id, "error": message}, [(STATE_HEADER, record.state)])
+            return json_response(502, {"id": request_id, "error": message}, own)
         headers = [(k, v) for k, v in response.headers if k.lower() not in _NOT_REPLAYED]
-        headers.append((STATE_HEADER, record.state))
+        headers.extend(own)
         return Response(response.status, response.body, headers)
+
+    @staticmethod
+    def _status_ids(path: str) -> tuple[str, str | None]:
+        """``(entry id or '', request id)`` of a status path, the request id None when it is not one."""
+        entry_id, _, request_id = path[len(STATUS_PATH_PREFIX):].rpartition(LOCATION_SEPARATOR)
+        if not _REQUEST_ID.fullmatch(request_id) or (entry_id and not _ENTRY_ID.fullmatch(entry_id)):
+            return "", None
+        return entry_id, request_id
+
+    @property
+    def _entry_retention(self) -> float | None:
+        """How long a stream entry alone says its request is queued (see :func:`_queued_record`)."""
+        return None if self.layout.mode == PER_SERVICE else self.settings.status_retention
 
     async def _read_status(self, request_id: str, entry_id: str, host: str) -> tuple[bytes | None, list]:
         """The record, and the stream entry when ``entry_id`` is given, in one round trip.
@@ -425,14 +593,23 @@ class Producer:
             *entries, raw, legacy = await pipe.execute()
         return (raw if raw is not None else legacy), entries
 
-    def _pending(self, request_id: str, record: Record) -> Response:
+    def _pending(self, request_id: str, record: Record, location: str) -> Response:
+        """202 with what a poller needs: the state, its attempts, when to look again and where."""
         self.metrics.status_reads.labels(record.state).inc()
+        return json_response(202, self._status_document(request_id, record, location),
+                             [(STATE_HEADER, record.state), ("Location", location), self.retry_after])
+
+    @staticmethod
+    def _status_document(request_id: str, record: Record, location: str) -> dict:
         doc = {"id": request_id, "state": record.state, "attempts": record.attempts, "updated_at": record.updated_at}
+        if record.accepted_at is not None:
+            doc["accepted_at"] = record.accepted_at
         if record.state == RETRYING and record.next_attempt_at is not None:
             doc["next_attempt_at"] = record.next_attempt_at
         if record.error is not None:
             doc["error"] = record.error
-        return json_response(202, doc, [(STATE_HEADER, record.state)])
+        doc["status_url"] = location
+        return doc
 
     def _not_found(self, request_id: str) -> Response:
         self.metrics.status_reads.labels("not_found").inc()
@@ -448,15 +625,21 @@ class Producer:
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
         self.enqueuer = Enqueuer(self.redis, layout=self.layout, max_queued=self.settings.max_queued_per_service,
+                                 key_retention=self.settings.status_retention,
                                  on_batch=self.metrics.batch_written)
         self.redis_check = RedisCheck(self.redis, self.settings.redis_check_interval, who="producer")
         await self.redis_check.check()
         self.check_task = asyncio.create_task(self.redis_check.run(self.stopping), name="redis-check")
+        self.finished = Finished(self.redis, finished_channel(self.settings.key_prefix))
+        self.canceler = Canceler(self.redis, channel=self.finished.channel, retention=self.settings.status_retention)
+        self.finished_task = asyncio.create_task(self.finished.run(self.stopping), name="finished-subscription")
 
     async def stop(self) -> None:
         self.stopping.set()
         if self.check_task is not None:
             await self.check_task
+        if self.finished_task is not None:
+            await self.finished_task
         if self.enqueuer is not None:
             await self.enqueuer.close()
         if self.owns_redis:
@@ -465,6 +648,11 @@ class Producer:
     async def ready(self) -> None:
         await self.redis.ping()
         self.redis_check.require()
+
+    def release_waiters(self) -> None:
+        """Stopping: requests waiting for their outcome answer now, with a 202 unless they finished."""
+        if self.finished is not None:
+            self.finished.release_all()
 
 
 def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = None) -> Server:
@@ -475,6 +663,7 @@ def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = No
                     body_min_rate=settings.body_min_rate, max_connections=settings.max_connections,
                     on_refused=producer.refused)
     server.on_startup.append(producer.start)
+    server.on_closing.append(producer.release_waiters)
     server.on_cleanup.append(producer.stop)
     return server
 

@@ -115,23 +115,48 @@ class Layout:
 
 
 # KEYS: the queue's stream, retry stream, retry set, the active set, the wake stream.
-# ARGV: the stream field, the cap on queued requests, the queue's member, then one envelope each.
+# ARGV: the stream field, the cap on queued requests, the queue's member, how long a new idempotency key is kept
+#       (ms; 0: a call without keys), then per request its envelope, or (with keys) its envelope and its claim:
+#       '<fingerprint> <request id> <idempotency key>' ('' without a key).
 # Each envelope gets its entry id, or a QUEUEFULL error when the queue holds the cap already
 # (nothing written for it). Marks the queue active "now" and wakes the sources if it was not.
+# A request whose idempotency key is held gets {entry id, request id} of the request that took it
+# when the fingerprints match (nothing written), else an IDEMPOTENCY error; a new key is taken.
+# The keys are not in KEYS (two arguments a request, not three, to keep a keyed request cheap): each is
+# under its Service's hash tag, that of the queue in the per-Service layout, so it is in KEYS[1]'s slot.
 ENQUEUE = """
 local cap = tonumber(ARGV[2])
+local lifetime = tonumber(ARGV[4])
+local stride = lifetime > 0 and 2 or 1
 local queued = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3])
 if KEYS[2] ~= KEYS[1] then queued = queued + redis.call('XLEN', KEYS[2]) end
 local ids = {}
 local added = 0
-for n = 4, #ARGV do
-  if queued >= cap then
-    ids[n - 3] = {err = 'QUEUEFULL ' .. queued .. ' requests queued for this Service'}
+local n = 0
+for i = 5, #ARGV, stride do
+  n = n + 1
+  local fingerprint, request, key
+  if stride == 2 and ARGV[i + 1] ~= '' then
+    fingerprint, request, key = string.match(ARGV[i + 1], '^(%%x+) (%%S+) (.+)$')
+  end
+  local held = key and redis.call('GET', key)
+  if held then
+    local first, entry, first_request = string.match(held, '^(%%x+) (%%S+) (%%S+)$')
+    if first == fingerprint then
+      ids[n] = {entry, first_request}
+    else
+      ids[n] = {err = 'IDEMPOTENCY the key was used for another request'}
+    end
+  elseif queued >= cap then
+    ids[n] = {err = 'QUEUEFULL ' .. queued .. ' requests queued for this Service'}
   else
-    ids[n - 3] = redis.pcall('XADD', KEYS[1], '*', ARGV[1], ARGV[n])
-    if type(ids[n - 3]) == 'string' then
+    ids[n] = redis.pcall('XADD', KEYS[1], '*', ARGV[1], ARGV[i])
+    if type(ids[n]) == 'string' then
       added = added + 1
       queued = queued + 1
+      if key then
+        redis.call('SET', key, fingerprint .. ' ' .. ids[n] .. ' ' .. request, 'PX', lifetime)
+      end
     end
   end
 end

@@ -6,9 +6,10 @@ The producer writes none: a request without a record is ``queued`` as long as
 its stream entry exists (the producer's status resource checks). The replay
 creates it as ``running``, then moves it to ``retrying``, ``succeeded`` or
 ``failed`` with the Service's recorded response, or ``expired`` past its
-Service's max-age. A record of a request still
-running or retrying never expires, however long the request waits; a finished
-one expires one retention period later.
+Service's max-age; the producer moves a request that has not started (or is
+waiting for a retry) to ``canceled`` (:mod:`.cancel`). A record of a request
+still running or retrying never expires, however long the request waits; a
+finished (or canceled) one expires one retention period later.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 EXPIRED = "expired"
 """Not finished within its Service's max-age: never replayed after that."""
+CANCELED = "canceled"
+"""Canceled by the client (``DELETE <Location>``) before it ran, or before its next attempt: never replayed."""
 PENDING_STATES = (QUEUED, RUNNING, RETRYING)
-FINAL_STATES = (SUCCEEDED, FAILED, EXPIRED)
+FINAL_STATES = (SUCCEEDED, FAILED, EXPIRED, CANCELED)
 
 
 def record_key(prefix: str, request_id: str, host: str) -> str:
@@ -44,6 +47,11 @@ def record_key(prefix: str, request_id: str, host: str) -> str:
 def legacy_record_key(prefix: str, request_id: str) -> str:
     """Where records were kept before per-Service queues: still read, so they do not vanish on upgrade."""
     return f"{prefix}:req:{request_id}"
+
+
+def finished_channel(prefix: str) -> str:
+    """Pub/sub channel on which the replay announces the record key of every request that finished."""
+    return f"{prefix}:finished"
 
 
 def retry_key(prefix: str) -> str:
@@ -68,6 +76,10 @@ class Record:
     error: str | None = None
     next_attempt_at: float | None = None
     response: RecordedResponse | None = None
+    accepted_at: float | None = None
+    """When the producer accepted the request (None in records written before it was kept)."""
+    idempotency_key: str | None = None
+    """The Redis key of the request's ``Idempotency-Key``, in a final record: deleted with the record."""
 
     @property
     def finished(self) -> bool:
@@ -80,6 +92,10 @@ class Record:
             doc["error"] = self.error
         if self.next_attempt_at is not None:
             doc["next_attempt_at"] = self.next_attempt_at
+        if self.accepted_at is not None:
+            doc["accepted_at"] = self.accepted_at
+        if self.idempotency_key is not None:
+            doc["idempotency_key"] = self.idempotency_key
         if self.response is not None:
             body, encoding = encode_body(self.response.body)
             doc["response"] = {"status": self.response.status,
@@ -99,6 +115,8 @@ class Record:
                 updated_at=float(doc.get("updated_at", 0.0)),
                 error=doc.get("error"),
                 next_attempt_at=doc.get("next_attempt_at"),
+                accepted_at=doc.get("accepted_at"),
+                idempotency_key=doc.get("idempotency_key"),
                 response=None if response is None else RecordedResponse(
                     status=int(response["status"]),
                     headers=tuple((str(k), str(v)) for k, v in response["headers"]),

@@ -32,15 +32,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError, RedisError
 from yarl import URL
 
-from . import rawhttp, targets
+from . import idempotency, rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .notifications import Notifier, add_notification, notification, sink_for
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
-    EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, record_key, response_headers,
-    retry_key,
+    EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
+    record_key, response_headers, retry_key,
 )
 from .redisconn import make_redis
 from ..protocol import (
@@ -54,8 +54,9 @@ from ..logthrottle import LogThrottle
 
 log = logging.getLogger(__name__)
 
-FinalWrite = tuple[str, "bytes | str", "str | None", int, "dict[str, str] | None"]
-"""A final record: its key, JSON, the stream entry it settles, its lifetime (ms), the notification it sends."""
+FinalWrite = tuple[str, "bytes | str", "str | None", int, "dict[str, str] | None", "str | None"]
+"""A final record: its key, JSON, the stream entry it settles, its lifetime (ms), the notification it sends,
+the idempotency key it renews."""
 
 Settle = Callable[..., None]
 """``settle(pipe, *entry_ids)``: add what settles these stream entries to the transaction ``pipe``."""
@@ -283,6 +284,7 @@ class Replayer:
         self.stopping = asyncio.Event()
         self.throttle = LogThrottle(log)
         self._terms: dict[str, Terms] = {}
+        self.finished = finished_channel(settings.key_prefix)
         self.start_script = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
         self.sets: Batcher[FinalWrite, None] | None = None
@@ -338,7 +340,7 @@ class Replayer:
             return await self._finish(key, envelope, attempt, host, refused, settle, retry_queue)
         terms = self.terms(envelope)
         now = time.time()
-        running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=now)
+        running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=now, accepted_at=envelope.accepted_at)
         try:
             args = [running.to_json(), attempt]
             done_state = await self.starts.submit((key, args))
@@ -420,15 +422,20 @@ class Replayer:
         return results
 
     async def _set_batch(self, items: list[FinalWrite]) -> list[None]:
-        """Final records written in the same loop pass, with the entries they settle and the notifications
-        they send, in one round trip."""
-        entries = [entry for _, _, entry, _, _ in items if entry is not None]
-        notifying = any(notice is not None for *_, notice in items)
+        """Final records written in the same loop pass, with the entries they settle, the notifications
+        they send and the idempotency keys they renew (kept as long as the record from now on), in one
+        round trip."""
+        entries = [entry for _, _, entry, _, _, _ in items if entry is not None]
+        notifying = any(notice is not None for _, _, _, _, notice, _ in items)
         async with self.redis.pipeline(transaction=bool(entries) or notifying) as pipe:
-            for key, value, _, retention_ms, notice in items:
+            for key, value, _, retention_ms, notice, _ in items:
                 pipe.set(key, value, px=retention_ms)
                 add_notification(pipe, self.settings.key_prefix, notice)
             self._settle(pipe, *entries)
+            for key, _, _, retention_ms, _, idempotency_key in items:  # after the records: a woken waiter reads them
+                pipe.publish(self.finished, key)
+                if idempotency_key is not None:
+                    pipe.pexpire(idempotency_key, retention_ms)
             results = await pipe.execute(raise_on_error=False)
         return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
 
@@ -488,10 +495,13 @@ class Replayer:
         now = time.time()
         entries = () if settle is None else (settle,)
         terms = self.terms(envelope)
+        idempotency_key = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
         if replayed.ok:
             await self.sets.submit((key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
-                                        response=replayed.response).to_json(), settle, terms.retention_ms,
-                                    self._notice(envelope, SUCCEEDED, host, attempt, replayed, now)))
+                                                response=replayed.response, accepted_at=envelope.accepted_at,
+                                                idempotency_key=idempotency_key).to_json(),
+                                    settle, terms.retention_ms,
+                                    self._notice(envelope, SUCCEEDED, host, attempt, replayed, now), idempotency_key))
             self.metrics.outcome(host, SUCCEEDED)
             return SUCCEEDED
         settings = self.settings
@@ -504,16 +514,18 @@ class Replayer:
         if replayed.expired:
             attempts = attempt if replayed.attempted else attempt - 1
             await self.sets.submit((key, Record(state=EXPIRED, host=host, attempts=attempts, updated_at=now,
-                                                error=replayed.error, response=replayed.response).to_json(),
+                                                error=replayed.error, response=replayed.response,
+                                                accepted_at=envelope.accepted_at,
+                                                idempotency_key=idempotency_key).to_json(),
                                     settle, terms.retention_ms,
-                                    self._notice(envelope, EXPIRED, host, attempts, replayed, now)))
+                                    self._notice(envelope, EXPIRED, host, attempts, replayed, now), idempotency_key))
             self.metrics.expired.inc()
             self.metrics.outcome(host, EXPIRED)
             log.warning("request %s expired: %s", envelope.id, replayed.error)
             return EXPIRED
         if replayed.retryable and attempt < terms.max_attempts:
             record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
-                            next_attempt_at=due)
+                            next_attempt_at=due, accepted_at=envelope.accepted_at)
             queue = retry_queue or self.layout.for_host(host)
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zadd(queue.retries, {envelope.next_attempt().to_json(): due})
@@ -526,7 +538,8 @@ class Replayer:
             log.info("request %s attempt %d: %s; retry in %.3fs", envelope.id, attempt, replayed.error, due - now)
             return RETRYING
         record = Record(state=FAILED, host=host, attempts=attempt, updated_at=now, error=replayed.error,
-                        response=replayed.response)
+                        response=replayed.response, accepted_at=envelope.accepted_at,
+                        idempotency_key=idempotency_key)
         dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
                                  None if replayed.response is None else replayed.response.status,
                                  service=service_tag(host))
@@ -535,6 +548,9 @@ class Replayer:
             add_dead_letter(pipe, settings, dead)
             add_notification(pipe, settings.key_prefix, self._notice(envelope, FAILED, host, attempt, replayed, now))
             self._settle(pipe, *entries)
+            pipe.publish(self.finished, key)
+            if idempotency_key is not None:
+                pipe.pexpire(idempotency_key, terms.retention_ms)
             await pipe.execute()
         self.metrics.dead_lettered.inc()
         self.metrics.outcome(host, FAILED)

@@ -46,7 +46,7 @@ from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
 from .queues import PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
 from .replay import RECORD_MARGIN, replay_grace
-from .records import FAILED, Record, record_key
+from .records import FAILED, Record, finished_channel, record_key
 from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
@@ -623,6 +623,7 @@ class Source:
                         add_dead_letter(pipe, settings, dead_letter)
                         if record is not None:
                             pipe.set(record[0], record[1], px=max(1, round(settings.status_retention * 1000)))
+                            pipe.publish(finished_channel(settings.key_prefix), record[0])  # answers a waiter
                         add_notification(pipe, settings.key_prefix, notice)
                         self.settle_in(pipe, ref)
                         await pipe.execute()

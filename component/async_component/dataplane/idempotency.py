@@ -1,0 +1,78 @@
+"""``Idempotency-Key`` (IETF httpapi draft): a request sent again with its key is not queued again.
+
+The key is a Structured Field string (``"abc"``, as the draft says) or a bare
+token (``abc``). It is scoped per Service: its Redis key is under the Service's
+hash tag ``{<namespace>/<name>}`` (the tag of the Service's queue), and holds the
+request's fingerprint (method, path and query, body), stream entry id and
+request id. The check and the write happen in the producer's batched enqueue
+script (:mod:`.enqueuer`), so a key costs no extra round trip. The key is kept
+``STATUS_RETENTION_SECONDS`` from acceptance, and the replay renews it to as
+long again when it records the final outcome (the header travels with the
+queued request), so the key lasts as long as the result it answers with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .queues import service_tag
+
+HEADER = "Idempotency-Key"
+MAX_LENGTH = 255
+
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~:/-]+")
+"""A Structured Field token's characters, a digit first allowed too: a UUID or a number is a common bare key."""
+
+
+class BadKey(ValueError):
+    """The header is not one key (400)."""
+
+
+def parse_key(values: list[str]) -> str:
+    """The key of the request's ``Idempotency-Key`` field(s); raises :class:`BadKey`."""
+    if len(values) != 1:
+        raise BadKey(f"{HEADER} must appear once")
+    text = values[0].strip(" \t")
+    string = _SF_STRING.fullmatch(text)
+    if string:
+        key = string.group(1)
+        if "\\" in key:
+            key = re.sub(r'\\(["\\])', r"\1", key)
+    elif _TOKEN.fullmatch(text):
+        key = text
+    else:
+        raise BadKey(f"{HEADER} must be a quoted string or a token: {text[:100]!r}")
+    if not key or len(key) > MAX_LENGTH:
+        raise BadKey(f"{HEADER} must hold 1 to {MAX_LENGTH} characters")
+    return key
+
+
+def fingerprint(method: str, target: str, body: bytes) -> str:
+    """What makes a request the same request: method, path and query, body (hex: the claim is text)."""
+    return hashlib.sha256(f"{method}\n{target}\n".encode("latin-1", "surrogateescape") + body).hexdigest()
+
+
+def claim(method: str, target: str, body: bytes, request_id: str, key_name: str) -> str:
+    """What the enqueue script stores under the key, or compares with what it holds (:data:`.queues.ENQUEUE`)."""
+    return f"{fingerprint(method, target, body)} {request_id} {key_name}"
+
+
+def key_name(prefix: str, host: str, key: str) -> str:
+    """The Redis key of an idempotency key for the Service of ``host``."""
+    return f"{prefix}:{{{service_tag(host)}}}:idem:{key}"
+
+
+_HEADER_LOWER = HEADER.lower()
+
+
+def queued_key_name(prefix: str, host: str, headers) -> str | None:
+    """The Redis key of a queued request's ``Idempotency-Key`` header (its ``(name, value)`` pairs), if it had one."""
+    values = [value for name, value in headers if name.lower() == _HEADER_LOWER]
+    if not values:
+        return None
+    try:
+        return key_name(prefix, host, parse_key(values))
+    except BadKey:
+        return None
