@@ -117,12 +117,12 @@ class Metrics:
 class Notifier:
     """Drains the outbox: posts each notification to its sink, with retries, then removes it."""
 
-    def __init__(self, redis: aioredis.Redis, session: aiohttp.ClientSession, registry: CollectorRegistry, *,
+    def __init__(self, redis: aioredis.Redis, session: aiohttp.ClientSession, metrics: Metrics, *,
                  prefix: str, attempts: int, timeout: float, concurrency: int = 16,
                  reclaim_idle: float = RECLAIM_IDLE) -> None:
         self.redis = redis
         self.session = session
-        self.metrics = Metrics(registry)
+        self.metrics = metrics
         self.key = outbox_key(prefix)
         self.attempts = attempts
         self.timeout = timeout

@@ -35,7 +35,7 @@ from yarl import URL
 from . import idempotency, rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
-from .notifications import Notifier, add_notification, notification, sink_for
+from .notifications import Metrics as NotificationMetrics, Notifier, add_notification, notification, sink_for
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
@@ -275,7 +275,7 @@ class Replayer:
         self.settle = settle
         self.layout = Layout.of(settings)
         self.metrics = Metrics(registry)
-        self.registry = registry
+        self.notification_metrics = NotificationMetrics(registry)
         self.redis = redis
         self.owns_redis = False
         self.session: aiohttp.ClientSession | None = None
@@ -591,7 +591,7 @@ class Replayer:
         mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix),
                            stream=self.settings.stream, on_moved=self.metrics.retries_moved.inc)
         self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
-        notifier = Notifier(self.redis, self.session, self.registry, prefix=self.settings.key_prefix,
+        notifier = Notifier(self.redis, self.session, self.notification_metrics, prefix=self.settings.key_prefix,
                             attempts=self.settings.notification_attempts, timeout=self.settings.notification_timeout)
         self.notifier_task = asyncio.create_task(notifier.run(self.stopping), name="notifier")
 
