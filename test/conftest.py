@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from async_component.local.rediscluster import RedisCluster
 from async_component.local.redisserver import RedisServer
 
 E2E = Path(__file__).resolve().parents[1] / "e2e"
@@ -68,6 +69,13 @@ def kube(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def redis_server():
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def redis_cluster():
+    """Three redis-server masters in cluster mode, no replicas, slots split evenly."""
+    with RedisCluster(3) as cluster:
+        yield cluster
 
 
 @pytest.fixture

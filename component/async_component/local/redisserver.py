@@ -27,8 +27,10 @@ class RedisServerError(RuntimeError):
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None, *, executable: str = "redis-server") -> None:
+    def __init__(self, port: int | None = None, *, executable: str = "redis-server",
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.executable = executable
+        self.extra_args = extra_args
         self.port = port or free_port()
         self.dir: Path | None = None
         self.process: subprocess.Popen | None = None
@@ -48,7 +50,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [path, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-             "--save", "", "--protected-mode", "yes", "--loglevel", "warning"],
+             "--save", "", "--protected-mode", "yes", "--loglevel", "warning", *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=DIE_WITH_PARENT,
             process_group=0,  # a terminal's Ctrl-C goes to whoever started it, which stops it last
         )
@@ -71,10 +73,16 @@ class RedisServer:
         except OSError:
             return False
 
-    def kill(self) -> None:
-        """Stop the server but keep the port and dir, so :meth:`start` brings it back."""
+    def kill(self, *, hard: bool = False) -> None:
+        """Stop the server but keep the port and dir, so :meth:`start` brings it back.
+
+        ``hard`` is ``kill -9``: no shutdown, so only what AOF's fsync already wrote survives.
+        """
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            if hard:
+                self.process.kill()
+            else:
+                self.process.terminate()
             try:
                 self.process.wait(5)
             except subprocess.TimeoutExpired:
