@@ -1,8 +1,11 @@
 """Profile a source draining queued requests in-process: the numbers behind perf/profiling.md's section 2.
 
-A throwaway redis-server, an aiohttp app that answers at once and one source
-(replaying in-process, default settings) share this process, so cProfile sees
-the source's own work; requests are queued the way the producer queues them.
+A throwaway redis-server, an aiohttp app that answers at once (in a child
+process, so the profile and the CPU time are the source's alone) and one
+source (replaying in-process, default settings) in this process; requests are
+queued the way the producer queues them. Prints the drain rate and the
+source's CPU time per delivery (this process's, from the kernel), then the
+profile (``--no-profile``: without the profiler's overhead, for the CPU time).
 
     python perf/profile_drain.py --services 1 --each 5000
     python perf/profile_drain.py --services 1000 --each 10 --visibility-timeout 3 --sort tottime
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import multiprocessing
 import pstats
 import time
 
@@ -28,18 +32,30 @@ from async_component.local.redisserver import RedisServer
 from async_component.settings import SourceSettings
 
 
-async def drain(redis_url: str, args: argparse.Namespace) -> None:
-    import redis.asyncio as aioredis
-
+def serve_app(port: int) -> None:
     async def answer(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+async def app_ready(port: int) -> None:
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError("the app did not start")
+
+
+async def drain(redis_url: str, port: int, args: argparse.Namespace) -> None:
+    import redis.asyncio as aioredis
+
+    await app_ready(port)
     client = aioredis.Redis.from_url(redis_url)
     layout = Layout("async", "async-requests")
     enqueuer = Enqueuer(client, layout=layout, max_queued=10**9)
@@ -47,23 +63,32 @@ async def drain(redis_url: str, args: argparse.Namespace) -> None:
     hosts = [f"s{n % args.services}.default.svc.cluster.local" for n in range(total)]
     await asyncio.gather(*(enqueuer.enqueue(layout.for_host(host), envelope_json(
         f"r{n}", "GET", f"http://{host}/", [], b"", time.time())) for n, host in enumerate(hosts)))
-    source = Source(SourceSettings(redis_url=redis_url, health_port=0, consumer_name="profiled",
-                                   visibility_timeout=args.visibility_timeout,
-                                   target_gateway_url=f"http://127.0.0.1:{port}"))
+    settings = dict(redis_url=redis_url, health_port=0, consumer_name="profiled",
+                    visibility_timeout=args.visibility_timeout, target_gateway_url=f"http://127.0.0.1:{port}")
+    if args.max_inflight_per_service:
+        settings["max_inflight_per_service"] = args.max_inflight_per_service
+    source = Source(SourceSettings(**settings))
     task = asyncio.create_task(source.run())
     delivered = source.metrics.delivered_as["delivered"]
     profile = cProfile.Profile()
-    started = time.perf_counter()
-    profile.enable()
+    started, cpu = time.perf_counter(), time.process_time()
+    if args.profile:
+        profile.enable()
     while delivered._value.get() < total:
         await asyncio.sleep(0.01)
-    profile.disable()
-    print(f"{args.services} Service(s) x {args.each}: {total / (time.perf_counter() - started):,.0f} deliveries/s")
+    if args.profile:
+        profile.disable()
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    print(f"{args.services} Service(s) x {args.each}: {total / elapsed:,.0f} deliveries/s, "
+          f"the source's CPU {cpu * 1e6 / total:,.0f} µs per delivery" + (" (profiled)" if args.profile else ""))
     source.stop()
     await task
     await client.aclose()
-    await runner.cleanup()
-    pstats.Stats(profile).sort_stats(args.sort).print_stats(args.lines)
+    if args.profile:
+        stats = pstats.Stats(profile)
+        print(f"{stats.total_calls / total:,.0f} Python function calls per delivery (a measure of the work that "
+              "does not move with the machine's load)")
+        stats.sort_stats(args.sort).print_stats(args.lines)
 
 
 def main() -> None:
@@ -71,11 +96,22 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=1, help="Services the requests are spread over")
     parser.add_argument("--each", type=int, default=5000, help="requests queued per Service")
     parser.add_argument("--visibility-timeout", type=float, default=30.0, help="the source's VISIBILITY_TIMEOUT")
+    parser.add_argument("--max-inflight-per-service", type=int, default=0,
+                        help="the source's MAX_INFLIGHT_PER_SERVICE (0: its default)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="measure without the profiler (its overhead inflates the CPU time)")
     parser.add_argument("--sort", default="cumulative", help="pstats sort key")
     parser.add_argument("--lines", type=int, default=30, help="profile lines printed")
     args = parser.parse_args()
-    with RedisServer() as server:
-        asyncio.run(drain(server.url, args))
+    port = free_port()
+    app = multiprocessing.get_context("spawn").Process(target=serve_app, args=(port,), daemon=True)
+    app.start()
+    try:
+        with RedisServer() as server:
+            asyncio.run(drain(server.url, port, args))
+    finally:
+        app.terminate()
+        app.join()
 
 
 if __name__ == "__main__":

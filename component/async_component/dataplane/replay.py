@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from aiohttp import hdrs
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from yarl import URL
 
 from . import idempotency, rawhttp, targets
@@ -48,6 +48,7 @@ from ..protocol import (
     is_status_path,
 )
 from .preferences import replay_preference
+from .scripts import Call, by_hash_tag, run_scripts
 from .retries import RetryMover, backoff, replay_retryable, retry_after
 from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
@@ -60,6 +61,11 @@ the idempotency key it renews."""
 
 Settle = Callable[..., None]
 """``settle(pipe, *entry_ids)``: add what settles these stream entries to the transaction ``pipe``."""
+
+Finish = Callable[[Sequence[tuple[str, Any, Any, int, "str | None"]]], list[tuple[list[int], Call]]]
+"""``finish(writes)``: script calls that write final records (key, JSON, entry, lifetime in ms, idempotency key
+renewed) and settle their entries, each with the positions of the writes it covers (the source's
+:meth:`~.source.Source.finish_calls`)."""
 
 REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(),
                               REPLAY_HEADER.lower(), "host"})
@@ -75,27 +81,32 @@ MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
 
 
-# KEYS[1] the record; ARGV[1] the running record, ARGV[2] the attempt about to start.
-# One round trip: returns the state when the request is finished, or when this attempt already ended in a
-# scheduled retry (a redelivered event); else marks the request running (no expiry: a request in progress
-# never reads 404) and returns nil. The states are part of the script's text, so each call sends only what varies.
+# KEYS: the records of requests about to start (all under one Service's hash tag); ARGV: per record, its
+# running record and the attempt about to start. One round trip for a batch: for each request, its state when
+# it is finished, or when this attempt already ended in a scheduled retry (a redelivered event); else it is
+# marked running (no expiry: a request in progress never reads 404) and its answer is nil. The states are part
+# of the script's text, so each call sends only what varies.
 START_SCRIPT = """
 local finished = {%(finished)s}
-local old = redis.call('GET', KEYS[1])
-if old then
-  local ok, doc = pcall(cjson.decode, old)
-  if ok and type(doc) == 'table' then
-    local state = doc['state']
-    if state == '%(retrying)s' and (tonumber(doc['attempts']) or 0) >= tonumber(ARGV[2]) then
-      return state
-    end
-    if finished[state] then
-      return state
+local states = {}
+for i, key in ipairs(KEYS) do
+  local state = false
+  local old = redis.call('GET', key)
+  if old then
+    local ok, doc = pcall(cjson.decode, old)
+    if ok and type(doc) == 'table' then
+      local was = doc['state']
+      if finished[was] or (was == '%(retrying)s' and (tonumber(doc['attempts']) or 0) >= tonumber(ARGV[2 * i])) then
+        state = was
+      end
     end
   end
+  if not state then
+    redis.call('SET', key, ARGV[2 * i - 1])
+  end
+  states[i] = state
 end
-redis.call('SET', KEYS[1], ARGV[1])
-return false
+return states
 """ % {"finished": ", ".join(f"['{state}'] = true" for state in FINAL_STATES), "retrying": RETRYING}
 
 
@@ -270,9 +281,11 @@ class Replayer:
     """
 
     def __init__(self, settings: ReplaySettings, registry: CollectorRegistry, *, redis: aioredis.Redis | None = None,
-                 mover_interval: float = MOVER_INTERVAL, settle: Settle | None = None) -> None:
+                 mover_interval: float = MOVER_INTERVAL, settle: Settle | None = None,
+                 finish: Finish | None = None) -> None:
         self.settings = settings
         self.settle = settle
+        self.finish = finish
         self.layout = Layout.of(settings)
         self.metrics = Metrics(registry)
         self.notification_metrics = NotificationMetrics(registry)
@@ -408,36 +421,53 @@ class Replayer:
         return error_answer(503, "the request store is unavailable, deliver the event again later")
 
     async def _start_batch(self, items: list[tuple[str, list]]) -> list:
-        """The start scripts of the events that arrived in the same loop pass, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, args in items:
-                pipe.evalsha(self.start_script.sha, 1, key, *args)
-            results = await pipe.execute(raise_on_error=False)
-        for i, result in enumerate(results):
-            if isinstance(result, NoScriptError):  # Redis restarted or flushed its scripts: load it again
-                try:
-                    results[i] = await self.start_script(keys=[items[i][0]], args=items[i][1])
-                except Exception as exc:
-                    results[i] = exc
+        """The requests that start in the same loop pass: one start script per Service, in one round trip."""
+        by_tag = by_hash_tag(key for key, _ in items)
+        replies = await run_scripts(self.redis, [
+            (self.start_script, [items[i][0] for i in slots], [arg for i in slots for arg in items[i][1]])
+            for slots in by_tag.values()])
+        results: list = [None] * len(items)
+        for slots, reply in zip(by_tag.values(), replies):
+            for n, i in enumerate(slots):
+                results[i] = reply if isinstance(reply, Exception) else reply[n]
         return results
 
     async def _set_batch(self, items: list[FinalWrite]) -> list[None]:
         """Final records written in the same loop pass, with the entries they settle, the notifications
         they send and the idempotency keys they renew (kept as long as the record from now on), in one
-        round trip."""
-        entries = [entry for _, _, entry, _, _, _ in items if entry is not None]
-        notifying = any(notice is not None for _, _, _, _, notice, _ in items)
-        async with self.redis.pipeline(transaction=bool(entries) or notifying) as pipe:
-            for key, value, _, retention_ms, notice, _ in items:
+        round trip: where the settle hook can, one script per queue, else a transaction."""
+        results: list = [None] * len(items)
+        scripted = [i for i, (_, _, entry, _, notice, _) in enumerate(items) if entry is not None and notice is None]
+        calls = [] if self.finish is None or not scripted else self.finish(
+            [(key, value, entry, ms, renewed) for key, value, entry, ms, _, renewed in (items[i] for i in scripted)])
+        if calls:
+            for (positions, _), reply in zip(calls, await run_scripts(self.redis, [call for _, call in calls])):
+                for n in positions:
+                    results[scripted[n]] = reply if isinstance(reply, Exception) else None
+        covered = {scripted[n] for positions, _ in calls for n in positions}
+        rest = [i for i in range(len(items)) if i not in covered]
+        if not rest:
+            return results
+        entries = [items[i][2] for i in rest if items[i][2] is not None]
+        notifying = any(items[i][4] is not None for i in rest)
+        transaction = bool(entries) or notifying
+        async with self.redis.pipeline(transaction=transaction) as pipe:
+            for i in rest:
+                key, value, _, retention_ms, notice, _ = items[i]
                 pipe.set(key, value, px=retention_ms)
                 add_notification(pipe, self.settings.key_prefix, notice)
             self._settle(pipe, *entries)
-            for key, _, _, retention_ms, _, idempotency_key in items:  # after the records: a woken waiter reads them
+            for i in rest:  # after the records: a woken waiter reads them
+                key, _, _, retention_ms, _, idempotency_key = items[i]
                 pipe.publish(self.finished, key)
                 if idempotency_key is not None:
                     pipe.pexpire(idempotency_key, retention_ms)
-            results = await pipe.execute(raise_on_error=False)
-        return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
+            replies = await pipe.execute(raise_on_error=False)
+        if transaction:  # all or nothing: one error is every record's
+            replies = [next((reply for reply in replies if isinstance(reply, Exception)), None)] * len(rest)
+        for i, reply in zip(rest, replies):  # else the SETs come first, in order
+            results[i] = reply if isinstance(reply, Exception) else None
+        return results
 
     def _settle(self, pipe, *entries: str) -> None:
         """Settle ``entries`` in the transaction that records their outcome, through the source's hook.

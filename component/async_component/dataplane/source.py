@@ -29,7 +29,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -44,11 +44,12 @@ from .deadletters import add_dead_letter
 from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
-from .queues import PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
+from .queues import FINISH, PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
 from .replay import RECORD_MARGIN, replay_grace
 from .records import FAILED, Record, finished_channel, record_key
 from .redischeck import RedisCheck
 from .redisconn import make_redis
+from .scripts import Call, hash_tag, run_scripts
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from .envelope import STREAM_FIELD
 from ..protocol import dead_letter_entry, policy_of
@@ -144,7 +145,7 @@ class Source:
         self.redis = make_redis(settings) if redis is None else redis
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.stop_grace = drain_grace(settings) if stop_grace is None else stop_grace
-        self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in)
+        self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in, self.finish_calls)
         self.layout = Layout.of(settings)
         self.per_service_cap = (settings.max_inflight_per_service if settings.queue_mode == PER_SERVICE
                                 else settings.concurrency)
@@ -165,6 +166,8 @@ class Source:
         self.redis_throttle = LogThrottle(log)
         self.sink_throttle = LogThrottle(log)
         self.take = self.redis.register_script(TAKE)
+        self.finish = self.redis.register_script(FINISH)
+        self.finished = finished_channel(settings.key_prefix)
         self.acks: Batcher[EntryRef, None] = Batcher(self._ack_batch)
         self.redis_check = RedisCheck(self.redis, settings.redis_check_interval, who="source")
 
@@ -386,13 +389,11 @@ class Source:
             return started > 0
         woken = [state.woken for state, _ in grants]
         wall = repr(time.time())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for state, room in grants:
-                queue = state.queue
-                await self.take(keys=[queue.stream, queue.retry_stream, queue.retries, self.layout.active],
-                          args=[self.settings.group, self.name, room, wall, STREAM_FIELD, queue.member,
-                                self.settings.visibility_timeout], client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+        settings, active = self.settings, self.layout.active
+        replies = await run_scripts(self.redis, [
+            (self.take, [state.queue.stream, state.queue.retry_stream, state.queue.retries, active],
+             [settings.group, self.name, room, wall, STREAM_FIELD, state.queue.member, settings.visibility_timeout])
+            for state, room in grants])
         for (state, _), before, reply in zip(grants, woken, replies):
             member = state.queue.member
             if isinstance(reply, Exception):
@@ -651,6 +652,34 @@ class Source:
         for stream, ids in _by_stream(refs).items():
             pipe.xack(stream, self.settings.group, *ids)
             pipe.xdel(stream, *ids)
+
+    def finish_calls(self, writes: Sequence[tuple[str, Any, EntryRef, int, str | None]]
+                     ) -> list[tuple[list[int], Call]]:
+        """Final records written with the entries they settle, as one :data:`.queues.FINISH` call per queue.
+
+        ``writes``: each record's key, JSON, entry, lifetime (ms) and the idempotency key it renews (or None).
+        Returns each call with the positions of the writes it covers; writes whose keys are not all under their
+        entry's queue's hash tag (the single stream's) are left out, for a transaction.
+        """
+        groups: dict[str, list[int]] = {}
+        for i, (key, _, (stream, _), _, renewed) in enumerate(writes):
+            tag = hash_tag(stream)
+            if tag != stream and hash_tag(key) == tag and (renewed is None or hash_tag(renewed) == tag):
+                groups.setdefault(tag, []).append(i)
+        calls = []
+        for positions in groups.values():
+            streams = list(dict.fromkeys(writes[i][2][0] for i in positions))
+            renewed = [writes[i][4] for i in positions if writes[i][4] is not None]
+            keys = [*streams, *(writes[i][0] for i in positions), *renewed]
+            args: list[Any] = [self.settings.group, self.finished, len(streams)]
+            at = len(streams) + len(positions)
+            for i in positions:
+                key, value, (stream, entry_id), retention_ms, renews = writes[i]
+                if renews is not None:
+                    at += 1
+                args += (value, retention_ms, streams.index(stream) + 1, entry_id, at if renews is not None else 0)
+            calls.append((positions, (self.finish, keys, args)))
+        return calls
 
     @staticmethod
     def _service(state: QueueState, fields: Mapping) -> str | None:

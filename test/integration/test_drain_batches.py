@@ -1,0 +1,110 @@
+"""The drain's batched Redis work against a real redis-server: what a user sees must not change with it.
+
+A source replaying in-process writes the final records of a batch, settles
+their entries and renews their idempotency keys in one script per Service
+queue (``queues.FINISH``), marks a batch's requests running in one script per
+Service, and calls every script by its SHA. Each test queues into per-Service
+queues as the producer does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from async_component.dataplane import idempotency
+from async_component.dataplane.envelope import envelope_json
+from async_component.dataplane.records import SUCCEEDED, record_key
+
+from .sourcerun import GROUP, eventually, has, running
+from .test_queues import LAYOUT, Gateway, all_in, enqueuer, gateway, host, record, settings_for  # noqa: F401
+
+
+async def queued_and_settled(redis_client, services: list[str]) -> int:
+    """Entries still in the Services' streams, or pending in their groups."""
+    total = 0
+    for service in services:
+        queue = LAYOUT.for_host(host(service))
+        for stream in queue.streams:
+            if await redis_client.exists(stream):
+                total += await redis_client.xlen(stream)
+                groups = await redis_client.xinfo_groups(stream)
+                total += sum(group["pending"] for group in groups if group["name"].decode() == GROUP)
+    return total
+
+
+async def test_a_batch_of_outcomes_writes_records_settles_entries_announces_and_renews_keys(
+        redis_url, redis_client, gateway):
+    keyed = idempotency.key_name("async", host("a"), "order-1")
+    await redis_client.set(keyed, "fingerprint 1-0 id", px=5000)  # as the producer left it, nearly expired
+    requests = []
+    async with enqueuer(redis_client) as enqueue, redis_client.pubsub() as pubsub:
+        await pubsub.subscribe("async:finished")
+        for n in range(20):
+            service = ("a", "b")[n % 2]
+            request_id = f"r{n}"
+            headers = [("Idempotency-Key", '"order-1"')] if n == 0 else []
+            await enqueue.enqueue(LAYOUT.for_host(host(service)), envelope_json(
+                request_id, "GET", f"http://{host(service)}/n/{n}", headers, b"", time.time()))
+            requests.append((service, request_id))
+        async with running(settings_for(redis_url, gateway, max_inflight_per_service=8)):
+            assert await eventually(all_in(redis_client, SUCCEEDED, requests))
+            announced = set()
+            deadline = time.monotonic() + 5
+            while len(announced) < 20 and time.monotonic() < deadline:  # None: nothing yet, or the subscription
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    announced.add(message["data"].decode())
+    assert announced == {record_key("async", request_id, host(service)) for service, request_id in requests}
+    assert await queued_and_settled(redis_client, ["a", "b"]) == 0
+    for service, request_id in requests:
+        assert 86_000_000 < await redis_client.pttl(record_key("async", request_id, host(service))) <= 86_400_000
+    assert 86_000_000 < await redis_client.pttl(keyed) <= 86_400_000, "the key lasts as long as the result"
+    assert sorted(path for _, path, _ in gateway.finished) == sorted(f"/n/{n}" for n in range(20))
+
+
+async def test_an_outcome_redis_refuses_to_store_leaves_the_services_entry_pending(redis_url, redis_client, gateway):
+    """The records, the acks and the deletes of a batch are written together or not at all."""
+    gateway.slow = 0.3
+    async with enqueuer(redis_client) as enqueue:
+        document = envelope_json("refused", "GET", f"http://{host('a')}/slow", [], b"", time.time())
+        await enqueue.enqueue(LAYOUT.for_host(host("a")), document)
+    async with running(settings_for(redis_url, gateway)) as source:
+        assert await eventually(lambda: has(gateway.started))
+        await redis_client.config_set("maxmemory", 1)  # from now on Redis refuses writes that need memory (OOM)
+        try:
+            assert await eventually(lambda: _at_least(source.metrics.delivered.labels("failed")._value.get(), 2))
+            assert await queued_and_settled(redis_client, ["a"]) == 2  # in the stream, and pending
+            assert (await record(redis_client, "a", "refused")).state == "running"
+        finally:
+            await redis_client.config_set("maxmemory", 0)
+        assert await eventually(all_in(redis_client, SUCCEEDED, [("a", "refused")]))
+        assert await eventually(lambda: _zero(queued_and_settled(redis_client, ["a"])))
+    assert [path for _, path, _ in gateway.started] == ["/slow", "/slow"]  # replayed again: at least once
+
+
+async def test_redis_losing_its_scripts_mid_drain_loses_and_repeats_nothing(redis_url, redis_client, gateway):
+    """A restarted or flushed Redis answers NOSCRIPT: every script is loaded again, nothing runs twice."""
+    gateway.slow = 0.01
+    async with enqueuer(redis_client) as enqueue:
+        requests = []
+        for n in range(200):
+            service = f"s{n % 4}"
+            document = envelope_json(f"r{n}", "GET", f"http://{host(service)}/slow", [], b"", time.time())
+            await enqueue.enqueue(LAYOUT.for_host(host(service)), document)
+            requests.append((service, f"r{n}"))
+    async with running(settings_for(redis_url, gateway, max_inflight_per_service=4)):
+        for _ in range(10):
+            await asyncio.sleep(0.05)
+            await redis_client.script_flush()
+        assert await eventually(all_in(redis_client, SUCCEEDED, requests), 30)
+    assert len(gateway.finished) == 200  # each replayed once
+    assert await queued_and_settled(redis_client, [f"s{n}" for n in range(4)]) == 0
+
+
+async def _at_least(value: float, floor: float) -> bool:
+    return value >= floor
+
+
+async def _zero(awaitable) -> bool:
+    return await awaitable == 0
