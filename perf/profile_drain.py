@@ -26,7 +26,7 @@ from async_component.cli import HelpFormatter
 from async_component.dataplane.enqueuer import Enqueuer
 from async_component.dataplane.envelope import envelope_json
 from async_component.dataplane.queues import Layout
-from async_component.dataplane.source import Source
+from async_component.dataplane.source import Source, new_event_loop
 from async_component.local.ports import free_port
 from async_component.local.redisserver import RedisServer
 from async_component.settings import SourceSettings
@@ -108,7 +108,8 @@ def main() -> None:
     app.start()
     try:
         with RedisServer() as server:
-            asyncio.run(drain(server.url, port, args))
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:  # as the source process runs
+                runner.run(drain(server.url, port, args))
     finally:
         app.terminate()
         app.join()

@@ -332,7 +332,8 @@ class SourceSettings(ReplaySettings):
     max_inflight_per_service: int = setting(
         "MAX_INFLIGHT_PER_SERVICE", "8", positive_int,
         "deliveries in flight at once to one Service (within CONCURRENCY), so a slow or hung Service holds"
-        " only its own slots",
+        " only its own slots; idle slots are lent beyond it to Services that answer within a second (this"
+        " many always kept free)",
     )
     visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
     delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event (with SINK_URL)")

@@ -287,3 +287,82 @@ async def test_kill_9_of_the_source_with_several_services_queued_loses_nothing(r
     for service in ("a", "b", "c"):
         queue = LAYOUT.for_host(host(service))
         assert await redis_client.xlen(queue.stream) == 0
+
+
+# --- idle slots lent to a Service that answers quickly
+
+
+def most_in_flight(gateway: Gateway, service: str):
+    """Samples the Service's replays in flight every few milliseconds; the list's max is the most seen."""
+    seen = [0]
+
+    async def watch() -> None:
+        while True:
+            seen.append(gateway.in_flight(service))
+            await asyncio.sleep(0.005)
+    return seen, asyncio.create_task(watch())
+
+
+async def test_a_lone_service_that_answers_quickly_borrows_idle_slots_beyond_its_cap(
+        redis_url, redis_client, gateway):
+    """Cap 2 of 8 slots, 2 kept in reserve: a Service alone with a backlog uses up to 6."""
+    gateway.slow = 0.1
+    async with enqueuer(redis_client) as enqueue:
+        requests = [("a", await accept(enqueue, "a", "/slow")) for _ in range(120)]
+    seen, watcher = most_in_flight(gateway, "a")
+    try:
+        async with running(settings_for(redis_url, gateway)):
+            assert await eventually(all_in(redis_client, SUCCEEDED, requests), 30)
+    finally:
+        watcher.cancel()
+    assert max(seen) == 6, max(seen)
+
+
+async def test_a_service_that_gets_work_while_another_borrows_starts_at_once(redis_url, redis_client, gateway):
+    gateway.slow = 0.5  # quick enough to borrow, long enough that the borrowed slots stay taken a while
+    async with enqueuer(redis_client) as enqueue:
+        for _ in range(200):
+            await accept(enqueue, "a", "/slow")
+        async with running(settings_for(redis_url, gateway)):
+            assert await eventually(lambda: _true(gateway.in_flight("a") == 6), 10)
+            sent = time.monotonic()
+            quick = [("b", await accept(enqueue, "b", f"/q/{n}")) for n in range(2)]
+            assert await eventually(all_in(redis_client, SUCCEEDED, quick))
+            waited = time.monotonic() - sent
+            assert gateway.in_flight("a") <= 6
+    assert waited < 0.4, f"the reserve's slots were free: no wait for a's borrowed ones ({waited:.2f}s)"
+
+
+@pytest.mark.parametrize("path", ["/hang", "/slow"])
+async def test_a_hung_or_slow_service_never_borrows(redis_url, redis_client, gateway, path):
+    gateway.slow = 1.5  # longer than the source lets a borrower take
+    async with enqueuer(redis_client) as enqueue:
+        for _ in range(20):
+            await accept(enqueue, "a", path)
+    seen, watcher = most_in_flight(gateway, "a")
+    try:
+        async with running(settings_for(redis_url, gateway), stop_grace=0.1):
+            await asyncio.sleep(3.5)
+    finally:
+        watcher.cancel()
+        gateway.release.set()
+    assert max(seen) == 2
+
+
+async def test_a_service_with_its_own_max_inflight_never_borrows(redis_url, redis_client, gateway):
+    gateway.slow = 0.05
+    async with enqueuer(redis_client) as enqueue:
+        requests = []
+        for n in range(60):
+            request_id = f"own-cap-{n}"
+            document = envelope_json(request_id, "GET", f"http://{host('a')}/slow", [], b"", time.time(),
+                                     policy="v1;inflight=3")
+            await enqueue.enqueue(LAYOUT.for_host(host("a")), document)
+            requests.append(("a", request_id))
+    seen, watcher = most_in_flight(gateway, "a")
+    try:
+        async with running(settings_for(redis_url, gateway)):
+            assert await eventually(all_in(redis_client, SUCCEEDED, requests), 30)
+    finally:
+        watcher.cancel()
+    assert max(seen) == 3

@@ -4,7 +4,8 @@ Each Service has its own queue (:mod:`.queues`). The source learns which
 queues hold work from the active set and the wake stream the producer signals
 on, so an idle Service costs it nothing; it serves the queues with work in
 round robin, at most ``MAX_INFLIGHT_PER_SERVICE`` deliveries per Service within
-``CONCURRENCY``, so a slow or hung Service holds only its own slots. Reading a
+``CONCURRENCY``, so a slow or hung Service holds only its own slots (idle slots
+are lent beyond the cap only to Services that answer quickly). Reading a
 queue (:data:`.queues.TAKE`) first moves its due retries to its retry stream,
 and reads that before its newer requests. Several sources share every queue
 through its consumer group.
@@ -71,6 +72,8 @@ SCAN_INTERVAL = 5.0
 """Longest time between full scans of the active set (and of the single stream): what a missed wake costs."""
 RETRY_BASE = 0.1
 RETRY_CAP = 10.0
+BORROW_AGE = 1.0
+"""Seconds: a Service whose deliveries take at most this long may borrow slots beyond its cap (see ``_grants``)."""
 
 
 def drain_grace(settings: SourceSettings) -> float:
@@ -119,9 +122,10 @@ class Metrics:
 
 
 class QueueState:
-    """What this source knows of one queue: its deliveries in flight, its last reclaim, its wake-ups."""
+    """What this source knows of one queue: its deliveries in flight (and when each started), its last reclaim,
+    its wake-ups, and whether its Service answers quickly enough to borrow idle slots."""
 
-    __slots__ = ("queue", "in_flight", "reclaimed_at", "woken", "gauge")
+    __slots__ = ("queue", "in_flight", "reclaimed_at", "woken", "gauge", "started", "quick")
 
     def __init__(self, queue: Queue, gauge) -> None:
         self.queue = queue
@@ -129,6 +133,14 @@ class QueueState:
         self.reclaimed_at = 0.0
         self.woken = 0
         self.gauge = gauge
+        self.started: dict[EntryRef, float] = {}
+        """Start times of the deliveries in flight, oldest first."""
+        self.quick = False
+        """Its last delivery took at most BORROW_AGE: it may borrow (until one takes longer, or hangs)."""
+
+    def may_borrow(self, now: float) -> bool:
+        """Answering quickly, with nothing in flight for longer than BORROW_AGE (a Service that just hung)."""
+        return self.quick and (not self.started or now - next(iter(self.started.values())) <= BORROW_AGE)
 
 
 class Source:
@@ -149,6 +161,10 @@ class Source:
         self.layout = Layout.of(settings)
         self.per_service_cap = (settings.max_inflight_per_service if settings.queue_mode == PER_SERVICE
                                 else settings.concurrency)
+        self.reserve = self.per_service_cap if settings.queue_mode == PER_SERVICE else settings.concurrency
+        """Slots never lent beyond a queue's cap: a Service that gets work while another borrows starts at once."""
+        self.borrow_limit = settings.concurrency - self.reserve
+        """The most one borrowing queue holds: all but the reserve."""
         self.service_caps: dict[str, int] = {}
         """A Service's own max-inflight (its policy), learned from the requests read from its queue."""
         self.reclaim_interval = settings.visibility_timeout / 2
@@ -337,7 +353,8 @@ class Source:
             self.metrics.service_oldest.labels(*labels).set(max(0.0, (now_ms - oldest) / 1000))
 
     def _grants(self) -> list[tuple[QueueState, int]]:
-        """Round robin over the ready queues: each as many entries as its free slots allow, within CONCURRENCY."""
+        """Round robin over the ready queues: each as many entries as its free slots allow, within CONCURRENCY;
+        then slots nobody else uses, lent to the queues that answer quickly (see ``_borrowing``)."""
         settings = self.settings
         free = settings.concurrency - len(self.in_flight)
         if free < max(1, settings.concurrency // 4) and self.in_flight:
@@ -346,20 +363,45 @@ class Source:
         if not members:
             return []
         start = self.next_turn % len(members)
-        grants = []
-        for n in range(len(members)):
+        order = [self.queues[members[(start + n) % len(members)]] for n in range(len(members))]
+        grants: dict[QueueState, int] = {}
+        for n, state in enumerate(order):
             if free <= 0:
                 break
-            state = self.queues[members[(start + n) % len(members)]]
             cap = self.cap_of(state)
             min_read = max(1, cap // 2)  # a busy queue is read a few entries at a time, not one per freed slot
             room = min(cap - state.in_flight, free)
             if room <= 0 or (room < min_read and state.in_flight):
                 continue
-            grants.append((state, room))
+            grants[state] = room
             free -= room
             self.next_turn = start + n + 1
-        return grants
+        if free > self.reserve:
+            self._borrowing(order, grants, free - self.reserve)
+        return list(grants.items())
+
+    def _borrowing(self, order: list[QueueState], grants: dict[QueueState, int], spare: int) -> None:
+        """Lend ``spare`` slots (what is free beyond the reserve) to queues past their cap, in turn.
+
+        Work-conserving, without giving up "a slow or hung Service holds only its own slots": only a
+        queue whose Service has no max-inflight of its own, whose last delivery took at most BORROW_AGE
+        and with nothing in flight for longer, borrows; so a Service that is slow or hangs from the start
+        never does. One that turns slow while borrowing keeps what it holds until those replays end (at
+        most REQUEST_TIMEOUT), never more than CONCURRENCY minus the reserve; and the reserve (one default
+        cap of slots) is never lent, so a Service that gets work meanwhile starts at once.
+        """
+        now = time.monotonic()
+        for state in order:
+            if spare <= 0:
+                break
+            if state.queue.member in self.service_caps or not state.may_borrow(now):
+                continue
+            held = state.in_flight + grants.get(state, 0)
+            room = min(self.borrow_limit - held, spare)
+            if room < max(1, self.per_service_cap // 2):  # in batches, as above
+                continue
+            grants[state] = grants.get(state, 0) + room
+            spare -= room
 
     async def _take_round(self) -> bool:
         """Read the granted queues (reclaiming first where it is time); whether anything changed: an entry
@@ -565,12 +607,14 @@ class Source:
         task = asyncio.create_task(work, name=f"deliver-{ref[1]}")
         self.in_flight[ref] = task
         state.in_flight += 1
+        state.started[ref] = time.monotonic()
         state.gauge.inc()
         task.add_done_callback(lambda task: self._finished(state, ref, task))
 
     def _finished(self, state: QueueState, ref: EntryRef, task: asyncio.Task) -> None:
         self.in_flight.pop(ref, None)
         state.in_flight -= 1
+        state.quick = time.monotonic() - state.started.pop(ref) <= BORROW_AGE
         state.gauge.dec()
         self.nudge.set()
         if not task.cancelled() and task.exception() is not None:
