@@ -1,23 +1,27 @@
 """The drain's batched Redis work against a real redis-server: what a user sees must not change with it.
 
-A source replaying in-process writes the final records of a batch, settles
-their entries and renews their idempotency keys in one script per Service
-queue (``queues.FINISH``), marks a batch's requests running in one script per
-Service, and calls every script by its SHA. Each test queues into per-Service
-queues as the producer does.
+A source replaying in-process starts the requests it reads in the script that
+reads them (``queues.TAKE``: marks each running, or finds it finished or
+canceled), writes the final records of a batch, settles their entries and
+renews their idempotency keys in one script per Service queue
+(``queues.FINISH``), and calls every script by its SHA. Each test queues into
+per-Service queues as the producer does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+
+import orjson
 
 from async_component.dataplane import idempotency
 from async_component.dataplane.envelope import envelope_json
-from async_component.dataplane.records import SUCCEEDED, record_key
+from async_component.dataplane.records import CANCELED, RUNNING, SUCCEEDED, Record, record_key
 
-from .sourcerun import GROUP, eventually, has, running
-from .test_queues import LAYOUT, Gateway, all_in, enqueuer, gateway, host, record, settings_for  # noqa: F401
+from .sourcerun import DEAD, GROUP, eventually, has, running
+from .test_queues import LAYOUT, Gateway, accept, all_in, enqueuer, gateway, host, record, settings_for  # noqa: F401
 
 
 async def queued_and_settled(redis_client, services: list[str]) -> int:
@@ -108,3 +112,47 @@ async def _at_least(value: float, floor: float) -> bool:
 
 async def _zero(awaitable) -> bool:
     return await awaitable == 0
+
+
+async def test_a_request_read_from_its_queue_reads_running_with_its_attempt_and_acceptance_time(
+        redis_url, redis_client, gateway):
+    accepted_at = 1764528000.123456
+    async with enqueuer(redis_client) as enqueue:
+        await enqueue.enqueue(LAYOUT.for_host(host("a")), envelope_json(
+            "held", "GET", f"http://{host('a').upper()}/hang", [], b"", accepted_at, attempt=2))
+    try:
+        async with running(settings_for(redis_url, gateway), stop_grace=0.1):
+            assert await eventually(lambda: has(gateway.started))
+            raw = await redis_client.get(record_key("async", "held", host("a")))
+            found = Record.from_json(raw)
+            assert (found.state, found.host, found.attempts, found.accepted_at) == (RUNNING, host("a"), 3, accepted_at)
+            assert await redis_client.ttl(record_key("async", "held", host("a"))) == -1  # running: no expiry
+            assert json.loads(raw)["updated_at"] > accepted_at
+    finally:
+        gateway.release.set()
+
+
+async def test_a_request_canceled_while_queued_is_settled_without_a_replay(redis_url, redis_client, gateway):
+    async with enqueuer(redis_client) as enqueue:
+        request_id = await accept(enqueue, "a", "/never")
+    canceled = Record(state=CANCELED, host=host("a"), attempts=0, updated_at=1.0)
+    await redis_client.set(record_key("async", request_id, host("a")), canceled.to_json())
+    async with running(settings_for(redis_url, gateway)) as source:
+        assert await eventually(lambda: _zero(queued_and_settled(redis_client, ["a"])))
+        assert source.metrics.delivered.labels("delivered")._value.get() == 1
+    assert gateway.started == []
+    assert await record(redis_client, "a", request_id) == canceled
+
+
+async def test_an_entry_the_replay_refuses_is_dead_lettered_and_leaves_no_running_record(
+        redis_url, redis_client, gateway):
+    """Readable enough to be started as it is read, but not a request this build replays."""
+    document = orjson.loads(envelope_json("future", "GET", f"http://{host('a')}/x", [], b"", time.time()))
+    document["v"] = 99
+    async with enqueuer(redis_client) as enqueue:
+        await enqueue.enqueue(LAYOUT.for_host(host("a")), orjson.dumps(document))
+    async with running(settings_for(redis_url, gateway)):
+        assert await eventually(lambda: _zero(redis_client.xlen(LAYOUT.for_host(host("a")).stream)))
+    assert gateway.started == []
+    assert await redis_client.xlen(DEAD) == 1
+    assert await redis_client.get(record_key("async", "future", host("a"))) is None

@@ -18,7 +18,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from .replay import Finish, Replayer, Settle, replay_route
+from .replay import Finish, Replayer, Settle, Started, replay_route
 from .envelope import as_text, binary_event, event_source
 from .redisconn import redis_address
 from ..settings import SourceSettings
@@ -51,8 +51,9 @@ class Delivery(Protocol):
 
     async def close(self) -> None: ...
 
-    async def send(self, ref: EntryRef, fields: Mapping) -> Reply:
-        """Deliver one entry; raises :class:`DeliveryFailed` when there is no answer."""
+    async def send(self, ref: EntryRef, fields: Mapping, started: Started = None) -> Reply:
+        """Deliver one entry; raises :class:`DeliveryFailed` when there is no answer. ``started``: what
+        reading it found when it started the request (in-process delivery only)."""
 
 
 class HttpDelivery:
@@ -76,7 +77,7 @@ class HttpDelivery:
         if self.session is not None:
             await self.session.close()
 
-    async def send(self, ref: EntryRef, fields: Mapping) -> Reply:
+    async def send(self, ref: EntryRef, fields: Mapping, started: Started = None) -> Reply:
         stream, entry_id = ref
         headers, body = binary_event(event_source(self.address, stream), entry_id, fields)
         try:
@@ -103,8 +104,8 @@ class InProcessDelivery:
     async def close(self) -> None:
         await self.replayer.stop()
 
-    async def send(self, ref: EntryRef, fields: Mapping) -> Reply:
-        answer = await self.replayer.handle_entry(ref[1], fields, ref=ref)
+    async def send(self, ref: EntryRef, fields: Mapping, started: Started = None) -> Reply:
+        answer = await self.replayer.handle_entry(ref[1], fields, ref=ref, started=started)
         return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text())
 
 

@@ -170,12 +170,15 @@ return ids
 # KEYS: the queue's stream, retry stream, retry set, the active set.
 # ARGV: group, consumer, most entries to read, now (epoch seconds), the stream field, the member,
 #       seconds before a queue holding only entries in flight is looked at again (for reclaim: the
-#       visibility timeout, before which no entry can be reclaimed).
+#       visibility timeout, before which no entry can be reclaimed), and the start of the queue's record
+#       keys ('': start nothing).
 # Moves due retries to the retry stream, then reads new entries: due retries first. Creates the
 # consumer group (from id 0) the first time. Reading fewer than asked (nothing new is left), it
 # settles the queue's place in the active set: removed when the queue holds nothing, else due when
 # its next retry is, or when entries held by a source (this one's too) may need reclaiming.
-# Returns {retries read, entries read, 1 when nothing new is left else 0}.
+# With record keys, it also starts each request read (the replay core's start_entry, see take_script): marks it
+# running, or finds it finished, so the replay needs no round trip of its own before it calls the Service.
+# Returns {retries read, entries read, 1 when nothing new is left else 0, what start_entry answered for each}.
 TAKE = """
 local now = tonumber(ARGV[4])
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)
@@ -217,8 +220,26 @@ if #retried + #entries < count then
     redis.call('ZADD', KEYS[4], 'XX', at, ARGV[6])
   end
 end
-return {retried, entries, drained}
+local started = {}
+if ARGV[8] and ARGV[8] ~= '' then
+  for _, found in ipairs({retried, entries}) do
+    for _, entry in ipairs(found) do
+      local raw
+      for i = 1, #entry[2] - 1, 2 do
+        if entry[2][i] == ARGV[5] then raw = entry[2][i + 1] end
+      end
+      started[#started + 1] = start_entry(raw, ARGV[6], ARGV[8], ARGV[4])
+    end
+  end
+end
+return {retried, entries, drained, started}
 """
+
+
+def take_script(start_entry: str) -> str:
+    """TAKE, after the Lua that defines ``start_entry(envelope JSON, member, record key start, now)``: the replay
+    core's (``replay.START_FUNCTION``), which owns how a request is started."""
+    return start_entry + TAKE
 
 # KEYS: the streams the entries are in (ARGV[3] of them: a queue's stream and retry stream), then the final records
 #       to write, then the idempotency keys to renew (all under the queue's hash tag).

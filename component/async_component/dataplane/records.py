@@ -41,7 +41,12 @@ FINAL_STATES = (SUCCEEDED, FAILED, EXPIRED, CANCELED)
 
 def record_key(prefix: str, request_id: str, host: str) -> str:
     """The record of a request for ``host`` (the target host, any port)."""
-    return f"{prefix}:{{{service_tag(host)}}}:req:{request_id}"
+    return records_of(prefix, service_tag(host)) + request_id
+
+
+def records_of(prefix: str, tag: str) -> str:
+    """What the record keys of a Service (its tag, :func:`.queues.service_tag`) start with."""
+    return f"{prefix}:{{{tag}}}:req:"
 
 
 def legacy_record_key(prefix: str, request_id: str) -> str:

@@ -36,7 +36,7 @@ from . import idempotency, rawhttp, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .notifications import Metrics as NotificationMetrics, Notifier, add_notification, notification, sink_for
-from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
+from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
     EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
@@ -62,6 +62,10 @@ the idempotency key it renews."""
 Settle = Callable[..., None]
 """``settle(pipe, *entry_ids)``: add what settles these stream entries to the transaction ``pipe``."""
 
+Started = "tuple[str, str | None] | None"
+"""What a source found starting a request as it read its entry (``queues.TAKE``): the record key it marked running
+(state None) or found finished (its state); None: not started, the replay core starts it."""
+
 Finish = Callable[[Sequence[tuple[str, Any, Any, int, "str | None"]]], list[tuple[list[int], Call]]]
 """``finish(writes)``: script calls that write final records (key, JSON, entry, lifetime in ms, idempotency key
 renewed) and settle their entries, each with the positions of the writes it covers (the source's
@@ -81,33 +85,63 @@ MOVER_INTERVAL = 0.2
 ERROR_BODY_LIMIT = 500
 
 
-# KEYS: the records of requests about to start (all under one Service's hash tag); ARGV: per record, its
-# running record and the attempt about to start. One round trip for a batch: for each request, its state when
-# it is finished, or when this attempt already ended in a scheduled retry (a redelivered event); else it is
-# marked running (no expiry: a request in progress never reads 404) and its answer is nil. The states are part
-# of the script's text, so each call sends only what varies.
-START_SCRIPT = """
+# The check and mark of a request about to start, shared by START_SCRIPT and the source's TAKE (queues.take_script).
+# start(record key, running record, attempt about to start) returns the request's state when it is finished, or
+# when this attempt already ended in a scheduled retry (a redelivered event); else it marks the request running
+# (no expiry: a request in progress never reads 404) and returns false. The states are part of the text.
+START_FUNCTION = """
 local finished = {%(finished)s}
-local states = {}
-for i, key in ipairs(KEYS) do
-  local state = false
+local function start(key, running, attempt)
   local old = redis.call('GET', key)
   if old then
     local ok, doc = pcall(cjson.decode, old)
     if ok and type(doc) == 'table' then
       local was = doc['state']
-      if finished[was] or (was == '%(retrying)s' and (tonumber(doc['attempts']) or 0) >= tonumber(ARGV[2 * i])) then
-        state = was
+      if finished[was] or (was == '%(retrying)s' and (tonumber(doc['attempts']) or 0) >= attempt) then
+        return was
       end
     end
   end
-  if not state then
-    redis.call('SET', key, ARGV[2 * i - 1])
+  redis.call('SET', key, running)
+  return false
+end
+-- start() for a stream entry's envelope (its JSON) read from the queue named member (a Service's hash tag), whose
+-- records are records .. <request id>: {record key, start()'s answer}, or 0 when the envelope is not one to mark
+-- here (unreadable, or for another Service's host): the replay core then checks it and starts it itself.
+local function start_entry(raw, member, records, now)
+  local ok, doc = pcall(cjson.decode, raw or '')
+  if not ok or type(doc) ~= 'table' or type(doc['id']) ~= 'string' or type(doc['url']) ~= 'string'
+      or type(doc['attempt']) ~= 'number' or type(doc['accepted_at']) ~= 'number' then
+    return 0
   end
-  states[i] = state
+  local host = string.match(doc['url'], '^[hH][tT][tT][pP][sS]?://([^/?#]+)')
+  if not host then
+    return 0
+  end
+  host = string.lower(host)
+  local name = string.match(host, '^[^:]*')
+  local service, namespace = string.match(name, '^([^.]+)%%.([^.]+)%%.svc%%.')
+  if (service and namespace .. '/' .. service or name) ~= member then
+    return 0
+  end
+  local key = records .. doc['id']
+  local attempt = doc['attempt'] + 1
+  local running = '{"state":"%(running)s","host":' .. cjson.encode(host) .. ',"attempts":' .. attempt ..
+    ',"updated_at":' .. now .. ',"accepted_at":' .. string.format('%%.17g', doc['accepted_at']) .. '}'
+  return {key, start(key, running, attempt)}
+end
+""" % {"finished": ", ".join(f"['{state}'] = true" for state in FINAL_STATES), "retrying": RETRYING,
+       "running": RUNNING}
+
+# KEYS: the records of requests about to start (all under one Service's hash tag); ARGV: per record, its
+# running record and the attempt about to start. One round trip for a batch: start() for each, in order.
+START_SCRIPT = START_FUNCTION + """
+local states = {}
+for i, key in ipairs(KEYS) do
+  states[i] = start(key, ARGV[2 * i - 1], tonumber(ARGV[2 * i]))
 end
 return states
-""" % {"finished": ", ".join(f"['{state}'] = true" for state in FINAL_STATES), "retrying": RETRYING}
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,39 +348,43 @@ class Replayer:
 
     # --- one queued request
 
-    async def handle_entry(self, entry_id: str, fields: Any, *, ref: Any = None) -> Answer:
+    async def handle_entry(self, entry_id: str, fields: Any, *, ref: Any = None, started: Started = None) -> Answer:
         """A stream entry's fields, as a source delivering in-process reads them; 2xx once it is settled.
 
         The transaction that records the outcome also settles the entry, through the ``settle``
         hook (one round trip less per entry, and never an outcome without its ack or the
         reverse); an entry whose request is already finished is settled on its own. ``ref``: what
-        the hook is given for this entry (default: ``entry_id``).
+        the hook is given for this entry (default: ``entry_id``). ``started``: what the source found
+        starting the request as it read the entry, if it did.
         """
         try:
             envelope = entry_envelope(fields)
         except EnvelopeError as exc:
-            return self.malformed(entry_id, str(exc))
-        return await self.handle(entry_id, envelope, settle=entry_id if ref is None else ref)
+            return await self._unstart(started, self.malformed(entry_id, str(exc)))
+        return await self.handle(entry_id, envelope, settle=entry_id if ref is None else ref, started=started)
 
     async def handle(self, event_id: str, envelope: Envelope, *, settle: Any = None,
-                     retry_queue: Queue | None = None) -> Answer:
+                     retry_queue: Queue | None = None, started: Started = None) -> Answer:
         """Replay and record; ``settle``: a stream entry to settle (with the hook) with the outcome.
 
         ``retry_queue``: where a retry waits (default: the request's own queue in this install's layout);
         the sink passes the single stream's for an event read from it, so a retry goes back where
-        Knative's RedisStreamSource reads.
+        Knative's RedisStreamSource reads. ``started``: see :data:`Started`.
         """
         try:
             host, target = split_url(envelope.url)
         except EnvelopeError as exc:
-            return self.malformed(event_id, str(exc))
+            return await self._unstart(started, self.malformed(event_id, str(exc)))
         refused = self.target_refusal(host)
         if refused is not None:  # sent by no producer of ours: never called, never recorded
             self.metrics.events_by["refused"].inc()
             log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
-            return error_answer(400, f"request {envelope.id} is not replayed: {refused}")
+            return await self._unstart(started, error_answer(400, f"request {envelope.id} is not replayed: {refused}"))
         attempt = envelope.attempt + 1
         key = record_key(self.settings.key_prefix, envelope.id, host)
+        if started is not None and started[0] != key:  # read differently there: start it here
+            await self._unstart(started, None)
+            started = None
         if is_status_path(target.partition("?")[0]):
             # routed to the producer, not the Service: it would be queued again, without end
             refused = Replayed(error=f"the target {target[:200]!r} is the status path: it is never replayed")
@@ -355,14 +393,14 @@ class Replayer:
         now = time.time()
         running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=now, accepted_at=envelope.accepted_at)
         try:
-            args = [running.to_json(), attempt]
-            done_state = await self.starts.submit((key, args))
+            done_state = (started[1] if started is not None
+                          else await self.starts.submit((key, [running.to_json(), attempt])))
         except REDIS_ERRORS as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
         except Exception as exc:  # not Redis: this request would fail the same way every time
             return self.unreplayable(event_id, envelope, exc)
         if done_state:
-            state = done_state.decode()
+            state = as_text(done_state)
             self.metrics.events_by["duplicate"].inc()
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
             if settle is not None:
@@ -382,6 +420,16 @@ class Replayer:
             return await self._finish(key, envelope, attempt, host, expired, settle, retry_queue)
         replayed = await self.replay(envelope, attempt, host, target)
         return await self._finish(key, envelope, attempt, host, replayed, settle, retry_queue)
+
+    async def _unstart(self, started: Started, answer: Answer | None) -> Answer | None:
+        """A request the source marked running but the core does not replay: its record goes again (it was
+        never called), so it does not read ``running`` for ever; left as it was if the source found it finished."""
+        if started is not None and started[1] is None:
+            try:
+                await self.redis.delete(started[0])
+            except REDIS_ERRORS as exc:
+                self.throttle.warning("request record %s left running: %s: %s", started[0], type(exc).__name__, exc)
+        return answer
 
     async def _finish(self, key: str, envelope: Envelope, attempt: int, host: str,
                       replayed: Replayed, settle: Any, retry_queue: Queue | None) -> Answer:

@@ -45,9 +45,9 @@ from .deadletters import add_dead_letter
 from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
-from .queues import FINISH, PER_SERVICE, SINGLE, TAKE, Layout, Queue, labels_of, service_tag
-from .replay import RECORD_MARGIN, replay_grace
-from .records import FAILED, Record, finished_channel, record_key
+from .queues import FINISH, PER_SERVICE, SINGLE, Layout, Queue, labels_of, service_tag, take_script
+from .replay import RECORD_MARGIN, START_FUNCTION, Started, replay_grace
+from .records import FAILED, Record, finished_channel, record_key, records_of
 from .redischeck import RedisCheck
 from .redisconn import make_redis
 from .scripts import Call, hash_tag, run_scripts
@@ -181,7 +181,7 @@ class Source:
         self.rescan = True
         self.redis_throttle = LogThrottle(log)
         self.sink_throttle = LogThrottle(log)
-        self.take = self.redis.register_script(TAKE)
+        self.take = self.redis.register_script(take_script(START_FUNCTION))
         self.finish = self.redis.register_script(FINISH)
         self.finished = finished_channel(settings.key_prefix)
         self.acks: Batcher[EntryRef, None] = Batcher(self._ack_batch)
@@ -363,7 +363,7 @@ class Source:
         if not members:
             return []
         start = self.next_turn % len(members)
-        order = [self.queues[members[(start + n) % len(members)]] for n in range(len(members))]
+        order = (self.queues[members[(start + n) % len(members)]] for n in range(len(members)))
         grants: dict[QueueState, int] = {}
         for n, state in enumerate(order):
             if free <= 0:
@@ -377,10 +377,11 @@ class Source:
             free -= room
             self.next_turn = start + n + 1
         if free > self.reserve:
-            self._borrowing(order, grants, free - self.reserve)
+            self._borrowing((self.queues[members[(start + n) % len(members)]] for n in range(len(members))),
+                            grants, free - self.reserve)
         return list(grants.items())
 
-    def _borrowing(self, order: list[QueueState], grants: dict[QueueState, int], spare: int) -> None:
+    def _borrowing(self, order: Iterable[QueueState], grants: dict[QueueState, int], spare: int) -> None:
         """Lend ``spare`` slots (what is free beyond the reserve) to queues past their cap, in turn.
 
         Work-conserving, without giving up "a slow or hung Service holds only its own slots": only a
@@ -434,7 +435,8 @@ class Source:
         settings, active = self.settings, self.layout.active
         replies = await run_scripts(self.redis, [
             (self.take, [state.queue.stream, state.queue.retry_stream, state.queue.retries, active],
-             [settings.group, self.name, room, wall, STREAM_FIELD, state.queue.member, settings.visibility_timeout])
+             [settings.group, self.name, room, wall, STREAM_FIELD, state.queue.member, settings.visibility_timeout,
+              self._records(state.queue.member)])
             for state, room in grants])
         for (state, _), before, reply in zip(grants, woken, replies):
             member = state.queue.member
@@ -443,15 +445,22 @@ class Source:
                                             type(reply).__name__, reply)
                 self.waiting.pop(member, None)  # the next full scan looks again
                 continue
-            retried, entries, drained = reply
+            retried, entries, drained, marks = reply
             if drained and state.woken == before:  # nothing new left, and no wake-up came in while reading
                 if self.waiting.pop(member, False) is None:
                     started += not (retried or entries)
+            marks = iter(marks)
             for stream, found in zip((state.queue.retry_stream, state.queue.stream), (retried, entries)):
                 for entry_id, flat in found:
-                    self._start(state, (stream, as_text(entry_id)), _fields(flat))
+                    self._start(state, (stream, as_text(entry_id)), _fields(flat), _started(next(marks, 0)))
                     started += 1
         return started > 0
+
+    def _records(self, member: str) -> str:
+        """TAKE's record key start for the queue: '' (start nothing) unless the requests are replayed here."""
+        if member == SINGLE or not self.delivery.settles:
+            return ""
+        return records_of(self.settings.key_prefix, member)
 
     async def _reclaim(self, due: list[tuple[QueueState, int]]) -> list[tuple[QueueState, EntryRef, Mapping]]:
         """Entries of these queues left pending past the visibility timeout by a source that died."""
@@ -596,11 +605,11 @@ class Source:
                 self.service_caps.clear()
             self.service_caps[member] = cap
 
-    def _start(self, state: QueueState, ref: EntryRef, fields: Mapping) -> None:
+    def _start(self, state: QueueState, ref: EntryRef, fields: Mapping, started: Started = None) -> None:
         if ref in self.in_flight:
             return
         self._learn_cap(state, fields)
-        self._track(state, ref, self._deliver(state, ref, fields))
+        self._track(state, ref, self._deliver(state, ref, fields, started))
 
     def _track(self, state: QueueState, ref: EntryRef, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` on the entry as an in-flight task (kept fresh, counted against its queue, drained on stop)."""
@@ -621,16 +630,17 @@ class Source:
             log.error("entry %s of %s: delivery crashed, it stays pending for reclaim", ref[1], ref[0],
                       exc_info=task.exception())
 
-    async def _deliver(self, state: QueueState, ref: EntryRef, fields: Mapping) -> None:
+    async def _deliver(self, state: QueueState, ref: EntryRef, fields: Mapping, started: Started = None) -> None:
         attempt = 0
         entry_id = ref[1]
         while True:
             attempt += 1
             try:
-                reply = await self.delivery.send(ref, fields)
+                reply = await self.delivery.send(ref, fields, started)
                 verdict = sink_verdict(reply.status)
             except DeliveryFailed as exc:
                 reply, verdict, reason = None, "retry", str(exc)
+            started = None  # another attempt starts the request again (and finds Redis refusing, if it does)
             if verdict == DELIVERED:
                 if self.delivery.settles or await self._settle(ref):
                     self.metrics.delivered_as["delivered"].inc()
@@ -747,6 +757,14 @@ def _by_stream(refs: Iterable[EntryRef]) -> dict[str, list[str]]:
 def _fields(flat) -> dict:
     """A stream entry's fields as a script returns them (a flat list) as XREADGROUP's client gives them."""
     return {flat[n]: flat[n + 1] for n in range(0, len(flat) - 1, 2)}
+
+
+def _started(mark) -> Started:
+    """What TAKE's start_entry answered for an entry, as the replay core takes it."""
+    if not isinstance(mark, list):
+        return None
+    key, state = mark
+    return as_text(key), None if state is None else as_text(state)
 
 
 def _number(reply) -> int:
