@@ -451,7 +451,7 @@ async def test_unreachable_target_is_retried(base, http, redis_client):
     status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
     assert (status, doc["state"]) == (200, RETRYING)
     record = await record_of(redis_client, envelope.id)
-    assert record.error.startswith("ClientConnectorError") and record.response is None
+    assert record.error.startswith("ConnectionRefusedError") and record.response is None
 
 
 async def test_slow_target_times_out_and_is_retried(redis_url, http, redis_client, target):

@@ -4,8 +4,8 @@ A header value may hold bytes that are not UTF-8 (RFC 9110 allows any octet
 but controls); the envelope keeps them as surrogate escapes. aiohttp writes
 header values as UTF-8 text (its C writer silently drops surrogates), so a
 request holding such a value is sent through here instead: one connection,
-``Connection: close``, the response read whole with httptools. Rare, so
-simple; everything else keeps aiohttp's pooled connections.
+``Connection: close``, the response read whole with httptools. The replay's
+own client (:mod:`.http1client`) writes its requests with the same function.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import httptools
 
 _ESCAPED = re.compile("[\udc80-\udcff]")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 READ_SIZE = 65536
 
@@ -52,10 +54,20 @@ class RawResponse:
         self.complete = True
 
 
-def request_bytes(method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
-    """The request as sent; raises ValueError for a line break in a header (it would split the request)."""
+BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+"""Methods sent without ``Content-Length`` when they carry no body (as aiohttp sends them)."""
+
+
+def request_bytes(method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                  keep_alive: bool = False) -> bytes:
+    """The request as sent; raises ValueError for a line break in a header (it would split the request).
+
+    ``keep_alive``: leave the connection open for another request (else ``Connection: close``).
+    """
     parts = urlsplit(url)
     target = url.split("://", 1)[1][len(parts.netloc):] or "/"
+    if not _TOKEN.fullmatch(method) or _UNSAFE_TARGET.search(target):  # it would split the request line
+        raise ValueError(f"method {method[:50]!r} or target {target[:200]!r} cannot be sent as they are")
     host = next((v for k, v in headers if k.lower() == "host"), parts.netloc)
     lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", host.encode("utf-8", "surrogateescape")]
     for name, value in headers:
@@ -65,7 +77,9 @@ def request_bytes(method: str, url: str, headers: Iterable[tuple[str, str]], bod
         if b"\r" in raw or b"\n" in raw or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} contains a line break")
         lines += (b"\r\n", name.encode("latin-1"), b": ", raw)
-    lines.append(b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    if body or method.upper() not in BODYLESS:
+        lines.append(b"\r\nContent-Length: %d" % len(body))
+    lines.append(b"\r\n\r\n" if keep_alive else b"\r\nConnection: close\r\n\r\n")
     return b"".join(lines) + body
 
 

@@ -30,9 +30,8 @@ from aiohttp import hdrs
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import RedisError
-from yarl import URL
 
-from . import idempotency, rawhttp, targets
+from . import http1client, idempotency, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .notifications import Metrics as NotificationMetrics, Notifier, add_notification, notification, sink_for
@@ -326,6 +325,8 @@ class Replayer:
         self.redis = redis
         self.owns_redis = False
         self.session: aiohttp.ClientSession | None = None
+        """For the completion events (:mod:`.notifications`); replays go through :attr:`client`."""
+        self.client = http1client.Client()
         self.mover_interval = mover_interval
         self.mover_task: asyncio.Task | None = None
         self.stopping = asyncio.Event()
@@ -529,29 +530,21 @@ class Replayer:
 
     async def replay(self, envelope: Envelope, attempt: int, host: str, target: str) -> Replayed:
         gateway = self.settings.target_gateway_url
-        url = URL(gateway + target if gateway else envelope.url, encoded=True)
+        url = gateway + target if gateway else envelope.url
         headers = replay_headers(envelope, attempt, host if gateway else None)
         terms = self.terms(envelope)
         started = time.perf_counter()
         try:
-            if rawhttp.has_binary(headers.items()):  # aiohttp would not send these bytes as they are
-                raw = await rawhttp.exchange(envelope.method, str(url), headers.items(), envelope.body,
-                                             timeout=terms.timeout)
-                recorded = RecordedResponse(raw.status, response_headers(_raw_headers(raw.headers)), bytes(raw.body))
-            else:
-                async with self.session.request(envelope.method, url, headers=headers, data=envelope.body or None,
-                                                allow_redirects=False,
-                                                timeout=aiohttp.ClientTimeout(total=terms.timeout)) as resp:
-                    body = await resp.read()
-                    recorded = RecordedResponse(resp.status, response_headers(_raw_headers(resp.raw_headers)), body)
-        except aiohttp.InvalidURL as exc:
+            raw = await self.client.request(envelope.method, url, headers.items(), envelope.body, timeout=terms.timeout)
+            recorded = RecordedResponse(raw.status, response_headers(_raw_headers(raw.headers)), bytes(raw.body))
+        except http1client.InvalidURL as exc:
             return Replayed(error=f"invalid URL {exc}")
-        except (aiohttp.ClientError, TimeoutError, OSError, httptools.HttpParserError) as exc:
+        except (TimeoutError, OSError, httptools.HttpParserError) as exc:
             error = (f"no answer within {terms.timeout:g}s" if isinstance(exc, TimeoutError)
                      else f"{type(exc).__name__}: {exc}")
             log.info("request %s attempt %d: %s %s failed: %s", envelope.id, attempt, envelope.method, url, error)
             return Replayed(error=error, retryable=True)
-        except ValueError as exc:  # a method or header aiohttp refuses to send
+        except ValueError as exc:  # a method, target or header that cannot be sent as it is
             return Replayed(error=f"cannot send the request: {exc}")
         self.metrics.replay_seconds.observe(time.perf_counter() - started)
         log.info("request %s attempt %d: %s %s answered %d", envelope.id, attempt, envelope.method, url,
@@ -660,7 +653,7 @@ class Replayer:
             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
             connector=aiohttp.TCPConnector(limit=0),
             auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one request's cookies into another's replay
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one sink's cookies into another's event
             skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE),
         )
         # The single stream's retries: its reader may be Knative's RedisStreamSource, which moves none itself
@@ -681,6 +674,7 @@ class Replayer:
             await self.notifier_task
         if self.session is not None:
             await self.session.close()
+        await self.client.close()
         if self.owns_redis:
             await self.redis.aclose()
 

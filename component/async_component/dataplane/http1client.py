@@ -1,0 +1,218 @@
+"""The replay's HTTP/1.1 client: keep-alive connections on an asyncio Protocol, responses parsed by httptools.
+
+aiohttp's client request cost about a third of a source's CPU per delivery
+(perf/profiling.md); a replay needs little of it: no redirects, cookies,
+decompression or proxies. Here a request is written in one piece, its header
+bytes exactly as queued (a value that is not UTF-8 included, see
+:mod:`.rawhttp`), and the whole response is read. A connection serves one
+request at a time and goes back to its pool when the response said it may
+(HTTP/1.1 keep-alive, not ``Connection: close``), had a length, and came
+whole; one idle longer than ``IDLE_SECONDS`` is closed rather than reused
+(a server closes its idle ones too), as is one after a HEAD (its body length is
+the GET's) or an error. Interim 1xx answers are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import httptools
+
+from .rawhttp import RawResponse, request_bytes
+
+IDLE_SECONDS = 10.0
+"""An idle connection older than this is closed, not reused: below the usual servers' keep-alive timeouts."""
+MAX_IDLE = 256
+"""Idle connections kept per host and port."""
+
+
+class InvalidURL(ValueError):
+    """The URL names no host or port a connection can be opened to."""
+
+
+class Response(RawResponse):
+    """A response, and whether its connection may serve another request."""
+
+    __slots__ = ("interim", "framed")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interim = False
+        self.framed = False
+        """Its length is known (Content-Length or chunked): a cut-off body is an error, not the end of it."""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+            self.framed = True
+
+    def on_message_complete(self) -> None:
+        if self.interim:  # a 1xx: the answer follows on the same connection
+            self.interim = self.framed = self.head_done = False
+            self.headers = []
+            return
+        self.complete = True
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.response: Response | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+        self.done: asyncio.Future | None = None
+        self.head_only = False
+        self.keep_alive = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:  # nothing was asked: a server talking out of turn
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._end(exc)
+            return
+        if self.response.complete:
+            self._end(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response = self.response
+        if response is not None and response.head_done and not response.framed and not response.interim:
+            response.complete = True  # the body ran to the close
+            self._end(None)
+        else:
+            self._end(ConnectionResetError("the connection closed before a whole response"))
+
+    # httptools: the response's callbacks, then these
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.response.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        response.status = self.parser.get_status_code()
+        response.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()  # only answers inside a callback
+        if 100 <= response.status < 200:
+            response.interim = True
+        elif self.head_only:  # no body follows, whatever its headers say
+            response.complete = True
+
+    def on_body(self, chunk: bytes) -> None:
+        self.response.body += chunk
+
+    def on_message_complete(self) -> None:
+        self.response.on_message_complete()
+
+    # one exchange
+
+    async def exchange(self, data: bytes, head_only: bool) -> Response:
+        self.response = Response()
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_only = head_only
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return await self.done
+
+    def reusable(self) -> bool:
+        return not self.closed and not self.head_only and self.response.framed and self.keep_alive
+
+    def _end(self, error: Exception | None) -> None:
+        done = self.done
+        if done is None or done.done():
+            return
+        if error is None:
+            done.set_result(self.response)
+        else:
+            done.set_exception(error)
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Client:
+    """Pooled keep-alive connections per scheme, host and port; :meth:`close` when done."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._tls: ssl.SSLContext | None = None
+
+    async def request(self, method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                      timeout: float) -> Response:
+        """Send one request and read its whole response.
+
+        Raises InvalidURL, ValueError (a header it cannot send), TimeoutError, OSError (no connection,
+        cut off) or httptools.HttpParserError (not HTTP).
+        """
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise InvalidURL(f"{url[:200]!r}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidURL(f"{url[:200]!r}")
+        data = request_bytes(method, url, headers, body, keep_alive=True)
+        where = (parts.scheme, parts.hostname, port)
+        head_only = method.upper() == "HEAD"
+        connection = None
+        async with asyncio.timeout(timeout):
+            try:
+                connection = self._reuse(where) or await self._open(where)
+                response = await connection.exchange(data, head_only)
+            except BaseException:
+                if connection is not None:
+                    connection.close()
+                raise
+        if connection.reusable():
+            self._keep(where, connection)
+        else:
+            connection.close()
+        return response
+
+    def _reuse(self, where: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(where)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < IDLE_SECONDS:
+                return connection
+            connection.close()
+        return None
+
+    async def _open(self, where: tuple[str, str, int]) -> _Connection:
+        scheme, host, port = where
+        if scheme == "https" and self._tls is None:
+            self._tls = ssl.create_default_context()
+        _, connection = await asyncio.get_running_loop().create_connection(
+            _Connection, host, port, ssl=self._tls if scheme == "https" else None)
+        return connection
+
+    def _keep(self, where: tuple[str, str, int], connection: _Connection) -> None:
+        connection.parser = connection.response = connection.done = None
+        connection.idle_since = time.monotonic()
+        idle = self._idle.setdefault(where, [])
+        if len(idle) >= MAX_IDLE:
+            idle.pop(0).close()
+        idle.append(connection)
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
