@@ -22,12 +22,38 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .rawhttp import RawResponse, request_bytes
+from .rawhttp import RawResponse, encode_request
 
 IDLE_SECONDS = 10.0
 """An idle connection older than this is closed, not reused: below the usual servers' keep-alive timeouts."""
 MAX_IDLE = 256
 """Idle connections kept per host and port."""
+
+
+MAX_ORIGINS = 1024
+
+
+def _split(url: str) -> tuple[str, str]:
+    """``scheme://host[:port]`` and the request target (``/path?query``) of ``url``."""
+    scheme, _, rest = url.partition("://")
+    end = len(rest)
+    for delimiter in "/?#":
+        found = rest.find(delimiter, 0, end)
+        if found >= 0:
+            end = found
+    return url[:len(scheme) + 3 + end], rest[end:] or "/"
+
+
+def _where(origin: str, url: str) -> tuple[str, str, int]:
+    """Scheme, host and port to connect to; InvalidURL when there are none."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise InvalidURL(f"{url[:200]!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidURL(f"{url[:200]!r}")
+    return parts.scheme, parts.hostname, port
 
 
 class InvalidURL(ValueError):
@@ -151,6 +177,8 @@ class Client:
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._origins: dict[str, tuple[str, str, int]] = {}
+        """``scheme://host:port`` as written -> where to connect: parsed once (a source replays to one gateway)."""
         self._tls: ssl.SSLContext | None = None
 
     async def request(self, method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes, *,
@@ -160,15 +188,13 @@ class Client:
         Raises InvalidURL, ValueError (a header it cannot send), TimeoutError, OSError (no connection,
         cut off) or httptools.HttpParserError (not HTTP).
         """
-        try:
-            parts = urlsplit(url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as exc:
-            raise InvalidURL(f"{url[:200]!r}: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidURL(f"{url[:200]!r}")
-        data = request_bytes(method, url, headers, body, keep_alive=True)
-        where = (parts.scheme, parts.hostname, port)
+        origin, target = _split(url)
+        where = self._origins.get(origin)
+        if where is None:
+            where = self._origins[origin] = _where(origin, url)
+            if len(self._origins) > MAX_ORIGINS:
+                self._origins.clear()
+        data = encode_request(method, target, origin.partition("://")[2], headers, body, keep_alive=True)
         head_only = method.upper() == "HEAD"
         connection = None
         async with asyncio.timeout(timeout):

@@ -66,9 +66,15 @@ def request_bytes(method: str, url: str, headers: Iterable[tuple[str, str]], bod
     """
     parts = urlsplit(url)
     target = url.split("://", 1)[1][len(parts.netloc):] or "/"
+    return encode_request(method, target, parts.netloc, headers, body, keep_alive=keep_alive)
+
+
+def encode_request(method: str, target: str, netloc: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                   keep_alive: bool) -> bytes:
+    """:func:`request_bytes` of a URL already split: its ``host[:port]`` and its ``/path?query``."""
     if not _TOKEN.fullmatch(method) or _UNSAFE_TARGET.search(target):  # it would split the request line
         raise ValueError(f"method {method[:50]!r} or target {target[:200]!r} cannot be sent as they are")
-    host = next((v for k, v in headers if k.lower() == "host"), parts.netloc)
+    host = next((v for k, v in headers if k.lower() == "host"), netloc)
     lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", host.encode("utf-8", "surrogateescape")]
     for name, value in headers:
         if name.lower() in _FRAMING:

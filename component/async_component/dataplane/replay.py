@@ -27,7 +27,6 @@ import aiohttp
 import httptools
 import redis.asyncio as aioredis
 from aiohttp import hdrs
-from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import RedisError
 
@@ -201,16 +200,14 @@ def split_url(url: str) -> tuple[str, str]:
 _PREFER = PREFER_HEADER.lower()
 
 
-def replay_headers(envelope: Envelope, attempt: int, host: str | None) -> CIMultiDict:
+def replay_headers(envelope: Envelope, attempt: int, host: str | None) -> list[tuple[str, str]]:
     """The queued headers, with ``respond-sync`` before the request's other preferences, and the replay's own."""
-    headers = CIMultiDict((k, v) for k, v in envelope.headers if k.lower() not in REPLACED_HEADERS)
+    headers = [(k, v) for k, v in envelope.headers if k.lower() not in REPLACED_HEADERS]
     prefer = [v for k, v in envelope.headers if k.lower() == _PREFER]
-    headers[PREFER_HEADER] = replay_preference(prefer) if prefer else RESPOND_SYNC
-    headers[REPLAY_HEADER] = REPLAY_VALUE
-    headers[REQUEST_ID_HEADER] = envelope.id
-    headers[ATTEMPT_HEADER] = str(attempt)
+    headers += ((PREFER_HEADER, replay_preference(prefer) if prefer else RESPOND_SYNC), (REPLAY_HEADER, REPLAY_VALUE),
+                (REQUEST_ID_HEADER, envelope.id), (ATTEMPT_HEADER, str(attempt)))
     if host is not None:
-        headers[hdrs.HOST] = host
+        headers.append((hdrs.HOST, host))
     return headers
 
 
@@ -535,7 +532,7 @@ class Replayer:
         terms = self.terms(envelope)
         started = time.perf_counter()
         try:
-            raw = await self.client.request(envelope.method, url, headers.items(), envelope.body, timeout=terms.timeout)
+            raw = await self.client.request(envelope.method, url, headers, envelope.body, timeout=terms.timeout)
             recorded = RecordedResponse(raw.status, response_headers(_raw_headers(raw.headers)), bytes(raw.body))
         except http1client.InvalidURL as exc:
             return Replayed(error=f"invalid URL {exc}")
