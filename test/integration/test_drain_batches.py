@@ -21,7 +21,9 @@ from async_component.dataplane.envelope import envelope_json
 from async_component.dataplane.records import CANCELED, RUNNING, SUCCEEDED, Record, record_key
 
 from .sourcerun import DEAD, GROUP, eventually, has, running
-from .test_queues import LAYOUT, Gateway, accept, all_in, enqueuer, gateway, host, record, settings_for  # noqa: F401
+from .test_queues import (  # noqa: F401 (gateway: the fixture)
+    LAYOUT, accept, accept_as, all_in, enqueuer, gateway, host, record, settings_for,
+)
 
 
 async def queued_and_settled(redis_client, services: list[str]) -> int:
@@ -91,12 +93,7 @@ async def test_redis_losing_its_scripts_mid_drain_loses_and_repeats_nothing(redi
     """A restarted or flushed Redis answers NOSCRIPT: every script is loaded again, nothing runs twice."""
     gateway.slow = 0.01
     async with enqueuer(redis_client) as enqueue:
-        requests = []
-        for n in range(200):
-            service = f"s{n % 4}"
-            document = envelope_json(f"r{n}", "GET", f"http://{host(service)}/slow", [], b"", time.time())
-            await enqueue.enqueue(LAYOUT.for_host(host(service)), document)
-            requests.append((service, f"r{n}"))
+        requests = [await accept_as(enqueue, f"s{n % 4}", f"r{n}", "/slow") for n in range(200)]
     async with running(settings_for(redis_url, gateway, max_inflight_per_service=4)):
         for _ in range(10):
             await asyncio.sleep(0.05)

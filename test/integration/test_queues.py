@@ -303,19 +303,31 @@ def most_in_flight(gateway: Gateway, service: str):
     return seen, asyncio.create_task(watch())
 
 
+async def most_in_flight_draining(redis_url, redis_client, gateway: Gateway, requests: list[tuple[str, str]]) -> int:
+    """Drain ``requests`` (all of one Service) with one source: the most of them it had in flight at once."""
+    seen, watcher = most_in_flight(gateway, requests[0][0])
+    try:
+        async with running(settings_for(redis_url, gateway)):
+            assert await eventually(all_in(redis_client, SUCCEEDED, requests), 30)
+    finally:
+        watcher.cancel()
+    return max(seen)
+
+
+async def accept_as(enqueue: Enqueuer, service: str, request_id: str, path: str, policy: str = "") -> tuple[str, str]:
+    """Queue one request with this id (and delivery policy) as the producer does."""
+    document = envelope_json(request_id, "GET", f"http://{host(service)}{path}", [], b"", time.time(), policy=policy)
+    await enqueue.enqueue(LAYOUT.for_host(host(service)), document)
+    return service, request_id
+
+
 async def test_a_lone_service_that_answers_quickly_borrows_idle_slots_beyond_its_cap(
         redis_url, redis_client, gateway):
     """Cap 2 of 8 slots, 2 kept in reserve: a Service alone with a backlog uses up to 6."""
     gateway.slow = 0.1
     async with enqueuer(redis_client) as enqueue:
         requests = [("a", await accept(enqueue, "a", "/slow")) for _ in range(120)]
-    seen, watcher = most_in_flight(gateway, "a")
-    try:
-        async with running(settings_for(redis_url, gateway)):
-            assert await eventually(all_in(redis_client, SUCCEEDED, requests), 30)
-    finally:
-        watcher.cancel()
-    assert max(seen) == 6, max(seen)
+    assert await most_in_flight_draining(redis_url, redis_client, gateway, requests) == 6
 
 
 async def test_a_service_that_gets_work_while_another_borrows_starts_at_once(redis_url, redis_client, gateway):
@@ -352,17 +364,5 @@ async def test_a_hung_or_slow_service_never_borrows(redis_url, redis_client, gat
 async def test_a_service_with_its_own_max_inflight_never_borrows(redis_url, redis_client, gateway):
     gateway.slow = 0.05
     async with enqueuer(redis_client) as enqueue:
-        requests = []
-        for n in range(60):
-            request_id = f"own-cap-{n}"
-            document = envelope_json(request_id, "GET", f"http://{host('a')}/slow", [], b"", time.time(),
-                                     policy="v1;inflight=3")
-            await enqueue.enqueue(LAYOUT.for_host(host("a")), document)
-            requests.append(("a", request_id))
-    seen, watcher = most_in_flight(gateway, "a")
-    try:
-        async with running(settings_for(redis_url, gateway)):
-            assert await eventually(all_in(redis_client, SUCCEEDED, requests), 30)
-    finally:
-        watcher.cancel()
-    assert max(seen) == 3
+        requests = [await accept_as(enqueue, "a", f"own-cap-{n}", "/slow", "v1;inflight=3") for n in range(60)]
+    assert await most_in_flight_draining(redis_url, redis_client, gateway, requests) == 3
