@@ -72,6 +72,7 @@ async def drain(redis_url: str, port: int, args: argparse.Namespace) -> None:
     task = asyncio.create_task(source.run())
     delivered = source.metrics.delivered_as["delivered"]
     profile = cProfile.Profile()
+    commands = await command_counts(client)
     started, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     if args.profile:
         profile.enable()
@@ -86,12 +87,22 @@ async def drain(redis_url: str, port: int, args: argparse.Namespace) -> None:
           f" + system {(now.ru_stime - usage.ru_stime) * 1e6 / total:,.0f})" + (" (profiled)" if args.profile else ""))
     source.stop()
     await task
+    after = await command_counts(client)
+    sent = {name: after.get(name, 0) - commands.get(name, 0) for name in after}
+    print(f"Redis commands per delivery: {sum(sent.values()) / total:.2f} run (scripts' own included), of which "
+          + ", ".join(f"{name} {count / total:.2f}" for name, count in sorted(sent.items(), key=lambda x: -x[1])[:6]))
     await client.aclose()
     if args.profile:
         stats = pstats.Stats(profile)
         print(f"{stats.total_calls / total:,.0f} Python function calls per delivery (a measure of the work that "
               "does not move with the machine's load)")
         stats.sort_stats(args.sort).print_stats(args.lines)
+
+
+async def command_counts(client) -> dict[str, int]:
+    """Commands Redis ran so far, by name (``INFO commandstats``; a script's own commands included)."""
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items() if name != "cmdstat_info"}
 
 
 def main() -> None:
