@@ -99,3 +99,17 @@ def test_validate_rejects_wildcards_and_accepts_hosts_and_suffixes():
     for entry in ("*", "*.example.com", ".", "a b"):
         with pytest.raises(SettingsError, match="ALLOWED_HOSTS"):
             validate(dataclasses.replace(ok, allowed_hosts=(entry,)))
+
+
+def test_host_allowed_reads_each_settings_list_as_it_is_even_when_it_is_long():
+    many = tuple(f"s{n}.default.svc.cluster.local" for n in range(1000)) + (".example.com",)
+    assert host_allowed("s999.default.svc.cluster.local", many)
+    assert host_allowed("api.example.com:8443", many)
+    assert not host_allowed("s1000.default.svc.cluster.local", many)
+    other = ("s1000.default.svc.cluster.local",)  # another settings object: its own entries, not the first's
+    assert host_allowed("s1000.default.svc.cluster.local", other)
+    assert not host_allowed("s999.default.svc.cluster.local", other)
+    changing = ["a.example.org"]
+    assert host_allowed("a.example.org", changing)
+    changing[0] = "b.example.org"  # a list is read again each time
+    assert not host_allowed("a.example.org", changing) and host_allowed("b.example.org", changing)
