@@ -536,10 +536,31 @@ async def replayed_and_announced(http, base, redis_client, envelope: Envelope) -
     return state, message["data"]
 
 
-async def test_the_replay_announces_each_final_outcome_for_waiting_requests(base, http, redis_client, target):
-    envelope = envelope_for(target)
+@pytest.mark.parametrize("prefer", ["respond-async, wait=5", "wait=10"])
+async def test_the_replay_announces_the_outcome_of_a_request_whose_client_waits(base, http, redis_client, target,
+                                                                                prefer):
+    envelope = envelope_for(target, headers=[("Prefer", prefer)])
     assert await replayed_and_announced(http, base, redis_client, envelope) == (
         SUCCEEDED, record_key("async", envelope.id, urlsplit(envelope.url).netloc).encode())
+
+
+@pytest.mark.parametrize("status", [200, 500])
+async def test_an_outcome_no_client_can_wait_for_wakes_no_producer(base, http, redis_client, target, status):
+    """Without ``Prefer: wait`` or an ``Idempotency-Key`` nobody waits: announcing it woke every producer."""
+    target.statuses = [status]
+    plain, waited = envelope_for(target, path="/plain"), envelope_for(target, headers=[("Prefer", "wait=5")])
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe("async:finished")
+        for envelope in (plain, waited):
+            entry_id = await queue(redis_client, envelope)
+            await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+        announced, deadline = [], time.monotonic() + 2
+        while time.monotonic() < deadline and len(announced) < 2:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if message is not None:
+                announced.append(message["data"])
+    host = urlsplit(plain.url).netloc
+    assert announced == [record_key("async", waited.id, host).encode()]
 
 
 @pytest.mark.parametrize("statuses", [[200], [500]])

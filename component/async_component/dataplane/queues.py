@@ -244,17 +244,18 @@ def take_script(start_entry: str) -> str:
 # KEYS: the streams the entries are in (ARGV[3] of them: a queue's stream and retry stream), then the final records
 #       to write, then the idempotency keys to renew (all under the queue's hash tag).
 # ARGV: the consumer group, the channel final outcomes are announced on, the number of streams, then per record:
-#       its JSON, its lifetime (ms), its entry's stream (1-based, in KEYS), its entry id, and the position in KEYS
-#       of the idempotency key it renews for as long as the record lives (0: none).
+#       its JSON, its lifetime (ms), its entry's stream (1-based, in KEYS), its entry id, the position in KEYS
+#       of the idempotency key it renews for as long as the record lives (0: none), and 1 to announce it (a client
+#       may wait for it) else 0.
 # A batch of outcomes in one command, where a MULTI took five per request: writes each record, acknowledges and
-# deletes the entries, then announces each record (a woken waiter reads it). The first write is refused when Redis
+# deletes the entries, then announces the records asked for (a woken waiter reads it). The first write is refused when Redis
 # is out of memory, so like the transaction it replaces it writes all or nothing. Returns the number of records.
 FINISH = """
 local streams = tonumber(ARGV[3])
 local settled = {}
-local records = (#ARGV - 3) / 5
+local records = (#ARGV - 3) / 6
 for i = 1, records do
-  local a = 4 + (i - 1) * 5
+  local a = 4 + (i - 1) * 6
   local key = KEYS[streams + i]
   redis.call('SET', key, ARGV[a], 'PX', ARGV[a + 1])
   local stream = tonumber(ARGV[a + 2])
@@ -270,7 +271,9 @@ for stream, ids in pairs(settled) do
   redis.call('XDEL', KEYS[stream], unpack(ids))
 end
 for i = 1, records do
-  redis.call('PUBLISH', ARGV[2], KEYS[streams + i])
+  if ARGV[4 + (i - 1) * 6 + 5] == '1' then
+    redis.call('PUBLISH', ARGV[2], KEYS[streams + i])
+  end
 end
 return records
 """

@@ -55,7 +55,8 @@ def legacy_record_key(prefix: str, request_id: str) -> str:
 
 
 def finished_channel(prefix: str) -> str:
-    """Pub/sub channel on which the replay announces the record key of every request that finished."""
+    """Pub/sub channel on which the replay announces the record key of a request that finished and that a client
+    may wait for (``Prefer: wait``, an ``Idempotency-Key``)."""
     return f"{prefix}:finished"
 
 

@@ -707,16 +707,17 @@ class Source:
             pipe.xack(stream, self.settings.group, *ids)
             pipe.xdel(stream, *ids)
 
-    def finish_calls(self, writes: Sequence[tuple[str, Any, EntryRef, int, str | None]]
+    def finish_calls(self, writes: Sequence[tuple[str, Any, EntryRef, int, str | None, bool]]
                      ) -> list[tuple[list[int], Call]]:
         """Final records written with the entries they settle, as one :data:`.queues.FINISH` call per queue.
 
-        ``writes``: each record's key, JSON, entry, lifetime (ms) and the idempotency key it renews (or None).
+        ``writes``: each record's key, JSON, entry, lifetime (ms), the idempotency key it renews (or None) and
+        whether to announce it.
         Returns each call with the positions of the writes it covers; writes whose keys are not all under their
         entry's queue's hash tag (the single stream's) are left out, for a transaction.
         """
         groups: dict[str, list[int]] = {}
-        for i, (key, _, (stream, _), _, renewed) in enumerate(writes):
+        for i, (key, _, (stream, _), _, renewed, _) in enumerate(writes):
             tag = hash_tag(stream)
             if tag != stream and hash_tag(key) == tag and (renewed is None or hash_tag(renewed) == tag):
                 groups.setdefault(tag, []).append(i)
@@ -728,10 +729,11 @@ class Source:
             args: list[Any] = [self.settings.group, self.finished, len(streams)]
             at = len(streams) + len(positions)
             for i in positions:
-                key, value, (stream, entry_id), retention_ms, renews = writes[i]
+                key, value, (stream, entry_id), retention_ms, renews, announce = writes[i]
                 if renews is not None:
                     at += 1
-                args += (value, retention_ms, streams.index(stream) + 1, entry_id, at if renews is not None else 0)
+                args += (value, retention_ms, streams.index(stream) + 1, entry_id, at if renews is not None else 0,
+                         1 if announce else 0)
             calls.append((positions, (self.finish, keys, args)))
         return calls
 

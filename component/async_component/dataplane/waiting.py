@@ -1,7 +1,9 @@
 """``Prefer: wait=N``: requests that wait for their own outcome, woken by one subscription per process.
 
 The replay core publishes a request's record key on :func:`.records.finished_channel`
-in the transaction that records its final outcome. Each producer process holds
+in the transaction that records its final outcome, when a client may wait for
+it: the request asked ``Prefer: wait``, or has an ``Idempotency-Key`` a repeat
+may wait on (``replay.awaited``). Each producer process holds
 one subscription to that channel, whatever the number of waiting requests, and
 wakes the requests waiting on that key; a waiting request then reads its record
 once. A message lost while the subscription reconnects only means the waiter
