@@ -145,13 +145,20 @@ class _Connection(asyncio.Protocol):
 
     # one exchange
 
-    async def exchange(self, data: bytes, head_only: bool) -> Response:
+    async def exchange(self, data: bytes, head_only: bool, loop: asyncio.AbstractEventLoop, timeout: float) -> Response:
+        """Write the request, wait for the whole response; TimeoutError (and the connection closed) past
+        ``timeout`` seconds. A timer on the loop, not ``asyncio.timeout``: that looks the loop and the task up
+        each time, and on Python 3.11 each lookup is a system call."""
         self.response = Response()
         self.parser = httptools.HttpResponseParser(self)
         self.head_only = head_only
-        self.done = asyncio.get_running_loop().create_future()
-        self.transport.write(data)
-        return await self.done
+        self.done = loop.create_future()
+        timer = loop.call_later(timeout, self._end, TimeoutError(f"no answer within {timeout:g}s"))
+        try:
+            self.transport.write(data)
+            return await self.done
+        finally:
+            timer.cancel()
 
     def reusable(self) -> bool:
         return not self.closed and not self.head_only and self.response.framed and self.keep_alive
@@ -180,6 +187,7 @@ class Client:
         self._origins: dict[str, tuple[str, str, int]] = {}
         """``scheme://host:port`` as written -> where to connect: parsed once (a source replays to one gateway)."""
         self._tls: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def request(self, method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes, *,
                       timeout: float) -> Response:
@@ -196,15 +204,20 @@ class Client:
                 self._origins.clear()
         data = encode_request(method, target, origin.partition("://")[2], headers, body, keep_alive=True)
         head_only = method.upper() == "HEAD"
-        connection = None
-        async with asyncio.timeout(timeout):
-            try:
-                connection = self._reuse(where) or await self._open(where)
-                response = await connection.exchange(data, head_only)
-            except BaseException:
-                if connection is not None:
-                    connection.close()
-                raise
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        connection = self._reuse(where)
+        started = loop.time()
+        try:
+            if connection is None:
+                async with asyncio.timeout(timeout):
+                    connection = await self._open(where)
+            response = await connection.exchange(data, head_only, loop, timeout - (loop.time() - started))
+        except BaseException:
+            if connection is not None:
+                connection.close()
+            raise
         if connection.reusable():
             self._keep(where, connection)
         else:
