@@ -698,9 +698,10 @@ class Source:
         return [None] * len(refs)
 
     def settle_in(self, pipe, *refs: EntryRef) -> None:
-        """Acknowledge and delete ``refs`` in the transaction ``pipe``: the one place entries are settled.
+        """Acknowledge and delete ``refs`` in the transaction ``pipe``: with :meth:`finish_calls` (the same in one
+        script per queue, for a batch of outcomes), the only places entries are settled.
 
-        The replay core gets this as its hook (in-process delivery), so an outcome and its
+        The replay core gets both as its hooks (in-process delivery), so an outcome and its
         entry's ack are written together or not at all.
         """
         for stream, ids in _by_stream(refs).items():
