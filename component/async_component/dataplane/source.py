@@ -125,14 +125,13 @@ class QueueState:
     """What this source knows of one queue: its deliveries in flight (and when each started), its last reclaim,
     its wake-ups, and whether its Service answers quickly enough to borrow idle slots."""
 
-    __slots__ = ("queue", "in_flight", "reclaimed_at", "woken", "gauge", "started", "quick")
+    __slots__ = ("queue", "in_flight", "reclaimed_at", "woken", "started", "quick")
 
-    def __init__(self, queue: Queue, gauge) -> None:
+    def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.in_flight = 0
         self.reclaimed_at = 0.0
         self.woken = 0
-        self.gauge = gauge
         self.started: dict[EntryRef, float] = {}
         """Start times of the deliveries in flight, oldest first."""
         self.quick = False
@@ -161,6 +160,8 @@ class Source:
         self.layout = Layout.of(settings)
         self.per_service_cap = (settings.max_inflight_per_service if settings.queue_mode == PER_SERVICE
                                 else settings.concurrency)
+        self.batch_slots = max(1, settings.concurrency // 4)
+        """Free slots worth a read while deliveries are in flight: under load, entries are read in batches."""
         self.reserve = self.per_service_cap if settings.queue_mode == PER_SERVICE else settings.concurrency
         """Slots never lent beyond a queue's cap: a Service that gets work while another borrows starts at once."""
         self.borrow_limit = settings.concurrency - self.reserve
@@ -254,8 +255,9 @@ class Source:
         state = self.queues.get(member)
         if state is None:
             namespace, service = labels_of(member)
-            state = self.queues[member] = QueueState(
-                self.layout.member(member), self.metrics.service_in_flight.labels(namespace, service))
+            state = self.queues[member] = QueueState(self.layout.member(member))
+            # read when scraped, not updated twice per delivery; the series goes with the state (forget)
+            self.metrics.service_in_flight.labels(namespace, service).set_function(lambda: state.in_flight)
             # reclaim is for entries a dead source left: not on first sight, when a queue is new and busy
             state.reclaimed_at = time.monotonic() - self.reclaim_interval / 2
         state.woken += 1
@@ -357,7 +359,7 @@ class Source:
         then slots nobody else uses, lent to the queues that answer quickly (see ``_borrowing``)."""
         settings = self.settings
         free = settings.concurrency - len(self.in_flight)
-        if free < max(1, settings.concurrency // 4) and self.in_flight:
+        if free < self.batch_slots and self.in_flight:
             return []  # under load, read in batches rather than one entry a time
         members = list(self.waiting)
         if not members:
@@ -617,15 +619,14 @@ class Source:
         self.in_flight[ref] = task
         state.in_flight += 1
         state.started[ref] = time.monotonic()
-        state.gauge.inc()
         task.add_done_callback(lambda task: self._finished(state, ref, task))
 
     def _finished(self, state: QueueState, ref: EntryRef, task: asyncio.Task) -> None:
         self.in_flight.pop(ref, None)
         state.in_flight -= 1
         state.quick = time.monotonic() - state.started.pop(ref) <= BORROW_AGE
-        state.gauge.dec()
-        self.nudge.set()
+        if self.settings.concurrency - len(self.in_flight) >= self.batch_slots or not self.in_flight:
+            self.nudge.set()  # else the loop would find too few free slots to read (see _grants): let it sleep
         if not task.cancelled() and task.exception() is not None:
             log.error("entry %s of %s: delivery crashed, it stays pending for reclaim", ref[1], ref[0],
                       exc_info=task.exception())
