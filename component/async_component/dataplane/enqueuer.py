@@ -26,7 +26,8 @@ from redis.exceptions import ResponseError
 
 from .batching import Batcher
 from .envelope import STREAM_FIELD
-from .queues import ENQUEUE, Layout, Queue
+from .queues import ENQUEUE, ENQUEUE_CLUSTER, Layout, Queue
+from .redisconn import call_scripts
 
 DEFAULT_MAX_QUEUED = 100_000
 
@@ -72,7 +73,7 @@ class Enqueuer:
         self.layout = layout
         self.max_queued = max_queued
         self.redis = redis
-        self.script = redis.register_script(ENQUEUE)
+        self.script = redis.register_script(ENQUEUE_CLUSTER if layout.cluster else ENQUEUE)
         self.key_retention_ms = max(1, round(key_retention * 1000))
         self.on_batch = on_batch
         self.batcher: Batcher[Item, bytes | Seen] = Batcher(self._send, max_batch=max_batch)
@@ -98,15 +99,16 @@ class Enqueuer:
     async def close(self) -> None:
         await self.batcher.close()
 
-    def _call(self, queue: Queue, cap: int, retention_ms: int, items: list[bytes | Keyed], client=None):
+    def _call(self, queue: Queue, cap: int, retention_ms: int, items: list[bytes | Keyed]) -> tuple[list, list]:
+        """The keys and arguments of the ENQUEUE call for ``items`` of ``queue``."""
         layout = self.layout
-        keys = [queue.stream, queue.retry_stream, queue.retries, layout.active, layout.wake]
+        keys = [queue.stream, queue.retry_stream, queue.retries, layout.active_for(queue), layout.wake_for(queue)]
         if not any(type(item) is Keyed for item in items):
-            return self.script(keys=keys, args=[STREAM_FIELD, cap, queue.member, 0, *items], client=client)
+            return keys, [STREAM_FIELD, cap, queue.member, 0, *items]
         args = [STREAM_FIELD, cap, queue.member, retention_ms]
         for item in items:
             args += (item.envelope_json, item.claim) if type(item) is Keyed else (item, "")
-        return self.script(keys=keys, args=args, client=client)
+        return keys, args
 
     async def _send(self, batch: list[Item]) -> list:
         started = time.perf_counter()
@@ -114,15 +116,15 @@ class Enqueuer:
         retentions = {item.retention_ms for item in batch if item.retention_ms}
         if len(retentions) <= 1 and all((item.queue is first or item.queue == first) and item.cap == cap
                                         for item in batch):  # the usual case: one Service, one policy
-            results = await self._call(first, cap, max(retentions, default=0), [item.request for item in batch])
+            keys, args = self._call(first, cap, max(retentions, default=0), [item.request for item in batch])
+            results = await self.script(keys=keys, args=args)
         else:
             groups: dict[tuple[Queue, int, int], list[int]] = {}
             for n, item in enumerate(batch):
                 groups.setdefault((item.queue, item.cap, item.retention_ms), []).append(n)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for (queue, cap, retention_ms), members in groups.items():
-                    await self._call(queue, cap, retention_ms, [batch[n].request for n in members], client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
+            calls = [(self.script, *self._call(queue, cap, retention_ms, [batch[n].request for n in members]))
+                     for (queue, cap, retention_ms), members in groups.items()]
+            replies = await call_scripts(self.redis, calls)  # on a cluster: one round trip per node
             results = [None] * len(batch)
             for members, reply in zip(groups.values(), replies):
                 for i, n in enumerate(members):

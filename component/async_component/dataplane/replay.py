@@ -32,9 +32,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError, RedisError
 from yarl import URL
 
-from . import idempotency, rawhttp, targets
+from . import idempotency, rawhttp, redisconn, targets
 from .batching import Batcher
-from .deadletters import add_dead_letter
+from .deadletters import add_dead_letter, dead_letter_key
 from .notifications import Metrics as NotificationMetrics, Notifier, add_notification, notification, sink_for
 from .envelope import Envelope, EnvelopeError, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
@@ -42,7 +42,7 @@ from .records import (
     EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
     record_key, response_headers, retry_key,
 )
-from .redisconn import make_redis
+from .redisconn import add_evalsha, is_cluster, make_redis, per_node, transaction
 from ..protocol import (
     BACKOFF_LINEAR, DeliveryPolicy, ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
     is_status_path,
@@ -288,6 +288,7 @@ class Replayer:
         self.start_script = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
         self.sets: Batcher[FinalWrite, None] | None = None
+        self.notifier: Notifier | None = None
         self.notifier_task: asyncio.Task | None = None
 
     def terms(self, envelope: Envelope) -> Terms:
@@ -354,7 +355,7 @@ class Replayer:
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
             if settle is not None:
                 try:
-                    async with self.redis.pipeline(transaction=True) as pipe:
+                    async with transaction(self.redis) as pipe:
                         self._settle(pipe, settle)
                         await pipe.execute()
                 except Exception as exc:  # left pending: delivered again, found finished again
@@ -409,10 +410,9 @@ class Replayer:
 
     async def _start_batch(self, items: list[tuple[str, list]]) -> list:
         """The start scripts of the events that arrived in the same loop pass, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, args in items:
-                pipe.evalsha(self.start_script.sha, 1, key, *args)
-            results = await pipe.execute(raise_on_error=False)
+        sha = self.start_script.sha
+        results = await per_node(self.redis, items, lambda item: item[0],
+                                 lambda pipe, item: add_evalsha(pipe, sha, [item[0]], item[1]))
         for i, result in enumerate(results):
             if isinstance(result, NoScriptError):  # Redis restarted or flushed its scripts: load it again
                 try:
@@ -427,17 +427,26 @@ class Replayer:
         round trip."""
         entries = [entry for _, _, entry, _, _, _ in items if entry is not None]
         notifying = any(notice is not None for _, _, _, _, notice, _ in items)
-        async with self.redis.pipeline(transaction=bool(entries) or notifying) as pipe:
+        atomic = bool(entries) or notifying or is_cluster(self.redis)  # a cluster's pipeline cannot PUBLISH
+        async with (transaction(self.redis) if atomic else self.redis.pipeline(transaction=False)) as pipe:
             for key, value, _, retention_ms, notice, _ in items:
                 pipe.set(key, value, px=retention_ms)
-                add_notification(pipe, self.settings.key_prefix, notice)
+                add_notification(pipe, self.settings, notice, key)
             self._settle(pipe, *entries)
             for key, _, _, retention_ms, _, idempotency_key in items:  # after the records: a woken waiter reads them
                 pipe.publish(self.finished, key)
                 if idempotency_key is not None:
                     pipe.pexpire(idempotency_key, retention_ms)
             results = await pipe.execute(raise_on_error=False)
+        if notifying:
+            self._notifying(key for key, _, _, _, notice, _ in items if notice is not None)
         return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
+
+    def _notifying(self, records: Iterable[str]) -> None:
+        """Notifications were added with these final records: this process's notifier drains their outboxes."""
+        if self.notifier is not None:
+            for key in records:
+                self.notifier.wake(key)
 
     def _settle(self, pipe, *entries: str) -> None:
         """Settle ``entries`` in the transaction that records their outcome, through the source's hook.
@@ -527,9 +536,9 @@ class Replayer:
             record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
                             next_attempt_at=due, accepted_at=envelope.accepted_at)
             queue = retry_queue or self.layout.for_host(host)
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with transaction(self.redis) as pipe:
                 pipe.zadd(queue.retries, {envelope.next_attempt().to_json(): due})
-                pipe.zadd(self.layout.active, {queue.member: due}, lt=True)  # sources look again when it is due
+                pipe.zadd(self.layout.active_for(queue), {queue.member: due}, lt=True)  # sources look again when it is due
                 pipe.set(key, record.to_json())  # no expiry while the request is pending
                 self._settle(pipe, *entries)
                 await pipe.execute()
@@ -543,20 +552,23 @@ class Replayer:
         dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
                                  None if replayed.response is None else replayed.response.status,
                                  service=service_tag(host))
-        async with self.redis.pipeline(transaction=True) as pipe:
+        notice = self._notice(envelope, FAILED, host, attempt, replayed, now)
+        async with transaction(self.redis) as pipe:
             pipe.set(key, record.to_json(), px=terms.retention_ms)
             add_dead_letter(pipe, settings, dead)
-            add_notification(pipe, settings.key_prefix, self._notice(envelope, FAILED, host, attempt, replayed, now))
+            add_notification(pipe, settings, notice, key)
             self._settle(pipe, *entries)
             pipe.publish(self.finished, key)
             if idempotency_key is not None:
                 pipe.pexpire(idempotency_key, terms.retention_ms)
             await pipe.execute()
+        if notice is not None:
+            self._notifying((key,))
         self.metrics.dead_lettered.inc()
         self.metrics.outcome(host, FAILED)
         self.metrics.outcome(host, "dead_lettered")
         log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
-                    settings.dead_letter_stream)
+                    dead_letter_key(settings, service_tag(host)))
         return FAILED
 
     def _notice(self, envelope: Envelope, state: str, host: str, attempts: int, replayed: Replayed,
@@ -588,11 +600,14 @@ class Replayer:
         # The single stream's retries: its reader may be Knative's RedisStreamSource, which moves none itself
         # (and in the per-Service layout, retries scheduled before the upgrade). Per-Service retries are moved
         # by the source that reads their queue (queues.TAKE).
-        mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix),
-                           stream=self.settings.stream, on_moved=self.metrics.retries_moved.inc)
-        self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
-        notifier = Notifier(self.redis, self.session, self.notification_metrics, prefix=self.settings.key_prefix,
-                            attempts=self.settings.notification_attempts, timeout=self.settings.notification_timeout)
+        if not self.settings.cluster:  # a cluster has no single stream
+            mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix),
+                               stream=self.settings.stream, on_moved=self.metrics.retries_moved.inc)
+            self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
+        notifier = self.notifier = Notifier(
+            self.redis, self.session, self.notification_metrics, prefix=self.settings.key_prefix,
+            attempts=self.settings.notification_attempts, timeout=self.settings.notification_timeout,
+            cluster=self.settings.cluster)
         self.notifier_task = asyncio.create_task(notifier.run(self.stopping), name="notifier")
 
     async def stop(self) -> None:
@@ -607,4 +622,4 @@ class Replayer:
             await self.redis.aclose()
 
     async def ready(self) -> None:
-        await self.redis.ping()
+        await redisconn.ping(self.redis)
