@@ -41,7 +41,7 @@ from ..logthrottle import LogThrottle
 from ..protocol import STATUS_PATH_PREFIX, DeliveryPolicy
 from .envelope import STREAM_FIELD, as_text, encode_body
 from .queues import SLOTS, slot_tag
-from .redisconn import per_node, transaction
+from .redisconn import per_node, sweep, transaction
 from .records import EXPIRED, FAILED, SUCCEEDED, RecordedResponse
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 
@@ -143,6 +143,7 @@ class Notifier:
         """On a cluster: the slots' outboxes that may hold notifications."""
         self.grouped: set[str] = set()
         self.next_sweep = 0.0
+        self.all_outboxes: list[str] | None = None
         self.attempts = attempts
         self.timeout = timeout
         self.slots = asyncio.Semaphore(concurrency)
@@ -196,9 +197,10 @@ class Notifier:
     async def _sweep(self) -> None:
         """A cluster's every slot outbox that holds anything (one left by another process, say)."""
         self.next_sweep = time.monotonic() + SWEEP_INTERVAL
-        keys = [outbox_key(self.prefix, slot) for slot in range(SLOTS)]
-        lengths = await per_node(self.redis, keys, str, lambda pipe, key: pipe.xlen(key))
-        self.outboxes.update(key for key, length in zip(keys, lengths) if isinstance(length, int) and length)
+        if self.all_outboxes is None:
+            self.all_outboxes = [outbox_key(self.prefix, slot) for slot in range(SLOTS)]
+        found, _ = await sweep(self.redis, self.all_outboxes, "XLEN")
+        self.outboxes.update(self.all_outboxes[slot] for slot in found)
 
     async def _read_outboxes(self, keys: list[str], free: int) -> list:
         """New notifications of the known outboxes (one round trip per node); an outbox found empty is forgotten."""

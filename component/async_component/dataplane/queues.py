@@ -159,6 +159,11 @@ class Layout:
     def slot_active(self, slot: int) -> str:
         return f"{self.prefix}:{{{slot_tag(slot)}}}:active"
 
+    @functools.cached_property
+    def all_active(self) -> tuple[str, ...]:
+        """A cluster's active set of every slot, by slot."""
+        return tuple(self.slot_active(slot) for slot in range(SLOTS))
+
     @property
     def single(self) -> Queue:
         return Queue(SINGLE, self.single_stream, self.single_stream, f"{self.prefix}:retries")

@@ -63,7 +63,8 @@ def _make_cluster(settings: RedisSettings, kwargs: dict, max_connections: int | 
     userinfo, _, hosts = parts.netloc.rpartition("@")
     if userinfo:
         user, _, password = userinfo.partition(":")
-        kwargs.setdefault("username", unquote(user) or None)
+        if user:
+            kwargs["username"] = unquote(user)
         if password:
             kwargs["password"] = unquote(password)
     nodes = []
@@ -164,6 +165,53 @@ async def call_scripts(redis: Any, calls: Sequence[tuple[Any, Sequence, Sequence
     replies = await per_node(redis, calls, lambda call: call[1][0],
                              lambda pipe, call: queue_script(pipe, *call))
     return await reload_missing(calls, replies)
+
+
+# --- a look at every slot
+
+SWEEP = """#!lua flags=allow-cross-slot-keys,no-writes
+local found = {}
+for i = 2, #ARGV do
+  if ARGV[1] == 'ZRANGE' then
+    local members = redis.call('ZRANGE', ARGV[i], 0, -1, 'WITHSCORES')
+    if #members > 0 then found[#found + 1] = {i - 1, members} end
+  else
+    local length = redis.call('XLEN', ARGV[i])
+    if length > 0 then found[#found + 1] = {i - 1, length} end
+  end
+end
+return found
+"""
+"""Reads the keys in ARGV (all served by the node it runs on, of any slots): ``{position, reply}`` of the
+non-empty ones; ARGV[1] says how (``ZRANGE``: the members and scores of a sorted set, else a stream's length)."""
+
+
+async def sweep(redis: RedisCluster, keys: Sequence[str], how: str) -> tuple[dict[int, Any], bool]:
+    """A cluster's per-slot keys (``keys[slot]``), read where they live, one script a master:
+    ``({slot: reply}`` of those not empty, whether every master answered``)``.
+
+    A pipeline of 16,384 commands costs a client about half a second of CPU; this, a few ms.
+    """
+    if redis._initialize:
+        await redis.initialize()
+    owned: dict[str, list[int]] = {}
+    for slot, nodes in redis.nodes_manager.slots_cache.items():
+        owned.setdefault(nodes[0].name, []).append(slot)
+
+    async def read(name: str, slots: list[int]) -> list:
+        return await redis.execute_command("EVAL", SWEEP, 0, how, *(keys[slot] for slot in slots),
+                                           target_nodes=redis.get_node(node_name=name))
+
+    found: dict[int, Any] = {}
+    answered = True
+    replies = await asyncio.gather(*(read(name, slots) for name, slots in owned.items()), return_exceptions=True)
+    for slots, reply in zip(owned.values(), replies):
+        if isinstance(reply, BaseException):  # a master down (or a slot that moved: the next look finds it)
+            answered = False
+            continue
+        for position, value in reply:
+            found[slots[position - 1]] = value
+    return found, answered
 
 
 # --- scripts in pipelines

@@ -307,33 +307,33 @@ class Source:
                     pass
 
     async def _scan_slots(self, full: bool, now: float) -> dict[str, float] | None:
-        """A cluster's active sets: every slot's now and then, else those known to hold queues.
+        """A cluster's active sets: every slot's now and then (one script a master), else those known to hold
+        queues (a full scan: all their queues; a poll: those whose time came).
 
-        None when a node did not answer (the queues it holds are not known to have left).
+        None when a master did not answer (the queues it holds are not known to have left).
         """
-        sweep = full and time.monotonic() >= self.next_sweep
-        if sweep:
+        layout = self.layout
+        if full and time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + SWEEP_INTERVAL
-        slots = [self.layout.slot_active(slot) for slot in (range(SLOTS) if sweep else sorted(self.busy_slots))]
-        if full:
-            replies = await per_node(self.redis, slots, str, lambda pipe, key: pipe.zrange(key, 0, -1, withscores=True))
+            found, answered = await redisconn.sweep(self.redis, layout.all_active, "ZRANGE")
+            self.busy_slots = set(found)
+            replies = [(slot, list(zip(flat[::2], map(float, flat[1::2])))) for slot, flat in found.items()]
         else:
-            replies = await per_node(self.redis, slots, str,
-                                     lambda pipe, key: pipe.zrangebyscore(key, "(0", repr(now), withscores=True))
-        active: dict[str, float] = {}
-        answered = True
-        for slot, reply in zip(range(SLOTS) if sweep else sorted(self.busy_slots), replies):
-            if isinstance(reply, Exception):
-                answered = False
-                continue
-            if full and not reply:
-                self.busy_slots.discard(slot)
-            elif reply:
-                self.busy_slots.add(slot)
-            active.update((as_text(member), score) for member, score in reply)
+            slots = sorted(self.busy_slots)
+            if full:
+                read = await per_node(self.redis, slots, layout.slot_active, lambda pipe, slot: pipe.zrange(
+                    layout.slot_active(slot), 0, -1, withscores=True))
+            else:
+                read = await per_node(self.redis, slots, layout.slot_active, lambda pipe, slot: pipe.zrangebyscore(
+                    layout.slot_active(slot), "(0", repr(now), withscores=True))
+            answered = not any(isinstance(reply, Exception) for reply in read)
+            replies = [(slot, reply) for slot, reply in zip(slots, read) if not isinstance(reply, Exception)]
+            if full:
+                self.busy_slots.difference_update(slot for slot, reply in replies if not reply)
         if not answered:
-            self.redis_throttle.warning("source %s cannot read the active sets of every node: %s", self.name,
-                                        next(reply for reply in replies if isinstance(reply, Exception)))
+            self.redis_throttle.warning("source %s cannot read the active sets of every master of the cluster",
+                                        self.name)
+        active = {as_text(member): score for _, reply in replies for member, score in reply}
         return active if answered else None
 
     async def _scan(self, full: bool) -> None:
