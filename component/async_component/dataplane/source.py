@@ -306,17 +306,20 @@ class Source:
                 except Exception:  # its node is gone already
                     pass
 
-    async def _scan_slots(self, full: bool, now: float) -> dict[str, float] | None:
+    async def _scan_slots(self, full: bool, now: float) -> tuple[dict[str, float], bool]:
         """A cluster's active sets: every slot's now and then (one script a master), else those known to hold
         queues (a full scan: all their queues; a poll: those whose time came).
 
-        None when a master did not answer (the queues it holds are not known to have left).
+        And whether every master answered (if not, the queues of the others are not known to have left).
         """
         layout = self.layout
         if full and time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + SWEEP_INTERVAL
-            found, answered = await redisconn.sweep(self.redis, layout.all_active, "ZRANGE")
-            self.busy_slots = set(found)
+            found, unread = await redisconn.sweep(self.redis, layout.all_active, "ZRANGE")
+            self.busy_slots = set(found) | (self.busy_slots & unread)
+            answered = not unread
+            if unread:  # a master is down: read every slot again soon, to find its queues once it is back
+                self.next_sweep = time.monotonic() + SCAN_INTERVAL
             replies = [(slot, list(zip(flat[::2], map(float, flat[1::2])))) for slot, flat in found.items()]
         else:
             slots = sorted(self.busy_slots)
@@ -333,8 +336,7 @@ class Source:
         if not answered:
             self.redis_throttle.warning("source %s cannot read the active sets of every master of the cluster",
                                         self.name)
-        active = {as_text(member): score for _, reply in replies for member, score in reply}
-        return active if answered else None
+        return {as_text(member): score for _, reply in replies for member, score in reply}, answered
 
     async def _scan(self, full: bool) -> None:
         """Wake the queues of the active set whose time came (a due retry, a reclaim check); a full scan also
@@ -344,10 +346,8 @@ class Source:
         now = time.time()
         woken = {member: state.woken for member, state in self.queues.items()}
         if layout.cluster:
-            active = await self._scan_slots(full, now)
-            if active is None:  # a node is down: wake what answered, forget nothing
-                active, full = {}, False
-            return self._found(active, full, now, woken)
+            active, answered = await self._scan_slots(full, now)
+            return self._found(active, full and answered, now, woken)  # a master down: forget nothing
         async with self.redis.pipeline(transaction=False) as pipe:
             if full:
                 pipe.zrange(layout.active, 0, -1, withscores=True)
