@@ -18,13 +18,16 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.crc import key_slot
 
-from async_component.dataplane import producer
+from async_component.dataplane import producer, sink
+from async_component.dataplane.redischeck import RedisCheck, RedisEvicts
+from async_component.dataplane.redisconn import make_redis
 from async_component.dataplane.records import record_key
 from async_component.local.ports import free_port
 from async_component.local.rediscluster import RedisCluster
 from async_component.protocol import POLICY_HEADER, STATUS_PATH_PREFIX, DeliveryPolicy
-from async_component.settings import ProducerSettings, SourceSettings
+from async_component.settings import ConsumerSettings, ProducerSettings, RedisSettings, SourceSettings
 
+from .aioserve import serve
 from .scripted import LOOPBACK_TARGETS, ScriptedServer, serving
 from .sourcerun import running, source_process
 
@@ -257,6 +260,43 @@ async def test_entries_of_a_killed_source_are_reclaimed_on_every_master(cluster,
             finals = [await client.finish(service, location) for service, location in zip(services, locations)]
     assert [(status, state) for status, state, _ in finals] == [(200, "succeeded")] * 3
     assert sorted(seen for seen, _ in gateway.answered) == sorted((service, "/once") for service in services)
+
+
+async def test_a_source_posting_to_the_consumer_serves_a_cluster_too(cluster, gateway):
+    """SINK_URL: the source hands each entry to the consumer as a CloudEvent; the consumer's replay core
+    records the outcome, the source settles the entry."""
+    services = services_on_each_master(cluster, "posted")
+    consumer = ConsumerSettings(redis_url=cluster.url, port=free_port(), host="127.0.0.1",
+                                target_gateway_url=gateway.url.rstrip("/"), **LOOPBACK_TARGETS)
+    runner = await serve(sink.make_app(consumer), consumer.port, consumer.host)
+    try:
+        async with data_plane(cluster.url, gateway, sink_url=f"http://127.0.0.1:{consumer.port}/") as base, \
+                client_of(base) as client:
+            locations = [await client.accept(service, "/posted") for service in services]
+            finals = [await client.finish(service, location) for service, location in zip(services, locations)]
+    finally:
+        await runner.cleanup()
+    assert [(status, state) for status, state, _ in finals] == [(200, "succeeded")] * 3
+    async with make_redis(RedisSettings(redis_url=cluster.url)) as client:  # settled: the queues are empty
+        assert [await client.xlen(f"async:{{default/{service}}}:q") for service in services] == [0, 0, 0]
+
+
+async def test_an_evicting_master_is_found_among_the_others(cluster):
+    check = RedisCheck(make_redis(RedisSettings(redis_url=cluster.url)), 60, who="producer")
+    try:
+        await check.check()
+        assert check.evicting is None and not check.without_aof
+        with cluster.client(1) as node:
+            node.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            await check.check()
+            with pytest.raises(RedisEvicts, match="allkeys-lru"):
+                check.require()
+        finally:
+            with cluster.client(1) as node:
+                node.config_set("maxmemory-policy", "noeviction")
+    finally:
+        await check.redis.aclose()
 
 
 async def test_a_master_killed_costs_only_its_own_services_their_202s(redis_cluster, gateway):
