@@ -174,15 +174,14 @@ async def test_the_per_service_cap_and_round_robin_hold_across_masters(cluster, 
     services = services_on_each_master(cluster, "capped")
     async with data_plane(cluster.url, gateway, concurrency=8, max_inflight_per_service=2) as base, \
             client_of(base) as client:
-        for n in range(4):
-            for service in services:
-                await client.accept(service, f"/hang?n={n}")
+        held = [(service, await client.accept(service, f"/hang?n={n}")) for n in range(4) for service in services]
         deadline = time.monotonic() + 10
         while len(gateway.seen) < 6 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # room for a seventh, which must not come
         assert sorted(service for service, _ in gateway.seen) == sorted(services * 2)
-        gateway.release.set()
+        gateway.release.set()  # each ends failed (503 to every attempt), leaving the cluster empty for the others
+        assert {(await client.finish(service, location))[1] for service, location in held} == {"failed"}
 
 
 async def test_idempotency_cancel_and_wait_work_on_a_cluster(cluster, gateway):
