@@ -17,15 +17,19 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.crc import key_slot
+from redis.exceptions import OutOfMemoryError
+
+from prometheus_client import CollectorRegistry
 
 from async_component.dataplane import producer, sink
+from async_component.dataplane.replay import Replayer
 from async_component.dataplane.redischeck import RedisCheck, RedisEvicts
 from async_component.dataplane.redisconn import make_redis
 from async_component.dataplane.records import record_key
 from async_component.local.ports import free_port
 from async_component.local.rediscluster import RedisCluster
 from async_component.protocol import POLICY_HEADER, STATUS_PATH_PREFIX, DeliveryPolicy
-from async_component.settings import ConsumerSettings, ProducerSettings, RedisSettings, SourceSettings
+from async_component.settings import ConsumerSettings, ProducerSettings, RedisSettings, ReplaySettings, SourceSettings
 
 from .aioserve import serve
 from .scripted import LOOPBACK_TARGETS, ScriptedServer, serving
@@ -296,6 +300,28 @@ async def test_an_evicting_master_is_found_among_the_others(cluster):
                 node.config_set("maxmemory-policy", "noeviction")
     finally:
         await check.redis.aclose()
+
+
+async def test_final_writes_of_one_batch_fail_only_where_their_master_refused(cluster):
+    """Two outcomes written in one batch, the first with its completion event: the second's master is out of
+    memory. The first is written; the second gets its own error, so its replay answers 503 and comes again."""
+    first, second = services_on_each_master(cluster, "refused")[:2]
+    replayer = Replayer(ReplaySettings(redis_url=cluster.url), CollectorRegistry())
+    await replayer.start()
+    keys = [record_key("async", f"r-{service}", host(service)) for service in (first, second)]
+    notice = {"data": "{}"}
+    try:
+        with cluster.client(1) as node:
+            node.config_set("maxmemory", 1)
+        written = [replayer.sets.submit((key, '{"state": "succeeded"}', None, 60_000, notice if n == 0 else None,
+                                         None)) for n, key in enumerate(keys)]  # in one loop pass: one batch
+        results = await asyncio.gather(*written, return_exceptions=True)
+    finally:
+        with cluster.client(1) as node:
+            node.config_set("maxmemory", 0)
+        await replayer.stop()
+    assert results[0] is None
+    assert isinstance(results[1], OutOfMemoryError)
 
 
 async def test_a_master_killed_costs_only_its_own_services_their_202s(redis_cluster, gateway):

@@ -279,6 +279,9 @@ class SlotTransaction(BasicKeyCommands, StreamCommands, SortedSetCommands, PubSu
         self.commands.append((key_slot(self.redis.encoder.encode(route)), route, args))
         return self
 
+    def __len__(self) -> int:
+        return len(self.commands)
+
     async def __aenter__(self) -> SlotTransaction:
         return self
 

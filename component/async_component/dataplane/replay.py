@@ -428,8 +428,10 @@ class Replayer:
         entries = [entry for _, _, entry, _, _, _ in items if entry is not None]
         notifying = any(notice is not None for _, _, _, _, notice, _ in items)
         atomic = bool(entries) or notifying or is_cluster(self.redis)  # a cluster's pipeline cannot PUBLISH
+        positions = []  # of each record's SET among the replies: its own error (on a cluster, its slot's)
         async with (transaction(self.redis) if atomic else self.redis.pipeline(transaction=False)) as pipe:
             for key, value, _, retention_ms, notice, _ in items:
+                positions.append(len(pipe))
                 pipe.set(key, value, px=retention_ms)
                 add_notification(pipe, self.settings, notice, key)
             self._settle(pipe, *entries)
@@ -440,7 +442,7 @@ class Replayer:
             results = await pipe.execute(raise_on_error=False)
         if notifying:
             self._notifying(key for key, _, _, _, notice, _ in items if notice is not None)
-        return [result if isinstance(result, Exception) else None for result in results[:len(items)]]
+        return [results[n] if isinstance(results[n], Exception) else None for n in positions]
 
     def _notifying(self, records: Iterable[str]) -> None:
         """Notifications were added with these final records: this process's notifier drains their outboxes."""

@@ -517,8 +517,8 @@ class Source:
                                  pipe.xpending_range(ref[0], settings.group, min=ref[1], max=ref[1], count=1))
         kept = []
         for (state, ref, fields), reply in zip(entries, replies):
-            if isinstance(reply, Exception):
-                raise reply
+            if isinstance(reply, Exception):  # its master went away: it stays pending, to be reclaimed again
+                continue
             deliveries = reply[0]["times_delivered"] if reply else 0
             if deliveries <= settings.max_deliveries:
                 kept.append((state, ref, fields))
