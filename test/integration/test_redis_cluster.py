@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import signal
 import time
 
 import aiohttp
@@ -346,3 +347,23 @@ async def test_a_master_killed_costs_only_its_own_services_their_202s(redis_clus
         # what it had accepted is back (AOF), and found by the source that started while it was down
         assert (await client.finish(doomed, before[1][1], timeout=30))[:2] == (200, "succeeded")
         assert (await client.finish(doomed, await client.accept(doomed, "/after")))[:2] == (200, "succeeded")
+
+
+async def test_a_hung_master_holds_up_only_its_own_services(redis_cluster, gateway):
+    """A master that stops answering (SIGSTOP: connections open, no replies) is not a refusing one: its Services'
+    requests wait for it, but the producer's batches of the other masters go on."""
+    alive, also_alive, hung = services_on_each_master(redis_cluster, "hung")
+    async with data_plane(redis_cluster.url, gateway, source=False) as base, client_of(base) as client:
+        for service in (alive, also_alive, hung):
+            await client.accept(service, "/first")
+        master = redis_cluster.nodes[2].process
+        master.send_signal(signal.SIGSTOP)
+        try:
+            stuck = asyncio.create_task(client.post(hung, "/stuck"))
+            await asyncio.sleep(0.2)  # its batch is out, waiting for the hung master
+            answers = [await client.post(service, f"/meanwhile/{n}") for n in range(3) for service in (alive, also_alive)]
+            assert [response.status for response in answers] == [202] * 6
+            assert not stuck.done()
+        finally:
+            master.send_signal(signal.SIGCONT)
+        assert (await stuck).status in (202, 503)  # written, or not known to be: never a 202 for nothing
