@@ -1,22 +1,24 @@
 """One Redis client per process, built from the shared Redis settings: one server, or a Redis Cluster.
 
 On a cluster (``REDIS_URL=redis+cluster://host:port[,host:port...]``, or
-``REDIS_CLUSTER=true``) the client is redis-py's ``RedisCluster``: it routes
-each command by its key's slot, and a non-transactional pipeline sends one
-batch per node, the nodes in parallel. Two things it does not do as one
-server does are covered here:
+``REDIS_CLUSTER=true``) the client is redis-py's ``RedisCluster``, which routes
+each command by its key's slot. What it does not do as one server does is
+covered here, so that the callers write each command once:
 
 - a transaction: redis-py's cluster ``MULTI`` takes a thread per queued
   command, and a ``PUBLISH`` cannot join one. :func:`transaction` gives the
   callers one object for both: a ``MULTI`` pipeline on one server, unchanged;
   on a cluster a recorder of the same commands that runs those of each slot
-  as one script (:data:`ATOMIC`), all slots in one pipeline. Every key of one
-  Service shares a slot (:mod:`.queues`), so what one Service's outcome
-  writes is still written all together or not at all.
+  as one script (:data:`ATOMIC`). Every key of one Service shares a slot
+  (:mod:`.queues`), so what one Service's outcome writes is still written all
+  together or not at all.
+- a pipeline over several masters: redis-py fails all of it when one master
+  does not answer; :func:`per_node` sends one pipeline per master instead.
 - scripts in a pipeline: redis-py blocks ``evalsha`` in a cluster pipeline;
   :func:`queue_script` sends the same ``EVALSHA`` as a plain command, and
-  :func:`reload_missing` runs again the calls a node answered ``NOSCRIPT``
+  :func:`reload_missing` runs again the calls a master answered ``NOSCRIPT``
   (it restarted and lost its scripts).
+- a look at a key of every slot: :func:`sweep`, one script per master.
 """
 
 from __future__ import annotations
