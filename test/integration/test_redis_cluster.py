@@ -26,6 +26,7 @@ from async_component.dataplane import producer, sink
 from async_component.dataplane.replay import Replayer
 from async_component.dataplane.redischeck import RedisCheck, RedisEvicts
 from async_component.dataplane.redisconn import make_redis
+from async_component.dataplane.envelope import Envelope, binary_event
 from async_component.dataplane.records import record_key
 from async_component.local.ports import free_port
 from async_component.local.rediscluster import RedisCluster
@@ -367,3 +368,29 @@ async def test_a_hung_master_holds_up_only_its_own_services(redis_cluster, gatew
         finally:
             master.send_signal(signal.SIGCONT)
         assert (await stuck).status in (202, 503)  # written, or not known to be: never a 202 for nothing
+
+
+async def test_after_every_master_restarted_the_first_delivery_is_replayed(redis_cluster, gateway):
+    """The connections a process pooled before the masters restarted are closed: its first command after
+    the restart goes again on a fresh one, rather than answering 503 for a Redis that is back."""
+    consumer = ConsumerSettings(redis_url=redis_cluster.url, port=free_port(), host="127.0.0.1",
+                                target_gateway_url=gateway.url.rstrip("/"), **LOOPBACK_TARGETS)
+    runner = await serve(sink.make_app(consumer), consumer.port, consumer.host)
+
+    async def deliver(session: aiohttp.ClientSession, n: int) -> int:
+        envelope = Envelope.new("POST", f"http://{host('restarted')}/event/{n}", [], b"x")
+        headers, body = binary_event("redis://redis:6379/async-requests", f"1700000000000-{n}",
+                                     envelope.to_stream_fields())
+        async with session.post(f"http://127.0.0.1:{consumer.port}/", data=body, headers=headers) as response:
+            return response.status
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert await deliver(session, 1) == 200
+            for node in redis_cluster.nodes:
+                node.kill()
+            assert await deliver(session, 2) == 503
+            await asyncio.to_thread(redis_cluster.start)
+            assert await deliver(session, 3) == 200
+    finally:
+        await runner.cleanup()

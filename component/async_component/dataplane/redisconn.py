@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import BasicKeyCommands, PubSubCommands, SortedSetCommands, StreamCommands
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError
 
 from ..settings import CLUSTER_SCHEMES, RedisSettings
 
@@ -146,13 +146,20 @@ async def per_node(redis: Any, items: Sequence[Item], key_of: Callable[[Item], A
     for n, item in enumerate(items):
         groups.setdefault(redis.get_node_from_key(key_of(item)).name, []).append(n)
 
+    retries = min(1, redis.retry.get_retries())  # the producer's client makes none: a write is never sent twice
+
     async def run(members: list[int]) -> list:
-        async with redis.pipeline(transaction=False) as pipe:
-            for n in members:
-                done = add(pipe, items[n])
-                if asyncio.iscoroutine(done):  # a script's call
-                    await done
-            return await pipe.execute(raise_on_error=False)
+        for _ in range(retries + 1):
+            async with redis.pipeline(transaction=False) as pipe:
+                for n in members:
+                    done = add(pipe, items[n])
+                    if asyncio.iscoroutine(done):  # a script's call
+                        await done
+                replies = await pipe.execute(raise_on_error=False)
+            # a connection the master closed (it restarted) fails every command at once: on a fresh one, again
+            if not any(isinstance(reply, RedisConnectionError) for reply in replies):
+                break
+        return replies
 
     replies: list = [None] * len(items)
     for members, reply in zip(groups.values(), await asyncio.gather(*(run(m) for m in groups.values()),
