@@ -17,17 +17,16 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from redis.crc import key_slot
 from redis.exceptions import OutOfMemoryError
 
-from prometheus_client import CollectorRegistry
-
 from async_component.dataplane import producer, sink
-from async_component.dataplane.replay import Replayer
-from async_component.dataplane.redischeck import RedisCheck, RedisEvicts
-from async_component.dataplane.redisconn import make_redis
 from async_component.dataplane.envelope import Envelope, binary_event
 from async_component.dataplane.records import record_key
+from async_component.dataplane.redischeck import RedisCheck, RedisEvicts
+from async_component.dataplane.redisconn import make_redis
+from async_component.dataplane.replay import Replayer
 from async_component.local.ports import free_port
 from async_component.local.rediscluster import RedisCluster
 from async_component.protocol import POLICY_HEADER, STATUS_PATH_PREFIX, DeliveryPolicy
@@ -60,7 +59,7 @@ class Gateway(ScriptedServer):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Three masters for the module's tests (the kill test has its own)."""
+    """Three masters shared by the module's tests; those that stop a master use their own (``redis_cluster``)."""
     with RedisCluster(3) as local:
         yield local
 
