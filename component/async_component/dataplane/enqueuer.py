@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 from .batching import Batcher
 from .envelope import STREAM_FIELD
 from .queues import ENQUEUE, ENQUEUE_CLUSTER, Layout, Queue
-from .redisconn import call_scripts, is_cluster
+from .redisconn import call_scripts, is_cluster, register_script
 
 DEFAULT_MAX_QUEUED = 100_000
 
@@ -79,7 +79,7 @@ class Enqueuer:
         self.layout = layout
         self.max_queued = max_queued
         self.redis = redis
-        self.script = redis.register_script(ENQUEUE_CLUSTER if layout.cluster else ENQUEUE)
+        self.script = register_script(redis, ENQUEUE_CLUSTER if layout.cluster else ENQUEUE)
         self.key_retention_ms = max(1, round(key_retention * 1000))
         self.on_batch = on_batch
         self.max_batch = max_batch
@@ -149,7 +149,7 @@ class Enqueuer:
                 groups.setdefault((item.queue, item.cap, item.retention_ms), []).append(n)
             calls = [(self.script, *self._call(queue, cap, retention_ms, [batch[n].request for n in members]))
                      for (queue, cap, retention_ms), members in groups.items()]
-            replies = await call_scripts(self.redis, calls)  # on a cluster: one round trip per node
+            replies = await call_scripts(self.redis, calls)  # on a cluster: one round trip per master
             results = [None] * len(batch)
             for members, reply in zip(groups.values(), replies):
                 for i, n in enumerate(members):

@@ -24,6 +24,7 @@ covered here, so that the callers write each command once:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -223,6 +224,30 @@ async def sweep(redis: RedisCluster, keys: Sequence[str], how: str) -> tuple[dic
     return found, unread
 
 
+# --- scripts
+
+class ClusterScript:
+    """A script on a cluster: ``EVALSHA`` on the master of its first key, ``EVAL`` there when that master answers
+    ``NOSCRIPT`` (it restarted). redis-py's own loads it on every master first, so it waits for any that is slow,
+    and fails while any is down."""
+
+    def __init__(self, redis: RedisCluster, script: str) -> None:
+        self.redis = redis
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence = (), args: Sequence = (), client: Any = None) -> Any:
+        try:
+            return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.redis.eval(self.script, len(keys), *keys, *args)
+
+
+def register_script(redis: Any, script: str) -> Any:
+    """redis-py's registered script on one server; a :class:`ClusterScript` on a cluster."""
+    return ClusterScript(redis, script) if is_cluster(redis) else redis.register_script(script)
+
+
 # --- scripts in pipelines
 
 def add_evalsha(pipe: Any, sha: str, keys: Sequence, args: Sequence) -> None:
@@ -326,7 +351,7 @@ class SlotTransaction(BasicKeyCommands, StreamCommands, SortedSetCommands, PubSu
 def _atomic(redis: RedisCluster) -> Any:
     script = getattr(redis, "_async_component_atomic", None)
     if script is None:
-        script = redis._async_component_atomic = redis.register_script(ATOMIC)
+        script = redis._async_component_atomic = ClusterScript(redis, ATOMIC)
     return script
 
 

@@ -42,7 +42,7 @@ from .records import (
     EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
     record_key, response_headers, retry_key,
 )
-from .redisconn import add_evalsha, is_cluster, make_redis, per_node, transaction
+from .redisconn import add_evalsha, is_cluster, make_redis, per_node, register_script, transaction
 from ..protocol import (
     BACKOFF_LINEAR, DeliveryPolicy, ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
     is_status_path,
@@ -589,7 +589,7 @@ class Replayer:
         if self.redis is None:
             self.redis = make_redis(self.settings)
             self.owns_redis = True
-        self.start_script = self.redis.register_script(START_SCRIPT)
+        self.start_script = register_script(self.redis, START_SCRIPT)
         self.starts = Batcher(self._start_batch)
         self.sets = Batcher(self._set_batch)
         self.session = aiohttp.ClientSession(

@@ -48,7 +48,7 @@ from .queues import PER_SERVICE, SINGLE, SLOTS, TAKE, Layout, Queue, labels_of, 
 from .replay import RECORD_MARGIN, replay_grace
 from .records import FAILED, Record, finished_channel, record_key
 from .redischeck import RedisCheck
-from .redisconn import call_scripts, make_redis, per_node, transaction
+from .redisconn import call_scripts, make_redis, per_node, register_script, transaction
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from .envelope import STREAM_FIELD
 from ..protocol import dead_letter_entry, policy_of
@@ -170,7 +170,7 @@ class Source:
         self.next_sweep = 0.0
         self.redis_throttle = LogThrottle(log)
         self.sink_throttle = LogThrottle(log)
-        self.take = self.redis.register_script(TAKE)
+        self.take = register_script(self.redis, TAKE)
         self.acks: Batcher[EntryRef, None] = Batcher(self._ack_batch)
         self.redis_check = RedisCheck(self.redis, settings.redis_check_interval, who="source")
 
