@@ -393,3 +393,16 @@ async def test_after_every_master_restarted_the_first_delivery_is_replayed(redis
             assert await deliver(session, 3) == 200
     finally:
         await runner.cleanup()
+
+
+async def test_a_master_that_lost_its_scripts_serves_while_another_is_down(redis_cluster, gateway):
+    """Scripts are sent again to the master that lost them (it restarted), not loaded on every master first."""
+    alive, _, doomed = services_on_each_master(redis_cluster, "reloaded")
+    async with data_plane(redis_cluster.url, gateway) as base, client_of(base) as client:
+        assert (await client.finish(alive, await client.accept(alive, "/before")))[:2] == (200, "succeeded")
+        redis_cluster.kill(2)
+        with redis_cluster.client(0) as node:
+            node.script_flush()
+        location = await client.accept(alive, "/after")
+        assert (await client.finish(alive, location))[:2] == (200, "succeeded")
+        assert (await client.post(doomed, "/refused")).status == 503
