@@ -114,8 +114,10 @@ class Enqueuer:
         started = time.perf_counter()
         first, _, cap, _ = batch[0]
         retentions = {item.retention_ms for item in batch if item.retention_ms}
-        if len(retentions) <= 1 and all((item.queue is first or item.queue == first) and item.cap == cap
-                                        for item in batch):  # the usual case: one Service, one policy
+        # The usual case, one Service and one policy, is one plain call on one server; on a cluster it goes through
+        # call_scripts too, which reloads a script on the one master that restarted and lost it.
+        if not self.layout.cluster and len(retentions) <= 1 and all(
+                (item.queue is first or item.queue == first) and item.cap == cap for item in batch):
             keys, args = self._call(first, cap, max(retentions, default=0), [item.request for item in batch])
             results = await self.script(keys=keys, args=args)
         else:

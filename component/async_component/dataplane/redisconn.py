@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import BasicKeyCommands, PubSubCommands, SortedSetCommands, StreamCommands
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError, NoScriptError
 
 from ..settings import CLUSTER_SCHEMES, RedisSettings
 
@@ -145,12 +145,19 @@ async def per_node(redis: Any, items: Sequence[Item], key_of: Callable[[Item], A
         groups.setdefault(redis.get_node_from_key(key_of(item)).name, []).append(n)
 
     async def run(members: list[int]) -> list:
-        async with redis.pipeline(transaction=False) as pipe:
-            for n in members:
-                done = add(pipe, items[n])
-                if asyncio.iscoroutine(done):  # a script's call
-                    await done
-            return await pipe.execute(raise_on_error=False)
+        for attempt in (1, 2):
+            async with redis.pipeline(transaction=False) as pipe:
+                for n in members:
+                    done = add(pipe, items[n])
+                    if asyncio.iscoroutine(done):  # a script's call
+                        await done
+                replies = await pipe.execute(raise_on_error=False)
+            # Every reply a ConnectionError: the node closed its pooled connections (it restarted, say). On one
+            # server redis-py sends once more on a new connection; its cluster pipeline hands the error back.
+            if attempt == 2 or not replies or not all(isinstance(r, ConnectionError) for r in replies):
+                return replies
+            await redis.get_node_from_key(key_of(items[members[0]])).disconnect_free_connections()
+        raise AssertionError("unreachable")
 
     replies: list = [None] * len(items)
     for members, reply in zip(groups.values(), await asyncio.gather(*(run(m) for m in groups.values()),
@@ -238,10 +245,31 @@ async def reload_missing(calls: Sequence[tuple[Any, Sequence, Sequence]], replie
         if isinstance(reply, NoScriptError):
             script, keys, args = calls[n]
             try:
-                replies[n] = await script(keys=keys, args=args)
+                if is_cluster(script.registered_client):
+                    replies[n] = await _load_and_call(script.registered_client, script, keys, args)
+                else:
+                    replies[n] = await script(keys=keys, args=args)
             except Exception as exc:
                 replies[n] = exc
     return replies
+
+
+async def _load_and_call(redis: RedisCluster, script: Any, keys: Sequence, args: Sequence) -> Any:
+    """Load ``script`` on the master that answered ``NOSCRIPT`` (it restarted), then call it.
+
+    Not redis-py's load on every master: a master that restarted too leaves closed connections in
+    the pool, and that load would hand back their error instead of sending again.
+    """
+    node = redis.get_node_from_key(keys[0])
+    for attempt in (1, 2):
+        try:
+            await redis.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
+            break
+        except ConnectionError:
+            if attempt == 2:
+                raise
+            await node.disconnect_free_connections()
+    return await redis.evalsha(script.sha, len(keys), *keys, *args)
 
 
 # --- transactions
