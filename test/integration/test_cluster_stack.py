@@ -148,15 +148,3 @@ async def test_a_slot_moved_by_reshard_under_load_loses_nothing(stack, client):
     finals = await asyncio.gather(*(client.finish(service, location) for service, location in accepted))
     assert finals == [(200, "succeeded")] * len(accepted)
 
-
-async def test_after_every_master_restarts_the_first_requests_are_accepted_and_read(stack, client):
-    """Pooled connections the masters closed are replaced at once, as on one redis-server: no 503 for them."""
-    status, location = await client.send(SLEEP, "/before?sleep=0")
-    assert status == 202, location
-    assert await client.finish(SLEEP, location) == (200, "succeeded")
-    await asyncio.to_thread(stack.stop_redis)
-    await asyncio.to_thread(stack.start_redis)
-    for service in (SLEEP, ALWAYS):
-        status, accepted = await client.send(service, "/after?sleep=0")
-        assert status == 202, accepted
-        assert await client.status(service, location if service == SLEEP else accepted) != (503, "")
