@@ -38,6 +38,16 @@ class Backend(abc.ABC):
     def cluster_host(service: str) -> str:
         return f"{service}.{NAMESPACE}.svc.cluster.local"
 
+    def redis_client(self):
+        """An asyncio client of Redis as the test process reaches it (a cluster client on a Redis Cluster)."""
+        import redis.asyncio as aioredis
+
+        return aioredis.Redis.from_url(self.redis_url)
+
+    def dead_letter_stream_of(self, service: str) -> str:
+        """Where a sample Service's dead letters go: the one stream, or on a Redis Cluster the Service's own."""
+        return self.dead_letter_stream
+
     @abc.abstractmethod
     def kill(self, component: str) -> None:
         """SIGKILL the component ("producer", "source" or "consumer"); the platform restarts it."""

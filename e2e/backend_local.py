@@ -8,14 +8,15 @@ from collections.abc import Iterator
 from async_component.local.stack import LocalStack
 from async_component.local.ports import free_port
 
-from backend import Backend
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from backend import NAMESPACE, Backend
 
 
 class LocalBackend(Backend):
-    name = "local"
-
     def __init__(self, stack: LocalStack) -> None:
         self.stack = stack
+        self.name = "local-cluster" if stack.redis_cluster else "local"
         self.gateway_url = stack.gateway_url
         self.producer_url = stack.producer_url
         self.consumer_url = stack.consumer_url
@@ -26,6 +27,17 @@ class LocalBackend(Backend):
 
     def host(self, service: str) -> str:
         return self.stack.host(service)
+
+    def redis_client(self):
+        if self.stack.redis_cluster is None:
+            return super().redis_client()
+        nodes = [ClusterNode("127.0.0.1", node.port) for node in self.stack.redis_cluster.nodes]
+        return RedisCluster(startup_nodes=nodes, require_full_coverage=False)
+
+    def dead_letter_stream_of(self, service: str) -> str:
+        if self.stack.redis_cluster is None:
+            return self.dead_letter_stream
+        return f"{self.dead_letter_stream}:{{{NAMESPACE}/{service}}}"
 
     def kill(self, component: str) -> None:
         self.stack.kill(component)
@@ -41,8 +53,9 @@ class LocalBackend(Backend):
 
 
 @contextlib.contextmanager
-def local_backend() -> Iterator[LocalBackend]:
+def local_backend(*, redis_cluster: int = 0) -> Iterator[LocalBackend]:
+    """The stack on one redis-server, or on a throwaway Redis Cluster of ``redis_cluster`` masters."""
     # Short delays so retries and reclaims happen within a test's patience.
-    stack = LocalStack(port=free_port(), sleep_seconds=1, max_attempts=3, retry_delay=0.2)
+    stack = LocalStack(port=free_port(), sleep_seconds=1, max_attempts=3, retry_delay=0.2, redis_cluster=redis_cluster)
     with stack:
         yield LocalBackend(stack)

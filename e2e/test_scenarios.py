@@ -33,7 +33,7 @@ async def client(backend: Backend):
 
 @pytest.fixture
 async def redis(backend: Backend):
-    client = aioredis.Redis.from_url(backend.redis_url)
+    client = backend.redis_client()
     yield client
     await client.aclose()
 
@@ -251,7 +251,7 @@ async def test_permanent_failure_ends_in_the_dead_letter_stream(client: Client, 
     final, _ = await client.follow(SERVICE_CONDITIONAL, accepted)
     assert final.headers["Async-Request-State"] == "failed"
     assert final.status == 503  # the Service's last answer, as recorded
-    dead = await redis.xrange(backend.dead_letter_stream)
+    dead = await redis.xrange(backend.dead_letter_stream_of(SERVICE_CONDITIONAL))
     ids = [Envelope.from_stream_fields(fields).id for _, fields in dead]
     assert request_id in ids
 

@@ -16,7 +16,9 @@
    Service with as many;
 7. the client API: accept throughput with a new ``Idempotency-Key`` on every request
    against none, and ``Prefer: respond-async, wait=10`` answered with the app's response
-   against a sync call, one at a time.
+   against a sync call, one at a time;
+8. Redis Cluster: the producer and the drain on one redis-server against a 3-master
+   cluster, and keys per master for 1,000 Services (perf/bench_cluster.py).
 
 Everything runs on 127.0.0.1 (a throwaway redis-server, the producer, and the local
 stack); the table goes to perf/results/bench-<UTC timestamp>/ (markdown and JSON)
@@ -193,14 +195,16 @@ def rss_figure(label: str, rss: dict[int, int], small: int, large: int) -> Figur
 
 
 @contextlib.contextmanager
-def local_stack(*, replay_in_source: bool = True, app_dir: Path | None = None) -> Iterator:
-    """The stack as ``async-component local`` runs it, or (False) with the source posting to the consumer."""
+def local_stack(*, replay_in_source: bool = True, app_dir: Path | None = None, redis_cluster: int = 0) -> Iterator:
+    """The stack as ``async-component local`` runs it, or (False) with the source posting to the consumer;
+    ``redis_cluster``: on a Redis Cluster of that many masters."""
     from async_component.local.stack import LocalStack
     from async_component.local.ports import free_port
 
-    progress("starting the local stack" + ("" if replay_in_source else ", the source posting to the consumer"))
+    progress("starting the local stack" + ("" if replay_in_source else ", the source posting to the consumer")
+             + (f", on a {redis_cluster}-master Redis Cluster" if redis_cluster else ""))
     stack = LocalStack(port=free_port(), sleep_seconds=0, log_level="WARNING", replay_in_source=replay_in_source,
-                       app_dir=app_dir)
+                       app_dir=app_dir, redis_cluster=redis_cluster)
     with stack:
         yield stack
 
@@ -214,7 +218,8 @@ class StackClient:
         self.redis = client
         self.host = stack.host(SYNC_SERVICE)
         self.prefix = getattr(stack, "key_prefix", DEFAULT_KEY_PREFIX)
-        self.layout = Layout(self.prefix, getattr(stack, "stream", DEFAULT_STREAM))
+        self.layout = Layout(self.prefix, getattr(stack, "stream", DEFAULT_STREAM),
+                             cluster=getattr(stack, "redis_cluster", None) is not None)
         self.cluster_domain = getattr(stack, "cluster_domain", "cluster.local")
 
     def target(self, service: str) -> str:
@@ -255,7 +260,13 @@ async def stack_client(stack, connections: int = 64):
     import redis.asyncio as aioredis
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
-        client = aioredis.Redis.from_url(stack.redis_url)
+        if getattr(stack, "redis_cluster", None) is not None:
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", node.port)
+                                                 for node in stack.redis_cluster.nodes])
+        else:
+            client = aioredis.Redis.from_url(stack.redis_url)
         try:
             yield StackClient(stack, session, client)
         finally:
@@ -301,8 +312,9 @@ async def drain_rate(client: StackClient, count: int, target_hosts: list[str], t
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - started
     succeeded = 0
+    mget = getattr(redis_client, "mget_nonatomic", redis_client.mget)  # a cluster's records are in many slots
     for chunk in range(0, count, 1000):
-        raws = await redis_client.mget([record_key(client.prefix, e.id, host) for e, host in
+        raws = await mget([record_key(client.prefix, e.id, host) for e, host in
                                         zip(envelopes[chunk:chunk + 1000], hosts[chunk:chunk + 1000])])
         succeeded += sum(1 for raw in raws if raw is not None and Record.from_json(raw).state == "succeeded")
     return count / elapsed, succeeded
@@ -623,7 +635,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Component benchmarks on 127.0.0.1, reported as ratios. "
                                      "Exits 1 when a target is missed (after writing the results).",
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated benchmarks to run (1-7)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated benchmarks to run (1-8)")
     parser.add_argument("--seconds", type=float, default=15.0, help="wrk duration per producer/bare run")
     parser.add_argument("--workers", default="1,2", help="producer (and bare handler) worker counts to compare")
     parser.add_argument("--drain", type=int, default=5000, help="requests queued at once for the drain benchmark")
@@ -639,8 +651,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.queue = tuple(int(x) for x in args.queue.split(","))
     except ValueError:
         parser.error("--only, --workers and --queue take comma-separated integers")
-    if not args.only <= {1, 2, 3, 4, 5, 6, 7} or len(args.queue) != 2 or args.queue[0] >= args.queue[1]:
-        parser.error("--only takes 1-7; --queue takes two increasing lengths")
+    if not args.only <= {1, 2, 3, 4, 5, 6, 7, 8} or len(args.queue) != 2 or args.queue[0] >= args.queue[1]:
+        parser.error("--only takes 1-8; --queue takes two increasing lengths")
     return args
 
 
@@ -679,6 +691,10 @@ def run(args: argparse.Namespace) -> tuple[list[Figure], list[str]]:
         step(bench_fairness())
     if 6 in args.only:
         step(bench_many_services())
+    if 8 in args.only:
+        import bench_cluster
+
+        step(bench_cluster.run(args.seconds, args.drain))
     return found, notes
 
 

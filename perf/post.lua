@@ -3,7 +3,8 @@
 -- Environment: WRK_BODY_BYTES (default 1024), WRK_TARGET_HOST (the Async-Original-Host),
 -- WRK_MAX_REQUESTS (stop each thread after this many responses; 0 or unset: run for -d),
 -- WRK_KEYS ("on": a new Idempotency-Key on every request, "off": none, both building each request
--- in request() so the two cost wrk the same; unset: one request built once), WRK_KEY_PREFIX (of those keys).
+-- in request() so the two cost wrk the same; unset: one request built once), WRK_KEY_PREFIX (of those keys),
+-- WRK_TARGET_HOSTS (comma-separated: each request's Async-Original-Host in turn, built in request() too).
 
 local body_bytes = tonumber(os.getenv("WRK_BODY_BYTES") or "1024")
 local limit = tonumber(os.getenv("WRK_MAX_REQUESTS") or "0")
@@ -14,8 +15,13 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 wrk.headers["Prefer"] = "respond-async"
 wrk.headers["Async-Original-Host"] = os.getenv("WRK_TARGET_HOST") or "helloworld-sleep.default.svc.cluster.local"
 
+local hosts = {}
+for host in string.gmatch(os.getenv("WRK_TARGET_HOSTS") or "", "[^,]+") do
+  table.insert(hosts, host)
+end
+
 local keys = os.getenv("WRK_KEYS")
-if keys then
+if keys or #hosts > 0 then
   local threads = 0
   function setup(thread)
     threads = threads + 1
@@ -30,6 +36,9 @@ if keys then
     end
     if keys == "on" then
       headers["Idempotency-Key"] = prefix .. sent
+    end
+    if #hosts > 0 then
+      headers["Async-Original-Host"] = hosts[sent % #hosts + 1]
     end
     return wrk.format(nil, nil, headers, nil)
   end

@@ -55,11 +55,13 @@ def combine(rounds: list[WrkResult]) -> WrkResult:
 
 
 def run(url: str, *, seconds: float, connections: int = 64, threads: int = 1, body_bytes: int = 1024,
-        target_host: str = DEFAULT_TARGET, max_requests: int = 0, keys: bool | None = None) -> WrkResult:
+        target_host: str = DEFAULT_TARGET, max_requests: int = 0, keys: bool | None = None,
+        target_hosts: list[str] | None = None) -> WrkResult:
     """POST ``body_bytes`` to ``url`` (127.0.0.1 only) for ``seconds``, or until ``max_requests`` answers.
 
     ``keys``: True, a new ``Idempotency-Key`` on every request; False, none but each request built the same
-    way (the baseline for True); None, one request built once (fastest for wrk).
+    way (the baseline for True); None, one request built once (fastest for wrk). ``target_hosts``: each
+    request's target in turn instead of ``target_host`` (every request built, as with ``keys``).
     """
     if not url.startswith("http://127.0.0.1:"):
         raise WrkError(f"refusing to load {url}: benchmarks only target 127.0.0.1")
@@ -70,6 +72,8 @@ def run(url: str, *, seconds: float, connections: int = 64, threads: int = 1, bo
            "WRK_MAX_REQUESTS": str(-(-max_requests // threads) if max_requests else 0)}
     if keys is not None:
         env.update(WRK_KEYS="on" if keys else "off", WRK_KEY_PREFIX=uuid.uuid4().hex)
+    if target_hosts:
+        env["WRK_TARGET_HOSTS"] = ",".join(target_hosts)
     argv = [executable, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
             "-s", str(SCRIPT), url]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 30)

@@ -74,11 +74,27 @@ def port(raw: str) -> int:
     return value
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+"""A Redis Cluster: ``redis+cluster://host:port[,host:port...]`` (any of its nodes; rediss+cluster for TLS)."""
+
+
 def redis_url(raw: str) -> str:
     parts = urlsplit(raw)
+    if parts.scheme in CLUSTER_SCHEMES:
+        nodes = [node.strip() for node in parts.netloc.rpartition("@")[2].split(",")]
+        if not all(nodes) or parts.path.strip("/") not in ("", "0"):
+            raise ValueError("must look like redis+cluster://host:6379[,host:6379...] (a cluster has database 0 only)")
+        return raw
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise ValueError("must look like redis://host:6379/0 or rediss://host:6380/0")
+        raise ValueError("must look like redis://host:6379/0, rediss://host:6380/0 or redis+cluster://host:6379")
     return raw
+
+
+def boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", ""):
+        raise ValueError("must be true or false")
+    return value in ("true", "1", "yes")
 
 
 def http_url(raw: str) -> str:
@@ -190,7 +206,11 @@ def load(cls: type[S], environ: Mapping[str, str] | None = None, overrides: Mapp
 
 @dataclasses.dataclass(frozen=True)
 class RedisSettings:
-    redis_url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0", redis_url, "Redis URL (redis:// or rediss:// for TLS)")
+    redis_url: str = setting(
+        "REDIS_URL", "redis://127.0.0.1:6379/0", redis_url,
+        "Redis URL (redis:// or rediss:// for TLS; redis+cluster://host:port[,host:port...] for a Redis Cluster)")
+    redis_cluster: bool = setting(
+        "REDIS_CLUSTER", "false", boolean, "true: REDIS_URL (redis:// or rediss://) names a node of a Redis Cluster")
     redis_username: str | None = setting(
         "REDIS_USERNAME", "", optional(str), "Redis ACL user, when REDIS_URL names none (from the Secret's username key)")
     redis_password: str | None = setting(
@@ -208,8 +228,18 @@ class RedisSettings:
     )
     log_level: str = setting("LOG_LEVEL", "INFO", log_level, "log level")
 
+    @property
+    def cluster(self) -> bool:
+        """Whether Redis is a Redis Cluster (every key of one Service in one slot, :mod:`.dataplane.queues`)."""
+        return self.redis_cluster or urlsplit(self.redis_url).scheme in CLUSTER_SCHEMES
+
     def __post_init__(self) -> None:
-        if self.redis_ca_file and not self.redis_url.startswith("rediss://"):
+        if self.cluster and self.queue_mode != "per-service":
+            raise SettingsError("QUEUE_MODE=single-stream needs one Redis server: on a Redis Cluster every Service has "
+                                "its own queue (QUEUE_MODE=per-service)")
+        if self.cluster and urlsplit(self.redis_url).scheme == "unix":
+            raise SettingsError("REDIS_CLUSTER=true needs a redis:// or rediss:// URL, not a unix socket")
+        if self.redis_ca_file and not self.redis_url.startswith(("rediss://", "rediss+cluster://")):
             raise SettingsError(
                 "REDIS_CA_FILE is set but REDIS_URL does not use TLS: use a rediss:// URL, or unset REDIS_CA_FILE"
             )

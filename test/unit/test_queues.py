@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import fnmatch
 
-from async_component.dataplane.queues import SINGLE, Layout, labels_of, service_of, service_tag
+import pytest
+from redis.crc import key_slot
+
+from async_component.dataplane.deadletters import dead_letter_key
+from async_component.dataplane.idempotency import key_name
+from async_component.dataplane.notifications import outbox_key
+from async_component.dataplane.queues import SINGLE, SLOTS, Layout, labels_of, service_of, service_tag, slot_tag
+from async_component.settings import ReplaySettings
 from async_component.dataplane.records import legacy_record_key, record_key
 from async_component.dataplane.retries import retry_after
 
@@ -55,3 +62,38 @@ NOW = 1_000_000_000.0  # Sun, 09 Sep 2001 01:46:40 GMT
 ])
 def test_retry_after_of_a_service(status, headers, seconds):
     assert retry_after(status, headers, now=NOW) == seconds
+
+
+@pytest.mark.parametrize("host", ["hello.default.svc.cluster.local", "blue-hello.team-a.svc.corp.internal:8080",
+                                  "api.example.com"])
+def test_on_a_cluster_every_key_of_one_service_is_in_its_slot(host):
+    """Scripts and transactions touch one slot: the Service's keys and the per-slot keys written with them."""
+    settings = ReplaySettings(redis_url="redis+cluster://127.0.0.1:7000")
+    layout = Layout.of(settings)
+    queue = layout.for_host(host)
+    keys = [queue.stream, queue.retry_stream, queue.retries, layout.active_for(queue), layout.wake_for(queue),
+            record_key("async", "id1", host), key_name("async", host, "k1"),
+            dead_letter_key(settings, service_tag(host)),
+            outbox_key("async", key_slot(record_key("async", "id1", host).encode()))]
+    assert {key_slot(key.encode()) for key in keys} == {key_slot(queue.stream.encode())}
+    assert layout.active_for(queue) in layout.all_active and layout.active_for(queue) != layout.active
+
+
+def test_on_one_server_the_global_keys_keep_their_names():
+    settings = ReplaySettings()
+    layout = Layout.of(settings)
+    queue = layout.for_host("hello.default.svc.cluster.local")
+    assert (layout.active_for(queue), layout.wake_for(queue)) == ("async:active", "async:wake")
+    assert dead_letter_key(settings, "default/hello") == settings.dead_letter_stream
+    assert outbox_key("async") == "async:notifications"
+
+
+def test_every_slot_has_a_tag_of_its_own():
+    assert [key_slot(f"{{{slot_tag(slot)}}}".encode()) for slot in range(SLOTS)] == list(range(SLOTS))
+
+
+@pytest.mark.parametrize(("prefix", "pattern"), [("async", "async:{@*}:wake"), ("a*b", "a\\*b:{@*}:wake")])
+def test_sources_subscribe_to_every_slots_wake_channel(prefix, pattern):
+    layout = Layout(prefix, "s", cluster=True)
+    assert layout.wake_pattern == pattern
+    assert fnmatch.fnmatchcase(layout.wake_for(layout.for_host("x.y.svc.cluster.local")), pattern.replace("\\", ""))

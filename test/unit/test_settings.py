@@ -57,6 +57,11 @@ def test_the_source_reads_the_replay_settings_for_in_process_delivery():
     (ProducerSettings, {"QUEUE_MODE": "one"}, "QUEUE_MODE='one' is invalid: must be per-service or single-stream"),
     (ProducerSettings, {"MAX_QUEUED_PER_SERVICE": "0"}, "positive integer"),
     (SourceSettings, {"MAX_INFLIGHT_PER_SERVICE": "none"}, "positive integer"),
+    (ProducerSettings, {"REDIS_URL": "redis+cluster://a:7000,,b:7001"}, "redis+cluster://host:6379"),
+    (ProducerSettings, {"REDIS_URL": "redis+cluster://a:7000/2"}, "database 0 only"),
+    (ProducerSettings, {"REDIS_CLUSTER": "maybe"}, "true or false"),
+    (ProducerSettings, {"REDIS_URL": "redis+cluster://a:7000", "QUEUE_MODE": "single-stream"}, "one Redis server"),
+    (ProducerSettings, {"REDIS_URL": "unix:///run/redis.sock", "REDIS_CLUSTER": "true"}, "unix socket"),
 ])
 def test_bad_values_give_a_one_line_reason(cls, env, fragment):
     with pytest.raises(SettingsError) as info:
@@ -106,3 +111,14 @@ def test_cluster_domain_sets_the_allowed_hosts_and_the_producer_host(env, allowe
 def test_bad_cluster_domain_is_a_settings_error(raw):
     with pytest.raises(SettingsError, match="CLUSTER_DOMAIN=.*must be a DNS domain"):
         load(ControllerSettings, {"CLUSTER_DOMAIN": raw})
+
+
+@pytest.mark.parametrize("env, cluster", [
+    ({}, False),
+    ({"REDIS_URL": "redis+cluster://10.0.0.1:7000,10.0.0.2:7000"}, True),
+    ({"REDIS_URL": "rediss+cluster://user:pw@redis.example.com:6380", "REDIS_CA_FILE": "/etc/ca.crt"}, True),
+    ({"REDIS_URL": "redis://redis-cluster:6379", "REDIS_CLUSTER": "true"}, True),
+    ({"REDIS_URL": "redis://redis:6379/0", "REDIS_CLUSTER": "false"}, False),
+])
+def test_a_redis_cluster_is_named_by_its_url_or_redis_cluster(env, cluster):
+    assert load(SourceSettings, env).cluster is cluster

@@ -24,6 +24,7 @@ import dataclasses
 
 import redis.asyncio as aioredis
 
+from .redisconn import register_script
 from .records import CANCELED, EXPIRED, FAILED, QUEUED, RUNNING, SUCCEEDED, Record
 
 # KEYS[1] the record, KEYS[2] the Service's stream (both under the Service's hash tag); ARGV[1] the entry id ('' when the status path named none), ARGV[2] the
@@ -96,7 +97,7 @@ class Canceled:
 
 class Canceler:
     def __init__(self, redis: aioredis.Redis, *, channel: str, retention: float) -> None:
-        self.script = redis.register_script(CANCEL_SCRIPT)
+        self.script = register_script(redis, CANCEL_SCRIPT)
         self.channel = channel
         self.retention_ms = max(1, round(retention * 1000))
 

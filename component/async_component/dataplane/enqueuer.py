@@ -12,6 +12,11 @@ gets its own error; the others of the batch are unaffected. A request with an
 same call. A request may bring its Service's own cap (its ``max-queued``
 policy) and key retention (its ``retention``); requests of one queue with
 different ones (a policy that just changed) go in separate calls.
+
+On a Redis Cluster each master has its own batcher: a batch is the requests
+of the Services one master serves, so a master that hangs (unreachable, not
+refusing) holds up only its own Services' 202s and 503s, never the next
+batch of the others.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from .batching import Batcher
 from .envelope import STREAM_FIELD
-from .queues import ENQUEUE, Layout, Queue
+from .queues import ENQUEUE, ENQUEUE_CLUSTER, Layout, Queue
+from .redisconn import call_scripts, is_cluster, register_script
 
 DEFAULT_MAX_QUEUED = 100_000
 
@@ -72,10 +79,27 @@ class Enqueuer:
         self.layout = layout
         self.max_queued = max_queued
         self.redis = redis
-        self.script = redis.register_script(ENQUEUE)
+        self.script = register_script(redis, ENQUEUE_CLUSTER if layout.cluster else ENQUEUE)
         self.key_retention_ms = max(1, round(key_retention * 1000))
         self.on_batch = on_batch
+        self.max_batch = max_batch
         self.batcher: Batcher[Item, bytes | Seen] = Batcher(self._send, max_batch=max_batch)
+        self.cluster = is_cluster(redis)
+        self.batchers: dict[str, Batcher[Item, bytes | Seen]] = {}
+        """On a cluster: a batcher per master (by name)."""
+
+    def _batcher_of(self, queue: Queue) -> Batcher[Item, bytes | Seen]:
+        """The batcher of the master serving ``queue`` (the one batcher on one server, or before the cluster's
+        slots are known)."""
+        if not self.cluster:
+            return self.batcher
+        nodes = self.redis.nodes_manager.slots_cache.get(key_slot(queue.stream.encode()))
+        if not nodes:
+            return self.batcher
+        batcher = self.batchers.get(nodes[0].name)
+        if batcher is None:
+            batcher = self.batchers[nodes[0].name] = Batcher(self._send, max_batch=self.max_batch)
+        return batcher
 
     def enqueue(self, queue: Queue, envelope_json: bytes, max_queued: int | None = None) -> asyncio.Future[bytes]:
         """Append one envelope (its JSON) to ``queue``; the future gets its entry id once Redis acknowledged it.
@@ -83,7 +107,8 @@ class Enqueuer:
         Its exception is :class:`QueueFull` when the queue holds ``max_queued`` (None: the producer's
         MAX_QUEUED_PER_SERVICE) requests.
         """
-        return self.batcher.submit(Item(queue, envelope_json, self.max_queued if max_queued is None else max_queued, 0))
+        return self._batcher_of(queue).submit(
+            Item(queue, envelope_json, self.max_queued if max_queued is None else max_queued, 0))
 
     def enqueue_once(self, queue: Queue, request: Keyed, max_queued: int | None = None,
                      key_retention: float | None = None) -> asyncio.Future[bytes | Seen]:
@@ -92,21 +117,23 @@ class Enqueuer:
         ``key_retention``: seconds a new key is kept (None: the producer's, STATUS_RETENTION).
         """
         retention_ms = self.key_retention_ms if key_retention is None else max(1, round(key_retention * 1000))
-        return self.batcher.submit(Item(queue, request, self.max_queued if max_queued is None else max_queued,
-                                        retention_ms))
+        return self._batcher_of(queue).submit(
+            Item(queue, request, self.max_queued if max_queued is None else max_queued, retention_ms))
 
     async def close(self) -> None:
-        await self.batcher.close()
+        for batcher in (self.batcher, *self.batchers.values()):
+            await batcher.close()
 
-    def _call(self, queue: Queue, cap: int, retention_ms: int, items: list[bytes | Keyed], client=None):
+    def _call(self, queue: Queue, cap: int, retention_ms: int, items: list[bytes | Keyed]) -> tuple[list, list]:
+        """The keys and arguments of the ENQUEUE call for ``items`` of ``queue``."""
         layout = self.layout
-        keys = [queue.stream, queue.retry_stream, queue.retries, layout.active, layout.wake]
+        keys = [queue.stream, queue.retry_stream, queue.retries, layout.active_for(queue), layout.wake_for(queue)]
         if not any(type(item) is Keyed for item in items):
-            return self.script(keys=keys, args=[STREAM_FIELD, cap, queue.member, 0, *items], client=client)
+            return keys, [STREAM_FIELD, cap, queue.member, 0, *items]
         args = [STREAM_FIELD, cap, queue.member, retention_ms]
         for item in items:
             args += (item.envelope_json, item.claim) if type(item) is Keyed else (item, "")
-        return self.script(keys=keys, args=args, client=client)
+        return keys, args
 
     async def _send(self, batch: list[Item]) -> list:
         started = time.perf_counter()
@@ -114,15 +141,15 @@ class Enqueuer:
         retentions = {item.retention_ms for item in batch if item.retention_ms}
         if len(retentions) <= 1 and all((item.queue is first or item.queue == first) and item.cap == cap
                                         for item in batch):  # the usual case: one Service, one policy
-            results = await self._call(first, cap, max(retentions, default=0), [item.request for item in batch])
+            keys, args = self._call(first, cap, max(retentions, default=0), [item.request for item in batch])
+            results = await self.script(keys=keys, args=args)
         else:
             groups: dict[tuple[Queue, int, int], list[int]] = {}
             for n, item in enumerate(batch):
                 groups.setdefault((item.queue, item.cap, item.retention_ms), []).append(n)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for (queue, cap, retention_ms), members in groups.items():
-                    await self._call(queue, cap, retention_ms, [batch[n].request for n in members], client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
+            calls = [(self.script, *self._call(queue, cap, retention_ms, [batch[n].request for n in members]))
+                     for (queue, cap, retention_ms), members in groups.items()]
+            replies = await call_scripts(self.redis, calls)  # on a cluster: one round trip per master
             results = [None] * len(batch)
             for members, reply in zip(groups.values(), replies):
                 for i, n in enumerate(members):

@@ -10,6 +10,12 @@ it (2xx) or it used up its attempts; one left pending by a process that died is
 claimed by another after :data:`RECLAIM_IDLE` seconds, so each is delivered at
 least once (the event ``id`` is the same every time: sinks can deduplicate).
 A failing sink never changes the request's state; it only shows in the metrics.
+
+On a Redis Cluster the outbox is one stream per slot (the transaction that adds a
+notification writes one slot): a process drains the outboxes its own replays
+wrote to (:meth:`Notifier.wake`), and reads every slot's outbox length every
+:data:`SWEEP_INTERVAL` for those other processes left (one that died, a source
+dead-lettering an entry).
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ import redis.asyncio as aioredis
 from cloudevents.v1.conversion import to_binary
 from cloudevents.v1.http import CloudEvent
 from prometheus_client import CollectorRegistry, Counter
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from ..logthrottle import LogThrottle
 from ..protocol import STATUS_PATH_PREFIX, DeliveryPolicy
 from .envelope import STREAM_FIELD, as_text, encode_body
+from .queues import SLOTS, slot_tag
+from .redisconn import per_node, sweep, transaction
 from .records import EXPIRED, FAILED, SUCCEEDED, RecordedResponse
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 
@@ -49,12 +58,15 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 on the POST that carries it."""
 RECLAIM_IDLE = 120.0
 """Seconds a notification stays pending before another process claims it: longer than all its attempts take."""
+SWEEP_INTERVAL = 60.0
+"""On a cluster: seconds between looks at every slot's outbox."""
 RETRY_BASE = 0.5
 RETRY_CAP = 5.0
 
 
-def outbox_key(prefix: str) -> str:
-    return f"{prefix}:notifications"
+def outbox_key(prefix: str, slot: int | None = None) -> str:
+    """The outbox; on a Redis Cluster one per slot: that of the final record it is written with."""
+    return f"{prefix}:notifications" if slot is None else f"{prefix}:{{{slot_tag(slot)}}}:notifications"
 
 
 def sink_for(policy: DeliveryPolicy, state: str) -> str | None:
@@ -87,10 +99,11 @@ def notification(*, sink: str, state: str, request_id: str, host: str, attempts:
     return {STREAM_FIELD: json.dumps(doc, separators=(",", ":"))}
 
 
-def add_notification(pipe, prefix: str, fields: Mapping[str, str] | None) -> None:
-    """Queue ``fields`` (from :func:`notification`) in the caller's transaction; None: nothing to send."""
+def add_notification(pipe, settings, fields: Mapping[str, str] | None, record: str | None) -> None:
+    """Queue ``fields`` (from :func:`notification`) in the caller's transaction, which writes the final ``record``
+    (its key); None: nothing to send."""
     if fields is not None:
-        pipe.xadd(outbox_key(prefix), fields)
+        pipe.xadd(outbox_key(settings.key_prefix, key_slot(record.encode()) if settings.cluster else None), fields)
 
 
 def event_request(doc: Mapping[str, Any]) -> tuple[dict[str, str], bytes]:
@@ -119,11 +132,18 @@ class Notifier:
 
     def __init__(self, redis: aioredis.Redis, session: aiohttp.ClientSession, metrics: Metrics, *,
                  prefix: str, attempts: int, timeout: float, concurrency: int = 16,
-                 reclaim_idle: float = RECLAIM_IDLE) -> None:
+                 reclaim_idle: float = RECLAIM_IDLE, cluster: bool = False) -> None:
         self.redis = redis
         self.session = session
         self.metrics = metrics
+        self.prefix = prefix
         self.key = outbox_key(prefix)
+        self.cluster = cluster
+        self.outboxes: set[str] = set()
+        """On a cluster: the slots' outboxes that may hold notifications."""
+        self.grouped: set[str] = set()
+        self.next_sweep = 0.0
+        self.all_outboxes: list[str] | None = None
         self.attempts = attempts
         self.timeout = timeout
         self.slots = asyncio.Semaphore(concurrency)
@@ -133,24 +153,37 @@ class Notifier:
         self.tasks: set[asyncio.Task] = set()
         self.throttle = LogThrottle(log)
 
+    def wake(self, record: str) -> None:
+        """On a cluster: a notification was added with the final ``record`` (its key); drain that slot's outbox."""
+        if self.cluster:
+            self.outboxes.add(outbox_key(self.prefix, key_slot(record.encode())))
+
     async def run(self, stop: asyncio.Event, poll: float = 0.2) -> None:
         """Until ``stop`` is set; a Redis outage is logged (rate-limited) and waited out."""
         last_claim = 0.0
         while not stop.is_set():
             try:
-                await self._ensure_group()
+                if self.cluster and time.monotonic() >= self.next_sweep:
+                    await self._sweep()
+                    last_claim = 0.0
+                keys = sorted(self.outboxes) if self.cluster else [self.key]
+                await self._ensure_groups(keys)
                 if time.monotonic() - last_claim > self.reclaim_idle / 4:
                     last_claim = time.monotonic()
-                    _, claimed, *_ = await self.redis.xautoclaim(self.key, GROUP, self.consumer,
-                                                                 int(self.reclaim_idle * 1000), count=100)
-                    self._spawn(claimed)
+                    for key in keys:
+                        _, claimed, *_ = await self.redis.xautoclaim(key, GROUP, self.consumer,
+                                                                     int(self.reclaim_idle * 1000), count=100)
+                        self._spawn(key, claimed)
                 free = self.concurrency - len(self.tasks)
                 if free <= 0:
                     await wait_event(stop, poll)
                     continue
-                read = await self.redis.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=free, block=200)
-                for _, entries in read or []:
-                    self._spawn(entries)
+                if self.cluster:
+                    read = await self._read_outboxes(keys, free)
+                else:
+                    read = await self.redis.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=free, block=200)
+                for key, entries in read or []:
+                    self._spawn(as_text(key), entries)
                 if not read:
                     await wait_event(stop, poll)
             except Exception as exc:  # Redis down or erroring: notifications wait in the outbox
@@ -161,25 +194,48 @@ class Notifier:
             task.cancel()  # left pending: claimed again later
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    async def _ensure_group(self) -> None:
-        if getattr(self, "_grouped", False):
-            return
-        try:
-            await self.redis.xgroup_create(self.key, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._grouped = True
+    async def _sweep(self) -> None:
+        """A cluster's every slot outbox that holds anything (one left by another process, say)."""
+        self.next_sweep = time.monotonic() + SWEEP_INTERVAL
+        if self.all_outboxes is None:
+            self.all_outboxes = [outbox_key(self.prefix, slot) for slot in range(SLOTS)]
+        found, _ = await sweep(self.redis, self.all_outboxes, "XLEN")
+        self.outboxes.update(self.all_outboxes[slot] for slot in found)
 
-    def _spawn(self, entries: list) -> None:
+    async def _read_outboxes(self, keys: list[str], free: int) -> list:
+        """New notifications of the known outboxes (one round trip per node); an outbox found empty is forgotten."""
+        replies = await per_node(self.redis, keys, str,
+                                 lambda pipe, key: pipe.xreadgroup(GROUP, self.consumer, {key: ">"}, count=free))
+        read = []
+        for key, reply in zip(keys, replies):
+            if isinstance(reply, Exception):
+                continue  # its node is down: looked at again next time
+            if reply:
+                read += reply
+            else:
+                self.outboxes.discard(key)
+        return read
+
+    async def _ensure_groups(self, keys: list[str]) -> None:
+        for key in keys:
+            if key in self.grouped:
+                continue
+            try:
+                await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self.grouped.add(key)
+
+    def _spawn(self, key: str, entries: list) -> None:
         for entry_id, fields in entries:
             if fields is None:  # deleted while pending
                 continue
-            task = asyncio.create_task(self._deliver(as_text(entry_id), fields))
+            task = asyncio.create_task(self._deliver(key, as_text(entry_id), fields))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _deliver(self, entry_id: str, fields: Mapping[Any, Any]) -> None:
+    async def _deliver(self, key: str, entry_id: str, fields: Mapping[Any, Any]) -> None:
         try:
             doc = json.loads({as_text(k): v for k, v in fields.items()}[STREAM_FIELD])
             sink = doc["sink"]
@@ -187,7 +243,7 @@ class Notifier:
         except (KeyError, ValueError, TypeError) as exc:
             log.error("notification %s is unreadable (%s): dropped", entry_id, exc)
             self.metrics.failed.inc()
-            await self._done(entry_id)
+            await self._done(key, entry_id)
             return
         outcome = "failed"
         for attempt in range(1, self.attempts + 1):
@@ -214,14 +270,14 @@ class Notifier:
             self.metrics.failed.inc()
             log.warning("notification %s (%s) to %s not delivered: %s; dropped (the request keeps its state)",
                         doc["id"], doc["type"], sink, why)
-        await self._done(entry_id)
+        await self._done(key, entry_id)
 
-    async def _done(self, entry_id: str) -> None:
+    async def _done(self, key: str, entry_id: str) -> None:
         """Acknowledge and delete; on a Redis error it stays pending and is claimed (and sent) again later."""
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(self.key, GROUP, entry_id)
-                pipe.xdel(self.key, entry_id)
+            async with transaction(self.redis) as pipe:
+                pipe.xack(key, GROUP, entry_id)
+                pipe.xdel(key, entry_id)
                 await pipe.execute()
         except Exception as exc:
             self.throttle.warning("cannot remove notification %s from the outbox: %s: %s", entry_id,

@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
-from . import idempotency, preferences, targets
+from . import idempotency, preferences, redisconn, targets
 from .enqueuer import Enqueuer, Keyed, KeyReused, QueueFull, Seen
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
@@ -582,15 +582,20 @@ class Producer:
         upgrade to per-Service queues does not vanish.
         """
         prefix = self.settings.key_prefix
+        upgraded = not self.layout.cluster  # a cluster starts afresh: no single stream, no records' old keys
         streams = [self._queue(host).stream] if entry_id else []
-        if entry_id and self.layout.mode == PER_SERVICE:
+        if entry_id and self.layout.mode == PER_SERVICE and upgraded:
             streams.append(self.layout.single_stream)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:  # on a cluster: the Service's node only
             for stream in streams:
                 pipe.xrange(stream, entry_id, entry_id)
             pipe.get(record_key(prefix, request_id, host))
-            pipe.get(legacy_record_key(prefix, request_id))
-            *entries, raw, legacy = await pipe.execute()
+            if upgraded:
+                pipe.get(legacy_record_key(prefix, request_id))
+            replies = await pipe.execute()
+        if not upgraded:
+            replies.append(None)
+        *entries, raw, legacy = replies
         return (raw if raw is not None else legacy), entries
 
     def _pending(self, request_id: str, record: Record, location: str) -> Response:
@@ -646,7 +651,7 @@ class Producer:
             await self.redis.aclose()
 
     async def ready(self) -> None:
-        await self.redis.ping()
+        await redisconn.ping(self.redis)
         self.redis_check.require()
 
     def release_waiters(self) -> None:

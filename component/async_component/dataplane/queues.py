@@ -21,6 +21,17 @@ queue and, when it was not already marked "now", adds its name to the
 script removes a queue from the active set, atomically, only when it holds
 nothing at all.
 
+On a Redis Cluster (``Layout.cluster``) a script or transaction may only touch
+the keys of one slot, so the two global keys are kept per slot instead:
+``<prefix>:{@<t>}:active`` is the active set of the queues whose tag hashes to
+the slot that ``@<t>`` hashes to (:func:`slot_tag`), so :data:`ENQUEUE`,
+:data:`TAKE` and a retry's scheduling still change a queue and its place in the
+active set together; and the wake-up is a ``PUBLISH`` of the queue's name on
+the channel ``<prefix>:{@<t>}:wake`` (pub/sub reaches every node of a cluster),
+which sources follow with a pattern subscription. A source finds the slots
+with work from its wake-ups and by reading every slot's active set now and
+then (:meth:`Layout.all_active`); see docs/design.md.
+
 The stream of the single-stream layout (``QUEUE_MODE=single-stream``, for
 Knative's RedisStreamSource, which reads one stream) is the queue
 :data:`SINGLE`: ``STREAM_NAME`` with the retry set ``<prefix>:retries``. In the
@@ -30,7 +41,9 @@ are still delivered.
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
+import functools
 
 PER_SERVICE = "per-service"
 SINGLE_STREAM = "single-stream"
@@ -41,6 +54,34 @@ SINGLE = "*"
 
 WAKE_MAXLEN = 1000
 """Wake signals kept; a source that falls further behind finds its queues in the next full scan."""
+
+
+SLOTS = 16384
+
+
+@functools.cache
+def _slot_tags() -> tuple[str, ...]:
+    """For each cluster slot, a short hash tag ``@<hex>`` that hashes to it (found once, in about 0.1 s)."""
+    tags: list[str | None] = [None] * SLOTS
+    missing = SLOTS
+    n = 0
+    while missing:
+        tag = f"@{n:x}"
+        slot = binascii.crc_hqx(tag.encode(), 0) % SLOTS
+        if tags[slot] is None:
+            tags[slot] = tag
+            missing -= 1
+        n += 1
+    return tuple(tags)  # type: ignore[arg-type]
+
+
+def slot_of(tag: str) -> int:
+    """The cluster slot of the keys under the hash tag ``{tag}``."""
+    return binascii.crc_hqx(tag.encode(), 0) % SLOTS
+
+
+def slot_tag(slot: int) -> str:
+    return _slot_tags()[slot]
 
 
 def service_of(host: str) -> tuple[str, str]:
@@ -86,10 +127,12 @@ class Layout:
     prefix: str
     single_stream: str
     mode: str = PER_SERVICE
+    cluster: bool = False
+    """On a Redis Cluster: the active set and the wake-ups per slot (see the module's docstring)."""
 
     @classmethod
     def of(cls, settings) -> Layout:
-        return cls(settings.key_prefix, settings.stream, settings.queue_mode)
+        return cls(settings.key_prefix, settings.stream, settings.queue_mode, settings.cluster)
 
     @property
     def active(self) -> str:
@@ -98,6 +141,28 @@ class Layout:
     @property
     def wake(self) -> str:
         return f"{self.prefix}:wake"
+
+    def active_for(self, queue: Queue) -> str:
+        """The active set holding ``queue``: the one set, or on a cluster its slot's."""
+        return f"{self.prefix}:{{{slot_tag(slot_of(queue.member))}}}:active" if self.cluster else self.active
+
+    def wake_for(self, queue: Queue) -> str:
+        """Where the producer names ``queue`` when it gets work: the wake stream, or on a cluster its slot's channel."""
+        return f"{self.prefix}:{{{slot_tag(slot_of(queue.member))}}}:wake" if self.cluster else self.wake
+
+    @property
+    def wake_pattern(self) -> str:
+        """The pattern of every slot's wake channel (a cluster's), for PSUBSCRIBE."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        return f"{escaped}:{{@*}}:wake"
+
+    def slot_active(self, slot: int) -> str:
+        return f"{self.prefix}:{{{slot_tag(slot)}}}:active"
+
+    @functools.cached_property
+    def all_active(self) -> tuple[str, ...]:
+        """A cluster's active set of every slot, by slot."""
+        return tuple(self.slot_active(slot) for slot in range(SLOTS))
 
     @property
     def single(self) -> Queue:
@@ -114,7 +179,7 @@ class Layout:
         return self.single if self.mode == SINGLE_STREAM else self.member(service_tag(host))
 
 
-# KEYS: the queue's stream, retry stream, retry set, the active set, the wake stream.
+# KEYS: the queue's stream, retry stream, retry set, the active set, the wake stream (Layout.active_for, wake_for).
 # ARGV: the stream field, the cap on queued requests, the queue's member, how long a new idempotency key is kept
 #       (ms; 0: a call without keys), then per request its envelope, or (with keys) its envelope and its claim:
 #       '<fingerprint> <request id> <idempotency key>' ('' without a key).
@@ -162,10 +227,15 @@ for i = 5, #ARGV, stride do
 end
 if added > 0 and redis.call('ZSCORE', KEYS[4], ARGV[3]) ~= '0' then
   redis.call('ZADD', KEYS[4], 0, ARGV[3])
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', %(wake_maxlen)d, '*', 'q', ARGV[3])
+  %(wake)s
 end
 return ids
-""" % {"wake_maxlen": WAKE_MAXLEN}
+"""
+ENQUEUE, ENQUEUE_CLUSTER = (
+    ENQUEUE % {"wake": wake} for wake in (
+        f"redis.call('XADD', KEYS[5], 'MAXLEN', '~', {WAKE_MAXLEN}, '*', 'q', ARGV[3])",
+        "redis.call('PUBLISH', KEYS[5], ARGV[3])  -- a cluster's: KEYS[5] names the slot's wake channel",
+    ))
 
 # KEYS: the queue's stream, retry stream, retry set, the active set.
 # ARGV: group, consumer, most entries to read, now (epoch seconds), the stream field, the member,

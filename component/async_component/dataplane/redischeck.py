@@ -16,6 +16,7 @@ import logging
 
 import redis.asyncio as aioredis
 
+from .redisconn import is_cluster
 from .retries import wait_event
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,15 @@ SAFE_POLICY = "noeviction"
 
 
 async def inspect(redis: aioredis.Redis) -> tuple[str, bool]:
-    """``(maxmemory-policy, AOF on)`` from INFO, which managed Redis services allow where CONFIG is often denied."""
+    """``(maxmemory-policy, AOF on)`` from INFO, which managed Redis services allow where CONFIG is often denied.
+
+    On a Redis Cluster, of every master: the first policy that is not noeviction, AOF only if all have it.
+    """
+    if is_cluster(redis):
+        memory = await redis.info("memory", target_nodes=redis.PRIMARIES)
+        persistence = await redis.info("persistence", target_nodes=redis.PRIMARIES)
+        policies = sorted({str(info.get("maxmemory_policy", "")) for info in memory.values()}, key=lambda p: p == SAFE_POLICY)
+        return (policies[0] if policies else ""), all(int(info.get("aof_enabled", 0)) for info in persistence.values())
     async with redis.pipeline(transaction=False) as pipe:
         pipe.info("memory")
         pipe.info("persistence")

@@ -30,9 +30,9 @@ from aiohttp import hdrs
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import RedisError
 
-from . import http1client, idempotency, targets
+from . import http1client, idempotency, redisconn, targets
 from .batching import Batcher
-from .deadletters import add_dead_letter
+from .deadletters import add_dead_letter, dead_letter_key
 from .notifications import Metrics as NotificationMetrics, Notifier, add_notification, notification, sink_for
 from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
@@ -40,13 +40,12 @@ from .records import (
     EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
     record_key, response_headers, retry_key,
 )
-from .redisconn import make_redis
+from .redisconn import by_slot, call_scripts, is_cluster, make_redis, register_script, transaction
 from ..protocol import (
     BACKOFF_LINEAR, DeliveryPolicy, ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
     is_status_path,
 )
 from .preferences import replay_preference
-from .scripts import Call, by_hash_tag, run_scripts
 from .retries import RetryMover, backoff, replay_retryable, retry_after
 from .waiting import wait_preference
 from ..settings import ReplaySettings
@@ -65,9 +64,9 @@ Started = "tuple[str, str | None] | None"
 """What a source found starting a request as it read its entry (``queues.TAKE``): the record key it marked running
 (state None) or found finished (its state); None: not started, the replay core starts it."""
 
-Finish = Callable[[Sequence[tuple[str, Any, Any, int, "str | None"]]], list[tuple[list[int], Call]]]
-"""``finish(writes)``: script calls that write final records (key, JSON, entry, lifetime in ms, idempotency key
-renewed) and settle their entries, each with the positions of the writes it covers (the source's
+Finish = Callable[[Sequence[tuple[str, Any, Any, int, "str | None", bool]]], list[tuple[list[int], tuple]]]
+"""``finish(writes)``: script calls (script, keys, args) that write final records (key, JSON, entry, lifetime in
+ms, idempotency key renewed, whether announced) and settle their entries, each with the positions of the writes it covers (the source's
 :meth:`~.source.Source.finish_calls`)."""
 
 REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(),
@@ -344,6 +343,7 @@ class Replayer:
         self.start_script = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
         self.sets: Batcher[FinalWrite, None] | None = None
+        self.notifier: Notifier | None = None
         self.notifier_task: asyncio.Task | None = None
 
     def terms(self, envelope: Envelope) -> Terms:
@@ -414,7 +414,7 @@ class Replayer:
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
             if settle is not None:
                 try:
-                    async with self.redis.pipeline(transaction=True) as pipe:
+                    async with transaction(self.redis) as pipe:
                         self._settle(pipe, settle)
                         await pipe.execute()
                 except Exception as exc:  # left pending: delivered again, found finished again
@@ -478,13 +478,14 @@ class Replayer:
         return error_answer(503, "the request store is unavailable, deliver the event again later")
 
     async def _start_batch(self, items: list[tuple[str, list]]) -> list:
-        """The requests that start in the same loop pass: one start script per Service, in one round trip."""
-        by_tag = by_hash_tag(key for key, _ in items)
-        replies = await run_scripts(self.redis, [
+        """The requests that start in the same loop pass: one start script per hash slot, in one round trip
+        (one per node on a cluster)."""
+        groups = by_slot(key for key, _ in items)
+        replies = await call_scripts(self.redis, [
             (self.start_script, [items[i][0] for i in slots], [arg for i in slots for arg in items[i][1]])
-            for slots in by_tag.values()])
+            for slots in groups.values()])
         results: list = [None] * len(items)
-        for slots, reply in zip(by_tag.values(), replies):
+        for slots, reply in zip(groups.values(), replies):
             for n, i in enumerate(slots):
                 results[i] = reply if isinstance(reply, Exception) else reply[n]
         return results
@@ -499,7 +500,7 @@ class Replayer:
             [(key, value, entry, ms, renewed, announce)
              for key, value, entry, ms, _, renewed, announce in (items[i] for i in scripted)])
         if calls:
-            for (positions, _), reply in zip(calls, await run_scripts(self.redis, [call for _, call in calls])):
+            for (positions, _), reply in zip(calls, await call_scripts(self.redis, [call for _, call in calls])):
                 for n in positions:
                     results[scripted[n]] = reply if isinstance(reply, Exception) else None
         covered = {scripted[n] for positions, _ in calls for n in positions}
@@ -508,12 +509,14 @@ class Replayer:
             return results
         entries = [items[i][2] for i in rest if items[i][2] is not None]
         notifying = any(items[i][4] is not None for i in rest)
-        transaction = bool(entries) or notifying
-        async with self.redis.pipeline(transaction=transaction) as pipe:
+        atomic = bool(entries) or notifying or is_cluster(self.redis)  # a cluster's pipeline cannot PUBLISH
+        positions = {}  # of each record's SET among the replies: its own error (on a cluster, its slot's)
+        async with (transaction(self.redis) if atomic else self.redis.pipeline(transaction=False)) as pipe:
             for i in rest:
                 key, value, _, retention_ms, notice, _, _ = items[i]
+                positions[i] = len(pipe)
                 pipe.set(key, value, px=retention_ms)
-                add_notification(pipe, self.settings.key_prefix, notice)
+                add_notification(pipe, self.settings, notice, key)
             self._settle(pipe, *entries)
             for i in rest:  # after the records: a woken waiter reads them
                 key, _, _, retention_ms, _, idempotency_key, announce = items[i]
@@ -522,11 +525,17 @@ class Replayer:
                 if idempotency_key is not None:
                     pipe.pexpire(idempotency_key, retention_ms)
             replies = await pipe.execute(raise_on_error=False)
-        if transaction:  # all or nothing: one error is every record's
-            replies = [next((reply for reply in replies if isinstance(reply, Exception)), None)] * len(rest)
-        for i, reply in zip(rest, replies):  # else the SETs come first, in order
-            results[i] = reply if isinstance(reply, Exception) else None
+        if notifying:
+            self._notifying(items[i][0] for i in rest if items[i][4] is not None)
+        for i in rest:
+            results[i] = replies[positions[i]] if isinstance(replies[positions[i]], Exception) else None
         return results
+
+    def _notifying(self, records: Iterable[str]) -> None:
+        """Notifications were added with these final records: this process's notifier drains their outboxes."""
+        if self.notifier is not None:
+            for key in records:
+                self.notifier.wake(key)
 
     def _settle(self, pipe, *entries: str) -> None:
         """Settle ``entries`` in the transaction that records their outcome, through the source's hook.
@@ -610,9 +619,9 @@ class Replayer:
             record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
                             next_attempt_at=due, accepted_at=envelope.accepted_at)
             queue = retry_queue or self.layout.for_host(host)
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with transaction(self.redis) as pipe:
                 pipe.zadd(queue.retries, {envelope.next_attempt().to_json(): due})
-                pipe.zadd(self.layout.active, {queue.member: due}, lt=True)  # sources look again when it is due
+                pipe.zadd(self.layout.active_for(queue), {queue.member: due}, lt=True)  # sources look again when it is due
                 pipe.set(key, record.to_json())  # no expiry while the request is pending
                 self._settle(pipe, *entries)
                 await pipe.execute()
@@ -626,21 +635,24 @@ class Replayer:
         dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
                                  None if replayed.response is None else replayed.response.status,
                                  service=service_tag(host))
-        async with self.redis.pipeline(transaction=True) as pipe:
+        notice = self._notice(envelope, FAILED, host, attempt, replayed, now)
+        async with transaction(self.redis) as pipe:
             pipe.set(key, record.to_json(), px=terms.retention_ms)
             add_dead_letter(pipe, settings, dead)
-            add_notification(pipe, settings.key_prefix, self._notice(envelope, FAILED, host, attempt, replayed, now))
+            add_notification(pipe, settings, notice, key)
             self._settle(pipe, *entries)
             if awaited(envelope, idempotency_key):
                 pipe.publish(self.finished, key)
             if idempotency_key is not None:
                 pipe.pexpire(idempotency_key, terms.retention_ms)
             await pipe.execute()
+        if notice is not None:
+            self._notifying((key,))
         self.metrics.dead_lettered.inc()
         self.metrics.outcome(host, FAILED)
         self.metrics.outcome(host, "dead_lettered")
         log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
-                    settings.dead_letter_stream)
+                    dead_letter_key(settings, service_tag(host)))
         return FAILED
 
     def _notice(self, envelope: Envelope, state: str, host: str, attempts: int, replayed: Replayed,
@@ -659,7 +671,7 @@ class Replayer:
         if self.redis is None:
             self.redis = make_redis(self.settings)
             self.owns_redis = True
-        self.start_script = self.redis.register_script(START_SCRIPT)
+        self.start_script = register_script(self.redis, START_SCRIPT)
         self.starts = Batcher(self._start_batch)
         self.sets = Batcher(self._set_batch)
         self.session = aiohttp.ClientSession(
@@ -672,11 +684,14 @@ class Replayer:
         # The single stream's retries: its reader may be Knative's RedisStreamSource, which moves none itself
         # (and in the per-Service layout, retries scheduled before the upgrade). Per-Service retries are moved
         # by the source that reads their queue (queues.TAKE).
-        mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix),
-                           stream=self.settings.stream, on_moved=self.metrics.retries_moved.inc)
-        self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
-        notifier = Notifier(self.redis, self.session, self.notification_metrics, prefix=self.settings.key_prefix,
-                            attempts=self.settings.notification_attempts, timeout=self.settings.notification_timeout)
+        if not self.settings.cluster:  # a cluster has no single stream
+            mover = RetryMover(self.redis, retry_set=retry_key(self.settings.key_prefix),
+                               stream=self.settings.stream, on_moved=self.metrics.retries_moved.inc)
+            self.mover_task = asyncio.create_task(mover.run(self.mover_interval, self.stopping), name="retry-mover")
+        notifier = self.notifier = Notifier(
+            self.redis, self.session, self.notification_metrics, prefix=self.settings.key_prefix,
+            attempts=self.settings.notification_attempts, timeout=self.settings.notification_timeout,
+            cluster=self.settings.cluster)
         self.notifier_task = asyncio.create_task(notifier.run(self.stopping), name="notifier")
 
     async def stop(self) -> None:
@@ -692,4 +707,4 @@ class Replayer:
             await self.redis.aclose()
 
     async def ready(self) -> None:
-        await self.redis.ping()
+        await redisconn.ping(self.redis)

@@ -36,21 +36,21 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from .. import logs, probes
-from . import targets
+from . import redisconn, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
-from .queues import FINISH, PER_SERVICE, SINGLE, Layout, Queue, labels_of, service_tag, take_script
+from .queues import FINISH, PER_SERVICE, SINGLE, SLOTS, Layout, Queue, labels_of, service_tag, slot_of, take_script
 from .replay import RECORD_MARGIN, START_FUNCTION, Started, replay_grace
 from .records import FAILED, Record, finished_channel, record_key, records_of
 from .redischeck import RedisCheck
-from .redisconn import make_redis
-from .scripts import Call, hash_tag, run_scripts
+from .redisconn import call_scripts, make_redis, per_node, register_script, transaction
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from .envelope import STREAM_FIELD
 from ..protocol import dead_letter_entry, policy_of
@@ -70,6 +70,9 @@ POLL_INTERVAL = 0.2
 """Seconds between looks at the active set for queues whose time came (a retry due, a reclaim check)."""
 SCAN_INTERVAL = 5.0
 """Longest time between full scans of the active set (and of the single stream): what a missed wake costs."""
+SWEEP_INTERVAL = 60.0
+"""On a Redis Cluster, longest time between reads of every slot's active set (a full scan reads the slots known
+to hold queues): what a wake-up lost while the subscription was down costs."""
 RETRY_BASE = 0.1
 RETRY_CAP = 10.0
 BORROW_AGE = 1.0
@@ -180,10 +183,13 @@ class Source:
         self.nudge = asyncio.Event()
         """Set when there may be something to do: a queue woke, a slot freed, stopping."""
         self.rescan = True
+        self.busy_slots: set[int] = set()
+        """On a cluster: the slots whose active set held queues when last read, or that a wake-up named."""
+        self.next_sweep = 0.0
         self.redis_throttle = LogThrottle(log)
         self.sink_throttle = LogThrottle(log)
-        self.take = self.redis.register_script(take_script(START_FUNCTION))
-        self.finish = self.redis.register_script(FINISH)
+        self.take = register_script(self.redis, take_script(START_FUNCTION))
+        self.finish = register_script(self.redis, FINISH)
         self.finished = finished_channel(settings.key_prefix)
         self.acks: Batcher[EntryRef, None] = Batcher(self._ack_batch)
         self.redis_check = RedisCheck(self.redis, settings.redis_check_interval, who="source")
@@ -193,7 +199,7 @@ class Source:
         self.nudge.set()
 
     async def ready(self) -> None:
-        await self.redis.ping()
+        await redisconn.ping(self.redis)
         self.redis_check.require()
 
     # --- the loop
@@ -260,12 +266,16 @@ class Source:
             self.metrics.service_in_flight.labels(namespace, service).set_function(lambda: state.in_flight)
             # reclaim is for entries a dead source left: not on first sight, when a queue is new and busy
             state.reclaimed_at = time.monotonic() - self.reclaim_interval / 2
+            if self.layout.cluster:
+                self.busy_slots.add(slot_of(member))
         state.woken += 1
         self.waiting[member] = None
         self.nudge.set()
 
     async def _listen(self) -> None:
         """Follow the wake stream: the producer names a queue there when it gets work and was not marked."""
+        if self.layout.cluster:
+            return await self._listen_channels()
         wake = self.layout.wake
         last = None
         failures = 0
@@ -291,6 +301,64 @@ class Source:
                     if member is not None:
                         self._woke(as_text(member))
 
+    async def _listen_channels(self) -> None:
+        """On a cluster: follow every slot's wake channel, through whichever master answers."""
+        failures = 0
+        while not self.stopping.is_set():
+            pubsub = redisconn.pubsub(self.redis, ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(self.layout.wake_pattern)
+                self.rescan = True  # what was published while not subscribed is found by reading every slot
+                self.next_sweep = 0.0
+                self.nudge.set()
+                failures = 0
+                while not self.stopping.is_set():
+                    message = await pubsub.get_message(timeout=MAX_BLOCK)
+                    if message is not None and message.get("type") == "pmessage":
+                        self._woke(as_text(message["data"]))
+            except Exception as exc:
+                failures += 1
+                self.redis_throttle.warning("source %s cannot follow %s: %s: %s", self.name, self.layout.wake_pattern,
+                                            type(exc).__name__, exc)
+                await self._sleep(backoff(failures, self.retry_base, self.retry_cap))
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # its node is gone already
+                    pass
+
+    async def _scan_slots(self, full: bool, now: float) -> tuple[dict[str, float], bool]:
+        """A cluster's active sets: every slot's now and then (one script a master), else those known to hold
+        queues (a full scan: all their queues; a poll: those whose time came).
+
+        And whether every master answered (if not, the queues of the others are not known to have left).
+        """
+        layout = self.layout
+        if full and time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + SWEEP_INTERVAL
+            found, unread = await redisconn.sweep(self.redis, layout.all_active, "ZRANGE")
+            self.busy_slots = set(found) | (self.busy_slots & unread)
+            answered = not unread
+            if unread:  # a master is down: read every slot again soon, to find its queues once it is back
+                self.next_sweep = time.monotonic() + SCAN_INTERVAL
+            replies = [(slot, list(zip(flat[::2], map(float, flat[1::2])))) for slot, flat in found.items()]
+        else:
+            slots = sorted(self.busy_slots)
+            if full:
+                read = await per_node(self.redis, slots, layout.slot_active, lambda pipe, slot: pipe.zrange(
+                    layout.slot_active(slot), 0, -1, withscores=True))
+            else:
+                read = await per_node(self.redis, slots, layout.slot_active, lambda pipe, slot: pipe.zrangebyscore(
+                    layout.slot_active(slot), "(0", repr(now), withscores=True))
+            answered = not any(isinstance(reply, Exception) for reply in read)
+            replies = [(slot, reply) for slot, reply in zip(slots, read) if not isinstance(reply, Exception)]
+            if full:
+                self.busy_slots.difference_update(slot for slot, reply in replies if not reply)
+        if not answered:
+            self.redis_throttle.warning("source %s cannot read the active sets of every master of the cluster",
+                                        self.name)
+        return {as_text(member): score for _, reply in replies for member, score in reply}, answered
+
     async def _scan(self, full: bool) -> None:
         """Wake the queues of the active set whose time came (a due retry, a reclaim check); a full scan also
         those marked "now", the single stream when it holds anything, and forgets the queues that left."""
@@ -298,6 +366,9 @@ class Source:
         single = layout.single
         now = time.time()
         woken = {member: state.woken for member, state in self.queues.items()}
+        if layout.cluster:
+            active, answered = await self._scan_slots(full, now)
+            return self._found(active, full and answered, now, woken)  # a master down: forget nothing
         async with self.redis.pipeline(transaction=False) as pipe:
             if full:
                 pipe.zrange(layout.active, 0, -1, withscores=True)
@@ -309,6 +380,9 @@ class Source:
         active = {as_text(member): score for member, score in replies[0]}
         if full and (replies[1] or replies[2]):
             active[SINGLE] = 0.0  # requests queued before per-Service queues, or by a RedisStreamSource install
+        self._found(active, full, now, woken)
+
+    def _found(self, active: dict[str, float], full: bool, now: float, woken: dict[str, int]) -> None:
         for member, score in active.items():
             if score <= now:
                 self._woke(member)
@@ -332,15 +406,16 @@ class Source:
         states = list(self.queues.values())
         if not states:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for state in states:
-                queue = state.queue
-                pipe.zcard(queue.retries)
-                for stream in queue.streams:
-                    pipe.xlen(stream)
-                    pipe.xpending(stream, self.settings.group)
-                    pipe.xrange(stream, count=1)
-            replies = iter(await pipe.execute(raise_on_error=False))
+        group = self.settings.group
+        commands = []
+        for state in states:
+            commands.append((state.queue.retries, lambda pipe, key: pipe.zcard(key)))
+            for stream in state.queue.streams:
+                commands += ((stream, lambda pipe, key: pipe.xlen(key)),
+                             (stream, lambda pipe, key: pipe.xpending(key, group)),
+                             (stream, lambda pipe, key: pipe.xrange(key, count=1)))
+        replies = iter(await per_node(self.redis, commands, lambda command: command[0],
+                                      lambda pipe, command: command[1](pipe, command[0])))
         now_ms = time.time() * 1000
         for state in states:
             queued = _number(next(replies))
@@ -434,12 +509,12 @@ class Source:
             return started > 0
         woken = [state.woken for state, _ in grants]
         wall = repr(time.time())
-        settings, active = self.settings, self.layout.active
-        replies = await run_scripts(self.redis, [
-            (self.take, [state.queue.stream, state.queue.retry_stream, state.queue.retries, active],
-             [settings.group, self.name, room, wall, STREAM_FIELD, state.queue.member, settings.visibility_timeout,
-              self._records(state.queue.member)])
-            for state, room in grants])
+        settings = self.settings
+        calls = [(self.take, [state.queue.stream, state.queue.retry_stream, state.queue.retries,
+                              self.layout.active_for(state.queue)],
+                  [settings.group, self.name, room, wall, STREAM_FIELD, state.queue.member,
+                   settings.visibility_timeout, self._records(state.queue.member)]) for state, room in grants]
+        replies = await call_scripts(self.redis, calls)  # on a cluster: one round trip per node
         for (state, _), before, reply in zip(grants, woken, replies):
             member = state.queue.member
             if isinstance(reply, Exception):
@@ -469,10 +544,8 @@ class Source:
         settings = self.settings
         idle = round(settings.visibility_timeout * 1000)
         claims = [(state, stream, room) for state, room in due for stream in state.queue.streams]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for state, stream, room in claims:
-                pipe.xautoclaim(stream, settings.group, self.name, min_idle_time=idle, start_id="0-0", count=room)
-            replies = await pipe.execute(raise_on_error=False)
+        replies = await per_node(self.redis, claims, lambda claim: claim[1], lambda pipe, claim: pipe.xautoclaim(
+            claim[1], settings.group, self.name, min_idle_time=idle, start_id="0-0", count=claim[2]))
         found = []
         for (state, stream, room), reply in zip(claims, replies):
             if isinstance(reply, Exception):  # NOGROUP: nothing was ever read from it
@@ -496,12 +569,12 @@ class Source:
         often may be what kills it (too large, or a bug it triggers), so it is not tried again.
         """
         settings = self.settings
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for _, (stream, entry_id), _ in entries:
-                pipe.xpending_range(stream, settings.group, min=entry_id, max=entry_id, count=1)
-            replies = await pipe.execute()
+        replies = await per_node(self.redis, [ref for _, ref, _ in entries], lambda ref: ref[0], lambda pipe, ref:
+                                 pipe.xpending_range(ref[0], settings.group, min=ref[1], max=ref[1], count=1))
         kept = []
         for (state, ref, fields), reply in zip(entries, replies):
+            if isinstance(reply, Exception):  # its master went away: it stays pending, to be reclaimed again
+                continue
             deliveries = reply[0]["times_delivered"] if reply else 0
             if deliveries <= settings.max_deliveries:
                 kept.append((state, ref, fields))
@@ -544,11 +617,13 @@ class Source:
             if not refs:
                 continue
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for stream, ids in _by_stream(refs).items():
-                        pipe.xclaim(stream, settings.group, self.name, min_idle_time=0, message_ids=ids,
-                                    justid=True)
-                    await pipe.execute()
+                replies = await per_node(self.redis, list(_by_stream(refs).items()), lambda item: item[0],
+                                         lambda pipe, item: pipe.xclaim(item[0], settings.group, self.name,
+                                                                        min_idle_time=0, message_ids=item[1],
+                                                                        justid=True))
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply
             except Exception as exc:  # Redis down: the entries may be reclaimed, delivered twice at worst
                 self.redis_throttle.warning("source %s cannot refresh %d in-flight entries: %s: %s",
                                             self.name, len(refs), type(exc).__name__, exc)
@@ -573,15 +648,10 @@ class Source:
             return
         group = self.settings.group
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream in streams:
-                    pipe.xpending_range(stream, group, min="-", max="+", count=1, consumername=self.name)
-                held = await pipe.execute(raise_on_error=False)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, pending in zip(streams, held):
-                    if pending == []:
-                        pipe.xgroup_delconsumer(stream, group, self.name)
-                await pipe.execute(raise_on_error=False)
+            held = await per_node(self.redis, streams, str, lambda pipe, stream: pipe.xpending_range(
+                stream, group, min="-", max="+", count=1, consumername=self.name))
+            idle = [stream for stream, pending in zip(streams, held) if pending == []]
+            await per_node(self.redis, idle, str, lambda pipe, stream: pipe.xgroup_delconsumer(stream, group, self.name))
         except Exception as exc:  # best effort: a stale name costs nothing but a line in XINFO
             log.debug("source %s could not leave its groups: %s", self.name, exc)
 
@@ -675,12 +745,12 @@ class Source:
                 if dead_letter is None:
                     await self.acks.submit(ref)
                 else:
-                    async with self.redis.pipeline(transaction=True) as pipe:
+                    async with transaction(self.redis) as pipe:
                         add_dead_letter(pipe, settings, dead_letter)
                         if record is not None:
                             pipe.set(record[0], record[1], px=max(1, round(settings.status_retention * 1000)))
                             pipe.publish(finished_channel(settings.key_prefix), record[0])  # answers a waiter
-                        add_notification(pipe, settings.key_prefix, notice)
+                        add_notification(pipe, settings, notice, record and record[0])
                         self.settle_in(pipe, ref)
                         await pipe.execute()
                 return True
@@ -693,7 +763,7 @@ class Source:
 
     async def _ack_batch(self, refs: list[EntryRef]) -> list[None]:
         """Ack and delete the entries delivered in the same loop pass (or while a batch was out) in one round trip."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with transaction(self.redis) as pipe:  # on a cluster: each slot's entries together
             self.settle_in(pipe, *refs)
             await pipe.execute()
         return [None] * len(refs)
@@ -710,19 +780,19 @@ class Source:
             pipe.xdel(stream, *ids)
 
     def finish_calls(self, writes: Sequence[tuple[str, Any, EntryRef, int, str | None, bool]]
-                     ) -> list[tuple[list[int], Call]]:
+                     ) -> list[tuple[list[int], tuple]]:
         """Final records written with the entries they settle, as one :data:`.queues.FINISH` call per queue.
 
         ``writes``: each record's key, JSON, entry, lifetime (ms), the idempotency key it renews (or None) and
         whether to announce it.
-        Returns each call with the positions of the writes it covers; writes whose keys are not all under their
-        entry's queue's hash tag (the single stream's) are left out, for a transaction.
+        Returns each call with the positions of the writes it covers; writes whose keys are not all in their
+        entry's stream's hash slot (the single stream's, on a cluster) are left out, for a transaction.
         """
-        groups: dict[str, list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i, (key, _, (stream, _), _, renewed, _) in enumerate(writes):
-            tag = hash_tag(stream)
-            if tag != stream and hash_tag(key) == tag and (renewed is None or hash_tag(renewed) == tag):
-                groups.setdefault(tag, []).append(i)
+            slot = key_slot(stream.encode())
+            if key_slot(key.encode()) == slot and (renewed is None or key_slot(renewed.encode()) == slot):
+                groups.setdefault(slot, []).append(i)
         calls = []
         for positions in groups.values():
             streams = list(dict.fromkeys(writes[i][2][0] for i in positions))

@@ -20,6 +20,7 @@ import re
 import redis.asyncio as aioredis
 
 from ..logthrottle import LogThrottle
+from . import redisconn
 from .retries import wait_event
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class Finished:
     async def run(self, stop: asyncio.Event) -> None:
         """Hold the subscription until ``stop``; a Redis outage is logged (rate-limited) and reconnected."""
         while not stop.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = redisconn.pubsub(self.redis, ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()

@@ -46,6 +46,7 @@ from . import StackError
 from . import knative_serving as serving
 from .cluster import APP_FILE, cluster_routes, conditional_async, find_app_dir, load_services
 from .ports import free_port
+from .rediscluster import RedisCluster
 from .redisserver import RedisServer, RedisServerError
 from .supervisor import STOP_GRACE_SECONDS, Process, Supervisor
 
@@ -117,7 +118,9 @@ class LocalStack:
     ``queue_mode="single-stream"`` too, that is the RedisStreamSource topology
     (every request in the one stream). ``max_inflight_per_service`` and
     ``max_queued_per_service`` become MAX_INFLIGHT_PER_SERVICE and
-    MAX_QUEUED_PER_SERVICE (unset: the processes' defaults). ``output``: a text stream that receives every component's log
+    MAX_QUEUED_PER_SERVICE (unset: the processes' defaults). ``redis_cluster``:
+    a number of masters to start a Redis Cluster with (:attr:`redis_cluster`)
+    instead of one redis-server. ``output``: a text stream that receives every component's log
     lines, prefixed with its name (default: kept only in memory, see
     :meth:`logs`); pass ``sys.stderr`` to watch them.
     """
@@ -127,6 +130,7 @@ class LocalStack:
         *,
         port: int = 8080,
         redis_url: str | None = None,
+        redis_cluster: int = 0,
         sleep_seconds: float = 10.0,
         max_attempts: int = 3,
         retry_delay: float = 1.0,
@@ -160,8 +164,12 @@ class LocalStack:
                  max_inflight_per_service is None or max_inflight_per_service > 0, "must be a positive integer"),
                 ("max queued per Service", max_queued_per_service,
                  max_queued_per_service is None or max_queued_per_service > 0, "must be a positive integer"),
+                ("Redis Cluster masters", redis_cluster,
+                 isinstance(redis_cluster, int) and 0 <= redis_cluster <= 16, "must be 0 (one redis-server) to 16"),
             ] if not ok
         ]
+        if redis_cluster and redis_url is not None:
+            problems.append("a Redis URL and a Redis Cluster to start exclude each other: give one")
         if redis_url is not None:
             try:
                 parse_redis_url(redis_url)
@@ -199,7 +207,8 @@ class LocalStack:
         self.max_queued_per_service = max_queued_per_service
         self._app_dir_arg = app_dir
 
-        self._redis = None if redis_url else RedisServer()
+        self._redis: RedisServer | RedisCluster | None = (
+            None if redis_url else RedisCluster(redis_cluster) if redis_cluster else RedisServer())
         self.redis_url = redis_url or self._redis.url
         self._ports = {name: free_port() for name in ("app", "producer", "consumer", "source")}
         self.gateway_url = f"http://{LOOPBACK}:{port}"
@@ -261,6 +270,8 @@ class LocalStack:
     def pid(self, component: str) -> int:
         """Current process id of ``component`` (one of :data:`COMPONENTS`, or "redis")."""
         if component == "redis":
+            if isinstance(self._redis, RedisCluster):
+                raise StackError("Redis is a cluster here: see redis_cluster for its masters")
             if self._redis is None or self._redis.process is None:
                 raise StackError("Redis is not running here (external, or stopped)")
             return self._redis.process.pid
@@ -286,9 +297,16 @@ class LocalStack:
         self._component(component)
         self._running().wait_ready(component, timeout)
 
+    @property
+    def redis_cluster(self) -> RedisCluster | None:
+        """The Redis Cluster this stack started, to kill and restart its masters one by one."""
+        return self._redis if isinstance(self._redis, RedisCluster) else None
+
     def stop_redis(self) -> None:
-        """Shut Redis down, keeping its port and data for :meth:`start_redis`."""
-        self._own_redis().kill()
+        """Shut Redis down (every master of a cluster), keeping ports and data for :meth:`start_redis`."""
+        redis = self._own_redis()
+        for server in redis.nodes if isinstance(redis, RedisCluster) else [redis]:
+            server.kill()
 
     def start_redis(self) -> None:
         try:
@@ -298,7 +316,7 @@ class LocalStack:
 
     # --- inside
 
-    def _own_redis(self) -> RedisServer:
+    def _own_redis(self) -> RedisServer | RedisCluster:
         if self._redis is None:
             raise StackError("Redis was given by URL, so this stack cannot stop or start it")
         return self._redis
@@ -389,6 +407,9 @@ class LocalStack:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1")
     parser.add_argument("--redis-url", default=None, help="Redis to use (default: a throwaway redis-server on a free port)")
+    parser.add_argument("--redis-cluster", type=int, default=0, metavar="MASTERS",
+                        help="start a throwaway Redis Cluster of this many masters (no replicas) on loopback instead of"
+                             " one redis-server, and run every component on it (default: 0, one redis-server)")
     parser.add_argument("--sleep-seconds", type=float, default=10.0, help="the sample app's sleep when a request has no ?sleep=")
     parser.add_argument("--max-attempts", type=int, default=3, help="attempts before a request is dead-lettered")
     parser.add_argument("--retry-base-delay", type=float, default=1.0, dest="retry_delay", metavar="SECONDS",
@@ -429,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         stack = LocalStack(
-            port=args.port, redis_url=args.redis_url, sleep_seconds=args.sleep_seconds, max_attempts=args.max_attempts,
+            port=args.port, redis_url=args.redis_url, redis_cluster=args.redis_cluster, sleep_seconds=args.sleep_seconds, max_attempts=args.max_attempts,
             retry_delay=args.retry_delay, producer_workers=args.producer_workers, app_dir=args.app_dir,
             queue_mode=args.queue_mode,
             log_level=args.log_level, output=sys.stderr, cluster_domain=args.cluster_domain,
