@@ -315,7 +315,7 @@ async def test_final_writes_of_one_batch_fail_only_where_their_master_refused(cl
         with cluster.client(1) as node:
             node.config_set("maxmemory", 1)
         written = [replayer.sets.submit((key, '{"state": "succeeded"}', None, 60_000, notice if n == 0 else None,
-                                         None)) for n, key in enumerate(keys)]  # in one loop pass: one batch
+                                         None, True)) for n, key in enumerate(keys)]  # in one loop pass: one batch
         results = await asyncio.gather(*written, return_exceptions=True)
     finally:
         with cluster.client(1) as node:
