@@ -186,8 +186,7 @@ class Layout:
 # Each envelope gets its entry id, or a QUEUEFULL error when the queue holds the cap already
 # (nothing written for it). Marks the queue active "now" and wakes the sources if it was not.
 # A request whose idempotency key is held gets {entry id, request id} of the request that took it
-# when the fingerprints match, else an IDEMPOTENCY error, and nothing of it stays written (below its
-# cap it is appended, then removed again when SET NX finds the key held); a new key is taken.
+# when the fingerprints match (nothing written), else an IDEMPOTENCY error; a new key is taken.
 # The keys are not in KEYS (two arguments a request, not three, to keep a keyed request cheap): each is
 # under its Service's hash tag, that of the queue in the per-Service layout, so it is in KEYS[1]'s slot.
 ENQUEUE = """
@@ -196,11 +195,6 @@ local lifetime = tonumber(ARGV[4])
 local stride = lifetime > 0 and 2 or 1
 local queued = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3])
 if KEYS[2] ~= KEYS[1] then queued = queued + redis.call('XLEN', KEYS[2]) end
-local function held_by(held, fingerprint)
-  local first, entry, first_request = string.match(held, '^(%%x+) (%%S+) (%%S+)$')
-  if first == fingerprint then return {entry, first_request} end
-  return {err = 'IDEMPOTENCY the key was used for another request'}
-end
 local ids = {}
 local added = 0
 local n = 0
@@ -213,25 +207,24 @@ for i = 5, #ARGV, stride do
     local b = string.find(claim, ' ', a + 1, true)
     fingerprint, request, key = string.sub(claim, 1, a - 1), string.sub(claim, a + 1, b - 1), string.sub(claim, b + 1)
   end
-  if queued >= cap then
-    local held = key and redis.call('GET', key)
-    if held then
-      ids[n] = held_by(held, fingerprint)
+  local held = key and redis.call('GET', key)
+  if held then
+    local first, entry, first_request = string.match(held, '^(%%x+) (%%S+) (%%S+)$')
+    if first == fingerprint then
+      ids[n] = {entry, first_request}
     else
-      ids[n] = {err = 'QUEUEFULL ' .. queued .. ' requests queued for this Service'}
+      ids[n] = {err = 'IDEMPOTENCY the key was used for another request'}
     end
+  elseif queued >= cap then
+    ids[n] = {err = 'QUEUEFULL ' .. queued .. ' requests queued for this Service'}
   else
-    local id = redis.pcall('XADD', KEYS[1], '*', ARGV[1], ARGV[i])
-    if type(id) ~= 'string' then
-      ids[n] = id
-    elseif key and not redis.call('SET', key, fingerprint .. ' ' .. id .. ' ' .. request, 'NX', 'PX', ARGV[4]) then
-      -- held: this request was sent before. Taking a new key (the usual case) costs one call, not a GET first
-      redis.call('XDEL', KEYS[1], id)
-      ids[n] = held_by(redis.call('GET', key), fingerprint)
-    else
-      ids[n] = id
+    ids[n] = redis.pcall('XADD', KEYS[1], '*', ARGV[1], ARGV[i])
+    if type(ids[n]) == 'string' then
       added = added + 1
       queued = queued + 1
+      if key then
+        redis.call('SET', key, fingerprint .. ' ' .. ids[n] .. ' ' .. request, 'PX', ARGV[4])
+      end
     end
   end
 end
