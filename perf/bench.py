@@ -569,10 +569,15 @@ def bench_idempotency(seconds: float, rounds: int = 3) -> tuple[list[Figure], li
             for keys in (False, True):
                 wrk.run(producer.url + "/", seconds=2, keys=keys)
             plain_rounds, keyed_rounds = [], []
+            cpu = {True: [0.0, 0.0], False: [0.0, 0.0]}  # producer, redis-server
             for _ in range(rounds):
-                plain_rounds.append(wrk.run(producer.url + "/", seconds=seconds / rounds, keys=False))
-                before = client.xlen(queue_stream(wrk.DEFAULT_TARGET))
-                keyed_rounds.append(wrk.run(producer.url + "/", seconds=seconds / rounds, keys=True))
+                for keys in (False, True):
+                    before = client.xlen(queue_stream(wrk.DEFAULT_TARGET))
+                    with cpu_used(producer.pid) as used, cpu_used(redis_server.process.pid) as used_by_redis:
+                        (keyed_rounds if keys else plain_rounds).append(
+                            wrk.run(producer.url + "/", seconds=seconds / rounds, keys=keys))
+                    cpu[keys][0] += used[0]
+                    cpu[keys][1] += used_by_redis[0]
                 keyed_queued = client.xlen(queue_stream(wrk.DEFAULT_TARGET)) - before
             plain, keyed = wrk.combine(plain_rounds), wrk.combine(keyed_rounds)
             key_bytes = client.memory_usage(next(client.scan_iter(match="*:idem:*", count=1000)), samples=0)
@@ -585,7 +590,9 @@ def bench_idempotency(seconds: float, rounds: int = 3) -> tuple[list[Figure], li
     ], [f"7: with keys p50 {keyed.p50_ms:.2f} ms, p99 {keyed.p99_ms:.1f} ms, {keyed.errors} errors; without "
         f"p50 {plain.p50_ms:.2f} ms, p99 {plain.p99_ms:.1f} ms; the last keyed round queued {keyed_queued:,} "
         f"requests for {keyed_rounds[-1].requests:,} answers (every key new); one key costs Redis about "
-        f"{key_bytes} B"]
+        f"{key_bytes} B; CPU per request with keys: producer {per_request_us(cpu[True][:1], keyed.requests)} µs + "
+        f"redis-server {per_request_us(cpu[True][1:], keyed.requests)} µs, without: producer "
+        f"{per_request_us(cpu[False][:1], plain.requests)} µs + redis-server {per_request_us(cpu[False][1:], plain.requests)} µs"]
 
 
 async def wait_latency(client: StackClient, samples: int) -> tuple[list[float], list[float]]:

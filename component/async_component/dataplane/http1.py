@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -56,13 +56,17 @@ LINGER = 5.0
 closing with unread bytes does not reset the connection before the client read the answer."""
 SWEEP_INTERVAL = 1.0
 
+_NONE: tuple[bytes, ...] = ()
+
+
 class Request:
     """One request as received: raw target, raw headers (order and case kept), whole body."""
 
-    __slots__ = ("method", "target", "version", "headers", "body", "keep_alive")
+    __slots__ = ("method", "target", "version", "headers", "body", "keep_alive", "fields")
 
     def __init__(self, method: str, target: str, version: str, headers: list[tuple[bytes, bytes]],
-                 body: bytes = b"", keep_alive: bool = True) -> None:
+                 body: bytes = b"", keep_alive: bool = True,
+                 fields: dict[bytes, list[bytes]] | None = None) -> None:
         self.method = method
         self.target = target
         """As sent: origin form (``/path?query``) or absolute form."""
@@ -71,10 +75,13 @@ class Request:
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
+        self.fields = _fields(headers) if fields is None else fields
+        """Each header's values by its name in lower case (the producer looks up five names per request:
+        one pass over the headers instead of one per name)."""
 
-    def values(self, name: bytes) -> list[bytes]:
+    def values(self, name: bytes) -> Sequence[bytes]:
         """Every value of the header ``name`` (given in lower case), in order."""
-        return [value for key, value in self.headers if key.lower() == name]
+        return self.fields.get(name, _NONE)
 
     @property
     def path(self) -> str:
@@ -85,6 +92,18 @@ class Request:
             return (httptools.parse_url(self.target.encode("latin-1")).path or b"").decode("latin-1")
         except httptools.HttpParserInvalidURLError:
             return ""
+
+
+def _fields(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    fields: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        lower = name.lower()
+        values = fields.get(lower)
+        if values is None:
+            fields[lower] = [value]
+        else:
+            values.append(value)
+    return fields
 
 
 class Response:
@@ -178,6 +197,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.fields: dict[bytes, list[bytes]] = {}
         self.header_bytes = 0
         self.body: list[bytes] = []
         self.body_bytes = 0
@@ -263,16 +283,12 @@ class _Connection(asyncio.Protocol):
         self.started = self.last_active
         if self.refused:
             return
-        length = expect = None
-        hosts = 0
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                length = value
-            elif lower == b"host":
-                hosts += 1
-            elif lower == b"expect":
-                expect = value
+        self.fields = fields = _fields(self.headers)
+        length = fields.get(b"content-length")
+        length = length and length[-1]
+        hosts = len(fields.get(b"host", _NONE))
+        expect = fields.get(b"expect")
+        expect = expect and expect[-1]
         self.version = version = self.parser.get_http_version()
         if version not in HTTP_VERSIONS:
             self._refuse(400, f"HTTP/{version} is not spoken here (HTTP/1.1 and HTTP/1.0 are)")
@@ -347,7 +363,7 @@ class _Connection(asyncio.Protocol):
     def _request(self, body: bytes) -> Request:
         parser = self.parser
         return Request(parser.get_method().decode("latin-1"), self.target.decode("latin-1"),
-                       self.version, self.headers, body, parser.should_keep_alive())
+                       self.version, self.headers, body, parser.should_keep_alive(), self.fields)
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` after what is already queued, then close: the rest of the stream is not read."""

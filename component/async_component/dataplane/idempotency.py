@@ -13,6 +13,7 @@ queued request), so the key lasts as long as the result it answers with.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -35,7 +36,7 @@ def parse_key(values: list[str]) -> str:
     if len(values) != 1:
         raise BadKey(f"{HEADER} must appear once")
     text = values[0].strip(" \t")
-    string = _SF_STRING.fullmatch(text)
+    string = _SF_STRING.fullmatch(text) if text[:1] == '"' else None
     if string:
         key = string.group(1)
         if "\\" in key:
@@ -51,7 +52,9 @@ def parse_key(values: list[str]) -> str:
 
 def fingerprint(method: str, target: str, body: bytes) -> str:
     """What makes a request the same request: method, path and query, body (hex: the claim is text)."""
-    return hashlib.sha256(f"{method}\n{target}\n".encode("latin-1", "surrogateescape") + body).hexdigest()
+    digest = hashlib.sha256(f"{method}\n{target}\n".encode("latin-1", "surrogateescape"))
+    digest.update(body)  # not appended to the line above: no copy of the body
+    return digest.hexdigest()
 
 
 def claim(method: str, target: str, body: bytes, request_id: str, key_name: str) -> str:
@@ -61,7 +64,13 @@ def claim(method: str, target: str, body: bytes, request_id: str, key_name: str)
 
 def key_name(prefix: str, host: str, key: str) -> str:
     """The Redis key of an idempotency key for the Service of ``host``."""
-    return f"{prefix}:{{{service_tag(host)}}}:idem:{key}"
+    return _key_base(prefix, host) + key
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_base(prefix: str, host: str) -> str:
+    """Remembered: a few Services send almost every request, and this is on the producer's hot path."""
+    return f"{prefix}:{{{service_tag(host)}}}:idem:"
 
 
 _HEADER_LOWER = HEADER.lower()

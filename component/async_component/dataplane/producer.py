@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
-from . import idempotency, preferences, redisconn, targets
+from . import gcpolicy, hirespack, idempotency, preferences, redisconn, targets
 from .enqueuer import Enqueuer, Keyed, KeyReused, QueueFull, Seen
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
@@ -625,6 +625,7 @@ class Producer:
     async def start(self) -> None:
         if self.redis is None:
             self.redis = make_redis(self.settings)
+            hirespack.packing(self.redis)  # the batch script's arguments: about 1 µs per request less
             # one attempt per batch: a retried write could queue a request twice,
             # and a quick 503 is the client's cue to retry
             self.redis.set_retry(Retry(NoBackoff(), 0))
@@ -694,6 +695,7 @@ async def _serve(settings: ProducerSettings, reuse_port: bool) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
+    gcpolicy.tune()  # in each worker, once its server and Redis client exist
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -201,8 +201,11 @@ local n = 0
 for i = 5, #ARGV, stride do
   n = n + 1
   local fingerprint, request, key
-  if stride == 2 and ARGV[i + 1] ~= '' then
-    fingerprint, request, key = string.match(ARGV[i + 1], '^(%%x+) (%%S+) (.+)$')
+  if stride == 2 and ARGV[i + 1] ~= '' then  -- split at its first two spaces: cheaper than a pattern
+    local claim = ARGV[i + 1]
+    local a = string.find(claim, ' ', 1, true)
+    local b = string.find(claim, ' ', a + 1, true)
+    fingerprint, request, key = string.sub(claim, 1, a - 1), string.sub(claim, a + 1, b - 1), string.sub(claim, b + 1)
   end
   local held = key and redis.call('GET', key)
   if held then
@@ -220,7 +223,7 @@ for i = 5, #ARGV, stride do
       added = added + 1
       queued = queued + 1
       if key then
-        redis.call('SET', key, fingerprint .. ' ' .. ids[n] .. ' ' .. request, 'PX', lifetime)
+        redis.call('SET', key, fingerprint .. ' ' .. ids[n] .. ' ' .. request, 'PX', ARGV[4])
       end
     end
   end

@@ -24,7 +24,6 @@ fresh so they are not reclaimed under it. Delivery is therefore at least once.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -43,6 +42,7 @@ from .. import logs, probes
 from . import redisconn, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
+from .gcpolicy import tune as tune_gc
 from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
@@ -878,16 +878,6 @@ async def serve(settings: SourceSettings) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
-
-
-def tune_gc() -> None:
-    """Fewer, larger young collections, and the startup objects frozen out of full ones.
-
-    Each delivery allocates many short-lived objects (futures, tasks, headers, JSON); with the
-    default thresholds the collector took ~8 % of the source's CPU in a drain (perf/profiling.md).
-    """
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
 
 
 validate = targets.validate
