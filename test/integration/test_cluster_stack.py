@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import subprocess
 
-import aiohttp
 import pytest
 from redis.crc import key_slot
 
 from async_component.local.ports import free_port
 from async_component.local.stack import LocalStack
 
+from .test_fair_queues_stack import client  # noqa: F401 - the fixture, on this module's stack
+
 SLEEP = "helloworld-sleep"
 ALWAYS = "helloworld-sleep-always"
+PENDING = (202, 503)
+"""Status reads that are not final yet: 503 while a master is away."""
 
 pytestmark = pytest.mark.slow
 
@@ -42,38 +45,6 @@ def owner(stack: LocalStack, slot: int) -> int:
     raise AssertionError(f"nobody serves slot {slot}")
 
 
-class Client:
-    def __init__(self, stack: LocalStack, session: aiohttp.ClientSession) -> None:
-        self.stack, self.session = stack, session
-
-    async def send(self, service: str, path: str) -> tuple[int, str]:
-        headers = {"Host": self.stack.host(service), "Prefer": "respond-async"}
-        async with self.session.post(self.stack.gateway_url + path, headers=headers, data=b"x") as response:
-            body = await response.text()
-            return response.status, response.headers.get("Location", body)
-
-    async def status(self, service: str, location: str) -> tuple[int, str]:
-        async with self.session.get(self.stack.gateway_url + location,
-                                    headers={"Host": self.stack.host(service)}) as response:
-            await response.read()
-            return response.status, response.headers.get("Async-Request-State", "")
-
-    async def finish(self, service: str, location: str, timeout: float = 60.0) -> tuple[int, str]:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            status, state = await self.status(service, location)
-            if status not in (202, 503):
-                return status, state
-            assert asyncio.get_running_loop().time() < deadline, f"{service} {location} still {status} {state}"
-            await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def client(stack):
-    async with aiohttp.ClientSession() as session:
-        yield Client(stack, session)
-
-
 async def test_kill_9_of_a_master_stops_only_its_services_and_its_queue_completes_when_it_is_back(stack, client):
     cluster = stack.redis_cluster
     dead = owner(stack, slot_of(stack, SLEEP))
@@ -96,10 +67,10 @@ async def test_kill_9_of_a_master_stops_only_its_services_and_its_queue_complete
     # Another master's Service goes on as if nothing happened.
     status, location = await client.send(ALWAYS, "/other-master?sleep=0")
     assert status == 202, location
-    assert await client.finish(ALWAYS, location, timeout=30) == (200, "succeeded")
+    assert await client.finish(ALWAYS, location, timeout=30, pending=PENDING) == (200, "succeeded")
 
     await asyncio.to_thread(cluster.restart, dead)
-    finals = await asyncio.gather(*(client.finish(SLEEP, location) for location in queued))
+    finals = await asyncio.gather(*(client.finish(SLEEP, location, pending=PENDING) for location in queued))
     assert finals == [(200, "succeeded")] * len(queued)
 
 
@@ -145,6 +116,7 @@ async def test_a_slot_moved_by_reshard_under_load_loses_nothing(stack, client):
     assert {status for _, status, _ in answers} <= {202, 503}, answers
     accepted = [(service, location) for service, status, location in answers if status == 202]
     assert sum(service == SLEEP for service, _ in accepted) > 0
-    finals = await asyncio.gather(*(client.finish(service, location) for service, location in accepted))
+    finals = await asyncio.gather(*(client.finish(service, location, pending=PENDING)
+                                    for service, location in accepted))
     assert finals == [(200, "succeeded")] * len(accepted)
 

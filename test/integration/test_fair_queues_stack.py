@@ -51,6 +51,13 @@ class Client:
     def __init__(self, stack: LocalStack, session: aiohttp.ClientSession) -> None:
         self.stack, self.session = stack, session
 
+    async def send(self, service: str, path: str) -> tuple[int, str]:
+        """An async POST's status and Location (or, when it is not 202, its body)."""
+        headers = {"Host": self.stack.host(service), "Prefer": "respond-async"}
+        async with self.session.post(self.stack.gateway_url + path, headers=headers, data=b"x") as response:
+            body = await response.text()
+            return response.status, response.headers.get("Location", body)
+
     async def accept(self, service: str, path: str) -> str:
         headers = {"Host": self.stack.host(service), "Prefer": "respond-async"}
         async with self.session.post(self.stack.gateway_url + path, headers=headers) as response:
@@ -63,13 +70,15 @@ class Client:
             await response.read()
             return response.status, response.headers.get("Async-Request-State", "")
 
-    async def finish(self, service: str, location: str, timeout: float = 60.0) -> tuple[int, str]:
+    async def finish(self, service: str, location: str, timeout: float = 60.0,
+                     pending: tuple[int, ...] = (202,)) -> tuple[int, str]:
+        """Poll until the status read answers other than ``pending`` (503 too while Redis may be away)."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             status, state = await self.status(service, location)
-            if status != 202:
+            if status not in pending:
                 return status, state
-            assert asyncio.get_running_loop().time() < deadline, f"{service} {location} still {state}"
+            assert asyncio.get_running_loop().time() < deadline, f"{service} {location} still {status} {state}"
             await asyncio.sleep(0.05)
 
 
