@@ -8,8 +8,6 @@ from collections.abc import Iterator
 from async_component.local.stack import LocalStack
 from async_component.local.ports import free_port
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-
 from backend import NAMESPACE, Backend
 
 
@@ -31,8 +29,7 @@ class LocalBackend(Backend):
     def redis_client(self):
         if self.stack.redis_cluster is None:
             return super().redis_client()
-        nodes = [ClusterNode("127.0.0.1", node.port) for node in self.stack.redis_cluster.nodes]
-        return RedisCluster(startup_nodes=nodes, require_full_coverage=False)
+        return self.stack.redis_cluster.cluster_client(require_full_coverage=False)
 
     def dead_letter_stream_of(self, service: str) -> str:
         if self.stack.redis_cluster is None:

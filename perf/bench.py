@@ -261,10 +261,7 @@ async def stack_client(stack, connections: int = 64):
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
         if getattr(stack, "redis_cluster", None) is not None:
-            from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-            client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", node.port)
-                                                 for node in stack.redis_cluster.nodes])
+            client = stack.redis_cluster.cluster_client()
         else:
             client = aioredis.Redis.from_url(stack.redis_url)
         try:

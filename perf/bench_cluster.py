@@ -66,11 +66,10 @@ def bench_producer(seconds: float, rounds: int = 3) -> tuple[list[Figure], list[
                  f"rounds of {seconds / rounds:.0f} s each, requests for {len(hosts)} Services (one a master)")
         for server in (one, many):
             wrk.run(server.url + "/", seconds=2, target_hosts=hosts)
-        from redis.cluster import ClusterNode, RedisCluster as ClusterClient
         import redis
 
         single_client = redis.Redis.from_url(single.url)
-        cluster_client = ClusterClient(startup_nodes=[ClusterNode("127.0.0.1", node.port) for node in cluster.nodes])
+        cluster_client = cluster.cluster_client(asynchronous=False)
         warm = (_queued(single_client, hosts), _queued(cluster_client, hosts))
         one_rounds, many_rounds = [], []
         cpu = {"producer": [0.0], "redis-server": [0.0], "producer on the cluster": [0.0], "the masters": [0.0]}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import redis
-from redis.cluster import RedisCluster as ClusterClient, ClusterNode
+from redis.cluster import RedisCluster as ClusterClient
 
 from async_component.local.rediscluster import SLOTS, RedisCluster, slot_ranges
 
@@ -34,8 +34,7 @@ def _tags_on_each_master(cluster: RedisCluster, client: ClusterClient) -> dict[i
 
 
 def _client(cluster: RedisCluster) -> ClusterClient:
-    nodes = [ClusterNode("127.0.0.1", node.port) for node in cluster.nodes]
-    return ClusterClient(startup_nodes=nodes, socket_timeout=2)
+    return cluster.cluster_client(asynchronous=False, socket_timeout=2)
 
 
 def test_three_masters_share_the_keys_and_survive_one_down(redis_cluster: RedisCluster) -> None:

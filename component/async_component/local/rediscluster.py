@@ -58,6 +58,15 @@ class RedisCluster:
         """A plain client of one master (for ``CLUSTER`` commands and for looking at its keys)."""
         return redis.Redis(host="127.0.0.1", port=self.nodes[index].port, socket_timeout=5)
 
+    def cluster_client(self, *, asynchronous: bool = True, **kwargs):
+        """redis-py's cluster client of these masters (asyncio's, or with ``asynchronous=False`` the blocking one),
+        for tests and benchmarks that look at the keys as the data plane sees them."""
+        if asynchronous:
+            from redis.asyncio.cluster import ClusterNode, RedisCluster as Client
+        else:
+            from redis.cluster import ClusterNode, RedisCluster as Client
+        return Client(startup_nodes=[ClusterNode("127.0.0.1", node.port) for node in self.nodes], **kwargs)
+
     def start(self, timeout: float = 20.0) -> RedisCluster:
         try:
             for node in self.nodes:
