@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from yarl import URL
 
-from async_component.dataplane import producer
+from async_component.dataplane import idempotency, producer
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import (
@@ -774,6 +774,20 @@ async def test_the_same_key_with_another_request_is_422(base, http, redis_client
         assert resp.status == 422
         assert "Idempotency-Key" in (await resp.json())["error"]
     assert await entry_count(redis_client) == 1
+
+
+async def test_a_key_taken_by_the_previous_version_is_still_answered(base, http, redis_client):
+    """An upgrade: a key the running producer took (its stored format) must still answer a repeat, never queue it
+    again, and still refuse another request."""
+    fingerprint = idempotency.fingerprint("POST", "/x?a=1", b"same")
+    await redis_client.set("async:{default/sleep}:idem:before", f"{fingerprint} 1700000000000-7 FirstRequestId0000000000")
+    async with http.post(f"{base}/x?a=1", data=b"same", headers={**ASYNC, "Idempotency-Key": "before"}) as resp:
+        assert resp.status == 202
+        assert resp.headers["Async-Request-Id"] == "FirstRequestId0000000000"
+        assert resp.headers["Location"] == f"{STATUS_PATH_PREFIX}1700000000000-7.FirstRequestId0000000000"
+    async with http.post(f"{base}/x?a=1", data=b"other", headers={**ASYNC, "Idempotency-Key": '"before"'}) as resp:
+        assert resp.status == 422
+    assert await entry_count(redis_client) == 0
 
 
 async def test_a_malformed_idempotency_key_is_400_and_nothing_queued(base, http, redis_client):

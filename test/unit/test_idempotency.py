@@ -27,6 +27,25 @@ def test_anything_else_is_a_bad_key(values):
         idempotency.parse_key(values)
 
 
+@pytest.mark.parametrize("values", [
+    ['"abc"'], [' "a b\\"c\\\\" '], ["8e03978e-40d5-43e8-bc93-6894a57f9324"], ["token:x/y*"], ['"a b"'],
+    ["x" * 255], ['"' + "y" * 255 + '"'], ['\t"padded" '], ["caf\u00e9"],
+    [], ['"a"', '"b"'], ['""'], [""], ['"unterminated'], ["two words"], ['"tab\there"'], ["a,b"], ["x" * 256],
+    ['"' + "x" * 256 + '"'], ['"\u00e9"'],
+])
+def test_the_key_read_from_the_raw_field_is_the_parsed_key(values):
+    """The producer reads the field's bytes directly: the same key, or the same refusal, as parse_key."""
+    raw = [value.encode("utf-8") for value in values]
+    host = "hello.default.svc.cluster.local"
+    try:
+        expected = idempotency.key_name("async", host, idempotency.parse_key(values))
+    except idempotency.BadKey:
+        with pytest.raises(idempotency.BadKey):
+            idempotency.key_name_of("async", host, raw)
+    else:
+        assert idempotency.key_name_of("async", host, raw) == expected
+
+
 def test_keys_are_scoped_by_the_services_hash_tag():
     assert idempotency.key_name("async", "hello.default.svc.cluster.local", "k") == "async:{default/hello}:idem:k"
     assert idempotency.key_name("async", "hello.default.svc.cluster.local:80", "k") == "async:{default/hello}:idem:k"

@@ -47,11 +47,15 @@ class KeyReused(Exception):
 
 
 class Keyed(NamedTuple):
-    """A request with an ``Idempotency-Key``: queued unless its key is held."""
+    """A request with an ``Idempotency-Key``: queued unless its key is held. Its fields are its arguments to
+    the enqueue script, in their order (:data:`.queues.ENQUEUE`)."""
 
     envelope_json: bytes
-    claim: str
-    """``<fingerprint> <request id> <the key's Redis key>`` (:func:`.idempotency.claim`)."""
+    key: str
+    """The idempotency key's Redis key (:func:`.idempotency.key_name`)."""
+    fingerprint: str
+    """:func:`.idempotency.fingerprint`."""
+    request_id: str
 
 
 class Seen(NamedTuple):
@@ -132,7 +136,7 @@ class Enqueuer:
             return keys, [STREAM_FIELD, cap, queue.member, 0, *items]
         args = [STREAM_FIELD, cap, queue.member, retention_ms]
         for item in items:
-            args += (item.envelope_json, item.claim) if type(item) is Keyed else (item, "")
+            args += item if type(item) is Keyed else (item, "", "", "")
         return keys, args
 
     async def _send(self, batch: list[Item]) -> list:

@@ -359,9 +359,8 @@ class Producer:
         idempotency_key = request.values(_IDEMPOTENCY_RAW)
         if idempotency_key:
             try:
-                key_name = idempotency.key_name(
-                    self.settings.key_prefix, host, idempotency.parse_key([header_text(v) for v in idempotency_key]))
-                keyed = Keyed(document, idempotency.claim(request.method, target, request.body, request_id, key_name))
+                keyed = Keyed(document, idempotency.key_name_of(self.settings.key_prefix, host, idempotency_key),
+                              idempotency.fingerprint(request.method, target, request.body), request_id)
             except idempotency.BadKey as exc:
                 self.metrics.rejected_for["bad_request"].inc()
                 return error_response(400, str(exc))

@@ -181,36 +181,46 @@ class Layout:
 
 # KEYS: the queue's stream, retry stream, retry set, the active set, the wake stream (Layout.active_for, wake_for).
 # ARGV: the stream field, the cap on queued requests, the queue's member, how long a new idempotency key is kept
-#       (ms; 0: a call without keys), then per request its envelope, or (with keys) its envelope and its claim:
-#       '<fingerprint> <request id> <idempotency key>' ('' without a key).
+#       (ms; 0: a call without keys), then per request its envelope, or (with keys) its envelope, its idempotency
+#       key's Redis key, the request's fingerprint and its request id (the three '' without a key).
 # Each envelope gets its entry id, or a QUEUEFULL error when the queue holds the cap already
 # (nothing written for it). Marks the queue active "now" and wakes the sources if it was not.
 # A request whose idempotency key is held gets {entry id, request id} of the request that took it
-# when the fingerprints match (nothing written), else an IDEMPOTENCY error; a new key is taken.
-# The keys are not in KEYS (two arguments a request, not three, to keep a keyed request cheap): each is
+# when the fingerprints match (nothing written), else an IDEMPOTENCY error; a new key is taken, holding
+# '<fingerprint> <entry id> <request id>' (the format every version so far reads and writes).
+# The keys are read with one MGET a call (a GET each cost Redis a command call per key), and a key taken
+# earlier in the same call is remembered, so a repeat within one batch is answered as one in the next.
+# The keys are not in KEYS (as few arguments a request as possible, to keep a keyed request cheap): each is
 # under its Service's hash tag, that of the queue in the per-Service layout, so it is in KEYS[1]'s slot.
 ENQUEUE = """
 local cap = tonumber(ARGV[2])
 local lifetime = tonumber(ARGV[4])
-local stride = lifetime > 0 and 2 or 1
+local stride = lifetime > 0 and 4 or 1
 local queued = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3])
 if KEYS[2] ~= KEYS[1] then queued = queued + redis.call('XLEN', KEYS[2]) end
 local ids = {}
 local added = 0
 local n = 0
+local held = {}
+if stride == 4 then
+  local names = {}
+  for i = 6, #ARGV, 4 do
+    if ARGV[i] ~= '' then names[#names + 1] = ARGV[i] end
+  end
+  if #names > 0 then
+    local values = redis.call('MGET', unpack(names))
+    for j = 1, #names do
+      if values[j] then held[names[j]] = values[j] end
+    end
+  end
+end
 for i = 5, #ARGV, stride do
   n = n + 1
-  local fingerprint, request, key
-  if stride == 2 and ARGV[i + 1] ~= '' then  -- split at its first two spaces: cheaper than a pattern
-    local claim = ARGV[i + 1]
-    local a = string.find(claim, ' ', 1, true)
-    local b = string.find(claim, ' ', a + 1, true)
-    fingerprint, request, key = string.sub(claim, 1, a - 1), string.sub(claim, a + 1, b - 1), string.sub(claim, b + 1)
-  end
-  local held = key and redis.call('GET', key)
-  if held then
-    local first, entry, first_request = string.match(held, '^(%%x+) (%%S+) (%%S+)$')
-    if first == fingerprint then
+  local key = stride == 4 and ARGV[i + 1] ~= '' and ARGV[i + 1]
+  local first = key and held[key]
+  if first then
+    local fingerprint, entry, first_request = string.match(first, '^(%%x+) (%%S+) (%%S+)$')
+    if fingerprint == ARGV[i + 2] then
       ids[n] = {entry, first_request}
     else
       ids[n] = {err = 'IDEMPOTENCY the key was used for another request'}
@@ -223,7 +233,8 @@ for i = 5, #ARGV, stride do
       added = added + 1
       queued = queued + 1
       if key then
-        redis.call('SET', key, fingerprint .. ' ' .. ids[n] .. ' ' .. request, 'PX', ARGV[4])
+        held[key] = ARGV[i + 2] .. ' ' .. ids[n] .. ' ' .. ARGV[i + 3]
+        redis.call('SET', key, held[key], 'PX', ARGV[4])
       end
     end
   end
