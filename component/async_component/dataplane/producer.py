@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 
 from .. import logs, probes
 from . import gcpolicy, hirespack, idempotency, preferences, redisconn, targets
-from .enqueuer import Enqueuer, Keyed, KeyReused, QueueFull, Seen
+from .enqueuer import Enqueuer, KeyReused, QueueFull, Seen
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
 from .cancel import DELETED, MISSING, Canceler
@@ -359,8 +359,8 @@ class Producer:
         idempotency_key = request.values(_IDEMPOTENCY_RAW)
         if idempotency_key:
             try:
-                keyed = Keyed(document, idempotency.key_name_of(self.settings.key_prefix, host, idempotency_key),
-                              idempotency.fingerprint(request.method, target, request.body), request_id)
+                keyed = (document, idempotency.key_name_of(self.settings.key_prefix, host, idempotency_key),
+                         idempotency.fingerprint(request.method, target, request.body), request_id)
             except idempotency.BadKey as exc:
                 self.metrics.rejected_for["bad_request"].inc()
                 return error_response(400, str(exc))
