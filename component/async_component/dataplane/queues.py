@@ -188,8 +188,8 @@ class Layout:
 # A request whose idempotency key is held gets {entry id, request id} of the request that took it
 # when the fingerprints match (nothing written), else an IDEMPOTENCY error; a new key is taken, holding
 # '<fingerprint> <entry id> <request id>' (the format every version so far reads and writes).
-# The keys are read with one MGET a call (a GET each cost Redis a command call per key), and a key taken
-# earlier in the same call is remembered, so a repeat within one batch is answered as one in the next.
+# The keys are read with one MGET a call, and a key taken earlier in the same call is remembered, so a
+# repeat within one batch is answered as one in a later batch is.
 # The keys are not in KEYS (as few arguments a request as possible, to keep a keyed request cheap): each is
 # under its Service's hash tag, that of the queue in the per-Service layout, so it is in KEYS[1]'s slot.
 ENQUEUE = """
