@@ -781,21 +781,24 @@ class Source:
 
     def finish_calls(self, writes: Sequence[tuple[str, Any, EntryRef, int, str | None, bool]]
                      ) -> list[tuple[list[int], tuple]]:
-        """Final records written with the entries they settle, as one :data:`.queues.FINISH` call per queue.
+        """Final records written with the entries they settle, as one :data:`.queues.FINISH` call: for them all on
+        one redis-server, one per queue (hash slot) on a cluster.
 
         ``writes``: each record's key, JSON, entry, lifetime (ms), the idempotency key it renews (or None) and
         whether to announce it.
-        Returns each call with the positions of the writes it covers; writes whose keys are not all in their
-        entry's stream's hash slot (the single stream's, on a cluster) are left out, for a transaction.
+        Returns each call with the positions of the writes it covers; on a cluster, writes whose keys are not all
+        in their entry's stream's hash slot (the single stream's) are left out, for a transaction.
         """
         groups: dict[int, list[int]] = {}
-        for i, (key, _, (stream, _), _, renewed, _) in enumerate(writes):
+        if writes and not self.layout.cluster:  # one script may touch any keys: one call (and one reply to parse)
+            groups[0] = list(range(len(writes)))
+        for i, (key, _, (stream, _), _, renewed, _) in enumerate(writes if self.layout.cluster else ()):
             slot = key_slot(stream.encode())
             if key_slot(key.encode()) == slot and (renewed is None or key_slot(renewed.encode()) == slot):
                 groups.setdefault(slot, []).append(i)
         calls = []
         for positions in groups.values():
-            streams = list(dict.fromkeys(writes[i][2][0] for i in positions))
+            streams = {stream: n for n, stream in enumerate(dict.fromkeys(writes[i][2][0] for i in positions), 1)}
             renewed = [writes[i][4] for i in positions if writes[i][4] is not None]
             keys = [*streams, *(writes[i][0] for i in positions), *renewed]
             args: list[Any] = [self.settings.group, self.finished, len(streams)]
@@ -804,7 +807,7 @@ class Source:
                 key, value, (stream, entry_id), retention_ms, renews, announce = writes[i]
                 if renews is not None:
                     at += 1
-                args += (value, retention_ms, streams.index(stream) + 1, entry_id, at if renews is not None else 0,
+                args += (value, retention_ms, streams[stream], entry_id, at if renews is not None else 0,
                          1 if announce else 0)
             calls.append((positions, (self.finish, keys, args)))
         return calls
