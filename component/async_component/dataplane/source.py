@@ -39,7 +39,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from .. import logs, probes
-from . import redisconn, targets
+from . import hirespack, redisconn, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .gcpolicy import tune as tune_gc
@@ -157,6 +157,8 @@ class Source:
         self.metrics = Metrics(self.registry)
         self.owns_redis = redis is None
         self.redis = make_redis(settings) if redis is None else redis
+        if self.owns_redis:  # a batch of outcomes is ~6 arguments a request: hiredis packs them, not redis-py
+            hirespack.packing(self.redis)
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.stop_grace = drain_grace(settings) if stop_grace is None else stop_grace
         self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in, self.finish_calls)
