@@ -366,16 +366,20 @@ return 0
 
 async def queued_in(redis_client, streams: list[str], count: bool = False):
     """The streams that may still hold entries, from the first that does (``count``: how many entries they
-    hold together).
+    hold together, with a pipeline).
 
     A drained stream stays drained (nothing is queued meanwhile), so each look drops those found drained
     and costs this process and Redis little however many streams there are; on a cluster, whose streams are
     in many slots, one XLEN each in a pipeline.
     """
     cluster = hasattr(redis_client, "mget_nonatomic")
-    if not count and not cluster:
-        first = await redis_client.eval(FIRST_QUEUED, len(streams), *streams)
-        return streams[first - 1:] if first else []
+    while streams and not count and not cluster:  # 50 at a time: a look packs no more keys than that
+        first = await redis_client.eval(FIRST_QUEUED, len(streams[:50]), *streams[:50])
+        if first:
+            return streams[first - 1:]
+        streams = streams[50:]
+    if not streams:
+        return 0 if count else []
     left, total = [], 0
     for chunk in range(0, len(streams), 1000):
         async with redis_client.pipeline(transaction=False) as pipe:

@@ -128,7 +128,7 @@ class QueueState:
     """What this source knows of one queue: its deliveries in flight (and when each started), its last reclaim,
     its wake-ups, and whether its Service answers quickly enough to borrow idle slots."""
 
-    __slots__ = ("queue", "in_flight", "reclaimed_at", "woken", "started", "quick")
+    __slots__ = ("queue", "in_flight", "reclaimed_at", "woken", "started", "quick", "gauges")
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
@@ -139,6 +139,9 @@ class QueueState:
         """Start times of the deliveries in flight, oldest first."""
         self.quick = False
         """Its last delivery took at most BORROW_AGE: it may borrow (until one takes longer, or hangs)."""
+        self.gauges: tuple[Any, Any] | None = None
+        """Its queued and oldest-age gauges, bound once: a label lookup each time cost ~20 µs, 2,000 of them
+        every few seconds with 1,000 Services busy."""
 
     def may_borrow(self, now: float) -> bool:
         """Answering quickly, with nothing in flight for longer than BORROW_AGE (a Service that just hung)."""
@@ -427,9 +430,11 @@ class Source:
                 queued += _number(length) - (pending["pending"] if isinstance(pending, dict) else 0)
                 if isinstance(first, list) and first:
                     oldest = min(oldest, int(as_text(first[0][0]).partition("-")[0]))
-            labels = labels_of(state.queue.member)
-            self.metrics.service_queued.labels(*labels).set(max(0, queued))
-            self.metrics.service_oldest.labels(*labels).set(max(0.0, (now_ms - oldest) / 1000))
+            if state.gauges is None:
+                labels = labels_of(state.queue.member)
+                state.gauges = self.metrics.service_queued.labels(*labels), self.metrics.service_oldest.labels(*labels)
+            state.gauges[0].set(max(0, queued))
+            state.gauges[1].set(max(0.0, (now_ms - oldest) / 1000))
 
     def _grants(self) -> list[tuple[QueueState, int]]:
         """Round robin over the ready queues: each as many entries as its free slots allow, within CONCURRENCY;
