@@ -777,7 +777,7 @@ class Source:
 
     def settle_in(self, pipe, *refs: EntryRef) -> None:
         """Acknowledge and delete ``refs`` in the transaction ``pipe``: with :meth:`finish_calls` (the same in one
-        script per queue, for a batch of outcomes), the only places entries are settled.
+        script, for a batch of outcomes), the only places entries are settled.
 
         The replay core gets both as its hooks (in-process delivery), so an outcome and its
         entry's ack are written together or not at all.
