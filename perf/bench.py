@@ -420,8 +420,8 @@ async def measure_drain(client: StackClient, count: int, how: str) -> tuple[floa
     return sync, drained, [
         f"2 ({how}): {succeeded:,} of {count:,} drained requests recorded as succeeded; CPU ms per request, "
         f"sync calls: {fmt_cpu(sync_cpu)}; drain (queued first): {fmt_cpu(drain_cpu)}",
-        f"2 ({how}): timed from the first enqueue, the bench's enqueueing competing with the drain (the method "
-        f"before 2026-11-30, 21:30 UTC): {while_queued:,.0f} req/s = {ratio(while_queued, sync):.2f} x sync; "
+        f"2 ({how}): timed from the first enqueue, the bench's enqueueing competing with the drain (as before "
+        f"2026-11-30, 21:30 UTC, but with the new look for drained streams): {while_queued:,.0f} req/s = {ratio(while_queued, sync):.2f} x sync; "
         f"CPU ms per request: {fmt_cpu(while_cpu)}",
     ], drain_cpu.get("source", 0.0) * 1000
 
@@ -623,7 +623,8 @@ async def drain_many(stack, services: int, each: int) -> tuple[dict[str, float],
                 notes.append(f"6 ({len(hosts):,} Service(s) x {count // len(hosts):,}, {how}): {rate:,.0f} req/s; "
                              f"CPU ms per request: {fmt_cpu(cpu)}")
     old = ratio(rates[("many", False)], rates[("one", False)])
-    notes.append(f"6: timed from the first enqueue (the method before 2026-11-30, 21:30 UTC), many / one = {old:.2f}")
+    notes.append(f"6: timed from the first enqueue (as before 2026-11-30, 21:30 UTC, but with the new look for drained "
+                 f"streams), many / one = {old:.2f}")
     return rates, notes
 
 
