@@ -23,6 +23,8 @@ import time
 
 from aiohttp import web
 
+import machine
+
 from async_component.cli import HelpFormatter
 from async_component.dataplane.enqueuer import Enqueuer
 from async_component.dataplane.envelope import envelope_json
@@ -53,7 +55,7 @@ async def app_ready(port: int) -> None:
     raise RuntimeError("the app did not start")
 
 
-async def drain(redis_url: str, port: int, args: argparse.Namespace) -> None:
+async def drain(redis_url: str, port: int, args: argparse.Namespace, redis_pid: int) -> None:
     import redis.asyncio as aioredis
 
     await app_ready(port)
@@ -71,8 +73,11 @@ async def drain(redis_url: str, port: int, args: argparse.Namespace) -> None:
     source = Source(SourceSettings(**settings))
     task = asyncio.create_task(source.run())
     delivered = source.metrics.delivered_as["delivered"]
-    profile = cProfile.Profile()
-    commands = await command_counts(client)
+    # the CPU clock: a send() that wakes another process is then charged its CPU, not the time until this
+    # process gets a core back (on 2 busy cores, much longer)
+    profile = cProfile.Profile(time.process_time) if args.timer == "cpu" else cProfile.Profile()
+    commands, usec = await command_counts(client), await command_usec(client)
+    redis_cpu = machine.cpu_seconds(redis_pid)
     started, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     if args.profile:
         profile.enable()
@@ -81,16 +86,21 @@ async def drain(redis_url: str, port: int, args: argparse.Namespace) -> None:
     if args.profile:
         profile.disable()
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    redis_cpu = machine.cpu_seconds(redis_pid) - redis_cpu
     now = resource.getrusage(resource.RUSAGE_SELF)
     print(f"{args.services} Service(s) x {args.each}: {total / elapsed:,.0f} deliveries/s, "
           f"the source's CPU {cpu * 1e6 / total:,.0f} µs per delivery (user {(now.ru_utime - usage.ru_utime) * 1e6 / total:,.0f}"
-          f" + system {(now.ru_stime - usage.ru_stime) * 1e6 / total:,.0f})" + (" (profiled)" if args.profile else ""))
+          f" + system {(now.ru_stime - usage.ru_stime) * 1e6 / total:,.0f})" + (" (profiled)" if args.profile else "")
+          + f"; redis-server's CPU {redis_cpu * 1e6 / total:,.0f} µs per delivery")
     source.stop()
     await task
-    after = await command_counts(client)
+    after, usec_after = await command_counts(client), await command_usec(client)
+    spent = {name: usec_after[name] - usec.get(name, 0) for name in usec_after}
     sent = {name: after.get(name, 0) - commands.get(name, 0) for name in after}
     print(f"Redis commands per delivery: {sum(sent.values()) / total:.2f} run (scripts' own included), of which "
           + ", ".join(f"{name} {count / total:.2f}" for name, count in sorted(sent.items(), key=lambda x: -x[1])[:6]))
+    print("Redis's time in commands, µs per delivery: "
+          + ", ".join(f"{name} {us / total:.1f}" for name, us in sorted(spent.items(), key=lambda x: -x[1])[:8]))
     await client.aclose()
     if args.profile:
         stats = pstats.Stats(profile)
@@ -105,6 +115,12 @@ async def command_counts(client) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items() if name != "cmdstat_info"}
 
 
+async def command_usec(client) -> dict[str, int]:
+    """Microseconds Redis spent in each command so far (a script's own commands counted in it and by name)."""
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): value["usec"] for name, value in stats.items() if name != "cmdstat_info"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--services", type=int, default=1, help="Services the requests are spread over")
@@ -115,6 +131,8 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="measure without the profiler (its overhead inflates the CPU time)")
     parser.add_argument("--sort", default="cumulative", help="pstats sort key")
+    parser.add_argument("--timer", choices=("cpu", "wall"), default="cpu",
+                        help="what the profile's times are: this process's CPU time, or the wall clock")
     parser.add_argument("--lines", type=int, default=30, help="profile lines printed")
     args = parser.parse_args()
     port = free_port()
@@ -123,7 +141,7 @@ def main() -> None:
     try:
         with RedisServer() as server:
             with asyncio.Runner(loop_factory=new_event_loop) as runner:  # as the source process runs
-                runner.run(drain(server.url, port, args))
+                runner.run(drain(server.url, port, args, server.process.pid))
     finally:
         app.terminate()
         app.join()

@@ -3,8 +3,8 @@
 A source replaying in-process starts the requests it reads in the script that
 reads them (``queues.TAKE``: marks each running, or finds it finished or
 canceled), writes the final records of a batch, settles their entries and
-renews their idempotency keys in one script per Service queue
-(``queues.FINISH``), and calls every script by its SHA. Each test queues into
+renews their idempotency keys in one script (``queues.FINISH``: one call for
+a batch on one redis-server, one per Service queue on a cluster), and calls every script by its SHA. Each test queues into
 per-Service queues as the producer does.
 """
 
@@ -19,6 +19,8 @@ import orjson
 from async_component.dataplane import idempotency
 from async_component.dataplane.envelope import envelope_json
 from async_component.dataplane.records import CANCELED, RUNNING, SUCCEEDED, Record, record_key
+from async_component.dataplane.redisconn import call_scripts
+from async_component.dataplane.source import Source
 
 from .sourcerun import DEAD, GROUP, eventually, has, running
 from .test_queues import (  # noqa: F401 (gateway: the fixture)
@@ -154,3 +156,58 @@ async def test_an_entry_the_replay_refuses_is_dead_lettered_and_leaves_no_runnin
     assert gateway.started == []
     assert await redis_client.xlen(DEAD) == 1
     assert await redis_client.get(record_key("async", "future", host("a"))) is None
+
+
+async def _read_as_the_source(redis_client, services: list[str]) -> list[tuple[str, str, str]]:
+    """Each Service's queued entries read into the group as a source would: (service, stream, entry id)."""
+    read = []
+    for service in services:
+        stream = LAYOUT.for_host(host(service)).stream
+        await redis_client.xgroup_create(stream, GROUP, id="0")
+        for _, entries in await redis_client.xreadgroup(GROUP, "first", {stream: ">"}):
+            read += [(service, stream, entry_id.decode()) for entry_id, _ in entries]
+    return read
+
+
+async def test_outcomes_of_several_services_are_one_script_call_on_one_server_that_writes_and_settles_all(
+        redis_url, redis_client, gateway):
+    """On one redis-server a batch of outcomes costs one FINISH call whatever Services they are for (a call per
+    Service cost a round of packing and parsing each); on a cluster it stays one per Service (hash slot)."""
+    services = ["a", "b", "c"]
+    async with enqueuer(redis_client) as enqueue:
+        for n in range(6):
+            await accept_as(enqueue, services[n % 3], f"r{n}", "/x")
+    read = await _read_as_the_source(redis_client, services)
+    writes = [(record_key("async", f"r{n}", host(service)),
+               Record(state=SUCCEEDED, host=host(service), attempts=1, updated_at=1.0).to_json(),
+               (stream, entry_id), 60_000, None, False) for n, (service, stream, entry_id) in enumerate(read)]
+    source = Source(settings_for(redis_url, gateway), redis=redis_client)
+    calls = source.finish_calls(writes)
+    assert [positions for positions, _ in calls] == [list(range(6))]
+    assert await call_scripts(redis_client, [call for _, call in calls]) == [6]
+    for key, *_ in writes:
+        assert 0 < await redis_client.pttl(key) <= 60_000
+    assert await queued_and_settled(redis_client, services) == 0
+    on_a_cluster = Source(settings_for(redis_url, gateway, redis_cluster=True), redis=redis_client)
+    assert sorted(positions for positions, _ in on_a_cluster.finish_calls(writes)) == [[0, 1], [2, 3], [4, 5]]
+
+
+async def test_an_outcome_batch_of_several_services_redis_refuses_leaves_every_entry_pending(
+        redis_url, redis_client, gateway):
+    """Refused whole: no record written, no entry settled, every request delivered again once Redis takes writes."""
+    gateway.slow = 0.3
+    async with enqueuer(redis_client) as enqueue:
+        requests = [await accept_as(enqueue, service, f"refused-{service}", "/slow") for service in ("a", "b", "c")]
+    async with running(settings_for(redis_url, gateway)) as source:
+        assert await eventually(lambda: has(gateway.started, 3))
+        await redis_client.config_set("maxmemory", 1)  # from now on Redis refuses writes that need memory (OOM)
+        try:
+            assert await eventually(lambda: _at_least(source.metrics.delivered.labels("failed")._value.get(), 3))
+            assert await queued_and_settled(redis_client, ["a", "b", "c"]) == 6  # in the streams, and pending
+            for service, request_id in requests:
+                assert (await record(redis_client, service, request_id)).state == "running"
+        finally:
+            await redis_client.config_set("maxmemory", 0)
+        assert await eventually(all_in(redis_client, SUCCEEDED, requests))
+        assert await eventually(lambda: _zero(queued_and_settled(redis_client, ["a", "b", "c"])))
+    assert sorted(path for _, path, _ in gateway.started) == ["/slow"] * 6  # each replayed again: at least once

@@ -325,8 +325,9 @@ def take_script(start_entry: str) -> str:
     core's (``replay.START_FUNCTION``), which owns how a request is started."""
     return start_entry + TAKE
 
-# KEYS: the streams the entries are in (ARGV[3] of them: a queue's stream and retry stream), then the final records
-#       to write, then the idempotency keys to renew (all under the queue's hash tag).
+# KEYS: the streams the entries are in (ARGV[3] of them: a queue's stream and retry stream, or on one redis-server
+#       those of every queue in the batch), then the final records to write, then the idempotency keys to renew
+#       (on a cluster, all under the queue's hash tag).
 # ARGV: the consumer group, the channel final outcomes are announced on, the number of streams, then per record:
 #       its JSON, its lifetime (ms), its entry's stream (1-based, in KEYS), its entry id, the position in KEYS
 #       of the idempotency key it renews for as long as the record lives (0: none), and 1 to announce it (a client

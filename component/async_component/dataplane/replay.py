@@ -493,7 +493,7 @@ class Replayer:
     async def _set_batch(self, items: list[FinalWrite]) -> list[None]:
         """Final records written in the same loop pass, with the entries they settle, the notifications
         they send and the idempotency keys they renew (kept as long as the record from now on), in one
-        round trip: where the settle hook can, one script per queue, else a transaction."""
+        round trip: where the settle hook can, in scripts (one, or on a cluster one per queue), else a transaction."""
         results: list = [None] * len(items)
         scripted = [i for i, (_, _, entry, _, notice, _, _) in enumerate(items) if entry is not None and notice is None]
         calls = [] if self.finish is None or not scripted else self.finish(
