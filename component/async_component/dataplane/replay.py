@@ -28,7 +28,7 @@ import httptools
 import redis.asyncio as aioredis
 from aiohttp import hdrs
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import http1client, idempotency, redisconn, targets
 from .batching import Batcher
@@ -73,8 +73,10 @@ REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), 
                               REPLAY_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
 
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
-"""What an unreachable or refusing Redis raises: worth delivering again later, unlike any other error."""
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+"""What an unreachable or refusing Redis raises: worth delivering again later, unlike any other error.
+redis-py's cluster client raises RedisClusterException, which is no RedisError, when it finds no master
+to ask (all of them down)."""
 
 RECORD_MARGIN = 10.0
 """Seconds past REQUEST_TIMEOUT a stopping process gives a replay in flight: to record its outcome and settle it."""
