@@ -23,12 +23,16 @@ from .queues import service_tag
 HEADER = "Idempotency-Key"
 MAX_LENGTH = 255
 
-_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
-_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~:/-]+")
+_TOKEN_CHAR = r"[A-Za-z0-9!#$%&'*+.^_`|~:/-]"
 """A Structured Field token's characters, a digit first allowed too: a UUID or a number is a common bare key."""
-_RAW_TOKEN = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~:/-]{1,255}")
-_RAW_PLAIN_STRING = re.compile(rb'"([\x20\x21\x23-\x5b\x5d-\x7e]{1,255})"')
-"""A quoted string without escapes."""
+_STRING_CHAR = r"[\x20\x21\x23-\x5b\x5d-\x7e]"
+"""A Structured Field string's characters but the two escaped ones (a quote and a backslash)."""
+
+_SF_STRING = re.compile(rf'"((?:{_STRING_CHAR}|\\["\\])*)"')
+_TOKEN = re.compile(_TOKEN_CHAR + "+")
+_RAW_TOKEN = re.compile(f"{_TOKEN_CHAR}{{1,{MAX_LENGTH}}}".encode())
+_RAW_PLAIN_STRING = re.compile(f'"({_STRING_CHAR}{{1,{MAX_LENGTH}}})"'.encode())
+"""The same grammar on the field's bytes, for :func:`key_name_of`: a token, or a quoted string without escapes."""
 
 
 class BadKey(ValueError):
