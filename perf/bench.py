@@ -95,19 +95,20 @@ def bench_producer(seconds: float, worker_counts: list[int], rounds: int = 3) ->
                          f"{rounds} alternating rounds of {seconds / rounds:.0f} s each")
                 for server in (bare, producer):  # connections, script load, first batches: not counted
                     wrk.run(server.url + "/", seconds=2, threads=threads)
-                warm_up_entries = client.xlen(queue_stream(wrk.DEFAULT_TARGET))
                 base_rounds, producer_rounds = [], []
                 base_cpu, producer_cpu, redis_cpu = [0.0], [0.0], [0.0]
+                queued = 0
                 for _ in range(rounds):
                     with cpu_used(bare.pid) as used:
                         base_rounds.append(wrk.run(bare.url + "/", seconds=seconds / rounds, threads=threads))
                     base_cpu[0] += used[0]
+                    emptied(client)
                     with cpu_used(producer.pid) as used, cpu_used(redis_server.process.pid) as used_by_redis:
                         producer_rounds.append(wrk.run(producer.url + "/", seconds=seconds / rounds, threads=threads))
                     producer_cpu[0] += used[0]
                     redis_cpu[0] += used_by_redis[0]
+                    queued += client.xlen(queue_stream(wrk.DEFAULT_TARGET))
                 base, result = wrk.combine(base_rounds), wrk.combine(producer_rounds)
-            queued = client.xlen(queue_stream(wrk.DEFAULT_TARGET)) - warm_up_entries
             client.flushall()
             label = f"1 producer, {workers} worker{'s' if workers > 1 else ''}"
             share = ratio(result.rate, base.rate)
@@ -131,6 +132,32 @@ def bench_producer(seconds: float, worker_counts: list[int], rounds: int = 3) ->
                          f"bare {per_request_us(base_cpu, base.requests)} µs")
         client.close()
     return found, notes
+
+
+def emptied(client: redis.Redis, timeout: float = 60.0) -> None:
+    """Redis as a round finds it: nothing queued, and an append-only file rewritten to match.
+
+    Rounds of wrk against the producer queue ~150 MB each with no source draining it. Left in place, every
+    round met a larger dataset than the one before, so Redis's AOF rewrites (each a fork of the whole
+    dataset, then a child writing it on the same two cores) grew through the run and fell on whichever
+    side was loaded then: benchmark 7's ratio moved by +-0.05 from run to run, and 0.003 with each
+    round started this way (perf/profiling.md).
+    """
+    deadline = time.monotonic() + timeout
+
+    def rewritten() -> None:
+        while True:
+            persistence = client.info("persistence")
+            if not (persistence.get("aof_rewrite_in_progress") or persistence.get("aof_rewrite_scheduled")):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis did not finish rewriting its AOF within {timeout:g} s")
+            time.sleep(0.05)
+
+    rewritten()  # one Redis started on its own, as the last round grew the file
+    client.flushall()
+    client.bgrewriteaof()
+    rewritten()
 
 
 @contextlib.contextmanager
@@ -658,17 +685,20 @@ def bench_idempotency(seconds: float, rounds: int = 3) -> tuple[list[Figure], li
                 wrk.run(producer.url + "/", seconds=2, keys=keys)
             plain_rounds, keyed_rounds = [], []
             cpu = {True: [0.0, 0.0], False: [0.0, 0.0]}  # producer, redis-server
-            for _ in range(rounds):
-                for keys in (False, True):
-                    before = client.xlen(queue_stream(wrk.DEFAULT_TARGET))
+            for n in range(rounds):
+                # ABBA: neither side always comes second, after the other has warmed or loaded the machine
+                for keys in ((False, True) if n % 2 == 0 else (True, False)):
+                    emptied(client)
                     with cpu_used(producer.pid) as used, cpu_used(redis_server.process.pid) as used_by_redis:
                         (keyed_rounds if keys else plain_rounds).append(
                             wrk.run(producer.url + "/", seconds=seconds / rounds, keys=keys))
                     cpu[keys][0] += used[0]
                     cpu[keys][1] += used_by_redis[0]
-                keyed_queued = client.xlen(queue_stream(wrk.DEFAULT_TARGET)) - before
+                    if keys:
+                        keyed_queued = client.xlen(queue_stream(wrk.DEFAULT_TARGET))
+                        key_bytes = client.memory_usage(next(client.scan_iter(match="*:idem:*", count=1000)),
+                                                        samples=0)
             plain, keyed = wrk.combine(plain_rounds), wrk.combine(keyed_rounds)
-            key_bytes = client.memory_usage(next(client.scan_iter(match="*:idem:*", count=1000)), samples=0)
         client.close()
     share = ratio(keyed.rate, plain.rate)
     return [
