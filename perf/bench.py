@@ -140,8 +140,8 @@ def emptied(client: redis.Redis, timeout: float = 60.0) -> None:
     Rounds of wrk against the producer queue ~150 MB each with no source draining it. Left in place, every
     round met a larger dataset than the one before, so Redis's AOF rewrites (each a fork of the whole
     dataset, then a child writing it on the same two cores) grew through the run and fell on whichever
-    side was loaded then: benchmark 7's ratio moved by +-0.05 from run to run, and 0.003 with each
-    round started this way (perf/profiling.md).
+    side was loaded then: benchmark 7's ratio read 0.76-0.85 from run to run, and 0.78-0.84 with each
+    round started this way (0.806-0.810 in longer runs of a harness; perf/profiling.md).
     """
     deadline = time.monotonic() + timeout
 
