@@ -9,9 +9,10 @@ they are for one Service), each of which checks the queue's cap, appends, and
 marks the queue active. A request whose XADD fails, or whose queue is full,
 gets its own error; the others of the batch are unaffected. A request with an
 ``Idempotency-Key`` (:mod:`.idempotency`) is checked and its key taken in the
-same call. A request may bring its Service's own cap (its ``max-queued``
-policy) and key retention (its ``retention``); requests of one queue with
-different ones (a policy that just changed) go in separate calls.
+same call; the key is taken without an expiry (the replay gives it the
+result's lifetime when the request ends). A request may bring its Service's
+own cap (its ``max-queued`` policy); requests of one queue with different ones
+(a policy that just changed) go in separate calls.
 
 On a Redis Cluster each master has its own batcher: a batch is the requests
 of the Services one master serves, so a master that hangs (unreachable, not
@@ -61,25 +62,21 @@ class Seen(NamedTuple):
 
 
 class Item(NamedTuple):
-    """One request of a batch: its queue, envelope (or keyed envelope), cap, and key retention (ms; 0: no key)."""
+    """One request of a batch: its queue, envelope (or keyed envelope) and cap."""
 
     queue: Queue
     request: bytes | Keyed
     cap: int
-    retention_ms: int
 
 
 class Enqueuer:
     def __init__(self, redis: aioredis.Redis, *, layout: Layout, max_queued: int = DEFAULT_MAX_QUEUED,
-                 max_batch: int = 256, key_retention: float = 86400,
-                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
-        """``on_batch(size, queued, seconds)`` after each batch Redis answered; ``key_retention``: seconds a new
-        idempotency key is kept."""
+                 max_batch: int = 256, on_batch: Callable[[int, int, float], None] | None = None) -> None:
+        """``on_batch(size, queued, seconds)`` after each batch Redis answered."""
         self.layout = layout
         self.max_queued = max_queued
         self.redis = redis
         self.script = register_script(redis, ENQUEUE_CLUSTER if layout.cluster else ENQUEUE)
-        self.key_retention_ms = max(1, round(key_retention * 1000))
         self.on_batch = on_batch
         self.max_batch = max_batch
         self.batcher: Batcher[Item, bytes | Seen] = Batcher(self._send, max_batch=max_batch)
@@ -107,47 +104,44 @@ class Enqueuer:
         MAX_QUEUED_PER_SERVICE) requests.
         """
         return self._batcher_of(queue).submit(
-            Item(queue, envelope_json, self.max_queued if max_queued is None else max_queued, 0))
+            Item(queue, envelope_json, self.max_queued if max_queued is None else max_queued))
 
-    def enqueue_once(self, queue: Queue, request: Keyed, max_queued: int | None = None,
-                     key_retention: float | None = None) -> asyncio.Future[bytes | Seen]:
+    def enqueue_once(self, queue: Queue, request: Keyed, max_queued: int | None = None) -> asyncio.Future[bytes | Seen]:
         """Like :meth:`enqueue`, unless the key is held: then :class:`Seen`, or :class:`KeyReused` raised.
 
-        ``key_retention``: seconds a new key is kept (None: the producer's, STATUS_RETENTION).
+        A new key is kept while the request is pending: it has no expiry until the request ends.
         """
-        retention_ms = self.key_retention_ms if key_retention is None else max(1, round(key_retention * 1000))
         return self._batcher_of(queue).submit(
-            Item(queue, request, self.max_queued if max_queued is None else max_queued, retention_ms))
+            Item(queue, request, self.max_queued if max_queued is None else max_queued))
 
     async def close(self) -> None:
         for batcher in (self.batcher, *self.batchers.values()):
             await batcher.close()
 
-    def _call(self, queue: Queue, cap: int, retention_ms: int, items: list[bytes | Keyed]) -> tuple[list, list]:
+    def _call(self, queue: Queue, cap: int, items: list[bytes | Keyed]) -> tuple[list, list]:
         """The keys and arguments of the ENQUEUE call for ``items`` of ``queue``."""
         layout = self.layout
         keys = [queue.stream, queue.retry_stream, queue.retries, layout.active_for(queue), layout.wake_for(queue)]
         if not any(type(item) is tuple for item in items):
             return keys, [STREAM_FIELD, cap, queue.member, 0, *items]
-        args = [STREAM_FIELD, cap, queue.member, retention_ms]
+        args = [STREAM_FIELD, cap, queue.member, 1]
         for item in items:
             args += item if type(item) is tuple else (item, "", "", "")
         return keys, args
 
     async def _send(self, batch: list[Item]) -> list:
         started = time.perf_counter()
-        first, _, cap, _ = batch[0]
-        retentions = {item.retention_ms for item in batch if item.retention_ms}
-        if len(retentions) <= 1 and all((item.queue is first or item.queue == first) and item.cap == cap
-                                        for item in batch):  # the usual case: one Service, one policy
-            keys, args = self._call(first, cap, max(retentions, default=0), [item.request for item in batch])
+        first, _, cap = batch[0]
+        if all((item.queue is first or item.queue == first) and item.cap == cap
+               for item in batch):  # the usual case: one Service, one policy
+            keys, args = self._call(first, cap, [item.request for item in batch])
             results = await self.script(keys=keys, args=args)
         else:
-            groups: dict[tuple[Queue, int, int], list[int]] = {}
+            groups: dict[tuple[Queue, int], list[int]] = {}
             for n, item in enumerate(batch):
-                groups.setdefault((item.queue, item.cap, item.retention_ms), []).append(n)
-            calls = [(self.script, *self._call(queue, cap, retention_ms, [batch[n].request for n in members]))
-                     for (queue, cap, retention_ms), members in groups.items()]
+                groups.setdefault((item.queue, item.cap), []).append(n)
+            calls = [(self.script, *self._call(queue, cap, [batch[n].request for n in members]))
+                     for (queue, cap), members in groups.items()]
             replies = await call_scripts(self.redis, calls)  # on a cluster: one round trip per master
             results = [None] * len(batch)
             for members, reply in zip(groups.values(), replies):

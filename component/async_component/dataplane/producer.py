@@ -368,7 +368,7 @@ class Producer:
             key = record_key(self.settings.key_prefix, request_id, host)
             waiter = self.finished.register(key)
         try:
-            queued = await (self.enqueuer.enqueue_once(queue, keyed, max_queued, service_policy.retention)
+            queued = await (self.enqueuer.enqueue_once(queue, keyed, max_queued)
                             if idempotency_key else self.enqueuer.enqueue(queue, document, max_queued))
         except Exception as exc:
             if wait:
@@ -630,7 +630,6 @@ class Producer:
             self.redis.set_retry(Retry(NoBackoff(), 0))
             self.owns_redis = True
         self.enqueuer = Enqueuer(self.redis, layout=self.layout, max_queued=self.settings.max_queued_per_service,
-                                 key_retention=self.settings.status_retention,
                                  on_batch=self.metrics.batch_written)
         self.redis_check = RedisCheck(self.redis, self.settings.redis_check_interval, who="producer")
         await self.redis_check.check()

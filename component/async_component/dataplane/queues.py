@@ -180,22 +180,23 @@ class Layout:
 
 
 # KEYS: the queue's stream, retry stream, retry set, the active set, the wake stream (Layout.active_for, wake_for).
-# ARGV: the stream field, the cap on queued requests, the queue's member, how long a new idempotency key is kept
-#       (ms; 0: a call without keys), then per request its envelope, or (with keys) its envelope, its idempotency
-#       key's Redis key, the request's fingerprint and its request id (the three '' without a key).
+# ARGV: the stream field, the cap on queued requests, the queue's member, 1 when the call carries idempotency keys
+#       (0: a call without keys), then per request its envelope, or (with keys) its envelope, its idempotency key's
+#       Redis key, the request's fingerprint and its request id (the three '' without a key).
 # Each envelope gets its entry id, or a QUEUEFULL error when the queue holds the cap already
 # (nothing written for it). Marks the queue active "now" and wakes the sources if it was not.
 # A request whose idempotency key is held gets {entry id, request id} of the request that took it
 # when the fingerprints match (nothing written), else an IDEMPOTENCY error; a new key is taken, holding
-# '<fingerprint> <entry id> <request id>' (the format every version so far reads and writes).
+# '<fingerprint> <entry id> <request id>' (the format every version so far reads and writes), without an expiry:
+# it lives while its request is pending, and whatever ends the request gives it the result's lifetime (FINISH, the
+# replay core, the cancel script), so a request queued or retrying longer than the retention keeps its key.
 # The keys are read with one MGET a call, and a key taken earlier in the same call is remembered, so a
 # repeat within one batch is answered as one in a later batch is.
 # The keys are not in KEYS (as few arguments a request as possible, to keep a keyed request cheap): each is
 # under its Service's hash tag, that of the queue in the per-Service layout, so it is in KEYS[1]'s slot.
 ENQUEUE = """
 local cap = tonumber(ARGV[2])
-local lifetime = tonumber(ARGV[4])
-local stride = lifetime > 0 and 4 or 1
+local stride = tonumber(ARGV[4]) > 0 and 4 or 1
 local queued = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3])
 if KEYS[2] ~= KEYS[1] then queued = queued + redis.call('XLEN', KEYS[2]) end
 local ids = {}
@@ -234,7 +235,7 @@ for i = 5, #ARGV, stride do
       queued = queued + 1
       if key then
         held[key] = ARGV[i + 2] .. ' ' .. ids[n] .. ' ' .. ARGV[i + 3]
-        redis.call('SET', key, held[key], 'PX', ARGV[4])
+        redis.call('SET', key, held[key])
       end
     end
   end
