@@ -524,6 +524,43 @@ async def test_a_canceled_request_is_settled_without_being_replayed(base, http, 
     assert target.seen == []
 
 
+async def test_a_retrying_keyed_request_keeps_its_key_without_expiry_and_its_record_names_it(
+        base, http, redis_client, target):
+    envelope = envelope_for(target, headers=[("Idempotency-Key", "again")])
+    host = urlsplit(envelope.url).netloc
+    key = idempotency.key_name("async", host, "again")
+    await redis_client.set(key, f"ab 1-0 {envelope.id}")
+    target.statuses = [503]
+    entry_id = await queue(redis_client, envelope)
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc["state"]) == (200, RETRYING)
+    record = Record.from_json(await redis_client.get(record_key("async", envelope.id, host)))
+    assert record.state == RETRYING and record.idempotency_key == key  # a cancel finds the key there
+    assert await redis_client.pttl(key) == -1, "pending: the key lives as long as the request"
+
+
+@pytest.mark.parametrize(("claimed_by", "renewed"), [("self", True), ("another", False)])
+async def test_settling_a_request_canceled_while_queued_keeps_its_key_as_long_as_the_canceled_record(
+        base, http, redis_client, target, claimed_by, renewed):
+    """The cancel of a queued request cannot name its key (the key's grammar is the producer's): the replay, which
+    settles the canceled entry, gives the key the canceled record's lifetime, unless another request holds it."""
+    envelope = envelope_for(target, headers=[("Idempotency-Key", '"withdrawn"')])
+    host = urlsplit(envelope.url).netloc
+    key = idempotency.key_name("async", host, "withdrawn")
+    await redis_client.set(key, f"ab 1-0 {envelope.id if claimed_by == 'self' else 'SomeOtherRequest'}")
+    entry_id = await queue(redis_client, envelope)
+    canceled = Record(state=CANCELED, host=host, attempts=0, updated_at=1.0)
+    await redis_client.set(record_key("async", envelope.id, host), canceled.to_json(), px=600_000)
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert (status, doc) == (200, {"id": envelope.id, "state": CANCELED, "duplicate": True})
+    assert target.seen == []
+    if renewed:
+        record_ttl = await redis_client.pttl(record_key("async", envelope.id, host))
+        assert 590_000 < record_ttl and await redis_client.pttl(key) == pytest.approx(record_ttl, abs=2000)
+    else:
+        assert await redis_client.pttl(key) == -1
+
+
 async def replayed_and_announced(http, base, redis_client, envelope: Envelope) -> tuple[str, bytes]:
     """Queue and replay ``envelope``: its final state, and the first record key announced to waiting producers."""
     entry_id = await queue(redis_client, envelope)
@@ -564,12 +601,13 @@ async def test_an_outcome_no_client_can_wait_for_wakes_no_producer(base, http, r
 
 
 @pytest.mark.parametrize("statuses", [[200], [500]])
+@pytest.mark.parametrize("px", [None, 5000], ids=["pending", "taken-by-an-older-producer"])
 async def test_the_final_outcome_renews_the_idempotency_key_for_the_results_retention(base, http, redis_client,
-                                                                                       target, statuses):
+                                                                                       target, statuses, px):
     envelope = envelope_for(target, headers=[("Idempotency-Key", '"order-9"')])
     host = urlsplit(envelope.url).netloc
     key = idempotency.key_name("async", host, "order-9")
-    await redis_client.set(key, "fingerprint 1-0 id", px=5000)  # as the producer left it, nearly expired
+    await redis_client.set(key, "fingerprint 1-0 id", px=px)  # as the producer left it: no expiry, or nearly expired
     target.statuses = statuses
     entry_id = await queue(redis_client, envelope)
     await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
@@ -584,7 +622,7 @@ async def test_a_request_that_expires_is_announced_and_keeps_its_key_for_the_ser
                                    accepted_at=time.time() - 60, policy="v1;age=10;keep=600")
     host = urlsplit(envelope.url).netloc
     key = idempotency.key_name("async", host, "late")
-    await redis_client.set(key, "fingerprint 1-0 id", px=5000)
+    await redis_client.set(key, "fingerprint 1-0 id")  # pending: no expiry
     assert await replayed_and_announced(http, base, redis_client, envelope) == (
         EXPIRED, record_key("async", envelope.id, host).encode()), "a waiting client hears of it"
     assert target.seen == []

@@ -17,8 +17,9 @@ import time
 import orjson
 
 from async_component.dataplane import idempotency
+from async_component.dataplane.cancel import Canceler
 from async_component.dataplane.envelope import envelope_json
-from async_component.dataplane.records import CANCELED, RUNNING, SUCCEEDED, Record, record_key
+from async_component.dataplane.records import CANCELED, QUEUED, RUNNING, SUCCEEDED, Record, record_key
 from async_component.dataplane.redisconn import call_scripts
 from async_component.dataplane.source import Source
 
@@ -44,7 +45,7 @@ async def queued_and_settled(redis_client, services: list[str]) -> int:
 async def test_a_batch_of_outcomes_writes_records_settles_entries_announces_and_renews_keys(
         redis_url, redis_client, gateway):
     keyed = idempotency.key_name("async", host("a"), "order-1")
-    await redis_client.set(keyed, "fingerprint 1-0 id", px=5000)  # as the producer left it, nearly expired
+    await redis_client.set(keyed, "fingerprint 1-0 id")  # as the producer left it: no expiry while pending
     requests = []
     async with enqueuer(redis_client) as enqueue, redis_client.pubsub() as pubsub:
         await pubsub.subscribe("async:finished")
@@ -142,6 +143,28 @@ async def test_a_request_canceled_while_queued_is_settled_without_a_replay(redis
         assert source.metrics.delivered.labels("delivered")._value.get() == 1
     assert gateway.started == []
     assert await record(redis_client, "a", request_id) == canceled
+
+
+async def test_a_keyed_request_canceled_while_queued_keeps_its_key_as_long_as_the_canceled_record(
+        redis_url, redis_client, gateway):
+    """Taken without an expiry (pending), the key gets the canceled record's lifetime when the source settles the
+    canceled entry: the cancel itself cannot name it."""
+    queue = LAYOUT.for_host(host("a"))
+    key = idempotency.key_name("async", host("a"), "withdrawn")
+    document = envelope_json("withdrawn-1", "GET", f"http://{host('a')}/never", [("Idempotency-Key", "withdrawn")],
+                             b"", time.time())
+    async with enqueuer(redis_client) as enqueue:
+        entry_id = (await enqueue.enqueue_once(queue, (document, key, "ab", "withdrawn-1"))).decode()
+    assert await redis_client.pttl(key) == -1
+    canceler = Canceler(redis_client, channel="async:finished", retention=600)
+    canceled = await canceler.cancel(record_key("async", "withdrawn-1", host("a")), queue.stream, entry_id,
+                                     "withdrawn-1", host("a"), time.time())
+    assert canceled.found == QUEUED and await redis_client.pttl(key) == -1
+    async with running(settings_for(redis_url, gateway)):
+        assert await eventually(lambda: _zero(queued_and_settled(redis_client, ["a"])))
+    assert gateway.started == []
+    record_ttl = await redis_client.pttl(record_key("async", "withdrawn-1", host("a")))
+    assert 590_000 < record_ttl and abs(await redis_client.pttl(key) - record_ttl) < 2000
 
 
 async def test_an_entry_the_replay_refuses_is_dead_lettered_and_leaves_no_running_record(

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from async_component.dataplane import sink
+from async_component.dataplane import idempotency, sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import FAILED, RETRYING, RUNNING, SUCCEEDED, Record, record_key, retry_key
@@ -78,9 +78,9 @@ async def http_consumer(redis_url: str):
 
 
 async def queue(redis_client, target: Service, path: str = "/work", request_id: str | None = None,
-                policy: str = "") -> Envelope:
+                policy: str = "", headers=(("Content-Type", "text/plain"),)) -> Envelope:
     """What the producer writes for an accepted request."""
-    envelope = Envelope.new("POST", f"http://{target.host}{path}", [("Content-Type", "text/plain")], path.encode(),
+    envelope = Envelope.new("POST", f"http://{target.host}{path}", list(headers), path.encode(),
                             request_id=request_id, accepted_at=1.0, policy=policy)
     await redis_client.xadd(STREAM, envelope.to_stream_fields())
     return envelope
@@ -349,7 +349,9 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
             redis_client.pubsub() as finished:
         await finished.subscribe("async:finished")  # as a producer with a waiting client does
         told = DeliveryPolicy(on_failure_sink=sink.url + "failed").encode()
-        doomed = await queue(redis_client, target, "/doomed", policy=told)
+        doomed = await queue(redis_client, target, "/doomed", policy=told, headers=[("Idempotency-Key", "doomed")])
+        key = idempotency.key_name("async", target.host, "doomed")
+        await redis_client.set(key, f"ab 1-0 {doomed.id}")  # as the producer left it: no expiry while pending
         survivor = await queue(redis_client, target, "/survivor", policy=told)
         # what the last process to die on it left: a running record, which never expires by itself
         await redis_client.set(record_key("async", doomed.id, target.host),
@@ -383,6 +385,7 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
     record = await record_of(redis_client, doomed.id)
     assert record.state == FAILED and record.error.startswith("delivered 4 times without an outcome")
     assert 0 < await redis_client.ttl(record_key("async", doomed.id, target.host)) <= 86400  # one retention
+    assert record.idempotency_key == key and 86_000 < await redis_client.ttl(key) <= 86400, "as long as the record"
 
 
 async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries(redis_url, redis_client):

@@ -854,6 +854,19 @@ async def test_delete_of_a_retrying_request_cancels_it(base, http, redis_client)
     assert "next_attempt_at" not in doc
 
 
+async def test_delete_of_a_retrying_keyed_request_keeps_its_key_as_long_as_the_canceled_record(
+        base, http, redis_client):
+    key = "async:{default/sleep}:idem:k-retrying"
+    await redis_client.set(key, "ab 1-0 r3")  # pending: no expiry
+    await put_record(redis_client, "r3", Record(state=RETRYING, host=HOST, attempts=1, updated_at=10.0,
+                                                error="the Service answered 503", next_attempt_at=99.0,
+                                                idempotency_key=key))
+    async with http.delete(f"{base}{STATUS_PATH_PREFIX}r3", headers={**ASYNC, "Async-Policy": "v1;keep=600"}) as resp:
+        assert resp.status == 200 and (await resp.json())["state"] == CANCELED
+    assert 590_000 < await redis_client.pttl(record_key("async", "r3", HOST)) <= 600_000
+    assert 590_000 < await redis_client.pttl(key) <= 600_000, "the key answers with the canceled record: as long"
+
+
 async def test_delete_of_a_running_request_is_409(base, http, redis_client):
     await put_record(redis_client, "r2", Record(state=RUNNING, host=HOST, attempts=1, updated_at=10.0))
     async with http.delete(f"{base}{STATUS_PATH_PREFIX}r2", headers=ASYNC) as resp:

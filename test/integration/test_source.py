@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from cloudevents.v1.http import from_http
 
-from async_component.dataplane import sink as consumer_sink
+from async_component.dataplane import idempotency, sink as consumer_sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import QUEUED, SUCCEEDED, Record, record_key
@@ -64,9 +64,9 @@ def settings_for(redis_url: str, sink_url: str, **changes) -> SourceSettings:
 
 
 async def queue(redis_client, path: str = "/work", host: str = "target.default.svc.cluster.local",
-                stream: str = STREAM) -> tuple[str, Envelope]:
+                stream: str = STREAM, headers=(("Content-Type", "text/plain"),)) -> tuple[str, Envelope]:
     """What the producer writes for an accepted request."""
-    envelope = Envelope.new("POST", f"http://{host}{path}", [("Content-Type", "text/plain")], path.encode())
+    envelope = Envelope.new("POST", f"http://{host}{path}", list(headers), path.encode())
     entry_id = (await redis_client.xadd(stream, envelope.to_stream_fields())).decode()
     await redis_client.set(record_key("async", envelope.id, host), Record(state=QUEUED, host=host).to_json())
     return entry_id, envelope
@@ -132,6 +132,18 @@ async def test_sink_4xx_sends_the_entry_to_the_dead_letter_stream_and_acks_it(re
     assert dead == {b"data": envelope.to_json().encode(), b"error": b"sink answered 400: sink says 400",
                     b"status": b"400", b"service": b"default/target"}
     assert sink.received == [entry_id] and sink.delivered == []
+
+
+async def test_a_keyed_request_the_sink_rejects_keeps_its_key_as_long_as_a_result(redis_url, redis_client, sink):
+    """Dead-lettered, the request has ended: its key, without an expiry while it was pending, gets one."""
+    sink.statuses = [400]
+    entry_id, envelope = await queue(redis_client, headers=[("Idempotency-Key", '"refused"')])
+    key = idempotency.key_name("async", "target.default.svc.cluster.local", "refused")
+    await redis_client.set(key, f"ab {entry_id} {envelope.id}")
+    async with running(settings_for(redis_url, sink.url, status_retention=600)):
+        assert await eventually(settled(redis_client))
+    assert await redis_client.xlen(DEAD) == 1
+    assert 590_000 < await redis_client.pttl(key) <= 600_000
 
 
 async def test_two_sources_share_the_group_without_delivering_twice(redis_url, redis_client, sink):

@@ -6,7 +6,11 @@ canceled before its attempt starts or found running, never both:
 
 - queued (its stream entry, no record yet) or retrying: its record becomes
   ``canceled``; the entry, or the retry when it comes due, is still delivered,
-  and the replay settles it without replaying it;
+  and the replay settles it without replaying it. Its idempotency key, which
+  has no expiry while the request is pending, gets the canceled record's
+  lifetime: here when the retrying record names it, else from the replay when
+  it settles the canceled entry (only the producer's Python knows the key's
+  grammar, so this script cannot name it from the queued envelope);
 - running: nothing changes (the caller answers 409);
 - finished (succeeded, failed or expired): the record is deleted (and the
   entry, if a source keeps delivered entries, and its idempotency key), so the
@@ -79,6 +83,9 @@ doc['updated_at'] = tonumber(ARGV[4])
 doc['next_attempt_at'] = nil
 local canceled = cjson.encode(doc)
 redis.call('SET', KEYS[1], canceled, 'PX', ARGV[5])
+if type(doc['idempotency_key']) == 'string' then  -- a retrying request's key, pending until now: kept as long
+  redis.call('PEXPIRE', doc['idempotency_key'], ARGV[5])  -- as the canceled record it answers with
+end
 redis.call('PUBLISH', ARGV[6], KEYS[1])
 return {was, canceled}
 """ % {"succeeded": SUCCEEDED, "failed": FAILED, "expired": EXPIRED, "running": RUNNING, "canceled": CANCELED,

@@ -85,7 +85,8 @@ class Record:
     accepted_at: float | None = None
     """When the producer accepted the request (None in records written before it was kept)."""
     idempotency_key: str | None = None
-    """The Redis key of the request's ``Idempotency-Key``, in a final record: deleted with the record."""
+    """The Redis key of the request's ``Idempotency-Key``, in a final record (deleted with it) and a retrying one (a
+    cancel gives the key the canceled record's lifetime)."""
 
     @property
     def finished(self) -> bool:

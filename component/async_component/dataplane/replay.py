@@ -37,7 +37,7 @@ from .notifications import Metrics as NotificationMetrics, Notifier, add_notific
 from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
-    EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
+    CANCELED, EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
     record_key, response_headers, retry_key,
 )
 from .redisconn import by_slot, call_scripts, is_cluster, make_redis, register_script, transaction
@@ -141,6 +141,20 @@ for i, key in ipairs(KEYS) do
   states[i] = start(key, ARGV[2 * i - 1], tonumber(ARGV[2 * i]))
 end
 return states
+"""
+
+# KEYS[1] a canceled request's record, KEYS[2] its idempotency key (both under its Service's hash tag); ARGV[1] its
+# request id. The key, while it still holds this request's claim ('<fingerprint> <entry id> <request id>'), is kept
+# as long as the canceled record from now on: a request canceled while queued took its key without an expiry, and
+# the cancel could not name the key (its grammar is the producer's, in Python). Returns 1 when renewed, else 0.
+KEEP_CANCELED_KEY = """
+local claim = redis.call('GET', KEYS[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if not claim or ttl <= 0 or string.sub(claim, -#ARGV[1] - 1) ~= ' ' .. ARGV[1] then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
 """
 
 
@@ -343,6 +357,7 @@ class Replayer:
         self._terms: dict[str, Terms] = {}
         self.finished = finished_channel(settings.key_prefix)
         self.start_script = None
+        self.keep_canceled_key = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
         self.sets: Batcher[FinalWrite, None] | None = None
         self.notifier: Notifier | None = None
@@ -414,6 +429,13 @@ class Replayer:
             state = as_text(done_state)
             self.metrics.events_by["duplicate"].inc()
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
+            if state == CANCELED:  # before the settle: a crash in between delivers it again, renewed again
+                renewed = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
+                try:
+                    if renewed is not None:
+                        await self.keep_canceled_key(keys=[key, renewed], args=[envelope.id])
+                except Exception as exc:
+                    return self._unavailable(envelope, "keeping the key of", exc)
             if settle is not None:
                 try:
                     async with transaction(self.redis) as pipe:
@@ -619,12 +641,13 @@ class Replayer:
             return EXPIRED
         if replayed.retryable and attempt < terms.max_attempts:
             record = Record(state=RETRYING, host=host, attempts=attempt, updated_at=now, error=replayed.error,
-                            next_attempt_at=due, accepted_at=envelope.accepted_at)
+                            next_attempt_at=due, accepted_at=envelope.accepted_at,
+                            idempotency_key=idempotency_key)  # a cancel gives the key the canceled record's lifetime
             queue = retry_queue or self.layout.for_host(host)
             async with transaction(self.redis) as pipe:
                 pipe.zadd(queue.retries, {envelope.next_attempt().to_json(): due})
                 pipe.zadd(self.layout.active_for(queue), {queue.member: due}, lt=True)  # sources look again when it is due
-                pipe.set(key, record.to_json())  # no expiry while the request is pending
+                pipe.set(key, record.to_json())  # no expiry while the request is pending (nor its key's)
                 self._settle(pipe, *entries)
                 await pipe.execute()
             self.metrics.retries_scheduled.inc()
@@ -674,6 +697,7 @@ class Replayer:
             self.redis = make_redis(self.settings)
             self.owns_redis = True
         self.start_script = register_script(self.redis, START_SCRIPT)
+        self.keep_canceled_key = register_script(self.redis, KEEP_CANCELED_KEY)
         self.starts = Batcher(self._start_batch)
         self.sets = Batcher(self._set_batch)
         self.session = aiohttp.ClientSession(

@@ -39,7 +39,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from .. import logs, probes
-from . import hirespack, redisconn, targets
+from . import hirespack, idempotency, redisconn, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .gcpolicy import tune as tune_gc
@@ -47,7 +47,7 @@ from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
 from .queues import FINISH, PER_SERVICE, SINGLE, SLOTS, Layout, Queue, labels_of, service_tag, slot_of, take_script
-from .replay import RECORD_MARGIN, START_FUNCTION, Started, replay_grace
+from .replay import RECORD_MARGIN, START_FUNCTION, Started, replay_grace, split_url
 from .records import FAILED, Record, finished_channel, record_key, records_of
 from .redischeck import RedisCheck
 from .redisconn import call_scripts, make_redis, per_node, register_script, transaction
@@ -597,11 +597,13 @@ class Source:
         Its Service's failure sink, if it has one, hears of it as of any other failure.
         """
         notice = None
+        renewed = self._key_of(fields)
         try:
             envelope = entry_envelope(fields)
             host = envelope.url.partition("://")[2].partition("/")[0]
             failed = (record_key(self.settings.key_prefix, envelope.id, host),
-                      Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason).to_json())
+                      Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason,
+                             idempotency_key=renewed and renewed[0]).to_json())
             sink = sink_for(envelope.delivery_policy, FAILED)
             if sink is not None:
                 notice = notification(sink=sink, state=FAILED, request_id=envelope.id, host=host,
@@ -611,7 +613,7 @@ class Source:
         except EnvelopeError:
             failed = None
         dead = dead_letter_entry(fields, reason, service=self._service(state, fields))
-        if await self._settle(ref, dead, failed, notice):
+        if await self._settle(ref, dead, failed, notice, renewed):
             self.metrics.delivered_as["dead_lettered"].inc()
             log.error("entry %s of %s sent to %s, never delivered again: %s", ref[1], ref[0],
                       self.settings.dead_letter_stream, reason)
@@ -728,7 +730,8 @@ class Source:
                 reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
                 if await self._settle(ref, dead_letter_entry(fields, reason, reply.status,
-                                                             service=self._service(state, fields))):
+                                                             service=self._service(state, fields)),
+                                      renewed=self._key_of(fields)):
                     self.metrics.delivered_as["dead_lettered"].inc()
                     log.warning("entry %s of %s rejected by the sink, sent to %s: %s", entry_id, ref[0],
                                 self.settings.dead_letter_stream, reason)
@@ -741,10 +744,11 @@ class Source:
                 return  # stopping: the entry stays pending for a source to reclaim
 
     async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None,
-                      record: tuple[str, str] | None = None, notice: Mapping | None = None) -> bool:
+                      record: tuple[str, str] | None = None, notice: Mapping | None = None,
+                      renewed: tuple[str, int] | None = None) -> bool:
         """Acknowledge and delete the entry (after copying it to the dead-letter stream, and writing ``record``,
-        a final record's key and JSON, which expires one retention later, and ``notice``, its completion
-        event); False if stopped first."""
+        a final record's key and JSON, which expires one retention later, ``notice``, its completion
+        event, and giving ``renewed``, the request's idempotency key, its lifetime in ms); False if stopped first."""
         settings = self.settings
         failures = 0
         while True:
@@ -757,6 +761,8 @@ class Source:
                         if record is not None:
                             pipe.set(record[0], record[1], px=max(1, round(settings.status_retention * 1000)))
                             pipe.publish(finished_channel(settings.key_prefix), record[0])  # answers a waiter
+                        if renewed is not None:  # pending until now: kept as long as a result would be
+                            pipe.pexpire(*renewed)
                         add_notification(pipe, settings, notice, record and record[0])
                         self.settle_in(pipe, ref)
                         await pipe.execute()
@@ -818,6 +824,17 @@ class Source:
                          1 if announce else 0)
             calls.append((positions, (self.finish, keys, args)))
         return calls
+
+    def _key_of(self, fields: Mapping) -> tuple[str, int] | None:
+        """The idempotency key of an entry dead-lettered here, which ends its request, and how long it is kept from
+        then on (ms): as a final record, STATUS_RETENTION. None: the request had none (or cannot be read)."""
+        try:
+            envelope = entry_envelope(fields)
+            host, _ = split_url(envelope.url)
+        except EnvelopeError:
+            return None
+        key = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
+        return None if key is None else (key, max(1, round(self.settings.status_retention * 1000)))
 
     @staticmethod
     def _service(state: QueueState, fields: Mapping) -> str | None:
