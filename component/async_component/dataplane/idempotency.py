@@ -5,10 +5,13 @@ token (``abc``). It is scoped per Service: its Redis key is under the Service's
 hash tag ``{<namespace>/<name>}`` (the tag of the Service's queue), and holds the
 request's fingerprint (method, path and query, body), stream entry id and
 request id. The check and the write happen in the producer's batched enqueue
-script (:mod:`.enqueuer`), so a key costs no extra round trip. The key is kept
-``STATUS_RETENTION_SECONDS`` from acceptance, and the replay renews it to as
-long again when it records the final outcome (the header travels with the
-queued request), so the key lasts as long as the result it answers with.
+script (:mod:`.enqueuer`), so a key costs no extra round trip. The key has no
+expiry while its request is pending (queued or retrying, however long: a
+repeat is never queued again), and whatever ends the request gives it the
+result's lifetime (``STATUS_RETENTION_SECONDS`` or the Service's
+``retention``): the replay with the final outcome (the header travels with the
+queued request), a cancel, a dead letter. So the key lasts as long as the
+result it answers with, and Redis sets its expiry once, not twice.
 """
 
 from __future__ import annotations
