@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from redis.crc import key_slot
 from redis.exceptions import OutOfMemoryError
 
-from async_component.dataplane import producer, sink
+from async_component.dataplane import idempotency, producer, sink
 from async_component.dataplane.envelope import Envelope, binary_event
 from async_component.dataplane.records import record_key
 from async_component.dataplane.redischeck import RedisCheck, RedisEvicts
@@ -198,17 +198,30 @@ async def test_idempotency_cancel_and_wait_work_on_a_cluster(cluster, gateway):
         assert await client.accept(first, "/keyed", **{"Idempotency-Key": '"abc"'}) == keyed
         again = await client.post(first, "/other", **{"Idempotency-Key": '"abc"'})
         assert again.status == 422
-        canceled = await client.accept(second, "/canceled")
+        canceled = await client.accept(second, "/canceled", **{"Idempotency-Key": "withdrawn"})
         status, state, _ = await client.status(second, canceled, "DELETE")
         assert (status, state) == (200, "canceled")
+    keys = [(0, idempotency.key_name("async", host(first), "abc")),
+            (1, idempotency.key_name("async", host(second), "withdrawn"))]
+    assert [await key_ttl(cluster, i, key) for i, key in keys] == [-1, -1]  # pending: no expiry
     async with data_plane(url, gateway) as base, client_of(base) as client:
         waited = await client.post(third, "/waited", Prefer="respond-async, wait=10")
         assert waited.status == 200
         assert await waited.text() == f"{third} /waited"
         assert (await client.finish(first, keyed))[:2] == (200, "succeeded")
         assert (await client.status(second, canceled))[:2] == (410, "canceled")
+        deadline = time.monotonic() + 10  # the canceled entry is settled (and its key kept) by the source
+        while await key_ttl(cluster, 1, keys[1][1]) < 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    assert [await key_ttl(cluster, i, key) > 86_000_000 for i, key in keys] == [True, True], "as long as the result"
     assert (first, "/keyed") in gateway.seen and (second, "/canceled") not in gateway.seen
     assert gateway.seen.count((first, "/keyed")) == 1
+
+
+async def key_ttl(local: RedisCluster, node: int, key: str) -> int:
+    """PTTL of ``key`` on the node that holds it."""
+    async with aioredis.Redis.from_url(local.node_urls[node]) as client:
+        return await client.pttl(key)
 
 
 async def test_retries_and_dead_letters_on_a_cluster(cluster, gateway):
