@@ -156,15 +156,17 @@ async def test_a_keyed_request_canceled_while_queued_keeps_its_key_as_long_as_th
     async with enqueuer(redis_client) as enqueue:
         entry_id = (await enqueue.enqueue_once(queue, (document, key, "ab", "withdrawn-1"))).decode()
     assert await redis_client.pttl(key) == -1
-    canceler = Canceler(redis_client, channel="async:finished", retention=600)
+    canceler = Canceler(redis_client, channel="async:finished")
     canceled = await canceler.cancel(record_key("async", "withdrawn-1", host("a")), queue.stream, entry_id,
                                      "withdrawn-1", host("a"), time.time())
     assert canceled.found == QUEUED and await redis_client.pttl(key) == -1
-    async with running(settings_for(redis_url, gateway)):
+    assert await redis_client.pttl(record_key("async", "withdrawn-1", host("a"))) == -1, "pending: no expiry"
+    async with running(settings_for(redis_url, gateway, status_retention=600)):
         assert await eventually(lambda: _zero(queued_and_settled(redis_client, ["a"])))
     assert gateway.started == []
     record_ttl = await redis_client.pttl(record_key("async", "withdrawn-1", host("a")))
-    assert 590_000 < record_ttl and abs(await redis_client.pttl(key) - record_ttl) < 2000
+    assert 590_000 < record_ttl <= 600_000, "settled: the result's lifetime"
+    assert abs(await redis_client.pttl(key) - record_ttl) < 2000
 
 
 async def test_an_entry_the_replay_refuses_is_dead_lettered_and_leaves_no_running_record(

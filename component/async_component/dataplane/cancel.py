@@ -6,11 +6,11 @@ canceled before its attempt starts or found running, never both:
 
 - queued (its stream entry, no record yet) or retrying: its record becomes
   ``canceled``; the entry, or the retry when it comes due, is still delivered,
-  and the replay settles it without replaying it. Its idempotency key, which
-  has no expiry while the request is pending, gets the canceled record's
-  lifetime: here when the retrying record names it, else from the replay when
-  it settles the canceled entry (only the producer's Python knows the key's
-  grammar, so this script cannot name it from the queued envelope);
+  and the replay settles it without replaying it. The canceled record has no
+  expiry until then (however long the queue or the retry takes: a record gone
+  before its entry is read would let the request be replayed), nor has the
+  request's idempotency key; the replay gives both the result's lifetime when
+  it settles the canceled entry (``replay.SETTLE_CANCELED``);
 - running: nothing changes (the caller answers 409);
 - finished (succeeded, failed or expired): the record is deleted (and the
   entry, if a source keeps delivered entries, and its idempotency key), so the
@@ -32,7 +32,7 @@ from .redisconn import register_script
 from .records import CANCELED, EXPIRED, FAILED, QUEUED, RUNNING, SUCCEEDED, Record
 
 # KEYS[1] the record, KEYS[2] the Service's stream (both under the Service's hash tag); ARGV[1] the entry id ('' when the status path named none), ARGV[2] the
-# request id, ARGV[3] the target host, ARGV[4] now, ARGV[5] the record's lifetime (ms), ARGV[6] the channel on
+# request id, ARGV[3] the target host, ARGV[4] now, ARGV[5] the channel on
 # which final outcomes are announced. Returns {what was found, the record as it is now (or was, when deleted)}.
 CANCEL_SCRIPT = """
 local raw = redis.call('GET', KEYS[1])
@@ -82,11 +82,8 @@ doc['state'] = '%(canceled)s'
 doc['updated_at'] = tonumber(ARGV[4])
 doc['next_attempt_at'] = nil
 local canceled = cjson.encode(doc)
-redis.call('SET', KEYS[1], canceled, 'PX', ARGV[5])
-if type(doc['idempotency_key']) == 'string' then  -- a retrying request's key, pending until now: kept as long
-  redis.call('PEXPIRE', doc['idempotency_key'], ARGV[5])  -- as the canceled record it answers with
-end
-redis.call('PUBLISH', ARGV[6], KEYS[1])
+redis.call('SET', KEYS[1], canceled)  -- no expiry while its entry waits: the replay settles it and sets one
+redis.call('PUBLISH', ARGV[5], KEYS[1])
 return {was, canceled}
 """ % {"succeeded": SUCCEEDED, "failed": FAILED, "expired": EXPIRED, "running": RUNNING, "canceled": CANCELED,
        "queued": QUEUED}
@@ -103,16 +100,11 @@ class Canceled:
 
 
 class Canceler:
-    def __init__(self, redis: aioredis.Redis, *, channel: str, retention: float) -> None:
+    def __init__(self, redis: aioredis.Redis, *, channel: str) -> None:
         self.script = register_script(redis, CANCEL_SCRIPT)
         self.channel = channel
-        self.retention_ms = max(1, round(retention * 1000))
 
-    async def cancel(self, key: str, stream: str, entry_id: str, request_id: str, host: str, now: float,
-                     retention: float | None = None) -> Canceled:
-        """``key``: the request's record; ``stream``: its Service's stream, where ``entry_id`` is; ``retention``:
-        seconds a canceled record is kept (None: STATUS_RETENTION; a Service's ``retention`` policy)."""
-        retention_ms = self.retention_ms if retention is None else max(1, round(retention * 1000))
-        found, raw = await self.script(keys=[key, stream],
-                                       args=[entry_id, request_id, host, repr(now), retention_ms, self.channel])
+    async def cancel(self, key: str, stream: str, entry_id: str, request_id: str, host: str, now: float) -> Canceled:
+        """``key``: the request's record; ``stream``: its Service's stream, where ``entry_id`` is."""
+        found, raw = await self.script(keys=[key, stream], args=[entry_id, request_id, host, repr(now), self.channel])
         return Canceled(found.decode(), None if not raw else Record.from_json(raw))

@@ -516,14 +516,8 @@ class Producer:
         if request_id is None:
             return self._not_found("")
         try:
-            policy = request_policy(request.values(_POLICY_RAW))
-        except BadRequest as exc:
-            self.metrics.rejected_for["bad_request"].inc()
-            return error_response(400, str(exc))
-        try:
             outcome = await self.canceler.cancel(record_key(self.settings.key_prefix, request_id, host),
-                                                 self._queue(host).stream, entry_id, request_id, host, time.time(),
-                                                 policy_of(policy).retention)
+                                                 self._queue(host).stream, entry_id, request_id, host, time.time())
         except Exception as exc:
             self._redis_failed("canceling a request", exc)
             return error_response(503, "the request status is unavailable, try again later",
@@ -635,7 +629,7 @@ class Producer:
         await self.redis_check.check()
         self.check_task = asyncio.create_task(self.redis_check.run(self.stopping), name="redis-check")
         self.finished = Finished(self.redis, finished_channel(self.settings.key_prefix))
-        self.canceler = Canceler(self.redis, channel=self.finished.channel, retention=self.settings.status_retention)
+        self.canceler = Canceler(self.redis, channel=self.finished.channel)
         self.finished_task = asyncio.create_task(self.finished.run(self.stopping), name="finished-subscription")
 
     async def stop(self) -> None:

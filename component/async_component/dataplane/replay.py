@@ -143,18 +143,29 @@ end
 return states
 """
 
-# KEYS[1] a canceled request's record, KEYS[2] its idempotency key (both under its Service's hash tag); ARGV[1] its
-# request id. The key, while it still holds this request's claim ('<fingerprint> <entry id> <request id>'), is kept
-# as long as the canceled record from now on: a request canceled while queued took its key without an expiry, and
-# the cancel could not name the key (its grammar is the producer's, in Python). Returns 1 when renewed, else 0.
-KEEP_CANCELED_KEY = """
-local claim = redis.call('GET', KEYS[2])
+# KEYS[1] a canceled request's record, KEYS[2] (optional) its idempotency key, both under its Service's hash tag;
+# ARGV[1] its request id, ARGV[2] the result's lifetime (ms: the Service's retention). A cancel leaves the record of a
+# pending request without an expiry, so that it outlives any wait for its entry (a record gone before the entry is
+# read would let the request be replayed); settling the canceled entry gives it the result's lifetime (a record
+# canceled by an older producer keeps the expiry it has). The key, while it still holds this request's claim
+# ('<fingerprint> <entry id> <request id>'), is kept as long as the record: the cancel could not name the key of a
+# queued request (its grammar is the producer's, in Python). Returns the record's lifetime (ms), 0 when it is gone.
+SETTLE_CANCELED = """
 local ttl = redis.call('PTTL', KEYS[1])
-if not claim or ttl <= 0 or string.sub(claim, -#ARGV[1] - 1) ~= ' ' .. ARGV[1] then
+if ttl == -1 then
+  ttl = tonumber(ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+if ttl <= 0 then
   return 0
 end
-redis.call('PEXPIRE', KEYS[2], ttl)
-return 1
+if KEYS[2] then
+  local claim = redis.call('GET', KEYS[2])
+  if claim and string.sub(claim, -#ARGV[1] - 1) == ' ' .. ARGV[1] then
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+end
+return ttl
 """
 
 
@@ -357,7 +368,7 @@ class Replayer:
         self._terms: dict[str, Terms] = {}
         self.finished = finished_channel(settings.key_prefix)
         self.start_script = None
-        self.keep_canceled_key = None
+        self.settle_canceled = None
         self.starts: Batcher[tuple[str, list], bytes | None] | None = None
         self.sets: Batcher[FinalWrite, None] | None = None
         self.notifier: Notifier | None = None
@@ -429,13 +440,13 @@ class Replayer:
             state = as_text(done_state)
             self.metrics.events_by["duplicate"].inc()
             log.info("request %s attempt %d: already %s, not replayed again", envelope.id, attempt, state)
-            if state == CANCELED:  # before the settle: a crash in between delivers it again, renewed again
+            if state == CANCELED:  # before the settle: a crash in between delivers it again, set again
                 renewed = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
                 try:
-                    if renewed is not None:
-                        await self.keep_canceled_key(keys=[key, renewed], args=[envelope.id])
+                    await self.settle_canceled(keys=[key] if renewed is None else [key, renewed],
+                                               args=[envelope.id, terms.retention_ms])
                 except Exception as exc:
-                    return self._unavailable(envelope, "keeping the key of", exc)
+                    return self._unavailable(envelope, "settling the cancel of", exc)
             if settle is not None:
                 try:
                     async with transaction(self.redis) as pipe:
@@ -697,7 +708,7 @@ class Replayer:
             self.redis = make_redis(self.settings)
             self.owns_redis = True
         self.start_script = register_script(self.redis, START_SCRIPT)
-        self.keep_canceled_key = register_script(self.redis, KEEP_CANCELED_KEY)
+        self.settle_canceled = register_script(self.redis, SETTLE_CANCELED)
         self.starts = Batcher(self._start_batch)
         self.sets = Batcher(self._set_batch)
         self.session = aiohttp.ClientSession(
