@@ -596,14 +596,14 @@ class Source:
 
         Its Service's failure sink, if it has one, hears of it as of any other failure.
         """
-        notice = None
-        renewed = self._key_of(fields)
+        notice = renewed = None
         try:
             envelope = entry_envelope(fields)
             host = envelope.url.partition("://")[2].partition("/")[0]
+            renewed = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
             failed = (record_key(self.settings.key_prefix, envelope.id, host),
                       Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason,
-                             idempotency_key=renewed and renewed[0]).to_json())
+                             idempotency_key=renewed).to_json())
             sink = sink_for(envelope.delivery_policy, FAILED)
             if sink is not None:
                 notice = notification(sink=sink, state=FAILED, request_id=envelope.id, host=host,
@@ -745,11 +745,13 @@ class Source:
 
     async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None,
                       record: tuple[str, str] | None = None, notice: Mapping | None = None,
-                      renewed: tuple[str, int] | None = None) -> bool:
+                      renewed: str | None = None) -> bool:
         """Acknowledge and delete the entry (after copying it to the dead-letter stream, and writing ``record``,
-        a final record's key and JSON, which expires one retention later, ``notice``, its completion
-        event, and giving ``renewed``, the request's idempotency key, its lifetime in ms); False if stopped first."""
+        a final record's key and JSON, ``notice``, its completion event, and giving ``renewed``, the request's
+        idempotency key, pending until now, the same lifetime as the record: one retention); False if stopped
+        first."""
         settings = self.settings
+        lifetime_ms = max(1, round(settings.status_retention * 1000))
         failures = 0
         while True:
             try:
@@ -759,10 +761,10 @@ class Source:
                     async with transaction(self.redis) as pipe:
                         add_dead_letter(pipe, settings, dead_letter)
                         if record is not None:
-                            pipe.set(record[0], record[1], px=max(1, round(settings.status_retention * 1000)))
+                            pipe.set(record[0], record[1], px=lifetime_ms)
                             pipe.publish(finished_channel(settings.key_prefix), record[0])  # answers a waiter
-                        if renewed is not None:  # pending until now: kept as long as a result would be
-                            pipe.pexpire(*renewed)
+                        if renewed is not None:
+                            pipe.pexpire(renewed, lifetime_ms)
                         add_notification(pipe, settings, notice, record and record[0])
                         self.settle_in(pipe, ref)
                         await pipe.execute()
@@ -825,16 +827,15 @@ class Source:
             calls.append((positions, (self.finish, keys, args)))
         return calls
 
-    def _key_of(self, fields: Mapping) -> tuple[str, int] | None:
-        """The idempotency key of an entry dead-lettered here, which ends its request, and how long it is kept from
-        then on (ms): as a final record, STATUS_RETENTION. None: the request had none (or cannot be read)."""
+    def _key_of(self, fields: Mapping) -> str | None:
+        """The idempotency key of an entry dead-lettered here, which ends its request (None: it had none, or the
+        entry cannot be read)."""
         try:
             envelope = entry_envelope(fields)
             host, _ = split_url(envelope.url)
         except EnvelopeError:
             return None
-        key = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
-        return None if key is None else (key, max(1, round(self.settings.status_retention * 1000)))
+        return idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
 
     @staticmethod
     def _service(state: QueueState, fields: Mapping) -> str | None:
