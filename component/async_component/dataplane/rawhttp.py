@@ -74,19 +74,38 @@ def encode_request(method: str, target: str, netloc: str, headers: Iterable[tupl
     """:func:`request_bytes` of a URL already split: its ``host[:port]`` and its ``/path?query``."""
     if not _TOKEN.fullmatch(method) or _UNSAFE_TARGET.search(target):  # it would split the request line
         raise ValueError(f"method {method[:50]!r} or target {target[:200]!r} cannot be sent as they are")
-    host = next((v for k, v in headers if k.lower() == "host"), netloc)
-    lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", host.encode("utf-8", "surrogateescape")]
+    host = None
+    lines = []
     for name, value in headers:
-        if name.lower() in _FRAMING:
+        lower = name.lower()
+        if lower in _FRAMING:
+            if lower == "host" and host is None:  # the first Host sent wins
+                host = value
             continue
-        raw = value.encode("utf-8", "surrogateescape")
-        if b"\r" in raw or b"\n" in raw or "\r" in name or "\n" in name:
-            raise ValueError(f"header {name!r} contains a line break")
-        lines += (b"\r\n", name.encode("latin-1"), b": ", raw)
+        lines += ("\r\n", name, ": ", value)
+    if host is None:
+        host = netloc
+    # One check over the whole head: each header adds one CR LF, so any other CR or LF is inside a name or a
+    # value, where it would split the request.
+    head = "".join(lines)
+    breaks = len(lines) // 4
+    if head.count("\n") != breaks or head.count("\r") != breaks or "\r" in host or "\n" in host:
+        raise ValueError(f"header {_broken(headers, host)!r} contains a line break")
+    data = [f"{method} {target} HTTP/1.1\r\nHost: ".encode("latin-1"), host.encode("utf-8", "surrogateescape"),
+            head.encode("utf-8", "surrogateescape")]
     if body or method.upper() not in BODYLESS:
-        lines.append(b"\r\nContent-Length: %d" % len(body))
-    lines.append(b"\r\n\r\n" if keep_alive else b"\r\nConnection: close\r\n\r\n")
-    return b"".join(lines) + body
+        data.append(b"\r\nContent-Length: %d" % len(body))
+    data.append(b"\r\n\r\n" if keep_alive else b"\r\nConnection: close\r\n\r\n")
+    data.append(body)
+    return b"".join(data)
+
+
+def _broken(headers: Iterable[tuple[str, str]], host: str) -> str:
+    """The name of the first header with a line break (the error message's)."""
+    for name, value in headers:
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            return name
+    return "Host"
 
 
 async def exchange(method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes, *,
