@@ -224,12 +224,14 @@ class Envelope:
             accepted_at, attempt = doc["accepted_at"], doc["attempt"]
         except KeyError as exc:
             raise EnvelopeError(f"missing field {exc.args[0]!r}") from None
-        if not all(isinstance(x, str) and x for x in (request_id, method, url)):
+        if not (isinstance(request_id, str) and isinstance(method, str) and isinstance(url, str)
+                and request_id and method and url):
             raise EnvelopeError("id, method and url must be non-empty strings")
-        if not isinstance(headers, list) or not all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in headers
-        ):
+        if not isinstance(headers, list):
             raise EnvelopeError("headers must be a list of [name, value] string pairs")
+        for pair in headers:  # a loop, not nested all(): it runs for every delivery
+            if not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], str):
+                raise EnvelopeError("headers must be a list of [name, value] string pairs")
         if "binary_headers" in doc:
             headers = _from_binary_safe(headers, doc["binary_headers"])
         if not isinstance(accepted_at, (int, float)) or isinstance(accepted_at, bool) or not math.isfinite(accepted_at):
@@ -248,7 +250,7 @@ class Envelope:
             id=request_id,
             method=method,
             url=url,
-            headers=tuple((k, v) for k, v in headers),
+            headers=tuple(map(tuple, headers)),
             body=raw,
             accepted_at=float(accepted_at),
             attempt=attempt,
@@ -259,6 +261,9 @@ class Envelope:
     def from_stream_fields(cls, fields: Mapping[Any, Any] | Sequence[Any]) -> Envelope:
         """Decode a stream entry, given as a mapping or as the flat list RedisStreamSource sends."""
         if isinstance(fields, Mapping):
+            raw = fields.get(_STREAM_FIELD_BYTES)  # as redis-py reads an entry: one field, named in bytes
+            if raw is not None:
+                return cls.from_json(raw)
             items = {as_text(k): v for k, v in fields.items()}
         elif isinstance(fields, Sequence) and not isinstance(fields, (str, bytes)):
             if len(fields) % 2:
@@ -271,6 +276,7 @@ class Envelope:
         return cls.from_json(items[STREAM_FIELD])
 
 
+_STREAM_FIELD_BYTES = STREAM_FIELD.encode()
 _POLICY_KEY = b'"policy":"'
 
 
