@@ -17,12 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
-from ..protocol import HOP_BY_HOP
 from .envelope import EnvelopeError, decode_body, encode_body
 from .queues import service_tag
 
@@ -106,7 +104,7 @@ class Record:
         if self.response is not None:
             body, encoding = encode_body(self.response.body)
             doc["response"] = {"status": self.response.status,
-                               "headers": [list(h) for h in self.response.headers],
+                               "headers": self.response.headers,  # orjson writes a tuple as an array
                                "body": body, "body_encoding": encoding}
         return orjson.dumps(doc).decode()  # json.dumps with options builds an encoder per call
 
@@ -132,9 +130,3 @@ class Record:
             )
         except (ValueError, KeyError, TypeError, EnvelopeError) as exc:
             raise ValueError(f"unreadable request record: {exc}") from None
-
-
-def response_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """Headers worth recording: hop-by-hop and framing headers are the transport's business."""
-    return tuple((k, v) for k, v in headers if k.lower() not in HOP_BY_HOP)
-

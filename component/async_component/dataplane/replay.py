@@ -38,11 +38,11 @@ from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, header_t
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
     CANCELED, EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
-    record_key, response_headers, retry_key,
+    record_key, retry_key,
 )
 from .redisconn import by_slot, call_scripts, is_cluster, make_redis, register_script, transaction
 from ..protocol import (
-    BACKOFF_LINEAR, DeliveryPolicy, ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
+    BACKOFF_LINEAR, HOP_BY_HOP, DeliveryPolicy, ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
     is_status_path,
 )
 from .preferences import replay_preference
@@ -249,8 +249,18 @@ def awaited(envelope: Envelope, idempotency_key: str | None) -> bool:
                for name, value in envelope.headers if name.lower() == _PREFER)
 
 
-def _raw_headers(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(header_text(k), header_text(v)) for k, v in pairs]
+def recorded_headers(pairs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
+    """The headers of a response worth recording, read as :func:`.envelope.header_text` reads them, in one pass
+    (each delivery records them): hop-by-hop and framing headers are the transport's business."""
+    kept = []
+    for name, value in pairs:
+        try:
+            text, value_text = name.decode(), value.decode()
+        except UnicodeDecodeError:
+            text, value_text = header_text(name), header_text(value)
+        if text.lower() not in HOP_BY_HOP:
+            kept.append((text, value_text))
+    return tuple(kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,10 +438,13 @@ class Replayer:
             return await self._finish(key, envelope, attempt, host, refused, settle, retry_queue)
         terms = self.terms(envelope)
         now = time.time()
-        running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=now, accepted_at=envelope.accepted_at)
         try:
-            done_state = (started[1] if started is not None
-                          else await self.starts.submit((key, [running.to_json(), attempt])))
+            if started is not None:  # the source's read started it (queues.TAKE)
+                done_state = started[1]
+            else:
+                running = Record(state=RUNNING, host=host, attempts=attempt, updated_at=now,
+                                 accepted_at=envelope.accepted_at)
+                done_state = await self.starts.submit((key, [running.to_json(), attempt]))
         except REDIS_ERRORS as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
         except Exception as exc:  # not Redis: this request would fail the same way every time
@@ -590,7 +603,7 @@ class Replayer:
         started = time.perf_counter()
         try:
             raw = await self.client.request(envelope.method, url, headers, envelope.body, timeout=terms.timeout)
-            recorded = RecordedResponse(raw.status, response_headers(_raw_headers(raw.headers)), bytes(raw.body))
+            recorded = RecordedResponse(raw.status, recorded_headers(raw.headers), bytes(raw.body))
         except http1client.InvalidURL as exc:
             return Replayed(error=f"invalid URL {exc}")
         except (TimeoutError, OSError, httptools.HttpParserError) as exc:
