@@ -38,7 +38,7 @@ from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, header_t
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
     CANCELED, EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
-    record_key, retry_key,
+    records_of, retry_key,
 )
 from .redisconn import by_slot, call_scripts, is_cluster, make_redis, register_script, transaction
 from ..protocol import (
@@ -376,6 +376,7 @@ class Replayer:
         self.stopping = asyncio.Event()
         self.throttle = LogThrottle(log)
         self._terms: dict[str, Terms] = {}
+        self._origins: dict[str, tuple[str, str | None, str]] = {}
         self.finished = finished_channel(settings.key_prefix)
         self.start_script = None
         self.settle_canceled = None
@@ -419,16 +420,15 @@ class Replayer:
         Knative's RedisStreamSource reads. ``started``: see :data:`Started`.
         """
         try:
-            host, target = split_url(envelope.url)
+            host, target, refused, records = self.origin(envelope.url)
         except EnvelopeError as exc:
             return await self._unstart(started, self.malformed(event_id, str(exc)))
-        refused = self.target_refusal(host)
         if refused is not None:  # sent by no producer of ours: never called, never recorded
             self.metrics.events_by["refused"].inc()
             log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
             return await self._unstart(started, error_answer(400, f"request {envelope.id} is not replayed: {refused}"))
         attempt = envelope.attempt + 1
-        key = record_key(self.settings.key_prefix, envelope.id, host)
+        key = records + envelope.id  # record_key()
         if started is not None and started[0] != key:  # read differently there: start it here
             await self._unstart(started, None)
             started = None
@@ -506,6 +506,28 @@ class Replayer:
             message = message[:ERROR_BODY_LIMIT] + "..."
         log.warning("rejected a malformed event (ce-id %s): %s", event_id, message)
         return error_answer(400, message)
+
+    def origin(self, url: str) -> tuple[str, str, str | None, str]:
+        """:func:`split_url` of a queued URL, and for its host the target policy's refusal (or None) and the start
+        of its records' keys: worked out once per ``scheme://host[:port]`` (a few Services send almost every
+        request). Raises EnvelopeError as split_url does."""
+        scheme, sep, rest = url.partition("://")
+        end = len(rest)
+        for delimiter in "/?#":
+            found = rest.find(delimiter, 0, end)
+            if found >= 0:
+                end = found
+        origin = url[:len(scheme) + len(sep) + end]
+        known = self._origins.get(origin)
+        if known is None:
+            host, _ = split_url(url)  # its errors name the whole URL
+            if len(self._origins) >= 1024:
+                self._origins.clear()
+            known = self._origins[origin] = (host, self.target_refusal(host),
+                                             records_of(self.settings.key_prefix, service_tag(host)))
+        host, refused, records = known
+        target = url[len(origin):]
+        return host, target if target.startswith("/") else "/" + target, refused, records
 
     def target_refusal(self, host: str) -> str | None:
         """Why the target-host policy (the producer's) refuses the queued URL's ``host``, or None."""
