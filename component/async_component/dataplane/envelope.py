@@ -260,10 +260,11 @@ class Envelope:
     @classmethod
     def from_stream_fields(cls, fields: Mapping[Any, Any] | Sequence[Any]) -> Envelope:
         """Decode a stream entry, given as a mapping or as the flat list RedisStreamSource sends."""
-        if isinstance(fields, Mapping):
-            raw = fields.get(_STREAM_FIELD_BYTES)  # as redis-py reads an entry: one field, named in bytes
+        if type(fields) is dict:  # as redis-py reads an entry: one field, named in bytes (no ABC check)
+            raw = fields.get(_STREAM_FIELD_BYTES)
             if raw is not None:
                 return cls.from_json(raw)
+        if isinstance(fields, Mapping):
             items = {as_text(k): v for k, v in fields.items()}
         elif isinstance(fields, Sequence) and not isinstance(fields, (str, bytes)):
             if len(fields) % 2:
