@@ -366,3 +366,26 @@ async def test_a_service_with_its_own_max_inflight_never_borrows(redis_url, redi
     async with enqueuer(redis_client) as enqueue:
         requests = [await accept_as(enqueue, "a", f"own-cap-{n}", "/slow", "v1;inflight=3") for n in range(60)]
     assert await most_in_flight_draining(redis_url, redis_client, gateway, requests) == 3
+
+
+async def test_a_services_answer_frees_its_slot_while_the_outcome_is_written(redis_url, redis_client, gateway):
+    """A cap counts the requests the Service holds: once it answered, only the outcome is left to write (in
+    batches, beside the next replays), and at most CONCURRENCY answers wait to be written."""
+    async with enqueuer(redis_client) as enqueue:
+        requests = [("a", await accept(enqueue, "a", f"/q/{n}")) for n in range(12)]
+    written = asyncio.Event()
+    async with running(settings_for(redis_url, gateway, concurrency=4, max_inflight_per_service=2)) as source:
+        replayer = source.delivery.replayer
+        write = replayer._set_batch
+
+        async def held(items):  # the outcomes' writes wait, as on a slow Redis
+            await written.wait()
+            return await write(items)
+        replayer._set_batch = held  # before the source starts: its batcher of outcomes writes through it
+        assert await eventually(lambda: _true(len(gateway.finished) == 4), 5)
+        await asyncio.sleep(0.3)
+        assert (len(gateway.started), len(gateway.finished)) == (4, 4)  # 4 answers unwritten: no more read
+        assert await all_in(redis_client, SUCCEEDED, requests[:1])() is False
+        written.set()
+        assert await eventually(all_in(redis_client, SUCCEEDED, requests), 10)
+    assert len(gateway.started) == 12

@@ -18,7 +18,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from .replay import Finish, Replayer, Settle, Started, replay_route
+from .replay import Answered, Finish, Replayer, Settle, Started, replay_route
 from .envelope import as_text, binary_event, event_source
 from .redisconn import redis_address
 from ..settings import SourceSettings
@@ -93,8 +93,8 @@ class InProcessDelivery:
     """Replays each entry with the replay core in this process and event loop."""
 
     def __init__(self, settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry,
-                 settle: Settle, finish: Finish | None = None) -> None:
-        self.replayer = Replayer(settings, registry, redis=redis, settle=settle, finish=finish)
+                 settle: Settle, finish: Finish | None = None, answered: Answered | None = None) -> None:
+        self.replayer = Replayer(settings, registry, redis=redis, settle=settle, finish=finish, answered=answered)
         self.description = f"in-process (replaying {replay_route(settings)})"
         self.settles = True
 
@@ -110,9 +110,9 @@ class InProcessDelivery:
 
 
 def make_delivery(settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry,
-                  settle: Settle, finish: Finish | None = None) -> Delivery:
+                  settle: Settle, finish: Finish | None = None, answered: Answered | None = None) -> Delivery:
     """Over HTTP when ``SINK_URL`` (or ``K_SINK``) is set, else in-process (settling entries with ``settle``, and
-    with ``finish`` with their final records)."""
+    with ``finish`` with their final records; told through ``answered`` when a Service answered an entry)."""
     if settings.sink_url:
         return HttpDelivery(settings)
-    return InProcessDelivery(settings, redis, registry, settle, finish)
+    return InProcessDelivery(settings, redis, registry, settle, finish, answered)

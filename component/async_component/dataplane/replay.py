@@ -69,6 +69,10 @@ Finish = Callable[[Sequence[tuple[str, Any, Any, int, "str | None", bool]]], lis
 ms, idempotency key renewed, whether announced) and settle their entries, each with the positions of the writes it covers (the source's
 :meth:`~.source.Source.finish_calls`)."""
 
+Answered = Callable[[Any], None]
+"""``answered(entry)``: the Service answered (or could not be reached) the replay of this stream entry; only its
+outcome is left to write. A source frees the entry's delivery slot then: the Service no longer holds it."""
+
 REPLACED_HEADERS = frozenset({PREFER_HEADER.lower(), REQUEST_ID_HEADER.lower(), ATTEMPT_HEADER.lower(),
                               REPLAY_HEADER.lower(), "host"})
 """Request headers the replay sets itself."""
@@ -359,10 +363,11 @@ class Replayer:
 
     def __init__(self, settings: ReplaySettings, registry: CollectorRegistry, *, redis: aioredis.Redis | None = None,
                  mover_interval: float = MOVER_INTERVAL, settle: Settle | None = None,
-                 finish: Finish | None = None) -> None:
+                 finish: Finish | None = None, answered: Answered | None = None) -> None:
         self.settings = settings
         self.settle = settle
         self.finish = finish
+        self.answered = answered
         self.layout = Layout.of(settings)
         self.metrics = Metrics(registry)
         self.notification_metrics = NotificationMetrics(registry)
@@ -476,6 +481,8 @@ class Replayer:
                                expired=True, attempted=False)
             return await self._finish(key, envelope, attempt, host, expired, settle, retry_queue)
         replayed = await self.replay(envelope, attempt, host, target)
+        if self.answered is not None and settle is not None:
+            self.answered(settle)
         return await self._finish(key, envelope, attempt, host, replayed, settle, retry_queue)
 
     async def _unstart(self, started: Started, answer: Answer | None) -> Answer | None:

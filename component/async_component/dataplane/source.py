@@ -128,11 +128,14 @@ class QueueState:
     """What this source knows of one queue: its deliveries in flight (and when each started), its last reclaim,
     its wake-ups, and whether its Service answers quickly enough to borrow idle slots."""
 
-    __slots__ = ("queue", "in_flight", "reclaimed_at", "woken", "started", "quick", "gauges")
+    __slots__ = ("queue", "in_flight", "writing", "reclaimed_at", "woken", "started", "quick", "gauges")
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.in_flight = 0
+        """Its deliveries the Service has not answered yet: what its cap counts."""
+        self.writing = 0
+        """Its deliveries the Service answered whose outcome is still being written."""
         self.reclaimed_at = 0.0
         self.woken = 0
         self.started: dict[EntryRef, float] = {}
@@ -164,7 +167,8 @@ class Source:
             hirespack.packing(self.redis)
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.stop_grace = drain_grace(settings) if stop_grace is None else stop_grace
-        self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in, self.finish_calls)
+        self.delivery = make_delivery(settings, self.redis, self.registry, self.settle_in, self.finish_calls,
+                                      self._answered)
         self.layout = Layout.of(settings)
         self.per_service_cap = (settings.max_inflight_per_service if settings.queue_mode == PER_SERVICE
                                 else settings.concurrency)
@@ -183,7 +187,13 @@ class Source:
         """Queues that may have entries to read, in round-robin order."""
         self.next_turn = 0
         self.in_flight: dict[EntryRef, asyncio.Task] = {}
-        self.metrics.in_flight.set_function(lambda: len(self.in_flight))  # read when scraped, not set per entry
+        """Every delivery under way, until its outcome is written (stopping waits for them; they are kept fresh)."""
+        self.queue_of: dict[EntryRef, QueueState] = {}
+        """The queue of each delivery under way."""
+        self.writing: set[EntryRef] = set()
+        """Those whose Service answered: only the outcome is left to write, and their slots are free again. The
+        Service no longer holds them, and the outcomes are written in batches while the next replays run."""
+        self.metrics.in_flight.set_function(lambda: self.busy)  # read when scraped, not set per entry
         self.stopping = asyncio.Event()
         self.nudge = asyncio.Event()
         """Set when there may be something to do: a queue woke, a slot freed, stopping."""
@@ -202,6 +212,11 @@ class Source:
     def stop(self) -> None:
         self.stopping.set()
         self.nudge.set()
+
+    @property
+    def busy(self) -> int:
+        """Slots taken: deliveries waiting for their Service's answer."""
+        return len(self.in_flight) - len(self.writing)
 
     async def ready(self) -> None:
         await redisconn.ping(self.redis)
@@ -393,7 +408,7 @@ class Source:
                 self._woke(member)
         if full:  # a queue still in the active set keeps its state (when it was last reclaimed)
             for member in [m for m, state in self.queues.items() if m not in active and not state.in_flight
-                           and woken.get(m) == state.woken]:  # not woken while the scan was out
+                           and not state.writing and woken.get(m) == state.woken]:  # not woken while the scan was out
                 del self.queues[member]
                 self.waiting.pop(member, None)
                 self.metrics.forget(member)
@@ -440,9 +455,12 @@ class Source:
         """Round robin over the ready queues: each as many entries as its free slots allow, within CONCURRENCY;
         then slots nobody else uses, lent to the queues that answer quickly (see ``_borrowing``)."""
         settings = self.settings
-        free = settings.concurrency - len(self.in_flight)
-        if free < self.batch_slots and self.in_flight:
-            return []  # under load, read in batches rather than one entry a time
+        busy = self.busy
+        free = settings.concurrency - busy
+        if (free < self.batch_slots and busy) or len(self.writing) >= settings.concurrency:
+            # under load, read in batches rather than one entry a time; and hold at most CONCURRENCY answers
+            # not yet written (a slow Redis) besides the CONCURRENCY requests under way
+            return []
         members = list(self.waiting)
         if not members:
             return []
@@ -504,7 +522,7 @@ class Source:
             for state, ref, fields in reclaimed:
                 self._start(state, ref, fields)
                 started += 1
-            free = self.settings.concurrency - len(self.in_flight)
+            free = self.settings.concurrency - self.busy
             regrants = []
             for state, _ in grants:  # the reclaimed entries took slots
                 room = min(self.cap_of(state) - state.in_flight, free)
@@ -696,19 +714,48 @@ class Source:
         """Run ``work`` on the entry as an in-flight task (kept fresh, counted against its queue, drained on stop)."""
         task = asyncio.create_task(work, name=f"deliver-{ref[1]}")
         self.in_flight[ref] = task
+        self.queue_of[ref] = state
         state.in_flight += 1
         state.started[ref] = time.monotonic()
         task.add_done_callback(lambda task: self._finished(state, ref, task))
 
+    def _answered(self, ref: EntryRef) -> None:
+        """The Service answered this entry's replay (the in-process core's hook): its slot is free again."""
+        state = self.queue_of.get(ref)
+        if state is None or ref in self.writing:
+            return
+        self.writing.add(ref)
+        state.writing += 1
+        self._freed(state, ref)
+
     def _finished(self, state: QueueState, ref: EntryRef, task: asyncio.Task) -> None:
         self.in_flight.pop(ref, None)
-        state.in_flight -= 1
-        state.quick = time.monotonic() - state.started.pop(ref) <= BORROW_AGE
-        if self.settings.concurrency - len(self.in_flight) >= self.batch_slots or not self.in_flight:
-            self.nudge.set()  # else the loop would find too few free slots to read (see _grants): let it sleep
+        self.queue_of.pop(ref, None)
+        if ref in self.writing:
+            self.writing.discard(ref)
+            state.writing -= 1
+            if len(self.writing) == self.settings.concurrency - 1:
+                self.nudge.set()  # _grants held back for the outcomes being written
+        else:
+            self._freed(state, ref)
         if not task.cancelled() and task.exception() is not None:
             log.error("entry %s of %s: delivery crashed, it stays pending for reclaim", ref[1], ref[0],
                       exc_info=task.exception())
+
+    def _retaken(self, state: QueueState, ref: EntryRef) -> None:
+        """Another attempt at an entry whose Service had answered: it calls the Service again, in a slot."""
+        if ref in self.writing:
+            self.writing.discard(ref)
+            state.writing -= 1
+            state.in_flight += 1
+            state.started[ref] = time.monotonic()
+
+    def _freed(self, state: QueueState, ref: EntryRef) -> None:
+        state.in_flight -= 1
+        state.quick = time.monotonic() - state.started.pop(ref) <= BORROW_AGE
+        busy = self.busy
+        if self.settings.concurrency - busy >= self.batch_slots or not busy:
+            self.nudge.set()  # else the loop would find too few free slots to read (see _grants): let it sleep
 
     async def _deliver(self, state: QueueState, ref: EntryRef, fields: Mapping, started: Started = None) -> None:
         attempt = 0
@@ -742,6 +789,7 @@ class Source:
                                        entry_id, attempt, reason, delay)
             if await self._sleep(delay):
                 return  # stopping: the entry stays pending for a source to reclaim
+            self._retaken(state, ref)
 
     async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None,
                       record: tuple[str, str] | None = None, notice: Mapping | None = None,
