@@ -341,6 +341,16 @@ async def test_entries_of_a_source_killed_mid_replay_are_reclaimed_and_replayed(
     assert {(await record_of(redis_client, e.id)).state for e in envelopes} == {SUCCEEDED}
 
 
+async def died_on(redis_client, count: int, times: int) -> None:
+    """Read the first ``count`` queued entries as a process that dies holding them: the first is delivered ``times``
+    times, the others once."""
+    await redis_client.xgroup_create(STREAM, GROUP, id="0")
+    ids = [entry_id for _, entries in await redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=count)
+           for entry_id, _ in entries]
+    for _ in range(times - 1):
+        await redis_client.xclaim(STREAM, GROUP, "dead", min_idle_time=0, message_ids=ids[:1])
+
+
 @pytest.mark.parametrize("over_http", [False, True])
 async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_delivered_again(redis_url, redis_client,
                                                                                              over_http):
@@ -356,11 +366,7 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
         # what the last process to die on it left: a running record, which never expires by itself
         await redis_client.set(record_key("async", doomed.id, target.host),
                                Record(state=RUNNING, host=target.host, attempts=3).to_json())
-        await redis_client.xgroup_create(STREAM, GROUP, id="0")
-        ids = [entry_id for _, entries in await redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=2)
-               for entry_id, _ in entries]  # delivered once each
-        for _ in range(2):  # two more deaths for the doomed one: delivered 3 times
-            await redis_client.xclaim(STREAM, GROUP, "dead", min_idle_time=0, message_ids=ids[:1])
+        await died_on(redis_client, 2, times=3)
         sink_url = await stack.enter_async_context(http_consumer(redis_url)) if over_http else None
         settings = source_settings(redis_url, sink_url=sink_url, max_deliveries=3)
         source = await stack.enter_async_context(running(settings))
@@ -386,6 +392,26 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
     assert record.state == FAILED and record.error.startswith("delivered 4 times without an outcome")
     assert 0 < await redis_client.ttl(record_key("async", doomed.id, target.host)) <= 86400  # one retention
     assert record.idempotency_key == key and 86_000 < await redis_client.ttl(key) <= 86400, "as long as the record"
+
+
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_an_entry_given_up_keeps_its_failed_record_and_key_for_its_services_retention(redis_url, redis_client,
+                                                                                         over_http):
+    """The Service's retention policy (2 min), not STATUS_RETENTION (10 min): as long as a replayed result is kept."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        doomed = await queue(redis_client, target, "/doomed", policy=DeliveryPolicy(retention=120).encode(),
+                             headers=[("Idempotency-Key", "doomed")])
+        key = idempotency.key_name("async", target.host, "doomed")
+        await redis_client.set(key, f"ab 1-0 {doomed.id}")  # as the producer left it: no expiry while pending
+        await died_on(redis_client, 1, times=2)
+        sink_url = await stack.enter_async_context(http_consumer(redis_url)) if over_http else None
+        await stack.enter_async_context(running(source_settings(redis_url, sink_url=sink_url, max_deliveries=2,
+                                                                status_retention=600)))
+        assert await eventually(settled(redis_client))
+    assert target.seen == [] and await redis_client.xlen(DEAD) == 1
+    assert (await record_of(redis_client, doomed.id)).state == FAILED
+    assert 110_000 < await redis_client.pttl(record_key("async", doomed.id, target.host)) <= 120_000
+    assert 110_000 < await redis_client.pttl(key) <= 120_000, "as long as the record"
 
 
 async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries(redis_url, redis_client):

@@ -20,6 +20,7 @@ from async_component.dataplane import idempotency, sink as consumer_sink
 from async_component.dataplane.envelope import Envelope
 from async_component.local.ports import free_port
 from async_component.dataplane.records import QUEUED, SUCCEEDED, Record, record_key
+from async_component.protocol import DeliveryPolicy
 from async_component.settings import ConsumerSettings, SourceSettings
 from async_component.dataplane.source import Source
 
@@ -64,9 +65,10 @@ def settings_for(redis_url: str, sink_url: str, **changes) -> SourceSettings:
 
 
 async def queue(redis_client, path: str = "/work", host: str = "target.default.svc.cluster.local",
-                stream: str = STREAM, headers=(("Content-Type", "text/plain"),)) -> tuple[str, Envelope]:
+                stream: str = STREAM, headers=(("Content-Type", "text/plain"),), policy: str = ""
+                ) -> tuple[str, Envelope]:
     """What the producer writes for an accepted request."""
-    envelope = Envelope.new("POST", f"http://{host}{path}", list(headers), path.encode())
+    envelope = Envelope.new("POST", f"http://{host}{path}", list(headers), path.encode(), policy=policy)
     entry_id = (await redis_client.xadd(stream, envelope.to_stream_fields())).decode()
     await redis_client.set(record_key("async", envelope.id, host), Record(state=QUEUED, host=host).to_json())
     return entry_id, envelope
@@ -134,16 +136,20 @@ async def test_sink_4xx_sends_the_entry_to_the_dead_letter_stream_and_acks_it(re
     assert sink.received == [entry_id] and sink.delivered == []
 
 
-async def test_a_keyed_request_the_sink_rejects_keeps_its_key_as_long_as_a_result(redis_url, redis_client, sink):
-    """Dead-lettered, the request has ended: its key, without an expiry while it was pending, gets one."""
+@pytest.mark.parametrize(("retention", "kept_ms"), [(None, 600_000), (120.0, 120_000)])
+async def test_a_keyed_request_the_sink_rejects_keeps_its_key_as_long_as_a_result(redis_url, redis_client, sink,
+                                                                                  retention, kept_ms):
+    """Dead-lettered, the request has ended: its key, without an expiry while it was pending, gets one: its
+    Service's retention policy, else STATUS_RETENTION (600 s here), as a result of the replay's would."""
     sink.statuses = [400]
-    entry_id, envelope = await queue(redis_client, headers=[("Idempotency-Key", '"refused"')])
+    entry_id, envelope = await queue(redis_client, headers=[("Idempotency-Key", '"refused"')],
+                                     policy=DeliveryPolicy(retention=retention).encode())
     key = idempotency.key_name("async", "target.default.svc.cluster.local", "refused")
     await redis_client.set(key, f"ab {entry_id} {envelope.id}")
     async with running(settings_for(redis_url, sink.url, status_retention=600)):
         assert await eventually(settled(redis_client))
     assert await redis_client.xlen(DEAD) == 1
-    assert 590_000 < await redis_client.pttl(key) <= 600_000
+    assert kept_ms - 10_000 < await redis_client.pttl(key) <= kept_ms
 
 
 async def test_two_sources_share_the_group_without_delivering_twice(redis_url, redis_client, sink):

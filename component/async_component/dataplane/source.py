@@ -30,7 +30,7 @@ import signal
 import socket
 import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -45,9 +45,9 @@ from .deadletters import add_dead_letter
 from .gcpolicy import tune as tune_gc
 from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
-from .envelope import EnvelopeError, as_text, entry_envelope, entry_policy
+from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, entry_policy
 from .queues import FINISH, PER_SERVICE, SINGLE, SLOTS, Layout, Queue, labels_of, service_tag, slot_of, take_script
-from .replay import RECORD_MARGIN, START_FUNCTION, Started, replay_grace, split_url
+from .replay import RECORD_MARGIN, START_FUNCTION, Started, delivery_terms, replay_grace, split_url
 from .records import FAILED, Record, finished_channel, record_key, records_of
 from .redischeck import RedisCheck
 from .redisconn import call_scripts, make_redis, per_node, register_script, transaction
@@ -149,6 +149,17 @@ class QueueState:
     def may_borrow(self, now: float) -> bool:
         """Answering quickly, with nothing in flight for longer than BORROW_AGE (a Service that just hung)."""
         return self.quick and (not self.started or now - next(iter(self.started.values())) <= BORROW_AGE)
+
+
+class Ended(NamedTuple):
+    """The request a dead letter of the source ends: its envelope, target host and idempotency key (None: it had
+    none), and how long its final record and that key are kept, in ms: its Service's retention, as the replay keeps a
+    result (``replay.delivery_terms``)."""
+
+    envelope: Envelope
+    host: str
+    key: str | None
+    retention_ms: int
 
 
 class Source:
@@ -614,24 +625,21 @@ class Source:
 
         Its Service's failure sink, if it has one, hears of it as of any other failure.
         """
-        notice = renewed = None
-        try:
-            envelope = entry_envelope(fields)
-            host = envelope.url.partition("://")[2].partition("/")[0]
-            renewed = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
+        failed = notice = None
+        ended = self._ended(fields)
+        if ended is not None:
+            envelope, host = ended.envelope, ended.host
             failed = (record_key(self.settings.key_prefix, envelope.id, host),
                       Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason,
-                             idempotency_key=renewed).to_json())
+                             idempotency_key=ended.key).to_json())
             sink = sink_for(envelope.delivery_policy, FAILED)
             if sink is not None:
                 notice = notification(sink=sink, state=FAILED, request_id=envelope.id, host=host,
                                       attempts=envelope.attempt + 1, response=None, error=reason,
                                       request_headers=envelope.headers,
                                       body_limit=self.settings.notification_body_limit, finished_at=time.time())
-        except EnvelopeError:
-            failed = None
-        dead = dead_letter_entry(fields, reason, service=self._service(state, fields))
-        if await self._settle(ref, dead, failed, notice, renewed):
+        dead = dead_letter_entry(fields, reason, service=self._service(state, ended))
+        if await self._settle(ref, dead, ended, failed, notice):
             self.metrics.delivered_as["dead_lettered"].inc()
             log.error("entry %s of %s sent to %s, never delivered again: %s", ref[1], ref[0],
                       self.settings.dead_letter_stream, reason)
@@ -776,9 +784,9 @@ class Source:
             if reply is not None:
                 reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
+                ended = self._ended(fields)
                 if await self._settle(ref, dead_letter_entry(fields, reason, reply.status,
-                                                             service=self._service(state, fields)),
-                                      renewed=self._key_of(fields)):
+                                                             service=self._service(state, ended)), ended):
                     self.metrics.delivered_as["dead_lettered"].inc()
                     log.warning("entry %s of %s rejected by the sink, sent to %s: %s", entry_id, ref[0],
                                 self.settings.dead_letter_stream, reason)
@@ -791,15 +799,12 @@ class Source:
                 return  # stopping: the entry stays pending for a source to reclaim
             self._retaken(state, ref)
 
-    async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None,
-                      record: tuple[str, str] | None = None, notice: Mapping | None = None,
-                      renewed: str | None = None) -> bool:
-        """Acknowledge and delete the entry (after copying it to the dead-letter stream, and writing ``record``,
-        a final record's key and JSON, ``notice``, its completion event, and giving ``renewed``, the request's
-        idempotency key, pending until now, the same lifetime as the record: one retention); False if stopped
-        first."""
+    async def _settle(self, ref: EntryRef, dead_letter: Mapping | None = None, ended: Ended | None = None,
+                      record: tuple[str, str] | None = None, notice: Mapping | None = None) -> bool:
+        """Acknowledge and delete the entry (after copying it to the dead-letter stream, and writing for the request
+        it ``ended`` its final ``record``, key and JSON, and ``notice``, its completion event, and giving its
+        idempotency key, pending until now, the record's lifetime: the Service's retention); False if stopped first."""
         settings = self.settings
-        lifetime_ms = max(1, round(settings.status_retention * 1000))
         failures = 0
         while True:
             try:
@@ -808,11 +813,12 @@ class Source:
                 else:
                     async with transaction(self.redis) as pipe:
                         add_dead_letter(pipe, settings, dead_letter)
-                        if record is not None:
-                            pipe.set(record[0], record[1], px=lifetime_ms)
-                            pipe.publish(finished_channel(settings.key_prefix), record[0])  # answers a waiter
-                        if renewed is not None:
-                            pipe.pexpire(renewed, lifetime_ms)
+                        if ended is not None:  # one lifetime, the Service's retention, for record and key
+                            if record is not None:
+                                pipe.set(record[0], record[1], px=ended.retention_ms)
+                                pipe.publish(finished_channel(settings.key_prefix), record[0])  # answers a waiter
+                            if ended.key is not None:
+                                pipe.pexpire(ended.key, ended.retention_ms)
                         add_notification(pipe, settings, notice, record and record[0])
                         self.settle_in(pipe, ref)
                         await pipe.execute()
@@ -875,20 +881,24 @@ class Source:
             calls.append((positions, (self.finish, keys, args)))
         return calls
 
-    def _key_of(self, fields: Mapping) -> str | None:
-        """The idempotency key of an entry dead-lettered here, which ends its request (None: it had none, or the
-        entry cannot be read)."""
+    def _ended(self, fields: Mapping) -> Ended | None:
+        """The request an entry dead-lettered here ends (None: the entry cannot be read), decoded once for its
+        dead letter, record and idempotency key."""
         try:
             envelope = entry_envelope(fields)
             host, _ = split_url(envelope.url)
         except EnvelopeError:
             return None
-        return idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
+        return Ended(envelope, host, idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers),
+                     delivery_terms(self.settings, envelope.delivery_policy).retention_ms)
 
     @staticmethod
-    def _service(state: QueueState, fields: Mapping) -> str | None:
-        """The Service an entry is for, as its dead letter names it."""
-        return state.queue.member if state.queue.member != SINGLE else _service_of_entry(fields)
+    def _service(state: QueueState, ended: Ended | None) -> str | None:
+        """The Service an entry is for, as its dead letter names it (None: an unreadable entry of the single
+        stream)."""
+        if state.queue.member != SINGLE:
+            return state.queue.member
+        return None if ended is None else service_tag(ended.host)
 
     # --- waiting
 
@@ -919,16 +929,6 @@ def _started(mark) -> Started:
 
 def _number(reply) -> int:
     return reply if isinstance(reply, int) else 0
-
-
-def _service_of_entry(fields: Mapping) -> str | None:
-    """The Service of an entry of the single stream, for its dead letter; None when unreadable."""
-    try:
-        envelope = entry_envelope(fields)
-    except EnvelopeError:
-        return None
-    host = envelope.url.partition("://")[2].partition("/")[0]
-    return service_tag(host) if host else None
 
 
 # --- the process
