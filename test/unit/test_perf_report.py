@@ -235,6 +235,14 @@ def test_bench_exits_non_zero_when_a_target_is_missed(scripts, monkeypatch, tmp_
         assert err.splitlines()[-1].startswith("bench: MISSED 1 target(s)")
 
 
+def test_the_judged_drain_is_the_median_stacks_and_every_stack_is_noted(scripts):
+    bench, _ = scripts
+    draws = [(4000.0, 3200.0, [], 120.0), (4000.0, 2600.0, [], 140.0), (4000.0, 3000.0, [], 130.0)]
+    sync, drained, source_us, note = bench.median_draw(draws)
+    assert (sync, drained, source_us) == (4000.0, 3000.0, 130.0)
+    assert "0.80 (3,200 / 4,000 req/s, source 120 µs), 0.65 (2,600" in note and "0.75 (3,000" in note
+
+
 @pytest.mark.parametrize("script, option, shown", [
     (0, "--seconds", "(default: 15.0)"), (0, "--workers", "(default: 1,2)"), (0, "--quiet-load", "(default: 0)"),
     (1, "--users", "(default: 20)"), (1, "--spawn-rate", "(default: all at once)"),
