@@ -358,12 +358,14 @@ class SourceSettings(ReplaySettings):
     sink_url: str | None = setting("SINK_URL", "", optional(http_url), "URL of a consumer to post CloudEvents to (unset: replay in this process)", alias="K_SINK")
     group: str = setting("CONSUMER_GROUP", DEFAULT_GROUP, str, "Redis consumer group shared by all source processes")
     consumer_name: str = setting("CONSUMER_NAME", "", str, "this process's name in the group (unset: its host name and pid)")
-    concurrency: int = setting("CONCURRENCY", "32", positive_int, "deliveries in flight at once")
+    concurrency: int = setting("CONCURRENCY", "32", positive_int,
+                               "deliveries in flight at once (and MAX_INFLIGHT_PER_SERVICE more while one Service"
+                               " borrows, for the others)")
     max_inflight_per_service: int = setting(
         "MAX_INFLIGHT_PER_SERVICE", "8", positive_int,
         "deliveries in flight at once to one Service (within CONCURRENCY), so a slow or hung Service holds"
-        " only its own slots; idle slots are lent beyond it to Services that answer within a second (this"
-        " many always kept free)",
+        " only its own slots; idle slots are lent beyond it to Services that answer within a second, and"
+        " while they are, this many more are kept for a Service that gets work",
     )
     visibility_timeout: float = setting("VISIBILITY_TIMEOUT", "30", positive_float, "seconds before an entry left pending by a dead process is reclaimed")
     delivery_timeout: float = setting("DELIVERY_TIMEOUT", "330", positive_float, "seconds to wait for the sink to answer one event (with SINK_URL)")

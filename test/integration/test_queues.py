@@ -323,11 +323,11 @@ async def accept_as(enqueue: Enqueuer, service: str, request_id: str, path: str,
 
 async def test_a_lone_service_that_answers_quickly_borrows_idle_slots_beyond_its_cap(
         redis_url, redis_client, gateway):
-    """Cap 2 of 8 slots, 2 kept in reserve: a Service alone with a backlog uses up to 6."""
+    """Cap 2 of 8 slots: a Service alone with a backlog uses all 8 (the reserve is beyond them)."""
     gateway.slow = 0.1
     async with enqueuer(redis_client) as enqueue:
         requests = [("a", await accept(enqueue, "a", "/slow")) for _ in range(120)]
-    assert await most_in_flight_draining(redis_url, redis_client, gateway, requests) == 6
+    assert await most_in_flight_draining(redis_url, redis_client, gateway, requests) == 8
 
 
 async def test_a_service_that_gets_work_while_another_borrows_starts_at_once(redis_url, redis_client, gateway):
@@ -336,13 +336,60 @@ async def test_a_service_that_gets_work_while_another_borrows_starts_at_once(red
         for _ in range(200):
             await accept(enqueue, "a", "/slow")
         async with running(settings_for(redis_url, gateway)):
-            assert await eventually(lambda: _true(gateway.in_flight("a") == 6), 10)
+            assert await eventually(lambda: _true(gateway.in_flight("a") == 8), 10)
             sent = time.monotonic()
             quick = [("b", await accept(enqueue, "b", f"/q/{n}")) for n in range(2)]
             assert await eventually(all_in(redis_client, SUCCEEDED, quick))
             waited = time.monotonic() - sent
-            assert gateway.in_flight("a") <= 6
+            assert gateway.in_flight("a") <= 8
     assert waited < 0.4, f"the reserve's slots were free: no wait for a's borrowed ones ({waited:.2f}s)"
+
+
+def most_in_flight_in_all(gateway: Gateway):
+    """Samples every Service's replays in flight together every few milliseconds; the list's max is the most seen."""
+    seen = [0]
+
+    async def watch() -> None:
+        while True:
+            seen.append(len(gateway.started) - len(gateway.finished))
+            await asyncio.sleep(0.005)
+    return seen, asyncio.create_task(watch())
+
+
+async def test_the_reserve_opens_beyond_concurrency_only_while_a_service_borrows(redis_url, redis_client, gateway):
+    """CONCURRENCY 8, caps of 2: Services that never borrow (they hang) hold 8 in all; while one borrows every
+    slot, Services that get work share one cap's worth beyond it (2), never more."""
+    async with enqueuer(redis_client) as enqueue:
+        for service in ("h1", "h2", "h3", "h4", "h5"):
+            for _ in range(3):
+                await accept(enqueue, service, "/hang")
+    seen, watcher = most_in_flight_in_all(gateway)
+    try:
+        async with running(settings_for(redis_url, gateway), stop_grace=0.1):
+            assert await eventually(lambda: _true(len(gateway.started) == 8), 5)
+            await asyncio.sleep(0.5)
+    finally:
+        watcher.cancel()
+        gateway.release.set()
+    assert max(seen) == 8, "no Service borrowed: the reserve stays closed"
+
+    await redis_client.flushall()
+    gateway.started.clear(), gateway.finished.clear()
+    gateway.release.clear()
+    gateway.slow = 0.5
+    async with enqueuer(redis_client) as enqueue:
+        for _ in range(200):
+            await accept(enqueue, "a", "/slow")
+        seen, watcher = most_in_flight_in_all(gateway)
+        try:
+            async with running(settings_for(redis_url, gateway)):
+                assert await eventually(lambda: _true(gateway.in_flight("a") == 8), 10)
+                others = [(service, await accept(enqueue, service, "/slow")) for service in ("b", "c")
+                          for _ in range(4)]
+                assert await eventually(all_in(redis_client, SUCCEEDED, others), 15)
+        finally:
+            watcher.cancel()
+    assert max(seen) == 10
 
 
 @pytest.mark.parametrize("path", ["/hang", "/slow"])
@@ -370,9 +417,10 @@ async def test_a_service_with_its_own_max_inflight_never_borrows(redis_url, redi
 
 async def test_a_services_answer_frees_its_slot_while_the_outcome_is_written(redis_url, redis_client, gateway):
     """A cap counts the requests the Service holds: once it answered, only the outcome is left to write (in
-    batches, beside the next replays), and at most CONCURRENCY answers wait to be written."""
+    batches, beside the next replays), and a source holds at most twice CONCURRENCY deliveries (replays and
+    answers waiting to be written)."""
     async with enqueuer(redis_client) as enqueue:
-        requests = [("a", await accept(enqueue, "a", f"/q/{n}")) for n in range(12)]
+        requests = [("a", await accept(enqueue, "a", f"/q/{n}")) for n in range(20)]
     written = asyncio.Event()
     async with running(settings_for(redis_url, gateway, concurrency=4, max_inflight_per_service=2)) as source:
         replayer = source.delivery.replayer
@@ -382,10 +430,11 @@ async def test_a_services_answer_frees_its_slot_while_the_outcome_is_written(red
             await written.wait()
             return await write(items)
         replayer._set_batch = held  # before the source starts: its batcher of outcomes writes through it
-        assert await eventually(lambda: _true(len(gateway.finished) == 4), 5)
+        assert await eventually(lambda: _true(len(gateway.finished) == 8), 5)
         await asyncio.sleep(0.3)
-        assert (len(gateway.started), len(gateway.finished)) == (4, 4)  # 4 answers unwritten: no more read
+        # twice CONCURRENCY answers waiting to be written: nothing more is read until some are
+        assert (len(gateway.started), len(gateway.finished)) == (8, 8)
         assert await all_in(redis_client, SUCCEEDED, requests[:1])() is False
         written.set()
         assert await eventually(all_in(redis_client, SUCCEEDED, requests), 10)
-    assert len(gateway.started) == 12
+    assert len(gateway.started) == 20

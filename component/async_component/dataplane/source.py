@@ -185,10 +185,13 @@ class Source:
                                 else settings.concurrency)
         self.batch_slots = max(1, settings.concurrency // 4)
         """Free slots worth a read while deliveries are in flight: under load, entries are read in batches."""
-        self.reserve = self.per_service_cap if settings.queue_mode == PER_SERVICE else settings.concurrency
-        """Slots never lent beyond a queue's cap: a Service that gets work while another borrows starts at once."""
-        self.borrow_limit = settings.concurrency - self.reserve
-        """The most one borrowing queue holds: all but the reserve."""
+        self.reserve = self.per_service_cap if settings.queue_mode == PER_SERVICE else 0
+        """Slots beyond CONCURRENCY, never lent, for queues under their cap while others hold borrowed slots: a
+        Service that gets work while another borrows every free slot starts at once."""
+        self.borrow_limit = settings.concurrency if settings.queue_mode == PER_SERVICE else 0
+        """The most one borrowing queue holds: every slot of CONCURRENCY (never the reserve)."""
+        self.borrowed: set[EntryRef] = set()
+        """Deliveries started beyond their queue's cap: while there are any, the reserve is open."""
         self.service_caps: dict[str, int] = {}
         """A Service's own max-inflight (its policy), learned from the requests read from its queue."""
         self.reclaim_interval = settings.visibility_timeout / 2
@@ -467,17 +470,19 @@ class Source:
         then slots nobody else uses, lent to the queues that answer quickly (see ``_borrowing``)."""
         settings = self.settings
         busy = self.busy
-        free = settings.concurrency - busy
-        if (free < self.batch_slots and busy) or len(self.writing) >= settings.concurrency:
-            # under load, read in batches rather than one entry a time; and hold at most CONCURRENCY answers
-            # not yet written (a slow Redis) besides the CONCURRENCY requests under way
-            return []
+        # a source holds at most twice CONCURRENCY deliveries: replays, and answers whose outcome is still being
+        # written (a slow Redis)
+        held = 2 * settings.concurrency - len(self.in_flight)
+        free = min(held, settings.concurrency + min(self.reserve, len(self.borrowed)) - busy)  # queues under cap
+        if free < self.batch_slots and busy:
+            return []  # under load, read in batches rather than one entry a time
         members = list(self.waiting)
         if not members:
             return []
         start = self.next_turn % len(members)
         order = (self.queues[members[(start + n) % len(members)]] for n in range(len(members)))
         grants: dict[QueueState, int] = {}
+        spare = min(held, settings.concurrency - busy)  # for borrowers: what CONCURRENCY leaves, never the reserve
         for n, state in enumerate(order):
             if free <= 0:
                 break
@@ -488,21 +493,23 @@ class Source:
                 continue
             grants[state] = room
             free -= room
+            spare -= room
             self.next_turn = start + n + 1
-        if free > self.reserve:
+        if spare > 0:
             self._borrowing((self.queues[members[(start + n) % len(members)]] for n in range(len(members))),
-                            grants, free - self.reserve)
+                            grants, spare)
         return list(grants.items())
 
     def _borrowing(self, order: Iterable[QueueState], grants: dict[QueueState, int], spare: int) -> None:
-        """Lend ``spare`` slots (what is free beyond the reserve) to queues past their cap, in turn.
+        """Lend ``spare`` slots (what CONCURRENCY leaves free) to queues past their cap, in turn.
 
         Work-conserving, without giving up "a slow or hung Service holds only its own slots": only a
         queue whose Service has no max-inflight of its own, whose last delivery took at most BORROW_AGE
         and with nothing in flight for longer, borrows; so a Service that is slow or hangs from the start
         never does. One that turns slow while borrowing keeps what it holds until those replays end (at
-        most REQUEST_TIMEOUT), never more than CONCURRENCY minus the reserve; and the reserve (one default
-        cap of slots) is never lent, so a Service that gets work meanwhile starts at once.
+        most REQUEST_TIMEOUT), never more than CONCURRENCY; and the reserve (one default cap of slots beyond
+        CONCURRENCY, open while anything is borrowed) is never lent, so a Service that gets work meanwhile
+        starts at once.
         """
         now = time.monotonic()
         for state in order:
@@ -533,7 +540,7 @@ class Source:
             for state, ref, fields in reclaimed:
                 self._start(state, ref, fields)
                 started += 1
-            free = self.settings.concurrency - self.busy
+            free = self.settings.concurrency + min(self.reserve, len(self.borrowed)) - self.busy
             regrants = []
             for state, _ in grants:  # the reclaimed entries took slots
                 room = min(self.cap_of(state) - state.in_flight, free)
@@ -723,6 +730,8 @@ class Source:
         task = asyncio.create_task(work, name=f"deliver-{ref[1]}")
         self.in_flight[ref] = task
         self.queue_of[ref] = state
+        if state.in_flight >= self.cap_of(state):
+            self.borrowed.add(ref)
         state.in_flight += 1
         state.started[ref] = time.monotonic()
         task.add_done_callback(lambda task: self._finished(state, ref, task))
@@ -742,8 +751,8 @@ class Source:
         if ref in self.writing:
             self.writing.discard(ref)
             state.writing -= 1
-            if len(self.writing) == self.settings.concurrency - 1:
-                self.nudge.set()  # _grants held back for the outcomes being written
+            if len(self.in_flight) >= 2 * self.settings.concurrency - self.batch_slots:
+                self.nudge.set()  # _grants may have held back for the outcomes being written
         else:
             self._freed(state, ref)
         if not task.cancelled() and task.exception() is not None:
@@ -755,10 +764,13 @@ class Source:
         if ref in self.writing:
             self.writing.discard(ref)
             state.writing -= 1
+            if state.in_flight >= self.cap_of(state):
+                self.borrowed.add(ref)
             state.in_flight += 1
             state.started[ref] = time.monotonic()
 
     def _freed(self, state: QueueState, ref: EntryRef) -> None:
+        self.borrowed.discard(ref)
         state.in_flight -= 1
         state.quick = time.monotonic() - state.started.pop(ref) <= BORROW_AGE
         busy = self.busy
