@@ -36,7 +36,7 @@ from redis.commands.core import BasicKeyCommands, PubSubCommands, SortedSetComma
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError
 
-from ..settings import CLUSTER_SCHEMES, RedisSettings
+from ..settings import RedisSettings
 
 Item = TypeVar("Item")
 

@@ -36,7 +36,6 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
 
 from .. import logs, probes
 from . import hirespack, idempotency, redisconn, targets
@@ -46,7 +45,7 @@ from .gcpolicy import tune as tune_gc
 from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, entry_policy
-from .queues import FINISH, PER_SERVICE, SINGLE, SLOTS, Layout, Queue, labels_of, service_tag, slot_of, take_script
+from .queues import FINISH, PER_SERVICE, SINGLE, Layout, Queue, labels_of, service_tag, slot_of, take_script
 from .replay import RECORD_MARGIN, START_FUNCTION, Started, delivery_terms, replay_grace, split_url
 from .records import FAILED, Record, finished_channel, record_key, records_of
 from .redischeck import RedisCheck
