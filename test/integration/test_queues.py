@@ -389,7 +389,8 @@ async def test_the_reserve_opens_beyond_concurrency_only_while_a_service_borrows
                 assert await eventually(all_in(redis_client, SUCCEEDED, others), 15)
         finally:
             watcher.cancel()
-    assert max(seen) == 10
+    # the reserve opened (more than CONCURRENCY at once), and only by one cap's worth, however b and c came in
+    assert 8 < max(seen) <= 10
 
 
 @pytest.mark.parametrize("path", ["/hang", "/slow"])
