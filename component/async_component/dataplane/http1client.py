@@ -33,7 +33,7 @@ MAX_IDLE = 256
 MAX_ORIGINS = 1024
 
 
-def _split(url: str) -> tuple[str, str]:
+def split_origin(url: str) -> tuple[str, str]:
     """``scheme://host[:port]`` and the request target (``/path?query``) of ``url``."""
     scheme, _, rest = url.partition("://")
     end = len(rest)
@@ -196,7 +196,7 @@ class Client:
         Raises InvalidURL, ValueError (a header it cannot send), TimeoutError, OSError (no connection,
         cut off) or httptools.HttpParserError (not HTTP).
         """
-        origin, target = _split(url)
+        origin, target = split_origin(url)
         where = self._origins.get(origin)
         if where is None:
             where = self._origins[origin] = _where(origin, url)

@@ -518,13 +518,7 @@ class Replayer:
         """:func:`split_url` of a queued URL, and for its host the target policy's refusal (or None) and the start
         of its records' keys: worked out once per ``scheme://host[:port]`` (a few Services send almost every
         request). Raises EnvelopeError as split_url does."""
-        scheme, sep, rest = url.partition("://")
-        end = len(rest)
-        for delimiter in "/?#":
-            found = rest.find(delimiter, 0, end)
-            if found >= 0:
-                end = found
-        origin = url[:len(scheme) + len(sep) + end]
+        origin, target = http1client.split_origin(url)
         known = self._origins.get(origin)
         if known is None:
             host, _ = split_url(url)  # its errors name the whole URL
@@ -533,7 +527,6 @@ class Replayer:
             known = self._origins[origin] = (host, self.target_refusal(host),
                                              records_of(self.settings.key_prefix, service_tag(host)))
         host, refused, records = known
-        target = url[len(origin):]
         return host, target if target.startswith("/") else "/" + target, refused, records
 
     def target_refusal(self, host: str) -> str | None:
