@@ -231,6 +231,10 @@ class Source:
         """Slots taken: deliveries waiting for their Service's answer."""
         return len(self.in_flight) - len(self.writing)
 
+    def free_under_cap(self, busy: int) -> int:
+        """Slots for queues under their cap: CONCURRENCY's free ones, and the reserve while slots are borrowed."""
+        return self.settings.concurrency + min(self.reserve, len(self.borrowed)) - busy
+
     async def ready(self) -> None:
         await redisconn.ping(self.redis)
         self.redis_check.require()
@@ -472,7 +476,7 @@ class Source:
         # a source holds at most twice CONCURRENCY deliveries: replays, and answers whose outcome is still being
         # written (a slow Redis)
         held = 2 * settings.concurrency - len(self.in_flight)
-        free = min(held, settings.concurrency + min(self.reserve, len(self.borrowed)) - busy)  # queues under cap
+        free = min(held, self.free_under_cap(busy))
         if free < self.batch_slots and busy:
             return []  # under load, read in batches rather than one entry a time
         members = list(self.waiting)
@@ -539,7 +543,7 @@ class Source:
             for state, ref, fields in reclaimed:
                 self._start(state, ref, fields)
                 started += 1
-            free = self.settings.concurrency + min(self.reserve, len(self.borrowed)) - self.busy
+            free = self.free_under_cap(self.busy)
             regrants = []
             for state, _ in grants:  # the reclaimed entries took slots
                 room = min(self.cap_of(state) - state.in_flight, free)
@@ -729,10 +733,7 @@ class Source:
         task = asyncio.create_task(work, name=f"deliver-{ref[1]}")
         self.in_flight[ref] = task
         self.queue_of[ref] = state
-        if state.in_flight >= self.cap_of(state):
-            self.borrowed.add(ref)
-        state.in_flight += 1
-        state.started[ref] = time.monotonic()
+        self._occupy(state, ref)
         task.add_done_callback(lambda task: self._finished(state, ref, task))
 
     def _answered(self, ref: EntryRef) -> None:
@@ -763,10 +764,14 @@ class Source:
         if ref in self.writing:
             self.writing.discard(ref)
             state.writing -= 1
-            if state.in_flight >= self.cap_of(state):
-                self.borrowed.add(ref)
-            state.in_flight += 1
-            state.started[ref] = time.monotonic()
+            self._occupy(state, ref)
+
+    def _occupy(self, state: QueueState, ref: EntryRef) -> None:
+        """The delivery takes a slot of its queue: a borrowed one when the queue is at its cap already."""
+        if state.in_flight >= self.cap_of(state):
+            self.borrowed.add(ref)
+        state.in_flight += 1
+        state.started[ref] = time.monotonic()
 
     def _freed(self, state: QueueState, ref: EntryRef) -> None:
         self.borrowed.discard(ref)
