@@ -439,3 +439,63 @@ async def test_a_services_answer_frees_its_slot_while_the_outcome_is_written(red
         written.set()
         assert await eventually(all_in(redis_client, SUCCEEDED, requests), 10)
     assert len(gateway.started) == 20
+
+
+async def test_a_service_that_answers_quickly_gets_its_next_requests_while_the_source_reads(
+        redis_url, redis_client, gateway):
+    """Entries are read ahead for a Service that borrows: as its answers free slots, its next requests start at
+    once, without waiting for the next read (here Redis is paused, so that read cannot come back)."""
+    gateway.slow = 0.3
+    async with enqueuer(redis_client) as enqueue:
+        requests = [("a", await accept(enqueue, "a", f"/slow?n={n}")) for n in range(100)]
+    async with running(settings_for(redis_url, gateway)):
+        assert await eventually(lambda: _true(len(gateway.finished) >= 24 and gateway.in_flight("a") == 8), 10)
+        await redis_client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        paused, before = time.monotonic(), len(gateway.started)
+        await asyncio.sleep(1.0)
+        during = len(gateway.started) - before
+        assert time.monotonic() - paused < 1.4, "the check must fall inside the pause"
+        assert await eventually(all_in(redis_client, SUCCEEDED, requests), 30)
+    assert during >= 2, f"{during} requests started while no read could come back"
+
+
+async def test_requests_read_ahead_for_a_service_that_hangs_read_queued_not_running(
+        redis_url, redis_client, gateway):
+    """A Service answers quickly, so the source reads its entries ahead; then it hangs. The requests read ahead
+    wait for its slots, and their status is ``queued`` again (not ``running``) while they do."""
+    async with enqueuer(redis_client) as enqueue:
+        for n in range(40):
+            await accept(enqueue, "a", f"/q/{n}")
+        hanging = [("a", await accept(enqueue, "a", "/hang")) for _ in range(30)]
+    try:
+        async with running(settings_for(redis_url, gateway), stop_grace=0.1):
+            assert await eventually(lambda: _true(gateway.in_flight("a") == 8), 10)
+            await asyncio.sleep(1.8)  # longer than a borrower may wait (BORROW_AGE) and one look at the queues
+            records = [await record(redis_client, service, request_id) for service, request_id in hanging]
+            states = [None if found is None else found.state for found in records]
+            assert gateway.in_flight("a") == 8
+            assert states.count("running") == 8, states
+            assert states.count(None) == 22, states  # read from their entries: queued
+    finally:
+        gateway.release.set()
+
+
+async def test_a_stopping_source_gives_back_the_requests_it_read_ahead_as_queued(redis_url, redis_client, gateway):
+    """Stopped while requests read ahead wait for slots a hung Service holds: they stay pending for another
+    source, and read ``queued``, not ``running``."""
+    async with enqueuer(redis_client) as enqueue:
+        for n in range(40):
+            await accept(enqueue, "a", f"/q/{n}")
+        hanging = [("a", await accept(enqueue, "a", "/hang")) for _ in range(30)]
+    stream = LAYOUT.for_host(host("a")).stream
+    try:
+        async with running(settings_for(redis_url, gateway), stop_grace=0.1) as source:
+            assert await eventually(lambda: _true(gateway.in_flight("a") == 8), 10)
+            read_ahead = len(source.ahead)
+        states = [None if found is None else found.state
+                  for found in [await record(redis_client, service, request_id) for service, request_id in hanging]]
+        assert read_ahead > 0, "nothing was read ahead: the test does not test it"
+        assert states.count("running") == 8 and states.count(None) == 22, states
+        assert (await redis_client.xpending(stream, "async-source"))["pending"] == 8 + read_ahead
+    finally:
+        gateway.release.set()

@@ -5,7 +5,8 @@ queues hold work from the active set and the wake stream the producer signals
 on, so an idle Service costs it nothing; it serves the queues with work in
 round robin, at most ``MAX_INFLIGHT_PER_SERVICE`` deliveries per Service within
 ``CONCURRENCY``, so a slow or hung Service holds only its own slots (idle slots
-are lent beyond the cap only to Services that answer quickly). Reading a
+are lent beyond the cap only to Services that answer quickly, and their next
+entries are read ahead, so a freed slot is not idle while a read is out). Reading a
 queue (:data:`.queues.TAKE`) first moves its due retries to its retry stream,
 and reads that before its newer requests. Several sources share every queue
 through its consumer group.
@@ -24,6 +25,7 @@ fresh so they are not reclaimed under it. Delivery is therefore at least once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -127,7 +129,7 @@ class QueueState:
     """What this source knows of one queue: its deliveries in flight (and when each started), its last reclaim,
     its wake-ups, and whether its Service answers quickly enough to borrow idle slots."""
 
-    __slots__ = ("queue", "in_flight", "writing", "reclaimed_at", "woken", "started", "quick", "gauges")
+    __slots__ = ("queue", "in_flight", "writing", "ahead", "reclaimed_at", "woken", "started", "quick", "gauges")
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
@@ -135,6 +137,8 @@ class QueueState:
         """Its deliveries the Service has not answered yet: what its cap counts."""
         self.writing = 0
         """Its deliveries the Service answered whose outcome is still being written."""
+        self.ahead = 0
+        """Its entries read ahead, waiting for a slot (``Source.ahead``)."""
         self.reclaimed_at = 0.0
         self.woken = 0
         self.started: dict[EntryRef, float] = {}
@@ -184,6 +188,14 @@ class Source:
                                 else settings.concurrency)
         self.batch_slots = max(1, settings.concurrency // 4)
         """Free slots worth a read while deliveries are in flight: under load, entries are read in batches."""
+        self.ahead_cap = 3 * self.batch_slots if settings.queue_mode == PER_SERVICE else 0
+        """Entries that borrowing queues may have read ahead (``ahead``): three batches, so the next read is out
+        while two are left, even when the replays outrun it (2 cores and a busy machine)."""
+        self.ahead: collections.deque[tuple[QueueState, EntryRef, Mapping, Started, float]] = collections.deque()
+        """Entries of queues that borrow, read before a slot was free for them, oldest first, with when they were
+        read: each starts the moment a slot frees (``_start_ahead``), so a Service that answers quickly keeps
+        CONCURRENCY replays, not fewer while the next read is out. Refilled a batch at a time, within twice
+        CONCURRENCY entries held."""
         self.reserve = self.per_service_cap if settings.queue_mode == PER_SERVICE else 0
         """Slots beyond CONCURRENCY, never lent, for queues under their cap while others hold borrowed slots: a
         Service that gets work while another borrows every free slot starts at once."""
@@ -231,9 +243,14 @@ class Source:
         """Slots taken: deliveries waiting for their Service's answer."""
         return len(self.in_flight) - len(self.writing)
 
+    @property
+    def open_reserve(self) -> int:
+        """The reserve's slots, while slots are borrowed (else none)."""
+        return min(self.reserve, len(self.borrowed))
+
     def free_under_cap(self, busy: int) -> int:
         """Slots for queues under their cap: CONCURRENCY's free ones, and the reserve while slots are borrowed."""
-        return self.settings.concurrency + min(self.reserve, len(self.borrowed)) - busy
+        return self.settings.concurrency + self.open_reserve - busy
 
     async def ready(self) -> None:
         await redisconn.ping(self.redis)
@@ -283,6 +300,8 @@ class Source:
                 elif now >= next_poll:
                     await self._scan(full=False)
                     next_poll = now + POLL_INTERVAL
+                    if self.ahead:
+                        await self._requeue_waiting()
                 took = await self._take_round()
                 failures = 0
             except Exception as exc:  # Redis down or erroring: wait and try again, nothing is lost
@@ -425,7 +444,8 @@ class Source:
                 self._woke(member)
         if full:  # a queue still in the active set keeps its state (when it was last reclaimed)
             for member in [m for m, state in self.queues.items() if m not in active and not state.in_flight
-                           and not state.writing and woken.get(m) == state.woken]:  # not woken while the scan was out
+                           and not state.writing and not state.ahead
+                           and woken.get(m) == state.woken]:  # not woken while the scan was out
                 del self.queues[member]
                 self.waiting.pop(member, None)
                 self.metrics.forget(member)
@@ -473,11 +493,12 @@ class Source:
         then slots nobody else uses, lent to the queues that answer quickly (see ``_borrowing``)."""
         settings = self.settings
         busy = self.busy
-        # a source holds at most twice CONCURRENCY deliveries: replays, and answers whose outcome is still being
-        # written (a slow Redis)
-        held = 2 * settings.concurrency - len(self.in_flight)
-        free = min(held, self.free_under_cap(busy))
-        if free < self.batch_slots and busy:
+        # a source holds at most twice CONCURRENCY entries: replays, answers whose outcome is still being written
+        # (a slow Redis) and entries read ahead; and the reserve's, while it is open
+        held = 2 * settings.concurrency - len(self.in_flight) - len(self.ahead)
+        free = min(held + self.open_reserve, self.free_under_cap(busy))
+        ahead_room = self.ahead_cap - len(self.ahead)
+        if free < self.batch_slots and busy and settings.concurrency - busy + ahead_room < self.batch_slots:
             return []  # under load, read in batches rather than one entry a time
         members = list(self.waiting)
         if not members:
@@ -486,18 +507,31 @@ class Source:
         order = (self.queues[members[(start + n) % len(members)]] for n in range(len(members)))
         grants: dict[QueueState, int] = {}
         spare = min(held, settings.concurrency - busy)  # for borrowers: what CONCURRENCY leaves, never the reserve
+        granted = 0
+        # short: a queue under its cap is left without slots it could use; then nothing is read ahead, so every
+        # slot that frees goes round the queues again
+        short = False
         for n, state in enumerate(order):
-            if free <= 0:
-                break
             cap = self.cap_of(state)
+            if free <= 0:
+                if state.in_flight + state.ahead < cap:
+                    short = True
+                    break
+                continue
             min_read = max(1, cap // 2)  # a busy queue is read a few entries at a time, not one per freed slot
             room = min(cap - state.in_flight, free)
-            if room <= 0 or (room < min_read and state.in_flight):
+            if room <= 0:
+                continue
+            if room < min_read and state.in_flight:
+                short = True
                 continue
             grants[state] = room
             free -= room
             spare -= room
+            granted += room
             self.next_turn = start + n + 1
+        if not short:
+            spare += min(ahead_room, held - granted - max(0, spare))  # read ahead, within twice CONCURRENCY
         if spare > 0:
             self._borrowing((self.queues[members[(start + n) % len(members)]] for n in range(len(members))),
                             grants, spare)
@@ -520,8 +554,8 @@ class Source:
                 break
             if state.queue.member in self.service_caps or not state.may_borrow(now):
                 continue
-            held = state.in_flight + grants.get(state, 0)
-            room = min(self.borrow_limit - held, spare)
+            held = state.in_flight + state.ahead + grants.get(state, 0)
+            room = min(self.borrow_limit + self.ahead_cap - held, spare)  # every slot of CONCURRENCY, and ahead
             if room < max(1, self.per_service_cap // 2):  # in batches, as above
                 continue
             grants[state] = grants.get(state, 0) + room
@@ -575,9 +609,43 @@ class Source:
             marks = iter(marks)
             for stream, found in zip((state.queue.retry_stream, state.queue.stream), (retried, entries)):
                 for entry_id, flat in found:
-                    self._start(state, (stream, as_text(entry_id)), _fields(flat), _started(next(marks, 0)))
+                    ref, fields, mark = (stream, as_text(entry_id)), _fields(flat), _started(next(marks, 0))
+                    if self._can_start(state):
+                        self._start(state, ref, fields, mark)
+                    else:
+                        self.ahead.append((state, ref, fields, mark, now))
+                        state.ahead += 1
                     started += 1
         return started > 0
+
+    def _can_start(self, state: QueueState) -> bool:
+        """Whether a slot is free for a delivery of the queue: under its cap, one of CONCURRENCY (or of the reserve,
+        while it is open); past it, one of CONCURRENCY, if the queue may still borrow (``_borrowing``)."""
+        busy, concurrency, reserve = self.busy, self.settings.concurrency, self.open_reserve
+        if len(self.in_flight) >= 2 * concurrency + reserve:
+            return False
+        if state.in_flight < self.cap_of(state):
+            return busy < concurrency + reserve
+        return (busy < self.settings.concurrency and state.in_flight < self.borrow_limit
+                and state.queue.member not in self.service_caps and state.may_borrow(time.monotonic()))
+
+    def _start_ahead(self) -> None:
+        """Start the oldest entries read ahead that a slot is free for."""
+        ahead = self.ahead
+        while ahead:
+            refused = set()
+            for n, (state, ref, fields, mark, _) in enumerate(ahead):
+                if state not in refused:
+                    if self._can_start(state):
+                        break
+                    refused.add(state)
+            else:
+                return
+            del ahead[n]
+            state.ahead -= 1
+            self._start(state, ref, fields, mark)
+            if len(ahead) == self.ahead_cap - self.batch_slots:
+                self.nudge.set()  # room for a batch ahead: read it while these run
 
     def _records(self, member: str) -> str:
         """TAKE's record key start for the queue: '' (start nothing) unless the requests are replayed here."""
@@ -596,8 +664,10 @@ class Source:
         for (state, stream, room), reply in zip(claims, replies):
             if isinstance(reply, Exception):  # NOGROUP: nothing was ever read from it
                 continue
+            held = {entry[1] for entry in self.ahead}
             entries = [(state, (stream, as_text(entry_id)), fields) for entry_id, fields in reply[1]
-                       if fields is not None and (stream, as_text(entry_id)) not in self.in_flight]
+                       if fields is not None and (stream, as_text(entry_id)) not in self.in_flight
+                       and (stream, as_text(entry_id)) not in held]
             if entries:
                 entries = await self._without_overdelivered(entries)
             if entries:
@@ -658,7 +728,7 @@ class Source:
         """Reset the idle time of entries still being delivered, so no other source reclaims them."""
         settings = self.settings
         while not await wait_event(drained, settings.visibility_timeout / 3):
-            refs = list(self.in_flight)
+            refs = [*self.in_flight, *(entry[1] for entry in self.ahead)]
             if not refs:
                 continue
             try:
@@ -674,17 +744,57 @@ class Source:
                                             self.name, len(refs), type(exc).__name__, exc)
 
     async def _drain(self) -> None:
-        tasks = list(self.in_flight.values())
-        if not tasks:
+        """Wait up to the grace for the deliveries in flight; the entries read ahead start as their slots free."""
+        if not self.in_flight and not self.ahead:
             return
-        log.info("source %s stopping: waiting up to %gs for %d deliveries", self.name, self.stop_grace, len(tasks))
-        _, late = await asyncio.wait(tasks, timeout=self.stop_grace)
+        log.info("source %s stopping: waiting up to %gs for %d deliveries (%d read ahead)", self.name,
+                 self.stop_grace, len(self.in_flight), len(self.ahead))
+        deadline = time.monotonic() + self.stop_grace
+        while self.in_flight and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self.in_flight.values()), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if self.ahead:  # before the cancels below free slots they would start in
+            await self._unstart_ahead()
+        late = list(self.in_flight.values())
         for task in late:
             task.cancel()
         if late:  # a cancellation lost inside redis-py must not hold the exit: the wait is bounded
             await asyncio.wait(late, timeout=MAX_BLOCK)
             log.warning("source %s left %d deliveries unfinished; they stay pending for another source",
                         self.name, len(late))
+
+    async def _unstart_ahead(self) -> None:
+        """Entries read ahead that never got a slot stay pending for another source (its read marked them running:
+        that mark goes, so their status reads ``queued``)."""
+        log.warning("source %s left %d entries read ahead undelivered; they stay pending for another source",
+                    self.name, len(self.ahead))
+        keys = [entry[3][0] for entry in self.ahead if entry[3] is not None and entry[3][1] is None]
+        self.ahead.clear()
+        await self._unmark(keys)
+
+    async def _requeue_waiting(self) -> None:
+        """Entries read ahead that have waited longer than BORROW_AGE for a slot (their Service turned slow) read
+        ``queued`` again, not ``running``, until they start (the replay core marks each running then)."""
+        now = time.monotonic()
+        keys = []
+        ahead = self.ahead
+        for n in range(len(ahead)):
+            state, ref, fields, mark, read_at = ahead[n]
+            if mark is not None and mark[1] is None and now - read_at > BORROW_AGE:
+                keys.append(mark[0])
+                ahead[n] = (state, ref, fields, None, read_at)
+        if keys:
+            log.info("source %s: %d requests read ahead waited over %gs for a slot, queued again until they start",
+                     self.name, len(keys), BORROW_AGE)
+            await self._unmark(keys)
+
+    async def _unmark(self, keys: list[str]) -> None:
+        """Drop the running records of requests read but not started: their status reads from their entries."""
+        if not keys:
+            return
+        try:
+            await per_node(self.redis, keys, str, lambda pipe, key: pipe.delete(key))
+        except Exception as exc:  # their status reads running until they start or another source takes them
+            log.warning("source %s could not mark %d requests read ahead queued again: %s", self.name, len(keys), exc)
 
     async def _leave_groups(self) -> None:
         """Drop this process's name from the groups where it holds nothing, so names do not pile up."""
@@ -751,8 +861,10 @@ class Source:
         if ref in self.writing:
             self.writing.discard(ref)
             state.writing -= 1
-            if len(self.in_flight) >= 2 * self.settings.concurrency - self.batch_slots:
+            if len(self.in_flight) + len(self.ahead) >= 2 * self.settings.concurrency - self.batch_slots:
                 self.nudge.set()  # _grants may have held back for the outcomes being written
+            if self.ahead:
+                self._start_ahead()  # one held back for twice CONCURRENCY may start
         else:
             self._freed(state, ref)
         if not task.cancelled() and task.exception() is not None:
@@ -777,6 +889,8 @@ class Source:
         self.borrowed.discard(ref)
         state.in_flight -= 1
         state.quick = time.monotonic() - state.started.pop(ref) <= BORROW_AGE
+        if self.ahead:
+            self._start_ahead()
         busy = self.busy
         if self.settings.concurrency - busy >= self.batch_slots or not busy:
             self.nudge.set()  # else the loop would find too few free slots to read (see _grants): let it sleep
