@@ -81,7 +81,7 @@ async def drain(redis_url: str, port: int, args: argparse.Namespace, redis_pid: 
     started, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     if args.profile:
         profile.enable()
-    while delivered._value.get() < total:
+    while delivered.value < total:
         await asyncio.sleep(0.01)
     if args.profile:
         profile.disable()

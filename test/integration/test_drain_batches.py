@@ -83,7 +83,7 @@ async def test_an_outcome_redis_refuses_to_store_leaves_the_services_entry_pendi
         assert await eventually(lambda: has(gateway.started))
         await redis_client.config_set("maxmemory", 1)  # from now on Redis refuses writes that need memory (OOM)
         try:
-            assert await eventually(lambda: _at_least(source.metrics.delivered.labels("failed")._value.get(), 2))
+            assert await eventually(lambda: _at_least(source.metrics.delivered.labels("failed").value, 2))
             assert await queued_and_settled(redis_client, ["a"]) == 2  # in the stream, and pending
             assert (await record(redis_client, "a", "refused")).state == "running"
         finally:
@@ -140,7 +140,7 @@ async def test_a_request_canceled_while_queued_is_settled_without_a_replay(redis
     await redis_client.set(record_key("async", request_id, host("a")), canceled.to_json())
     async with running(settings_for(redis_url, gateway)) as source:
         assert await eventually(lambda: _zero(queued_and_settled(redis_client, ["a"])))
-        assert source.metrics.delivered.labels("delivered")._value.get() == 1
+        assert source.metrics.delivered.labels("delivered").value == 1
     assert gateway.started == []
     assert await record(redis_client, "a", request_id) == canceled
 
@@ -227,7 +227,7 @@ async def test_an_outcome_batch_of_several_services_redis_refuses_leaves_every_e
         assert await eventually(lambda: has(gateway.started, 3))
         await redis_client.config_set("maxmemory", 1)  # from now on Redis refuses writes that need memory (OOM)
         try:
-            assert await eventually(lambda: _at_least(source.metrics.delivered.labels("failed")._value.get(), 3))
+            assert await eventually(lambda: _at_least(source.metrics.delivered.labels("failed").value, 3))
             assert await queued_and_settled(redis_client, ["a", "b", "c"]) == 6  # in the streams, and pending
             for service, request_id in requests:
                 assert (await record(redis_client, service, request_id)).state == "running"

@@ -114,7 +114,7 @@ async def test_an_entry_is_replayed_recorded_acknowledged_and_deleted(redis_url,
         envelope = await queue(redis_client, target)
         assert await eventually(finished(redis_client, envelope))
         assert await eventually(settled(redis_client))
-        assert source.metrics.delivered.labels("delivered")._value.get() == 1
+        assert source.metrics.delivered.labels("delivered").value == 1
         assert await redis_client.ttl(record_key("async", envelope.id, target.host)) > 86000
     assert target.seen == [("/work", "1")]
     record = await record_of(redis_client, envelope.id)
@@ -259,7 +259,7 @@ async def test_a_finished_request_delivered_again_is_acknowledged_without_a_repl
         await redis_client.xadd(STREAM, envelope.to_stream_fields())
         async with running(source_settings(redis_url)) as source:
             assert await eventually(settled(redis_client))
-            assert source.metrics.delivered.labels("delivered")._value.get() == 1
+            assert source.metrics.delivered.labels("delivered").value == 1
     assert target.seen == []
     assert (await record_of(redis_client, envelope.id)) == done
 
@@ -290,7 +290,7 @@ async def test_an_outcome_redis_refuses_to_store_leaves_the_entry_pending(redis_
         await redis_client.config_set("maxmemory", 1)  # from now on Redis refuses writes that need memory (OOM)
 
         async def refused() -> bool:
-            return source.metrics.delivered.labels("failed")._value.get() >= 2
+            return source.metrics.delivered.labels("failed").value >= 2
         try:
             assert await eventually(refused)
             assert await redis_client.xlen(STREAM) == 1 and await pending(redis_client) == 1
@@ -371,7 +371,7 @@ async def test_an_entry_that_keeps_killing_its_process_is_dead_lettered_not_deli
         settings = source_settings(redis_url, sink_url=sink_url, max_deliveries=3)
         source = await stack.enter_async_context(running(settings))
         assert await eventually(settled(redis_client))
-        assert source.metrics.delivered.labels("dead_lettered")._value.get() == 1
+        assert source.metrics.delivered.labels("dead_lettered").value == 1
         async def told() -> bool:
             return bool(sink.seen)
 

@@ -261,7 +261,7 @@ async def test_several_sources_share_a_backlog_over_many_services(redis_url, red
             running(dataclasses.replace(settings, consumer_name="two")) as two, \
             running(dataclasses.replace(settings, consumer_name="three")) as three:
         assert await eventually(all_in(redis_client, SUCCEEDED, requests), 60)
-    shares = [source.metrics.delivered.labels("delivered")._value.get() for source in (one, two, three)]
+    shares = [source.metrics.delivered.labels("delivered").value for source in (one, two, three)]
     assert sum(shares) == 200 and min(shares) > 0, shares
     assert len(gateway.finished) == 200
 

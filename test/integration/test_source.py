@@ -85,7 +85,7 @@ async def test_entries_are_sent_as_redis_stream_source_events_and_acked_after_2x
         after = await queue(redis_client, "/after")
         assert await eventually(lambda: has(sink.delivered, 4))
         assert await eventually(settled(redis_client))
-        assert source.metrics.delivered.labels("delivered")._value.get() == 4
+        assert source.metrics.delivered.labels("delivered").value == 4
     for (entry_id, envelope), (headers, event) in zip([*before, after], sink.delivered):
         assert event["id"] == entry_id
         assert event["type"] == "dev.knative.sources.redisstream"
@@ -107,7 +107,7 @@ async def test_sink_failure_keeps_the_entry_pending_until_it_is_delivered(failur
         assert await redis_client.xlen(STREAM) == 1 and await pending(redis_client) == 1
         assert await eventually(lambda: has(sink.delivered, 1))
         assert await eventually(settled(redis_client))
-        assert source.metrics.delivered.labels("failed")._value.get() == 2
+        assert source.metrics.delivered.labels("failed").value == 2
     assert sink.received == [entry_id] * 3
     assert sink.delivered_ids == [entry_id]
 
@@ -129,7 +129,7 @@ async def test_sink_4xx_sends_the_entry_to_the_dead_letter_stream_and_acks_it(re
     entry_id, envelope = await queue(redis_client)
     async with running(settings_for(redis_url, sink.url)) as source:
         assert await eventually(settled(redis_client))
-        assert source.metrics.delivered.labels("dead_lettered")._value.get() == 1
+        assert source.metrics.delivered.labels("dead_lettered").value == 1
     [(_, dead)] = await redis_client.xrange(DEAD)
     assert dead == {b"data": envelope.to_json().encode(), b"error": b"sink answered 400: sink says 400",
                     b"status": b"400", b"service": b"default/target"}

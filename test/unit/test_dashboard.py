@@ -48,8 +48,9 @@ class Exported:
     samples: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
 
     def add(self, registry: CollectorRegistry) -> None:
-        # prometheus_client has no public way to list a labelled metric's label names before it has children
-        labels = {name: frozenset(collector._labelnames)
+        # prometheus_client has no public way to list a labelled metric's label names before it has children;
+        # the delivery path's own families (dataplane.tallies) name theirs
+        labels = {name: frozenset(getattr(collector, "labelnames", None) or getattr(collector, "_labelnames", ()))
                   for collector, names in registry._collector_to_names.items() for name in names}
         for family in registry.collect():
             for suffix in SAMPLE_SUFFIXES[family.type]:

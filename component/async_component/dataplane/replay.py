@@ -27,7 +27,7 @@ import aiohttp
 import httptools
 import redis.asyncio as aioredis
 from aiohttp import hdrs
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisClusterException, RedisError
 
 from . import http1client, idempotency, redisconn, targets
@@ -47,6 +47,7 @@ from ..protocol import (
 )
 from .preferences import replay_preference
 from .retries import RetryMover, backoff, replay_retryable, retry_after
+from .tallies import CounterFamily, HistogramFamily
 from .waiting import wait_preference
 from ..settings import ReplaySettings
 from ..logthrottle import LogThrottle
@@ -302,10 +303,10 @@ def replay_route(settings: ReplaySettings) -> str:
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.replays = Counter("async_consumer_replays_total", "Replays to the Service, by outcome", ["outcome"],
-                               registry=registry)
+        self.replays = CounterFamily("async_consumer_replays_total", "Replays to the Service, by outcome",
+                                     ["outcome"], registry=registry)
         self.replays_by = {outcome: self.replays.labels(outcome) for outcome in (SUCCEEDED, RETRYING, FAILED, EXPIRED)}
-        self.replay_seconds = Histogram(
+        self.replay_seconds = HistogramFamily(
             "async_consumer_replay_seconds", "Time from sending the replay to having the Service's full response",
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
@@ -318,17 +319,17 @@ class Metrics:
                                registry=registry)
         self.dead_lettered = Counter("async_consumer_dead_lettered_total", "Requests sent to the dead-letter stream",
                                      registry=registry)
-        self.events = Counter("async_consumer_events_total", "Events received, by how they were answered", ["result"],
-                              registry=registry)
+        self.events = CounterFamily("async_consumer_events_total", "Events received, by how they were answered",
+                                    ["result"], registry=registry)
         self.events_by = {result: self.events.labels(result)
                           for result in ("replayed", "duplicate", "malformed", "refused", "redis_unavailable")}
-        self.outcomes = Counter(
+        self.outcomes = CounterFamily(
             "async_service_outcomes_total",
             "Attempts per Service by outcome: succeeded, failed (finished without success), retried, dead_lettered, "
             "expired",
             ["namespace", "service", "outcome"], registry=registry,
         )
-        self.delivery_latency = Histogram(
+        self.delivery_latency = HistogramFamily(
             "async_service_delivery_latency_seconds",
             "Per Service: from a request's acceptance to the start of its first replay (time spent queued)",
             ["namespace", "service"], registry=registry,

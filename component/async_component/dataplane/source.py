@@ -53,6 +53,7 @@ from .records import FAILED, Record, finished_channel, record_key, records_of
 from .redischeck import RedisCheck
 from .redisconn import call_scripts, make_redis, per_node, register_script, transaction
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
+from .tallies import CounterFamily
 from .envelope import STREAM_FIELD
 from ..protocol import dead_letter_entry, policy_of
 from ..settings import SourceSettings
@@ -96,7 +97,7 @@ def consumer_name(settings: SourceSettings) -> str:
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.delivered = Counter(
+        self.delivered = CounterFamily(
             "async_source_delivered_total",
             "Delivery attempts by outcome: delivered (acked), dead_lettered (sink rejected it), failed (will retry)",
             ["outcome"], registry=registry,
