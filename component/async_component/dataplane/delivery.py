@@ -11,7 +11,7 @@ the same verdicts, without the extra hop and the CloudEvent.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -33,6 +33,15 @@ class Reply:
     """The answer's body (only kept when it is not 2xx): for the log and the dead-letter entry."""
 
 
+class SinkAnswer(Protocol):
+    """What a delivery comes to: a :class:`Reply`, or the replay core's :class:`~.replay.Answer` (in-process)."""
+
+    status: int
+
+    @property
+    def text(self) -> str: ...
+
+
 EntryRef = tuple[str, str]
 """``(stream, entry id)``: which entry of which queue's stream."""
 
@@ -51,7 +60,7 @@ class Delivery(Protocol):
 
     async def close(self) -> None: ...
 
-    async def send(self, ref: EntryRef, fields: Mapping, started: Started = None) -> Reply:
+    def send(self, ref: EntryRef, fields: Mapping, started: Started = None) -> Awaitable[SinkAnswer]:
         """Deliver one entry; raises :class:`DeliveryFailed` when there is no answer. ``started``: what
         reading it found when it started the request (in-process delivery only)."""
 
@@ -104,9 +113,10 @@ class InProcessDelivery:
     async def close(self) -> None:
         await self.replayer.stop()
 
-    async def send(self, ref: EntryRef, fields: Mapping, started: Started = None) -> Reply:
-        answer = await self.replayer.handle_entry(ref[1], fields, ref=ref, started=started)
-        return Reply(answer.status, "" if 200 <= answer.status < 300 else answer.text())
+    def send(self, ref: EntryRef, fields: Mapping, started: Started = None) -> Awaitable[SinkAnswer]:
+        """The replay core's answer itself (a plain function returning its coroutine: no frame of its own to
+        resume twice per delivery)."""
+        return self.replayer.handle_entry(ref[1], fields, ref=ref, started=started)
 
 
 def make_delivery(settings: SourceSettings, redis: aioredis.Redis, registry: CollectorRegistry,

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -280,7 +280,9 @@ class Answer:
     status: int
     doc: dict
 
+    @property
     def text(self) -> str:
+        """The answer as the sink's body (JSON): for a log line or a dead letter, when it is not 2xx."""
         return json.dumps(self.doc)
 
 
@@ -402,7 +404,8 @@ class Replayer:
 
     # --- one queued request
 
-    async def handle_entry(self, entry_id: str, fields: Any, *, ref: Any = None, started: Started = None) -> Answer:
+    def handle_entry(self, entry_id: str, fields: Any, *, ref: Any = None, started: Started = None
+                     ) -> Awaitable[Answer]:
         """A stream entry's fields, as a source delivering in-process reads them; 2xx once it is settled.
 
         The transaction that records the outcome also settles the entry, through the ``settle``
@@ -410,12 +413,14 @@ class Replayer:
         reverse); an entry whose request is already finished is settled on its own. ``ref``: what
         the hook is given for this entry (default: ``entry_id``). ``started``: what the source found
         starting the request as it read the entry, if it did.
+
+        A plain function returning the coroutine: one frame less for each delivery's every resumption.
         """
         try:
             envelope = entry_envelope(fields)
         except EnvelopeError as exc:
-            return await self._unstart(started, self.malformed(entry_id, str(exc)))
-        return await self.handle(entry_id, envelope, settle=entry_id if ref is None else ref, started=started)
+            return self._unstart(started, self.malformed(entry_id, str(exc)))
+        return self.handle(entry_id, envelope, settle=entry_id if ref is None else ref, started=started)
 
     async def handle(self, event_id: str, envelope: Envelope, *, settle: Any = None,
                      retry_queue: Queue | None = None, started: Started = None) -> Answer:

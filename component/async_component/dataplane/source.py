@@ -212,6 +212,7 @@ class Source:
         self.waiting: dict[str, None] = {}
         """Queues that may have entries to read, in round-robin order."""
         self.next_turn = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.in_flight: dict[EntryRef, asyncio.Task] = {}
         """Every delivery under way, until its outcome is written (stopping waits for them; they are kept fresh)."""
         self.queue_of: dict[EntryRef, QueueState] = {}
@@ -841,7 +842,10 @@ class Source:
 
     def _track(self, state: QueueState, ref: EntryRef, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` on the entry as an in-flight task (kept fresh, counted against its queue, drained on stop)."""
-        task = asyncio.create_task(work, name=f"deliver-{ref[1]}")
+        loop = self.loop
+        if loop is None:  # looked up once: on Python 3.11 every lookup costs a getpid() system call
+            loop = self.loop = asyncio.get_running_loop()
+        task = loop.create_task(work, name=f"deliver-{ref[1]}")
         self.in_flight[ref] = task
         self.queue_of[ref] = state
         self._occupy(state, ref)
