@@ -11,6 +11,9 @@ Query parameters steer one request:
   ``status=<code>``        answer this status (still with the echo body)
   ``fail_attempts=<n>``    answer 503 while the ``Async-Attempt`` header is <= n
                            (no header counts as attempt 1)
+
+It logs a line per request at ``LOG_LEVEL`` INFO (the default); WARNING or
+ERROR keeps only problems.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from aiohttp import web
 log = logging.getLogger("sleep_app")
 
 ATTEMPT_HEADER = "Async-Attempt"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_SLEEP_SECONDS = 3600.0
 MAX_BODY_BYTES = 10 * 1024 * 1024
 CHUNK = 64 * 1024
@@ -40,10 +44,12 @@ class Settings:
     port: int = 8080
     host: str = "0.0.0.0"
     max_body_bytes: int = MAX_BODY_BYTES
+    log_level: str = "INFO"
+    """LOG_LEVEL: a line per request at INFO; WARNING and up keep only problems (the local stack passes its own)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read PORT (set by Knative), SLEEP_SECONDS and HOST; exit with one line when invalid."""
+        """Read PORT (set by Knative), SLEEP_SECONDS, HOST and LOG_LEVEL; exit with one line when invalid."""
         environ = os.environ if environ is None else environ
         sleep = _seconds(environ.get("SLEEP_SECONDS", "10"))
         if sleep is None:
@@ -52,7 +58,10 @@ class Settings:
             port = int(environ.get("PORT", "8080"))
         except ValueError:
             raise SystemExit(f"sleep_app: PORT={environ['PORT']!r} must be a port number") from None
-        return cls(sleep_seconds=sleep, port=port, host=environ.get("HOST", "0.0.0.0"))
+        level = environ.get("LOG_LEVEL", "INFO").upper()
+        if level not in LOG_LEVELS:
+            raise SystemExit(f"sleep_app: LOG_LEVEL={environ['LOG_LEVEL']!r} must be one of {', '.join(LOG_LEVELS)}")
+        return cls(sleep_seconds=sleep, port=port, host=environ.get("HOST", "0.0.0.0"), log_level=level)
 
 
 class BadQuery(ValueError):
@@ -149,7 +158,8 @@ def _error(request: web.Request, status: int, message: str) -> web.Response:
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s sleep_app %(levelname)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s sleep_app %(levelname)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     log.info("listening on %s:%d, default sleep %gs", settings.host, settings.port, settings.sleep_seconds)
     web.run_app(make_app(settings), host=settings.host, port=settings.port, print=None, shutdown_timeout=5)

@@ -427,3 +427,21 @@ def test_retry_base_delay_and_its_old_spelling_both_reach_the_stack(tmp_path, fl
     _, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert err.strip().splitlines() == ["async-component local: error: retry delay -1.0 must be >= 0 seconds"]
+
+
+@pytest.mark.slow
+def test_log_level_warning_quiets_the_sample_app_too(tmp_path):
+    """``--log-level`` is every process's: at WARNING the app logs no line per request either."""
+    port = free_port()
+    process = run_local(tmp_path, "--port", str(port), "--sleep-seconds", "0", "--log-level", "WARNING")
+    out, err = Lines(process.stdout), Lines(process.stderr)
+    try:
+        out.wait_for("ready")
+        for _ in range(3):
+            status, _, _ = http(f"http://127.0.0.1:{port}/quiet?sleep=0", "helloworld-sleep-plain.default.example.com")
+            assert status == 200
+        time.sleep(0.5)  # the app's line, if any, comes through its pipe
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+    assert "/quiet" not in err.text(), err.text()

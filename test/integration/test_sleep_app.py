@@ -110,7 +110,7 @@ async def test_body_over_the_limit_is_413(http, base):
 
 def test_runs_as_a_script_on_port_from_the_environment():
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "SLEEP_SECONDS": "0"}
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "SLEEP_SECONDS": "0", "LOG_LEVEL": "INFO"}
     process = subprocess.Popen([sys.executable, str(APP_FILE)], env=env, stderr=subprocess.PIPE, text=True)
     try:
         import urllib.request
@@ -128,6 +128,36 @@ def test_runs_as_a_script_on_port_from_the_environment():
         process.terminate()
         _, err = process.communicate(timeout=10)
     assert "GET /hello?sleep=0" in err, "one log line per request"
+
+
+def test_log_level_warning_leaves_out_the_line_per_request():
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "SLEEP_SECONDS": "0", "LOG_LEVEL": "warning"}
+    process = subprocess.Popen([sys.executable, str(APP_FILE)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/hello?sleep=0", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not answer"
+                time.sleep(0.05)
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=10)
+    assert "GET /hello" not in err and "listening" not in err, err
+
+
+def test_bad_log_level_exits_with_one_line():
+    env = {**os.environ, "LOG_LEVEL": "loud"}
+    result = subprocess.run([sys.executable, str(APP_FILE)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "sleep_app: LOG_LEVEL='loud' must be one of DEBUG, INFO, WARNING, ERROR"]
 
 
 def test_bad_sleep_setting_exits_with_one_line():

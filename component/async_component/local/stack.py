@@ -150,6 +150,7 @@ class LocalStack:
         max_inflight_per_service: int | None = None,
         max_queued_per_service: int | None = None,
         delivery: Mapping[str, str] | None = None,
+        app_log_level: str | None = None,
     ) -> None:
         problems = [
             f"{name} {value!r} {rule}" for name, value, ok, rule in [
@@ -199,6 +200,8 @@ class LocalStack:
         self.producer_workers = producer_workers
         self.visibility_timeout = visibility_timeout
         self.log_level = log_level.upper()
+        self.app_log_level = (app_log_level or log_level).upper()
+        """The sample app's LOG_LEVEL (default: every component's): at INFO it logs a line per request."""
         self.output = output
         self.startup_timeout = startup_timeout
         self.replay_in_source = replay_in_source
@@ -375,7 +378,8 @@ class LocalStack:
         ports = self._ports
         return [
             Process("app", [sys.executable, str(app_dir / APP_FILE)],
-                    {**base, "PORT": str(ports["app"]), "HOST": LOOPBACK, "SLEEP_SECONDS": f"{self.sleep_seconds:g}"},
+                    {**base, "PORT": str(ports["app"]), "HOST": LOOPBACK, "SLEEP_SECONDS": f"{self.sleep_seconds:g}",
+                     "LOG_LEVEL": self.app_log_level},
                     url(ports["app"]) + "/healthz?sleep=0"),
             Process("producer", [*command, "producer"],
                     {**base, **redis, "PORT": str(ports["producer"]), "HOST": LOOPBACK,
