@@ -554,7 +554,7 @@ class Source:
         for state in order:
             if spare <= 0:
                 break
-            if state.queue.member in self.service_caps or not state.may_borrow(now):
+            if not self._may_borrow(state, now):
                 continue
             held = state.in_flight + state.ahead + grants.get(state, 0)
             room = min(self.borrow_limit + self.ahead_cap - held, spare)  # every slot of CONCURRENCY, and ahead
@@ -628,8 +628,11 @@ class Source:
             return False
         if state.in_flight < self.cap_of(state):
             return busy < concurrency + reserve
-        return (busy < self.settings.concurrency and state.in_flight < self.borrow_limit
-                and state.queue.member not in self.service_caps and state.may_borrow(time.monotonic()))
+        return busy < concurrency and state.in_flight < self.borrow_limit and self._may_borrow(state, time.monotonic())
+
+    def _may_borrow(self, state: QueueState, now: float) -> bool:
+        """A queue whose Service has no max-inflight of its own and answers quickly (``_borrowing``)."""
+        return state.queue.member not in self.service_caps and state.may_borrow(now)
 
     def _start_ahead(self) -> None:
         """Start the oldest entries read ahead that a slot is free for."""
@@ -663,10 +666,10 @@ class Source:
         replies = await per_node(self.redis, claims, lambda claim: claim[1], lambda pipe, claim: pipe.xautoclaim(
             claim[1], settings.group, self.name, min_idle_time=idle, start_id="0-0", count=claim[2]))
         found = []
+        held = {entry[1] for entry in self.ahead}
         for (state, stream, room), reply in zip(claims, replies):
             if isinstance(reply, Exception):  # NOGROUP: nothing was ever read from it
                 continue
-            held = {entry[1] for entry in self.ahead}
             entries = [(state, (stream, as_text(entry_id)), fields) for entry_id, fields in reply[1]
                        if fields is not None and (stream, as_text(entry_id)) not in self.in_flight
                        and (stream, as_text(entry_id)) not in held]
@@ -769,34 +772,35 @@ class Source:
         that mark goes, so their status reads ``queued``)."""
         log.warning("source %s left %d entries read ahead undelivered; they stay pending for another source",
                     self.name, len(self.ahead))
-        keys = [entry[3][0] for entry in self.ahead if entry[3] is not None and entry[3][1] is None]
+        ahead = list(self.ahead)
         self.ahead.clear()
-        await self._unmark(keys)
+        await self._unmark(ahead, 0.0)
 
     async def _requeue_waiting(self) -> None:
         """Entries read ahead that have waited longer than BORROW_AGE for a slot (their Service turned slow) read
         ``queued`` again, not ``running``, until they start (the replay core marks each running then)."""
-        now = time.monotonic()
-        keys = []
-        ahead = self.ahead
-        for n in range(len(ahead)):
-            state, ref, fields, mark, read_at = ahead[n]
-            if mark is not None and mark[1] is None and now - read_at > BORROW_AGE:
-                keys.append(mark[0])
-                ahead[n] = (state, ref, fields, None, read_at)
+        keys = await self._unmark(self.ahead, BORROW_AGE)
         if keys:
             log.info("source %s: %d requests read ahead waited over %gs for a slot, queued again until they start",
                      self.name, len(keys), BORROW_AGE)
-            await self._unmark(keys)
 
-    async def _unmark(self, keys: list[str]) -> None:
-        """Drop the running records of requests read but not started: their status reads from their entries."""
-        if not keys:
-            return
-        try:
-            await per_node(self.redis, keys, str, lambda pipe, key: pipe.delete(key))
-        except Exception as exc:  # their status reads running until they start or another source takes them
-            log.warning("source %s could not mark %d requests read ahead queued again: %s", self.name, len(keys), exc)
+    async def _unmark(self, entries: collections.deque | list, waited: float) -> list[str]:
+        """Drop the running records that reading marked on ``entries`` (read ahead, not started) read more than
+        ``waited`` seconds ago, and forget those marks: their status reads from their entries. The records' keys."""
+        now = time.monotonic()
+        keys = []
+        for n in range(len(entries)):
+            state, ref, fields, mark, read_at = entries[n]
+            if mark is not None and mark[1] is None and now - read_at >= waited:
+                keys.append(mark[0])
+                entries[n] = (state, ref, fields, None, read_at)
+        if keys:
+            try:
+                await per_node(self.redis, keys, str, lambda pipe, key: pipe.delete(key))
+            except Exception as exc:  # their status reads running until they start or another source takes them
+                log.warning("source %s could not mark %d requests read ahead queued again: %s", self.name, len(keys),
+                            exc)
+        return keys
 
     async def _leave_groups(self) -> None:
         """Drop this process's name from the groups where it holds nothing, so names do not pile up."""
