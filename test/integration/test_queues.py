@@ -491,11 +491,11 @@ async def test_a_stopping_source_gives_back_the_requests_it_read_ahead_as_queued
     try:
         async with running(settings_for(redis_url, gateway), stop_grace=0.1) as source:
             assert await eventually(lambda: _true(gateway.in_flight("a") == 8), 10)
-            read_ahead = len(source.ahead)
+            assert await eventually(lambda: _true(len(source.ahead) > 0), 5), "nothing read ahead: nothing tested"
+            read_ahead = len(source.ahead)  # a read still out may add more before the source stops
         states = [None if found is None else found.state
                   for found in [await record(redis_client, service, request_id) for service, request_id in hanging]]
-        assert read_ahead > 0, "nothing was read ahead: the test does not test it"
         assert states.count("running") == 8 and states.count(None) == 22, states
-        assert (await redis_client.xpending(stream, "async-source"))["pending"] == 8 + read_ahead
+        assert (await redis_client.xpending(stream, "async-source"))["pending"] >= 8 + read_ahead
     finally:
         gateway.release.set()
