@@ -272,6 +272,22 @@ async def test_gateway_gets_the_request_with_the_target_host(redis_url, http, re
     assert (await record_of(redis_client, envelope.id)).host == "sleep.default.svc.cluster.local"
 
 
+async def test_a_gateway_url_with_a_path_gets_the_target_after_that_path(redis_url, http, redis_client, target):
+    """TARGET_GATEWAY_URL may name a path on the gateway: the replayed target follows it."""
+    settings = settings_for(redis_url, target_gateway_url=target.base + "/mesh")
+    runner = await start_consumer(settings)
+    try:
+        envelope = Envelope.new("GET", "http://sleep.default.svc.cluster.local/x?y=1", [], b"")
+        entry_id = await queue(redis_client, envelope)
+        status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
+                                 *binary_event(entry_id, envelope.to_stream_fields()))
+    finally:
+        await runner.cleanup()
+    assert (status, doc["state"]) == (200, SUCCEEDED)
+    assert target.seen[0]["raw_path"] == "/mesh/x?y=1"
+    assert target.header(0, "Host") == ["sleep.default.svc.cluster.local"]
+
+
 @pytest.mark.parametrize("url, reason", [
     ("http://169.254.169.254/latest/meta-data/", "target host '169.254.169.254' is not allowed"),
     ("http://sleep.default.svc.cluster.local:6379/", "target port of 'sleep.default.svc.cluster.local:6379'"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from urllib.parse import urlsplit
 
 import httptools
@@ -188,25 +188,33 @@ class Client:
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._origins: dict[str, tuple[str, str, int]] = {}
-        """``scheme://host:port`` as written -> where to connect: parsed once (a source replays to one gateway)."""
+        self._origins: dict[str, tuple[tuple[str, str, int], str]] = {}
+        """``scheme://host:port`` as written -> where to connect, and its ``host:port`` (the default Host): parsed
+        once (a source replays to one gateway)."""
         self._tls: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def request(self, method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes, *,
-                      timeout: float) -> Response:
+    def request(self, method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                timeout: float) -> Awaitable[Response]:
         """Send one request and read its whole response.
 
         Raises InvalidURL, ValueError (a header it cannot send), TimeoutError, OSError (no connection,
         cut off) or httptools.HttpParserError (not HTTP).
         """
         origin, target = split_origin(url)
-        where = self._origins.get(origin)
-        if where is None:
-            where = self._origins[origin] = _where(origin, url)
+        return self.send(method, origin, target, headers, body, timeout=timeout)
+
+    async def send(self, method: str, origin: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                   timeout: float) -> Response:
+        """:meth:`request` of a URL already split (:func:`split_origin`): its ``scheme://host[:port]`` and its
+        request target."""
+        known = self._origins.get(origin)
+        if known is None:
+            known = self._origins[origin] = (_where(origin, origin + target), origin.partition("://")[2])
             if len(self._origins) > MAX_ORIGINS:
                 self._origins.clear()
-        data = encode_request(method, target, origin.partition("://")[2], headers, body, keep_alive=True)
+        where, netloc = known
+        data = encode_request(method, target, netloc, headers, body, keep_alive=True)
         head_only = method.upper() == "HEAD"
         loop = self._loop
         if loop is None:

@@ -91,22 +91,9 @@ class Record:
         return self.state in FINAL_STATES
 
     def to_json(self) -> str:
-        doc: dict[str, Any] = {"state": self.state, "host": self.host, "attempts": self.attempts,
-                               "updated_at": self.updated_at or time.time()}
-        if self.error is not None:
-            doc["error"] = self.error
-        if self.next_attempt_at is not None:
-            doc["next_attempt_at"] = self.next_attempt_at
-        if self.accepted_at is not None:
-            doc["accepted_at"] = self.accepted_at
-        if self.idempotency_key is not None:
-            doc["idempotency_key"] = self.idempotency_key
-        if self.response is not None:
-            body, encoding = encode_body(self.response.body)
-            doc["response"] = {"status": self.response.status,
-                               "headers": self.response.headers,  # orjson writes a tuple as an array
-                               "body": body, "body_encoding": encoding}
-        return orjson.dumps(doc).decode()  # json.dumps with options builds an encoder per call
+        return record_json(self.state, self.host, self.attempts, self.updated_at, error=self.error,
+                           next_attempt_at=self.next_attempt_at, response=self.response,
+                           accepted_at=self.accepted_at, idempotency_key=self.idempotency_key)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Record:
@@ -130,3 +117,24 @@ class Record:
             )
         except (ValueError, KeyError, TypeError, EnvelopeError) as exc:
             raise ValueError(f"unreadable request record: {exc}") from None
+
+
+def record_json(state: str, host: str, attempts: int, updated_at: float, *, error: str | None = None,
+                next_attempt_at: float | None = None, response: RecordedResponse | None = None,
+                accepted_at: float | None = None, idempotency_key: str | None = None) -> str:
+    """:meth:`Record.to_json` without building the Record: each delivery writes one."""
+    doc: dict[str, Any] = {"state": state, "host": host, "attempts": attempts, "updated_at": updated_at or time.time()}
+    if error is not None:
+        doc["error"] = error
+    if next_attempt_at is not None:
+        doc["next_attempt_at"] = next_attempt_at
+    if accepted_at is not None:
+        doc["accepted_at"] = accepted_at
+    if idempotency_key is not None:
+        doc["idempotency_key"] = idempotency_key
+    if response is not None:
+        body, encoding = encode_body(response.body)
+        doc["response"] = {"status": response.status,
+                           "headers": response.headers,  # orjson writes a tuple as an array
+                           "body": body, "body_encoding": encoding}
+    return orjson.dumps(doc).decode()  # json.dumps with options builds an encoder per call

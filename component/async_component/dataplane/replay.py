@@ -38,7 +38,7 @@ from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, header_t
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
     CANCELED, EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
-    records_of, retry_key,
+    record_json, records_of, retry_key,
 )
 from .redisconn import by_slot, call_scripts, is_cluster, make_redis, register_script, transaction
 from ..protocol import (
@@ -254,17 +254,31 @@ def awaited(envelope: Envelope, idempotency_key: str | None) -> bool:
                for name, value in envelope.headers if name.lower() == _PREFER)
 
 
+_NAMES: dict[bytes, str | None] = {}
+"""A response header's name as read (:func:`.envelope.header_text`), or None for one never recorded: a Service
+sends the same few names with every response."""
+
+
 def recorded_headers(pairs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
     """The headers of a response worth recording, read as :func:`.envelope.header_text` reads them, in one pass
     (each delivery records them): hop-by-hop and framing headers are the transport's business."""
     kept = []
+    names = _NAMES
     for name, value in pairs:
         try:
-            text, value_text = name.decode(), value.decode()
-        except UnicodeDecodeError:
-            text, value_text = header_text(name), header_text(value)
-        if text.lower() not in HOP_BY_HOP:
-            kept.append((text, value_text))
+            text = names[name]
+        except KeyError:
+            text = header_text(name)
+            if text.lower() in HOP_BY_HOP:
+                text = None
+            if len(names) >= 1024:
+                names.clear()
+            names[name] = text
+        if text is not None:
+            try:
+                kept.append((text, value.decode()))
+            except UnicodeDecodeError:
+                kept.append((text, header_text(value)))
     return tuple(kept)
 
 
@@ -385,6 +399,10 @@ class Replayer:
         self.throttle = LogThrottle(log)
         self._terms: dict[str, Terms] = {}
         self._origins: dict[str, tuple[str, str | None, str]] = {}
+        gateway = settings.target_gateway_url
+        origin = http1client.split_origin(gateway)[0] if gateway else ""
+        self.gateway = (origin, gateway[len(origin):]) if gateway else None
+        """TARGET_GATEWAY_URL split once: its origin, and the path (if any) replayed targets go after."""
         self.finished = finished_channel(settings.key_prefix)
         self.start_script = None
         self.settle_canceled = None
@@ -431,7 +449,7 @@ class Replayer:
         Knative's RedisStreamSource reads. ``started``: see :data:`Started`.
         """
         try:
-            host, target, refused, records = self.origin(envelope.url)
+            host, origin, target, refused, records = self.origin(envelope.url)
         except EnvelopeError as exc:
             return await self._unstart(started, self.malformed(event_id, str(exc)))
         if refused is not None:  # sent by no producer of ours: never called, never recorded
@@ -486,7 +504,7 @@ class Replayer:
             expired = Replayed(error=f"not finished within its max-age of {terms.max_age:g}s: never replayed",
                                expired=True, attempted=False)
             return await self._finish(key, envelope, attempt, host, expired, settle, retry_queue)
-        replayed = await self.replay(envelope, attempt, host, target)
+        replayed = await self.replay(envelope, attempt, host, origin, target)
         if self.answered is not None and settle is not None:
             self.answered(settle)
         return await self._finish(key, envelope, attempt, host, replayed, settle, retry_queue)
@@ -520,10 +538,10 @@ class Replayer:
         log.warning("rejected a malformed event (ce-id %s): %s", event_id, message)
         return error_answer(400, message)
 
-    def origin(self, url: str) -> tuple[str, str, str | None, str]:
-        """:func:`split_url` of a queued URL, and for its host the target policy's refusal (or None) and the start
-        of its records' keys: worked out once per ``scheme://host[:port]`` (a few Services send almost every
-        request). Raises EnvelopeError as split_url does."""
+    def origin(self, url: str) -> tuple[str, str, str, str | None, str]:
+        """:func:`split_url` of a queued URL, its ``scheme://host[:port]`` as written, and for its host the target
+        policy's refusal (or None) and the start of its records' keys: worked out once per origin (a few Services
+        send almost every request). Raises EnvelopeError as split_url does."""
         origin, target = http1client.split_origin(url)
         known = self._origins.get(origin)
         if known is None:
@@ -533,7 +551,7 @@ class Replayer:
             known = self._origins[origin] = (host, self.target_refusal(host),
                                              records_of(self.settings.key_prefix, service_tag(host)))
         host, refused, records = known
-        return host, target if target.startswith("/") else "/" + target, refused, records
+        return host, origin, target if target.startswith("/") else "/" + target, refused, records
 
     def target_refusal(self, host: str) -> str | None:
         """Why the target-host policy (the producer's) refuses the queued URL's ``host``, or None."""
@@ -623,26 +641,30 @@ class Replayer:
 
     # --- the replay
 
-    async def replay(self, envelope: Envelope, attempt: int, host: str, target: str) -> Replayed:
-        gateway = self.settings.target_gateway_url
-        url = gateway + target if gateway else envelope.url
+    async def replay(self, envelope: Envelope, attempt: int, host: str, origin: str, target: str) -> Replayed:
+        """Call the Service (through the gateway, when there is one) and read its whole response."""
+        gateway = self.gateway
+        if gateway is not None:  # the gateway's origin, the target after its path (if it has one)
+            origin, target = gateway[0], gateway[1] + target
         headers = replay_headers(envelope, attempt, host if gateway else None)
         terms = self.terms(envelope)
         started = time.perf_counter()
         try:
-            raw = await self.client.request(envelope.method, url, headers, envelope.body, timeout=terms.timeout)
+            raw = await self.client.send(envelope.method, origin, target, headers, envelope.body,
+                                         timeout=terms.timeout)
             recorded = RecordedResponse(raw.status, recorded_headers(raw.headers), bytes(raw.body))
         except http1client.InvalidURL as exc:
             return Replayed(error=f"invalid URL {exc}")
         except (TimeoutError, OSError, httptools.HttpParserError) as exc:
             error = (f"no answer within {terms.timeout:g}s" if isinstance(exc, TimeoutError)
                      else f"{type(exc).__name__}: {exc}")
-            log.info("request %s attempt %d: %s %s failed: %s", envelope.id, attempt, envelope.method, url, error)
+            log.info("request %s attempt %d: %s %s%s failed: %s", envelope.id, attempt, envelope.method, origin, target,
+                     error)
             return Replayed(error=error, retryable=True)
         except ValueError as exc:  # a method, target or header that cannot be sent as it is
             return Replayed(error=f"cannot send the request: {exc}")
         self.metrics.replay_seconds.observe(time.perf_counter() - started)
-        log.info("request %s attempt %d: %s %s answered %d", envelope.id, attempt, envelope.method, url,
+        log.info("request %s attempt %d: %s %s%s answered %d", envelope.id, attempt, envelope.method, origin, target,
                  recorded.status)
         error = None if 200 <= recorded.status < 400 else f"the Service answered {recorded.status}"
         return Replayed(response=recorded, error=error, retryable=replay_retryable(recorded.status, terms.retry_on))
@@ -663,9 +685,9 @@ class Replayer:
         terms = self.terms(envelope)
         idempotency_key = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
         if replayed.ok:
-            await self.sets.submit((key, Record(state=SUCCEEDED, host=host, attempts=attempt, updated_at=now,
-                                                response=replayed.response, accepted_at=envelope.accepted_at,
-                                                idempotency_key=idempotency_key).to_json(),
+            await self.sets.submit((key, record_json(SUCCEEDED, host, attempt, now, response=replayed.response,
+                                                     accepted_at=envelope.accepted_at,
+                                                     idempotency_key=idempotency_key),
                                     settle, terms.retention_ms,
                                     self._notice(envelope, SUCCEEDED, host, attempt, replayed, now), idempotency_key,
                                     awaited(envelope, idempotency_key)))
