@@ -243,6 +243,16 @@ def test_the_judged_drain_is_the_median_stacks_and_every_stack_is_noted(scripts)
     assert "0.80 (3,200 / 4,000 req/s, source 120 µs), 0.65 (2,600" in note and "0.75 (3,000" in note
 
 
+def test_the_quiet_app_drain_is_the_median_quiet_stacks_unjudged(scripts):
+    bench, _ = scripts
+    draws = [(5000.0, 3500.0, ["a"], 120.0), (5000.0, 4500.0, ["b"], 100.0), (5000.0, 4000.0, ["c"], 110.0)]
+    [figure], notes = bench.quiet_app_drain(draws, 5000)
+    assert (figure.value, figure.ratio, figure.met) == (4000.0, 0.8, None) and not figure.target
+    assert notes[:3] == ["quiet stack 1: 2 (the app quiet): a", "quiet stack 2: 2 (the app quiet): b",
+                         "quiet stack 3: 2 (the app quiet): c"]
+    assert notes[3].startswith("2 (the app quiet): drain / sync in 3 fresh stacks, in the order run: 0.70 (3,500")
+
+
 @pytest.mark.parametrize("script, option, shown", [
     (0, "--seconds", "(default: 15.0)"), (0, "--workers", "(default: 1,2)"), (0, "--quiet-load", "(default: 0)"),
     (1, "--users", "(default: 20)"), (1, "--spawn-rate", "(default: all at once)"),
