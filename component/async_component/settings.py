@@ -328,6 +328,10 @@ class ReplaySettings(TargetSettings):
     max_age: float | None = setting("MAX_AGE", "", optional(positive_float),
                                     "seconds after its acceptance a request not yet finished ends expired (empty: never)")
     request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
+    response_size_limit: int = setting(
+        "RESPONSE_SIZE_LIMIT", "6000000", positive_int,
+        "largest response body kept, in bytes: a longer one is not read, and the request fails with that error",
+    )
     notification_body_limit: int = setting(
         "NOTIFICATION_BODY_LIMIT", "65536", positive_int,
         "bytes of the Service's response body a completion event carries (the rest is cut, body_truncated says so)")

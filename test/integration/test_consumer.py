@@ -461,6 +461,29 @@ async def test_404_fails_at_once_without_retry(base, http, redis_client, target)
     assert await redis_client.xlen(STREAM) == 1 and len(target.seen) == 1
 
 
+async def test_a_response_over_the_size_limit_is_not_kept_and_the_request_fails_without_retry(
+        redis_url, http, redis_client, target):
+    """A Service's answer is recorded in Redis: past RESPONSE_SIZE_LIMIT it is not read, and its status says why."""
+    settings = settings_for(redis_url, response_size_limit=1000)
+    runner = await start_consumer(settings)
+    try:
+        small, large = envelope_for(target, body=os.urandom(500)), envelope_for(target, body=os.urandom(3000))
+        for envelope in (small, large):  # gzip leaves random bytes as long as they are
+            entry_id = await queue(redis_client, envelope)
+            status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
+                                     *binary_event(entry_id, envelope.to_stream_fields()))
+            assert status == 200
+    finally:
+        await runner.cleanup()
+    assert (await record_of(redis_client, small.id)).state == SUCCEEDED
+    record = await record_of(redis_client, large.id)
+    error = "the Service answered 200 with a body of more than 1000 bytes, over RESPONSE_SIZE_LIMIT: not kept"
+    assert (record.state, record.attempts, record.response, record.error) == (FAILED, 1, None, error)
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == large.id and dead[b"error"] == error.encode()
+    assert await redis_client.zcard(retry_key("async")) == 0 and len(target.seen) == 2
+
+
 async def test_unreachable_target_is_retried(base, http, redis_client):
     envelope = Envelope.new("POST", f"http://127.0.0.1:{free_port()}/down", [], b"x")
     entry_id = await queue(redis_client, envelope)

@@ -55,10 +55,10 @@ class Scripted:
 
 
 @contextlib.asynccontextmanager
-async def serving(*answers):
+async def serving(*answers, max_body: int = 0):
     scripted = Scripted(*answers)
     scripted.server = await asyncio.start_server(scripted.handle, "127.0.0.1", scripted.port)
-    client = Client()
+    client = Client(max_body=max_body)
     try:
         yield scripted, client
     finally:
@@ -153,6 +153,26 @@ async def test_a_head_answer_has_no_body_whatever_its_length_says():
         assert (response.status, bytes(response.body)) == (200, b"")
         assert (await client.request("GET", f"{server.url}/", [], b"", timeout=5)).status == 200
     assert server.connections == 2  # not reused after a HEAD
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 201 Created\r\nContent-Length: 11\r\n\r\n",  # said at once: nothing of the body is read
+    b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nabcdef\r\n5\r\nghijk\r\n0\r\n\r\n",
+    b"HTTP/1.1 201 Created\r\n\r\nabcdefghijk",  # running to the close
+])
+async def test_a_body_longer_than_max_body_raises_and_drops_the_connection(answer):
+    async with serving(answer, OK, max_body=10) as (server, client):
+        with pytest.raises(http1client.ResponseTooLarge, match="answered 201 with a body of more than 10 bytes"):
+            await client.request("GET", f"{server.url}/", [], b"", timeout=5)
+        assert (await client.request("GET", f"{server.url}/", [], b"", timeout=5)).status == 200
+    assert server.connections == 2
+
+
+async def test_a_body_of_max_body_bytes_is_read_whole_and_a_head_answer_says_any_length():
+    whole = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nabcdef\r\n4\r\nghij\r\n0\r\n\r\n"
+    async with serving(whole, b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", max_body=10) as (server, client):
+        assert bytes((await client.request("GET", f"{server.url}/", [], b"", timeout=5)).body) == b"abcdefghij"
+        assert (await client.request("HEAD", f"{server.url}/", [], b"", timeout=5)).status == 200
 
 
 async def test_an_interim_1xx_answer_is_skipped():

@@ -9,7 +9,10 @@ request at a time and goes back to its pool when the response said it may
 (HTTP/1.1 keep-alive, not ``Connection: close``), had a length, and came
 whole; one idle longer than ``IDLE_SECONDS`` is closed rather than reused
 (a server closes its idle ones too), as is one after a HEAD (its body length is
-the GET's) or an error. Interim 1xx answers are skipped.
+the GET's) or an error. Interim 1xx answers are skipped. A body longer than the
+client's ``max_body`` is not read: the connection is dropped and
+:class:`ResponseTooLarge` raised, so a Service cannot fill the source's memory
+(and Redis, where the response would be recorded).
 """
 
 from __future__ import annotations
@@ -60,27 +63,43 @@ class InvalidURL(ValueError):
     """The URL names no host or port a connection can be opened to."""
 
 
+class ResponseTooLarge(Exception):
+    """The Service answered with a body longer than the client reads (its ``max_body``)."""
+
+    def __init__(self, status: int, limit: int) -> None:
+        super().__init__(f"the Service answered {status} with a body of more than {limit} bytes")
+        self.status = status
+        self.limit = limit
+
+
 class Response(RawResponse):
     """A response, and whether its connection may serve another request."""
 
-    __slots__ = ("interim", "framed")
+    __slots__ = ("interim", "framed", "length")
 
     def __init__(self) -> None:
         super().__init__()
         self.interim = False
         self.framed = False
         """Its length is known (Content-Length or chunked): a cut-off body is an error, not the end of it."""
+        self.length = 0
+        """The body's length as its Content-Length says (0: none said)."""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
         lower = name.lower()
-        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+        if lower == b"content-length":
+            self.framed = True
+            if value.isdigit():  # the parser refuses any other
+                self.length = int(value)
+        elif lower == b"transfer-encoding" and b"chunked" in value.lower():
             self.framed = True
 
     def on_message_complete(self) -> None:
         if self.interim:  # a 1xx: the answer follows on the same connection
             self.interim = self.framed = self.head_done = False
             self.headers = []
+            self.length = 0
             return
         self.complete = True
 
@@ -96,6 +115,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.closed = False
         self.idle_since = 0.0
+        self.max_body = 0
+        """The longest body read (0: any)."""
 
     # asyncio.Protocol
 
@@ -111,7 +132,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._end(exc)
             return
-        if self.response.complete:
+        response = self.response
+        limit = self.max_body
+        if limit and not self.head_only and (len(response.body) > limit
+                                              or (response.head_done and response.length > limit)):
+            self._end(ResponseTooLarge(response.status, limit))  # drops the connection, the rest unread
+        elif response.complete:
             self._end(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -136,15 +162,17 @@ class _Connection(asyncio.Protocol):
             response.complete = True
 
     def on_body(self, chunk: bytes) -> None:
-        self.response.body += chunk
+        body = self.response.body
+        if not self.max_body or len(body) <= self.max_body:  # past it, the exchange ends after this read
+            body += chunk
 
     def on_message_complete(self) -> None:
         self.response.on_message_complete()
 
     # one exchange
 
-    def exchange(self, data: bytes, head_only: bool, loop: asyncio.AbstractEventLoop,
-                 timeout: float) -> asyncio.Future[Response]:
+    def exchange(self, data: bytes, head_only: bool, loop: asyncio.AbstractEventLoop, timeout: float,
+                 max_body: int = 0) -> asyncio.Future[Response]:
         """Write the request; the future gets the whole response, or TimeoutError (and the connection closed) past
         ``timeout`` seconds. A timer on the loop, not ``asyncio.timeout``: that looks the loop and the task up
         each time, and on Python 3.11 each lookup is a system call. A future, not a coroutine: one frame less
@@ -153,6 +181,7 @@ class _Connection(asyncio.Protocol):
         self.on_header = response.on_header  # the parser calls the response's own: one call less per header
         self.parser = httptools.HttpResponseParser(self)
         self.head_only = head_only
+        self.max_body = max_body
         done = self.done = loop.create_future()
         self.timer = loop.call_later(timeout, self._timed_out, timeout)
         self.transport.write(data)
@@ -184,9 +213,13 @@ class _Connection(asyncio.Protocol):
 
 
 class Client:
-    """Pooled keep-alive connections per scheme, host and port; :meth:`close` when done."""
+    """Pooled keep-alive connections per scheme, host and port; :meth:`close` when done.
 
-    def __init__(self) -> None:
+    ``max_body``: the longest response body read (0: any); a longer one raises :class:`ResponseTooLarge`.
+    """
+
+    def __init__(self, max_body: int = 0) -> None:
+        self.max_body = max_body
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._origins: dict[str, tuple[tuple[str, str, int], str]] = {}
         """``scheme://host:port`` as written -> where to connect, and its ``host:port`` (the default Host): parsed
@@ -199,7 +232,7 @@ class Client:
         """Send one request and read its whole response.
 
         Raises InvalidURL, ValueError (a header it cannot send), TimeoutError, OSError (no connection,
-        cut off) or httptools.HttpParserError (not HTTP).
+        cut off), httptools.HttpParserError (not HTTP) or ResponseTooLarge.
         """
         origin, target = split_origin(url)
         return self.send(method, origin, target, headers, body, timeout=timeout)
@@ -225,7 +258,8 @@ class Client:
             if connection is None:
                 async with asyncio.timeout(timeout):
                     connection = await self._open(where)
-            response = await connection.exchange(data, head_only, loop, timeout - (loop.time() - started))
+            response = await connection.exchange(data, head_only, loop, timeout - (loop.time() - started),
+                                                 self.max_body)
         except BaseException:
             if connection is not None:
                 connection.close()

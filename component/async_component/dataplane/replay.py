@@ -392,7 +392,7 @@ class Replayer:
         self.owns_redis = False
         self.session: aiohttp.ClientSession | None = None
         """For the completion events (:mod:`.notifications`); replays go through :attr:`client`."""
-        self.client = http1client.Client()
+        self.client = http1client.Client(max_body=settings.response_size_limit)
         self.mover_interval = mover_interval
         self.mover_task: asyncio.Task | None = None
         self.stopping = asyncio.Event()
@@ -655,6 +655,9 @@ class Replayer:
             recorded = RecordedResponse(raw.status, recorded_headers(raw.headers), bytes(raw.body))
         except http1client.InvalidURL as exc:
             return Replayed(error=f"invalid URL {exc}")
+        except http1client.ResponseTooLarge as exc:  # the Service did the work: calling it again would not help
+            log.warning("request %s attempt %d: %s, over RESPONSE_SIZE_LIMIT: not kept", envelope.id, attempt, exc)
+            return Replayed(error=f"{exc}, over RESPONSE_SIZE_LIMIT: not kept")
         except (TimeoutError, OSError, httptools.HttpParserError) as exc:
             error = (f"no answer within {terms.timeout:g}s" if isinstance(exc, TimeoutError)
                      else f"{type(exc).__name__}: {exc}")
