@@ -213,7 +213,11 @@ class Supervisor:
                 entry.restart_due = now + entry.backoff
                 message = (f"{entry.name} (pid {entry.process.pid}) exited: {describe_exit(code)}; "
                            f"restarting in {entry.backoff:.1f}s (restart {entry.restarts})")
-                log.warning("%s", message)
+                if self.output is None:  # its lines are shown nowhere else: say why it exited, if it said
+                    time.sleep(0.1)  # let the output pump catch the last lines
+                    log.warning("%s; last log lines:\n%s", message, entry.tail())
+                else:
+                    log.warning("%s", message)
                 entry.lines.append(f"local: {message}")
             elif now >= entry.restart_due:
                 entry.restart_due = None
