@@ -391,6 +391,30 @@ async def test_concurrent_requests_get_distinct_ids_and_all_entries(base, http, 
             assert resp.status == 202 and (await resp.json())["id"] == request_id
 
 
+async def script_calls(redis_client) -> int:
+    """Script calls Redis ran (a first call answered NOSCRIPT, which loads the script, is not one)."""
+    evalsha = (await redis_client.info("commandstats")).get("cmdstat_evalsha", {})
+    return evalsha.get("calls", 0) - evalsha.get("failed_calls", 0)
+
+
+async def test_a_burst_of_large_bodies_is_written_in_short_calls_and_every_one_accepted(base, http, redis_client):
+    """Twelve 3 MB bodies arrive while Redis holds writes back: all twelve wait for one batch. Sent in one script
+    call, hundreds of such bodies kept Redis busy past its clients' socket timeout, and requests Redis had queued
+    were answered 503; in calls of one body each, every request gets its 202 and no call carries more than 4 MiB."""
+    bodies = [bytes([65 + n]) * 3_000_000 for n in range(12)]
+    await redis_client.execute_command("CLIENT", "PAUSE", 500, "WRITE")  # the first batch waits; the rest pile up
+    before = await script_calls(redis_client)
+
+    async def one(body: bytes):
+        async with http.post(f"{base}/big", data=body, headers=ASYNC) as resp:
+            return resp.status
+
+    assert await asyncio.gather(*(one(body) for body in bodies)) == [202] * 12
+    assert await script_calls(redis_client) - before == 12  # one request a call
+    queued = sorted(Envelope.from_stream_fields(fields).body for _, fields in await stream_entries(redis_client))
+    assert queued == bodies
+
+
 # --- status
 
 

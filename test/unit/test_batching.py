@@ -50,6 +50,13 @@ async def test_max_batch_splits_a_burst():
     assert [len(b) for b in send.batches] == [10, 10, 5]
 
 
+async def test_max_bytes_splits_a_burst_of_large_items_and_a_larger_one_goes_alone():
+    send = Recorder()
+    batcher = Batcher(send, max_bytes=100, size=lambda item: item)
+    await asyncio.gather(*(batcher.submit(n) for n in (40, 40, 40, 250, 10, 60, 30, 5)))
+    assert send.batches == [[40, 40], [40], [250], [10, 60, 30], [5]]
+
+
 async def test_an_item_error_fails_only_its_caller():
     batcher = Batcher(Recorder())
     results = await asyncio.gather(batcher.submit(1), batcher.submit(KeyError("x")), batcher.submit(3),

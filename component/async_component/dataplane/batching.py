@@ -5,6 +5,10 @@ around. Here every item submitted while no batch is being sent joins the next
 batch (so all requests handled in the same pass of the event loop go
 together), and everything submitted while a batch is in flight joins the one
 after it. The batch size thereby follows the load without any timer.
+
+A batch is also bounded in bytes (``max_bytes``, with ``size`` telling an item's):
+one Redis command carrying hundreds of large bodies kept Redis busy for seconds,
+past its clients' socket timeout, so requests Redis had queued were answered 503.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ Send = Callable[[list[Item]], Awaitable[Sequence["Result | Exception"]]]
 
 
 class Batcher(Generic[Item, Result]):
-    def __init__(self, send: Send, *, max_batch: int = 256) -> None:
+    def __init__(self, send: Send, *, max_batch: int = 256, max_bytes: int = 0,
+                 size: Callable[[Item], int] | None = None) -> None:
+        """``max_bytes`` (0: no bound): a batch's items' ``size`` in all, past its first item."""
         self._send = send
         self._max_batch = max_batch
+        self._max_bytes = max_bytes if size is not None else 0
+        self._size = size
         self._pending: list[tuple[Item, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -51,11 +59,23 @@ class Batcher(Generic[Item, Result]):
     async def _drain(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
+                count = self._count()
+                batch = self._pending[:count]
+                del self._pending[:count]
                 await self._deliver(batch)
         finally:
             self._task = None
+
+    def _count(self) -> int:
+        """How many of the pending items the next batch takes: at least one, within both bounds."""
+        count = min(self._max_batch, len(self._pending))
+        if self._max_bytes:
+            size, total = self._size, 0
+            for n in range(count):
+                total += size(self._pending[n][0])  # type: ignore[misc]
+                if total > self._max_bytes and n:
+                    return n
+        return count
 
     async def _deliver(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
         try:

@@ -37,6 +37,10 @@ from .queues import ENQUEUE, ENQUEUE_CLUSTER, Layout, Queue
 from .redisconn import call_scripts, is_cluster, register_script
 
 DEFAULT_MAX_QUEUED = 100_000
+BATCH_BYTES = 4 * 1024 * 1024
+"""Envelope bytes in one batch, past its first request: Redis runs a batch's script with every other client
+waiting, so a burst of large bodies goes as several short calls (256 bodies of 5 MB in one call took it longer
+than its clients' socket timeout)."""
 
 
 class QueueFull(Exception):
@@ -69,9 +73,15 @@ class Item(NamedTuple):
     cap: int
 
 
+def item_size(item: Item) -> int:
+    request = item.request
+    return len(request) if type(request) is bytes else len(request[0])
+
+
 class Enqueuer:
     def __init__(self, redis: aioredis.Redis, *, layout: Layout, max_queued: int = DEFAULT_MAX_QUEUED,
-                 max_batch: int = 256, on_batch: Callable[[int, int, float], None] | None = None) -> None:
+                 max_batch: int = 256, max_bytes: int = BATCH_BYTES,
+                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
         """``on_batch(size, queued, seconds)`` after each batch Redis answered."""
         self.layout = layout
         self.max_queued = max_queued
@@ -79,10 +89,14 @@ class Enqueuer:
         self.script = register_script(redis, ENQUEUE_CLUSTER if layout.cluster else ENQUEUE)
         self.on_batch = on_batch
         self.max_batch = max_batch
-        self.batcher: Batcher[Item, bytes | Seen] = Batcher(self._send, max_batch=max_batch)
+        self.max_bytes = max_bytes
+        self.batcher: Batcher[Item, bytes | Seen] = self._batcher()
         self.cluster = is_cluster(redis)
         self.batchers: dict[str, Batcher[Item, bytes | Seen]] = {}
         """On a cluster: a batcher per master (by name)."""
+
+    def _batcher(self) -> Batcher[Item, bytes | Seen]:
+        return Batcher(self._send, max_batch=self.max_batch, max_bytes=self.max_bytes, size=item_size)
 
     def _batcher_of(self, queue: Queue) -> Batcher[Item, bytes | Seen]:
         """The batcher of the master serving ``queue`` (the one batcher on one server, or before the cluster's
@@ -94,7 +108,7 @@ class Enqueuer:
             return self.batcher
         batcher = self.batchers.get(nodes[0].name)
         if batcher is None:
-            batcher = self.batchers[nodes[0].name] = Batcher(self._send, max_batch=self.max_batch)
+            batcher = self.batchers[nodes[0].name] = self._batcher()
         return batcher
 
     def enqueue(self, queue: Queue, envelope_json: bytes, max_queued: int | None = None) -> asyncio.Future[bytes]:

@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import logs, probes
-from . import gcpolicy, hirespack, idempotency, preferences, redisconn, targets
+from . import gcpolicy, heap, hirespack, idempotency, preferences, redisconn, targets
 from .enqueuer import Enqueuer, KeyReused, QueueFull, Seen
 from .http1 import Request, Response, Server, json_response
 from .envelope import Envelope, EnvelopeError, RequestIds, envelope_json, header_text, header_value
@@ -676,6 +676,7 @@ def validate(settings: ProducerSettings) -> ProducerSettings:
 def serve(settings: ProducerSettings, *, reuse_port: bool = False) -> int:
     """Serve one producer process until SIGTERM or SIGINT (on uvloop: much less CPU per request)."""
     logs.configure("producer", settings.log_level)
+    heap.release_large_blocks()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve(settings, reuse_port))
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from .. import logs, probes
 from ..settings import ConsumerSettings
 from .envelope import EnvelopeError, event_envelope
-from . import targets
+from . import heap, targets
 from .redisconn import redis_address
 from .replay import MOVER_INTERVAL, Replayer, replay_grace, replay_route
 
@@ -82,6 +82,7 @@ validate = targets.validate
 
 def run(settings: ConsumerSettings) -> int:
     logs.configure("consumer", settings.log_level)
+    heap.release_large_blocks()
     log.info("consumer listening on %s:%d, redis %s, stream %s, replaying %s", settings.host, settings.port,
              redis_address(settings), settings.stream, replay_route(settings))
     # on SIGTERM, the replays in flight finish (aiohttp's default 60 s would cut a longer one: replayed twice)

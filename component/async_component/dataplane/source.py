@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.crc import key_slot
 
 from .. import logs, probes
-from . import hirespack, idempotency, redisconn, targets
+from . import heap, hirespack, idempotency, redisconn, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
 from .gcpolicy import tune as tune_gc
@@ -1101,6 +1101,7 @@ validate = targets.validate
 
 def run(settings: SourceSettings) -> int:
     logs.configure("source", settings.log_level)
+    heap.release_large_blocks()
     tune_gc()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve(settings))
