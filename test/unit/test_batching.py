@@ -52,9 +52,11 @@ async def test_max_batch_splits_a_burst():
 
 async def test_max_bytes_splits_a_burst_of_large_items_and_a_larger_one_goes_alone():
     send = Recorder()
-    batcher = Batcher(send, max_bytes=100, size=lambda item: item)
-    await asyncio.gather(*(batcher.submit(n) for n in (40, 40, 40, 250, 10, 60, 30, 5)))
+    batcher = Batcher(send, max_bytes=100)
+    await asyncio.gather(*(batcher.submit(n, n) for n in (40, 40, 40, 250, 10, 60, 30, 5)))
     assert send.batches == [[40, 40], [40], [250], [10, 60, 30], [5]]
+    await asyncio.gather(*(batcher.submit(n, n) for n in (50, 50)))  # what was counted went with its batches
+    assert send.batches[-1] == [50, 50]
 
 
 async def test_an_item_error_fails_only_its_caller():

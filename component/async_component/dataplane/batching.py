@@ -6,7 +6,7 @@ batch (so all requests handled in the same pass of the event loop go
 together), and everything submitted while a batch is in flight joins the one
 after it. The batch size thereby follows the load without any timer.
 
-A batch is also bounded in bytes (``max_bytes``, with ``size`` telling an item's):
+A batch is also bounded in bytes (``max_bytes``, each item's size given with it):
 one Redis command carrying hundreds of large bodies kept Redis busy for seconds,
 past its clients' socket timeout, so requests Redis had queued were answered 503.
 """
@@ -25,18 +25,17 @@ Send = Callable[[list[Item]], Awaitable[Sequence["Result | Exception"]]]
 
 
 class Batcher(Generic[Item, Result]):
-    def __init__(self, send: Send, *, max_batch: int = 256, max_bytes: int = 0,
-                 size: Callable[[Item], int] | None = None) -> None:
-        """``max_bytes`` (0: no bound): a batch's items' ``size`` in all, past its first item."""
+    def __init__(self, send: Send, *, max_batch: int = 256, max_bytes: int = 0) -> None:
+        """``max_bytes`` (0: no bound): the most a batch's items' sizes (``submit``) add up to, past its first."""
         self._send = send
         self._max_batch = max_batch
-        self._max_bytes = max_bytes if size is not None else 0
-        self._size = size
-        self._pending: list[tuple[Item, asyncio.Future]] = []
+        self._max_bytes = max_bytes
+        self._pending: list[tuple[Item, asyncio.Future, int]] = []
+        self._pending_bytes = 0
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def submit(self, item: Item) -> asyncio.Future[Result]:
+    def submit(self, item: Item, size: int = 0) -> asyncio.Future[Result]:
         """Send ``item`` with the next batch; the future gets its own result, or its own (or the batch's) error.
 
         A plain function returning the future: one coroutine less per item on the producer's hot path.
@@ -45,7 +44,8 @@ class Batcher(Generic[Item, Result]):
         if loop is None:  # looked up once: on Python 3.11 every lookup costs a getpid() system call
             loop = self._loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, future, size))
+        self._pending_bytes += size
         if self._task is None:
             # starts on the next pass of the loop: requests handled in this pass join it
             self._task = loop.create_task(self._drain())
@@ -69,27 +69,32 @@ class Batcher(Generic[Item, Result]):
     def _count(self) -> int:
         """How many of the pending items the next batch takes: at least one, within both bounds."""
         count = min(self._max_batch, len(self._pending))
-        if self._max_bytes:
-            size, total = self._size, 0
+        if self._max_bytes and self._pending_bytes > self._max_bytes:  # else every pending item fits
+            total = 0
             for n in range(count):
-                total += size(self._pending[n][0])  # type: ignore[misc]
+                total += self._pending[n][2]
                 if total > self._max_bytes and n:
-                    return n
+                    count = n
+                    break
+        if count == len(self._pending):
+            self._pending_bytes = 0
+        elif self._max_bytes:
+            self._pending_bytes -= sum(pending[2] for pending in self._pending[:count])
         return count
 
-    async def _deliver(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
+    async def _deliver(self, batch: list[tuple[Item, asyncio.Future, int]]) -> None:
         try:
-            results = await self._send([item for item, _ in batch])
+            results = await self._send([item for item, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} got {len(results)} results")
         except BaseException as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(_copy(exc))
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), result in zip(batch, results):
+        for (_, future, _), result in zip(batch, results):
             if future.done():  # its request went away; what was written stands
                 continue
             if isinstance(result, Exception):

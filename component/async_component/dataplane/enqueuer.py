@@ -73,11 +73,6 @@ class Item(NamedTuple):
     cap: int
 
 
-def item_size(item: Item) -> int:
-    request = item.request
-    return len(request) if type(request) is bytes else len(request[0])
-
-
 class Enqueuer:
     def __init__(self, redis: aioredis.Redis, *, layout: Layout, max_queued: int = DEFAULT_MAX_QUEUED,
                  max_batch: int = 256, max_bytes: int = BATCH_BYTES,
@@ -96,7 +91,7 @@ class Enqueuer:
         """On a cluster: a batcher per master (by name)."""
 
     def _batcher(self) -> Batcher[Item, bytes | Seen]:
-        return Batcher(self._send, max_batch=self.max_batch, max_bytes=self.max_bytes, size=item_size)
+        return Batcher(self._send, max_batch=self.max_batch, max_bytes=self.max_bytes)
 
     def _batcher_of(self, queue: Queue) -> Batcher[Item, bytes | Seen]:
         """The batcher of the master serving ``queue`` (the one batcher on one server, or before the cluster's
@@ -118,7 +113,7 @@ class Enqueuer:
         MAX_QUEUED_PER_SERVICE) requests.
         """
         return self._batcher_of(queue).submit(
-            Item(queue, envelope_json, self.max_queued if max_queued is None else max_queued))
+            Item(queue, envelope_json, self.max_queued if max_queued is None else max_queued), len(envelope_json))
 
     def enqueue_once(self, queue: Queue, request: Keyed, max_queued: int | None = None) -> asyncio.Future[bytes | Seen]:
         """Like :meth:`enqueue`, unless the key is held: then :class:`Seen`, or :class:`KeyReused` raised.
@@ -126,7 +121,7 @@ class Enqueuer:
         A new key is kept while the request is pending: it has no expiry until the request ends.
         """
         return self._batcher_of(queue).submit(
-            Item(queue, request, self.max_queued if max_queued is None else max_queued))
+            Item(queue, request, self.max_queued if max_queued is None else max_queued), len(request[0]))
 
     async def close(self) -> None:
         for batcher in (self.batcher, *self.batchers.values()):
