@@ -295,6 +295,11 @@ class TargetSettings(RedisSettings):
 @dataclasses.dataclass(frozen=True)
 class ProducerSettings(ServiceSettings, TargetSettings):
     request_size_limit: int = setting("REQUEST_SIZE_LIMIT", "6000000", positive_int, "largest accepted body in bytes")
+    body_memory_limit: int = setting(
+        "BODY_MEMORY_LIMIT", "67108864", positive_int,
+        "request body bytes a worker holds at once, received or announced and not yet queued; past it a request"
+        " gets 503 with Retry-After (one alone is always taken)",
+    )
     workers: int = setting("WORKERS", "1", positive_int, "number of worker processes sharing the port")
     max_queued_per_service: int = setting(
         "MAX_QUEUED_PER_SERVICE", "100000", positive_int,

@@ -43,7 +43,7 @@ class Echo:
 async def served():
     echo = Echo()
     refused: list[int] = []
-    server = Server(echo, max_body=LIMIT, on_refused=refused.append)
+    server = Server(echo, max_body=LIMIT, on_refused=lambda status, reason: refused.append(status))
     port = free_port()
     await server.start("127.0.0.1", port)
     yield echo, server, port, refused
@@ -387,3 +387,91 @@ async def test_connections_over_the_cap_are_refused_with_one_log_line(caplog):
         assert status == 200
     finally:
         await server.close()
+
+
+# --- the bound on body bytes held
+
+HELD = 1500
+"""The test server's max_held: one request of LIMIT (1000) bytes fits, two do not."""
+
+
+@pytest.fixture
+async def bounded():
+    echo = Echo()
+    refused: list[tuple[int, str]] = []
+    server = Server(echo, max_body=LIMIT, max_held=HELD, on_refused=lambda status, reason: refused.append(
+        (status, reason)))
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    yield echo, port, refused
+    await server.close(grace=1)
+
+
+async def held_request(port: int, echo: Echo, raw: bytes):
+    """A request the server holds unanswered (echo.release cleared); returns its connection."""
+    seen = len(echo.seen)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    while len(echo.seen) == seen:
+        await asyncio.sleep(0.01)
+    return reader, writer
+
+
+def post(size: int, path: str = "/p") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), size) + b"x" * size
+
+
+async def test_a_request_whose_body_would_pass_the_bytes_held_is_refused_503_until_others_are_answered(bounded):
+    echo, port, refused = bounded
+    echo.release.clear()
+    reader, writer = await held_request(port, echo, post(LIMIT, "/hold"))
+    answer = responses(await exchange(port, post(600)))  # 1000 + 600 held would pass 1500
+    [(status, headers, body)] = answer
+    assert status == 503 and headers["retry-after"] == ["1"] and headers["connection"] == ["close"]
+    assert "BODY_MEMORY_LIMIT 1500" in json.loads(body)["error"]
+    assert refused == [(503, "body_memory")] and [r.path for r in echo.seen] == ["/hold"]
+    last = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert [status for status, _, _ in responses(await exchange(port, post(400) + last))] == [200, 200]  # 1400 fits
+    echo.release.set()
+    assert responses(await asyncio.wait_for(reader.read(65536), 5))[0][0] == 200
+    writer.close()
+    # the first was answered: its bytes are no longer held
+    assert [status for status, _, _ in responses(await exchange(port, post(LIMIT) + last))] == [200, 200]
+
+
+async def test_a_request_alone_is_taken_whatever_the_bound():
+    """A bound under the body limit never refuses a request of REQUEST_SIZE_LIMIT that arrives alone."""
+    echo = Echo()
+    server = Server(echo, max_body=LIMIT, max_held=10)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        raw = post(LIMIT).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        assert [status for status, _, _ in responses(await exchange(port, raw))] == [200]
+    finally:
+        await server.close(grace=1)
+
+
+async def test_a_chunked_body_counts_as_it_arrives(bounded):
+    echo, port, refused = bounded
+    echo.release.clear()
+    reader, writer = await held_request(port, echo, post(LIMIT, "/hold"))
+    chunks = b"".join(b"64\r\n" + b"y" * 100 + b"\r\n" for _ in range(6)) + b"0\r\n\r\n"  # 600 bytes
+    raw = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    [(status, headers, _)] = responses(await exchange(port, raw))
+    assert status == 503 and headers["retry-after"] == ["1"] and refused == [(503, "body_memory")]
+    echo.release.set()
+    writer.close()
+
+
+async def test_a_client_gone_mid_body_leaves_nothing_held(bounded):
+    echo, port, refused = bounded
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /gone HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+    await asyncio.sleep(0.05)
+    raw = post(900).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    [(status, _, _)] = responses(await exchange(port, raw))
+    assert status == 200 and refused == []

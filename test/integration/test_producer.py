@@ -415,6 +415,23 @@ async def test_a_burst_of_large_bodies_is_written_in_short_calls_and_every_one_a
     assert queued == bodies
 
 
+async def test_bodies_past_the_memory_bound_get_503_with_retry_after_and_are_counted(redis_url, http, redis_client):
+    async with producer_with(redis_url, body_memory_limit=5_000_000) as base:
+        await redis_client.execute_command("CLIENT", "PAUSE", 1000, "WRITE")  # the first request waits for Redis
+        first = asyncio.ensure_future(http.post(f"{base}/a", data=b"a" * 3_000_000, headers=ASYNC))
+        await asyncio.sleep(0.3)
+        async with http.post(f"{base}/b", data=b"b" * 3_000_000, headers=ASYNC) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+            assert "BODY_MEMORY_LIMIT 5000000" in (await resp.json())["error"]
+        async with await first as resp:
+            assert resp.status == 202
+        async with http.post(f"{base}/c", data=b"c" * 3_000_000, headers=ASYNC) as resp:
+            assert resp.status == 202  # the first was answered: its bytes are no longer held
+        async with http.get(f"{base}/metrics") as resp:
+            assert 'async_producer_rejected_total{reason="body_memory"} 1.0' in await resp.text()
+    assert [Envelope.from_stream_fields(f).body[:1] for _, f in await stream_entries(redis_client)] == [b"a", b"c"]
+
+
 # --- status
 
 

@@ -8,7 +8,8 @@ request and one protocol object driving httptools' parser about 11 µs
 issue's target of 0.8 x a bare aiohttp handler. This server covers what a
 producer behind Kourier, Istio or a kubelet probe meets: keep-alive and
 pipelining (answers in request order), Content-Length and chunked bodies with
-a size limit (413), ``Expect: 100-continue``, HEAD, malformed requests (400,
+a size limit (413), a bound on the body bytes a worker holds at once (503),
+``Expect: 100-continue``, HEAD, malformed requests (400,
 then close), idle and slow connections timed out (a header block must be
 complete within ``header_timeout``, a body must keep up a minimum rate, so a
 client trickling bytes cannot hold a connection), a cap on open connections,
@@ -55,6 +56,8 @@ LINGER = 5.0
 """Seconds a refused request's unread body is still read (and dropped) after the answer, so that
 closing with unread bytes does not reset the connection before the client read the answer."""
 SWEEP_INTERVAL = 1.0
+BUSY_RETRY_AFTER = "1"
+"""Seconds a client refused for the body memory bound is asked to wait."""
 
 _NONE: tuple[bytes, ...] = ()
 
@@ -192,6 +195,9 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.writing_paused: asyncio.Future | None = None
         self.eof = False
+        self.current = 0
+        """What the request arriving counts in the server's ``held`` (its Content-Length once its headers are read,
+        else its bytes so far); once it is whole, its body counts there until it is answered."""
         self._reset()
 
     def _reset(self) -> None:
@@ -216,6 +222,7 @@ class _Connection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release(self.current + sum(len(item.body) for item in self.queue if type(item) is Request))
         if self in self.server.connections:
             self.server.connections.discard(self)
             self.server.under_capacity()
@@ -296,9 +303,18 @@ class _Connection(asyncio.Protocol):
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             self._refuse(400, "an HTTP/1.1 request must have exactly one Host header")
             return
-        if length is not None and int(length) > self.server.max_body:  # llhttp let only digits through
-            self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
-            return
+        if length is not None:
+            announced = int(length)  # llhttp let only digits through
+            server = self.server
+            if announced > server.max_body:
+                self._refuse(413, f"the body is larger than {server.max_body} bytes")
+                return
+            if announced:  # held from now on (inline: every request with a body passes here)
+                if server.max_held and server.held + announced > server.max_held and server.held:
+                    self._busy()
+                    return
+                self.current = announced
+                server.held += announced
         if expect is not None and version == "1.1":
             if expect.lower() != b"100-continue":
                 self._refuse(417, f"unsupported Expect: {expect.decode('latin-1')}")
@@ -345,14 +361,24 @@ class _Connection(asyncio.Protocol):
         if self.body_bytes > self.server.max_body:
             self._refuse(413, f"the body is larger than {self.server.max_body} bytes")
             self.body = []
-        else:
-            self.body.append(chunk)
+            return
+        if self.body_bytes > self.current:  # a body without Content-Length, counted as it comes
+            grown = self.body_bytes - self.current
+            server = self.server
+            if server.max_held and server.held + grown > server.max_held and server.held > self.current:
+                self._busy()
+                self.body = []
+                return
+            self.current += grown
+            server.held += grown
+        self.body.append(chunk)
 
     def on_message_complete(self) -> None:
         self.in_message = False
         if self.refused:
             return
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.current = 0  # held now as the request's body, until it is answered
         self._push(self._request(body))
         if len(self.queue) >= MAX_PIPELINED and not self.paused:
             self.paused = True
@@ -365,13 +391,29 @@ class _Connection(asyncio.Protocol):
         return Request(parser.get_method().decode("latin-1"), self.target.decode("latin-1"),
                        self.version, self.headers, body, parser.should_keep_alive(), self.fields)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, headers: Iterable[tuple[str, str]] = (), reason: str = "") -> None:
         """Answer ``status`` after what is already queued, then close: the rest of the stream is not read."""
         if self.refused:
             return
         self.refused = True
-        self.server.on_refused(status)
-        self._push(_plain(status, message))
+        self._release(self.current)
+        self.server.on_refused(status, reason)
+        self._push(json_response(status, {"error": message}, headers))
+
+    def _busy(self) -> None:
+        server = self.server
+        server.busy()
+        self._refuse(503, f"this producer holds {server.held} bytes of request bodies not yet queued, its bound"
+                     f" (BODY_MEMORY_LIMIT {server.max_held}); try again shortly",
+                     (("Retry-After", BUSY_RETRY_AFTER),), "body_memory")
+
+    def _release(self, size: int) -> None:
+        """What the request arriving (and, the connection lost, those waiting) counted is held no more."""
+        self.current = 0
+        server = self.server
+        server.held -= size
+        if server.busy_since is not None and server.held < server.max_held // 2:
+            server.calm()
 
     def _push(self, item: Request | Response | bytes) -> None:
         self.queue.append(item)
@@ -397,6 +439,11 @@ class _Connection(asyncio.Protocol):
                 except Exception:  # a bug: the client gets a 500, the log the traceback
                     log.exception("error answering %s %s", item.method, item.target[:200])
                     response = _plain(500, "internal error")
+                if item.body:  # held no more (inline: once a request)
+                    server = self.server
+                    server.held -= len(item.body)
+                    if server.busy_since is not None and server.held < server.max_held // 2:
+                        server.calm()
                 if self.transport.is_closing():
                     return
                 # refused with nothing left to answer: the request asked for an upgrade
@@ -453,10 +500,19 @@ class Server:
     def __init__(self, respond: Callable[[Request], Awaitable[Response]], *, max_body: int,
                  idle_timeout: float = IDLE_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT,
                  header_timeout: float = HEADER_TIMEOUT, body_min_rate: int = BODY_MIN_RATE,
-                 max_connections: int = MAX_CONNECTIONS,
-                 on_refused: Callable[[int], None] = lambda status: None) -> None:
+                 max_connections: int = MAX_CONNECTIONS, max_held: int = 0,
+                 on_refused: Callable[[int, str], None] = lambda status, reason: None) -> None:
+        """``max_held``: body bytes held at once, past which a request is refused with 503 unless no other request
+        holds any (so one of ``max_body`` is always taken; 0: no bound); ``on_refused(status, reason)`` for each
+        request the server answers on its own (``reason`` "body_memory" for that bound, else '')."""
         self.respond = respond
         self.max_body = max_body
+        self.max_held = max_held
+        self.held = 0
+        """Body bytes of the requests not answered yet, on every connection (see ``_Connection.current``)."""
+        self.busy_since: float | None = None
+        """When a request was first refused for ``max_held`` (None: not since the bytes held went under half)."""
+        self.refused_busy = 0
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
@@ -490,12 +546,24 @@ class Server:
             raise
         self._sweeper = self.loop.create_task(self._sweep())
 
+    def calm(self) -> None:
+        log.info("holding %d bytes of request bodies, under half of BODY_MEMORY_LIMIT again; %d requests were"
+                 " refused meanwhile", self.held, self.refused_busy)
+        self.busy_since, self.refused_busy = None, 0
+
+    def busy(self) -> None:
+        if self.busy_since is None:
+            self.busy_since = time.monotonic()
+            log.warning("holding %d bytes of request bodies not yet queued (BODY_MEMORY_LIMIT %d): new requests"
+                        " get 503 until some are answered", self.held, self.max_held)
+        self.refused_busy += 1
+
     def over_capacity(self) -> None:
         if not self.turned_away:
             log.warning("connection cap reached: %d connections open in this worker (MAX_CONNECTIONS); "
                         "new connections get 503 until some close", self.max_connections)
         self.turned_away += 1
-        self.on_refused(503)
+        self.on_refused(503, "")
 
     def under_capacity(self) -> None:
         if self.turned_away and len(self.connections) < self.max_connections:

@@ -68,7 +68,7 @@ VERDICT_CACHE_SIZE = 1024
 """Target host verdicts remembered (a few Services send almost every request)."""
 _REJECT_REASONS = {400: "bad_request", 403: "forbidden_host"}
 REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_request", "method_not_allowed",
-                  "too_many_connections", "replay_loop", "queue_full", "idempotency_key_reused")
+                  "too_many_connections", "replay_loop", "queue_full", "idempotency_key_reused", "body_memory")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -314,9 +314,12 @@ class Producer:
             self._verdicts[value] = verdict
         return verdict
 
-    def refused(self, status: int) -> None:
-        """The server answered on its own (oversized, malformed or too slow a request, too many connections)."""
-        if status == 413:
+    def refused(self, status: int, reason: str = "") -> None:
+        """The server answered on its own (oversized, malformed or too slow a request, too many connections or
+        too many body bytes held)."""
+        if reason:
+            self.metrics.rejected_for[reason].inc()
+        elif status == 413:
             self.metrics.rejected_for["too_large"].inc()
         elif status == 503:
             self.metrics.rejected_for["too_many_connections"].inc()
@@ -659,7 +662,7 @@ def make_server(settings: ProducerSettings, *, redis: aioredis.Redis | None = No
     producer.redis = redis
     server = Server(producer.respond, max_body=settings.request_size_limit, header_timeout=settings.header_timeout,
                     body_min_rate=settings.body_min_rate, max_connections=settings.max_connections,
-                    on_refused=producer.refused)
+                    max_held=settings.body_memory_limit, on_refused=producer.refused)
     server.on_startup.append(producer.start)
     server.on_closing.append(producer.release_waiters)
     server.on_cleanup.append(producer.stop)
