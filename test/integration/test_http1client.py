@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import tracemalloc
 
 import httptools
 import pytest
 
-from async_component.dataplane import http1client
+from async_component.dataplane import http1client, rawhttp
 from async_component.dataplane.http1client import Client, InvalidURL
 from async_component.local.ports import free_port
 
@@ -217,3 +219,30 @@ async def test_what_cannot_be_sent_as_it_is_is_refused_before_connecting(method,
     with pytest.raises(error):
         await client.request(method, url, headers, b"", timeout=5)
     await client.close()
+
+
+async def test_a_request_that_failed_leaves_nothing_to_collect_holding_its_body():
+    """A failed exchange must not hold its request in a reference cycle: the source collects
+    rarely (gcpolicy), so every large body that timed out would stay in memory until then."""
+    async def silent(writer):
+        await asyncio.sleep(5)
+    async def reset(writer):
+        writer.transport.abort()
+    body_size = 4 * 1024 * 1024
+    async with serving(silent, reset) as (server, client):
+        gc.disable()
+        tracemalloc.start()
+        try:
+            for timeout in (0.2, 5):  # no answer in time; the connection cut
+                try:
+                    await client.request("POST", f"{server.url}/", [], b"x" * body_size, timeout=timeout)
+                except (TimeoutError, ConnectionResetError):
+                    pass
+                server.requests.clear()
+                await asyncio.sleep(0)  # the loop's handle that woke this task holds the failed future until then
+                held = tracemalloc.take_snapshot().filter_traces(
+                    [tracemalloc.Filter(True, rawhttp.__file__), tracemalloc.Filter(True, __file__)])
+                assert sum(stat.size for stat in held.statistics("filename")) < body_size // 4
+        finally:
+            tracemalloc.stop()
+            gc.enable()
