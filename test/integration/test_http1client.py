@@ -246,3 +246,32 @@ async def test_a_request_that_failed_leaves_nothing_to_collect_holding_its_body(
         finally:
             tracemalloc.stop()
             gc.enable()
+
+
+async def test_a_large_body_goes_out_whole_without_a_copy_of_it_and_a_small_one_in_one_piece():
+    """While a 4 MiB request waits for its answer, the client holds no copy of its body (the replay of a large
+    body costs its envelope and its body, not a third copy joined to the head)."""
+    body_size = 4 * 1024 * 1024
+    copies = []
+
+    async def answer_after_a_look(writer):
+        held = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, rawhttp.__file__), tracemalloc.Filter(True, http1client.__file__)])
+        copies.append(sum(stat.size for stat in held.statistics("filename")))
+        writer.write(OK)
+        await writer.drain()
+
+    async with serving(OK, answer_after_a_look) as (server, client):
+        small = await client.request("POST", f"{server.url}/small", [("X-A", "1")], b"tiny", timeout=5)
+        assert small.status == 200
+        body = bytes(range(256)) * (body_size // 256)
+        tracemalloc.start()
+        try:
+            response = await client.request("POST", f"{server.url}/big", [("X-A", "1")], body, timeout=5)
+        finally:
+            tracemalloc.stop()
+        assert response.status == 200
+    assert copies and copies[0] < 64 * 1024, copies
+    tiny, big = server.requests
+    assert big.endswith(b"\r\n\r\n" + body) and b"Content-Length: %d\r\n" % body_size in big
+    assert tiny.startswith(b"POST /small HTTP/1.1\r\n") and tiny.endswith(b"\r\n\r\ntiny")

@@ -25,14 +25,14 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .rawhttp import RawResponse, encode_request
+from .rawhttp import RawResponse, request_parts
 
 IDLE_SECONDS = 10.0
 """An idle connection older than this is closed, not reused: below the usual servers' keep-alive timeouts."""
 MAX_IDLE = 256
 """Idle connections kept per host and port."""
-
-
+LARGE_BODY = 64 * 1024
+"""A body this long is written after the head, not joined to it: one copy less of each large body in flight."""
 MAX_ORIGINS = 1024
 
 
@@ -171,7 +171,7 @@ class _Connection(asyncio.Protocol):
 
     # one exchange
 
-    def exchange(self, data: bytes, head_only: bool, loop: asyncio.AbstractEventLoop, timeout: float,
+    def exchange(self, data: bytes | list[bytes], head_only: bool, loop: asyncio.AbstractEventLoop, timeout: float,
                  max_body: int = 0) -> asyncio.Future[Response]:
         """Write the request; the future gets the whole response, or TimeoutError (and the connection closed) past
         ``timeout`` seconds. A timer on the loop, not ``asyncio.timeout``: that looks the loop and the task up
@@ -184,7 +184,10 @@ class _Connection(asyncio.Protocol):
         self.max_body = max_body
         done = self.done = loop.create_future()
         self.timer = loop.call_later(timeout, self._timed_out, timeout)
-        self.transport.write(data)
+        if type(data) is bytes:
+            self.transport.write(data)
+        else:
+            self.transport.writelines(data)
         return done
 
     def _timed_out(self, timeout: float) -> None:
@@ -251,7 +254,9 @@ class Client:
             if len(self._origins) > MAX_ORIGINS:
                 self._origins.clear()
         where, netloc = known
-        data = encode_request(method, target, netloc, headers, body, keep_alive=True)
+        data = request_parts(method, target, netloc, headers, body, keep_alive=True)
+        if len(body) < LARGE_BODY:
+            data = b"".join(data)  # one write, the usual case
         head_only = method.upper() == "HEAD"
         loop = self._loop
         if loop is None:

@@ -72,6 +72,12 @@ def request_bytes(method: str, url: str, headers: Iterable[tuple[str, str]], bod
 def encode_request(method: str, target: str, netloc: str, headers: Iterable[tuple[str, str]], body: bytes, *,
                    keep_alive: bool) -> bytes:
     """:func:`request_bytes` of a URL already split: its ``host[:port]`` and its ``/path?query``."""
+    return b"".join(request_parts(method, target, netloc, headers, body, keep_alive=keep_alive))
+
+
+def request_parts(method: str, target: str, netloc: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                  keep_alive: bool) -> list[bytes]:
+    """:func:`encode_request` in pieces, the body (the last) as given: a large body is written without a copy."""
     if not _TOKEN.fullmatch(method) or _UNSAFE_TARGET.search(target):  # it would split the request line
         raise ValueError(f"method {method[:50]!r} or target {target[:200]!r} cannot be sent as they are")
     host = None
@@ -97,7 +103,7 @@ def encode_request(method: str, target: str, netloc: str, headers: Iterable[tupl
         data.append(b"\r\nContent-Length: %d" % len(body))
     data.append(b"\r\n\r\n" if keep_alive else b"\r\nConnection: close\r\n\r\n")
     data.append(body)
-    return b"".join(data)
+    return data
 
 
 def _broken(headers: Iterable[tuple[str, str]], host: str) -> str:
