@@ -383,6 +383,11 @@ class SourceSettings(ReplaySettings):
         "MAX_DELIVERIES", "5", positive_int,
         "deliveries of one entry without an outcome (its process died each time) before it is dead-lettered",
     )
+    body_memory_limit: int = setting(
+        "BODY_MEMORY_LIMIT", "67108864", positive_int,
+        "bytes of queued requests a source holds at once, read and not yet settled (about three times that in"
+        " memory while they are replayed); past it a Service's queue is read only while it has nothing in flight",
+    )
     redis_check_interval: float = redis_check_setting()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import time
 
 import pytest
@@ -148,6 +149,48 @@ async def test_services_with_work_are_served_in_turn(redis_url, redis_client, ga
             assert await eventually(lambda: _true(len(gateway.finished) == 12))
     order = [service for service, _, _ in gateway.started]
     assert all(len(set(order[n:n + 3])) == 3 for n in range(0, 12, 3)), order
+
+
+async def test_large_bodies_are_held_within_body_memory_limit_and_every_service_still_gets_its_turn(
+        redis_url, redis_client, gateway):
+    """Requests of 300 kB for two Services that hang, with BODY_MEMORY_LIMIT 1 MB: the first Service gets three
+    replays (not its cap of four), the second one (it had nothing in flight), and a third Service with small
+    requests still gets every one of its requests through; the rest stay queued until bodies are settled."""
+    body = b"x" * 300_000
+    full_collections = []
+
+    def on_collect(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full_collections.append(info)
+
+    settings = settings_for(redis_url, gateway, max_inflight_per_service=4, body_memory_limit=1_000_000,
+                            max_attempts=1)
+    async with enqueuer(redis_client) as enqueue:
+        async def big(service: str) -> tuple[str, str]:
+            request_id = f"{service}-{time.monotonic_ns()}"
+            document = envelope_json(request_id, "POST", f"http://{host(service)}/hang", [], body, time.time())
+            await enqueue.enqueue(LAYOUT.for_host(host(service)), document)
+            return service, request_id
+        try:
+            async with running(settings, stop_grace=0.1) as source:
+                held = [await big("a")]
+                assert await eventually(lambda: _true(gateway.in_flight("a") == 1))  # now the source knows its size
+                held += [await big("a") for _ in range(5)] + [await big("b") for _ in range(4)]
+                assert await eventually(lambda: _true(gateway.in_flight("a") == 3 and gateway.in_flight("b") == 1))
+                quick = [("quick", await accept(enqueue, "quick", f"/q/{n}")) for n in range(5)]
+                assert await eventually(all_in(redis_client, SUCCEEDED, quick))
+                assert (gateway.in_flight("a"), gateway.in_flight("b")) == (3, 1)
+                assert 4 * len(body) < source.registry.get_sample_value("async_source_held_bytes") < 5 * len(body)
+                gc.callbacks.append(on_collect)
+                gateway.release.set()  # each hung replay ends 503: failed (one attempt), and the next ones start
+                assert await eventually(all_in(redis_client, FAILED, held), 20)
+                assert source.registry.get_sample_value("async_source_held_bytes") == 0
+            # 3 MB settled: a full collection each 500 kB (half the limit) frees what cycles held of them
+            assert len(full_collections) >= 4
+        finally:
+            gateway.release.set()
+            if on_collect in gc.callbacks:
+                gc.callbacks.remove(on_collect)
 
 
 # --- retries

@@ -43,7 +43,7 @@ from .. import logs, probes
 from . import heap, hirespack, idempotency, redisconn, targets
 from .batching import Batcher
 from .deadletters import add_dead_letter
-from .gcpolicy import tune as tune_gc
+from .gcpolicy import LargeGarbage, tune as tune_gc
 from .notifications import add_notification, notification, sink_for
 from .delivery import DeliveryFailed, EntryRef, make_delivery
 from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, entry_policy
@@ -105,6 +105,9 @@ class Metrics:
         self.delivered_as = {outcome: self.delivered.labels(outcome)
                              for outcome in ("delivered", "dead_lettered", "failed")}
         self.in_flight = Gauge("async_source_in_flight", "Entries being delivered", registry=registry)
+        self.held_bytes = Gauge("async_source_held_bytes",
+                                "Bytes of the entries this source holds (being delivered or read ahead), which"
+                                " BODY_MEMORY_LIMIT bounds", registry=registry)
         self.reclaimed = Counter("async_source_reclaimed_total", "Entries taken over from another source",
                                  registry=registry)
         labels = ["namespace", "service"]
@@ -130,7 +133,8 @@ class QueueState:
     """What this source knows of one queue: its deliveries in flight (and when each started), its last reclaim,
     its wake-ups, and whether its Service answers quickly enough to borrow idle slots."""
 
-    __slots__ = ("queue", "in_flight", "writing", "ahead", "reclaimed_at", "woken", "started", "quick", "gauges")
+    __slots__ = ("queue", "in_flight", "writing", "ahead", "reclaimed_at", "woken", "started", "quick", "gauges",
+                 "entry_bytes")
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
@@ -147,6 +151,8 @@ class QueueState:
         self.quick = False
         """Its last delivery took at most BORROW_AGE: it may borrow (until one takes longer, or hangs)."""
         self.gauges: tuple[Any, Any] | None = None
+        self.entry_bytes = 0
+        """The size of its entries, a running average of those read: how many more fit under BODY_MEMORY_LIMIT."""
         """Its queued and oldest-age gauges, bound once: a label lookup each time cost ~20 µs, 2,000 of them
         every few seconds with 1,000 Services busy."""
 
@@ -205,6 +211,17 @@ class Source:
         self.borrowed: set[EntryRef] = set()
         """Deliveries started beyond their queue's cap: while there are any, the reserve is open."""
         self.service_caps: dict[str, int] = {}
+        self.byte_limit = settings.body_memory_limit
+        self.held_bytes = 0
+        """Bytes of the entries held (in flight or read ahead): past ``byte_limit``, a queue is read only while it
+        has nothing held (``_bytes_room``), so large bodies cannot take the process past its memory limit."""
+        self.sizes: dict[EntryRef, int] = {}
+        self.entry_bytes = 0
+        """The size of the entries read, a running average: the guess for a queue not read yet."""
+        self.garbage = LargeGarbage(max(1, self.byte_limit // 2))
+        """Collects once half of BODY_MEMORY_LIMIT was settled: what cycles still hold of those entries goes."""
+        self.bytes_short = False
+        """The last round read less than the slots allowed, for BODY_MEMORY_LIMIT: a settled entry may let more in."""
         """A Service's own max-inflight (its policy), learned from the requests read from its queue."""
         self.reclaim_interval = settings.visibility_timeout / 2
         self.scan_interval = min(self.reclaim_interval, SCAN_INTERVAL)
@@ -221,6 +238,7 @@ class Source:
         """Those whose Service answered: only the outcome is left to write, and their slots are free again. The
         Service no longer holds them, and the outcomes are written in batches while the next replays run."""
         self.metrics.in_flight.set_function(lambda: self.busy)  # read when scraped, not set per entry
+        self.metrics.held_bytes.set_function(lambda: self.held_bytes)
         self.stopping = asyncio.Event()
         self.nudge = asyncio.Event()
         """Set when there may be something to do: a queue woke, a slot freed, stopping."""
@@ -510,6 +528,8 @@ class Source:
         grants: dict[QueueState, int] = {}
         spare = min(held, settings.concurrency - busy)  # for borrowers: what CONCURRENCY leaves, never the reserve
         granted = 0
+        left = self.byte_limit - self.held_bytes
+        self.bytes_short = False
         # short: a queue under its cap is left without slots it could use; then nothing is read ahead, so every
         # slot that frees goes round the queues again
         short = False
@@ -527,6 +547,9 @@ class Source:
             if room < min_read and state.in_flight:
                 short = True
                 continue
+            room, left = self._bytes_room(state, room, left)
+            if room <= 0:
+                continue
             grants[state] = room
             free -= room
             spare -= room
@@ -534,12 +557,23 @@ class Source:
             self.next_turn = start + n + 1
         if not short:
             spare += min(ahead_room, held - granted - max(0, spare))  # read ahead, within twice CONCURRENCY
-        if spare > 0:
+        if spare > 0 and left > 0:
             self._borrowing((self.queues[members[(start + n) % len(members)]] for n in range(len(members))),
-                            grants, spare)
+                            grants, spare, left)
         return list(grants.items())
 
-    def _borrowing(self, order: Iterable[QueueState], grants: dict[QueueState, int], spare: int) -> None:
+    def _bytes_room(self, state: QueueState, room: int, left: int) -> tuple[int, int]:
+        """``room`` entries of the queue, fewer if they would not fit in the ``left`` bytes of BODY_MEMORY_LIMIT;
+        and the bytes left after them. Past the limit a queue with nothing held still reads one entry: a Service
+        is never starved by others' large bodies, and the limit is passed by at most one entry per Service."""
+        size = state.entry_bytes or self.entry_bytes
+        if room * size > left:
+            self.bytes_short = True
+            room = left // size if left >= size else int(not (state.in_flight or state.ahead))
+        return room, left - room * size
+
+    def _borrowing(self, order: Iterable[QueueState], grants: dict[QueueState, int], spare: int,
+                   left: int) -> None:
         """Lend ``spare`` slots (what CONCURRENCY leaves free) to queues past their cap, in turn.
 
         Work-conserving, without giving up "a slow or hung Service holds only its own slots": only a
@@ -560,6 +594,9 @@ class Source:
             room = min(self.borrow_limit + self.ahead_cap - held, spare)  # every slot of CONCURRENCY, and ahead
             if room < max(1, self.per_service_cap // 2):  # in batches, as above
                 continue
+            room, left = self._bytes_room(state, room, left)
+            if room < max(1, self.per_service_cap // 2):
+                break
             grants[state] = grants.get(state, 0) + room
             spare -= room
 
@@ -615,6 +652,7 @@ class Source:
                     if self._can_start(state):
                         self._start(state, ref, fields, mark)
                     else:
+                        self._hold(state, ref, fields)
                         self.ahead.append((state, ref, fields, mark, now))
                         state.ahead += 1
                     started += 1
@@ -774,6 +812,8 @@ class Source:
                     self.name, len(self.ahead))
         ahead = list(self.ahead)
         self.ahead.clear()
+        for _, ref, *_ in ahead:
+            self.held_bytes -= self.sizes.pop(ref, 0)
         await self._unmark(ahead, 0.0)
 
     async def _requeue_waiting(self) -> None:
@@ -841,8 +881,19 @@ class Source:
     def _start(self, state: QueueState, ref: EntryRef, fields: Mapping, started: Started = None) -> None:
         if ref in self.in_flight:
             return
+        self._hold(state, ref, fields)
         self._learn_cap(state, fields)
         self._track(state, ref, self._deliver(state, ref, fields, started))
+
+    def _hold(self, state: QueueState, ref: EntryRef, fields: Mapping) -> None:
+        """Count the entry's bytes as held until it is settled (``_finished``), once however it started."""
+        if ref in self.sizes:
+            return
+        size = entry_size(fields)
+        self.sizes[ref] = size
+        self.held_bytes += size
+        state.entry_bytes = (state.entry_bytes + size) // 2 if state.entry_bytes else size
+        self.entry_bytes = (3 * self.entry_bytes + size) // 4 if self.entry_bytes else size
 
     def _track(self, state: QueueState, ref: EntryRef, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` on the entry as an in-flight task (kept fresh, counted against its queue, drained on stop)."""
@@ -867,6 +918,11 @@ class Source:
     def _finished(self, state: QueueState, ref: EntryRef, task: asyncio.Task) -> None:
         self.in_flight.pop(ref, None)
         self.queue_of.pop(ref, None)
+        size = self.sizes.pop(ref, 0)
+        self.held_bytes -= size
+        self.garbage.let_go(size)
+        if self.bytes_short:
+            self.nudge.set()  # its bytes may let in what BODY_MEMORY_LIMIT held back
         if ref in self.writing:
             self.writing.discard(ref)
             state.writing -= 1
@@ -1051,6 +1107,11 @@ def _by_stream(refs: Iterable[EntryRef]) -> dict[str, list[str]]:
     for stream, entry_id in refs:
         grouped.setdefault(stream, []).append(entry_id)
     return grouped
+
+
+def entry_size(fields: Mapping) -> int:
+    """The bytes of a stream entry's values (its envelope: the request's body and headers, for our queues)."""
+    return sum(len(value) for value in fields.values() if isinstance(value, (bytes, str)))
 
 
 def _fields(flat) -> dict:
