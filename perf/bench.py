@@ -19,7 +19,10 @@
    against none, and ``Prefer: respond-async, wait=10`` answered with the app's response
    against a sync call, one at a time;
 8. Redis Cluster: the producer and the drain on one redis-server against a 3-master
-   cluster, and keys per master for 1,000 Services (perf/bench_cluster.py).
+   cluster, and keys per master for 1,000 Services (perf/bench_cluster.py);
+9. large bodies: the producer's and the source's peak memory under 120 requests of
+   5.5 MB at once to three Services, against their manifests' memory limits
+   (perf/bench_bodies.py).
 
 Everything runs on 127.0.0.1 (a throwaway redis-server, the producer, and the local
 stack); the table goes to perf/results/bench-<UTC timestamp>/ (markdown and JSON)
@@ -824,7 +827,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Component benchmarks on 127.0.0.1, reported as ratios. "
                                      "Exits 1 when a target is missed (after writing the results).",
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated benchmarks to run (1-8)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated benchmarks to run (1-9)")
     parser.add_argument("--seconds", type=float, default=15.0, help="wrk duration per producer/bare run")
     parser.add_argument("--workers", default="1,2", help="producer (and bare handler) worker counts to compare")
     parser.add_argument("--drain", type=int, default=5000, help="requests queued at once for the drain benchmark")
@@ -840,8 +843,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.queue = tuple(int(x) for x in args.queue.split(","))
     except ValueError:
         parser.error("--only, --workers and --queue take comma-separated integers")
-    if not args.only <= {1, 2, 3, 4, 5, 6, 7, 8} or len(args.queue) != 2 or args.queue[0] >= args.queue[1]:
-        parser.error("--only takes 1-8; --queue takes two increasing lengths")
+    if not args.only <= {1, 2, 3, 4, 5, 6, 7, 8, 9} or len(args.queue) != 2 or args.queue[0] >= args.queue[1]:
+        parser.error("--only takes 1-9; --queue takes two increasing lengths")
     return args
 
 
@@ -897,6 +900,10 @@ def run(args: argparse.Namespace) -> tuple[list[Figure], list[str]]:
         import bench_cluster
 
         step(bench_cluster.run(args.seconds, args.drain))
+    if 9 in args.only:
+        import bench_bodies
+
+        step(bench_bodies.run())
     return found, notes
 
 
