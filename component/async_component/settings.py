@@ -385,8 +385,9 @@ class SourceSettings(ReplaySettings):
     )
     body_memory_limit: int = setting(
         "BODY_MEMORY_LIMIT", "67108864", positive_int,
-        "bytes of queued requests a source holds at once, read and not yet settled (about three times that in"
-        " memory while they are replayed); past it a Service's queue is read only while it has nothing in flight",
+        "bytes of queued requests a source holds at once, read and not yet settled (up to about four times that"
+        " in memory while they are decoded and replayed); past it a Service's queue is read only while it has"
+        " nothing in flight",
     )
     redis_check_interval: float = redis_check_setting()
 

@@ -151,10 +151,10 @@ class QueueState:
         self.quick = False
         """Its last delivery took at most BORROW_AGE: it may borrow (until one takes longer, or hangs)."""
         self.gauges: tuple[Any, Any] | None = None
-        self.entry_bytes = 0
-        """The size of its entries, a running average of those read: how many more fit under BODY_MEMORY_LIMIT."""
         """Its queued and oldest-age gauges, bound once: a label lookup each time cost ~20 µs, 2,000 of them
         every few seconds with 1,000 Services busy."""
+        self.entry_bytes = 0
+        """The size of its entries, a running average of those read: how many more fit under BODY_MEMORY_LIMIT."""
 
     def may_borrow(self, now: float) -> bool:
         """Answering quickly, with nothing in flight for longer than BORROW_AGE (a Service that just hung)."""
@@ -211,6 +211,7 @@ class Source:
         self.borrowed: set[EntryRef] = set()
         """Deliveries started beyond their queue's cap: while there are any, the reserve is open."""
         self.service_caps: dict[str, int] = {}
+        """A Service's own max-inflight (its policy), learned from the requests read from its queue."""
         self.byte_limit = settings.body_memory_limit
         self.held_bytes = 0
         """Bytes of the entries held (in flight or read ahead): past ``byte_limit``, a queue is read only while it
@@ -222,7 +223,6 @@ class Source:
         """Collects once half of BODY_MEMORY_LIMIT was settled: what cycles still hold of those entries goes."""
         self.bytes_short = False
         """The last round read less than the slots allowed, for BODY_MEMORY_LIMIT: a settled entry may let more in."""
-        """A Service's own max-inflight (its policy), learned from the requests read from its queue."""
         self.reclaim_interval = settings.visibility_timeout / 2
         self.scan_interval = min(self.reclaim_interval, SCAN_INTERVAL)
         self.queues: dict[str, QueueState] = {}
