@@ -193,6 +193,46 @@ async def test_large_bodies_are_held_within_body_memory_limit_and_every_service_
                 gc.callbacks.remove(on_collect)
 
 
+async def test_entries_reclaimed_from_a_dead_source_do_not_take_it_past_body_memory_limit(
+        redis_url, redis_client, gateway):
+    """Three requests of 300 kB left pending by a source that died, BODY_MEMORY_LIMIT 1 MB, a cap of four: four more
+    arrive when the heir first reclaims, not yet knowing how large its entries are. It reclaims the three and
+    reads no fourth while they hang (before: it filled the cap after the reclaim, past the limit); once they end,
+    the other four go through."""
+    body = b"x" * 300_000
+    settings = settings_for(redis_url, gateway, max_inflight_per_service=4, body_memory_limit=1_000_000,
+                            max_attempts=1, visibility_timeout=2.0)
+    queue = LAYOUT.for_host(host("a"))
+    async with enqueuer(redis_client) as enqueue:
+        async def big() -> tuple[str, str]:
+            request_id = f"a-{time.monotonic_ns()}"
+            document = envelope_json(request_id, "POST", f"http://{host('a')}/hang", [], body, time.time())
+            await enqueue.enqueue(queue, document)
+            return "a", request_id
+        held = [await big() for _ in range(3)]
+        await redis_client.xgroup_create(queue.stream, settings.group, id="0", mkstream=True)
+        [[_, entries]] = await redis_client.xreadgroup(settings.group, "dead", {queue.stream: ">"}, count=3)
+        assert len(entries) == 3
+        await asyncio.sleep(settings.visibility_timeout)  # the dead source's entries may now be reclaimed
+        try:
+            async with running(settings, stop_grace=0.1) as source:
+                # the heir found only entries held by another: it reclaims on its first read after a quarter of the
+                # visibility timeout, and looks at the queue again after the whole of it unless woken
+                await asyncio.sleep(settings.visibility_timeout / 2)
+                assert gateway.in_flight("a") == 0
+                held += [await big() for _ in range(4)]
+                assert await eventually(lambda: _true(gateway.in_flight("a") == 3))
+                assert source.metrics.reclaimed._value.get() == 3
+                await asyncio.sleep(1.0)  # a few reads later
+                assert gateway.in_flight("a") == 3
+                assert source.registry.get_sample_value("async_source_held_bytes") < 1_000_000
+                gateway.release.set()
+                assert await eventually(all_in(redis_client, FAILED, held), 20)
+            assert len(gateway.started) == 7
+        finally:
+            gateway.release.set()
+
+
 # --- retries
 
 

@@ -617,9 +617,12 @@ class Source:
                 self._start(state, ref, fields)
                 started += 1
             free = self.free_under_cap(self.busy)
+            left = self.byte_limit - self.held_bytes
             regrants = []
-            for state, _ in grants:  # the reclaimed entries took slots
+            for state, _ in grants:  # the reclaimed entries took slots, and bytes of BODY_MEMORY_LIMIT
                 room = min(self.cap_of(state) - state.in_flight, free)
+                if room > 0:
+                    room, left = self._bytes_room(state, room, left)
                 if room > 0:
                     regrants.append((state, room))
                     free -= room
