@@ -66,10 +66,10 @@ def source_settings(redis_url: str, **changes) -> SourceSettings:
 
 
 @contextlib.asynccontextmanager
-async def http_consumer(redis_url: str):
-    """The HTTP path's consumer, with the same replay settings as :func:`source_settings`."""
+async def http_consumer(redis_url: str, **changes):
+    """The HTTP path's consumer, with the same replay settings as :func:`source_settings` (and ``changes``)."""
     settings = ConsumerSettings(redis_url=redis_url, port=free_port(), host="127.0.0.1", retry_base_delay=0.05,
-                                retry_max_delay=0.1, request_timeout=2.0, **LOOPBACK_TARGETS)
+                                retry_max_delay=0.1, request_timeout=2.0, **{**LOOPBACK_TARGETS, **changes})
     runner = await serve(sink.make_app(settings, mover_interval=0.05), settings.port)
     try:
         yield f"http://127.0.0.1:{settings.port}/"
@@ -248,6 +248,35 @@ async def test_a_target_outside_the_producers_policy_is_dead_lettered_never_call
     [(_, dead)] = await redis_client.xrange(DEAD)
     assert Envelope.from_stream_fields(dead).id == envelope.id and dead[b"status"] == b"400"
     assert b"target host '169.254.169.254' is not allowed (ALLOWED_HOSTS)" in dead[b"error"]
+
+
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_a_retry_the_policy_now_refuses_ends_failed_never_called(redis_url, redis_client, over_http):
+    """A request replayed once and waiting for its retry when ALLOWED_HOSTS changed: its client has seen it
+    retrying, so it ends failed, with the reason, for as long as a result is kept. Before: its record was deleted
+    (the status read 404) in-process, and over HTTP stayed retrying, without an expiry, for ever."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        refusing = {"allowed_hosts": (".svc.cluster.local",), "allowed_ports": ()}
+        if over_http:
+            sink_url = await stack.enter_async_context(http_consumer(redis_url, **refusing))
+            settings = source_settings(redis_url, sink_url=sink_url)
+        else:
+            settings = source_settings(redis_url, **refusing)
+        first = Envelope.new("POST", f"http://{target.host}/work", [], b"x", accepted_at=time.time())
+        key = record_key("async", first.id, target.host)
+        retrying = Record(state=RETRYING, host=target.host, attempts=1, updated_at=time.time(), error="503")
+        await redis_client.set(key, retrying.to_json())
+        await redis_client.xadd(STREAM, first.next_attempt().to_stream_fields())
+        await stack.enter_async_context(running(settings))
+        assert await eventually(finished(redis_client, first))
+        assert await eventually(settled(redis_client))
+    assert target.seen == []
+    record = await record_of(redis_client, first.id)
+    assert record.state == FAILED and record.attempts == 2
+    assert "not replayed: target host" in record.error and "ALLOWED_HOSTS" in record.error
+    assert 86000 < await redis_client.ttl(key) <= 86400  # STATUS_RETENTION_SECONDS
+    [(_, dead)] = await redis_client.xrange(DEAD)
+    assert Envelope.from_stream_fields(dead).id == first.id and b"ALLOWED_HOSTS" in dead[b"error"]
 
 
 async def test_a_finished_request_delivered_again_is_acknowledged_without_a_replay(redis_url, redis_client):

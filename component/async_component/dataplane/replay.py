@@ -452,12 +452,17 @@ class Replayer:
             host, origin, target, refused, records = self.origin(envelope.url)
         except EnvelopeError as exc:
             return await self._unstart(started, self.malformed(event_id, str(exc)))
-        if refused is not None:  # sent by no producer of ours: never called, never recorded
-            self.metrics.events_by["refused"].inc()
-            log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
-            return await self._unstart(started, error_answer(400, f"request {envelope.id} is not replayed: {refused}"))
         attempt = envelope.attempt + 1
         key = records + envelope.id  # record_key()
+        if refused is not None:
+            self.metrics.events_by["refused"].inc()
+            log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
+            if envelope.attempt == 0:  # sent by no producer of ours (or before the policy changed): never recorded
+                return await self._unstart(started, error_answer(400, f"request {envelope.id} is not replayed: {refused}"))
+            # a retry: the request was replayed here before (the policy changed since) and its client has seen it
+            # retrying; it ends failed, not left retrying for ever (nor, started, gone)
+            ended = Replayed(error=f"not replayed: {refused}")
+            return await self._finish(key, envelope, attempt, host, ended, settle, retry_queue)
         if started is not None and started[0] != key:  # read differently there: start it here
             await self._unstart(started, None)
             started = None
