@@ -429,6 +429,47 @@ def test_retry_base_delay_and_its_old_spelling_both_reach_the_stack(tmp_path, fl
     assert err.strip().splitlines() == ["async-component local: error: retry delay -1.0 must be >= 0 seconds"]
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--concurrency", "concurrency 0 must be a positive integer"),
+    ("--max-inflight-per-service", "max in flight per Service 0 must be a positive integer"),
+    ("--max-queued-per-service", "max queued per Service 0 must be a positive integer"),
+])
+def test_delivery_slot_and_queue_flags_reach_the_stack(tmp_path, flag, message):
+    process = run_local(tmp_path, "--port", str(free_port()), flag, "0")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert err.strip().splitlines() == [f"async-component local: error: {message}"]
+
+
+@pytest.mark.slow
+def test_concurrency_one_replays_one_request_at_a_time(tmp_path):
+    """``--concurrency 1``: of two requests queued at once, the second reads queued while the first runs."""
+    port = free_port()
+    process = run_local(tmp_path, "--port", str(port), "--concurrency", "1", "--log-level", "WARNING")
+    out, err = Lines(process.stdout), Lines(process.stderr)
+    host = f"{ALWAYS}.default.example.com"
+
+    def state(location: str) -> str:
+        status, headers, _ = http(f"http://127.0.0.1:{port}{location}", host)
+        return headers["Async-Request-State"]
+
+    try:
+        out.wait_for("ready")
+        locations = []
+        for n in range(2):
+            status, headers, _ = http(f"http://127.0.0.1:{port}/n/{n}?sleep=3", host)
+            assert status == 202
+            locations.append(headers["Location"])
+        poll(lambda: state(locations[0]) == "running")
+        assert state(locations[1]) == "queued"
+        poll(lambda: state(locations[0]) == "succeeded" and state(locations[1]) == "running", timeout=10)
+        poll(lambda: state(locations[1]) == "succeeded", timeout=10)
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(30)
+    assert code == 0, err.text()
+
+
 @pytest.mark.slow
 def test_log_level_warning_quiets_the_sample_app_too(tmp_path):
     """``--log-level`` is every process's: at WARNING the app logs no line per request either."""

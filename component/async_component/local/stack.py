@@ -118,7 +118,7 @@ class LocalStack:
     ``queue_mode="single-stream"`` too, that is the RedisStreamSource topology
     (every request in the one stream). ``max_inflight_per_service`` and
     ``max_queued_per_service`` become MAX_INFLIGHT_PER_SERVICE and
-    MAX_QUEUED_PER_SERVICE (unset: the processes' defaults). ``redis_cluster``:
+    MAX_QUEUED_PER_SERVICE, and ``concurrency`` the source's CONCURRENCY (unset: the processes' defaults). ``redis_cluster``:
     a number of masters to start a Redis Cluster with (:attr:`redis_cluster`)
     instead of one redis-server. ``output``: a text stream that receives every component's log
     lines, prefixed with its name (default: kept only in memory, see
@@ -149,6 +149,7 @@ class LocalStack:
         queue_mode: str = PER_SERVICE,
         max_inflight_per_service: int | None = None,
         max_queued_per_service: int | None = None,
+        concurrency: int | None = None,
         delivery: Mapping[str, str] | None = None,
         app_log_level: str | None = None,
     ) -> None:
@@ -165,6 +166,7 @@ class LocalStack:
                  max_inflight_per_service is None or max_inflight_per_service > 0, "must be a positive integer"),
                 ("max queued per Service", max_queued_per_service,
                  max_queued_per_service is None or max_queued_per_service > 0, "must be a positive integer"),
+                ("concurrency", concurrency, concurrency is None or concurrency > 0, "must be a positive integer"),
                 ("Redis Cluster masters", redis_cluster,
                  isinstance(redis_cluster, int) and 0 <= redis_cluster <= 16, "must be 0 (one redis-server) to 16"),
             ] if not ok
@@ -208,6 +210,7 @@ class LocalStack:
         self.queue_mode = queue_mode
         self.max_inflight_per_service = max_inflight_per_service
         self.max_queued_per_service = max_queued_per_service
+        self.concurrency = concurrency
         self._app_dir_arg = app_dir
 
         self._redis: RedisServer | RedisCluster | None = (
@@ -367,7 +370,8 @@ class LocalStack:
                  "DEAD_LETTER_STREAM": self.dead_letter_stream, "LOG_LEVEL": self.log_level,
                  "QUEUE_MODE": self.queue_mode}
         caps = {name: str(value) for name, value in (("MAX_INFLIGHT_PER_SERVICE", self.max_inflight_per_service),
-                                                     ("MAX_QUEUED_PER_SERVICE", self.max_queued_per_service))
+                                                     ("MAX_QUEUED_PER_SERVICE", self.max_queued_per_service),
+                                                     ("CONCURRENCY", self.concurrency))
                 if value is not None}
         # the producer's target-host policy, which the replays apply again (dataplane-config.yaml)
         targets = {"ALLOWED_HOSTS": ",".join(allowed_hosts)}
@@ -395,7 +399,7 @@ class LocalStack:
             Process("source", [*command, "source"],
                     {**base, **redis, **replay, "HEALTH_PORT": str(ports["source"]),
                      "VISIBILITY_TIMEOUT": f"{self.visibility_timeout:g}",
-                     **{k: v for k, v in caps.items() if k == "MAX_INFLIGHT_PER_SERVICE"},
+                     **{k: v for k, v in caps.items() if k in ("MAX_INFLIGHT_PER_SERVICE", "CONCURRENCY")},
                      **({} if self.replay_in_source else {"SINK_URL": self.consumer_url})},
                     url(ports["source"]) + "/readyz"),
             Process("gateway", [*command, "gateway", "--routes", str(routes_file), "--port", str(self.port),
@@ -427,6 +431,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{meta['help']}; a Service's annotations override it (the replaying processes' "
                                  f"{env}, default: {meta['raw_default'] or 'unset'})")
     parser.add_argument("--producer-workers", type=int, default=1, help="producer worker processes")
+    for cls, env, whose in ((SourceSettings, "CONCURRENCY", "the source's"),
+                            (SourceSettings, "MAX_INFLIGHT_PER_SERVICE", "the source's"),
+                            (ProducerSettings, "MAX_QUEUED_PER_SERVICE", "the producer's")):
+        meta = next(field.metadata for field in dataclasses.fields(cls) if field.metadata.get("env") == env)
+        parser.add_argument(flag_name(env), type=int, dest=env.lower(), metavar="N", default=None,
+                            help=f"{meta['help']} ({whose} {env}, default: {meta['raw_default']})")
     parser.add_argument("--queue-mode", default=PER_SERVICE, choices=QUEUE_MODES,
                         help="per-service: a queue per Service, served fairly; single-stream: one stream for"
                              " every request, as Knative's RedisStreamSource reads (default: per-service)")
@@ -456,7 +466,9 @@ def run(args: argparse.Namespace) -> int:
         stack = LocalStack(
             port=args.port, redis_url=args.redis_url, redis_cluster=args.redis_cluster, sleep_seconds=args.sleep_seconds, max_attempts=args.max_attempts,
             retry_delay=args.retry_delay, producer_workers=args.producer_workers, app_dir=args.app_dir,
-            queue_mode=args.queue_mode,
+            queue_mode=args.queue_mode, concurrency=args.concurrency,
+            max_inflight_per_service=args.max_inflight_per_service,
+            max_queued_per_service=args.max_queued_per_service,
             log_level=args.log_level, output=sys.stderr, cluster_domain=args.cluster_domain,
             replay_in_source=not args.via_consumer,
             delivery={env: getattr(args, env) for env in DELIVERY_DEFAULTS if getattr(args, env) is not None},
