@@ -300,6 +300,31 @@ async def test_a_target_outside_the_producers_policy_is_refused_never_called(red
     assert await redis_client.keys(f"async:*req:{envelope.id}") == []
 
 
+@pytest.mark.parametrize("url, answer", [
+    ("http://sleep.default.svc.cluster.local/.well-known/async-requests/x", (200, SUCCEEDED)),  # a duplicate
+    ("http://sleep.default.svc.cluster.local:6379/", (400, None)),
+])
+async def test_an_event_never_replayed_leaves_a_finished_request_as_it_is(redis_url, http, redis_client, target,
+                                                                           url, answer):
+    """An event for the status path, or for a port the policy refuses, naming a request that has finished (any pod
+    can post one): the recorded result stays. Before: the status-path event rewrote it as failed."""
+    settings = settings_for(redis_url, target_gateway_url=target.base, allowed_hosts=(".svc.cluster.local",),
+                            allowed_ports=())
+    runner = await start_consumer(settings)
+    try:
+        envelope = Envelope.new("GET", url, [], b"")
+        done = Record(state=SUCCEEDED, host="sleep.default.svc.cluster.local", attempts=1, updated_at=1.0)
+        await redis_client.set(record_key("async", envelope.id, "sleep.default.svc.cluster.local"), done.to_json())
+        status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
+                                 *binary_event("1-0", envelope.to_stream_fields()))
+    finally:
+        await runner.cleanup()
+    assert (status, doc.get("state")) == answer, doc
+    assert target.seen == []
+    assert await record_of(redis_client, envelope.id) == done
+    assert await redis_client.keys("*dead*") == []
+
+
 # --- Knative's RedisStreamSource, as its receive adapter sends events
 
 VECTORS = Path(__file__).parent.parent / "vectors" / "redisstreamsource"

@@ -234,19 +234,37 @@ async def test_a_poison_entry_is_dead_lettered_with_its_reason(redis_url, redis_
     assert reason.encode() in dead[b"error"], dead[b"error"]
 
 
-async def test_a_target_outside_the_producers_policy_is_dead_lettered_never_called(redis_url, redis_client):
-    """Anyone who reaches Redis can queue an entry: the source replays only what the producer would have queued."""
-    async with service() as target:
-        settings = source_settings(redis_url, target_gateway_url=f"http://{target.host}",
-                                   allowed_hosts=(".svc.cluster.local",), allowed_ports=())
-        async with running(settings):
-            envelope = Envelope.new("GET", "http://169.254.169.254/latest/meta-data/", [], b"")
-            await redis_client.xadd(STREAM, envelope.to_stream_fields())
-            assert await eventually(settled(redis_client))
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_a_target_outside_the_producers_policy_is_dead_lettered_never_called(redis_url, redis_client,
+                                                                                  over_http):
+    """Anyone who reaches Redis can queue an entry: the source replays only what the producer would have queued.
+    Read from a queue in-process, the request ends failed with the reason, so a client who was answered 202 before
+    the policy changed reads why (before: its status read 404). Through the consumer, which any pod can post
+    events to, nothing is recorded for it (it has no pending record): the source dead-letters it. Either way its
+    key gets the result's lifetime."""
+    async with service() as target, contextlib.AsyncExitStack() as stack:
+        refusing = {"allowed_hosts": (".svc.cluster.local",), "allowed_ports": ()}
+        if over_http:
+            sink_url = await stack.enter_async_context(http_consumer(redis_url, **refusing))
+            settings = source_settings(redis_url, sink_url=sink_url)
+        else:
+            settings = source_settings(redis_url, target_gateway_url=f"http://{target.host}", **refusing)
+        await stack.enter_async_context(running(settings))
+        envelope = Envelope.new("GET", "http://169.254.169.254/latest/meta-data/", [("Idempotency-Key", '"k"')], b"")
+        key = idempotency.queued_key_name("async", "169.254.169.254", envelope.headers)
+        await redis_client.set(key, f"fingerprint 1-0 {envelope.id}")  # what the producer's claim would be
+        await redis_client.xadd(STREAM, envelope.to_stream_fields())
+        assert await eventually(settled(redis_client))
     assert target.seen == []
-    assert await record_of(redis_client, envelope.id) is None
+    record = await record_of(redis_client, envelope.id)
+    if over_http:
+        assert record is None
+    else:
+        assert record.state == FAILED and record.attempts == 0
+        assert record.error == "not replayed: target host '169.254.169.254' is not allowed (ALLOWED_HOSTS)"
+    assert 86000 < await redis_client.ttl(key) <= 86400  # the key ends with its request
     [(_, dead)] = await redis_client.xrange(DEAD)
-    assert Envelope.from_stream_fields(dead).id == envelope.id and dead[b"status"] == b"400"
+    assert Envelope.from_stream_fields(dead).id == envelope.id
     assert b"target host '169.254.169.254' is not allowed (ALLOWED_HOSTS)" in dead[b"error"]
 
 
@@ -272,7 +290,7 @@ async def test_a_retry_the_policy_now_refuses_ends_failed_never_called(redis_url
         assert await eventually(settled(redis_client))
     assert target.seen == []
     record = await record_of(redis_client, first.id)
-    assert record.state == FAILED and record.attempts == 2
+    assert record.state == FAILED and record.attempts == 1  # the refused one was never made
     assert "not replayed: target host" in record.error and "ALLOWED_HOSTS" in record.error
     assert 86000 < await redis_client.ttl(key) <= 86400  # STATUS_RETENTION_SECONDS
     [(_, dead)] = await redis_client.xrange(DEAD)

@@ -37,8 +37,8 @@ from .notifications import Metrics as NotificationMetrics, Notifier, add_notific
 from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, header_text
 from .queues import Layout, Queue, labels_of, service_tag
 from .records import (
-    CANCELED, EXPIRED, FAILED, FINAL_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse, finished_channel,
-    record_json, records_of, retry_key,
+    CANCELED, EXPIRED, FAILED, FINAL_STATES, PENDING_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse,
+    finished_channel, record_json, records_of, retry_key,
 )
 from .redisconn import by_slot, call_scripts, is_cluster, make_redis, register_script, transaction
 from ..protocol import (
@@ -209,11 +209,19 @@ class Replayed:
     retryable: bool = False
     expired: bool = False
     attempted: bool = True
-    """False: ended before this attempt was made (past its max-age)."""
+    """False: ended before this attempt was made (past its max-age, or refused): not counted as one."""
 
     @property
     def ok(self) -> bool:
         return self.response is not None and 200 <= self.response.status < 400
+
+
+def _pending(recorded: bytes | None) -> bool:
+    """Whether a stored record is that of a request queued, running or waiting for a retry."""
+    try:
+        return recorded is not None and Record.from_json(recorded).state in PENDING_STATES
+    except ValueError:
+        return False
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -454,22 +462,27 @@ class Replayer:
             return await self._unstart(started, self.malformed(event_id, str(exc)))
         attempt = envelope.attempt + 1
         key = records + envelope.id  # record_key()
-        if refused is not None:
-            self.metrics.events_by["refused"].inc()
-            log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
-            if envelope.attempt == 0:  # sent by no producer of ours (or before the policy changed): never recorded
-                return await self._unstart(started, error_answer(400, f"request {envelope.id} is not replayed: {refused}"))
-            # a retry: the request was replayed here before (the policy changed since) and its client has seen it
-            # retrying; it ends failed, not left retrying for ever (nor, started, gone)
-            ended = Replayed(error=f"not replayed: {refused}")
-            return await self._finish(key, envelope, attempt, host, ended, settle, retry_queue)
         if started is not None and started[0] != key:  # read differently there: start it here
             await self._unstart(started, None)
             started = None
-        if is_status_path(target.partition("?")[0]):
+        never = None
+        """Why the request is not replayed but ends failed (after it is started, so a finished one stays as it is)."""
+        if refused is not None:
+            self.metrics.events_by["refused"].inc()
+            log.warning("request %s (ce-id %s) refused, not replayed: %s", envelope.id, event_id, refused)
+            if settle is None:  # an event: any pod can post one; only a pending request of ours is recorded
+                try:
+                    recorded = await self.redis.get(key)
+                except REDIS_ERRORS as exc:
+                    return self._unavailable(envelope, "refusing", exc)
+                if not _pending(recorded):
+                    return error_answer(400, f"request {envelope.id} is not replayed: {refused}")
+            # read from a queue here, or replayed before the policy changed: a client may be polling it
+            never = Replayed(error=f"not replayed: {refused}", attempted=False)
+        elif is_status_path(target.partition("?")[0]):
             # routed to the producer, not the Service: it would be queued again, without end
-            refused = Replayed(error=f"the target {target[:200]!r} is the status path: it is never replayed")
-            return await self._finish(key, envelope, attempt, host, refused, settle, retry_queue)
+            never = Replayed(error=f"the target {target[:200]!r} is the status path: it is never replayed",
+                             attempted=False)
         terms = self.terms(envelope)
         now = time.time()
         try:
@@ -503,6 +516,8 @@ class Replayer:
                     return self._unavailable(envelope, "settling a duplicate of", exc)
             return Answer(200, {"id": envelope.id, "state": state, "duplicate": True})
 
+        if never is not None:
+            return await self._finish(key, envelope, attempt, host, never, settle, retry_queue)
         if attempt == 1:
             self.metrics.queued_for(host, max(0.0, now - envelope.accepted_at))
         if terms.max_age is not None and time.time() >= envelope.accepted_at + terms.max_age:
@@ -736,13 +751,14 @@ class Replayer:
             self.metrics.outcome(host, "retried")
             log.info("request %s attempt %d: %s; retry in %.3fs", envelope.id, attempt, replayed.error, due - now)
             return RETRYING
-        record = Record(state=FAILED, host=host, attempts=attempt, updated_at=now, error=replayed.error,
+        attempts = attempt if replayed.attempted else attempt - 1
+        record = Record(state=FAILED, host=host, attempts=attempts, updated_at=now, error=replayed.error,
                         response=replayed.response, accepted_at=envelope.accepted_at,
                         idempotency_key=idempotency_key)
         dead = dead_letter_entry(envelope.to_stream_fields(), replayed.error or "failed",
                                  None if replayed.response is None else replayed.response.status,
                                  service=service_tag(host))
-        notice = self._notice(envelope, FAILED, host, attempt, replayed, now)
+        notice = self._notice(envelope, FAILED, host, attempts, replayed, now)
         async with transaction(self.redis) as pipe:
             pipe.set(key, record.to_json(), px=terms.retention_ms)
             add_dead_letter(pipe, settings, dead)
@@ -758,7 +774,7 @@ class Replayer:
         self.metrics.dead_lettered.inc()
         self.metrics.outcome(host, FAILED)
         self.metrics.outcome(host, "dead_lettered")
-        log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempt, replayed.error,
+        log.warning("request %s failed after %d attempt(s): %s; sent to %s", envelope.id, attempts, replayed.error,
                     dead_letter_key(settings, service_tag(host)))
         return FAILED
 
