@@ -359,6 +359,12 @@ class ReplaySettings(TargetSettings):
 class ConsumerSettings(ServiceSettings, ReplaySettings):
     """The HTTP sink for CloudEvents (ours or RedisStreamSource's): a port to listen on, and how to replay."""
 
+    body_memory_limit: int = setting(
+        "BODY_MEMORY_LIMIT", "67108864", positive_int,
+        "bytes of events (by Content-Length) held at once, being replayed; past it the next events wait, unread,"
+        " in arrival order (one alone is always taken)",
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class SourceSettings(ReplaySettings):

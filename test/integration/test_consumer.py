@@ -325,6 +325,38 @@ async def test_an_event_never_replayed_leaves_a_finished_request_as_it_is(redis_
     assert await redis_client.keys("*dead*") == []
 
 
+async def test_events_past_body_memory_limit_wait_unread_until_replays_end(redis_url, http, redis_client, target):
+    """BODY_MEMORY_LIMIT 1 MB and three events of ~400 kB posted at once to a Service that hangs: two are
+    replayed, the third waits unread (before: all three were read and replayed at once, however large); once the
+    Service answers, it goes through too, and every event is answered."""
+    settings = settings_for(redis_url, body_memory_limit=1_000_000)
+    runner = await start_consumer(settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    target.hold = True
+    try:
+        events = [binary_event(f"{n}-0", Envelope.new("POST", f"{target.base}/big/{n}", [], b"x" * 400_000)
+                               .to_stream_fields()) for n in range(3)]
+        posts = [asyncio.create_task(post(http, base, *event)) for event in events]
+        assert await eventually(lambda: _true(len(target.seen) == 2))
+        await asyncio.sleep(0.3)
+        assert len(target.seen) == 2
+        async with http.get(base + "/metrics") as resp:
+            metrics = await resp.text()
+        assert "async_consumer_waiting_events 1.0" in metrics
+        assert any(line.startswith("async_consumer_held_bytes 8") for line in metrics.splitlines()), metrics
+        target.release.set()
+        answers = await asyncio.gather(*posts)
+    finally:
+        target.release.set()
+        await runner.cleanup()
+    assert [status for status, _ in answers] == [200, 200, 200]
+    assert sorted(seen["raw_path"] for seen in target.seen) == ["/big/0", "/big/1", "/big/2"]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 # --- Knative's RedisStreamSource, as its receive adapter sends events
 
 VECTORS = Path(__file__).parent.parent / "vectors" / "redisstreamsource"

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from async_component.dataplane import sink
 from async_component.dataplane.producer import Producer
 from async_component.dataplane.replay import Replayer
 from async_component.dataplane.source import Source
@@ -65,7 +66,8 @@ def exported() -> Exported:
     producer, source, consumer = CollectorRegistry(), CollectorRegistry(), CollectorRegistry()
     Producer(ProducerSettings(), producer)
     Source(SourceSettings(health_port=0), registry=source)
-    Replayer(ConsumerSettings(), consumer)  # what the consumer's make_app builds
+    settings = ConsumerSettings()  # what the consumer's make_app builds
+    sink.EventEndpoint(Replayer(settings, consumer), "/" + settings.stream, settings.body_memory_limit, consumer)
     for registry in (producer, source, consumer):
         found.add(registry)
     return found

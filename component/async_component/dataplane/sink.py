@@ -15,12 +15,13 @@ import logging
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from .. import logs, probes
 from ..settings import ConsumerSettings
 from .envelope import EnvelopeError, event_envelope
 from . import heap, targets
+from .bytebudget import ByteBudget
 from .redisconn import redis_address
 from .replay import MOVER_INTERVAL, Replayer, replay_grace, replay_route
 
@@ -39,22 +40,45 @@ class EventEndpoint:
 
     An event whose ``source`` names the single stream (``STREAM_NAME``: Knative's RedisStreamSource
     reading it) has its retries sent back to that stream; any other goes to its Service's queue.
+    Its body is read once ``BODY_MEMORY_LIMIT`` has room for it (:mod:`.bytebudget`).
     """
 
-    def __init__(self, replayer: Replayer, single_source_suffix: str) -> None:
+    def __init__(self, replayer: Replayer, single_source_suffix: str, body_memory_limit: int,
+                 registry: CollectorRegistry) -> None:
         self.replayer = replayer
         self.single_source_suffix = single_source_suffix
+        self.budget = ByteBudget(body_memory_limit)
+        self.held_back = False
+        """Events are waiting for room: logged once until none waits."""
+        Gauge("async_consumer_held_bytes", "Bytes of events (by Content-Length) being replayed, which"
+              " BODY_MEMORY_LIMIT bounds", registry=registry).set_function(lambda: self.budget.held)
+        Gauge("async_consumer_waiting_events", "Events waiting, unread, for room under BODY_MEMORY_LIMIT",
+              registry=registry).set_function(lambda: self.budget.waiting)
 
     async def receive(self, request: web.Request) -> web.Response:
         event_id = request.headers.get("ce-id", "?")
+        size = request.content_length
+        size = MAX_EVENT_SIZE if size is None else size  # chunked: as large as it may be
+        budget = self.budget
+        if budget.held and budget.held + size > budget.limit and not self.held_back:
+            self.held_back = True
+            log.warning("consumer holds %d bytes of events (BODY_MEMORY_LIMIT %d): the next events wait, unread,"
+                        " until replays end", budget.held, budget.limit)
+        await budget.take(size)
         try:
-            envelope = event_envelope(request.headers, await request.read())
-        except EnvelopeError as exc:
-            answer = self.replayer.malformed(event_id, str(exc))
-        else:
-            from_single = request.headers.get("ce-source", "").endswith(self.single_source_suffix)
-            answer = await self.replayer.handle(
-                event_id, envelope, retry_queue=self.replayer.layout.single if from_single else None)
+            try:
+                envelope = event_envelope(request.headers, await request.read())
+            except EnvelopeError as exc:
+                answer = self.replayer.malformed(event_id, str(exc))
+            else:
+                from_single = request.headers.get("ce-source", "").endswith(self.single_source_suffix)
+                answer = await self.replayer.handle(
+                    event_id, envelope, retry_queue=self.replayer.layout.single if from_single else None)
+        finally:
+            budget.give(size)
+            if self.held_back and not budget.waiting:
+                self.held_back = False
+                log.info("consumer: no event waits for room under BODY_MEMORY_LIMIT any more")
         return web.json_response(answer.doc, status=answer.status)
 
 
@@ -71,7 +95,8 @@ def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
 
     app = web.Application(client_max_size=MAX_EVENT_SIZE)
     probes.add_probe_routes(app, registry, replayer.ready)
-    app.router.add_post("/", EventEndpoint(replayer, "/" + settings.stream).receive)
+    app.router.add_post("/", EventEndpoint(replayer, "/" + settings.stream, settings.body_memory_limit,
+                                           registry).receive)
     app.cleanup_ctx.append(replaying)
     return app
 
