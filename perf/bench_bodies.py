@@ -1,4 +1,4 @@
-"""Benchmark 9, large bodies: the memory of the producer and the source under a burst of large requests.
+"""Benchmark 9, large bodies: the memory of the producer, the source and the consumer under a burst of large requests.
 
 Three Services (the local stack's ``helloworld-sleep``, ``-always`` and ``-policy``)
 each get ``count`` async requests of ``size`` bytes at once, through the gateway;
@@ -8,12 +8,15 @@ time out, are tried again (6 attempts) and most end failed, as a Service too slo
 for its timeout does. A client that gets 503 (the producer's BODY_MEMORY_LIMIT) tries
 again after its Retry-After, as a client should, so every request is accepted.
 The producer's and the source's resident memory is sampled every 0.2 s until
-every request is finished, then once more 3 s later (memory given back).
+every request is finished, then once more 3 s later (memory given back). The
+same burst then goes to a second stack whose source posts CloudEvents to the
+consumer (the RedisStreamSource topology), whose memory is sampled too.
 
 Judged: each component's peak against the memory limit its manifest gives it
 (``component/config/base``), and every request accepted and finished. Before
 2026-12-02 the source peaked at 1.8 GB here and kept 350 MB when idle
-(perf/README.md, "Large bodies").
+(perf/README.md, "Large bodies"); the consumer, before it had a bound of its own,
+361 MB.
 
 Run through ``python perf/bench.py --only 9``.
 """
@@ -49,10 +52,9 @@ def memory_limit(component: str) -> int:
     raise LookupError(f"no workload with a memory limit in {component}.yaml")
 
 
-async def burst(stack, count: int, size: int, sleep: float
+async def burst(stack, components: tuple[str, ...], count: int, size: int, sleep: float
                 ) -> tuple[dict[str, int], dict[str, int], collections.Counter, int, float]:
     """Peak and after RSS per component, finished requests by state, 503s retried, seconds until all finished."""
-    components = ("producer", "source")
     pids = {component: stack.pid(component) for component in components}
     peak = dict.fromkeys(components, 0)
     body = os.urandom(size // 2).hex().encode()  # text, as most large bodies are (JSON, CSV): no base64 in Redis
@@ -111,23 +113,26 @@ def run(count: int = 40, size: int = 5_500_000, sleep: float = 5.0) -> tuple[lis
     from bench import local_stack, progress
 
     total = count * len(SERVICES)
-    limits = {component: memory_limit(component) for component in ("producer", "source")}
-    progress(f"9. {total} requests of {size / 1e6:.1f} MB at once to {len(SERVICES)} Services, the app sleeping"
-             f" {sleep:g} s on each")
-    with local_stack() as stack:
-        peak, after, states, retried, took = asyncio.run(burst(stack, count, size, sleep))
-    finished = sum(states.values())
-    found = []
-    for component, limit in limits.items():
-        share = ratio(peak[component], limit)
-        found.append(Figure(BENCH, f"{component} peak RSS, {total} bodies of {size / 1e6:.1f} MB at once", peak[component] / MIB,
-                            "MiB", f"its manifest's memory limit {limit / MIB:.0f} MiB; {after[component] / MIB:.0f}"
-                            f" MiB 3 s after the last request finished", share, "<= 1.0 x the limit",
-                            at_most(share, 1.0)))
-    found.append(Figure(BENCH, "requests accepted and finished", finished, "requests",
-                        f"{total} sent; {retried} answers of 503 retried after their Retry-After", ratio(finished, total),
-                        "all", finished == total))
-    notes = [f"9: {total} requests of {size:,} bytes, the app sleeping {sleep:g} s on each: {finished} finished in"
-             f" {took:.0f} s ({', '.join(f'{n} {state}' for state, n in states.most_common())}); the producer answered"
-             f" 503 {retried} times (BODY_MEMORY_LIMIT), each retried after its Retry-After"]
+    found, notes = [], []
+    for replay_in_source, components in ((True, ("producer", "source")), (False, ("producer", "source", "consumer"))):
+        topology = "" if replay_in_source else ", the source posting to the consumer"
+        progress(f"9. {total} requests of {size / 1e6:.1f} MB at once to {len(SERVICES)} Services, the app sleeping"
+                 f" {sleep:g} s on each{topology}")
+        with local_stack(replay_in_source=replay_in_source) as stack:
+            peak, after, states, retried, took = asyncio.run(burst(stack, components, count, size, sleep))
+        finished = sum(states.values())
+        for component in components:
+            limit = memory_limit(component)
+            share = ratio(peak[component], limit)
+            found.append(Figure(BENCH, f"{component} peak RSS, {total} bodies of {size / 1e6:.1f} MB at once{topology}",
+                                peak[component] / MIB, "MiB", f"its manifest's memory limit {limit / MIB:.0f} MiB;"
+                                f" {after[component] / MIB:.0f} MiB 3 s after the last request finished", share,
+                                "<= 1.0 x the limit", at_most(share, 1.0)))
+        found.append(Figure(BENCH, f"requests accepted and finished{topology}", finished, "requests",
+                            f"{total} sent; {retried} answers of 503 retried after their Retry-After",
+                            ratio(finished, total), "all", finished == total))
+        notes.append(f"9{topology}: {total} requests of {size:,} bytes, the app sleeping {sleep:g} s on each: {finished}"
+                     f" finished in {took:.0f} s ({', '.join(f'{n} {state}' for state, n in states.most_common())});"
+                     f" the producer answered 503 {retried} times (BODY_MEMORY_LIMIT), each retried after its"
+                     " Retry-After")
     return found, notes

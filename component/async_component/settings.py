@@ -361,8 +361,8 @@ class ConsumerSettings(ServiceSettings, ReplaySettings):
 
     body_memory_limit: int = setting(
         "BODY_MEMORY_LIMIT", "67108864", positive_int,
-        "bytes of events (by Content-Length) held at once, being replayed; past it the next events wait, unread,"
-        " in arrival order (one alone is always taken)",
+        "bytes of events (by Content-Length; one without counts as 64 MiB) held at once, being replayed; past it"
+        " the next events wait, unread, in arrival order (one alone is always taken)",
     )
 
 
