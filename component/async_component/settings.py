@@ -344,6 +344,11 @@ class ReplaySettings(TargetSettings):
                                          "attempts to post one completion event to its sink before it is dropped")
     notification_timeout: float = setting("NOTIFICATION_TIMEOUT", "10", positive_float,
                                           "seconds a sink may take to answer one completion event")
+    notification_allowed_hosts: tuple[str, ...] | None = setting(
+        "NOTIFICATION_ALLOWED_HOSTS", "", optional(host_suffixes),
+        "comma-separated hosts a Service's on-success-sink and on-failure-sink may name; an entry starting with"
+        " '.' allows every host ending with it (empty: any host)",
+    )
     dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts, or are malformed")
     dead_letter_max_length: int = setting(
         "DEAD_LETTER_MAX_LENGTH", "100000", positive_int,

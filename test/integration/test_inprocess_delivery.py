@@ -297,6 +297,27 @@ async def test_a_retry_the_policy_now_refuses_ends_failed_never_called(redis_url
     assert Envelope.from_stream_fields(dead).id == first.id and b"ALLOWED_HOSTS" in dead[b"error"]
 
 
+@pytest.mark.parametrize("allowed, told", [(None, True), (("127.0.0.1",), True), ((".svc.cluster.local",), False)])
+async def test_completion_events_go_only_to_sink_hosts_on_notification_allowed_hosts(redis_url, redis_client,
+                                                                                      allowed, told):
+    """A Service's owner names its sinks; an operator may keep the data plane from posting anywhere else: a sink
+    whose host is not on NOTIFICATION_ALLOWED_HOSTS hears nothing, and the request keeps its state."""
+    async with service() as target, serving(Notified()) as sink:
+        policy = DeliveryPolicy(on_success_sink=sink.url + "done").encode()
+        async with running(source_settings(redis_url, notification_allowed_hosts=allowed)) as source:
+            envelope = await queue(redis_client, target, policy=policy)
+            assert await eventually(finished(redis_client, envelope))
+            registry = source.registry
+
+            async def notified() -> bool:
+                return bool(registry.get_sample_value("async_notifications_total", {"result": "sent"})
+                            or registry.get_sample_value("async_notifications_total", {"result": "failed"}))
+            assert await eventually(notified)
+    assert (sink.seen == [("/done", "dev.knative.async.request.succeeded", envelope.id)]) is told
+    assert registry.get_sample_value("async_notifications_total", {"result": "sent" if told else "failed"}) == 1
+    assert (await record_of(redis_client, envelope.id)).state == SUCCEEDED
+
+
 async def test_a_finished_request_delivered_again_is_acknowledged_without_a_replay(redis_url, redis_client):
     """A source that died between recording the outcome and acknowledging leaves the entry to be delivered again."""
     async with service() as target:

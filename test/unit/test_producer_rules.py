@@ -9,7 +9,7 @@ import pytest
 from async_component.dataplane.preferences import replay_preference
 from async_component.dataplane.producer import ReplayLoop, forwarded_headers, validate, without_respond_async
 from async_component.dataplane.targets import BadTarget, host_allowed, port_allowed, target_host
-from async_component.settings import ProducerSettings, SettingsError
+from async_component.settings import ConsumerSettings, ProducerSettings, SettingsError
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -99,6 +99,14 @@ def test_validate_rejects_wildcards_and_accepts_hosts_and_suffixes():
     for entry in ("*", "*.example.com", ".", "a b"):
         with pytest.raises(SettingsError, match="ALLOWED_HOSTS"):
             validate(dataclasses.replace(ok, allowed_hosts=(entry,)))
+
+
+def test_validate_rejects_a_wildcard_among_the_notification_sink_hosts_too():
+    ok = dataclasses.replace(ConsumerSettings(), notification_allowed_hosts=("broker-ingress.knative-eventing.svc"
+                                                                            ".cluster.local", ".example.com"))
+    assert validate(ok) is ok
+    with pytest.raises(SettingsError, match="NOTIFICATION_ALLOWED_HOSTS entry '\\*.example.com'"):
+        validate(dataclasses.replace(ok, notification_allowed_hosts=("*.example.com",)))
 
 
 def test_host_allowed_reads_each_settings_list_as_it_is_even_when_it_is_long():

@@ -28,6 +28,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -39,6 +40,7 @@ from redis.exceptions import ResponseError
 
 from ..logthrottle import LogThrottle
 from ..protocol import STATUS_PATH_PREFIX, DeliveryPolicy
+from . import targets
 from .envelope import STREAM_FIELD, as_text, encode_body
 from .queues import SLOTS, slot_tag
 from .redisconn import per_node, sweep, transaction
@@ -127,13 +129,26 @@ class Metrics:
                                registry=registry)
 
 
+def _sink_allowed(sink: str, allowed: tuple[str, ...]) -> bool:
+    """Whether the sink URL's host is on NOTIFICATION_ALLOWED_HOSTS: a Service's owner names the sink, and the
+    operator may not want the data plane posting wherever a Service points it (inside the cluster network)."""
+    try:
+        host = urlsplit(sink).hostname
+    except ValueError:
+        return False
+    return bool(host) and targets.host_allowed(host, allowed)
+
+
 class Notifier:
     """Drains the outbox: posts each notification to its sink, with retries, then removes it."""
 
     def __init__(self, redis: aioredis.Redis, session: aiohttp.ClientSession, metrics: Metrics, *,
                  prefix: str, attempts: int, timeout: float, concurrency: int = 16,
-                 reclaim_idle: float = RECLAIM_IDLE, cluster: bool = False) -> None:
+                 reclaim_idle: float = RECLAIM_IDLE, cluster: bool = False,
+                 allowed_hosts: tuple[str, ...] | None = None) -> None:
         self.redis = redis
+        self.allowed_hosts = allowed_hosts
+        """NOTIFICATION_ALLOWED_HOSTS: the hosts a sink may name (None: any)."""
         self.session = session
         self.metrics = metrics
         self.prefix = prefix
@@ -242,6 +257,12 @@ class Notifier:
             headers, body = event_request(doc)
         except (KeyError, ValueError, TypeError) as exc:
             log.error("notification %s is unreadable (%s): dropped", entry_id, exc)
+            self.metrics.failed.inc()
+            await self._done(key, entry_id)
+            return
+        if self.allowed_hosts is not None and not _sink_allowed(sink, self.allowed_hosts):
+            log.warning("notification %s (%s) to %s refused: its host is not on NOTIFICATION_ALLOWED_HOSTS; dropped"
+                        " (the request keeps its state)", doc.get("id"), doc.get("type"), sink)
             self.metrics.failed.inc()
             await self._done(key, entry_id)
             return

@@ -815,7 +815,7 @@ class Replayer:
         notifier = self.notifier = Notifier(
             self.redis, self.session, self.notification_metrics, prefix=self.settings.key_prefix,
             attempts=self.settings.notification_attempts, timeout=self.settings.notification_timeout,
-            cluster=self.settings.cluster)
+            cluster=self.settings.cluster, allowed_hosts=self.settings.notification_allowed_hosts)
         self.notifier_task = asyncio.create_task(notifier.run(self.stopping), name="notifier")
 
     async def stop(self) -> None:

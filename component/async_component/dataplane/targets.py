@@ -82,10 +82,13 @@ def refusal(host: str, settings: TargetSettings) -> str | None:
 
 
 def validate(settings: TargetSettings) -> TargetSettings:
-    """Raises :class:`SettingsError` for an ``ALLOWED_HOSTS`` entry that is no host name or suffix."""
-    for entry in settings.allowed_hosts:
-        if not _ALLOWED_ENTRY.fullmatch(entry) or len(entry) > 254:
-            raise SettingsError(
-                f"ALLOWED_HOSTS entry {entry!r} is not a host name or a '.'-prefixed host suffix (wildcards are not supported)"
-            )
+    """Raises :class:`SettingsError` for an ``ALLOWED_HOSTS`` (or ``NOTIFICATION_ALLOWED_HOSTS``) entry that is no
+    host name or suffix."""
+    for name, entries in (("ALLOWED_HOSTS", settings.allowed_hosts),
+                          ("NOTIFICATION_ALLOWED_HOSTS", getattr(settings, "notification_allowed_hosts", None) or ())):
+        for entry in entries:
+            if not _ALLOWED_ENTRY.fullmatch(entry) or len(entry) > 254:
+                raise SettingsError(
+                    f"{name} entry {entry!r} is not a host name or a '.'-prefixed host suffix (wildcards are not supported)"
+                )
     return settings
