@@ -35,6 +35,21 @@ log = logging.getLogger(__name__)
 MAX_EVENT_SIZE = 64 * 1024 * 1024
 """Largest event accepted: a 6 MB body grows by a third in base64, plus JSON escaping."""
 
+async def read_body(request: web.Request) -> bytes:
+    """The event's body, at most MAX_EVENT_SIZE (413 past it), read from the stream: ``request.read()`` would keep
+    it on the request, which outlives the replay (a burst of 5.5 MB events took the consumer to 575 MiB with the
+    events it replays bounded to 64 MiB, 188 MiB without that copy)."""
+    if (request.content_length or 0) > MAX_EVENT_SIZE:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_EVENT_SIZE, actual_size=request.content_length)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > MAX_EVENT_SIZE:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_EVENT_SIZE, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class EventEndpoint:
     """``POST /``: one CloudEvent carrying a stream entry, answered with what the replay core made of it.
 
@@ -67,7 +82,7 @@ class EventEndpoint:
         await budget.take(size)
         try:
             try:
-                envelope = event_envelope(request.headers, await request.read())
+                envelope = event_envelope(request.headers, await read_body(request))
             except EnvelopeError as exc:
                 answer = self.replayer.malformed(event_id, str(exc))
             else:
