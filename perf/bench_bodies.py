@@ -10,13 +10,16 @@ again after its Retry-After, as a client should, so every request is accepted.
 The producer's and the source's resident memory is sampled every 0.2 s until
 every request is finished, then once more 3 s later (memory given back). The
 same burst then goes to a second stack whose source posts CloudEvents to the
-consumer (the RedisStreamSource topology), whose memory is sampled too.
+consumer (the RedisStreamSource topology), whose memory is sampled too; there
+one source sends the consumer at most what it holds itself. Last, ``events``
+events of the same size are posted straight to a stack's consumer at once, as
+several sources or a RedisStreamSource may send them.
 
 Judged: each component's peak against the memory limit its manifest gives it
 (``component/config/base``), and every request accepted and finished. Before
 2026-12-02 the source peaked at 1.8 GB here and kept 350 MB when idle
 (perf/README.md, "Large bodies"); the consumer, before it had a bound of its own,
-361 MB.
+1,107 MiB under 100 events posted at once.
 
 Run through ``python perf/bench.py --only 9``.
 """
@@ -109,7 +112,44 @@ async def burst(stack, components: tuple[str, ...], count: int, size: int, sleep
     return peak, after, finished, retried, took
 
 
-def run(count: int = 40, size: int = 5_500_000, sleep: float = 5.0) -> tuple[list[Figure], list[str]]:
+async def events_burst(stack, events: int, size: int, sleep: float) -> tuple[int, int, collections.Counter, float]:
+    """Post ``events`` CloudEvents of ``size`` straight to the consumer at once; its peak and after RSS, their
+    answers by status, seconds until all were answered."""
+    from async_component.dataplane import envelope as wire
+    from async_component.dataplane.envelope import Envelope
+
+    pid = stack.pid("consumer")
+    peak, sampling = 0, True
+
+    async def sample() -> None:
+        nonlocal peak
+        while sampling:
+            peak = max(peak, machine.rss_bytes(pid))
+            await asyncio.sleep(0.1)
+
+    body = os.urandom(size // 2).hex().encode()
+    url = f"http://{stack.host(SERVICES[0]).split('.')[0]}.default.svc.{stack.cluster_domain}/?sleep={sleep:g}"
+    source = wire.event_source("redis://bench", "bench")
+    sampler = asyncio.create_task(sample())
+    started = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one(n: int) -> int:
+            headers, data = wire.binary_event(source, f"{n}-0", Envelope.new("POST", url, [], body).to_stream_fields())
+            async with session.post(stack.consumer_url + "/", data=data, headers=headers) as response:
+                await response.read()
+                return response.status
+
+        statuses = collections.Counter(await asyncio.gather(*(one(n) for n in range(events))))
+    took = time.monotonic() - started
+    await asyncio.sleep(3.0)
+    sampling = False
+    await sampler
+    return peak, machine.rss_bytes(pid), statuses, took
+
+
+def run(count: int = 40, size: int = 5_500_000, sleep: float = 5.0, events: int = 100
+        ) -> tuple[list[Figure], list[str]]:
     from bench import local_stack, progress
 
     total = count * len(SERVICES)
@@ -135,4 +175,15 @@ def run(count: int = 40, size: int = 5_500_000, sleep: float = 5.0) -> tuple[lis
                      f" finished in {took:.0f} s ({', '.join(f'{n} {state}' for state, n in states.most_common())});"
                      f" the producer answered 503 {retried} times (BODY_MEMORY_LIMIT), each retried after its"
                      " Retry-After")
+    progress(f"9. {events} events of {size / 1e6:.1f} MB posted straight to the consumer at once, the app sleeping"
+             f" {sleep:g} s on each")
+    with local_stack() as stack:
+        peak, after, statuses, took = asyncio.run(events_burst(stack, events, size, sleep))
+    limit = memory_limit("consumer")
+    share = ratio(peak, limit)
+    found.append(Figure(BENCH, f"consumer peak RSS, {events} events of {size / 1e6:.1f} MB posted to it at once",
+                        peak / MIB, "MiB", f"its manifest's memory limit {limit / MIB:.0f} MiB; {after / MIB:.0f} MiB"
+                        " 3 s after the last was answered", share, "<= 1.0 x the limit", at_most(share, 1.0)))
+    notes.append(f"9, events posted to the consumer: {events} of {size:,} bytes answered in {took:.0f} s"
+                 f" ({', '.join(f'{n} x {status}' for status, n in sorted(statuses.items()))})")
     return found, notes
