@@ -234,6 +234,18 @@ async def test_a_poison_entry_is_dead_lettered_with_its_reason(redis_url, redis_
     assert reason.encode() in dead[b"error"], dead[b"error"]
 
 
+REFUSING = {"allowed_hosts": (".svc.cluster.local",), "allowed_ports": ()}
+"""The default target policy: the test's Service, on 127.0.0.1, is not on it."""
+
+
+async def refusing(stack: contextlib.AsyncExitStack, redis_url: str, over_http: bool, **changes) -> SourceSettings:
+    """A source whose replays refuse the test's Service: in-process (with ``changes``), or over HTTP its consumer's."""
+    if over_http:
+        sink_url = await stack.enter_async_context(http_consumer(redis_url, **REFUSING))
+        return source_settings(redis_url, sink_url=sink_url)
+    return source_settings(redis_url, **REFUSING, **changes)
+
+
 @pytest.mark.parametrize("over_http", [False, True])
 async def test_a_target_outside_the_producers_policy_is_dead_lettered_never_called(redis_url, redis_client,
                                                                                   over_http):
@@ -243,12 +255,7 @@ async def test_a_target_outside_the_producers_policy_is_dead_lettered_never_call
     events to, nothing is recorded for it (it has no pending record): the source dead-letters it. Either way its
     key gets the result's lifetime."""
     async with service() as target, contextlib.AsyncExitStack() as stack:
-        refusing = {"allowed_hosts": (".svc.cluster.local",), "allowed_ports": ()}
-        if over_http:
-            sink_url = await stack.enter_async_context(http_consumer(redis_url, **refusing))
-            settings = source_settings(redis_url, sink_url=sink_url)
-        else:
-            settings = source_settings(redis_url, target_gateway_url=f"http://{target.host}", **refusing)
+        settings = await refusing(stack, redis_url, over_http, target_gateway_url=f"http://{target.host}")
         await stack.enter_async_context(running(settings))
         envelope = Envelope.new("GET", "http://169.254.169.254/latest/meta-data/", [("Idempotency-Key", '"k"')], b"")
         key = idempotency.queued_key_name("async", "169.254.169.254", envelope.headers)
@@ -274,12 +281,7 @@ async def test_a_retry_the_policy_now_refuses_ends_failed_never_called(redis_url
     retrying, so it ends failed, with the reason, for as long as a result is kept. Before: its record was deleted
     (the status read 404) in-process, and over HTTP stayed retrying, without an expiry, for ever."""
     async with service() as target, contextlib.AsyncExitStack() as stack:
-        refusing = {"allowed_hosts": (".svc.cluster.local",), "allowed_ports": ()}
-        if over_http:
-            sink_url = await stack.enter_async_context(http_consumer(redis_url, **refusing))
-            settings = source_settings(redis_url, sink_url=sink_url)
-        else:
-            settings = source_settings(redis_url, **refusing)
+        settings = await refusing(stack, redis_url, over_http)
         first = Envelope.new("POST", f"http://{target.host}/work", [], b"x", accepted_at=time.time())
         key = record_key("async", first.id, target.host)
         retrying = Record(state=RETRYING, host=target.host, attempts=1, updated_at=time.time(), error="503")
