@@ -118,8 +118,8 @@ class LocalStack:
     ``queue_mode="single-stream"`` too, that is the RedisStreamSource topology
     (every request in the one stream). ``max_inflight_per_service`` and
     ``max_queued_per_service`` become MAX_INFLIGHT_PER_SERVICE and
-    MAX_QUEUED_PER_SERVICE, and ``concurrency`` the source's CONCURRENCY (unset: the processes' defaults). ``redis_cluster``:
-    a number of masters to start a Redis Cluster with (:attr:`redis_cluster`)
+    MAX_QUEUED_PER_SERVICE, and ``concurrency`` the source's CONCURRENCY
+    (unset: the processes' defaults). ``redis_cluster``: a number of masters to start a Redis Cluster with (:attr:`redis_cluster`)
     instead of one redis-server. ``output``: a text stream that receives every component's log
     lines, prefixed with its name (default: kept only in memory, see
     :meth:`logs`); pass ``sys.stderr`` to watch them.
