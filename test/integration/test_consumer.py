@@ -397,6 +397,7 @@ async def test_an_event_over_64_mib_gets_413(redis_url, chunked):
             writer.write(b"POST / HTTP/1.1\r\nHost: c\r\nContent-Length: 70000000\r\n\r\n" + b"x" * 1000)
         status = await asyncio.wait_for(reader.readline(), 10)
         writer.close()
+        await writer.wait_closed()  # else the runner's cleanup waits 10 s for the connection to go
     finally:
         await runner.cleanup()
     assert status.startswith(b"HTTP/1.1 413 "), status
