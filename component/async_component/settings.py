@@ -251,6 +251,11 @@ def cluster_domain_setting() -> Any:
                    "the cluster's DNS domain (Services are <name>.<namespace>.svc.<domain>)")
 
 
+def body_memory_limit_setting(held: str) -> Any:
+    """BODY_MEMORY_LIMIT, one ConfigMap key for the producer, the source and the consumer: what each holds (``held``)."""
+    return setting("BODY_MEMORY_LIMIT", "67108864", positive_int, held)
+
+
 def status_retention_setting() -> Any:
     """Declared by the producer's and the replaying processes' settings alike (one field object per class)."""
     return setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
@@ -295,8 +300,7 @@ class TargetSettings(RedisSettings):
 @dataclasses.dataclass(frozen=True)
 class ProducerSettings(ServiceSettings, TargetSettings):
     request_size_limit: int = setting("REQUEST_SIZE_LIMIT", "6000000", positive_int, "largest accepted body in bytes")
-    body_memory_limit: int = setting(
-        "BODY_MEMORY_LIMIT", "67108864", positive_int,
+    body_memory_limit: int = body_memory_limit_setting(
         "request body bytes a worker holds at once, received or announced and not yet queued; past it a request"
         " gets 503 with Retry-After (one alone is always taken)",
     )
@@ -364,8 +368,7 @@ class ReplaySettings(TargetSettings):
 class ConsumerSettings(ServiceSettings, ReplaySettings):
     """The HTTP sink for CloudEvents (ours or RedisStreamSource's): a port to listen on, and how to replay."""
 
-    body_memory_limit: int = setting(
-        "BODY_MEMORY_LIMIT", "67108864", positive_int,
+    body_memory_limit: int = body_memory_limit_setting(
         "bytes of events (by Content-Length; one without counts as 64 MiB) held at once, being replayed; past it"
         " the next events wait, unread, in arrival order (one alone is always taken)",
     )
@@ -394,8 +397,7 @@ class SourceSettings(ReplaySettings):
         "MAX_DELIVERIES", "5", positive_int,
         "deliveries of one entry without an outcome (its process died each time) before it is dead-lettered",
     )
-    body_memory_limit: int = setting(
-        "BODY_MEMORY_LIMIT", "67108864", positive_int,
+    body_memory_limit: int = body_memory_limit_setting(
         "bytes of queued requests a source holds at once, read and not yet settled (up to about four times that"
         " in memory while they are decoded and replayed); past it a Service's queue is read only while it has"
         " nothing in flight",

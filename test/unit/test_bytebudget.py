@@ -23,8 +23,10 @@ async def test_past_the_limit_takers_wait_and_are_admitted_in_arrival_order():
         await budget.take(size)
         order.append(name)
 
+    assert budget.must_wait(80) and not budget.must_wait(40)
     large = asyncio.create_task(take("large", 80))
     await _settle()
+    assert budget.must_wait(10)  # it would fit, but the large one waits before it
     small = asyncio.create_task(take("small", 10))  # would fit now, but the large one came first
     await _settle()
     assert order == [] and budget.waiting == 2 and budget.held == 60

@@ -27,9 +27,13 @@ class ByteBudget:
     def _fits(self, size: int) -> bool:
         return self.held == 0 or self.held + size <= self.limit
 
+    def must_wait(self, size: int) -> bool:
+        """Whether :meth:`take` of ``size`` would wait: no room, or others waiting before it."""
+        return bool(self._waiting) or not self._fits(size)
+
     async def take(self, size: int) -> bool:
         """Hold ``size`` bytes, once those held before it leave room; whether it had to wait."""
-        if not self._waiting and self._fits(size):
+        if not self.must_wait(size):
             self.held += size
             return False
         entry = (size, asyncio.get_running_loop().create_future())

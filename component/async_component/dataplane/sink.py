@@ -75,7 +75,7 @@ class EventEndpoint:
         size = request.content_length
         size = MAX_EVENT_SIZE if size is None else size  # chunked: as large as it may be
         budget = self.budget
-        if budget.held and budget.held + size > budget.limit and not self.held_back:
+        if not self.held_back and budget.must_wait(size):
             self.held_back = True
             log.warning("consumer holds %d bytes of events (BODY_MEMORY_LIMIT %d): the next events wait, unread,"
                         " until replays end", budget.held, budget.limit)
