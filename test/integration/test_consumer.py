@@ -284,21 +284,35 @@ async def test_gateway_gets_the_request_with_the_target_host(redis_url, http, re
 ])
 async def test_a_target_outside_the_producers_policy_is_refused_never_called(redis_url, http, redis_client, target,
                                                                             url, reason):
-    """Any pod can post an event: the consumer sends only what the producer would have queued (400 otherwise)."""
+    """Any pod can post an event: the consumer sends only what the producer would have queued. An event for no
+    entry of the stream, or naming a queued request with another URL, gets 400 and nothing is written. The first
+    attempt at an entry the stream does hold (the policy changed since it was queued) ends ``failed`` with the
+    reason: before, it got 400 too, and Knative's adapter, which acknowledges it then but keeps the entry, left
+    its status reading ``queued`` for ever."""
     settings = settings_for(redis_url, target_gateway_url=target.base, allowed_hosts=(".svc.cluster.local",),
                             allowed_ports=())  # the defaults; the gateway would pass anything on
     runner = await start_consumer(settings)
+    base = f"http://127.0.0.1:{settings.port}"
     try:
         envelope = Envelope.new("GET", url, [], b"")
-        entry_id = await queue(redis_client, envelope)
-        await redis_client.delete(record_key("async", envelope.id, url.split("/")[2]))
-        status, doc = await post(http, f"http://127.0.0.1:{settings.port}",
-                                 *binary_event(entry_id, envelope.to_stream_fields()))
+        made_up = await post(http, base, *binary_event("1-0", envelope.to_stream_fields()))
+        other = Envelope.new("GET", "http://sleep.default.svc.cluster.local/", [], b"")
+        other_id = (await redis_client.xadd(STREAM, other.to_stream_fields())).decode()
+        forged = await post(http, base, *binary_event(other_id, dataclasses.replace(other, url=url)
+                                                      .to_stream_fields()))
+        written = await redis_client.keys(f"async:*req:*")
+        entry_id = (await redis_client.xadd(STREAM, envelope.to_stream_fields())).decode()  # no record: attempt 1
+        status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
     finally:
         await runner.cleanup()
-    assert status == 400 and reason in doc["error"], doc
+    for answer in made_up, forged:
+        assert answer[0] == 400 and reason in answer[1]["error"], answer
+    assert written == []
+    assert (status, doc["state"]) == (200, FAILED), doc
+    record = await record_of(redis_client, envelope.id)
+    assert (record.state, record.attempts) == (FAILED, 0)
+    assert "not replayed" in record.error and reason in record.error, record
     assert target.seen == []
-    assert await redis_client.keys(f"async:*req:{envelope.id}") == []
 
 
 @pytest.mark.parametrize("url, answer", [
@@ -352,6 +366,48 @@ async def test_events_past_body_memory_limit_wait_unread_until_replays_end(redis
         await runner.cleanup()
     assert [status for status, _ in answers] == [200, 200, 200]
     assert sorted(seen["raw_path"] for seen in target.seen) == ["/big/0", "/big/1", "/big/2"]
+
+
+async def test_an_event_whose_sender_leaves_while_it_waits_for_room_is_dropped_with_a_log_line(
+        redis_url, http, redis_client, target, caplog):
+    """Two events of 450 kB are replayed (BODY_MEMORY_LIMIT 1 MB, the Service holding them), and a third of 100 kB
+    waits; its sender times out and closes the connection, as our source does after DELIVERY_TIMEOUT before posting
+    it again. Once room frees, that event is dropped, not replayed, and the log says why: before, reading it raised
+    aiohttp's ConnectionResetError and the log held only a traceback."""
+    settings = settings_for(redis_url, body_memory_limit=1_000_000)
+    runner = await start_consumer(settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    target.hold = True
+    try:
+        events = [binary_event(f"{n}-0", Envelope.new("POST", f"{target.base}/big/{n}", [], b"x" * size)
+                               .to_stream_fields()) for n, size in enumerate([450_000, 450_000, 100_000])]
+        posts = [asyncio.create_task(post(http, base, *event)) for event in events[:2]]
+        assert await eventually(lambda: _true(len(target.seen) == 2))
+        headers, body = events[2]
+        reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: c\r\nContent-Length: %d\r\n" % len(body)
+                     + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+                     + b"\r\n" + body)
+        await writer.drain()
+
+        async def waiting() -> bool:
+            async with http.get(base + "/metrics") as resp:
+                return "async_consumer_waiting_events 1.0" in await resp.text()
+
+        assert await eventually(waiting)
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.2)
+        target.release.set()
+        answers = await asyncio.gather(*posts)
+        await asyncio.sleep(0.5)
+    finally:
+        target.release.set()
+        await runner.cleanup()
+    assert [status for status, _ in answers] == [200, 200]
+    assert sorted(seen["raw_path"] for seen in target.seen) == ["/big/0", "/big/1"]
+    assert "its sender left before the event was read (it waited for room" in caplog.text
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
 
 
 async def test_an_event_being_replayed_is_held_once_not_also_as_the_request_body_read(redis_url, http, redis_client,

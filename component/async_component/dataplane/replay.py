@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -214,6 +215,9 @@ class Replayed:
     @property
     def ok(self) -> bool:
         return self.response is not None and 200 <= self.response.status < 400
+
+
+STREAM_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
 def _pending(recorded: bytes | None) -> bool:
@@ -473,9 +477,11 @@ class Replayer:
             if settle is None:  # an event: any pod can post one; only a pending request of ours is recorded
                 try:
                     recorded = await self.redis.get(key)
+                    ours = _pending(recorded) or (recorded is None and retry_queue is not None
+                                                  and await self._queued_as(retry_queue.stream, event_id, envelope))
                 except REDIS_ERRORS as exc:
                     return self._unavailable(envelope, "refusing", exc)
-                if not _pending(recorded):
+                if not ours:
                     return error_answer(400, f"request {envelope.id} is not replayed: {refused}")
             # read from a queue here, or replayed before the policy changed: a client may be polling it
             never = Replayed(error=f"not replayed: {refused}", attempted=False)
@@ -528,6 +534,20 @@ class Replayer:
         if self.answered is not None and settle is not None:
             self.answered(settle)
         return await self._finish(key, envelope, attempt, host, replayed, settle, retry_queue)
+
+    async def _queued_as(self, stream: str, entry_id: str, envelope: Envelope) -> bool:
+        """Whether ``stream`` holds entry ``entry_id`` for this very request and URL: a first attempt read by
+        Knative's RedisStreamSource (the producer writes no record until then), not an event made up elsewhere."""
+        if not STREAM_ENTRY_ID.fullmatch(entry_id):
+            return False
+        entries = await self.redis.xrange(stream, entry_id, entry_id)
+        if not entries:
+            return False
+        try:
+            queued = entry_envelope(entries[0][1])
+        except EnvelopeError:
+            return False
+        return queued.id == envelope.id and queued.url == envelope.url
 
     async def _unstart(self, started: Started, answer: Answer | None) -> Answer | None:
         """A request the source marked running but the core does not replay: its record goes again (it was

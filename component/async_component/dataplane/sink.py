@@ -79,10 +79,15 @@ class EventEndpoint:
             self.held_back = True
             log.warning("consumer holds %d bytes of events (BODY_MEMORY_LIMIT %d): the next events wait, unread,"
                         " until replays end", budget.held, budget.limit)
-        await budget.take(size)
+        waited = await budget.take(size)
         try:
             try:
                 envelope = event_envelope(request.headers, await read_body(request))
+            except ConnectionResetError:  # aiohttp fails the read of a body whose sender has gone
+                log.warning("event %s: its sender left before the event was read%s; not replayed (a sender that"
+                            " gave up posts it again)", event_id, " (it waited for room under BODY_MEMORY_LIMIT)"
+                            if waited else "")
+                return web.json_response({"error": "the sender left before the event was read"}, status=400)
             except EnvelopeError as exc:
                 answer = self.replayer.malformed(event_id, str(exc))
             else:
