@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .hostlists import entry_error
 from .protocol import BACKOFF_POLICIES, status_set
 
 T = TypeVar("T")
@@ -256,6 +257,13 @@ def body_memory_limit_setting(held: str) -> Any:
     return setting("BODY_MEMORY_LIMIT", "67108864", positive_int, held)
 
 
+def notification_allowed_hosts_setting() -> Any:
+    """NOTIFICATION_ALLOWED_HOSTS: the data plane posts only to these sinks; the controller flags any other."""
+    return setting("NOTIFICATION_ALLOWED_HOSTS", "", optional(host_suffixes),
+                   "comma-separated hosts a Service's on-success-sink and on-failure-sink may name; an entry starting"
+                   " with '.' allows every host ending with it (empty: any host)")
+
+
 def status_retention_setting() -> Any:
     """Declared by the producer's and the replaying processes' settings alike (one field object per class)."""
     return setting("STATUS_RETENTION_SECONDS", "86400", positive_float, "how long request records are kept, in seconds")
@@ -348,11 +356,7 @@ class ReplaySettings(TargetSettings):
                                          "attempts to post one completion event to its sink before it is dropped")
     notification_timeout: float = setting("NOTIFICATION_TIMEOUT", "10", positive_float,
                                           "seconds a sink may take to answer one completion event")
-    notification_allowed_hosts: tuple[str, ...] | None = setting(
-        "NOTIFICATION_ALLOWED_HOSTS", "", optional(host_suffixes),
-        "comma-separated hosts a Service's on-success-sink and on-failure-sink may name; an entry starting with"
-        " '.' allows every host ending with it (empty: any host)",
-    )
+    notification_allowed_hosts: tuple[str, ...] | None = notification_allowed_hosts_setting()
     dead_letter_stream: str = setting("DEAD_LETTER_STREAM", DEFAULT_DEAD_LETTER_STREAM, str, "stream that receives requests that used up their attempts, or are malformed")
     dead_letter_max_length: int = setting(
         "DEAD_LETTER_MAX_LENGTH", "100000", positive_int,
@@ -420,8 +424,13 @@ class ControllerSettings:
     lease_renew_period: float = setting("LEASE_RENEW_PERIOD", "2", positive_float,
                                         "seconds between a leader's renewals and a standby's attempts")
     identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (unset: its host name and pid)")
+    notification_allowed_hosts: tuple[str, ...] | None = notification_allowed_hosts_setting()
 
     def __post_init__(self) -> None:
+        for entry in self.notification_allowed_hosts or ():
+            error = entry_error("NOTIFICATION_ALLOWED_HOSTS", entry)
+            if error is not None:
+                raise SettingsError(error)
         if self.lease_name and self.lease_renew_period * 2 > self.lease_duration:
             raise SettingsError("LEASE_RENEW_PERIOD must be at most half of LEASE_DURATION, or a leader loses its Lease "
                                 "between two renewals")

@@ -23,6 +23,7 @@ import pytest
 
 from async_component.controller import resources as r
 from async_component.controller.kubeapi import INGRESSES, SERVICES, KubeApi
+from async_component.protocol import DeliveryPolicy
 from async_component.settings import INGRESS_CLASSES
 
 from .controller_backends import KmockCluster, KubeCluster
@@ -53,11 +54,15 @@ def cluster(request: pytest.FixtureRequest):
         yield KmockCluster(emulator)
 
 
+NOTIFICATION_ALLOWED_HOSTS = ".svc.cluster.local,hooks.example.com"
+"""As the ConfigMap would set it: completion events go only to cluster Services and one outside collector."""
+
+
 @pytest.fixture(scope="module")
 def operator(cluster: KmockCluster | KubeCluster, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("controller")
     operator = start_operator(cluster.url, workdir, kubeconfig=cluster.operator_kubeconfig(workdir / "kubeconfig"),
-                              SYSTEM_NAMESPACE=SYSTEM_NAMESPACE)
+                              SYSTEM_NAMESPACE=SYSTEM_NAMESPACE, NOTIFICATION_ALLOWED_HOSTS=NOTIFICATION_ALLOWED_HOSTS)
     yield operator
     operator.stop()
 
@@ -276,6 +281,36 @@ async def test_an_invalid_policy_is_reported_and_the_child_keeps_the_last_good_o
         assert split["appendHeaders"]["Async-Policy"] == "v1;timeout=5", split
 
     await eventually(policy_routed)
+
+
+async def test_a_sink_off_notification_allowed_hosts_is_reported_and_the_child_keeps_the_last_good_policy(
+        api, eventually, namespace, cluster):
+    """The data plane would drop every completion event for it: before, only its log and a metric said so."""
+    sink = "async.knative.dev/on-failure-sink"
+    await api.create(INGRESSES, kingress("hello", namespace))
+    before, _ = await wait_for_children(api, eventually, namespace, "hello")
+    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {sink: "http://collector.example.net/"}}})
+
+    async def reported() -> None:
+        ready = condition(await api.get(INGRESSES, namespace, "hello"))
+        assert ready.get("status") == "False" and ready.get("reason") == r.REASON_INVALID_POLICY, ready
+        assert sink in ready["message"] and "NOTIFICATION_ALLOWED_HOSTS" in ready["message"], ready
+        events = [e for e in await cluster.list_events(namespace) if e.get("reason") == r.REASON_INVALID_POLICY]
+        assert events and "'http://collector.example.net/'" in events[0]["message"], events
+
+    await eventually(reported)
+    after, _ = await children(api, namespace, "hello")
+    assert after["spec"] == before["spec"]
+
+    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {sink: "https://hooks.example.com/"}}})
+
+    async def routed() -> None:
+        child, _ = await children(api, namespace, "hello")
+        split = child["spec"]["rules"][0]["http"]["paths"][1]["splits"][0]
+        assert DeliveryPolicy.decode(split["appendHeaders"]["Async-Policy"]).on_failure_sink == \
+            "https://hooks.example.com/", split
+
+    await eventually(routed)
 
 
 async def test_a_failed_api_call_is_retried(api, eventually, namespace, cluster, operator):

@@ -237,6 +237,13 @@ def resolve_env(obj: dict, objects, secret: dict[str, str] | None = None) -> dic
             field = source["fieldRef"]["fieldPath"]
             assert field in ("metadata.namespace", "metadata.name"), f"{name}: unexpected fieldRef"
             environ[name] = obj["metadata"]["namespace"] if field == "metadata.namespace" else f"{obj['metadata']['name']}-0"
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            data = find(objects, ("v1", "ConfigMap"), ref["name"])["data"]
+            if ref["key"] in data:
+                environ[name] = data[ref["key"]]
+            else:
+                assert ref.get("optional") is True, f"{name}: the ConfigMap lacks {ref['key']} and it is not optional"
         else:
             ref = source["secretKeyRef"]
             assert ref["name"] in (REDIS_SECRET, MY_SECRET), f"{name}: only the Redis Secret is read"
@@ -525,6 +532,20 @@ def test_the_controller_and_the_data_plane_agree_on_the_cluster_domain():
         assert process.cluster_domain == controller.cluster_domain, obj["metadata"]["name"]
         assert process.allowed_hosts == (f".svc.{controller.cluster_domain}",), obj["metadata"]["name"]
         assert process.allowed_ports == (), obj["metadata"]["name"]
+
+
+def test_the_controller_reads_the_sinks_the_data_plane_allows_from_its_configmap():
+    """An operator sets NOTIFICATION_ALLOWED_HOSTS once, in the ConfigMap: the controller flags a sink the source
+    and the consumer would refuse (empty, the default: both allow any host)."""
+    objects = plain_objects()
+    for value, expected in (("", None), (".svc.cluster.local, hooks.example.com", (".svc.cluster.local",
+                                                                                   "hooks.example.com"))):
+        find(objects, ("v1", "ConfigMap"), DATAPLANE_CONFIG)["data"]["NOTIFICATION_ALLOWED_HOSTS"] = value
+        controller = process_settings(find(objects, ("apps/v1", "Deployment"), "async-controller"), objects)
+        assert controller.notification_allowed_hosts == expected
+        replaying = [process_settings(obj, objects) for obj in dataplane_workloads(objects)
+                     if obj["metadata"]["name"] != "async-producer"]
+        assert len(replaying) == 2 and all(p.notification_allowed_hosts == expected for p in replaying)
 
 
 def test_producer_and_consumer_are_cluster_local_and_kept_warm():

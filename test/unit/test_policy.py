@@ -152,6 +152,52 @@ def test_the_producer_routes_carry_the_policy():
     assert p.RETRY in ready["message"] and "'many'" in ready["message"]
 
 
+SINK_HOSTS = (".svc.cluster.local", "hooks.example.com")
+"""NOTIFICATION_ALLOWED_HOSTS as an operator might set it."""
+
+
+@pytest.mark.parametrize(("annotation", "value", "allowed"), [
+    (p.ON_SUCCESS_SINK, "http://sink.demo.svc.cluster.local/done", True),
+    (p.ON_FAILURE_SINK, "https://hooks.example.com:8443/x", True),
+    (p.ON_FAILURE_SINK, "https://HOOKS.Example.com/x", True),
+    (p.ON_SUCCESS_SINK, "http://169.254.169.254/latest/meta-data/", False),
+    (p.ON_FAILURE_SINK, "http://hooks.example.com.evil.net/", False),
+    (p.ON_SUCCESS_SINK, "http://www.hooks.example.com/", False),
+])
+def test_a_sink_off_notification_allowed_hosts_is_an_invalid_policy(annotation, value, allowed):
+    """The data plane drops every completion event for such a sink: the Service's owner reads why in its status."""
+    annotations = {annotation: value}
+    assert getattr(p.delivery_policy(annotations), p.ANNOTATIONS[annotation][0]) == value  # no list: any host
+    if allowed:
+        p.delivery_policy(annotations, sink_hosts=SINK_HOSTS)
+        return
+    with pytest.raises(p.InvalidAsyncPolicy) as raised:
+        p.delivery_policy(annotations, sink_hosts=SINK_HOSTS)
+    assert raised.value.annotation == annotation
+    assert repr(value) in str(raised.value) and "NOTIFICATION_ALLOWED_HOSTS (.svc.cluster.local, hooks.example.com)" \
+        in str(raised.value)
+
+
+def test_the_parents_status_names_a_refused_sink():
+    parent = {"apiVersion": r.INGRESS_API_VERSION, "kind": "Ingress",
+              "metadata": {"name": "hello", "namespace": "demo",
+                           "annotations": {r.INGRESS_CLASS_ANNOTATION: r.ASYNC_INGRESS_CLASS,
+                                           p.ON_FAILURE_SINK: "http://collector.example.net/"}},
+              "spec": {"rules": [{"hosts": ["hello.demo.example.com"], "visibility": r.VISIBILITY_EXTERNAL,
+                                  "http": {"paths": [{"splits": [{"serviceName": "hello-00001",
+                                                                  "serviceNamespace": "demo", "servicePort": 80}]}]}}]}}
+    child = r.make_child_ingress(parent, ingress_class="kourier.ingress.networking.knative.dev",
+                                 producer_host="producer.example")
+    r.check_parent(parent)
+    with pytest.raises(p.InvalidAsyncPolicy):
+        r.check_parent(parent, sink_hosts=SINK_HOSTS)
+    for sink_hosts, reason in ((None, None), (SINK_HOSTS, r.REASON_INVALID_POLICY)):
+        status = r.parent_status(parent, child, now="2030-01-01T00:00:00Z", sink_hosts=sink_hosts)
+        (network,) = [c for c in status["conditions"] if c["type"] == r.CONDITION_NETWORK_CONFIGURED]
+        assert network.get("reason") == reason, network
+    assert p.ON_FAILURE_SINK in network["message"] and "NOTIFICATION_ALLOWED_HOSTS" in network["message"]
+
+
 def test_the_replay_terms_are_the_policy_over_the_cluster_defaults():
     from async_component.dataplane.replay import delivery_terms
     from async_component.settings import ReplaySettings

@@ -211,8 +211,9 @@ class Reconciler:
             return False
 
         foreign: list[str] = []
+        sink_hosts = self.settings.notification_allowed_hosts
         try:
-            check_parent(parent)
+            check_parent(parent, sink_hosts=sink_hosts)
         except (InvalidAsyncMode, InvalidAsyncPolicy):  # the child keeps serving what it did: see the status
             child = await self.api.get(INGRESSES, namespace, child_ingress_name(parent))
         else:
@@ -225,7 +226,7 @@ class Reconciler:
         if child is not None and not is_child_of(child, name):
             child = None
 
-        status = parent_status(parent, child, now=_now(), foreign=foreign)
+        status = parent_status(parent, child, now=_now(), foreign=foreign, sink_hosts=sink_hosts)
         patch = status_patch(parent.get("status"), status)
         if patch:
             await self.api.patch(INGRESSES, namespace, name, {"status": patch}, subresource="status")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..hostlists import host_allowed
 from ..protocol import DeliveryPolicy, status_set
 from ..settings import backoff_policy
 
@@ -106,8 +107,12 @@ ANNOTATIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
 """Each annotation: the policy field it sets, and its parser (ValueError says what a value must be)."""
 
 
-def delivery_policy(annotations: Mapping[str, str]) -> DeliveryPolicy:
-    """The policy the annotations set (absent ones: the cluster's defaults); raises :class:`InvalidAsyncPolicy`."""
+def delivery_policy(annotations: Mapping[str, str], *, sink_hosts: tuple[str, ...] | None = None) -> DeliveryPolicy:
+    """The policy the annotations set (absent ones: the cluster's defaults); raises :class:`InvalidAsyncPolicy`.
+
+    ``sink_hosts``: the cluster's ``NOTIFICATION_ALLOWED_HOSTS`` (None: any host), which the data plane applies
+    to every completion event; a sink it refuses is flagged here, where the Service's owner sees it.
+    """
     fields: dict[str, Any] = {}
     for annotation, (field, parse) in ANNOTATIONS.items():
         if annotation not in annotations:
@@ -117,4 +122,11 @@ def delivery_policy(annotations: Mapping[str, str]) -> DeliveryPolicy:
             fields[field] = parse(str(value))
         except ValueError as exc:
             raise InvalidAsyncPolicy(annotation, str(value), str(exc)) from None
+    if sink_hosts is not None:
+        for annotation in (ON_SUCCESS_SINK, ON_FAILURE_SINK):
+            if annotation in annotations and not host_allowed(urlsplit(fields[ANNOTATIONS[annotation][0]]).hostname
+                                                              or "", sink_hosts):
+                raise InvalidAsyncPolicy(annotation, str(annotations[annotation]),
+                                         "its host is not on the cluster's NOTIFICATION_ALLOWED_HOSTS"
+                                         f" ({', '.join(sink_hosts)}): no completion event would be sent")
     return DeliveryPolicy(**fields)

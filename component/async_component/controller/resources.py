@@ -112,10 +112,11 @@ def policy_header(ingress: Mapping[str, Any]) -> str:
     return delivery_policy(_annotations(ingress)).encode()
 
 
-def check_parent(ingress: Mapping[str, Any]) -> None:
-    """Raises :class:`InvalidAsyncMode` or :class:`InvalidAsyncPolicy` when the parent's annotations are unusable."""
+def check_parent(ingress: Mapping[str, Any], *, sink_hosts: tuple[str, ...] | None = None) -> None:
+    """Raises :class:`InvalidAsyncMode` or :class:`InvalidAsyncPolicy` when the parent's annotations are unusable
+    (``sink_hosts``: ``NOTIFICATION_ALLOWED_HOSTS``, which its sinks must be on; None: any host)."""
     async_mode(ingress)
-    policy_header(ingress)
+    delivery_policy(_annotations(ingress), sink_hosts=sink_hosts)
 
 
 def prefer_variants(value: str) -> tuple[str, ...]:
@@ -443,17 +444,18 @@ def _ready(*conditions: dict[str, str]) -> dict[str, str]:
 
 
 def parent_status(parent: Mapping[str, Any], child: Mapping[str, Any] | None, *, now: str,
-                  foreign: Sequence[str] = ()) -> dict[str, Any]:
+                  foreign: Sequence[str] = (), sink_hosts: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The parent's desired status: Ready only when the child Ingress is.
 
     ``child`` is the child Ingress as read from the API (None: absent);
     ``foreign`` names objects in the children's place that this controller
-    did not make; ``now`` (RFC 3339) stamps conditions whose status changes.
+    did not make; ``now`` (RFC 3339) stamps conditions whose status changes; ``sink_hosts``: see
+    :func:`check_parent`.
     Keys of :data:`STATUS_FIELDS` that should be absent are None.
     """
     child_ref = f"Ingress {parent['metadata']['namespace']}/{child_ingress_name(parent)}"
     try:
-        check_parent(parent)
+        check_parent(parent, sink_hosts=sink_hosts)
         if foreign:
             network = _condition(CONDITION_NETWORK_CONFIGURED, "False", REASON_NOT_OWNED,
                                  f"There is an existing {' and '.join(foreign)} that this controller does not own")

@@ -11,12 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from ..hostlists import HOST, entry_error, host_allowed
 from ..protocol import ORIGINAL_HOST_HEADER
 from ..settings import SettingsError, TargetSettings
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_ALLOWED_ENTRY = re.compile(rf"\.?{_HOST.pattern}")
 
 SERVICE_PORT = 80
 """The port of every Knative Service: a target host may name it without ``ALLOWED_PORTS``."""
@@ -34,7 +32,7 @@ def target_host(value: str, what: str = ORIGINAL_HOST_HEADER) -> str:
     host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
     if sep and not (_PORT.fullmatch(port) and 0 < int(port) <= 65535):
         raise BadTarget(f"{what} has an invalid port: {value!r}")
-    if len(host) > 253 or not _HOST.fullmatch(host):
+    if len(host) > 253 or not HOST.fullmatch(host):
         raise BadTarget(f"{what} is not a valid host name: {value!r}")
     return f"{host}:{port}" if sep else host
 
@@ -43,33 +41,6 @@ def port_allowed(host: str, allowed_ports: Iterable[int]) -> bool:
     """No port, the Service's own, or one of ``allowed_ports``: never a Redis or metadata port by default."""
     _, sep, port = host.rpartition(":")
     return not sep or int(port) == SERVICE_PORT or int(port) in allowed_ports
-
-
-def host_allowed(host: str, allowed: Iterable[str]) -> bool:
-    """Exact entries match one host, entries starting with '.' match every host ending with it."""
-    name = host.partition(":")[0]
-    exact, suffixes = _split_entries(allowed)
-    return name in exact or name.endswith(suffixes)
-
-
-_SPLIT: dict[int, tuple[tuple[str, ...], frozenset[str], tuple[str, ...]]] = {}
-
-
-def _split_entries(allowed: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
-    """The exact names (a set) and the suffixes of ``allowed``; worked out once for a tuple (the settings'):
-    every request is checked, and a local stack lists each of its Services (a thousand in a benchmark)."""
-    if not isinstance(allowed, tuple):  # a list may change: no cache
-        return _split(list(allowed))
-    known = _SPLIT.get(id(allowed))
-    if known is None or known[0] is not allowed:
-        if len(_SPLIT) >= 16:
-            _SPLIT.clear()
-        known = _SPLIT[id(allowed)] = (allowed, *_split(allowed))
-    return known[1], known[2]
-
-
-def _split(entries: list[str] | tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
-    return frozenset(e for e in entries if not e.startswith(".")), tuple(e for e in entries if e.startswith("."))
 
 
 def refusal(host: str, settings: TargetSettings) -> str | None:
@@ -87,8 +58,7 @@ def validate(settings: TargetSettings) -> TargetSettings:
     for name, entries in (("ALLOWED_HOSTS", settings.allowed_hosts),
                           ("NOTIFICATION_ALLOWED_HOSTS", getattr(settings, "notification_allowed_hosts", None) or ())):
         for entry in entries:
-            if not _ALLOWED_ENTRY.fullmatch(entry) or len(entry) > 254:
-                raise SettingsError(
-                    f"{name} entry {entry!r} is not a host name or a '.'-prefixed host suffix (wildcards are not supported)"
-                )
+            error = entry_error(name, entry)
+            if error is not None:
+                raise SettingsError(error)
     return settings
