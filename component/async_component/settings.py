@@ -257,6 +257,12 @@ def body_memory_limit_setting(held: str) -> Any:
     return setting("BODY_MEMORY_LIMIT", "67108864", positive_int, held)
 
 
+def request_timeout_setting(help: str = "seconds to wait for the Service's response; also the longest"
+                                        " async.knative.dev/timeout a Service may set") -> Any:
+    """REQUEST_TIMEOUT: what the replaying processes wait for one attempt, and the longest a Service may ask for."""
+    return setting("REQUEST_TIMEOUT", "300", positive_float, help)
+
+
 def notification_allowed_hosts_setting() -> Any:
     """NOTIFICATION_ALLOWED_HOSTS: the data plane posts only to these sinks; the controller flags any other."""
     return setting("NOTIFICATION_ALLOWED_HOSTS", "", optional(host_suffixes),
@@ -344,7 +350,7 @@ class ReplaySettings(TargetSettings):
                                         "Service answers that are retried: status codes and classes such as 5xx")
     max_age: float | None = setting("MAX_AGE", "", optional(positive_float),
                                     "seconds after its acceptance a request not yet finished ends expired (empty: never)")
-    request_timeout: float = setting("REQUEST_TIMEOUT", "300", positive_float, "seconds to wait for the Service's response")
+    request_timeout: float = request_timeout_setting()
     response_size_limit: int = setting(
         "RESPONSE_SIZE_LIMIT", "6000000", positive_int,
         "largest response body kept, in bytes: a longer one is not read, and the request fails with that error",
@@ -425,6 +431,8 @@ class ControllerSettings:
                                         "seconds between a leader's renewals and a standby's attempts")
     identity: str = setting("POD_NAME", "", str, "this replica's name in the Lease (unset: its host name and pid)")
     notification_allowed_hosts: tuple[str, ...] | None = notification_allowed_hosts_setting()
+    request_timeout: float = request_timeout_setting(
+        "the longest async.knative.dev/timeout a Service may ask for: the data plane's REQUEST_TIMEOUT, in seconds")
 
     def __post_init__(self) -> None:
         for entry in self.notification_allowed_hosts or ():

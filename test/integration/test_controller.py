@@ -55,14 +55,16 @@ def cluster(request: pytest.FixtureRequest):
 
 
 NOTIFICATION_ALLOWED_HOSTS = ".svc.cluster.local,hooks.example.com"
-"""As the ConfigMap would set it: completion events go only to cluster Services and one outside collector."""
+"""As the ConfigMap would set it: completion events go only to cluster Services and one outside collector; and
+REQUEST_TIMEOUT 120 s, the longest attempt."""
 
 
 @pytest.fixture(scope="module")
 def operator(cluster: KmockCluster | KubeCluster, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("controller")
     operator = start_operator(cluster.url, workdir, kubeconfig=cluster.operator_kubeconfig(workdir / "kubeconfig"),
-                              SYSTEM_NAMESPACE=SYSTEM_NAMESPACE, NOTIFICATION_ALLOWED_HOSTS=NOTIFICATION_ALLOWED_HOSTS)
+                              SYSTEM_NAMESPACE=SYSTEM_NAMESPACE, NOTIFICATION_ALLOWED_HOSTS=NOTIFICATION_ALLOWED_HOSTS,
+                              REQUEST_TIMEOUT="120")
     yield operator
     operator.stop()
 
@@ -77,6 +79,11 @@ async def api(cluster: KmockCluster | KubeCluster, operator: Operator):
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest, cluster: KmockCluster | KubeCluster) -> str:
     name = request.node.originalname.replace("_", "-")[:63].strip("-").lower()
+    variant = [part for part in request.node.callspec.id.split("-") if part not in ("kmock", "kube")] \
+        if hasattr(request.node, "callspec") else []
+    if variant:  # a parametrized test: a namespace for each case
+        suffix = "-".join(variant).lower()
+        name = f"{name[:62 - len(suffix)].strip('-')}-{suffix}"
     cluster.prepare_namespace(name)
     return name
 
@@ -283,32 +290,37 @@ async def test_an_invalid_policy_is_reported_and_the_child_keeps_the_last_good_o
     await eventually(policy_routed)
 
 
-async def test_a_sink_off_notification_allowed_hosts_is_reported_and_the_child_keeps_the_last_good_policy(
-        api, eventually, namespace, cluster):
-    """The data plane would drop every completion event for it: before, only its log and a metric said so."""
-    sink = "async.knative.dev/on-failure-sink"
+@pytest.mark.parametrize(("annotation", "refused", "fixed", "said", "field"), [
+    ("async.knative.dev/on-failure-sink", "http://collector.example.net/", "https://hooks.example.com/",
+     "NOTIFICATION_ALLOWED_HOSTS", "on_failure_sink"),
+    ("async.knative.dev/timeout", "PT10M", "PT2M", "REQUEST_TIMEOUT (120s)", "timeout"),
+], ids=["sink", "timeout"])
+async def test_a_policy_past_the_clusters_limits_is_reported_and_the_child_keeps_the_last_good_one(
+        api, eventually, namespace, cluster, annotation, refused, fixed, said, field):
+    """Before, the data plane dropped every completion event for a sink off NOTIFICATION_ALLOWED_HOSTS (only its log
+    and a metric said so), and cut an attempt at REQUEST_TIMEOUT however long the Service's own timeout."""
     await api.create(INGRESSES, kingress("hello", namespace))
     before, _ = await wait_for_children(api, eventually, namespace, "hello")
-    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {sink: "http://collector.example.net/"}}})
+    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {annotation: refused}}})
 
     async def reported() -> None:
         ready = condition(await api.get(INGRESSES, namespace, "hello"))
         assert ready.get("status") == "False" and ready.get("reason") == r.REASON_INVALID_POLICY, ready
-        assert sink in ready["message"] and "NOTIFICATION_ALLOWED_HOSTS" in ready["message"], ready
+        assert annotation in ready["message"] and said in ready["message"], ready
         events = [e for e in await cluster.list_events(namespace) if e.get("reason") == r.REASON_INVALID_POLICY]
-        assert events and "'http://collector.example.net/'" in events[0]["message"], events
+        assert events and repr(refused) in events[0]["message"], events
 
     await eventually(reported)
     after, _ = await children(api, namespace, "hello")
     assert after["spec"] == before["spec"]
 
-    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {sink: "https://hooks.example.com/"}}})
+    await api.patch(INGRESSES, namespace, "hello", {"metadata": {"annotations": {annotation: fixed}}})
 
     async def routed() -> None:
         child, _ = await children(api, namespace, "hello")
         split = child["spec"]["rules"][0]["http"]["paths"][1]["splits"][0]
-        assert DeliveryPolicy.decode(split["appendHeaders"]["Async-Policy"]).on_failure_sink == \
-            "https://hooks.example.com/", split
+        policy = DeliveryPolicy.decode(split["appendHeaders"]["Async-Policy"])
+        assert getattr(policy, field) == (120.0 if field == "timeout" else fixed), split
 
     await eventually(routed)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -406,6 +407,27 @@ def test_command_refuses_a_port_in_use_in_one_line(tmp_path):
     assert err.strip().splitlines() == [f"async-component local: error: port {port} on 127.0.0.1 is already in use "
                                         f"(Address already in use): pass another --port"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_timeout_annotation_past_request_timeout_is_refused_in_one_line(tmp_path):
+    """As the controller refuses it in a cluster: the replays would be cut at --request-timeout (and, in a cluster,
+    replayed again)."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    shutil.copy(APP_DIR / "sleep_app.py", app_dir / "sleep_app.py")
+    (app_dir / "slow.yml").write_text(
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: slow\n  namespace: default\n"
+        "  annotations:\n    networking.knative.dev/ingress.class: async.ingress.networking.knative.dev\n"
+        "    async.knative.dev/timeout: PT20S\nspec: {template: {spec: {containers: [{image: x}]}}}\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    process = run_local(tmp, "--port", str(free_port()), "--app-dir", str(app_dir), "--request-timeout", "10")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert err.strip().splitlines() == [
+        "async-component local: error: Service default/slow: annotation async.knative.dev/timeout='PT20S' is invalid:"
+        " longer than the cluster's REQUEST_TIMEOUT (10s), the longest attempt the data plane waits for"], err
+    assert list(tmp.iterdir()) == []
 
 
 def test_command_without_redis_server_fails_in_one_line_and_leaves_nothing(tmp_path):

@@ -534,6 +534,18 @@ def test_the_controller_and_the_data_plane_agree_on_the_cluster_domain():
         assert process.allowed_ports == (), obj["metadata"]["name"]
 
 
+def test_the_controller_reads_the_longest_attempt_the_data_plane_allows_from_its_configmap():
+    """An operator sets REQUEST_TIMEOUT once, in the ConfigMap: the controller refuses a Service's longer timeout."""
+    objects = plain_objects()
+    config = find(objects, ("v1", "ConfigMap"), DATAPLANE_CONFIG)["data"]
+    for value in (config["REQUEST_TIMEOUT"], "900"):
+        config["REQUEST_TIMEOUT"] = value
+        controller = process_settings(find(objects, ("apps/v1", "Deployment"), "async-controller"), objects)
+        replaying = [process_settings(obj, objects).request_timeout for obj in dataplane_workloads(objects)
+                     if obj["metadata"]["name"] != "async-producer"]
+        assert replaying == [float(value)] * 2 and controller.request_timeout == float(value)
+
+
 def test_the_controller_reads_the_sinks_the_data_plane_allows_from_its_configmap():
     """An operator sets NOTIFICATION_ALLOWED_HOSTS once, in the ConfigMap: the controller flags a sink the source
     and the consumer would refuse (empty, the default: both allow any host)."""

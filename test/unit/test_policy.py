@@ -169,13 +169,28 @@ def test_a_sink_off_notification_allowed_hosts_is_an_invalid_policy(annotation, 
     annotations = {annotation: value}
     assert getattr(p.delivery_policy(annotations), p.ANNOTATIONS[annotation][0]) == value  # no list: any host
     if allowed:
-        p.delivery_policy(annotations, sink_hosts=SINK_HOSTS)
+        p.delivery_policy(annotations, p.ClusterLimits(sink_hosts=SINK_HOSTS))
         return
     with pytest.raises(p.InvalidAsyncPolicy) as raised:
-        p.delivery_policy(annotations, sink_hosts=SINK_HOSTS)
+        p.delivery_policy(annotations, p.ClusterLimits(sink_hosts=SINK_HOSTS))
     assert raised.value.annotation == annotation
     assert repr(value) in str(raised.value) and "NOTIFICATION_ALLOWED_HOSTS (.svc.cluster.local, hooks.example.com)" \
         in str(raised.value)
+
+
+@pytest.mark.parametrize(("value", "allowed"), [("PT300S", True), ("PT5M", True), ("PT1S", True),
+                                               ("PT300.5S", False), ("PT10M", False), ("P1D", False)])
+def test_a_timeout_longer_than_request_timeout_is_an_invalid_policy(value, allowed):
+    """Stopping processes, the consumer's revision and a source posting to it give a replay REQUEST_TIMEOUT and
+    no more: a longer attempt would be cut, and the Service called again."""
+    limits = p.ClusterLimits(max_timeout=300.0)
+    assert p.delivery_policy({p.TIMEOUT: value}).timeout == p.duration(value)  # no limits: as before
+    if allowed:
+        assert p.delivery_policy({p.TIMEOUT: value}, limits).timeout == p.duration(value)
+        return
+    with pytest.raises(p.InvalidAsyncPolicy) as raised:
+        p.delivery_policy({p.TIMEOUT: value}, limits)
+    assert raised.value.annotation == p.TIMEOUT and "REQUEST_TIMEOUT (300s)" in str(raised.value)
 
 
 def test_the_parents_status_names_a_refused_sink():
@@ -190,9 +205,10 @@ def test_the_parents_status_names_a_refused_sink():
                                  producer_host="producer.example")
     r.check_parent(parent)
     with pytest.raises(p.InvalidAsyncPolicy):
-        r.check_parent(parent, sink_hosts=SINK_HOSTS)
-    for sink_hosts, reason in ((None, None), (SINK_HOSTS, r.REASON_INVALID_POLICY)):
-        status = r.parent_status(parent, child, now="2030-01-01T00:00:00Z", sink_hosts=sink_hosts)
+        r.check_parent(parent, p.ClusterLimits(sink_hosts=SINK_HOSTS))
+    for limits, reason in ((None, None), (p.ClusterLimits(max_timeout=300.0), None),
+                           (p.ClusterLimits(sink_hosts=SINK_HOSTS), r.REASON_INVALID_POLICY)):
+        status = r.parent_status(parent, child, now="2030-01-01T00:00:00Z", limits=limits)
         (network,) = [c for c in status["conditions"] if c["type"] == r.CONDITION_NETWORK_CONFIGURED]
         assert network.get("reason") == reason, network
     assert p.ON_FAILURE_SINK in network["message"] and "NOTIFICATION_ALLOWED_HOSTS" in network["message"]
@@ -210,3 +226,5 @@ def test_the_replay_terms_are_the_policy_over_the_cluster_defaults():
                                                  retry_on=("5xx",), max_age=2.0, retention=3600.0))
     assert (own.max_attempts, own.base_delay, own.linear, own.timeout, own.retry_on, own.max_age,
             own.retention_ms) == (1, 0.0, True, 1.0, ("5xx",), 2.0, 3600000)
+    # queued under a longer REQUEST_TIMEOUT, or by a stack that checks nothing: REQUEST_TIMEOUT is the most
+    assert delivery_terms(cluster, DeliveryPolicy(timeout=600.0)).timeout == 30.0

@@ -49,6 +49,7 @@ from .. import logs
 from .drift import drift_patch
 from .kubeapi import INGRESSES, SERVICES, ApiError, KubeApi, Resource
 from .leader import LeaderElector
+from .policy import ClusterLimits
 from .resources import (
     ASYNC_INGRESS_CLASS,
     LAYER_FINALIZER,
@@ -103,6 +104,8 @@ class Reconciler:
                  retry_base_delay: float = 1.0, retry_max_delay: float = 60.0) -> None:
         self.api = api
         self.settings = settings
+        self.limits = ClusterLimits(sink_hosts=settings.notification_allowed_hosts,
+                                    max_timeout=settings.request_timeout)
         self.retry_base_delay = retry_base_delay
         self.retry_max_delay = retry_max_delay
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -211,9 +214,9 @@ class Reconciler:
             return False
 
         foreign: list[str] = []
-        sink_hosts = self.settings.notification_allowed_hosts
+        limits = self.limits
         try:
-            check_parent(parent, sink_hosts=sink_hosts)
+            check_parent(parent, limits)
         except (InvalidAsyncMode, InvalidAsyncPolicy):  # the child keeps serving what it did: see the status
             child = await self.api.get(INGRESSES, namespace, child_ingress_name(parent))
         else:
@@ -226,7 +229,7 @@ class Reconciler:
         if child is not None and not is_child_of(child, name):
             child = None
 
-        status = parent_status(parent, child, now=_now(), foreign=foreign, sink_hosts=sink_hosts)
+        status = parent_status(parent, child, now=_now(), foreign=foreign, limits=limits)
         patch = status_patch(parent.get("status"), status)
         if patch:
             await self.api.patch(INGRESSES, namespace, name, {"status": patch}, subresource="status")

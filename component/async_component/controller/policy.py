@@ -8,6 +8,7 @@ or :class:`InvalidAsyncPolicy` naming the annotation that is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -107,12 +108,21 @@ ANNOTATIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
 """Each annotation: the policy field it sets, and its parser (ValueError says what a value must be)."""
 
 
-def delivery_policy(annotations: Mapping[str, str], *, sink_hosts: tuple[str, ...] | None = None) -> DeliveryPolicy:
-    """The policy the annotations set (absent ones: the cluster's defaults); raises :class:`InvalidAsyncPolicy`.
+@dataclasses.dataclass(frozen=True)
+class ClusterLimits:
+    """What the cluster's data plane allows a Service's policy: keys of its ConfigMap, which the controller reads
+    too, so that a Service's owner reads a refusal in the Service's status rather than in the data plane's log."""
 
-    ``sink_hosts``: the cluster's ``NOTIFICATION_ALLOWED_HOSTS`` (None: any host), which the data plane applies
-    to every completion event; a sink it refuses is flagged here, where the Service's owner sees it.
-    """
+    sink_hosts: tuple[str, ...] | None = None
+    """``NOTIFICATION_ALLOWED_HOSTS``: the hosts a sink may name (None: any); the data plane drops other events."""
+    max_timeout: float | None = None
+    """``REQUEST_TIMEOUT``: the longest attempt (None: no limit). A stopping process, the consumer's revision and
+    the source posting to it give a replay that long, no longer: a longer one would be cut and replayed again."""
+
+
+def delivery_policy(annotations: Mapping[str, str], limits: ClusterLimits | None = None) -> DeliveryPolicy:
+    """The policy the annotations set (absent ones: the cluster's defaults); raises :class:`InvalidAsyncPolicy`,
+    also for a value past the cluster's ``limits``."""
     fields: dict[str, Any] = {}
     for annotation, (field, parse) in ANNOTATIONS.items():
         if annotation not in annotations:
@@ -122,11 +132,21 @@ def delivery_policy(annotations: Mapping[str, str], *, sink_hosts: tuple[str, ..
             fields[field] = parse(str(value))
         except ValueError as exc:
             raise InvalidAsyncPolicy(annotation, str(value), str(exc)) from None
-    if sink_hosts is not None:
+    if limits is not None:
+        _check_limits(annotations, fields, limits)
+    return DeliveryPolicy(**fields)
+
+
+def _check_limits(annotations: Mapping[str, str], fields: Mapping[str, Any], limits: ClusterLimits) -> None:
+    timeout = fields.get("timeout")
+    if limits.max_timeout is not None and timeout is not None and timeout > limits.max_timeout:
+        raise InvalidAsyncPolicy(TIMEOUT, str(annotations[TIMEOUT]),
+                                 f"longer than the cluster's REQUEST_TIMEOUT ({limits.max_timeout:g}s), the longest"
+                                 " attempt the data plane waits for")
+    if limits.sink_hosts is not None:
         for annotation in (ON_SUCCESS_SINK, ON_FAILURE_SINK):
-            if annotation in annotations and not host_allowed(urlsplit(fields[ANNOTATIONS[annotation][0]]).hostname
-                                                              or "", sink_hosts):
+            sink = fields.get(ANNOTATIONS[annotation][0])
+            if sink is not None and not host_allowed(urlsplit(sink).hostname or "", limits.sink_hosts):
                 raise InvalidAsyncPolicy(annotation, str(annotations[annotation]),
                                          "its host is not on the cluster's NOTIFICATION_ALLOWED_HOSTS"
-                                         f" ({', '.join(sink_hosts)}): no completion event would be sent")
-    return DeliveryPolicy(**fields)
+                                         f" ({', '.join(limits.sink_hosts)}): no completion event would be sent")

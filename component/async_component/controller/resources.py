@@ -18,7 +18,7 @@ from ..protocol import (
     ORIGINAL_HOST_HEADER, POLICY_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, RESPOND_ASYNC, RESPOND_SYNC,
     STATUS_PATH_PREFIX,
 )
-from .policy import InvalidAsyncPolicy, delivery_policy
+from .policy import ClusterLimits, InvalidAsyncPolicy, delivery_policy
 
 INGRESS_API_VERSION = "networking.internal.knative.dev/v1alpha1"
 INGRESS_KIND = "Ingress"
@@ -112,11 +112,11 @@ def policy_header(ingress: Mapping[str, Any]) -> str:
     return delivery_policy(_annotations(ingress)).encode()
 
 
-def check_parent(ingress: Mapping[str, Any], *, sink_hosts: tuple[str, ...] | None = None) -> None:
+def check_parent(ingress: Mapping[str, Any], limits: ClusterLimits | None = None) -> None:
     """Raises :class:`InvalidAsyncMode` or :class:`InvalidAsyncPolicy` when the parent's annotations are unusable
-    (``sink_hosts``: ``NOTIFICATION_ALLOWED_HOSTS``, which its sinks must be on; None: any host)."""
+    (or past the cluster's ``limits``)."""
     async_mode(ingress)
-    delivery_policy(_annotations(ingress), sink_hosts=sink_hosts)
+    delivery_policy(_annotations(ingress), limits)
 
 
 def prefer_variants(value: str) -> tuple[str, ...]:
@@ -444,18 +444,18 @@ def _ready(*conditions: dict[str, str]) -> dict[str, str]:
 
 
 def parent_status(parent: Mapping[str, Any], child: Mapping[str, Any] | None, *, now: str,
-                  foreign: Sequence[str] = (), sink_hosts: tuple[str, ...] | None = None) -> dict[str, Any]:
+                  foreign: Sequence[str] = (), limits: ClusterLimits | None = None) -> dict[str, Any]:
     """The parent's desired status: Ready only when the child Ingress is.
 
     ``child`` is the child Ingress as read from the API (None: absent);
     ``foreign`` names objects in the children's place that this controller
-    did not make; ``now`` (RFC 3339) stamps conditions whose status changes; ``sink_hosts``: see
+    did not make; ``now`` (RFC 3339) stamps conditions whose status changes; ``limits``: see
     :func:`check_parent`.
     Keys of :data:`STATUS_FIELDS` that should be absent are None.
     """
     child_ref = f"Ingress {parent['metadata']['namespace']}/{child_ingress_name(parent)}"
     try:
-        check_parent(parent, sink_hosts=sink_hosts)
+        check_parent(parent, limits)
         if foreign:
             network = _condition(CONDITION_NETWORK_CONFIGURED, "False", REASON_NOT_OWNED,
                                  f"There is an existing {' and '.join(foreign)} that this controller does not own")

@@ -194,7 +194,8 @@ def delivery_terms(settings: ReplaySettings, policy: DeliveryPolicy) -> Terms:
         max_attempts=settings.max_attempts if policy.retry is None else policy.retry + 1,
         base_delay=settings.retry_base_delay if policy.backoff_delay is None else policy.backoff_delay,
         linear=(policy.backoff_policy or settings.backoff_policy) == BACKOFF_LINEAR,
-        timeout=settings.request_timeout if policy.timeout is None else policy.timeout,
+        # REQUEST_TIMEOUT is also the most: stopping processes and the consumer's revision allow a replay that long
+        timeout=settings.request_timeout if policy.timeout is None else min(policy.timeout, settings.request_timeout),
         retry_on=settings.retry_on if policy.retry_on is None else policy.retry_on,
         max_age=settings.max_age if policy.max_age is None else policy.max_age,
         retention_ms=max(1, round(retention * 1000)),

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..controller import resources
+from ..controller.policy import ClusterLimits
 from ..settings import DEFAULT_CLUSTER_DOMAIN, ControllerSettings
 from . import StackError
 from . import knative_serving as serving
@@ -52,8 +53,11 @@ def load_services(app_dir: Path) -> list[dict[str, Any]]:
 
 
 def cluster_routes(ksvcs: list[dict[str, Any]], *, app_address: str, producer_address: str,
-                   domain: str = serving.DEFAULT_DOMAIN, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> Routes:
-    """What the network layer would route: Serving's Ingresses plus the controller's children and Services."""
+                   domain: str = serving.DEFAULT_DOMAIN, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
+                   limits: ClusterLimits | None = None) -> Routes:
+    """What the network layer would route: Serving's Ingresses plus the controller's children and Services; a
+    Service whose annotations the controller would refuse (``limits``: the cluster's, as it reads them) raises
+    :class:`StackError`."""
     controller = ControllerSettings(cluster_domain=cluster_domain)
     ingresses: list[dict[str, Any]] = []
     services: dict[tuple[str, str], str] = {}
@@ -64,6 +68,7 @@ def cluster_routes(ksvcs: list[dict[str, Any]], *, app_address: str, producer_ad
         services[(serving.namespace(ksvc), serving.revision_name(ksvc))] = app_address
         if resources.is_async_ingress(parent):
             try:
+                resources.check_parent(parent, limits)
                 child = resources.make_child_ingress(parent, ingress_class=controller.ingress_class,
                                                      producer_host=controller.producer_host,
                                                      cluster_domain=cluster_domain)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .. import logs
+from ..controller.policy import ClusterLimits
 from ..dataplane.queues import PER_SERVICE, QUEUE_MODES
 from ..dataplane.source import drain_grace
 from ..settings import (
@@ -349,6 +350,7 @@ class LocalStack:
             ksvcs, app_address=f"{LOOPBACK}:{self._ports['app']}",
             producer_address=f"{LOOPBACK}:{self._ports['producer']}", domain=self.domain,
             cluster_domain=self.cluster_domain,
+            limits=ClusterLimits(max_timeout=load(ReplaySettings, {}, self.delivery).request_timeout),
         ).to_json())
         if self._redis is not None:
             try:
