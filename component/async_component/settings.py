@@ -414,6 +414,14 @@ class SourceSettings(ReplaySettings):
     )
     redis_check_interval: float = redis_check_setting()
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sink_url and self.delivery_timeout <= self.request_timeout:
+            raise SettingsError(
+                f"DELIVERY_TIMEOUT ({self.delivery_timeout:g}s) must be longer than REQUEST_TIMEOUT"
+                f" ({self.request_timeout:g}s) with SINK_URL: the consumer may take that long to replay an event, and"
+                " a source that stops waiting sooner posts it again (its Service is called twice)")
+
 
 @dataclasses.dataclass(frozen=True)
 class ControllerSettings:

@@ -314,8 +314,10 @@ def test_command_serves_restarts_and_stops_cleanly_on_sigint(tmp_path):
 
 @pytest.mark.slow
 def test_via_consumer_runs_the_topology_where_the_source_posts_cloudevents_to_the_consumer(tmp_path):
+    """With a --request-timeout past the source's default DELIVERY_TIMEOUT (330 s): the stack gives the source
+    longer, as source.yaml says to, or it would refuse to start."""
     port = free_port()
-    process = run_local(tmp_path, "--port", str(port), "--via-consumer")
+    process = run_local(tmp_path, "--port", str(port), "--via-consumer", "--request-timeout", "400")
     out, err = Lines(process.stdout), Lines(process.stderr)
     try:
         out.wait_for("ready")

@@ -60,7 +60,7 @@ async def sink():
 
 def settings_for(redis_url: str, sink_url: str, **changes) -> SourceSettings:
     base = SourceSettings(redis_url=redis_url, sink_url=sink_url, visibility_timeout=1.0, delivery_timeout=5.0,
-                          health_port=0, concurrency=4, consumer_name="first")
+                          request_timeout=4.0, health_port=0, concurrency=4, consumer_name="first")
     return dataclasses.replace(base, **changes)
 
 

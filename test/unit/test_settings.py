@@ -28,6 +28,18 @@ def test_environment_is_read_and_flags_win():
     assert settings.allowed_hosts == ("a.example", ".svc.local")
 
 
+def test_a_source_posting_to_the_consumer_must_wait_longer_than_a_replay_takes():
+    """Raising REQUEST_TIMEOUT in the ConfigMap past DELIVERY_TIMEOUT made a source post again an event whose replay
+    was still running: the Service was called twice. Without SINK_URL the source replays itself: no such limit."""
+    sink = {"SINK_URL": "http://consumer.ns.svc.cluster.local"}
+    assert load(SourceSettings, {**sink, "REQUEST_TIMEOUT": "300"}).delivery_timeout == 330
+    assert load(SourceSettings, {"REQUEST_TIMEOUT": "600"}).request_timeout == 600
+    with pytest.raises(SettingsError, match=r"DELIVERY_TIMEOUT \(330s\) must be longer than REQUEST_TIMEOUT \(600s\)"
+                                            r" with SINK_URL"):
+        load(SourceSettings, {**sink, "REQUEST_TIMEOUT": "600"})
+    assert load(SourceSettings, {**sink, "REQUEST_TIMEOUT": "600", "DELIVERY_TIMEOUT": "630"}).delivery_timeout == 630
+
+
 def test_k_sink_is_an_alias_for_the_sink_url():
     assert load(SourceSettings, {"K_SINK": "http://consumer.ns.svc.cluster.local/"}).sink_url == "http://consumer.ns.svc.cluster.local"
     assert load(SourceSettings, {"K_SINK": "http://a", "SINK_URL": "http://b"}).sink_url == "http://b"

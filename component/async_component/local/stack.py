@@ -402,7 +402,9 @@ class LocalStack:
                     {**base, **redis, **replay, "HEALTH_PORT": str(ports["source"]),
                      "VISIBILITY_TIMEOUT": f"{self.visibility_timeout:g}",
                      **{k: v for k, v in caps.items() if k in ("MAX_INFLIGHT_PER_SERVICE", "CONCURRENCY")},
-                     **({} if self.replay_in_source else {"SINK_URL": self.consumer_url})},
+                     **({} if self.replay_in_source else {
+                         "SINK_URL": self.consumer_url,  # waiting longer than a replay, as source.yaml says
+                         "DELIVERY_TIMEOUT": f"{load(ReplaySettings, {}, self.delivery).request_timeout + 30:g}"})},
                     url(ports["source"]) + "/readyz"),
             Process("gateway", [*command, "gateway", "--routes", str(routes_file), "--port", str(self.port),
                              "--host", LOOPBACK, "--log-level", self.log_level],
