@@ -30,6 +30,10 @@ ATTEMPT_HEADER = "Async-Attempt"
 """On every replay: 1 for the first."""
 STATE_HEADER = "Async-Request-State"
 """On a status answer: the request's state."""
+DELIVERY_TIMEOUT_HEADER = "Async-Delivery-Timeout"
+"""On each event our source posts to the consumer: the seconds it waits for the answer (``DELIVERY_TIMEOUT``).
+An event that waited in the consumer for room so long that its replay could outlast that is answered 503 unreplayed,
+since the source would post it again while the replay ran (Knative's RedisStreamSource sends none: its events wait)."""
 REPLAY_HEADER = "Async-Replay"
 REPLAY_VALUE = "true"
 """Every replay carries ``Async-Replay: true``: always-mode routes send it to the Service whatever else its

@@ -368,6 +368,39 @@ async def test_events_past_body_memory_limit_wait_unread_until_replays_end(redis
     assert sorted(seen["raw_path"] for seen in target.seen) == ["/big/0", "/big/1", "/big/2"]
 
 
+@pytest.mark.parametrize("deadline, replayed", [("2.5", False), ("30", True), (None, True)])
+async def test_an_event_that_waited_too_long_for_its_senders_deadline_is_answered_503_unreplayed(
+        redis_url, http, redis_client, target, deadline, replayed):
+    """A third event waits 1 s for room (BODY_MEMORY_LIMIT 1 MB, two of 450 kB being replayed); its replay may take
+    REQUEST_TIMEOUT, 2 s. A sender that waits 2.5 s in all (Async-Delivery-Timeout, as our source sends it) would
+    post it again while it ran: it gets 503, and the Service is not called with it. Before, it was replayed, and
+    then again when its sender posted it again. A sender with time enough, or none said (Knative's adapter), gets
+    the replay."""
+    settings = settings_for(redis_url, body_memory_limit=1_000_000)
+    runner = await start_consumer(settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    target.hold = True
+    try:
+        events = [binary_event(f"{n}-0", Envelope.new("POST", f"{target.base}/big/{n}", [], b"x" * size)
+                               .to_stream_fields()) for n, size in enumerate([450_000, 450_000, 100_000])]
+        posts = [asyncio.create_task(post(http, base, *event)) for event in events[:2]]
+        assert await eventually(lambda: _true(len(target.seen) == 2))
+        headers, body = events[2]
+        if deadline is not None:
+            headers = {**headers, "Async-Delivery-Timeout": deadline}
+        third = asyncio.create_task(post(http, base, headers, body))
+        await asyncio.sleep(1.0)
+        target.release.set()
+        answers = await asyncio.gather(*posts, third)
+    finally:
+        target.release.set()
+        await runner.cleanup()
+    assert [status for status, _ in answers] == [200, 200, 200 if replayed else 503], answers
+    assert ("/big/2" in [seen["raw_path"] for seen in target.seen]) is replayed
+    if not replayed:
+        assert "its sender waits 2.5s in all, and the replay may take 2s more" in answers[2][1]["error"]
+
+
 async def test_an_event_whose_sender_leaves_while_it_waits_for_room_is_dropped_with_a_log_line(
         redis_url, http, redis_client, target, caplog):
     """Two events of 450 kB are replayed (BODY_MEMORY_LIMIT 1 MB, the Service holding them), and a third of 100 kB

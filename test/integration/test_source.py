@@ -93,6 +93,7 @@ async def test_entries_are_sent_as_redis_stream_source_events_and_acked_after_2x
         assert event["source"] == f"redis://127.0.0.1:{redis_server.port}/0/{STREAM}"
         assert event["datacontenttype"] == "application/json"
         assert headers["ce-id"] == entry_id and headers["Content-Type"] == "application/json"  # binary mode
+        assert headers["Async-Delivery-Timeout"] == "5"  # DELIVERY_TIMEOUT: how long the consumer may take
         assert event.data == ["data", envelope.to_json()]
         assert Envelope.from_stream_fields(event.data) == envelope
     assert sink.received == sink.delivered_ids

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from .replay import Answered, Finish, Replayer, Settle, Started, replay_route
 from .envelope import as_text, binary_event, event_source
 from .redisconn import redis_address
+from ..protocol import DELIVERY_TIMEOUT_HEADER
 from ..settings import SourceSettings
 
 ERROR_BODY_LIMIT = 1000
@@ -74,6 +75,7 @@ class HttpDelivery:
         self.address = redis_address(settings)
         self.session: aiohttp.ClientSession | None = None
         self.description = f"to {self.url} as CloudEvents"
+        self.deadline = f"{settings.delivery_timeout:g}"
         self.settles = False
 
     async def start(self) -> None:
@@ -89,6 +91,7 @@ class HttpDelivery:
     async def send(self, ref: EntryRef, fields: Mapping, started: Started = None) -> Reply:
         stream, entry_id = ref
         headers, body = binary_event(event_source(self.address, stream), entry_id, fields)
+        headers[DELIVERY_TIMEOUT_HEADER] = self.deadline
         try:
             async with self.session.post(self.url, data=body, headers=headers) as resp:
                 return Reply(resp.status, as_text((await resp.read())[:ERROR_BODY_LIMIT]))

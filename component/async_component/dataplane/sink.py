@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
 from .. import logs, probes
+from ..protocol import DELIVERY_TIMEOUT_HEADER
 from ..settings import ConsumerSettings
-from .envelope import EnvelopeError, event_envelope
+from .envelope import Envelope, EnvelopeError, event_envelope
 from . import heap, targets
 from .bytebudget import ByteBudget
 from .redisconn import redis_address
@@ -75,11 +77,13 @@ class EventEndpoint:
         size = request.content_length
         size = MAX_EVENT_SIZE if size is None else size  # chunked: as large as it may be
         budget = self.budget
+        arrived = time.monotonic()
         if not self.held_back and budget.must_wait(size):
             self.held_back = True
             log.warning("consumer holds %d bytes of events (BODY_MEMORY_LIMIT %d): the next events wait, unread,"
                         " until replays end", budget.held, budget.limit)
         waited = await budget.take(size)
+        since = time.monotonic() - arrived if waited else 0.0
         try:
             try:
                 envelope = event_envelope(request.headers, await read_body(request))
@@ -91,6 +95,12 @@ class EventEndpoint:
             except EnvelopeError as exc:
                 answer = self.replayer.malformed(event_id, str(exc))
             else:
+                late = since and self._too_late(request, envelope, since)
+                if late:
+                    log.warning("event %s (request %s) waited %.1fs for room under BODY_MEMORY_LIMIT: %s; answered"
+                                " 503, not replayed (its sender posts it again)", event_id, envelope.id, since, late)
+                    return web.json_response({"error": f"the event waited {since:.1f}s for room: {late}"},
+                                             status=503, headers={"Retry-After": "1"})
                 from_single = request.headers.get("ce-source", "").endswith(self.single_source_suffix)
                 answer = await self.replayer.handle(
                     event_id, envelope, retry_queue=self.replayer.layout.single if from_single else None)
@@ -100,6 +110,22 @@ class EventEndpoint:
                 self.held_back = False
                 log.info("consumer: no event waits for room under BODY_MEMORY_LIMIT any more")
         return web.json_response(answer.doc, status=answer.status)
+
+
+    def _too_late(self, request: web.Request, envelope: Envelope, since: float) -> str | None:
+        """Why the event's sender would give up before its replay could end (None: it would not, or sends no
+        deadline): it would post the event again while the replay ran, and the Service would be called twice."""
+        deadline = request.headers.get(DELIVERY_TIMEOUT_HEADER)
+        try:
+            deadline_s = float(deadline) if deadline is not None else None
+        except ValueError:
+            deadline_s = None
+        if deadline_s is None:
+            return None
+        timeout = self.replayer.terms(envelope).timeout
+        if since + timeout < deadline_s:
+            return None
+        return f"its sender waits {deadline_s:g}s in all, and the replay may take {timeout:g}s more"
 
 
 def make_app(settings: ConsumerSettings, *, redis: aioredis.Redis | None = None,
