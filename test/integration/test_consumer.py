@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -368,14 +369,11 @@ async def test_events_past_body_memory_limit_wait_unread_until_replays_end(redis
     assert sorted(seen["raw_path"] for seen in target.seen) == ["/big/0", "/big/1", "/big/2"]
 
 
-@pytest.mark.parametrize("deadline, replayed", [("2.5", False), ("30", True), (None, True)])
-async def test_an_event_that_waited_too_long_for_its_senders_deadline_is_answered_503_unreplayed(
-        redis_url, http, redis_client, target, deadline, replayed):
-    """A third event waits 1 s for room (BODY_MEMORY_LIMIT 1 MB, two of 450 kB being replayed); its replay may take
-    REQUEST_TIMEOUT, 2 s. A sender that waits 2.5 s in all (Async-Delivery-Timeout, as our source sends it) would
-    post it again while it ran: it gets 503, and the Service is not called with it. Before, it was replayed, and
-    then again when its sender posted it again. A sender with time enough, or none said (Knative's adapter), gets
-    the replay."""
+@contextlib.asynccontextmanager
+async def two_replaying_and_a_third(redis_url, http, target):
+    """A consumer with BODY_MEMORY_LIMIT 1 MB replaying two events of 450 kB (the Service holding them until
+    ``target.release``), and a third event of 100 kB, not posted yet, which would have to wait for room: yields the
+    consumer's URL and port, the two posts and the third event."""
     settings = settings_for(redis_url, body_memory_limit=1_000_000)
     runner = await start_consumer(settings)
     base = f"http://127.0.0.1:{settings.port}"
@@ -385,16 +383,27 @@ async def test_an_event_that_waited_too_long_for_its_senders_deadline_is_answere
                                .to_stream_fields()) for n, size in enumerate([450_000, 450_000, 100_000])]
         posts = [asyncio.create_task(post(http, base, *event)) for event in events[:2]]
         assert await eventually(lambda: _true(len(target.seen) == 2))
-        headers, body = events[2]
+        yield base, settings.port, posts, events[2]
+    finally:
+        target.release.set()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("deadline, replayed", [("2.5", False), ("30", True), (None, True)])
+async def test_an_event_that_waited_too_long_for_its_senders_deadline_is_answered_503_unreplayed(
+        redis_url, http, redis_client, target, deadline, replayed):
+    """A third event waits 1 s for room (BODY_MEMORY_LIMIT 1 MB, two of 450 kB being replayed); its replay may take
+    REQUEST_TIMEOUT, 2 s. A sender that waits 2.5 s in all (Async-Delivery-Timeout, as our source sends it) would
+    post it again while it ran: it gets 503, and the Service is not called with it. Before, it was replayed, and
+    then again when its sender posted it again. A sender with time enough, or none said (Knative's adapter), gets
+    the replay."""
+    async with two_replaying_and_a_third(redis_url, http, target) as (base, _, posts, (headers, body)):
         if deadline is not None:
             headers = {**headers, "Async-Delivery-Timeout": deadline}
         third = asyncio.create_task(post(http, base, headers, body))
         await asyncio.sleep(1.0)
         target.release.set()
         answers = await asyncio.gather(*posts, third)
-    finally:
-        target.release.set()
-        await runner.cleanup()
     assert [status for status, _ in answers] == [200, 200, 200 if replayed else 503], answers
     assert ("/big/2" in [seen["raw_path"] for seen in target.seen]) is replayed
     if not replayed:
@@ -407,17 +416,8 @@ async def test_an_event_whose_sender_leaves_while_it_waits_for_room_is_dropped_w
     waits; its sender times out and closes the connection, as our source does after DELIVERY_TIMEOUT before posting
     it again. Once room frees, that event is dropped, not replayed, and the log says why: before, reading it raised
     aiohttp's ConnectionResetError and the log held only a traceback."""
-    settings = settings_for(redis_url, body_memory_limit=1_000_000)
-    runner = await start_consumer(settings)
-    base = f"http://127.0.0.1:{settings.port}"
-    target.hold = True
-    try:
-        events = [binary_event(f"{n}-0", Envelope.new("POST", f"{target.base}/big/{n}", [], b"x" * size)
-                               .to_stream_fields()) for n, size in enumerate([450_000, 450_000, 100_000])]
-        posts = [asyncio.create_task(post(http, base, *event)) for event in events[:2]]
-        assert await eventually(lambda: _true(len(target.seen) == 2))
-        headers, body = events[2]
-        reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+    async with two_replaying_and_a_third(redis_url, http, target) as (base, port, posts, (headers, body)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST / HTTP/1.1\r\nHost: c\r\nContent-Length: %d\r\n" % len(body)
                      + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
                      + b"\r\n" + body)
@@ -434,9 +434,6 @@ async def test_an_event_whose_sender_leaves_while_it_waits_for_room_is_dropped_w
         target.release.set()
         answers = await asyncio.gather(*posts)
         await asyncio.sleep(0.5)
-    finally:
-        target.release.set()
-        await runner.cleanup()
     assert [status for status, _ in answers] == [200, 200]
     assert sorted(seen["raw_path"] for seen in target.seen) == ["/big/0", "/big/1"]
     assert "its sender left before the event was read (it waited for room" in caplog.text
