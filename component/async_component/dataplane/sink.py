@@ -4,8 +4,9 @@
 decoded by :mod:`.envelope`), hands the queued request to the replay core
 (:class:`.replay.Replayer`) and answers with what it came to: 2xx once the
 outcome is recorded, 400 for an event that is no queued request, 503 while
-Redis is unavailable. The sender acknowledges the entry; this process never
-touches the stream's consumer group.
+Redis is unavailable (or when the event waited for room so long that its
+sender would give up before the replay ended). The sender acknowledges the
+entry; this process never touches the stream's consumer group.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class EventEndpoint:
             except EnvelopeError as exc:
                 answer = self.replayer.malformed(event_id, str(exc))
             else:
-                late = since and self._too_late(request, envelope, since)
+                late = self._too_late(request, envelope, since) if waited else None
                 if late:
                     log.warning("event %s (request %s) waited %.1fs for room under BODY_MEMORY_LIMIT: %s; answered"
                                 " 503, not replayed (its sender posts it again)", event_id, envelope.id, since, late)
@@ -110,7 +111,6 @@ class EventEndpoint:
                 self.held_back = False
                 log.info("consumer: no event waits for room under BODY_MEMORY_LIMIT any more")
         return web.json_response(answer.doc, status=answer.status)
-
 
     def _too_late(self, request: web.Request, envelope: Envelope, since: float) -> str | None:
         """Why the event's sender would give up before its replay could end (None: it would not, or sends no
