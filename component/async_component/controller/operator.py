@@ -324,7 +324,10 @@ def make_operator_settings() -> kopf.OperatorSettings:
     return settings
 
 
-def make_registry(reconciler: Reconciler, operator_settings: kopf.OperatorSettings) -> kopf.OperatorRegistry:
+def make_registry(reconciler: Reconciler, operator_settings: kopf.OperatorSettings,
+                  stop: asyncio.Event | None = None) -> kopf.OperatorRegistry:
+    """``stop``: the operator's stop flag, raised as it stops for any reason (a signal too), so that kopf's task
+    waiting on the flag ends at once: left waiting, kopf took it for a hung task and held the exit 5 s."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -360,6 +363,8 @@ def make_registry(reconciler: Reconciler, operator_settings: kopf.OperatorSettin
     async def close(**_: Any) -> None:
         reconciler.cancel()
         await reconciler.api.close()
+        if stop is not None:
+            stop.set()
 
     return registry
 
@@ -405,7 +410,7 @@ async def _operate(settings: ControllerSettings, operator_settings: kopf.Operato
     keeper = asyncio.create_task(_stop_when_lost(elector, stop)) if elector else None
     try:
         await kopf.operator(
-            registry=make_registry(reconciler, operator_settings),
+            registry=make_registry(reconciler, operator_settings, stop),
             settings=operator_settings,
             identity=identity,  # kopf types it as a NewType of str; no getpass (any UID works)
             clusterwide=True,
