@@ -496,25 +496,28 @@ async def test_the_dead_letter_stream_keeps_about_dead_letter_max_length_entries
     assert b"not a queued request 49" in kept and b"not a queued request 0" not in kept  # the oldest go first
 
 
-def read_until(stream, text: bytes) -> bool:
-    """Read a process's output until a line holds ``text``; whether one did before it ended."""
+def read_until(stream, text: bytes) -> bytes | None:
+    """Read a process's output until a line holds ``text``: that line (None if the output ended first)."""
     for line in stream:
         if text in line:
-            return True
-    return False
+            return line
+    return None
 
 
 @pytest.mark.slow
 async def test_sigterm_during_a_long_replay_lets_it_finish_and_reads_nothing_new(redis_url, redis_client):
-    """The source used to give its replays 20 s on SIGTERM: a longer one was cut, and replayed again elsewhere."""
+    """The source used to give its replays 20 s on SIGTERM, whatever REQUEST_TIMEOUT: a longer one was cut, and
+    replayed again elsewhere. It now gives them REQUEST_TIMEOUT + 10 s (16 s here, where it said 20 s), the longest
+    any replay may take (a Service's own timeout is capped at REQUEST_TIMEOUT), and the replay in flight ends."""
     async with service() as target:
-        target.delay = 22
+        target.delay = 4
         first = await queue(redis_client, target, "/first")
-        process = source_process(redis_url, {"REQUEST_TIMEOUT": "40", **loopback_env(target)})
+        process = source_process(redis_url, {"REQUEST_TIMEOUT": "6", **loopback_env(target)})
         try:
             assert await eventually(lambda: has(target.seen, 1), 20)
             process.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(read_until, process.stderr, b"stopping: waiting up to")
+            stopping = await asyncio.to_thread(read_until, process.stderr, b"stopping: waiting up to")
+            assert stopping is not None and b"stopping: waiting up to 16s for 1 deliveries" in stopping, stopping
             second = await queue(redis_client, target, "/second")  # queued while the source drains
             returncode = await asyncio.to_thread(process.wait, 40)
         finally:
