@@ -122,7 +122,7 @@ async def test_a_full_queue_answers_503_while_another_service_still_gets_202(tmp
         async with aiohttp.ClientSession() as session:
             client = Client(small, session)
             for n in range(3):
-                await client.accept("alpha", f"/held/{n}?sleep=6")  # held past the checks below; the stack stops sooner
+                await client.accept("alpha", f"/held/{n}?sleep=3")  # held past the 503 below; the stack stops sooner
             headers = {"Host": small.host("alpha"), "Prefer": "respond-async"}
             async with session.post(small.gateway_url + "/one-more", headers=headers) as response:
                 assert response.status == 503

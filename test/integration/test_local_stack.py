@@ -481,7 +481,7 @@ def test_concurrency_one_replays_one_request_at_a_time(tmp_path):
         out.wait_for("ready")
         locations = []
         for n in range(2):
-            status, headers, _ = http(f"http://127.0.0.1:{port}/n/{n}?sleep=3", host)
+            status, headers, _ = http(f"http://127.0.0.1:{port}/n/{n}?sleep=2", host)
             assert status == 202
             locations.append(headers["Location"])
         poll(lambda: state(locations[0]) == "running")
