@@ -184,8 +184,10 @@ class LocalStack:
         except ValueError as exc:
             problems.append(f"cluster domain {cluster_domain!r} {exc}")
         self.delivery = dict(delivery or {})
+        self.request_timeout = 0.0
+        """The replays' REQUEST_TIMEOUT: also the longest timeout a Service may ask for (as the controller says)."""
         try:
-            load(ReplaySettings, {}, self.delivery)
+            self.request_timeout = load(ReplaySettings, {}, self.delivery).request_timeout
         except SettingsError as exc:
             problems.append(str(exc))
         if problems:
@@ -350,7 +352,7 @@ class LocalStack:
             ksvcs, app_address=f"{LOOPBACK}:{self._ports['app']}",
             producer_address=f"{LOOPBACK}:{self._ports['producer']}", domain=self.domain,
             cluster_domain=self.cluster_domain,
-            limits=ClusterLimits(max_timeout=load(ReplaySettings, {}, self.delivery).request_timeout),
+            limits=ClusterLimits(max_timeout=self.request_timeout),
         ).to_json())
         if self._redis is not None:
             try:
@@ -404,7 +406,7 @@ class LocalStack:
                      **{k: v for k, v in caps.items() if k in ("MAX_INFLIGHT_PER_SERVICE", "CONCURRENCY")},
                      **({} if self.replay_in_source else {
                          "SINK_URL": self.consumer_url,  # waiting longer than a replay, as source.yaml says
-                         "DELIVERY_TIMEOUT": f"{load(ReplaySettings, {}, self.delivery).request_timeout + 30:g}"})},
+                         "DELIVERY_TIMEOUT": f"{self.request_timeout + 30:g}"})},
                     url(ports["source"]) + "/readyz"),
             Process("gateway", [*command, "gateway", "--routes", str(routes_file), "--port", str(self.port),
                              "--host", LOOPBACK, "--log-level", self.log_level],
