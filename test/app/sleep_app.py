@@ -13,7 +13,9 @@ Query parameters steer one request:
                            (no header counts as attempt 1)
 
 It logs a line per request at ``LOG_LEVEL`` INFO (the default); WARNING or
-ERROR keeps only problems.
+ERROR keeps only problems. A request whose caller hangs up stops sleeping (and
+says so in its line), so a stopping gateway or a caller's timeout never leaves
+the app holding it.
 """
 
 from __future__ import annotations
@@ -138,7 +140,12 @@ def make_app(settings: Settings | None = None) -> web.Application:
                 return _error(request, 413, f"body larger than {settings.max_body_bytes} bytes")
             digest.update(chunk)
 
-        await asyncio.sleep(sleep)
+        try:
+            await asyncio.sleep(sleep)
+        except asyncio.CancelledError:  # handler_cancellation: the caller hung up (or timed out)
+            log.info("%s %s host=%s attempt=%s: the caller hung up while it slept", request.method,
+                     request.path_qs, request.host, request.headers.get(ATTEMPT_HEADER, "-"))
+            raise
         attempt = _attempt(request)
         if fail_attempts is not None and attempt <= fail_attempts:
             status = 503
@@ -162,7 +169,8 @@ def main() -> None:
                         format="%(asctime)s sleep_app %(levelname)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     log.info("listening on %s:%d, default sleep %gs", settings.host, settings.port, settings.sleep_seconds)
-    web.run_app(make_app(settings), host=settings.host, port=settings.port, print=None, shutdown_timeout=5)
+    web.run_app(make_app(settings), host=settings.host, port=settings.port, print=None, shutdown_timeout=5,
+                handler_cancellation=True)
 
 
 if __name__ == "__main__":

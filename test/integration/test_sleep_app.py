@@ -153,3 +153,35 @@ def test_bad_sleep_setting_exits_with_one_line():
     result = subprocess.run([sys.executable, str(APP_FILE)], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == ["sleep_app: SLEEP_SECONDS='soon' must be 0-3600 seconds"]
+
+
+def test_a_caller_that_hangs_up_stops_the_sleep_and_sigterm_stops_the_app_at_once():
+    """What a gateway that gave up on a hung request (or a caller's timeout) leaves: nothing held in the app,
+    so it stops when told to instead of outlasting its shutdown timeout."""
+    import socket
+
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "SLEEP_SECONDS": "0", "LOG_LEVEL": "INFO"}
+    process = subprocess.Popen([sys.executable, str(APP_FILE)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                caller = socket.create_connection(("127.0.0.1", port), timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not listen"
+                time.sleep(0.05)
+        caller.sendall(b"GET /hung?sleep=3600 HTTP/1.1\r\nHost: app\r\n\r\n")
+        time.sleep(0.5)
+        caller.close()
+        time.sleep(0.5)
+        process.terminate()
+        started = time.monotonic()
+        _, err = process.communicate(timeout=30)
+        stopped_in = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "GET /hung?sleep=3600 host=app attempt=-: the caller hung up while it slept" in err, err
+    assert stopped_in < 3, f"took {stopped_in:.1f}s to stop (its shutdown timeout is 5s)"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
@@ -325,3 +326,48 @@ def test_gateway_command_refuses_a_bad_route_table(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"async-component gateway: error: {routes}: Ingress default/x routes to Service default/nope, which the service table lacks"]
+
+
+async def test_a_stopping_gateway_lets_quick_requests_finish_then_cuts_a_hung_one(http, monkeypatch):
+    """What Ctrl-C of the local stack meets with a Service that hangs: one grace, then the hung request is cut and
+    its upstream connection closed (the Service sees its caller hang up), instead of aiohttp's shutdown timeout
+    waited twice."""
+    monkeypatch.setattr(gateway, "STOP_GRACE", 1.0)
+    arrived, hung_up = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        try:
+            await asyncio.sleep(float(request.query["sleep"]))
+        except asyncio.CancelledError:
+            hung_up.set()
+            raise
+        return web.Response(text="done")
+
+    upstream = web.Application()
+    upstream.router.add_get("/{tail:.*}", slow)
+    upstream_runner = web.AppRunner(upstream, handler_cancellation=True)
+    await upstream_runner.setup()
+    upstream_port = free_port()
+    await web.TCPSite(upstream_runner, "127.0.0.1", upstream_port).start()
+    table = Routes((ingress("s", [rule(["s.example.com"], {"splits": [split("up")]})]),),
+                   services={("default", "up"): f"127.0.0.1:{upstream_port}"})
+    runner, port = await serve(gateway.make_app(table))  # aiohttp's own shutdown timeout: 60 s, twice
+
+    async def call(sleep: float):
+        async with http.get(f"http://127.0.0.1:{port}/?sleep={sleep}", headers={"Host": "s.example.com"}) as answer:
+            return answer.status, await answer.text()
+
+    try:
+        hung = asyncio.create_task(call(3600))
+        await asyncio.wait_for(arrived.wait(), 5)
+        arrived.clear()
+        quick = asyncio.create_task(call(0.3))
+        await asyncio.wait_for(arrived.wait(), 5)
+        await asyncio.wait_for(runner.cleanup(), 10)
+        assert await quick == (200, "done")
+        with pytest.raises(aiohttp.ClientError):
+            await hung
+        await asyncio.wait_for(hung_up.wait(), 5)
+    finally:
+        await upstream_runner.cleanup()

@@ -237,6 +237,11 @@ def upstream_headers(request: web.Request, target: Target) -> CIMultiDict[str]:
 
 APP_SESSION = web.AppKey("session", aiohttp.ClientSession)
 APP_ROUTER = web.AppKey("router", Router)
+APP_IN_FLIGHT = web.AppKey("in_flight", set)
+"""The connection tasks of the requests being proxied."""
+STOP_GRACE = 2.0
+"""Seconds a stopping gateway gives the requests it is proxying, then cuts them (closing their upstream
+connections), so a Service that hangs does not hold the stop."""
 
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -249,57 +254,76 @@ def _upstream_failed(request: web.Request, target: Target, exc: BaseException) -
     return _error(502, f"upstream {target.service} ({target.address}) failed: {reason}")
 
 
-async def proxy(request: web.Request) -> web.StreamResponse:
-    host = request.headers.get("Host", "")
-    path = request.raw_path.split("?", 1)[0]
-    target = request.app[APP_ROUTER].match(host, path, request.headers)
-    if target is None:
-        return _error(404, f"no route for host {bare_host(host)!r} and path {path!r}")
-    url = URL(f"http://{target.address}{request.raw_path}", encoded=True)
-    headers = upstream_headers(request, target)
-    if rawhttp.has_binary(headers.items()):
-        return await _proxy_binary(request, target, str(url), headers)
-    expect = continue_expected(request)
-    body = (_after_continue(request) if expect else request.content) if request.body_exists else None
-    try:
-        upstream = await request.app[APP_SESSION].request(
-            request.method, url, headers=headers, data=body, allow_redirects=False,
-            expect100=expect,
-        )
-    except UPSTREAM_ERRORS as exc:
-        return _upstream_failed(request, target, exc)
-    try:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s%s -> %s %d", request.method, host, request.raw_path, target.service, upstream.status)
-        headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED)
-        length = upstream.content_length
-        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
-            # One write for headers and body: the sync path's usual case, kept cheap.
-            try:
-                body = await upstream.read()
-            except UPSTREAM_ERRORS as exc:
-                return _upstream_failed(request, target, exc)
-            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+async def _cut_in_flight(app: web.Application) -> None:
+    """On stop, before aiohttp's own wait: one grace for the requests in flight, then each one's connection
+    task is cancelled (aiohttp would wait its shutdown timeout twice, then cut them all the same)."""
+    in_flight = app[APP_IN_FLIGHT]
+    deadline = asyncio.get_running_loop().time() + STOP_GRACE
+    while in_flight and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    if in_flight:
+        log.warning("stopping: cutting %d request(s) still in flight after %gs", len(in_flight), STOP_GRACE)
+        for connection in list(in_flight):
+            connection.cancel()
 
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        if length is not None:
-            response.content_length = length
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    in_flight = request.app[APP_IN_FLIGHT]
+    connection = request.task  # serves one request at a time
+    in_flight.add(connection)
+    try:
+        host = request.headers.get("Host", "")
+        path = request.raw_path.split("?", 1)[0]
+        target = request.app[APP_ROUTER].match(host, path, request.headers)
+        if target is None:
+            return _error(404, f"no route for host {bare_host(host)!r} and path {path!r}")
+        url = URL(f"http://{target.address}{request.raw_path}", encoded=True)
+        headers = upstream_headers(request, target)
+        if rawhttp.has_binary(headers.items()):
+            return await _proxy_binary(request, target, str(url), headers)
+        expect = continue_expected(request)
+        body = (_after_continue(request) if expect else request.content) if request.body_exists else None
         try:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-        except ConnectionError:
-            pass  # the client went away; aiohttp closes its side
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            # The status is out already: cutting the connection tells the client the body is incomplete.
-            log.warning("%s %s%s -> %s: response body broke off: %s: %s", request.method, host,
-                        request.raw_path, target.service, type(exc).__name__, exc)
-            if request.transport is not None:
-                request.transport.abort()
-        return response
+            upstream = await request.app[APP_SESSION].request(
+                request.method, url, headers=headers, data=body, allow_redirects=False,
+                expect100=expect,
+            )
+        except UPSTREAM_ERRORS as exc:
+            return _upstream_failed(request, target, exc)
+        try:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s%s -> %s %d", request.method, host, request.raw_path, target.service, upstream.status)
+            headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED)
+            length = upstream.content_length
+            if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+                # One write for headers and body: the sync path's usual case, kept cheap.
+                try:
+                    body = await upstream.read()
+                except UPSTREAM_ERRORS as exc:
+                    return _upstream_failed(request, target, exc)
+                return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            if length is not None:
+                response.content_length = length
+            try:
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionError:
+                pass  # the client went away; aiohttp closes its side
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # The status is out already: cutting the connection tells the client the body is incomplete.
+                log.warning("%s %s%s -> %s: response body broke off: %s: %s", request.method, host,
+                            request.raw_path, target.service, type(exc).__name__, exc)
+                if request.transport is not None:
+                    request.transport.abort()
+            return response
+        finally:
+            upstream.release()
     finally:
-        upstream.release()
+        in_flight.discard(connection)
 
 
 async def _proxy_binary(request: web.Request, target: Target, url: str, headers: CIMultiDict[str]) -> web.Response:
@@ -334,6 +358,8 @@ def make_app(routes: Routes, *, rng: random.Random | None = None) -> web.Applica
     """Raises :class:`RoutesError` when the table cannot be served."""
     app = web.Application()
     app[APP_ROUTER] = Router(routes, rng)
+    app[APP_IN_FLIGHT] = set()
+    app.on_shutdown.append(_cut_in_flight)
 
     async def session(app: web.Application):
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
