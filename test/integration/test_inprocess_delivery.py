@@ -370,6 +370,35 @@ async def test_an_outcome_redis_refuses_to_store_leaves_the_entry_pending(redis_
     assert target.seen == [("/work", "1"), ("/work", "1")]  # replayed again: at least once
 
 
+
+async def test_a_request_the_core_cannot_record_ends_failed_with_its_dead_letter_not_running(redis_url, redis_client):
+    """An error that is not Redis's while the outcome is written (a bug, an input nobody foresaw) would fail the same
+    way every time: the entry is dead-lettered, and the request, marked running when it started, ends failed."""
+    async with service() as target, running(source_settings(redis_url)) as source:
+        replayer = source.delivery.replayer
+        async def started() -> bool:
+            return replayer.sets is not None
+        assert await eventually(started)
+        write = replayer.sets._send
+        broken = []
+
+        async def once_broken(items):
+            if not broken:
+                broken.append(items)
+                raise RuntimeError("an error nobody foresaw")
+            return await write(items)
+
+        replayer.sets._send = once_broken
+        envelope = await queue(redis_client, target)
+        assert await eventually(settled(redis_client))
+        assert broken and await redis_client.xlen(DEAD) == 1
+        assert target.seen == [("/work", "1")]
+    record = await record_of(redis_client, envelope.id)
+    assert record.state == FAILED, f"reads {record.state}"
+    assert "RuntimeError: an error nobody foresaw" in record.error
+    [key] = await redis_client.keys(f"async:*:req:{envelope.id}")
+    assert await redis_client.ttl(key) > 0
+
 @pytest.mark.slow
 async def test_a_long_replay_is_kept_fresh_and_not_stolen_by_another_source(redis_url, redis_client):
     async with service() as target, running(source_settings(redis_url, request_timeout=10)) as first:
