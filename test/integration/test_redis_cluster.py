@@ -34,7 +34,7 @@ from async_component.settings import ConsumerSettings, ProducerSettings, RedisSe
 
 from .aioserve import serve
 from .scripted import LOOPBACK_TARGETS, ScriptedServer, serving
-from .sourcerun import running, source_process
+from .sourcerun import eventually, running, source_process
 
 DEAD_LETTERS = "async-requests-dead"
 
@@ -278,6 +278,46 @@ async def test_entries_of_a_killed_source_are_reclaimed_on_every_master(cluster,
     assert [(status, state) for status, state, _ in finals] == [(200, "succeeded")] * 3
     assert sorted(seen for seen, _ in gateway.answered) == sorted((service, "/once") for service in services)
 
+
+
+async def test_a_wake_up_handled_while_a_full_scan_reads_its_slot_empty_leaves_the_slot_polled(cluster, gateway):
+    """The race: a Service's queue drained (its mark gone); a full scan reads its slot's active set empty, and
+    meanwhile a new request for it is accepted and its wake-up handled. The queue is served (it woke), but the
+    slot must stay among those polled: the request's retry is found only by a poll, and the producer wakes a
+    marked queue only once, so otherwise both waited for the read of every slot every 60 s."""
+    service = services_on_each_master(cluster, f"raced-{time.monotonic_ns()}")[0]
+    member, slot = f"default/{service}", key_slot(f"{{default/{service}}}".encode())
+    settings = SourceSettings(redis_url=cluster.url, health_port=0, visibility_timeout=2.0, retry_base_delay=0.5,
+                              retry_max_delay=0.5, target_gateway_url=gateway.url.rstrip("/"), consumer_name="raced",
+                              **LOOPBACK_TARGETS)
+    async with data_plane(cluster.url, gateway, source=False) as base, client_of(base) as client, \
+            running(settings) as source:
+        assert (await client.finish(service, await client.accept(service, "/first")))[:2] == (200, "succeeded")
+        read_slots, raced = source._scan_slots, []
+
+        async def scan_racing_a_wake_up(full: bool, now: float):
+            found = await read_slots(full, now)
+            if full and not raced and slot not in source.busy_slots and member in source.queues:
+                state = source.queues[member]  # read empty and dropped: the wake-up comes before the reply
+                woken = state.woken
+                raced.append(await client.accept(service, "/status/503"))
+
+                async def woke() -> bool:
+                    return state.woken > woken
+                assert await eventually(woke)
+            return found
+
+        source._scan_slots = scan_racing_a_wake_up
+
+        async def raced_once() -> bool:
+            return bool(raced)
+        assert await eventually(raced_once, 15)
+        started = time.monotonic()
+
+        async def retried() -> bool:
+            return gateway.seen.count((service, "/status/503")) >= 2
+        assert await eventually(retried, 15), "the retry waited for the read of every slot"
+        assert time.monotonic() - started < 10
 
 async def test_a_source_posting_to_the_consumer_serves_a_cluster_too(cluster, gateway):
     """SINK_URL: the source hands each entry to the consumer as a CloudEvent; the consumer's replay core

@@ -244,7 +244,8 @@ class Source:
         """Set when there may be something to do: a queue woke, a slot freed, stopping."""
         self.rescan = True
         self.busy_slots: set[int] = set()
-        """On a cluster: the slots whose active set held queues when last read, or that a wake-up named."""
+        """On a cluster: the slots whose active set held queues when last read, or that a wake-up named, and
+        after each full scan those of every queue still known."""
         self.next_sweep = 0.0
         self.redis_throttle = LogThrottle(log)
         self.sink_throttle = LogThrottle(log)
@@ -469,6 +470,10 @@ class Source:
                 del self.queues[member]
                 self.waiting.pop(member, None)
                 self.metrics.forget(member)
+            if self.layout.cluster:  # a slot read empty while one of its queues woke: that queue's slot is still
+                # polled, or its retries and reclaims would wait for the 60 s sweep (the producer wakes a marked
+                # queue only once)
+                self.busy_slots.update(slot_of(member) for member in self.queues)
 
     async def _measuring(self, drained: asyncio.Event) -> None:
         """Refresh the per-Service queue metrics every SCAN_INTERVAL, beside the loop (it never waits for them)."""
