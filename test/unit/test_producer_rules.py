@@ -66,6 +66,9 @@ def test_prefer_loses_only_respond_async(value, expected):
 
 @pytest.mark.parametrize("values, expected", [
     ([], "respond-sync"),
+    (["respond-async"], "respond-sync"),
+    ([" Respond-Async ", "RESPOND-ASYNC"], "respond-sync"),
+    (["respond-async;x=1"], "respond-sync"),
     (["return=minimal"], "respond-sync, return=minimal"),
     (["respond-async, return=minimal", "handling=lenient"], "respond-sync, return=minimal, handling=lenient"),
     (["respond-sync", "wait=5"], "respond-sync, wait=5"),
