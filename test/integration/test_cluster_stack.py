@@ -45,6 +45,30 @@ def owner(stack: LocalStack, slot: int) -> int:
     raise AssertionError(f"nobody serves slot {slot}")
 
 
+def diagnosis(stack: LocalStack, master: int) -> str:
+    """What tells the ways a request can stay unfinished apart: its records, the queue's pending entries (who holds
+    them, for how long, delivered how often), dead letters, and the source's warnings and last lines."""
+    parts = []
+    try:
+        tag = f"{{default/{SLEEP}}}"
+        with stack.redis_cluster.client(master) as node:
+            records = {key.decode(): node.get(key) for key in node.scan_iter(match=f"{stack.key_prefix}:{tag}:req:*")}
+            parts.append("--- records not succeeded ---\n" + "\n".join(
+                f"{key} ttl={node.ttl(key)} {value!r}" for key, value in records.items()
+                if value is not None and b'"succeeded"' not in value))
+            stream = f"{stack.key_prefix}:{tag}:q"
+            parts.append(f"--- {stream}: length {node.xlen(stream)}, pending ---\n" + "\n".join(
+                map(repr, node.xpending_range(stream, "async-source", min="-", max="+", count=50))))
+            parts.append("--- dead letters --- " + repr(node.xlen(f"{stack.dead_letter_stream}:{tag}")))
+    except Exception as exc:  # the diagnosis must not hide the failure
+        parts.append(f"(Redis not read: {type(exc).__name__}: {exc})")
+    lines = stack.logs("source")
+    parts.append("--- source warnings ---\n" + "\n".join(line for line in lines if " WARNING " in line
+                                                            or " ERROR " in line or "Traceback" in line))
+    parts.append("--- source, last lines ---\n" + "\n".join(lines[-40:]))
+    return "\n".join(parts)
+
+
 async def test_kill_9_of_a_master_stops_only_its_services_and_its_queue_completes_when_it_is_back(stack, client):
     cluster = stack.redis_cluster
     dead = owner(stack, slot_of(stack, SLEEP))
@@ -70,11 +94,11 @@ async def test_kill_9_of_a_master_stops_only_its_services_and_its_queue_complete
     assert await client.finish(ALWAYS, location, timeout=30, pending=PENDING) == (200, "succeeded")
 
     await asyncio.to_thread(cluster.restart, dead)
-    try:  # once (a loaded CI machine) one read `running` 60 s after the master was back: the source's log says why
+    try:  # once (a loaded CI machine) one read `running` 60 s after the master was back: what to look at if again
         finals = await asyncio.gather(*(client.finish(SLEEP, location, timeout=120, pending=PENDING)
                                         for location in queued))
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n--- source ---\n" + "\n".join(stack.logs("source")[-60:])) from None
+        raise AssertionError(f"{exc}\n{diagnosis(stack, dead)}") from None
     assert finals == [(200, "succeeded")] * len(queued)
 
 
