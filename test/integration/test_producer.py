@@ -444,6 +444,9 @@ async def test_status_of_unknown_request_is_404(base, http):
         async with http.get(f"{base}{STATUS_PATH_PREFIX}{request_id}", headers=ASYNC) as resp:
             assert resp.status == 404
             assert "error" in await resp.json()
+    async with http.get(f"{base}{STATUS_PATH_PREFIX}{'a' * 6000}", headers=ASYNC) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"] == f"no request '{'a' * 100}...' for this host"  # not 6 KB of it back
 
 
 async def test_status_after_enqueue_is_pending_and_hidden_from_other_hosts(base, http):

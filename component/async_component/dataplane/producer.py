@@ -72,6 +72,8 @@ REJECT_REASONS = ("forbidden_host", "too_large", "redis_unavailable", "bad_reque
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+QUOTED_ID_LIMIT = 100
+"""Characters of an unknown request id a 404 quotes back (a status path may be kilobytes long)."""
 LOCATION_SEPARATOR = "."
 """Between entry id and request id in a status path: in neither alphabet."""
 
@@ -614,7 +616,8 @@ class Producer:
 
     def _not_found(self, request_id: str) -> Response:
         self.metrics.status_reads.labels("not_found").inc()
-        return error_response(404, f"no request {request_id!r} for this host")
+        shown = request_id if len(request_id) <= QUOTED_ID_LIMIT else request_id[:QUOTED_ID_LIMIT] + "..."
+        return error_response(404, f"no request {shown!r} for this host")
 
     # lifecycle
 
