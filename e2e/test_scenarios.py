@@ -159,6 +159,20 @@ async def test_binary_body_repeated_headers_and_query_arrive_unchanged(client: C
     assert echo_headers(echo, "Content-Type") == ["application/octet-stream"]
 
 
+
+async def test_a_20_kib_header_reaches_the_service_sync_and_queued(client: Client):
+    """A large token or cookie: Envoy (Kourier's and Istio's gateways) passes 60 KiB of headers on."""
+    token = "t" * (20 * 1024)
+    sync = await client.request(SERVICE_CONDITIONAL, "GET", "/large-header?sleep=0", headers=[("X-Token", token)])
+    assert sync.status == 200, sync.body[:300]
+    assert echo_headers(sync.json(), "X-Token") == [token]
+    accepted = await client.request(SERVICE_CONDITIONAL, "GET", "/large-header?sleep=0",
+                                    headers=[("X-Token", token)], prefer_async=True)
+    assert accepted.status == 202, accepted.body[:300]
+    final, _ = await client.follow(SERVICE_CONDITIONAL, accepted)
+    assert final.status == 200
+    assert echo_headers(final.json(), "X-Token") == [token]
+
 async def test_header_bytes_that_are_not_utf8_reach_the_service_unchanged(client: Client, backend: Backend):
     """Like the body, a header value is bytes: ff fe 80 arrives as ff fe 80, not re-encoded as UTF-8."""
     url = URL(backend.gateway_url)

@@ -153,7 +153,8 @@ def make_app(settings: Settings | None = None) -> web.Application:
                  request.host, request.headers.get(ATTEMPT_HEADER, "-"), length, sleep, status)
         return web.json_response(_echo(request, digest.hexdigest(), length, sleep), status=status)
 
-    app = web.Application()
+    # headers as large as a cluster's gateway passes on (Envoy: 60 KiB), not aiohttp's 8190 bytes a field
+    app = web.Application(handler_args={"max_line_size": 64 * 1024, "max_field_size": 64 * 1024})
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -47,6 +47,10 @@ SMALL_BODY = 64 * 1024
 NOT_FORWARDED = HOP_BY_HOP | {"expect", "proxy-connection"}
 """Request and response headers that belong to one hop (``expect`` is answered here)."""
 
+HEADER_LIMITS = {"max_line_size": 60 * 1024, "max_field_size": 60 * 1024}
+"""Envoy's (Kourier's and Istio's) default: 60 KiB of request or response headers; aiohttp's own would refuse
+one header or a request line over 8190 bytes that a cluster passes on (a large token or cookie)."""
+
 
 class RoutesError(ValueError):
     """The route table cannot be served: unknown Service, clashing hosts, bad field."""
@@ -356,7 +360,7 @@ async def _after_continue(request: web.Request):
 
 def make_app(routes: Routes, *, rng: random.Random | None = None) -> web.Application:
     """Raises :class:`RoutesError` when the table cannot be served."""
-    app = web.Application()
+    app = web.Application(handler_args=HEADER_LIMITS)
     app[APP_ROUTER] = Router(routes, rng)
     app[APP_IN_FLIGHT] = set()
     app.on_shutdown.append(_cut_in_flight)
@@ -366,7 +370,7 @@ def make_app(routes: Routes, *, rng: random.Random | None = None) -> web.Applica
         async with aiohttp.ClientSession(
             connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), **HEADER_LIMITS,
         ) as client:
             app[APP_SESSION] = client
             yield
