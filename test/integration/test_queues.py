@@ -563,6 +563,29 @@ async def test_requests_read_ahead_for_a_service_that_hangs_read_queued_not_runn
         gateway.release.set()
 
 
+
+async def test_read_ahead_requests_it_could_not_mark_queued_again_are_logged(redis_url, redis_client, gateway,
+                                                                               caplog):
+    """Redis refusing the DEL (here an ACL without it) leaves them reading ``running``: the log says so."""
+    await redis_client.execute_command("ACL", "SETUSER", "nodel", "on", "nopass", "~*", "&*", "+@all", "-del")
+    async with enqueuer(redis_client) as enqueue:
+        for n in range(40):
+            await accept(enqueue, "a", f"/q/{n}")
+        hanging = [("a", await accept(enqueue, "a", "/hang")) for _ in range(30)]
+    refused = redis_url.replace("redis://", "redis://nodel:any@", 1)
+    try:
+        with caplog.at_level("WARNING", logger="async_component.dataplane.source"):
+            async with running(settings_for(refused, gateway), stop_grace=0.1):
+                assert await eventually(lambda: _true(gateway.in_flight("a") == 8), 10)
+                await asyncio.sleep(1.8)  # longer than a borrower may wait (BORROW_AGE) and one look at the queues
+                states = [None if found is None else found.state
+                          for found in [await record(redis_client, service, request_id)
+                                        for service, request_id in hanging]]
+    finally:
+        gateway.release.set()
+    assert states.count("running") > 8, states  # read ahead and still marked: the DEL was refused
+    assert "could not mark" in caplog.text and "NoPermissionError" in caplog.text, caplog.text
+
 async def test_a_stopping_source_gives_back_the_requests_it_read_ahead_as_queued(redis_url, redis_client, gateway):
     """Stopped while requests read ahead wait for slots a hung Service holds: they stay pending for another
     source, and read ``queued``, not ``running``."""

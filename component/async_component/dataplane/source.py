@@ -832,11 +832,14 @@ class Source:
                 keys.append(mark[0])
                 entries[n] = (state, ref, fields, None, read_at)
         if keys:
-            try:
-                await per_node(self.redis, keys, str, lambda pipe, key: pipe.delete(key))
-            except Exception as exc:  # their status reads running until they start or another source takes them
-                log.warning("source %s could not mark %d requests read ahead queued again: %s", self.name, len(keys),
-                            exc)
+            try:  # per_node answers each key's error in its place: a refused DEL raises nothing
+                failed = [reply for reply in await per_node(self.redis, keys, str, lambda pipe, key: pipe.delete(key))
+                          if isinstance(reply, Exception)]
+            except Exception as exc:
+                failed = [exc] * len(keys)
+            if failed:  # their status reads running until they start or another source takes them
+                log.warning("source %s could not mark %d requests read ahead queued again: %s: %s", self.name,
+                            len(failed), type(failed[0]).__name__, failed[0])
         return keys
 
     async def _leave_groups(self) -> None:
