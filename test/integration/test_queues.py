@@ -586,6 +586,28 @@ async def test_read_ahead_requests_it_could_not_mark_queued_again_are_logged(red
     assert states.count("running") > 8, states  # read ahead and still marked: the DEL was refused
     assert "could not mark" in caplog.text and "NoPermissionError" in caplog.text, caplog.text
 
+
+async def test_a_reclaim_redis_refuses_is_logged(redis_url, redis_client, gateway, caplog):
+    """Entries a stopped source left pending, and an heir whose XAUTOCLAIM Redis refuses (an ACL without it):
+    they are not taken, and the heir's log says why, instead of nothing."""
+    await redis_client.execute_command("ACL", "SETUSER", "noclaim", "on", "nopass", "~*", "&*", "+@all",
+                                       "-xautoclaim")
+    async with enqueuer(redis_client) as enqueue:
+        await accept(enqueue, "a", "/hang")
+    async with running(settings_for(redis_url, gateway), stop_grace=0.1):
+        assert await eventually(lambda: _true(gateway.in_flight("a") == 1), 10)
+    refused = redis_url.replace("redis://", "redis://noclaim:any@", 1)
+    with caplog.at_level("WARNING", logger="async_component.dataplane.source"):
+        async with running(settings_for(refused, gateway, consumer_name="heir"), stop_grace=0.1):
+            async def warned() -> bool:
+                return "cannot reclaim" in caplog.text
+            assert await eventually(warned, 10), caplog.text
+    gateway.release.set()
+    assert "NoPermissionError" in caplog.text
+    stream = LAYOUT.for_host(host("a")).stream
+    assert (await redis_client.xpending(stream, "async-source"))["consumers"] == [
+        {"name": b"first", "pending": 1}]
+
 async def test_a_stopping_source_gives_back_the_requests_it_read_ahead_as_queued(redis_url, redis_client, gateway):
     """Stopped while requests read ahead wait for slots a hung Service holds: they stay pending for another
     source, and read ``queued``, not ``running``."""

@@ -714,7 +714,10 @@ class Source:
         found = []
         held = {entry[1] for entry in self.ahead}
         for (state, stream, room), reply in zip(claims, replies):
-            if isinstance(reply, Exception):  # NOGROUP: nothing was ever read from it
+            if isinstance(reply, Exception):  # NOGROUP: nothing was ever read from it; anything else is news
+                if "NOGROUP" not in str(reply):
+                    self.redis_throttle.warning("source %s cannot reclaim the entries of %s: %s: %s", self.name,
+                                                stream, type(reply).__name__, reply)
                 continue
             entries = [(state, (stream, as_text(entry_id)), fields) for entry_id, fields in reply[1]
                        if fields is not None and (stream, as_text(entry_id)) not in self.in_flight
