@@ -641,6 +641,28 @@ async def test_404_fails_at_once_without_retry(base, http, redis_client, target)
     assert await redis_client.xlen(STREAM) == 1 and len(target.seen) == 1
 
 
+
+async def test_an_error_that_is_not_redis_recording_the_outcome_ends_the_request_failed(base, http, redis_client,
+                                                                                       target, monkeypatch):
+    """The event gets 400 (it would fail the same way every time, and the sender takes a 400 for good); the request,
+    started running, must not read running for ever: it ends failed, with the retention of a finished one."""
+    from async_component.dataplane.replay import Replayer
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("an error nobody foresaw")
+
+    monkeypatch.setattr(Replayer, "_record_outcome", broken)
+    envelope = envelope_for(target)
+    entry_id = await queue(redis_client, envelope)
+    status, doc = await post(http, base, *binary_event(entry_id, envelope.to_stream_fields()))
+    assert status == 400 and "RuntimeError: an error nobody foresaw" in doc["error"], doc
+    record = await record_of(redis_client, envelope.id)
+    assert (record.state, record.attempts) == (FAILED, 1), record
+    assert "RuntimeError: an error nobody foresaw" in record.error
+    [key] = await redis_client.keys(f"async:*:req:{envelope.id}")
+    assert await redis_client.ttl(key) > 0
+    assert len(target.seen) == 1
+
 async def test_a_response_over_the_size_limit_is_not_kept_and_the_request_fails_without_retry(
         redis_url, http, redis_client, target):
     """A Service's answer is recorded in Redis: past RESPONSE_SIZE_LIMIT it is not read, and its status says why."""

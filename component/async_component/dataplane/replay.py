@@ -502,7 +502,7 @@ class Replayer:
         except REDIS_ERRORS as exc:  # Redis down: nothing replayed yet; the source delivers again later
             return self._unavailable(envelope, "starting", exc)
         except Exception as exc:  # not Redis: this request would fail the same way every time
-            return self.unreplayable(event_id, envelope, exc)
+            return await self._given_up(key, envelope, attempt - 1, host, event_id, exc)
         if done_state:
             state = as_text(done_state)
             self.metrics.events_by["duplicate"].inc()
@@ -567,10 +567,34 @@ class Replayer:
         except REDIS_ERRORS as exc:  # the outcome is not durable: let the source deliver again
             return self._unavailable(envelope, "recording the outcome of", exc)
         except Exception as exc:  # not Redis: recording it would fail the same way every time
-            return self.unreplayable(envelope.id, envelope, exc)
+            return await self._given_up(key, envelope, attempt if replayed.attempted else attempt - 1, host,
+                                        envelope.id, exc)
         self.metrics.events_by["replayed"].inc()
         self.metrics.replays_by[state].inc()
         return Answer(200, {"id": envelope.id, "state": state, "attempt": attempt})
+
+    async def _given_up(self, key: str, envelope: Envelope, attempts: int, host: str, event_id: str,
+                        exc: BaseException) -> Answer:
+        """:meth:`unreplayable`, and the request ends ``failed`` if its record still says it is pending: nothing
+        replays it again (its sender takes the 400 for good), so it would read ``running`` for ever. Best effort,
+        and only over a pending record: a request something else finished keeps its record."""
+        answer = self.unreplayable(event_id, envelope, exc)
+        try:
+            if _pending(await self.redis.get(key)):
+                terms = self.terms(envelope)
+                renewed = idempotency.queued_key_name(self.settings.key_prefix, host, envelope.headers)
+                record = Record(state=FAILED, host=host, attempts=attempts, updated_at=time.time(),
+                                error=f"cannot be replayed: {type(exc).__name__}: {exc}",
+                                accepted_at=envelope.accepted_at, idempotency_key=renewed)
+                async with transaction(self.redis) as pipe:  # one lifetime for record and key, as a finish gives
+                    pipe.set(key, record.to_json(), px=terms.retention_ms)
+                    if renewed is not None:
+                        pipe.pexpire(renewed, terms.retention_ms)
+                    await pipe.execute()
+        except Exception as error:  # Redis down too: it reads as it did
+            self.throttle.warning("request %s left as it was recorded: %s: %s", envelope.id, type(error).__name__,
+                                  error)
+        return answer
 
     def malformed(self, event_id: str, message: str) -> Answer:
         self.metrics.events_by["malformed"].inc()

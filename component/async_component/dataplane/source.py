@@ -982,14 +982,9 @@ class Source:
             if reply is not None:
                 reason = f"sink answered {reply.status}: {reply.text}"
             if verdict == REJECTED:
-                ended = self._ended(fields)
-                # In-process, the core refuses only what it cannot replay (an entry it cannot read, or an error
-                # that is not Redis's), whose record it may have marked running: the request ends failed here, or
-                # it would read running for ever. A sink's refusals are the sink's to record.
-                failed, notice = self._failure(ended, reason) if self.delivery.settles else (None, None)
+                ended = self._ended(fields)  # its record is the sink's (or the core's in-process) to end
                 if await self._settle(ref, dead_letter_entry(fields, reason, reply.status,
-                                                             service=self._service(state, ended)),
-                                      ended, failed, notice):
+                                                             service=self._service(state, ended)), ended):
                     self.metrics.delivered_as["dead_lettered"].inc()
                     log.warning("entry %s of %s rejected by the sink, sent to %s: %s", entry_id, ref[0],
                                 self.settings.dead_letter_stream, reason)
