@@ -67,15 +67,19 @@ async def test_movers_running_at_once_move_each_retry_exactly_once(redis_client)
     assert await redis_client.zcard("p:retries") == 0
 
 
-def test_throttle_logs_once_per_interval_and_counts_the_rest(caplog):
-    throttle = LogThrottle(logging.getLogger("t"), interval=60)
+def test_throttle_logs_each_message_once_per_interval_and_counts_the_rest(caplog):
+    now = [0.0]
+    throttle = LogThrottle(logging.getLogger("t"), interval=60, clock=lambda: now[0])
     with caplog.at_level(logging.WARNING):
         assert throttle.warning("down: %s", "a") is True
         assert throttle.warning("down: %s", "b") is False
+        assert throttle.warning("cannot ack %s", "e1") is True  # another failure is not hidden behind the first
         assert throttle.warning("down: %s", "c") is False
-        throttle.last -= 61
+        assert throttle.warning("cannot ack %s", "e2") is False
+        now[0] = 61
         assert throttle.warning("down: %s", "d") is True
-    assert caplog.messages == ["down: a", "down: d (2 similar failures not logged)"]
+        assert throttle.warning("down: %s", "e") is False
+    assert caplog.messages == ["down: a", "cannot ack e1", "down: d (2 similar failures not logged)"]
 
 
 @pytest.mark.parametrize("attempt, high", [(1, 0.5), (2, 1.0), (3, 1.5), (40, 5.0)])
