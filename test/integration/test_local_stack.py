@@ -114,6 +114,39 @@ def test_an_invalid_policy_annotation_is_refused_in_one_line(tmp_path):
         cluster_routes(load_services(tmp_path), app_address="127.0.0.1:1", producer_address="127.0.0.1:2")
 
 
+
+@pytest.mark.parametrize(("metadata", "twice", "message"), [
+    ("{namespace: default}", False, r"bad.yml: a Knative Service without metadata.name$"),
+    ("{name: Bad_Name}", False, r"bad.yml: Service name 'Bad_Name' is not a DNS-1035 label \(at most 63"),
+    ("{name: 1st}", False, r"Service name '1st' is not a DNS-1035 label"),
+    ("{name: " + "a" * 64 + "}", False, r"is not a DNS-1035 label"),
+    ("{name: ok, namespace: My_NS}", False, r"bad.yml: Service ok: namespace 'My_NS' is not a DNS-1123 label"),
+    ("{name: ok}", True, r"bad2.yml: Service default/ok again \(first in .*bad.yml\): each Service once"),
+    ("{name: ok, namespace: default}", True, r"Service default/ok again"),
+])
+def test_a_service_the_api_server_would_refuse_or_one_defined_twice_is_refused_in_one_line(tmp_path, metadata, twice,
+                                                                                          message):
+    manifest = f"apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {metadata}\nspec: {{}}\n"
+    (tmp_path / "bad.yml").write_text(manifest)
+    if twice:
+        (tmp_path / "bad2.yml").write_text(manifest.replace("namespace: default", "namespace: ''"))
+    with pytest.raises(StackError, match=message):
+        load_services(tmp_path)
+
+
+def test_a_service_without_a_name_stops_the_command_in_one_line(tmp_path):
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    shutil.copy(APP_DIR / "sleep_app.py", app_dir / "sleep_app.py")
+    (app_dir / "svc.yml").write_text("apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {}\nspec: {}\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    process = run_local(tmp, "--port", str(free_port()), "--app-dir", str(app_dir))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert err.strip().splitlines() == [
+        f"async-component local: error: {app_dir / 'svc.yml'}: a Knative Service without metadata.name"], err
+
 def test_route_table_follows_the_cluster_domain():
     routes = cluster_routes(load_services(APP_DIR), app_address="127.0.0.1:1", producer_address="127.0.0.1:2",
                             cluster_domain="corp.internal")

@@ -9,6 +9,7 @@ makes (:mod:`..controller.resources`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from . import knative_serving as serving
 from .gateway import Routes, service_targets
 
 APP_FILE = "sleep_app.py"
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+"""A Service's name, as Kubernetes requires: a Service's host name is made of it."""
+DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+"""A namespace's name."""
 
 
 def find_app_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -38,18 +43,46 @@ def find_app_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def load_services(app_dir: Path) -> list[dict[str, Any]]:
-    """The Knative Services (serving.knative.dev/v1) in the app dir's manifests."""
+    """The Knative Services (serving.knative.dev/v1) in the app dir's manifests; StackError for one the API server
+    would refuse (no name, a name or namespace that is no DNS label) or one defined twice."""
     found = []
+    seen: dict[tuple[str, str], str] = {}
     for path in sorted(app_dir.glob("*.y*ml")):
         try:
             docs = list(yaml.safe_load_all(path.read_text()))
         except (OSError, yaml.YAMLError) as exc:
             raise StackError(f"cannot read {path}: {exc}") from None
-        found += [d for d in docs if isinstance(d, dict) and d.get("kind") == "Service"
-                  and str(d.get("apiVersion", "")).startswith("serving.knative.dev/")]
+        for ksvc in docs:
+            if (isinstance(ksvc, dict) and ksvc.get("kind") == "Service"
+                    and str(ksvc.get("apiVersion", "")).startswith("serving.knative.dev/")):
+                where = f"{path}: Service {_named(ksvc, path)}"
+                if where_first := seen.get(_key(ksvc)):
+                    raise StackError(f"{where} again (first in {where_first}): each Service once")
+                seen[_key(ksvc)] = str(path)
+                found.append(ksvc)
     if not found:
         raise StackError(f"no Knative Service manifests (*.yml) in {app_dir}")
     return found
+
+
+def _named(ksvc: dict[str, Any], path: Path) -> str:
+    """``namespace/name``, checked as the API server would check them: a refused one raises StackError."""
+    metadata = ksvc.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(name, str):
+        raise StackError(f"{path}: a Knative Service without metadata.name")
+    namespace = serving.namespace(ksvc)
+    if not DNS_1035_LABEL.fullmatch(name):
+        raise StackError(f"{path}: Service name {name!r} is not a DNS-1035 label (at most 63 lower-case letters,"
+                         f" digits and '-', starting with a letter and ending with a letter or digit)")
+    if not isinstance(namespace, str) or not DNS_1123_LABEL.fullmatch(namespace):
+        raise StackError(f"{path}: Service {name}: namespace {namespace!r} is not a DNS-1123 label (at most 63"
+                         f" lower-case letters, digits and '-', starting and ending with a letter or digit)")
+    return f"{namespace}/{name}"
+
+
+def _key(ksvc: dict[str, Any]) -> tuple[str, str]:
+    return serving.namespace(ksvc), ksvc["metadata"]["name"]
 
 
 def cluster_routes(ksvcs: list[dict[str, Any]], *, app_address: str, producer_address: str,
