@@ -162,7 +162,8 @@ def test_app_dir_is_found_from_the_repository_root_or_refused_in_one_line(tmp_pa
     assert find_app_dir() == APP_DIR
     monkeypatch.chdir(tmp_path)  # elsewhere: the app of the repository the package runs from
     assert find_app_dir() == APP_DIR
-    with pytest.raises(StackError, match="cannot find the sample app .*pass --app-dir"):
+    with pytest.raises(StackError, match=r"cannot find the sample app \(sleep_app.py\) in --app-dir .*: the app dir holds"
+                                         " it beside the Service manifests"):
         find_app_dir(tmp_path)
 
 

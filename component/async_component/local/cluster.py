@@ -39,6 +39,9 @@ def find_app_dir(explicit: str | os.PathLike | None = None) -> Path:
         if (candidate / APP_FILE).is_file():
             return candidate.resolve()
     where = " or ".join(str(c) for c in candidates)
+    if explicit is not None:
+        raise StackError(f"cannot find the sample app ({APP_FILE}) in --app-dir {where}: the app dir holds it beside"
+                         " the Service manifests (see test/app)")
     raise StackError(f"cannot find the sample app ({APP_FILE}) in {where}: run from the repository root or pass --app-dir")
 
 
