@@ -369,6 +369,37 @@ async def test_events_past_body_memory_limit_wait_unread_until_replays_end(redis
     assert sorted(seen["raw_path"] for seen in target.seen) == ["/big/0", "/big/1", "/big/2"]
 
 
+
+async def test_a_chunked_event_counts_as_64_mib_only_until_it_is_read(redis_url, http, redis_client, target):
+    """An event without Content-Length might be 64 MiB, so it is admitted as that; once read, its replay holds
+    what it is (30 kB), and the next event under BODY_MEMORY_LIMIT 1 MB need not wait for that replay to end."""
+    settings = settings_for(redis_url, body_memory_limit=1_000_000, request_timeout=30.0)
+    runner = await start_consumer(settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    target.hold = True
+    try:
+        (chunked_headers, chunked_body), (headers, body) = (
+            binary_event(f"{n}-0", Envelope.new("POST", f"{target.base}/sized/{n}", [], b"x" * 30_000)
+                         .to_stream_fields()) for n in range(2))
+
+        async def in_chunks():
+            for at in range(0, len(chunked_body), 4096):
+                yield chunked_body[at:at + 4096]
+
+        first = asyncio.create_task(post(http, base, chunked_headers, in_chunks()))
+        assert await eventually(lambda: _true(len(target.seen) == 1))
+        async with http.get(base + "/metrics") as resp:
+            [held] = [line for line in (await resp.text()).splitlines() if line.startswith("async_consumer_held_bytes ")]
+        assert 30_000 < float(held.split()[1]) < 40_000, held
+        second = asyncio.create_task(post(http, base, headers, body))
+        assert await eventually(lambda: _true(len(target.seen) == 2), 3), "waited for the chunked event's replay"
+        target.release.set()
+        answers = await asyncio.gather(first, second)
+    finally:
+        target.release.set()
+        await runner.cleanup()
+    assert [status for status, _ in answers] == [200, 200]
+
 @contextlib.asynccontextmanager
 async def two_replaying_and_a_third(redis_url, http, target):
     """A consumer with BODY_MEMORY_LIMIT 1 MB replaying two events of 450 kB (the Service holding them until

@@ -68,15 +68,15 @@ class EventEndpoint:
         self.budget = ByteBudget(body_memory_limit)
         self.held_back = False
         """Events are waiting for room: logged once until none waits."""
-        Gauge("async_consumer_held_bytes", "Bytes of events (by Content-Length) being replayed, which"
-              " BODY_MEMORY_LIMIT bounds", registry=registry).set_function(lambda: self.budget.held)
+        Gauge("async_consumer_held_bytes", "Bytes of events (by Content-Length; a chunked one counts"
+              " as 64 MiB until read) being replayed, which BODY_MEMORY_LIMIT bounds", registry=registry).set_function(lambda: self.budget.held)
         Gauge("async_consumer_waiting_events", "Events waiting, unread, for room under BODY_MEMORY_LIMIT",
               registry=registry).set_function(lambda: self.budget.waiting)
 
     async def receive(self, request: web.Request) -> web.Response:
         event_id = request.headers.get("ce-id", "?")
         size = request.content_length
-        size = MAX_EVENT_SIZE if size is None else size  # chunked: as large as it may be
+        size = MAX_EVENT_SIZE if size is None else size  # chunked: as large as it may be, until it is read
         budget = self.budget
         arrived = time.monotonic()
         if not self.held_back and budget.must_wait(size):
@@ -87,7 +87,12 @@ class EventEndpoint:
         since = time.monotonic() - arrived if waited else 0.0
         try:
             try:
-                envelope = event_envelope(request.headers, await read_body(request))
+                body = await read_body(request)
+                if len(body) < size:  # chunked: its replay holds what it is, not what it might have been
+                    budget.give(size - len(body))
+                    size = len(body)
+                envelope = event_envelope(request.headers, body)
+                del body  # the envelope holds what the replay needs: not the event a second time while it runs
             except ConnectionResetError:  # aiohttp fails the read of a body whose sender has gone
                 log.warning("event %s: its sender left before the event was read%s; not replayed (a sender that"
                             " gave up posts it again)", event_id, " (it waited for room under BODY_MEMORY_LIMIT)"
