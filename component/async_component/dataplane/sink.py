@@ -68,8 +68,9 @@ class EventEndpoint:
         self.budget = ByteBudget(body_memory_limit)
         self.held_back = False
         """Events are waiting for room: logged once until none waits."""
-        Gauge("async_consumer_held_bytes", "Bytes of events (by Content-Length; a chunked one counts"
-              " as 64 MiB until read) being replayed, which BODY_MEMORY_LIMIT bounds", registry=registry).set_function(lambda: self.budget.held)
+        Gauge("async_consumer_held_bytes", "Bytes of events (by Content-Length; a chunked one counts as 64 MiB"
+              " until read) being replayed, which BODY_MEMORY_LIMIT bounds",
+              registry=registry).set_function(lambda: self.budget.held)
         Gauge("async_consumer_waiting_events", "Events waiting, unread, for room under BODY_MEMORY_LIMIT",
               registry=registry).set_function(lambda: self.budget.waiting)
 

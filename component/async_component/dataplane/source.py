@@ -759,8 +759,19 @@ class Source:
 
         Its Service's failure sink, if it has one, hears of it as of any other failure.
         """
+        failed = notice = None
         ended = self._ended(fields)
-        failed, notice = self._failure(ended, reason)
+        if ended is not None:
+            envelope, host = ended.envelope, ended.host
+            failed = (record_key(self.settings.key_prefix, envelope.id, host),
+                      Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason,
+                             idempotency_key=ended.key).to_json())
+            sink = sink_for(envelope.delivery_policy, FAILED)
+            if sink is not None:
+                notice = notification(sink=sink, state=FAILED, request_id=envelope.id, host=host,
+                                      attempts=envelope.attempt + 1, response=None, error=reason,
+                                      request_headers=envelope.headers,
+                                      body_limit=self.settings.notification_body_limit, finished_at=time.time())
         dead = dead_letter_entry(fields, reason, service=self._service(state, ended))
         if await self._settle(ref, dead, ended, failed, notice):
             self.metrics.delivered_as["dead_lettered"].inc()
@@ -1078,21 +1089,6 @@ class Source:
                          1 if announce else 0)
             calls.append((positions, (self.finish, keys, args)))
         return calls
-
-    def _failure(self, ended: Ended | None, reason: str) -> tuple[tuple[str, str] | None, Mapping | None]:
-        """The ``failed`` record (key, JSON) of a request dead-lettered here, and its failure sink's event, if any."""
-        if ended is None:
-            return None, None
-        envelope, host = ended.envelope, ended.host
-        failed = (record_key(self.settings.key_prefix, envelope.id, host),
-                  Record(state=FAILED, host=host, attempts=envelope.attempt + 1, error=reason,
-                         idempotency_key=ended.key).to_json())
-        sink = sink_for(envelope.delivery_policy, FAILED)
-        notice = None if sink is None else notification(
-            sink=sink, state=FAILED, request_id=envelope.id, host=host, attempts=envelope.attempt + 1, response=None,
-            error=reason, request_headers=envelope.headers, body_limit=self.settings.notification_body_limit,
-            finished_at=time.time())
-        return failed, notice
 
     def _ended(self, fields: Mapping) -> Ended | None:
         """The request an entry dead-lettered here ends (None: the entry cannot be read), decoded once for its

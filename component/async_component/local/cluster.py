@@ -49,7 +49,8 @@ def load_services(app_dir: Path) -> list[dict[str, Any]]:
     """The Knative Services (serving.knative.dev/v1) in the app dir's manifests; StackError for one the API server
     would refuse (no name, a name or namespace that is no DNS label) or one defined twice."""
     found = []
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[str, str] = {}
+    """``namespace/name`` -> the file that defines it."""
     for path in sorted(app_dir.glob("*.y*ml")):
         try:
             docs = list(yaml.safe_load_all(path.read_text()))
@@ -58,10 +59,10 @@ def load_services(app_dir: Path) -> list[dict[str, Any]]:
         for ksvc in docs:
             if (isinstance(ksvc, dict) and ksvc.get("kind") == "Service"
                     and str(ksvc.get("apiVersion", "")).startswith("serving.knative.dev/")):
-                where = f"{path}: Service {_named(ksvc, path)}"
-                if where_first := seen.get(_key(ksvc)):
-                    raise StackError(f"{where} again (first in {where_first}): each Service once")
-                seen[_key(ksvc)] = str(path)
+                named = _named(ksvc, path)
+                if named in seen:
+                    raise StackError(f"{path}: Service {named} again (first in {seen[named]}): each Service once")
+                seen[named] = str(path)
                 found.append(ksvc)
     if not found:
         raise StackError(f"no Knative Service manifests (*.yml) in {app_dir}")
@@ -82,10 +83,6 @@ def _named(ksvc: dict[str, Any], path: Path) -> str:
         raise StackError(f"{path}: Service {name}: namespace {namespace!r} is not a DNS-1123 label (at most 63"
                          f" lower-case letters, digits and '-', starting and ending with a letter or digit)")
     return f"{namespace}/{name}"
-
-
-def _key(ksvc: dict[str, Any]) -> tuple[str, str]:
-    return serving.namespace(ksvc), ksvc["metadata"]["name"]
 
 
 def cluster_routes(ksvcs: list[dict[str, Any]], *, app_address: str, producer_address: str,

@@ -263,9 +263,9 @@ def _upstream_failed(request: web.Request, target: Target, exc: BaseException) -
 async def _cut_in_flight(app: web.Application) -> None:
     """On stop, before aiohttp's own wait: one grace for the requests in flight, then each one's connection
     task is cancelled (aiohttp would wait its shutdown timeout twice, then cut them all the same)."""
-    in_flight = app[APP_IN_FLIGHT]
-    deadline = asyncio.get_running_loop().time() + STOP_GRACE
-    while in_flight and asyncio.get_running_loop().time() < deadline:
+    in_flight, loop = app[APP_IN_FLIGHT], asyncio.get_running_loop()
+    deadline = loop.time() + STOP_GRACE
+    while in_flight and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if in_flight:
         log.warning("stopping: cutting %d request(s) still in flight after %gs", len(in_flight), STOP_GRACE)
