@@ -34,14 +34,14 @@ from async_component.settings import ConsumerSettings, ProducerSettings, RedisSe
 
 from .aioserve import serve
 from .scripted import LOOPBACK_TARGETS, ScriptedServer, serving
-from .sourcerun import eventually, running, source_process
+from .sourcerun import eventually, has, running, source_process
 
 DEAD_LETTERS = "async-requests-dead"
 
 
 class Gateway(ScriptedServer):
-    """Every Service's replays: ``/status/<code>`` answers that code, ``/hang`` is held, anything else 200 with
-    the Service's name and the path."""
+    """Every Service's replays: ``/status/<code>`` answers that code, ``/hang`` is held (then 503), ``/held/...``
+    held (then 200), anything else 200 with the Service's name and the path."""
 
     async def record(self, request: web.Request) -> tuple[str, str]:
         return request.headers["Host"].split(".")[0], request.path_qs
@@ -52,6 +52,8 @@ class Gateway(ScriptedServer):
         if request.path == "/hang" or self.hold:
             await self.release.wait()
             return web.Response(status=503)
+        if request.path.startswith("/held/"):  # answered once released
+            await self.release.wait()
         status = int(request.path.rsplit("/", 1)[1]) if request.path.startswith("/status/") else 200
         self.answered.append(((service, path), status))
         return web.Response(status=status, text=f"{service} {path}")
@@ -80,9 +82,10 @@ def services_on_each_master(local: RedisCluster, prefix: str) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def data_plane(url: str, gateway: Gateway, *, source: bool = True, **changes):
+async def data_plane(url: str, gateway: Gateway, *, source: bool = True, source_options: dict | None = None,
+                     **changes):
     """A producer on a free port (yields its base URL) and, unless ``source`` is False, a source replaying
-    in-process through ``gateway``."""
+    in-process through ``gateway`` (``Source(..., **source_options)``)."""
     common = dict(redis_url=url, **LOOPBACK_TARGETS)
     settings = ProducerSettings(port=free_port(), host="127.0.0.1", **common)
     server = producer.make_server(settings)
@@ -92,7 +95,7 @@ async def data_plane(url: str, gateway: Gateway, *, source: bool = True, **chang
                                      consumer_name=f"source-{time.monotonic_ns()}", **common)
     try:
         if source:
-            async with running(dataclasses.replace(source_settings, **changes)):
+            async with running(dataclasses.replace(source_settings, **changes), **(source_options or {})):
                 yield f"http://127.0.0.1:{settings.port}"
         else:
             yield f"http://127.0.0.1:{settings.port}"
@@ -293,10 +296,10 @@ async def test_a_wake_up_handled_while_a_full_scan_reads_its_slot_empty_leaves_t
     async with data_plane(cluster.url, gateway, source=False) as base, client_of(base) as client, \
             running(settings) as source:
         assert (await client.finish(service, await client.accept(service, "/first")))[:2] == (200, "succeeded")
-        read_slots, raced = source._scan_slots, []
+        read_slots, raced = source._scan_master, []
 
-        async def scan_racing_a_wake_up(full: bool, now: float):
-            found = await read_slots(full, now)
+        async def scan_racing_a_wake_up(name, slots, full: bool, sweep: bool, now: float):
+            found = await read_slots(name, slots, full, sweep, now)
             if full and not raced and slot not in source.busy_slots and member in source.queues:
                 state = source.queues[member]  # read empty and dropped: the wake-up comes before the reply
                 woken = state.woken
@@ -307,7 +310,7 @@ async def test_a_wake_up_handled_while_a_full_scan_reads_its_slot_empty_leaves_t
                 assert await eventually(woke)
             return found
 
-        source._scan_slots = scan_racing_a_wake_up
+        source._scan_master = scan_racing_a_wake_up
 
         async def raced_once() -> bool:
             return bool(raced)
@@ -420,6 +423,66 @@ async def test_a_hung_master_holds_up_only_its_own_services(redis_cluster, gatew
         finally:
             master.send_signal(signal.SIGCONT)
         assert (await stuck).status in (202, 503)  # written, or not known to be: never a 202 for nothing
+
+
+async def test_a_hung_master_holds_up_no_other_masters_deliveries(redis_cluster, gateway):
+    """A source whose work includes a hung master's (a wake-up subscription, reads of its active sets and of its
+    Service's queue, the outcomes of its replays) goes on reading, replaying and recording the other masters'
+    Services meanwhile. Before, each pass of its loop and each batch of outcomes waited for the hung master (up to
+    the socket timeout, here longer than the test), and a wake-up subscription held there heard nothing."""
+    alive, also_alive, hung = services_on_each_master(redis_cluster, "stalled")
+    redis = make_redis(RedisSettings(redis_url=redis_cluster.url), socket_timeout=60)
+    try:
+        async with data_plane(redis_cluster.url, gateway, source_options={"redis": redis}) as base, \
+                client_of(base) as client:
+            for service in (alive, also_alive, hung):  # every master known to the source, its scripts loaded
+                assert (await client.finish(service, await client.accept(service, "/first")))[:2] == (200, "succeeded")
+            # within the source's bound of entries held: past it, what waits for the hung master's writes would
+            # hold back every read until the socket timeout
+            held = [await client.accept(hung, f"/held/{n}") for n in range(12)]
+            assert await eventually(lambda: has(gateway.seen, 4))
+            master = redis_cluster.nodes[2].process
+            master.send_signal(signal.SIGSTOP)
+            try:
+                gateway.release.set()  # the hung master's replays are answered: their outcomes wait for it
+                await asyncio.sleep(0.3)
+                locations = [(service, await client.accept(service, f"/meanwhile/{n}"))
+                             for n in range(5) for service in (alive, also_alive)]
+                finals = await asyncio.gather(*(client.finish(service, location, timeout=10)
+                                                for service, location in locations))
+                assert [(status, state) for status, state, _ in finals] == [(200, "succeeded")] * 10
+            finally:
+                master.send_signal(signal.SIGCONT)
+            # nothing of the hung master's is lost
+            assert {(await client.finish(hung, location, timeout=30))[:2] for location in held} == {(200, "succeeded")}
+    finally:
+        await redis.aclose()
+
+
+async def test_prefer_wait_is_answered_at_once_whichever_master_hangs(redis_cluster, gateway):
+    """A producer hears of finished requests through a subscription; held on one master only, a master that hung
+    kept it open and silent, and every `Prefer: wait` request waited its whole time for an outcome it had."""
+    services = services_on_each_master(redis_cluster, "awaited")
+    redis = make_redis(RedisSettings(redis_url=redis_cluster.url), socket_timeout=60)
+    try:
+        async with data_plane(redis_cluster.url, gateway, source_options={"redis": redis}) as base, \
+                client_of(base) as client:
+            for service in services:
+                assert (await client.finish(service, await client.accept(service, "/first")))[:2] == (200, "succeeded")
+            for hung in range(3):
+                service = services[(hung + 1) % 3]
+                master = redis_cluster.nodes[hung].process
+                master.send_signal(signal.SIGSTOP)
+                try:
+                    started = time.monotonic()
+                    answer = await client.post(service, f"/while-{hung}-hangs", Prefer="respond-async, wait=30")
+                    took = time.monotonic() - started
+                finally:
+                    master.send_signal(signal.SIGCONT)
+                assert answer.status == 200, f"master {hung} stopped: {answer.status}"
+                assert took < 15, f"master {hung} stopped: answered after {took:.1f}s of its 30"
+    finally:
+        await redis.aclose()
 
 
 async def test_after_every_master_restarted_the_first_delivery_is_replayed(redis_cluster, gateway):

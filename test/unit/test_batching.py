@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from async_component.dataplane.batching import Batcher
+from async_component.dataplane.batching import Batcher, GroupedBatcher
 
 
 class Recorder:
@@ -96,3 +96,33 @@ async def test_a_caller_that_goes_away_does_not_disturb_the_others():
     assert await stays == 20
     await batcher.close()
     assert send.batches == [[1, 2]]
+
+
+async def test_grouped_a_slow_groups_batch_holds_up_only_its_own_items():
+    """On a cluster each master has its batches: one whose batch hangs never holds up the next batch of another."""
+    release = asyncio.Event()
+    batches = []
+
+    async def send(items: list) -> list:
+        batches.append(list(items))
+        if any(item.startswith("hung") for item in items):
+            await release.wait()
+        return [item.upper() for item in items]
+
+    batcher = GroupedBatcher(send, lambda item: item.split("-")[0] if "-" in item else None)
+    stuck = batcher.submit("hung-1")
+    await asyncio.sleep(0.01)  # its batch is out
+    later = [batcher.submit("hung-2"), batcher.submit("alive-1"), batcher.submit("other")]
+    assert await asyncio.wait_for(asyncio.gather(later[1], later[2]), 1) == ["ALIVE-1", "OTHER"]
+    assert not stuck.done() and not later[0].done()  # the hung group's next batch waits behind its first
+    release.set()
+    assert [await stuck, await later[0]] == ["HUNG-1", "HUNG-2"]
+    assert batches == [["hung-1"], ["alive-1"], ["other"], ["hung-2"]]
+    await batcher.close()
+
+
+async def test_grouped_without_groups_is_one_batcher():
+    send = Recorder()
+    batcher = GroupedBatcher(send, None)
+    assert await asyncio.gather(*(batcher.submit(n) for n in range(5))) == [0, 10, 20, 30, 40]
+    assert send.batches == [[0, 1, 2, 3, 4]]

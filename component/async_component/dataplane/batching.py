@@ -103,6 +103,40 @@ class Batcher(Generic[Item, Result]):
                 future.set_result(result)
 
 
+class GroupedBatcher(Generic[Item, Result]):
+    """A :class:`Batcher` per group of items (on a Redis Cluster: per master), so a group whose batch is slow (a
+    master that hangs until the socket timeout) holds up only its own items, never the next batch of the others.
+
+    ``group_of(item)`` names an item's group; None puts it with the items of no known group (a cluster whose slot
+    map is not known yet). Without ``group_of`` (one server) there is one batcher.
+    """
+
+    def __init__(self, send: Send, group_of: Callable[[Item], str | None] | None, **options: int) -> None:
+        self._send = send
+        """Read when a batch goes (not when a group's batcher is made), like :class:`Batcher`'s."""
+        self._group_of = group_of
+        self._options = options
+        self._default = Batcher(self._dispatch, **options)
+        self._groups: dict[str, Batcher[Item, Result]] = {}
+
+    def submit(self, item: Item, size: int = 0) -> asyncio.Future[Result]:
+        """Send ``item`` with the next batch of its group: see :meth:`Batcher.submit`."""
+        group = None if self._group_of is None else self._group_of(item)
+        if group is None:
+            return self._default.submit(item, size)
+        batcher = self._groups.get(group)
+        if batcher is None:
+            batcher = self._groups[group] = Batcher(self._dispatch, **self._options)
+        return batcher.submit(item, size)
+
+    async def close(self) -> None:
+        for batcher in (self._default, *self._groups.values()):
+            await batcher.close()
+
+    def _dispatch(self, items: list[Item]) -> Awaitable[Sequence[Result | Exception]]:
+        return self._send(items)
+
+
 def _copy(exc: BaseException) -> BaseException:
     """A fresh exception per waiting request, so their tracebacks do not pile up on one object."""
     if isinstance(exc, asyncio.CancelledError):

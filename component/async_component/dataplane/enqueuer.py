@@ -28,13 +28,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
-from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from .batching import Batcher
+from .batching import GroupedBatcher
 from .envelope import STREAM_FIELD
 from .queues import ENQUEUE, ENQUEUE_CLUSTER, Layout, Queue
-from .redisconn import call_scripts, is_cluster, register_script
+from .redisconn import call_scripts, is_cluster, master_of, register_script
 
 DEFAULT_MAX_QUEUED = 100_000
 BATCH_BYTES = 4 * 1024 * 1024
@@ -85,26 +84,10 @@ class Enqueuer:
         self.on_batch = on_batch
         self.max_batch = max_batch
         self.max_bytes = max_bytes
-        self.batcher: Batcher[Item, bytes | Seen] = self._batcher()
-        self.cluster = is_cluster(redis)
-        self.batchers: dict[str, Batcher[Item, bytes | Seen]] = {}
-        """On a cluster: a batcher per master (by name)."""
-
-    def _batcher(self) -> Batcher[Item, bytes | Seen]:
-        return Batcher(self._send, max_batch=self.max_batch, max_bytes=self.max_bytes)
-
-    def _batcher_of(self, queue: Queue) -> Batcher[Item, bytes | Seen]:
-        """The batcher of the master serving ``queue`` (the one batcher on one server, or before the cluster's
-        slots are known)."""
-        if not self.cluster:
-            return self.batcher
-        nodes = self.redis.nodes_manager.slots_cache.get(key_slot(queue.stream.encode()))
-        if not nodes:
-            return self.batcher
-        batcher = self.batchers.get(nodes[0].name)
-        if batcher is None:
-            batcher = self.batchers[nodes[0].name] = self._batcher()
-        return batcher
+        self.batcher: GroupedBatcher[Item, bytes | Seen] = GroupedBatcher(
+            self._send, (lambda item: master_of(redis, item.queue.stream)) if is_cluster(redis) else None,
+            max_batch=max_batch, max_bytes=max_bytes)
+        """On a cluster, a batcher per master: one that hangs holds up only its own Services' batches."""
 
     def enqueue(self, queue: Queue, envelope_json: bytes, max_queued: int | None = None) -> asyncio.Future[bytes]:
         """Append one envelope (its JSON) to ``queue``; the future gets its entry id once Redis acknowledged it.
@@ -112,7 +95,7 @@ class Enqueuer:
         Its exception is :class:`QueueFull` when the queue holds ``max_queued`` (None: the producer's
         MAX_QUEUED_PER_SERVICE) requests.
         """
-        return self._batcher_of(queue).submit(
+        return self.batcher.submit(
             Item(queue, envelope_json, self.max_queued if max_queued is None else max_queued), len(envelope_json))
 
     def enqueue_once(self, queue: Queue, request: Keyed, max_queued: int | None = None) -> asyncio.Future[bytes | Seen]:
@@ -120,12 +103,11 @@ class Enqueuer:
 
         A new key is kept while the request is pending: it has no expiry until the request ends.
         """
-        return self._batcher_of(queue).submit(
+        return self.batcher.submit(
             Item(queue, request, self.max_queued if max_queued is None else max_queued), len(request[0]))
 
     async def close(self) -> None:
-        for batcher in (self.batcher, *self.batchers.values()):
-            await batcher.close()
+        await self.batcher.close()
 
     def _call(self, queue: Queue, cap: int, items: list[bytes | Keyed]) -> tuple[list, list]:
         """The keys and arguments of the ENQUEUE call for ``items`` of ``queue``."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -85,14 +84,47 @@ def is_cluster(redis: Any) -> bool:
     return isinstance(redis, RedisCluster)
 
 
-def pubsub(redis: Any, **kwargs: Any) -> Any:
-    """A pub/sub connection; on a cluster to a master picked at random (a message published on any node reaches
-    every node), so a subscriber that lost its node finds another when it subscribes again."""
-    if is_cluster(redis):
-        primaries = redis.get_primaries()
-        if primaries:
-            return redis.pubsub(node=random.choice(primaries), **kwargs)
-    return redis.pubsub(**kwargs)
+def master_of(redis: Any, key: str | bytes) -> str | None:
+    """The name of the master serving ``key`` in redis-py's slot map; None on one server, or while the map is not
+    known (the caller then treats the key as of no master in particular)."""
+    if not is_cluster(redis):
+        return None
+    nodes = redis.nodes_manager.slots_cache.get(key_slot(key.encode() if isinstance(key, str) else key))
+    return nodes[0].name if nodes else None
+
+
+async def on_every_master(redis: RedisCluster, follow: Callable[[ClusterNode], Awaitable[None]],
+                          stop: asyncio.Event, on_error: Callable[[Exception], None], interval: float = 5.0) -> None:
+    """``follow(master)`` for each master of the cluster until ``stop``: started for a master that joins (every
+    ``interval``), again if it returned, cancelled for one that is no longer a master.
+
+    For subscriptions (a message published on any node reaches every node): one held on a master that hangs stays
+    open and silent, so one on each keeps every message coming while any master answers.
+    """
+    following: dict[str, asyncio.Task] = {}
+    try:
+        while not stop.is_set():
+            try:
+                if redis._initialize:
+                    await redis.initialize()
+                masters = {node.name: node for node in redis.get_primaries()}
+            except Exception as exc:  # no node answers: those following keep trying meanwhile
+                on_error(exc)
+                masters = {}
+            for name in [name for name in following if masters and name not in masters]:
+                following.pop(name).cancel()
+            for name, node in masters.items():
+                if name not in following or following[name].done():
+                    following[name] = asyncio.create_task(follow(node), name=f"follow-{name}")
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                pass
+    finally:
+        for task in following.values():
+            task.cancel()
+        if following:
+            await asyncio.wait(following.values(), timeout=2.0)
 
 
 async def ping(redis: Any) -> None:
@@ -196,17 +228,20 @@ return found
 non-empty ones; ARGV[1] says how (``ZRANGE``: the members and scores of a sorted set, else a stream's length)."""
 
 
-async def sweep(redis: RedisCluster, keys: Sequence[str], how: str) -> tuple[dict[int, Any], set[int]]:
+async def sweep(redis: RedisCluster, keys: Sequence[str], how: str,
+                owned: dict[str | None, list[int]] | None = None) -> tuple[dict[int, Any], set[int]]:
     """A cluster's per-slot keys (``keys[slot]``), read where they live, one script a master:
-    ``({slot: reply}`` of those not empty, the slots of the masters that did not answer``)``.
+    ``({slot: reply}`` of those not empty, the slots of the masters that did not answer``)``. ``owned``: only
+    these masters' slots (by name; None, every master's).
 
     A pipeline of 16,384 commands costs a client about half a second of CPU; this, a few ms.
     """
     if redis._initialize:
         await redis.initialize()
-    owned: dict[str, list[int]] = {}
-    for slot, nodes in redis.nodes_manager.slots_cache.items():
-        owned.setdefault(nodes[0].name, []).append(slot)
+    if owned is None:
+        owned = {}
+        for slot, nodes in redis.nodes_manager.slots_cache.items():
+            owned.setdefault(nodes[0].name, []).append(slot)
 
     async def read(name: str, slots: list[int]) -> list:
         return await redis.execute_command("EVAL", SWEEP, 0, how, *(keys[slot] for slot in slots),

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisClusterException, RedisError
 
 from . import http1client, idempotency, redisconn, targets
-from .batching import Batcher
+from .batching import GroupedBatcher
 from .deadletters import add_dead_letter, dead_letter_key
 from .notifications import Metrics as NotificationMetrics, Notifier, add_notification, notification, sink_for
 from .envelope import Envelope, EnvelopeError, as_text, entry_envelope, header_text
@@ -41,7 +41,7 @@ from .records import (
     CANCELED, EXPIRED, FAILED, FINAL_STATES, PENDING_STATES, RETRYING, RUNNING, SUCCEEDED, Record, RecordedResponse,
     finished_channel, record_json, records_of, retry_key,
 )
-from .redisconn import by_slot, call_scripts, is_cluster, make_redis, register_script, transaction
+from .redisconn import by_slot, call_scripts, is_cluster, make_redis, master_of, register_script, transaction
 from ..protocol import (
     BACKOFF_LINEAR, HOP_BY_HOP, DeliveryPolicy, ATTEMPT_HEADER, PREFER_HEADER, REPLAY_HEADER, REPLAY_VALUE, REQUEST_ID_HEADER, RESPOND_SYNC, dead_letter_entry,
     is_status_path,
@@ -419,8 +419,8 @@ class Replayer:
         self.finished = finished_channel(settings.key_prefix)
         self.start_script = None
         self.settle_canceled = None
-        self.starts: Batcher[tuple[str, list], bytes | None] | None = None
-        self.sets: Batcher[FinalWrite, None] | None = None
+        self.starts: GroupedBatcher[tuple[str, list], bytes | None] | None = None
+        self.sets: GroupedBatcher[FinalWrite, None] | None = None
         self.notifier: Notifier | None = None
         self.notifier_task: asyncio.Task | None = None
 
@@ -841,8 +841,10 @@ class Replayer:
             self.owns_redis = True
         self.start_script = register_script(self.redis, START_SCRIPT)
         self.settle_canceled = register_script(self.redis, SETTLE_CANCELED)
-        self.starts = Batcher(self._start_batch)
-        self.sets = Batcher(self._set_batch)
+        # on a cluster a batch per master (by the record's key): one that hangs holds up only its own Services
+        of_master = (lambda item: master_of(self.redis, item[0])) if is_cluster(self.redis) else None
+        self.starts = GroupedBatcher(self._start_batch, of_master)
+        self.sets = GroupedBatcher(self._set_batch, of_master)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
             connector=aiohttp.TCPConnector(limit=0),

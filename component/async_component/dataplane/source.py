@@ -41,7 +41,7 @@ from redis.crc import key_slot
 
 from .. import logs, probes
 from . import heap, hirespack, idempotency, redisconn, targets
-from .batching import Batcher
+from .batching import GroupedBatcher
 from .deadletters import add_dead_letter
 from .gcpolicy import LargeGarbage, tune as tune_gc
 from .notifications import add_notification, notification, sink_for
@@ -51,7 +51,7 @@ from .queues import FINISH, PER_SERVICE, SINGLE, Layout, Queue, labels_of, servi
 from .replay import RECORD_MARGIN, START_FUNCTION, Started, delivery_terms, replay_grace, split_url
 from .records import FAILED, Record, finished_channel, record_key, records_of
 from .redischeck import RedisCheck
-from .redisconn import call_scripts, make_redis, per_node, register_script, transaction
+from .redisconn import call_scripts, make_redis, master_of, per_node, register_script, transaction
 from .retries import DELIVERED, REJECTED, backoff, sink_verdict, wait_event
 from .tallies import CounterFamily
 from .envelope import STREAM_FIELD
@@ -79,6 +79,10 @@ RETRY_BASE = 0.1
 RETRY_CAP = 10.0
 BORROW_AGE = 1.0
 """Seconds: a Service whose deliveries take at most this long may borrow slots beyond its cap (see ``_grants``)."""
+SLOW_READ = 1.0
+"""Seconds after which a cluster's read still out (its master slow, or hung until the socket timeout) stops counting
+against the entries a source holds: the other masters' Services are read meanwhile, and what it brings, if it
+ever does, waits ahead of the slots."""
 
 
 def drain_grace(settings: SourceSettings) -> float:
@@ -134,7 +138,7 @@ class QueueState:
     its wake-ups, and whether its Service answers quickly enough to borrow idle slots."""
 
     __slots__ = ("queue", "in_flight", "writing", "ahead", "reclaimed_at", "woken", "started", "quick", "gauges",
-                 "entry_bytes")
+                 "entry_bytes", "taking")
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
@@ -155,10 +159,25 @@ class QueueState:
         every few seconds with 1,000 Services busy."""
         self.entry_bytes = 0
         """The size of its entries, a running average of those read: how many more fit under BODY_MEMORY_LIMIT."""
+        self.taking = False
+        """On a cluster: a read of it is out (``Source.reads_out``), so it gets no other grant meanwhile."""
 
     def may_borrow(self, now: float) -> bool:
         """Answering quickly, with nothing in flight for longer than BORROW_AGE (a Service that just hung)."""
         return self.quick and (not self.started or now - next(iter(self.started.values())) <= BORROW_AGE)
+
+
+class ReadOut:
+    """On a cluster, one master's read of queues still out (``Source._take_round``): what it was granted, held for
+    it until it is back, or for SLOW_READ at most."""
+
+    __slots__ = ("states", "entries", "bytes", "since")
+
+    def __init__(self) -> None:
+        self.states: list[QueueState] = []
+        self.entries = 0
+        self.bytes = 0
+        self.since = time.monotonic()
 
 
 class Ended(NamedTuple):
@@ -247,12 +266,19 @@ class Source:
         """On a cluster: the slots whose active set held queues when last read, or that a wake-up named, and
         after each full scan those of every queue still known."""
         self.next_sweep = 0.0
+        self.reads_out: set[ReadOut] = set()
+        self.takes: set[asyncio.Task] = set()
+        self.scans: dict[str, asyncio.Task] = {}
+        """On a cluster, the reads (of queues; of active sets, by master) still out: each master is read apart, so
+        one that hangs until the socket timeout holds up only its own Services, never the loop."""
+        self.requeueing: asyncio.Task | None = None
         self.redis_throttle = LogThrottle(log)
         self.sink_throttle = LogThrottle(log)
         self.take = register_script(self.redis, take_script(START_FUNCTION))
         self.finish = register_script(self.redis, FINISH)
         self.finished = finished_channel(settings.key_prefix)
-        self.acks: Batcher[EntryRef, None] = Batcher(self._ack_batch)
+        self.acks: GroupedBatcher[EntryRef, None] = GroupedBatcher(
+            self._ack_batch, (lambda ref: master_of(self.redis, ref[0])) if self.layout.cluster else None)
         self.redis_check = RedisCheck(self.redis, settings.redis_check_interval, who="source")
 
     def stop(self) -> None:
@@ -293,8 +319,15 @@ class Source:
                  settings.group, self.delivery.description, settings.concurrency, self.per_service_cap)
         try:
             await self._loop()
+            if self.takes:  # reads still out (a cluster's): what they read starts, and is drained below; a read a
+                # hung master never answers is cut (what it took stays pending, for another source to reclaim)
+                await asyncio.wait(set(self.takes), timeout=self.stop_grace)
+                for task in self.takes:
+                    task.cancel()
             await self._drain()
         finally:
+            for task in [*self.scans.values(), *([self.requeueing] if self.requeueing else [])]:
+                task.cancel()
             drained.set()
             await heartbeat
             await measuring
@@ -321,8 +354,10 @@ class Source:
                 elif now >= next_poll:
                     await self._scan(full=False)
                     next_poll = now + POLL_INTERVAL
-                    if self.ahead:
+                    if self.ahead and not self.layout.cluster:
                         await self._requeue_waiting()
+                    elif self.ahead and (self.requeueing is None or self.requeueing.done()):
+                        self.requeueing = asyncio.create_task(self._requeue_waiting(), name="source-requeue")
                 took = await self._take_round()
                 failures = 0
             except Exception as exc:  # Redis down or erroring: wait and try again, nothing is lost
@@ -379,10 +414,17 @@ class Source:
                         self._woke(as_text(member))
 
     async def _listen_channels(self) -> None:
-        """On a cluster: follow every slot's wake channel, through whichever master answers."""
+        """On a cluster: follow every slot's wake channel through each master. Through one only, a master that hung
+        kept the subscription open and silent: the wake-ups of every Service were lost until the read of every slot."""
+        def failed(exc: Exception) -> None:
+            self.redis_throttle.warning("source %s cannot list the masters of the cluster: %s: %s", self.name,
+                                        type(exc).__name__, exc)
+        await redisconn.on_every_master(self.redis, self._listen_node, self.stopping, failed, SCAN_INTERVAL)
+
+    async def _listen_node(self, node: Any) -> None:
         failures = 0
         while not self.stopping.is_set():
-            pubsub = redisconn.pubsub(self.redis, ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub(node=node, ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(self.layout.wake_pattern)
                 self.rescan = True  # what was published while not subscribed is found by reading every slot
@@ -395,8 +437,8 @@ class Source:
                         self._woke(as_text(message["data"]))
             except Exception as exc:
                 failures += 1
-                self.redis_throttle.warning("source %s cannot follow %s: %s: %s", self.name, self.layout.wake_pattern,
-                                            type(exc).__name__, exc)
+                self.redis_throttle.warning("source %s cannot follow %s on %s: %s: %s", self.name,
+                                            self.layout.wake_pattern, node.name, type(exc).__name__, exc)
                 await self._sleep(backoff(failures, self.retry_base, self.retry_cap))
             finally:
                 try:
@@ -404,23 +446,57 @@ class Source:
                 except Exception:  # its node is gone already
                     pass
 
-    async def _scan_slots(self, full: bool, now: float) -> tuple[dict[str, float], bool]:
-        """A cluster's active sets: every slot's now and then (one script a master), else those known to hold
-        queues (a full scan: all their queues; a poll: those whose time came).
-
-        And whether every master answered (if not, the queues of the others are not known to have left).
-        """
-        layout = self.layout
-        if full and time.monotonic() >= self.next_sweep:
+    async def _scan_masters(self, full: bool) -> None:
+        """A cluster's active sets, each master's read in a task of its own (``scans``), unless its last read is
+        still out: every slot's now and then (one script a master), else those known to hold queues (a full scan:
+        all their queues; a poll: those whose time came)."""
+        redis = self.redis
+        if redis._initialize:
+            await redis.initialize()
+        sweep = full and time.monotonic() >= self.next_sweep
+        if sweep:
             self.next_sweep = time.monotonic() + SWEEP_INTERVAL
-            found, unread = await redisconn.sweep(self.redis, layout.all_active, "ZRANGE")
-            self.busy_slots = set(found) | (self.busy_slots & unread)
+        slots_cache = redis.nodes_manager.slots_cache
+        by_master: dict[str | None, list[int]] = {}
+        for slot in (slots_cache if sweep else sorted(self.busy_slots)):
+            nodes = slots_cache.get(slot)
+            by_master.setdefault(nodes[0].name if nodes else None, []).append(slot)
+        now = time.time()
+        woken = {member: state.woken for member, state in self.queues.items()}
+        for name, slots in by_master.items():
+            if name in self.scans:  # that master has not answered the last read yet
+                if sweep:
+                    self.next_sweep = time.monotonic() + SCAN_INTERVAL
+                continue
+            task = asyncio.create_task(self._scanned(name, slots, full, sweep, now, woken),
+                                       name=f"source-scan-{name}")
+            self.scans[name] = task
+            task.add_done_callback(lambda _, name=name: self.scans.pop(name, None))
+
+    async def _scanned(self, name: str | None, slots: list[int], full: bool, sweep: bool, now: float,
+                       woken: dict[str, int]) -> None:
+        try:
+            active, answered = await self._scan_master(name, slots, full, sweep, now)
+        except Exception as exc:
+            self.redis_throttle.warning("source %s cannot read the active sets of master %s: %s: %s", self.name,
+                                        name, type(exc).__name__, exc)
+            return
+        self._found(active, full and answered, now, woken, set(slots))  # a master down: forget nothing of its own
+
+    async def _scan_master(self, name: str | None, slots: list[int], full: bool, sweep: bool,
+                           now: float) -> tuple[dict[str, float], bool]:
+        """One master's part of ``_scan_masters``: the active queues of its ``slots``, and whether it answered for
+        every slot (if not, its queues are not known to have left)."""
+        layout = self.layout
+        if sweep:
+            found, unread = await redisconn.sweep(self.redis, layout.all_active, "ZRANGE", {name: slots})
+            self.busy_slots.difference_update(slots)
+            self.busy_slots.update(found, unread)  # an unread slot stays polled
             answered = not unread
-            if unread:  # a master is down: read every slot again soon, to find its queues once it is back
-                self.next_sweep = time.monotonic() + SCAN_INTERVAL
+            if unread:  # the master is down: read every slot again soon, to find its queues once it is back
+                self.next_sweep = min(self.next_sweep, time.monotonic() + SCAN_INTERVAL)
             replies = [(slot, list(zip(flat[::2], map(float, flat[1::2])))) for slot, flat in found.items()]
         else:
-            slots = sorted(self.busy_slots)
             if full:
                 read = await per_node(self.redis, slots, layout.slot_active, lambda pipe, slot: pipe.zrange(
                     layout.slot_active(slot), 0, -1, withscores=True))
@@ -432,8 +508,8 @@ class Source:
             if full:
                 self.busy_slots.difference_update(slot for slot, reply in replies if not reply)
         if not answered:
-            self.redis_throttle.warning("source %s cannot read the active sets of every master of the cluster",
-                                        self.name)
+            self.redis_throttle.warning("source %s cannot read the active sets of master %s of the cluster",
+                                        self.name, name)
         return {as_text(member): score for _, reply in replies for member, score in reply}, answered
 
     async def _scan(self, full: bool) -> None:
@@ -442,10 +518,9 @@ class Source:
         layout = self.layout
         single = layout.single
         now = time.time()
-        woken = {member: state.woken for member, state in self.queues.items()}
         if layout.cluster:
-            active, answered = await self._scan_slots(full, now)
-            return self._found(active, full and answered, now, woken)  # a master down: forget nothing
+            return await self._scan_masters(full)
+        woken = {member: state.woken for member, state in self.queues.items()}
         async with self.redis.pipeline(transaction=False) as pipe:
             if full:
                 pipe.zrange(layout.active, 0, -1, withscores=True)
@@ -459,13 +534,17 @@ class Source:
             active[SINGLE] = 0.0  # requests queued before per-Service queues, or by a RedisStreamSource install
         self._found(active, full, now, woken)
 
-    def _found(self, active: dict[str, float], full: bool, now: float, woken: dict[str, int]) -> None:
+    def _found(self, active: dict[str, float], full: bool, now: float, woken: dict[str, int],
+               slots: set[int] | None = None) -> None:
+        """Wake the active queues whose time came; after a full scan, forget the queues that left (on a cluster,
+        of the ``slots`` read)."""
         for member, score in active.items():
             if score <= now:
                 self._woke(member)
         if full:  # a queue still in the active set keeps its state (when it was last reclaimed)
             for member in [m for m, state in self.queues.items() if m not in active and not state.in_flight
-                           and not state.writing and not state.ahead
+                           and (slots is None or slot_of(m) in slots)
+                           and not state.writing and not state.ahead and not state.taking
                            and woken.get(m) == state.woken]:  # not woken while the scan was out
                 del self.queues[member]
                 self.waiting.pop(member, None)
@@ -519,8 +598,11 @@ class Source:
         settings = self.settings
         busy = self.busy
         # a source holds at most twice CONCURRENCY entries: replays, answers whose outcome is still being written
-        # (a slow Redis) and entries read ahead; and the reserve's, while it is open
-        held = 2 * settings.concurrency - len(self.in_flight) - len(self.ahead)
+        # (a slow Redis), entries read ahead and those a read still out may bring; and the reserve's, while it is
+        # open. What such a read brings past the free slots waits ahead (``_can_start``): so a master that hangs
+        # with a borrowing Service's read out leaves the other masters' Services their slots.
+        out, out_bytes = self._held_for_reads()
+        held = 2 * settings.concurrency - len(self.in_flight) - len(self.ahead) - out
         free = min(held + self.open_reserve, self.free_under_cap(busy))
         ahead_room = self.ahead_cap - len(self.ahead)
         if free < self.batch_slots and busy and settings.concurrency - busy + ahead_room < self.batch_slots:
@@ -533,12 +615,14 @@ class Source:
         grants: dict[QueueState, int] = {}
         spare = min(held, settings.concurrency - busy)  # for borrowers: what CONCURRENCY leaves, never the reserve
         granted = 0
-        left = self.byte_limit - self.held_bytes
+        left = self.byte_limit - self.held_bytes - out_bytes
         self.bytes_short = False
         # short: a queue under its cap is left without slots it could use; then nothing is read ahead, so every
         # slot that frees goes round the queues again
         short = False
         for n, state in enumerate(order):
+            if state.taking:
+                continue
             cap = self.cap_of(state)
             if free <= 0:
                 if state.in_flight + state.ahead < cap:
@@ -593,7 +677,7 @@ class Source:
         for state in order:
             if spare <= 0:
                 break
-            if not self._may_borrow(state, now):
+            if state.taking or not self._may_borrow(state, now):
                 continue
             held = state.in_flight + state.ahead + grants.get(state, 0)
             room = min(self.borrow_limit + self.ahead_cap - held, spare)  # every slot of CONCURRENCY, and ahead
@@ -607,22 +691,80 @@ class Source:
 
     async def _take_round(self) -> bool:
         """Read the granted queues (reclaiming first where it is time); whether anything changed: an entry
-        started, or a queue found drained (the next round may grant its slots to one that has work)."""
+        started, or a queue found drained (the next round may grant its slots to one that has work).
+
+        On a cluster each master's queues are read in a task of their own (``takes``), which nudges the loop when
+        it is done: a master that hangs until the socket timeout holds up its own Services, not the loop.
+        """
         grants = self._grants()
         if not grants:
             return False
+        if not self.layout.cluster:
+            return await self._take(grants, None)
+        by_master: dict[str | None, list[tuple[QueueState, int]]] = {}
+        for grant in grants:
+            by_master.setdefault(master_of(self.redis, grant[0].queue.stream), []).append(grant)
+        for part in by_master.values():
+            read = ReadOut()
+            self._reserve(part, read)
+            task = asyncio.create_task(self._take_apart(part, read), name="source-take")
+            self.takes.add(task)
+            task.add_done_callback(self.takes.discard)
+        return False
+
+    async def _take_apart(self, grants: list[tuple[QueueState, int]], read: ReadOut) -> None:
+        try:
+            took = await self._take(grants, read)
+        except Exception as exc:  # the loop's own catch, for this master's queues
+            self.redis_throttle.warning("source %s cannot read the queues: %s: %s", self.name, type(exc).__name__,
+                                        exc)
+            took = False
+        finally:
+            self._release(read)
+        if took:
+            self.nudge.set()
+
+    def _reserve(self, grants: list[tuple[QueueState, int]], read: ReadOut) -> None:
+        """Hold ``grants`` for ``read`` until it is back (``_release``), and grant their queues nothing else."""
+        for state, room in grants:
+            state.taking = True
+            read.states.append(state)
+            read.entries += room
+            read.bytes += room * (state.entry_bytes or self.entry_bytes)
+        self.reads_out.add(read)
+
+    def _release(self, read: ReadOut | None) -> None:
+        if read is None:
+            return
+        for state in read.states:
+            state.taking = False
+        read.states.clear()
+        read.entries = read.bytes = 0
+        self.reads_out.discard(read)
+
+    def _held_for_reads(self) -> tuple[int, int]:
+        """The entries and bytes the reads still out (younger than SLOW_READ) may bring."""
+        if not self.reads_out:
+            return 0, 0
+        now = time.monotonic()
+        young = [read for read in self.reads_out if now - read.since < SLOW_READ]
+        return sum(read.entries for read in young), sum(read.bytes for read in young)
+
+    async def _take(self, grants: list[tuple[QueueState, int]], read: ReadOut | None) -> bool:
+        """``_take_round``'s reads; ``read``: on a cluster, what the grants hold until they are back."""
         started = 0
         now = time.monotonic()
         due = [(state, room) for state, room in grants if now - state.reclaimed_at >= self.reclaim_interval]
         if due:
             reclaimed = await self._reclaim(due)
+            self._release(read)
             for state, room in due:
                 state.reclaimed_at = now
             for state, ref, fields in reclaimed:
                 self._start(state, ref, fields)
                 started += 1
             free = self.free_under_cap(self.busy)
-            left = self.byte_limit - self.held_bytes
+            left = self.byte_limit - self.held_bytes - self._held_for_reads()[1]
             regrants = []
             for state, _ in grants:  # the reclaimed entries took slots, and bytes of BODY_MEMORY_LIMIT
                 room = min(self.cap_of(state) - state.in_flight, free)
@@ -632,6 +774,8 @@ class Source:
                     regrants.append((state, room))
                     free -= room
             grants = regrants
+            if read is not None:
+                self._reserve(grants, read)
         if not grants:
             return started > 0
         woken = [state.woken for state, _ in grants]
@@ -641,7 +785,8 @@ class Source:
                               self.layout.active_for(state.queue)],
                   [settings.group, self.name, room, wall, STREAM_FIELD, state.queue.member,
                    settings.visibility_timeout, self._records(state.queue.member)]) for state, room in grants]
-        replies = await call_scripts(self.redis, calls)  # on a cluster: one round trip per node
+        replies = await call_scripts(self.redis, calls)
+        self._release(read)
         for (state, _), before, reply in zip(grants, woken, replies):
             member = state.queue.member
             if isinstance(reply, Exception):

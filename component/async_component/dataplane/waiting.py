@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -92,9 +93,19 @@ class Finished:
             self.wake(key)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Hold the subscription until ``stop``; a Redis outage is logged (rate-limited) and reconnected."""
+        """Hold the subscription until ``stop`` (on a cluster, one through each master: one that hangs stays
+        open and silent); a Redis outage is logged (rate-limited) and reconnected."""
+        if not redisconn.is_cluster(self.redis):
+            return await self._follow(stop, None)
+
+        def failed(exc: Exception) -> None:
+            self.throttle.warning("cannot list the masters of the cluster: %s: %s", type(exc).__name__, exc)
+        await redisconn.on_every_master(self.redis, lambda node: self._follow(stop, node), stop, failed)
+
+    async def _follow(self, stop: asyncio.Event, node: Any) -> None:
         while not stop.is_set():
-            pubsub = redisconn.pubsub(self.redis, ignore_subscribe_messages=True)
+            pubsub = (self.redis.pubsub(ignore_subscribe_messages=True) if node is None
+                      else self.redis.pubsub(node=node, ignore_subscribe_messages=True))
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()
