@@ -24,7 +24,12 @@ COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: repr(c[:3])[:40])
+def command_id(command: tuple) -> str:
+    """The first arguments, the same in every process (a memoryview's repr holds its address)."""
+    return repr(tuple(f"memoryview({bytes(a)!r})" if isinstance(a, memoryview) else a for a in command[:3]))[:40]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=command_id)
 def test_the_same_bytes_as_redis_py(command):
     packed = hirespack._packed(Connection)()
     assert b"".join(packed.pack_command(*command)) == b"".join(Connection().pack_command(*command))
