@@ -36,6 +36,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError
 
 from ..settings import RedisSettings
+from .retries import wait_event
 
 Item = TypeVar("Item")
 
@@ -116,10 +117,7 @@ async def on_every_master(redis: RedisCluster, follow: Callable[[ClusterNode], A
             for name, node in masters.items():
                 if name not in following or following[name].done():
                     following[name] = asyncio.create_task(follow(node), name=f"follow-{name}")
-            try:
-                await asyncio.wait_for(stop.wait(), interval)
-            except TimeoutError:
-                pass
+            await wait_event(stop, interval)
     finally:
         for task in following.values():
             task.cancel()

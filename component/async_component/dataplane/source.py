@@ -481,7 +481,8 @@ class Source:
             self.redis_throttle.warning("source %s cannot read the active sets of master %s: %s: %s", self.name,
                                         name, type(exc).__name__, exc)
             return
-        self._found(active, full and answered, now, woken, set(slots))  # a master down: forget nothing of its own
+        # a master down: forget nothing of its own; a poll forgets nothing at all
+        self._found(active, full and answered, now, woken, set(slots) if full else None)
 
     async def _scan_master(self, name: str | None, slots: list[int], full: bool, sweep: bool,
                            now: float) -> tuple[dict[str, float], bool]:
